@@ -1,0 +1,148 @@
+//! The pluggable linear layer: every projection of every model is an `Arc<dyn LinearLayer>`.
+//!
+//! Models never construct a concrete linear type and never match on a scheme (STYLE.md rule 11,
+//! after mistral.rs's `QuantMethod`, kept small): they call [`LinearFactory::build`] with the module
+//! path (`encoder.layer.0.attention.self.query`), and the factory's [`LinearPlan`] decides which
+//! [`LinearKind`] that path gets. Compression stages (masked pruning, LoRA, fake-quant, quantized
+//! inference) add variants here; models do not change.
+
+mod dense;
+mod quantized;
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+use globset::{Glob, GlobMatcher};
+
+pub use dense::DenseLinear;
+pub use quantized::{KernelPath, QuantizedLinear};
+
+use crate::error::EngineError;
+
+/// A linear map `y = x Wᵀ + b` over the last dimension of `x`, in whatever form a scheme stores it.
+pub trait LinearLayer: Send + Sync + Debug {
+    /// Applies the layer to `x` of shape `(.., in_features)`, giving `(.., out_features)`.
+    ///
+    /// # Errors
+    /// Fails when the last dimension of `x` is not `in_features` or the dtypes/devices disagree.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The dense weight `(out_features, in_features)` when the variant keeps one (export, pruning).
+    fn weight(&self) -> Option<&Tensor>;
+
+    /// The bias `(out_features)`, if the layer has one.
+    fn bias(&self) -> Option<&Tensor>;
+
+    /// Size of the input's last dimension.
+    fn in_features(&self) -> usize;
+
+    /// Size of the output's last dimension.
+    fn out_features(&self) -> usize;
+
+    /// Which scheme this layer implements.
+    fn kind(&self) -> LinearKind;
+}
+
+/// The schemes a linear layer can use.
+///
+/// Only `Dense` exists today. Masked (pruning), LoRA, fake-quantized (QAT) and quantized (inference)
+/// variants are added here, each with its own settings, when their stages land; the factory is the
+/// only place that maps a kind to a type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LinearKind {
+    /// A plain weight matrix and optional bias, trainable through the store's variables.
+    #[default]
+    Dense,
+    /// Weight-only quantized, inference only ([`QuantizedLinear`]): the dense weight is quantized
+    /// with this scheme when the layer is built.
+    Quantized(crate::quant::QuantScheme),
+}
+
+/// Which [`LinearKind`] each module path gets: the first matching glob rule wins, else the default.
+#[derive(Clone, Debug, Default)]
+pub struct LinearPlan {
+    rules: Vec<(GlobMatcher, LinearKind)>,
+    default: LinearKind,
+}
+
+impl LinearPlan {
+    /// A plan that makes every layer `kind`.
+    pub fn uniform(kind: LinearKind) -> Self {
+        Self { rules: Vec::new(), default: kind }
+    }
+
+    /// Adds a rule: module paths matching the glob `pattern` (e.g. `encoder.layer.*.attention.*`) get
+    /// `kind`. Earlier rules take precedence.
+    ///
+    /// # Errors
+    /// Fails when `pattern` is not a valid glob.
+    pub fn with_rule(mut self, pattern: &str, kind: LinearKind) -> crate::Result<Self> {
+        let glob = Glob::new(pattern)
+            .map_err(|e| EngineError::InvalidSetting(format!("layer pattern {pattern:?}: {e}")))?;
+        self.rules.push((glob.compile_matcher(), kind));
+        Ok(self)
+    }
+
+    /// The kind chosen for a module path.
+    pub fn kind_for(&self, path: &str) -> LinearKind {
+        self.rules
+            .iter()
+            .find(|(glob, _)| glob.is_match(path))
+            .map_or(self.default, |(_, kind)| *kind)
+    }
+}
+
+/// Builds every linear layer of a model; the one place that turns a [`LinearKind`] into a type.
+#[derive(Clone, Debug, Default)]
+pub struct LinearFactory {
+    plan: LinearPlan,
+}
+
+impl LinearFactory {
+    /// A factory following `plan`.
+    pub fn new(plan: LinearPlan) -> Self {
+        Self { plan }
+    }
+
+    /// The plan this factory follows.
+    pub fn plan(&self) -> &LinearPlan {
+        &self.plan
+    }
+
+    /// Builds the layer at the module path of `vb` (its prefix, e.g.
+    /// `encoder.layer.0.attention.self.query`), reading `weight` and, if `bias`, `bias` under it.
+    ///
+    /// # Errors
+    /// Fails when the weights are missing or have the wrong shape.
+    pub fn build(
+        &self,
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Arc<dyn LinearLayer>> {
+        match self.plan.kind_for(&vb.prefix()) {
+            LinearKind::Dense => Ok(Arc::new(DenseLinear::load(vb, in_features, out_features, bias)?)),
+            LinearKind::Quantized(scheme) => {
+                Ok(Arc::new(QuantizedLinear::load(vb, in_features, out_features, bias, scheme)?))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_first_matching_rule_wins() {
+        let plan = LinearPlan::uniform(LinearKind::Dense)
+            .with_rule("encoder.layer.*.attention.self.*", LinearKind::Dense)
+            .unwrap();
+        assert_eq!(plan.kind_for("encoder.layer.3.attention.self.query"), LinearKind::Dense);
+        assert_eq!(plan.kind_for("classifier"), LinearKind::Dense);
+        assert!(LinearPlan::default().with_rule("a[", LinearKind::Dense).is_err());
+    }
+}

@@ -1,0 +1,210 @@
+//! The quantized linear layer: inference on real quantized kernels (candle's `QMatMul`).
+//!
+//! GGUF types run on their own blocks. int8 runs on Q8_0 blocks and int4 on Q4_1 blocks built from
+//! exactly the stored values (see [`crate::quant::int8`] and [`crate::quant::int4`]), so the latency
+//! measured is that of integer weights, not of a dequantized copy. When a weight's row length does
+//! not suit the kernel (int8 rows not a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of
+//! blocks, which candle's kernels do not take), the layer computes with the dequantized weight and
+//! says so through [`QuantizedLinear::kernel`].
+//!
+//! Inference only: the kernels have no backward pass, so an input that carries a gradient is an
+//! error rather than a silently frozen layer.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{LinearKind, LinearLayer};
+use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
+
+/// How a [`QuantizedLinear`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// candle's quantized matmul on GGML blocks.
+    Quantized(GgmlDType),
+    /// An f32 matmul on the dequantized weight (the row length does not suit the kernel).
+    Dequantized,
+}
+
+/// A weight-only quantized `y = x Wᵀ + b`; the bias stays in f32.
+#[derive(Clone, Debug)]
+pub struct QuantizedLinear {
+    weight: QuantizedWeight,
+    matmul: QMatMul,
+    kernel: KernelPath,
+    bias: Option<Tensor>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl QuantizedLinear {
+    /// Builds the layer from a quantized weight on `device`.
+    ///
+    /// # Errors
+    /// Fails when the weight is not 2-D, the bias does not match it, or the device cannot hold it.
+    pub fn new(weight: QuantizedWeight, bias: Option<Tensor>, device: &Device) -> Result<Self> {
+        let dims = weight.dims();
+        let [out_features, in_features] = dims[..] else {
+            candle_core::bail!("a quantized linear weight must be 2-D, got {dims:?}");
+        };
+        if let Some(b) = &bias {
+            if b.dims1()? != out_features {
+                candle_core::bail!("bias of {} for a weight of {dims:?}", b.dims1()?);
+            }
+        }
+        let (matmul, kernel) = kernel_for(&weight, device)?;
+        Ok(Self { weight, matmul, kernel, bias, in_features, out_features })
+    }
+
+    /// Reads the dense `weight` (and `bias`) under `vb` and quantizes the weight with `scheme`.
+    /// A weight the scheme cannot take keeps an f32 copy and the dequantized path.
+    ///
+    /// # Errors
+    /// Fails when a tensor is missing or has the wrong shape.
+    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool, scheme: QuantScheme) -> Result<Self> {
+        let dense = vb.get((out_features, in_features), "weight")?.detach();
+        let bias = if bias { Some(vb.get(out_features, "bias")?.detach()) } else { None };
+        let weight = match quantize(&dense, scheme).map_err(|e| candle_core::Error::Msg(e.to_string()))? {
+            Quantized::Weight(w) => w,
+            // F32 "blocks" of size 1 always fit; candle turns them into a plain matmul.
+            Quantized::Kept { .. } => {
+                let values = dense.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let q = gguf::quantize(&values, &[out_features, in_features], GgmlDType::F32)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                QuantizedWeight::Gguf(Arc::new(q))
+            }
+        };
+        Self::new(weight, bias, vb.device())
+    }
+
+    /// The quantized weight (for saving).
+    pub fn quantized_weight(&self) -> &QuantizedWeight {
+        &self.weight
+    }
+
+    /// Which kernel the forward pass uses.
+    pub fn kernel(&self) -> KernelPath {
+        self.kernel
+    }
+}
+
+/// Picks the kernel for a weight and prepares its storage on `device`.
+fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatMul, KernelPath)> {
+    let dims = weight.dims();
+    let blocks = match weight {
+        QuantizedWeight::Int8(w) => w.to_q8_0_bytes().map(|b| (b, GgmlDType::Q8_0)),
+        QuantizedWeight::Int4(w) => Some((w.to_q4_1_bytes(), GgmlDType::Q4_1)),
+        QuantizedWeight::Gguf(q) => Some((q.data()?.into_owned(), q.dtype())),
+    };
+    let blocks = blocks.filter(|(_, dtype)| kernel_accepts(*dtype, dims[1]));
+    match blocks {
+        Some((bytes, dtype)) => {
+            let q: QTensor = gguf::qtensor_from_bytes(&bytes, &dims, dtype, device)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Ok((QMatMul::from_arc(Arc::new(q))?, KernelPath::Quantized(dtype)))
+        }
+        None => Ok((QMatMul::Tensor(weight.dequantize(device)?), KernelPath::Dequantized)),
+    }
+}
+
+/// Whether candle's kernel for `dtype` takes rows of `cols` values: they must be whole blocks, and
+/// the Q4_1/Q5_0/Q5_1 dot products also need an even number of blocks.
+fn kernel_accepts(dtype: GgmlDType, cols: usize) -> bool {
+    let block = dtype.block_size();
+    let pairs = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
+    cols % block == 0 && (!pairs || (cols / block) % 2 == 0)
+}
+
+impl LinearLayer for QuantizedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            candle_core::bail!(
+                "a quantized linear layer is inference-only: its kernels have no gradient (freeze the model \
+                 or train before quantizing)"
+            );
+        }
+        let in_dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = self.matmul.forward(&x)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+            None => y,
+        };
+        y.to_dtype(in_dtype)
+    }
+
+    fn weight(&self) -> Option<&Tensor> {
+        None
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    fn kind(&self) -> LinearKind {
+        LinearKind::Quantized(self.weight.scheme())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{Int4Weight, Int8Weight};
+    use candle_core::Var;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The kernel output must equal an f32 matmul with the dequantized weight, up to the kernels'
+    /// quantization of the activations (Q8_0/Q8_1/Q8_K: about 1/254 relative per block).
+    #[test]
+    fn kernels_agree_with_dequantized_weights() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (48, 256), &dev).unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 256), &dev).unwrap();
+        let weights = [
+            QuantizedWeight::Int8(Int8Weight::quantize(&values, &[48, 256])),
+            QuantizedWeight::Int4(Int4Weight::quantize(&values, &[48, 256], 64)),
+            QuantizedWeight::Gguf(Arc::new(gguf::quantize(&values, &[48, 256], GgmlDType::Q4K).unwrap())),
+        ];
+        for weight in weights {
+            let layer = QuantizedLinear::new(weight.clone(), None, &dev).unwrap();
+            assert!(matches!(layer.kernel(), KernelPath::Quantized(_)), "{:?}", weight.scheme());
+            let y = layer.forward(&x).unwrap();
+            assert_eq!(y.dims(), &[2, 3, 48]);
+            let reference = x.broadcast_matmul(&weight.dequantize(&dev).unwrap().t().unwrap()).unwrap();
+            let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let err = max_abs_diff(&y, &reference);
+            assert!(err < 0.02 * scale, "{:?}: {err} vs scale {scale}", weight.scheme());
+        }
+    }
+
+    #[test]
+    fn odd_rows_fall_back_and_gradients_are_refused() {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..40).map(|i| i as f32 / 40.0).collect();
+        let weight = QuantizedWeight::Int8(Int8Weight::quantize(&values, &[2, 20]));
+        let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
+        let layer = QuantizedLinear::new(weight, Some(bias), &dev).unwrap();
+        assert_eq!(layer.kernel(), KernelPath::Dequantized);
+        let x = Tensor::ones((1, 20), DType::F32, &dev).unwrap();
+        let y = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let expected0: f32 = values[..20].iter().sum::<f32>() + 1.0;
+        assert!((y[0][0] - expected0).abs() < 0.05, "{} vs {expected0}", y[0][0]);
+        let tracked = Var::from_tensor(&x).unwrap();
+        let err = layer.forward(tracked.as_tensor()).unwrap_err();
+        assert!(err.to_string().contains("inference-only"), "{err}");
+    }
+}

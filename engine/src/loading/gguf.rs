@@ -1,0 +1,1 @@
+//! GGUF loading (see the Llama model).

@@ -1,0 +1,390 @@
+//! BERT-style encoders (BERT, MiniLM, ...) and a sequence-classification head.
+//!
+//! Reference: Hugging Face `transformers/models/bert/modeling_bert.py` and candle-transformers'
+//! `models/bert.rs`; parameter names equal the Hugging Face checkpoint names, with or without the
+//! `bert.` prefix that `BertFor*` checkpoints carry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::common::{dropout, padding_bias, Activation, DropoutRng, Embedding, LayerNorm};
+use crate::layers::{LinearFactory, LinearLayer};
+use crate::ops;
+
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_activation() -> Activation {
+    Activation::Gelu
+}
+
+/// A BERT configuration, with Hugging Face `config.json` field names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_activation")]
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Dropout before the classifier; `hidden_dropout_prob` when absent (as Hugging Face).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_dropout: Option<f64>,
+    /// Class names by index, as strings (`"0": "business"`), for classification heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id2label: Option<BTreeMap<String, String>>,
+    /// The inverse of `id2label`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label2id: Option<BTreeMap<String, usize>>,
+    /// Every other field of `config.json`, kept so an export writes it back unchanged.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl BertConfig {
+    /// The number of classes of a classification head (`id2label`'s size; 2 when absent, as
+    /// Hugging Face).
+    pub fn num_labels(&self) -> usize {
+        self.id2label.as_ref().map_or(2, BTreeMap::len)
+    }
+
+    /// Sets `id2label`/`label2id` from class names in index order.
+    pub fn set_labels(&mut self, labels: &[String]) {
+        self.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
+        self.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect());
+    }
+
+    /// Class names in index order, when `id2label` is set and its keys are `0..n`.
+    pub fn labels(&self) -> Option<Vec<String>> {
+        let map = self.id2label.as_ref()?;
+        (0..map.len()).map(|i| map.get(&i.to_string()).cloned()).collect()
+    }
+
+    fn head_dim(&self) -> Result<usize> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            candle_core::bail!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        Ok(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// The inputs of one forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct BertInput<'a> {
+    /// Token ids `(batch, seq)`, u32 or i64.
+    pub input_ids: &'a Tensor,
+    /// Segment ids `(batch, seq)`; all zeros when absent.
+    pub token_type_ids: Option<&'a Tensor>,
+    /// 1 for real tokens, 0 for padding, `(batch, seq)`; all ones when absent.
+    pub attention_mask: Option<&'a Tensor>,
+}
+
+/// Everything an encoder pass produces.
+#[derive(Clone, Debug)]
+pub struct BertOutput {
+    /// The last layer's output `(batch, seq, hidden)`.
+    pub last_hidden_state: Tensor,
+    /// The embeddings' output followed by every layer's output (`num_hidden_layers + 1` tensors), as
+    /// Hugging Face's `output_hidden_states`; used by distillation.
+    pub hidden_states: Vec<Tensor>,
+}
+
+#[derive(Clone, Debug)]
+struct BertEmbeddings {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    token_type_embeddings: Embedding,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl BertEmbeddings {
+    fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
+        Ok(Self {
+            word_embeddings: Embedding::load(vb.pp("word_embeddings"), cfg.vocab_size, cfg.hidden_size)?,
+            position_embeddings: Embedding::load(vb.pp("position_embeddings"), cfg.max_position_embeddings, cfg.hidden_size)?,
+            token_type_embeddings: Embedding::load(vb.pp("token_type_embeddings"), cfg.type_vocab_size, cfg.hidden_size)?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let (_, seq_len) = input_ids.dims2()?;
+        let max_positions = self.position_embeddings.weight().dim(0)?;
+        if seq_len > max_positions {
+            candle_core::bail!("sequence of {seq_len} tokens exceeds max_position_embeddings {max_positions}");
+        }
+        let words = self.word_embeddings.forward(input_ids)?;
+        let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
+        let positions = self.position_embeddings.forward(&positions)?;
+        let types = match token_type_ids {
+            Some(t) => self.token_type_embeddings.forward(t)?,
+            None => self.token_type_embeddings.forward(&input_ids.zeros_like()?)?,
+        };
+        let sum = words.broadcast_add(&positions)?.add(&types)?;
+        dropout(&self.layer_norm.forward(&sum)?, self.dropout, rng)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BertSelfAttention {
+    query: Arc<dyn LinearLayer>,
+    key: Arc<dyn LinearLayer>,
+    value: Arc<dyn LinearLayer>,
+    num_heads: usize,
+    head_dim: usize,
+    dropout: f64,
+}
+
+impl BertSelfAttention {
+    fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            query: linears.build(vb.pp("query"), h, h, true)?,
+            key: linears.build(vb.pp("key"), h, h, true)?,
+            value: linears.build(vb.pp("value"), h, h, true)?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim()?,
+            dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    /// `(batch, seq, hidden)` → `(batch, heads, seq, head_dim)`.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        x.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        // Scaling q before the product touches seq·head_dim values instead of seq².
+        let q = (self.split_heads(&self.query.forward(x)?)? * (self.head_dim as f64).powf(-0.5))?;
+        let k = self.split_heads(&self.key.forward(x)?)?;
+        let v = self.split_heads(&self.value.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        let probs = dropout(&ops::softmax_last_dim(&scores)?, self.dropout, rng)?;
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
+    }
+}
+
+/// A projection followed by dropout, a residual add and a layer norm (`attention.output`, `output`).
+#[derive(Clone, Debug)]
+struct BertResidualOutput {
+    dense: Arc<dyn LinearLayer>,
+    layer_norm: LayerNorm,
+    dropout: f64,
+}
+
+impl BertResidualOutput {
+    fn load(vb: VarBuilder, cfg: &BertConfig, in_dim: usize, linears: &LinearFactory) -> Result<Self> {
+        Ok(Self {
+            dense: linears.build(vb.pp("dense"), in_dim, cfg.hidden_size, true)?,
+            layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, residual: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let projected = dropout(&self.dense.forward(x)?, self.dropout, rng)?;
+        self.layer_norm.forward(&(projected + residual)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct BertLayer {
+    attention: BertSelfAttention,
+    attention_output: BertResidualOutput,
+    intermediate: Arc<dyn LinearLayer>,
+    activation: Activation,
+    output: BertResidualOutput,
+}
+
+impl BertLayer {
+    fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+        Ok(Self {
+            attention: BertSelfAttention::load(vb.pp("attention.self"), cfg, linears)?,
+            attention_output: BertResidualOutput::load(vb.pp("attention.output"), cfg, cfg.hidden_size, linears)?,
+            intermediate: linears.build(vb.pp("intermediate.dense"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            activation: cfg.hidden_act,
+            output: BertResidualOutput::load(vb.pp("output"), cfg, cfg.intermediate_size, linears)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let attended = self.attention.forward(x, bias, rng)?;
+        let x = self.attention_output.forward(&attended, x, rng)?;
+        let inner = self.activation.forward(&self.intermediate.forward(&x)?)?;
+        self.output.forward(&inner, &x, rng)
+    }
+}
+
+/// The BERT encoder: embeddings and a stack of transformer layers (no pooler).
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    embeddings: BertEmbeddings,
+    layers: Vec<BertLayer>,
+    config: BertConfig,
+}
+
+impl BertModel {
+    /// Builds the encoder from `vb`, which points at the model root (the folder holding `embeddings`
+    /// and `encoder`; see [`bert_root`] for checkpoints with a `bert.` prefix).
+    ///
+    /// # Errors
+    /// Fails when a tensor is missing or has the wrong shape, or the config is inconsistent.
+    pub fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg, linears))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?, layers, config: cfg.clone() })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Encodes a batch; dropout is active when `rng` is given.
+    ///
+    /// # Errors
+    /// Fails on inconsistent shapes, out-of-range ids or sequences longer than the position table.
+    pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<BertOutput> {
+        let mut x = self.embeddings.forward(input.input_ids, input.token_type_ids, rng)?;
+        let bias = input.attention_mask.map(|m| padding_bias(m, x.dtype())).transpose()?;
+        let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        hidden_states.push(x.clone());
+        for layer in &self.layers {
+            x = layer.forward(&x, bias.as_ref(), rng)?;
+            hidden_states.push(x.clone());
+        }
+        Ok(BertOutput { last_hidden_state: x, hidden_states })
+    }
+}
+
+/// The builder for the encoder's root: `vb.pp("bert")` when the checkpoint uses the `bert.` prefix of
+/// Hugging Face's `BertFor*` classes, else `vb` itself (plain `BertModel` checkpoints such as MiniLM).
+pub fn bert_root(vb: VarBuilder<'static>) -> VarBuilder<'static> {
+    if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+        vb.pp("bert")
+    } else {
+        vb
+    }
+}
+
+/// Mean of the token vectors of `(batch, seq, hidden)` over real tokens (mask 1), as
+/// sentence-transformers pools.
+///
+/// # Errors
+/// Fails when the mask is not `(batch, seq)`.
+pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    // A row with no real token would divide by zero; clamping keeps it a zero vector.
+    let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
+    summed.broadcast_div(&counts)
+}
+
+/// The first (`[CLS]`) token's vector of `(batch, seq, hidden)`.
+///
+/// # Errors
+/// Fails on an empty sequence.
+pub fn cls_pool(hidden: &Tensor) -> Result<Tensor> {
+    hidden.narrow(1, 0, 1)?.squeeze(1)
+}
+
+/// Hugging Face's `BertForSequenceClassification`: encoder, pooler (dense + tanh on `[CLS]`), dropout
+/// and a linear `classifier` with `num_labels` outputs.
+#[derive(Clone, Debug)]
+pub struct BertForSequenceClassification {
+    bert: BertModel,
+    pooler: Arc<dyn LinearLayer>,
+    classifier: Arc<dyn LinearLayer>,
+    dropout: f64,
+}
+
+/// Logits and the encoder's hidden states.
+#[derive(Clone, Debug)]
+pub struct ClassifierOutput {
+    /// `(batch, num_labels)`.
+    pub logits: Tensor,
+    /// See [`BertOutput::hidden_states`].
+    pub hidden_states: Vec<Tensor>,
+}
+
+impl BertForSequenceClassification {
+    /// Builds the classifier from `vb` at the checkpoint root; the encoder is found with or without
+    /// the `bert.` prefix. The pooler and classifier are read under the encoder's root (`pooler`) and
+    /// at the top (`classifier`); a fresh head needs a store with missing-parameter creation on
+    /// (`ParamStore::set_init_missing`).
+    ///
+    /// # Errors
+    /// Fails when a tensor is missing or has the wrong shape.
+    pub fn load(vb: VarBuilder<'static>, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+        let root = bert_root(vb.clone());
+        let h = cfg.hidden_size;
+        Ok(Self {
+            bert: BertModel::load(root.clone(), cfg, linears)?,
+            pooler: linears.build(root.pp("pooler.dense"), h, h, true)?,
+            classifier: linears.build(vb.pp("classifier"), h, cfg.num_labels(), true)?,
+            dropout: cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob),
+        })
+    }
+
+    /// The encoder.
+    pub fn bert(&self) -> &BertModel {
+        &self.bert
+    }
+
+    /// Classifies a batch; dropout is active when `rng` is given.
+    ///
+    /// # Errors
+    /// As [`BertModel::forward`].
+    pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<ClassifierOutput> {
+        let out = self.bert.forward(input, rng)?;
+        let pooled = self.pooler.forward(&cls_pool(&out.last_hidden_state)?)?.tanh()?;
+        let logits = self.classifier.forward(&dropout(&pooled, self.dropout, rng)?)?;
+        Ok(ClassifierOutput { logits, hidden_states: out.hidden_states })
+    }
+}
+
+/// Casts integer id tensors to u32, the index type candle's `index_select` is fastest with.
+///
+/// # Errors
+/// Fails on a float tensor.
+pub fn ids_to_u32(ids: &Tensor) -> Result<Tensor> {
+    match ids.dtype() {
+        DType::U32 => Ok(ids.clone()),
+        DType::I64 | DType::U8 => ids.to_dtype(DType::U32),
+        other => candle_core::bail!("token ids must be integers, got {other:?}"),
+    }
+}
+

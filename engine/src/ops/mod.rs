@@ -1,0 +1,113 @@
+//! Differentiable building blocks that candle either lacks or only ships without a backward pass.
+//!
+//! candle 0.11.1's fused `softmax_last_dim`, `layer_norm`/`rms_norm` (contiguous input) and `rope*`
+//! silently cut gradients. Each function here picks one of three paths:
+//! - a gradient is needed and the tensor is f32/f64 on the CPU: our custom op, a fast CPU kernel with a
+//!   hand-written backward;
+//! - a gradient is needed elsewhere (CUDA, f16/bf16): the [`composed`] version from basic ops, which
+//!   candle differentiates itself;
+//! - no gradient is needed (inference, frozen inputs): candle's fused kernel, the fastest there is.
+//!
+//! All three agree within float tolerance (tests below and in `engine/tests/models_grad.rs`).
+
+pub mod composed;
+mod gelu;
+mod kernel;
+mod norm;
+mod softmax;
+
+use candle_core::{DType, Result, Tensor};
+
+use norm::{LayerNormOp, RmsNormOp, RowNorm};
+
+/// Whether backward will need a gradient through any of these tensors.
+fn needs_grad(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.track_op())
+}
+
+/// Whether our CPU kernels handle this tensor.
+fn has_cpu_kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Whether candle's fused (gradient-free) kernel may be used.
+fn use_fused(tensors: &[&Tensor]) -> bool {
+    !needs_grad(tensors) && tensors[0].dtype() != DType::F64
+}
+
+/// Softmax over the last dimension.
+///
+/// # Errors
+/// Fails on a scalar input or an unsupported dtype.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x]) {
+        candle_nn::ops::softmax_last_dim(x)
+    } else if has_cpu_kernel(x) {
+        x.contiguous()?.apply_op1(softmax::Softmax)
+    } else {
+        composed::softmax_last_dim(x)
+    }
+}
+
+/// Layer norm over the last dimension with weight `w` and bias `b`.
+///
+/// # Errors
+/// Fails when `w`/`b` do not match the last dimension of `x`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(&[x, w, b]) {
+        candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
+    } else if has_cpu_kernel(x) {
+        let op = LayerNormOp(RowNorm { centered: true, eps });
+        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+    } else {
+        composed::layer_norm(x, w, b, eps)
+    }
+}
+
+/// RMS norm over the last dimension with weight `w`.
+///
+/// # Errors
+/// Fails when `w` does not match the last dimension of `x`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if use_fused(&[x, w]) {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+    } else if has_cpu_kernel(x) {
+        let op = RmsNormOp(RowNorm { centered: false, eps });
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    } else {
+        composed::rms_norm(x, w, eps)
+    }
+}
+
+/// Exact (erf-based) GELU.
+///
+/// # Errors
+/// Fails on an unsupported dtype.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x]) {
+        x.gelu_erf()
+    } else if has_cpu_kernel(x) {
+        x.contiguous()?.apply_op1(gelu::Gelu)
+    } else {
+        composed::gelu_erf(x)
+    }
+}
+
+/// Rotary position embedding ("rotate half", as Hugging Face Llama) for `x` of shape
+/// `(batch, heads, seq, head_dim)`; `cos`/`sin` have shape `(seq, head_dim / 2)`.
+///
+/// The differentiable path is the composition (rope is a handful of cheap element-wise ops next to
+/// the attention matmuls, so a custom kernel would not pay for itself).
+///
+/// # Errors
+/// Fails when the shapes disagree.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x, cos, sin]) {
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?)
+    } else {
+        composed::rope(x, cos, sin)
+    }
+}
+
+#[cfg(test)]
+mod tests;

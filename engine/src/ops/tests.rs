@@ -1,0 +1,155 @@
+//! Each custom op against its composed reference (forward and backward), against candle's fused
+//! kernel (forward), and against central finite differences in f64.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::*;
+
+type OpFn = fn(&[Tensor]) -> Result<Tensor>;
+
+/// One op under test: the dispatched version, the composed reference and its input shapes.
+struct Case {
+    name: &'static str,
+    op: OpFn,
+    reference: OpFn,
+    shapes: &'static [&'static [usize]],
+}
+
+const EPS: f64 = 1e-5;
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "softmax",
+            op: |t| softmax_last_dim(&t[0]),
+            reference: |t| composed::softmax_last_dim(&t[0]),
+            shapes: &[&[2, 3, 7]],
+        },
+        Case {
+            name: "layer_norm",
+            op: |t| layer_norm(&t[0], &t[1], &t[2], EPS),
+            reference: |t| composed::layer_norm(&t[0], &t[1], &t[2], EPS),
+            shapes: &[&[2, 3, 6], &[6], &[6]],
+        },
+        Case {
+            name: "rms_norm",
+            op: |t| rms_norm(&t[0], &t[1], EPS),
+            reference: |t| composed::rms_norm(&t[0], &t[1], EPS),
+            shapes: &[&[2, 3, 6], &[6]],
+        },
+        Case {
+            name: "gelu",
+            op: |t| gelu_erf(&t[0]),
+            reference: |t| composed::gelu_erf(&t[0]),
+            shapes: &[&[4, 9]],
+        },
+        Case {
+            name: "rope",
+            op: |t| rope(&t[0], &t[1], &t[2]),
+            reference: |t| composed::rope(&t[0], &t[1], &t[2]),
+            shapes: &[&[1, 2, 3, 4], &[3, 2], &[3, 2]],
+        },
+    ]
+}
+
+fn random_inputs(case: &Case, dtype: DType) -> Vec<Tensor> {
+    case.shapes
+        .iter()
+        .map(|s| Tensor::randn(0f64, 1.5, *s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+        .collect()
+}
+
+/// `Σ f(inputs) ⊙ proj` with a fixed random projection, so no gradient is trivially zero (a plain
+/// sum of a softmax is constant).
+fn loss(f: OpFn, inputs: &[Tensor], proj: &Tensor) -> Tensor {
+    (f(inputs).unwrap() * proj).unwrap().sum_all().unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Output and input gradients of `f`, computed through autograd.
+fn output_and_grads(f: OpFn, inputs: &[Tensor], proj: &Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&tensors).unwrap();
+    let grads = (&out * proj).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = vars.iter().map(|v| grads.get(v).expect("every input gets a gradient").clone()).collect();
+    (out, grads)
+}
+
+#[test]
+fn custom_ops_match_composition_forward_and_backward_f32() {
+    for case in cases() {
+        let inputs = random_inputs(&case, DType::F32);
+        let out_dims = (case.reference)(&inputs).unwrap().dims().to_vec();
+        let proj = Tensor::randn(0f32, 1., out_dims, &Device::Cpu).unwrap();
+        let (out, grads) = output_and_grads(case.op, &inputs, &proj);
+        let (ref_out, ref_grads) = output_and_grads(case.reference, &inputs, &proj);
+        assert!(max_abs_diff(&out, &ref_out) < 1e-5, "{} forward", case.name);
+        for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
+            let diff = max_abs_diff(g, r);
+            assert!(diff < 1e-4, "{} gradient of input {i} differs by {diff}", case.name);
+        }
+    }
+}
+
+#[test]
+fn fused_inference_path_matches_differentiable_path() {
+    for case in cases() {
+        let inputs = random_inputs(&case, DType::F32);
+        let fused = (case.op)(&inputs).unwrap(); // plain tensors: no gradient needed, fused kernel
+        let proj = fused.ones_like().unwrap();
+        let (differentiable, _) = output_and_grads(case.op, &inputs, &proj);
+        assert!(max_abs_diff(&fused, &differentiable) < 1e-5, "{}", case.name);
+    }
+}
+
+/// Central differences of the loss for every element of every input, in f64.
+fn finite_difference_grads(f: OpFn, inputs: &[Tensor], proj: &Tensor) -> Vec<Vec<f64>> {
+    let h = 1e-6;
+    let mut grads = Vec::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let values = input.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let mut g = Vec::with_capacity(values.len());
+        for j in 0..values.len() {
+            let at = |delta: f64| {
+                let mut v = values.clone();
+                v[j] += delta;
+                let mut shifted = inputs.to_vec();
+                shifted[i] = Tensor::from_vec(v, input.shape(), &Device::Cpu).unwrap();
+                loss(f, &shifted, proj).to_scalar::<f64>().unwrap()
+            };
+            g.push((at(h) - at(-h)) / (2.0 * h));
+        }
+        grads.push(g);
+    }
+    grads
+}
+
+#[test]
+fn custom_op_gradients_match_finite_differences_f64() {
+    for case in cases() {
+        let inputs = random_inputs(&case, DType::F64);
+        let out_dims = (case.reference)(&inputs).unwrap().dims().to_vec();
+        let proj = Tensor::randn(0f64, 1., out_dims, &Device::Cpu).unwrap();
+        let (_, grads) = output_and_grads(case.op, &inputs, &proj);
+        let numeric = finite_difference_grads(case.op, &inputs, &proj);
+        for (i, (g, n)) in grads.iter().zip(&numeric).enumerate() {
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for (a, b) in g.iter().zip(n) {
+                assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{} input {i}: {a} vs {b}", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_not_panics() {
+    let x = Var::from_tensor(&Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+    assert!(layer_norm(&x, &w, &w, 1e-5).is_err());
+    assert!(rms_norm(&x, &w, 1e-5).is_err());
+}

@@ -1,0 +1,167 @@
+//! The job spec (version 1): what a user asks compressd to do, as pure serde types.
+//!
+//! The same types serve the HTTP API (where `model` and `task.dataset` are registered ids) and
+//! `compressd run` (where they are local paths). Parsing fills every default, so a stored spec
+//! shows the settings the job really runs with; [`JobSpec::validate`] then checks ranges and
+//! cross-field rules and returns every problem with the JSON pointer of the offending field.
+
+mod stages;
+mod validate;
+
+pub use stages::{
+    DistillSpec, EarlyStopping, FinetuneSpec, GradClip, PruneMethod, PrunePattern, PruneScope, PruneSpec,
+    QuantScheme, QuantizeSpec, Recover, StageSpec, STAGE_TYPES,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The stage types whose engine exists. Others parse (the schema knows them) but are rejected by
+/// [`JobSpec::validate`], so a job is refused up front rather than accepted and failed later.
+/// Engine work that lands a stage adds it here.
+pub const IMPLEMENTED_STAGES: &[&str] = &["finetune"];
+
+/// The most stages one pipeline may have.
+pub const MAX_STAGES: usize = 16;
+
+/// A complete job description.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A human label for the job (1 to 128 characters).
+    pub name: String,
+    /// The input model: a registered model id (API) or a local folder or file (`compressd run`).
+    pub model: String,
+    /// What the model is trained and evaluated on.
+    pub task: TaskSpec,
+    /// The stages, run in order (1 to [`MAX_STAGES`]).
+    pub pipeline: Vec<StageSpec>,
+    /// The quality bar the compressed model must keep; `null` means no bar.
+    #[serde(default)]
+    pub acceptance: Option<Acceptance>,
+    /// Export formats of the final model.
+    #[serde(default = "default_outputs")]
+    pub outputs: Vec<OutputFormat>,
+    /// Seed of every random choice (shuffling, dropout, initialisation), for reproducible runs.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Plan and check inputs without training or writing a model.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Scheduling priority, higher first, in `-100..=100`.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// The task the model is trained and measured on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// The kind of task.
+    #[serde(rename = "type")]
+    pub task_type: TaskType,
+    /// The dataset: a registered dataset id (API) or a local file (`compressd run`).
+    pub dataset: String,
+    /// Field holding the text of a row.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// Field holding the label of a row; filled with `label` for classification, absent otherwise.
+    #[serde(default)]
+    pub label_field: Option<String>,
+    /// Tokens per example; `null` means the model's limit.
+    #[serde(default)]
+    pub max_length: Option<u32>,
+    /// Cap on training examples (the first ones after the seeded shuffle); `null` means all.
+    #[serde(default)]
+    pub max_train_samples: Option<u64>,
+    /// Cap on evaluation examples; `null` means all.
+    #[serde(default)]
+    pub max_eval_samples: Option<u64>,
+}
+
+/// Task kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskType {
+    /// Labelled rows of text; the model gets a classification head.
+    TextClassification,
+    /// Plain text; the model predicts the next token.
+    LanguageModeling,
+}
+
+/// How much quality the compressed model may lose against the input model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acceptance {
+    /// The metric compared before and after.
+    pub metric: Metric,
+    /// Largest absolute loss allowed (accuracy 0.90 → 0.89 is a drop of 0.01).
+    #[serde(default)]
+    pub max_drop: Option<f64>,
+    /// Largest loss allowed relative to the baseline (0.02 = 2 %).
+    #[serde(default)]
+    pub max_relative_drop: Option<f64>,
+}
+
+/// Quality metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Share of correctly classified examples (classification).
+    Accuracy,
+    /// Unweighted mean of per-class F1 (classification).
+    MacroF1,
+    /// exp(mean next-token negative log-likelihood), lower is better (language modeling).
+    Perplexity,
+}
+
+/// Export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// A Hugging Face style folder with `model.safetensors` and `config.json`.
+    Safetensors,
+    /// A llama.cpp GGUF file (decoder models).
+    Gguf,
+}
+
+/// One problem found in a spec.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Violation {
+    /// RFC 6901 JSON pointer of the offending field, e.g. `/pipeline/1/sparsity`.
+    pub pointer: String,
+    /// What is wrong, for a person.
+    pub message: String,
+}
+
+impl JobSpec {
+    /// Fills the defaults that depend on other fields (the label field of a classification task).
+    /// Call it after parsing and before storing or validating.
+    pub fn fill_defaults(&mut self) {
+        if self.task.task_type == TaskType::TextClassification && self.task.label_field.is_none() {
+            self.task.label_field = Some(default_label_field());
+        }
+    }
+
+    /// Checks ranges and cross-field rules, and that every stage is implemented.
+    ///
+    /// Returns every problem found, in document order; an empty list means the spec is valid.
+    pub fn validate(&self) -> Vec<Violation> {
+        validate::validate(self)
+    }
+}
+
+fn default_outputs() -> Vec<OutputFormat> {
+    vec![OutputFormat::Safetensors]
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_text_field() -> String {
+    "text".to_owned()
+}
+fn default_label_field() -> String {
+    "label".to_owned()
+}
+
+#[cfg(test)]
+mod tests;

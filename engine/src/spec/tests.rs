@@ -1,0 +1,143 @@
+//! Parsing and validation of the job spec.
+
+use super::*;
+use serde_json::json;
+
+fn example() -> serde_json::Value {
+    json!({
+        "name": "minilm-bbc",
+        "model": "m1",
+        "task": {"type": "text_classification", "dataset": "d1", "text_field": "text", "label_field": "label"},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 5e-5, "head_learning_rate": 1e-3,
+             "freeze": ["embeddings.*"], "grad_clip": {"max_norm": 1.0}, "early_stopping": {"patience": 1}},
+            {"type": "prune", "method": "magnitude", "sparsity": 0.5, "pattern": "unstructured", "scope": "global",
+             "steps": 5, "recover": {"epochs": 1}},
+            {"type": "quantize", "scheme": "int8"}
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.01},
+        "outputs": ["safetensors"],
+        "dry_run": false
+    })
+}
+
+fn parse(value: serde_json::Value) -> JobSpec {
+    let mut spec: JobSpec = serde_json::from_value(value).expect("spec parses");
+    spec.fill_defaults();
+    spec
+}
+
+fn pointers(spec: &JobSpec) -> Vec<String> {
+    spec.validate().into_iter().map(|v| v.pointer).collect()
+}
+
+#[test]
+fn the_issue_example_parses_with_defaults_filled() {
+    let spec = parse(example());
+    assert_eq!(spec.seed, 42);
+    assert_eq!(spec.priority, 0);
+    let StageSpec::Finetune(ft) = &spec.pipeline[0] else { panic!("first stage is finetune") };
+    assert_eq!(ft.epochs, 2);
+    assert_eq!(ft.batch_size, 16);
+    assert_eq!(ft.head_learning_rate, Some(1e-3));
+    let StageSpec::Prune(prune) = &spec.pipeline[1] else { panic!("second stage is prune") };
+    assert_eq!(prune.recover.as_ref().map(|r| r.learning_rate), Some(5e-5));
+    let stored = serde_json::to_value(&spec).unwrap();
+    assert_eq!(stored["pipeline"][0]["weight_decay"], json!(0.01));
+    assert_eq!(stored["pipeline"][2]["type"], json!("quantize"));
+    // The stored form parses back to the same spec.
+    assert_eq!(parse(stored), spec);
+}
+
+#[test]
+fn classification_gets_a_default_label_field_and_language_modeling_none() {
+    let mut value = example();
+    value["task"] = json!({"type": "text_classification", "dataset": "d"});
+    assert_eq!(parse(value.clone()).task.label_field.as_deref(), Some("label"));
+    value["task"] = json!({"type": "language_modeling", "dataset": "d"});
+    value["acceptance"] = json!({"metric": "perplexity", "max_relative_drop": 0.05});
+    value["pipeline"] = json!([{"type": "finetune"}]);
+    let spec = parse(value);
+    assert_eq!(spec.task.label_field, None);
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+}
+
+#[test]
+fn unknown_fields_are_rejected_at_every_level() {
+    for (pointer, field) in [("", "colour"), ("/task", "colour"), ("/pipeline/0", "colour"), ("/acceptance", "colour")] {
+        let mut value = example();
+        value.pointer_mut(if pointer.is_empty() { "" } else { pointer }).unwrap()[field] = json!(1);
+        let err = serde_json::from_value::<JobSpec>(value).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{pointer}: {err}");
+    }
+}
+
+#[test]
+fn unimplemented_stages_are_named() {
+    let violations = parse(example()).validate();
+    let implemented_all = STAGE_TYPES.iter().all(|s| IMPLEMENTED_STAGES.contains(s));
+    if !implemented_all {
+        let prune = violations.iter().find(|v| v.pointer == "/pipeline/1/type");
+        assert_eq!(IMPLEMENTED_STAGES.contains(&"prune"), prune.is_none());
+        if let Some(v) = prune {
+            assert!(v.message.contains("stage `prune` is not implemented yet"), "{}", v.message);
+        }
+    }
+}
+
+#[test]
+fn ranges_are_checked_with_pointers() {
+    let mut value = example();
+    value["pipeline"][0]["epochs"] = json!(0);
+    value["pipeline"][0]["learning_rate"] = json!(2.0);
+    value["pipeline"][1]["sparsity"] = json!(1.5);
+    value["pipeline"][2]["group_size"] = json!(32);
+    value["task"]["max_length"] = json!(0);
+    value["priority"] = json!(1000);
+    let found = pointers(&parse(value));
+    for expected in [
+        "/task/max_length",
+        "/pipeline/0/epochs",
+        "/pipeline/0/learning_rate",
+        "/pipeline/1/sparsity",
+        "/pipeline/2/group_size",
+        "/priority",
+    ] {
+        assert!(found.iter().any(|p| p == expected), "missing {expected} in {found:?}");
+    }
+}
+
+#[test]
+fn pipeline_length_is_bounded() {
+    let mut value = example();
+    value["pipeline"] = json!([]);
+    assert_eq!(pointers(&parse(value.clone())), vec!["/pipeline"]);
+    value["pipeline"] = serde_json::Value::Array(vec![json!({"type": "finetune"}); MAX_STAGES + 1]);
+    assert_eq!(pointers(&parse(value)), vec!["/pipeline"]);
+}
+
+#[test]
+fn acceptance_metric_must_fit_the_task_and_one_bound_is_required() {
+    let mut value = example();
+    value["pipeline"] = json!([{"type": "finetune"}]);
+    value["acceptance"] = json!({"metric": "perplexity"});
+    let found = pointers(&parse(value));
+    assert_eq!(found, vec!["/acceptance/metric", "/acceptance"]);
+}
+
+#[test]
+fn two_four_pruning_requires_half_sparsity() {
+    let mut value = example();
+    value["pipeline"][1]["pattern"] = json!("2:4");
+    value["pipeline"][1]["sparsity"] = json!(0.6);
+    assert!(pointers(&parse(value)).contains(&"/pipeline/1/sparsity".to_owned()));
+}
+
+#[test]
+fn a_stage_body_deserializes_by_type() {
+    let body = json!({"sparsity": 0.3});
+    let stage = StageSpec::deserialize_typed("prune", &body).unwrap();
+    assert_eq!(stage.type_name(), "prune");
+    let err = StageSpec::deserialize_typed("shrink", &body).unwrap_err();
+    assert!(err.to_string().contains("unknown variant `shrink`"), "{err}");
+}

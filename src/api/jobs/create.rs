@@ -1,0 +1,103 @@
+//! `POST /v1/jobs`: validate a spec, check its inputs exist, queue the job (idempotently).
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use compressd_engine::spec::JobSpec;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::job_spec;
+use super::JobView;
+use crate::api::error::{ApiError, Problem};
+use crate::api::extract::JsonBody;
+use crate::api::state::AppState;
+use crate::store::{Created, Idempotency, NewJob};
+
+/// Header a client sets to make retries of a create safe.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Longest accepted idempotency key.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// Queue a job.
+///
+/// With an `Idempotency-Key` header, repeating the same request returns the same job (200) instead
+/// of creating another; reusing the key with a different body is a 409.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key and body, same job")),
+    request_body(content = Object, description = "A job spec (v1); see the README", content_type = "application/json"),
+    responses(
+        (status = 201, description = "Queued", body = JobView),
+        (status = 200, description = "Replay of an earlier request with the same idempotency key", body = JobView),
+        (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Idempotency key reused with another body", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid spec; `pointer` names the field", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers)?;
+    let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
+    let (model_id, dataset_id) = resolve_inputs(&state, &spec).await?;
+    let spec_json = serde_json::to_value(&spec).map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
+    let idempotency = key.map(|key| Idempotency { key, request_hash: request_hash(&spec_json) });
+    let new_job = NewJob {
+        id: state.clock.new_id(),
+        name: spec.name.clone(),
+        spec: spec_json,
+        model_id,
+        dataset_id,
+        priority: spec.priority,
+        max_attempts: state.config.max_attempts,
+        idempotency,
+        created_at: state.clock.now(),
+    };
+    let (status, job) = match state.store.create_job(new_job).await? {
+        Created::New(job) => {
+            state.metrics.jobs_created.inc();
+            tracing::info!(job.id = %job.id, job.name = %job.name, "job queued");
+            (StatusCode::CREATED, job)
+        }
+        Created::Existing(job) => (StatusCode::OK, job),
+    };
+    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
+    Ok((status, [(header::LOCATION, location)], Json(JobView::from(job))).into_response())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("invalid-idempotency-key", "Idempotency-Key must be visible ASCII"))?
+        .trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::bad_request(
+            "invalid-idempotency-key",
+            format!("Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// sha256 of the normalized spec: bodies that differ only in key order, whitespace or spelled-out
+/// defaults are the same request.
+fn request_hash(spec: &serde_json::Value) -> String {
+    hex::encode(Sha256::digest(spec.to_string().as_bytes()))
+}
+
+/// The registered model and dataset the spec names, or a 422 pointing at the id.
+async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid), ApiError> {
+    let model_id = Uuid::parse_str(&spec.model)
+        .map_err(|_| ApiError::invalid_field("/model", format!("`{}` is not a model id (a UUID)", spec.model)))?;
+    let dataset_id = Uuid::parse_str(&spec.task.dataset)
+        .map_err(|_| ApiError::invalid_field("/task/dataset", format!("`{}` is not a dataset id (a UUID)", spec.task.dataset)))?;
+    if state.store.get_model(model_id).await?.is_none() {
+        return Err(ApiError::invalid_field("/model", format!("model {model_id} is not registered")));
+    }
+    if state.store.get_dataset(dataset_id).await?.is_none() {
+        return Err(ApiError::invalid_field("/task/dataset", format!("dataset {dataset_id} is not registered")));
+    }
+    Ok((model_id, dataset_id))
+}

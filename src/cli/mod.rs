@@ -1,0 +1,126 @@
+//! The command line: `serve`, `worker`, `migrate`, `run`, `openapi`.
+
+pub mod run;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::scheduler::{self, SchedulerMetrics, WorkerSettings};
+use crate::settings::Settings;
+use crate::{server, store};
+
+/// compressd: make transformer models smaller and faster, as a service or from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "compressd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// A TOML file overriding the built-in defaults (COMPRESSD_* variables override both).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (and, once built, an in-process worker).
+    Serve {
+        /// Serve the API only, leaving jobs to separate `compressd worker` processes.
+        #[arg(long)]
+        no_worker: bool,
+    },
+    /// Run jobs from the configured database, without the API.
+    Worker,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Run one job spec locally, with no server: model and dataset are local paths.
+    Run {
+        /// The job spec (JSON).
+        spec: PathBuf,
+        /// Folder for the outputs (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Print the OpenAPI document (YAML), as stored in openapi.yaml.
+    Openapi,
+    /// Internal: run one job for a worker (request on stdin, progress messages on stdout).
+    #[command(hide = true)]
+    Exec {
+        /// The job, for the process list and logs; the request on stdin is authoritative.
+        #[arg(long)]
+        job: uuid::Uuid,
+    },
+}
+
+/// Runs a subcommand with loaded settings.
+///
+/// # Errors
+/// Whatever the subcommand fails with; the binary prints it and exits non-zero.
+pub async fn execute(command: Command, settings: Settings) -> Result<()> {
+    match command {
+        Command::Serve { no_worker } => serve(&settings, no_worker).await,
+        Command::Worker => worker(&settings).await,
+        Command::Migrate => {
+            let store = store::connect(&settings).await?;
+            store.migrate().await?;
+            tracing::info!(backend = ?store.backend(), "migrations applied");
+            Ok(())
+        }
+        Command::Run { spec, out } => run::run_spec_file(&spec, &out),
+        Command::Openapi => {
+            print!("{}", crate::api::openapi::yaml());
+            Ok(())
+        }
+        // `main` runs it before starting the async runtime; reaching here is a wiring mistake.
+        Command::Exec { .. } => Err(Error::NotImplemented("`exec` runs outside the async runtime".into())),
+    }
+}
+
+/// `compressd worker`: claims and runs jobs until SIGTERM or Ctrl-C, then hands running jobs back.
+async fn worker(settings: &Settings) -> Result<()> {
+    let store = store::connect(settings).await?;
+    if settings.migrate_on_start {
+        store.migrate().await?;
+    }
+    let worker_settings = WorkerSettings::from_settings(settings).map_err(|e| Error::io("current executable", e))?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        stop.cancel();
+    });
+    scheduler::run(store, worker_settings, SchedulerMetrics::default(), shutdown).await;
+    Ok(())
+}
+
+async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
+    let state = server::build_state(settings).await?;
+    let shutdown = CancellationToken::new();
+    let worker = if no_worker {
+        tracing::info!("API only (--no-worker): jobs run in separate `compressd worker` processes");
+        None
+    } else {
+        let worker_settings = WorkerSettings::from_settings(settings).map_err(|e| Error::io("current executable", e))?;
+        let (store, metrics) = (state.store.clone(), state.metrics.scheduler.clone());
+        Some(tokio::spawn(scheduler::run(store, worker_settings, metrics, shutdown.clone())))
+    };
+    let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(|e| Error::io(settings.listen.to_string(), e))?;
+    let stop = shutdown.clone();
+    let signal = async move {
+        server::shutdown_signal().await;
+        stop.cancel();
+    };
+    let served = server::serve(listener, state, signal, Duration::from_secs(settings.shutdown_grace_secs)).await;
+    shutdown.cancel();
+    if let Some(worker) = worker {
+        // Running jobs are stopped and handed back to the queue before the process exits.
+        let _ = worker.await;
+    }
+    served
+}

@@ -1,0 +1,107 @@
+//! The one error type of the compressd service crate.
+//!
+//! Store backends, settings and the CLI return it; the API turns it into problem+json in exactly one
+//! place (`api::error`).
+
+use std::path::PathBuf;
+
+use compressd_engine::spec::Violation;
+
+/// Everything that can go wrong in the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A setting is missing, malformed or out of range.
+    #[error("invalid setting `{setting}`: {message}")]
+    Config {
+        /// The setting, with its environment variable.
+        setting: String,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// A row looked up by id does not exist.
+    #[error("{kind} {id} not found")]
+    NotFound {
+        /// `job`, `model`, `dataset`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+
+    /// The job is in a state the action cannot start from (cancel a finished job, delete a running one).
+    #[error("job {id} is {status}: cannot {action}")]
+    JobState {
+        /// The job.
+        id: uuid::Uuid,
+        /// Its current status.
+        status: String,
+        /// What was asked.
+        action: &'static str,
+    },
+
+    /// An `Idempotency-Key` was reused with a different request body.
+    #[error("idempotency key `{key}` was already used with a different request")]
+    IdempotencyConflict {
+        /// The reused key.
+        key: String,
+    },
+
+    /// A row cannot be removed or written because of other rows (a model used by a running job,
+    /// a duplicate name).
+    #[error("{0}")]
+    Conflict(String),
+
+    /// A job spec failed validation; every problem carries its JSON pointer.
+    #[error("invalid job spec: {}", .0.first().map(|v| format!("{}: {}", v.pointer, v.message)).unwrap_or_default())]
+    InvalidSpec(Vec<Violation>),
+
+    /// A pipeline stage has no engine yet.
+    #[error("{0}")]
+    NotImplemented(String),
+
+    /// A worker's write was refused because the job is no longer its attempt: the lease expired
+    /// and the job was reclaimed, or it was cancelled and settled. The worker must stop at once.
+    #[error("job {job_id} attempt {attempt}: lease lost")]
+    LeaseLost {
+        /// The job.
+        job_id: uuid::Uuid,
+        /// The attempt whose lease was lost.
+        attempt: i32,
+    },
+
+    /// A stored row cannot be read back (a bad enum string, malformed JSON).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+
+    /// The database failed.
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+
+    /// Migrations could not be applied.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// The artifact store failed.
+    #[error("artifact storage error")]
+    ObjectStore(#[from] object_store::Error),
+
+    /// A local file or folder could not be read or written.
+    #[error("I/O error on {}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

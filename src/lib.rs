@@ -1,0 +1,20 @@
+//! compressd: an HTTP service that makes transformer models smaller and faster.
+//!
+//! This crate is the service shell around the `compressd-engine` crate: settings, storage, the
+//! HTTP API, the CLI and (later) the scheduler. The binary in `main.rs` only parses arguments,
+//! loads settings, starts logging and dispatches to [`cli`].
+
+pub mod api;
+pub mod artifacts;
+pub mod cli;
+pub mod clock;
+pub mod error;
+pub mod events;
+pub mod job_spec;
+pub mod scheduler;
+pub mod server;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{Error, Result};

@@ -1,0 +1,217 @@
+//! One claimed attempt, from the child's start to the recorded outcome.
+//!
+//! Three things run side by side: the child (its messages forwarded to the store), the lease
+//! keeper (heartbeats; it also wakes at once on a cancel notice), and the worker's shutdown
+//! signal. Whichever asks first to stop the child wins; the outcome is then written with a fenced
+//! write, so an attempt that lost its lease records nothing.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tokio::time::{interval, sleep_until, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::forward::{is_lease_lost, Forwarder};
+use super::protocol::{ChildMessage, ExecInputs, ExecRequest};
+use super::runner::{ChildCommand, ChildOutcome, RunningChild, StopReason};
+use super::WorkerContext;
+use crate::error::Result;
+use crate::events::hub::Notice;
+use crate::store::{retry_backoff, AttemptOutcome, Job, JobError, Lease};
+
+/// Runs `job` (just claimed by this worker) to its end and records the outcome.
+pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: CancellationToken) {
+    let lease = Lease { job_id: job.id, attempt: job.attempt, owner: ctx.owner.clone() };
+    let span = tracing::info_span!("job.attempt", job_id = %job.id, attempt = job.attempt);
+    let started = Instant::now();
+    async {
+        tracing::info!("attempt started");
+        let outcome = supervise(&ctx, &job, &lease, shutdown).await;
+        let label = record(&ctx, &job, &lease, outcome).await;
+        ctx.metrics.attempt_finished(label, started.elapsed());
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Runs the child until it ends or is stopped.
+async fn supervise(ctx: &Arc<WorkerContext>, job: &Job, lease: &Lease, shutdown: CancellationToken) -> Result<ChildOutcome> {
+    let command = child_command(ctx, job).await?;
+    let mut child = RunningChild::spawn(&command).await.map_err(|e| crate::error::Error::io(&command.program, e))?;
+    let (stop_tx, mut stop_rx) = watch::channel(None);
+    let keeper = tokio::spawn(keep_lease(Arc::clone(ctx), lease.clone(), stop_tx, shutdown));
+    let stages = job.spec.get("pipeline").and_then(|p| p.as_array()).map_or(1, |p| p.len());
+    let mut forwarder = Forwarder::new(Arc::clone(&ctx.store), lease.clone(), u32::try_from(stages).unwrap_or(1));
+    let grace = ctx.settings.stop_grace;
+    let outcome = loop {
+        let flush_at = forwarder.flush_deadline();
+        tokio::select! {
+            biased;
+            Ok(()) = stop_rx.changed() => {
+                let reason = *stop_rx.borrow_and_update();
+                if let Some(reason) = reason {
+                    break child.stop(reason, grace).await;
+                }
+            }
+            message = child.next_message() => match message {
+                Some(message) => {
+                    if let Err(error) = forwarder.forward(message).await {
+                        if is_lease_lost(&error) {
+                            break child.stop(StopReason::LeaseLost, grace).await;
+                        }
+                        tracing::warn!(%error, "could not record a message of the job");
+                    }
+                }
+                None => break child.finish().await,
+            },
+            () = sleep_until(flush_at.unwrap_or_else(Instant::now)), if flush_at.is_some() => {
+                if let Err(error) = forwarder.flush().await {
+                    if is_lease_lost(&error) {
+                        break child.stop(StopReason::LeaseLost, grace).await;
+                    }
+                }
+            }
+        }
+    };
+    keeper.abort();
+    outcome.map_err(|e| crate::error::Error::io(&command.program, e))
+}
+
+/// Heartbeats until stopped; sends the reason to stop the child (cancel, lost lease, shutdown).
+/// After a cancel it keeps the lease alive, so the job is not reaped while the child winds down.
+async fn keep_lease(ctx: Arc<WorkerContext>, lease: Lease, stop: watch::Sender<Option<StopReason>>, shutdown: CancellationToken) {
+    let mut notices = ctx.hub.subscribe();
+    let mut ticker = interval(ctx.settings.heartbeat);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = wait_for_cancel_notice(&mut notices, lease.job_id) => {}
+            () = shutdown.cancelled(), if stop.borrow().is_none() => {
+                stop.send_replace(Some(StopReason::Shutdown));
+                continue;
+            }
+        }
+        match ctx.store.heartbeat(&lease, ctx.settings.lease).await {
+            Ok(Some(state)) if state.cancel_requested && stop.borrow().is_none() => {
+                tracing::info!("cancel requested; stopping the child");
+                stop.send_replace(Some(StopReason::Cancelled));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::warn!("lease lost: another worker owns the job now");
+                ctx.metrics.lease_lost();
+                stop.send_replace(Some(StopReason::LeaseLost));
+                return;
+            }
+            // A database hiccup: keep trying; if the lease lapses meanwhile, the next beat says so.
+            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        }
+    }
+}
+
+async fn wait_for_cancel_notice(notices: &mut broadcast::Receiver<Notice>, job_id: uuid::Uuid) {
+    loop {
+        match notices.recv().await {
+            Ok(Notice::CancelRequested { job_id: id }) if id == job_id => return,
+            Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// The `compressd exec` command for `job`, with its inputs resolved to local paths.
+async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
+    let inputs = ExecInputs {
+        model: match job.model_id {
+            Some(id) => ctx.store.get_model(id).await.ok().flatten().and_then(|m| local_path(&m.uri)),
+            None => None,
+        },
+        dataset: match job.dataset_id {
+            Some(id) => ctx.store.get_dataset(id).await.ok().flatten().and_then(|d| local_path(&d.uri)),
+            None => None,
+        },
+    };
+    let request = ExecRequest {
+        job_id: job.id,
+        attempt: job.attempt,
+        spec: job.spec.clone(),
+        inputs,
+        work_dir: ctx.settings.work_dir.join(job.id.to_string()),
+    };
+    let stdin = serde_json::to_vec(&request).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
+    Ok(ChildCommand {
+        program: ctx.settings.executable.clone(),
+        args: vec![OsString::from("exec"), OsString::from("--job"), OsString::from(job.id.to_string())],
+        envs: Vec::new(),
+        stdin,
+        log_tail_lines: ctx.settings.log_tail_lines,
+    })
+}
+
+/// A local path for an input URI: `file://` URLs and plain absolute paths. Inputs in remote
+/// object storage are not fetched yet, so they resolve to nothing (the child then fails the job).
+fn local_path(uri: &str) -> Option<PathBuf> {
+    if let Ok(url) = url::Url::parse(uri) {
+        return (url.scheme() == "file").then(|| url.to_file_path().ok()).flatten();
+    }
+    let path = PathBuf::from(uri);
+    path.is_absolute().then_some(path)
+}
+
+/// Records how the attempt ended; returns a label for metrics: the job's new status, `lease_lost`
+/// or `record_failed`.
+async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<ChildOutcome>) -> &'static str {
+    let backoff = retry_backoff(ctx.settings.retry_backoff, job.attempt + 1);
+    let attempt_outcome = match outcome {
+        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result })) => AttemptOutcome::Succeeded { result },
+        Ok(ChildOutcome::Reported(ChildMessage::Failed { code, message, retryable })) => {
+            let error = JobError { code, message };
+            if retryable {
+                AttemptOutcome::Retry { error, backoff }
+            } else {
+                AttemptOutcome::Failed { error }
+            }
+        }
+        Ok(ChildOutcome::Reported(other)) => {
+            let error = JobError { code: "protocol".into(), message: format!("unexpected verdict {other:?}") };
+            AttemptOutcome::Retry { error, backoff }
+        }
+        Ok(ChildOutcome::Stopped(StopReason::Cancelled)) => AttemptOutcome::Cancelled,
+        Ok(ChildOutcome::Stopped(StopReason::LeaseLost)) => return "lease_lost",
+        Ok(ChildOutcome::Stopped(StopReason::Shutdown)) => {
+            let error = JobError { code: "worker_shutdown".into(), message: "the worker shut down during the attempt".into() };
+            AttemptOutcome::Retry { error, backoff: std::time::Duration::ZERO }
+        }
+        Ok(ChildOutcome::Died { cause, log_tail }) => {
+            let _ = ctx.store.append_fenced_event(lease, "log", json!({ "level": "error", "message": log_tail.join("\n") })).await;
+            let message = format!("{}; last log lines:\n{}", cause.describe(), log_tail.join("\n"));
+            AttemptOutcome::Retry { error: JobError { code: cause.code().into(), message }, backoff }
+        }
+        Err(error) => {
+            tracing::error!(%error, "the job's process could not be run");
+            let error = JobError { code: "worker_error".into(), message: error.to_string() };
+            AttemptOutcome::Retry { error, backoff }
+        }
+    };
+    match ctx.store.finish_attempt(lease, attempt_outcome).await {
+        Ok(status) => {
+            tracing::info!(%status, "attempt finished");
+            status.as_str()
+        }
+        Err(error) if is_lease_lost(&error) => {
+            tracing::warn!("lease lost before the outcome could be recorded; another worker owns the job");
+            ctx.metrics.lease_lost();
+            "lease_lost"
+        }
+        Err(error) => {
+            tracing::error!(%error, "could not record the attempt's outcome; the reaper will retry the job");
+            "record_failed"
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! Spawns and supervises one job's child process.
+//!
+//! The child is the same binary (`compressd exec`). The runner writes the [`ExecRequest`] on its
+//! stdin, reads [`ChildMessage`]s from its stdout, keeps the last lines of its stderr, stops it on
+//! request (SIGTERM, then SIGKILL after a grace period) and explains how it ended. It knows nothing
+//! about the database: the worker decides what each message and each ending means for the job.
+//!
+//! [`ExecRequest`]: super::protocol::ExecRequest
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
+
+use super::protocol::ChildMessage;
+
+/// Exit status of a Rust program that panicked (the runtime's default).
+const PANIC_EXIT_CODE: i32 = 101;
+
+/// How to start a child.
+#[derive(Debug, Clone)]
+pub struct ChildCommand {
+    /// The executable (normally `std::env::current_exe()`).
+    pub program: PathBuf,
+    /// Its arguments (normally `exec --job <id>`).
+    pub args: Vec<OsString>,
+    /// Extra environment variables.
+    pub envs: Vec<(OsString, OsString)>,
+    /// Bytes written to its stdin before stdin is closed (the JSON request).
+    pub stdin: Vec<u8>,
+    /// How many of its last stderr lines to keep for the failure report.
+    pub log_tail_lines: usize,
+}
+
+/// Why the worker stopped a child before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The user cancelled the job.
+    Cancelled,
+    /// Another worker owns the job now (heartbeat or a fenced write changed nothing).
+    LeaseLost,
+    /// The worker process is shutting down.
+    Shutdown,
+}
+
+/// How a child that was not stopped by its worker ended without reporting a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeathCause {
+    /// Killed by SIGKILL that the worker did not send; on Linux this is almost always the
+    /// out-of-memory killer.
+    OutOfMemory,
+    /// Killed by another signal.
+    KilledBySignal(i32),
+    /// The Rust runtime reported a panic (exit status 101).
+    Panic,
+    /// Exited with a non-zero status.
+    ExitCode(i32),
+    /// Exited with status 0 but never sent a terminal message.
+    NoVerdict,
+}
+
+impl DeathCause {
+    /// A stable slug for the job's error `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::OutOfMemory => "child_out_of_memory",
+            Self::KilledBySignal(_) => "child_killed",
+            Self::Panic => "child_panicked",
+            Self::ExitCode(_) => "child_exited",
+            Self::NoVerdict => "child_no_verdict",
+        }
+    }
+
+    /// A sentence for the job's error `message`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::OutOfMemory => "the job's process was killed by SIGKILL (most likely out of memory)".into(),
+            Self::KilledBySignal(signal) => format!("the job's process was killed by signal {signal}"),
+            Self::Panic => "the job's process panicked".into(),
+            Self::ExitCode(code) => format!("the job's process exited with status {code}"),
+            Self::NoVerdict => "the job's process exited without reporting a result".into(),
+        }
+    }
+
+    fn from_status(status: ExitStatus, log_tail: &[String]) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match (status.code(), status.signal()) {
+            (_, Some(signal)) if signal == Signal::SIGKILL as i32 => Self::OutOfMemory,
+            (_, Some(signal)) => Self::KilledBySignal(signal),
+            (Some(PANIC_EXIT_CODE), _) if log_tail.iter().any(|l| l.contains("panicked at")) => Self::Panic,
+            (Some(0), _) => Self::NoVerdict,
+            (Some(code), _) => Self::ExitCode(code),
+            (None, None) => Self::NoVerdict,
+        }
+    }
+}
+
+/// How a child's run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChildOutcome {
+    /// The child sent its terminal message ([`ChildMessage::Succeeded`] or `Failed`); its verdict
+    /// stands whatever its exit status.
+    Reported(ChildMessage),
+    /// The worker stopped it.
+    Stopped(StopReason),
+    /// It died without a verdict.
+    Died {
+        /// How it died.
+        cause: DeathCause,
+        /// The last lines it wrote to stderr, oldest first.
+        log_tail: Vec<String>,
+    },
+}
+
+/// The last lines of a child's stderr, bounded.
+#[derive(Debug)]
+struct LogTail {
+    lines: VecDeque<String>,
+    capacity: usize,
+}
+
+impl LogTail {
+    fn push(&mut self, line: String) {
+        if self.lines.len() == self.capacity {
+            self.lines.pop_front();
+        }
+        self.lines.push_back(line);
+    }
+}
+
+/// A running child process.
+#[derive(Debug)]
+pub struct RunningChild {
+    child: Child,
+    stdout: Option<Lines<BufReader<ChildStdout>>>,
+    log_tail: Arc<Mutex<LogTail>>,
+    stderr_task: JoinHandle<()>,
+    verdict: Option<ChildMessage>,
+}
+
+impl RunningChild {
+    /// Starts the child and hands it its request.
+    ///
+    /// # Errors
+    /// When the program cannot be started or its stdin cannot be written.
+    pub async fn spawn(command: &ChildCommand) -> std::io::Result<Self> {
+        let mut child = Command::new(&command.program)
+            .args(&command.args)
+            .envs(command.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A worker task that is dropped (worker shutdown, panic) must not leave the child running.
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("child has no stdin"))?;
+        stdin.write_all(&command.stdin).await?;
+        drop(stdin);
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("child has no stdout"))?;
+        let stderr = child.stderr.take().ok_or_else(|| std::io::Error::other("child has no stderr"))?;
+        let log_tail = Arc::new(Mutex::new(LogTail {
+            lines: VecDeque::new(),
+            capacity: command.log_tail_lines.max(1),
+        }));
+        let stderr_task = tokio::spawn(keep_tail(BufReader::new(stderr).lines(), Arc::clone(&log_tail)));
+        Ok(Self { child, stdout: Some(BufReader::new(stdout).lines()), log_tail, stderr_task, verdict: None })
+    }
+
+    /// The OS process id, while the child runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The next message from the child, or `None` once its stdout is closed (it exited, or
+    /// is about to). Cancel-safe, so it can sit in a `select!` beside the stop signal.
+    pub async fn next_message(&mut self) -> Option<ChildMessage> {
+        let lines = self.stdout.as_mut()?;
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) if line.trim().is_empty() => continue,
+                Ok(Some(line)) => {
+                    let message = ChildMessage::parse_line(&line);
+                    if message.is_terminal() && self.verdict.is_none() {
+                        self.verdict = Some(message.clone());
+                    }
+                    return Some(message);
+                }
+                // A read error on a pipe means the child is gone; treat it like end of output.
+                Ok(None) | Err(_) => {
+                    self.stdout = None;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Waits for the child to exit on its own (call after [`Self::next_message`] returned `None`)
+    /// and says how it ended.
+    ///
+    /// # Errors
+    /// When waiting on the process fails.
+    pub async fn finish(mut self) -> std::io::Result<ChildOutcome> {
+        let status = self.child.wait().await?;
+        let log_tail = self.collect_tail().await;
+        Ok(match self.verdict.take() {
+            Some(verdict) => ChildOutcome::Reported(verdict),
+            None => ChildOutcome::Died { cause: DeathCause::from_status(status, &log_tail), log_tail },
+        })
+    }
+
+    /// Stops the child: SIGTERM, then SIGKILL if it has not exited after `grace`.
+    ///
+    /// # Errors
+    /// When waiting on the process fails.
+    pub async fn stop(mut self, reason: StopReason, grace: Duration) -> std::io::Result<ChildOutcome> {
+        if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
+            // The child is ours and not yet reaped, so its pid cannot have been reused. A failure
+            // means it already exited, which the wait below observes.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            tracing::warn!(grace_s = grace.as_secs_f64(), "child ignored SIGTERM; sending SIGKILL");
+            self.child.kill().await?;
+        }
+        self.stderr_task.abort();
+        Ok(ChildOutcome::Stopped(reason))
+    }
+
+    async fn collect_tail(&mut self) -> Vec<String> {
+        // stderr reaches EOF when the child exits; give the reader a moment to drain it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.stderr_task).await;
+        let tail = self.log_tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        tail.lines.iter().cloned().collect()
+    }
+}
+
+async fn keep_tail(mut lines: Lines<BufReader<tokio::process::ChildStderr>>, tail: Arc<Mutex<LogTail>>) {
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::debug!(target: "job.child", "{line}");
+        tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shell(script: &str) -> ChildCommand {
+        ChildCommand {
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            envs: Vec::new(),
+            stdin: b"{\"hello\":1}".to_vec(),
+            log_tail_lines: 3,
+        }
+    }
+
+    /// Reads every message, then waits for the end.
+    async fn run_to_end(script: &str) -> (Vec<ChildMessage>, ChildOutcome) {
+        let mut child = RunningChild::spawn(&shell(script)).await.unwrap();
+        let mut messages = Vec::new();
+        while let Some(message) = child.next_message().await {
+            messages.push(message);
+        }
+        (messages, child.finish().await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn messages_and_the_verdict_come_through_and_stdin_is_delivered() {
+        // The request comes back as a plain line, which is kept as a log message.
+        let script = r#"read request; echo "$request"
+echo '{"type":"progress","fraction":0.5}'
+echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
+        let (messages, outcome) = run_to_end(script).await;
+        assert_eq!(messages[0], ChildMessage::Log { level: "info".into(), message: "{\"hello\":1}".into() });
+        assert_eq!(messages[1], ChildMessage::Progress { fraction: 0.5, eta_seconds: None, message: None });
+        assert_eq!(outcome, ChildOutcome::Reported(ChildMessage::Succeeded { result: serde_json::json!({"metrics": {}}) }));
+    }
+
+    #[tokio::test]
+    async fn a_non_zero_exit_keeps_only_the_last_stderr_lines() {
+        let (_, outcome) = run_to_end("for i in 1 2 3 4 5; do echo line$i >&2; done; exit 3").await;
+        let expected_tail = vec!["line3".to_owned(), "line4".to_owned(), "line5".to_owned()];
+        assert_eq!(outcome, ChildOutcome::Died { cause: DeathCause::ExitCode(3), log_tail: expected_tail });
+    }
+
+    #[tokio::test]
+    async fn a_panic_an_unexpected_sigkill_and_a_silent_exit_are_told_apart() {
+        let (_, panic) = run_to_end("echo \"thread 'main' panicked at src/x.rs:1:1\" >&2; exit 101").await;
+        assert!(matches!(panic, ChildOutcome::Died { cause: DeathCause::Panic, .. }), "{panic:?}");
+        let (_, killed) = run_to_end("kill -9 $$").await;
+        assert!(matches!(killed, ChildOutcome::Died { cause: DeathCause::OutOfMemory, .. }), "{killed:?}");
+        let (_, silent) = run_to_end("exit 0").await;
+        assert!(matches!(silent, ChildOutcome::Died { cause: DeathCause::NoVerdict, .. }), "{silent:?}");
+    }
+
+    #[tokio::test]
+    async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
+        // The shell ignores SIGTERM, so only the SIGKILL after the grace period ends it.
+        let child = RunningChild::spawn(&shell("trap '' TERM; echo ready >&2; while true; do sleep 0.05; done")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let outcome = child.stop(StopReason::Cancelled, Duration::from_millis(300)).await.unwrap();
+        assert_eq!(outcome, ChildOutcome::Stopped(StopReason::Cancelled));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_honours_sigterm_stops_at_once() {
+        let child = RunningChild::spawn(&shell("sleep 30")).await.unwrap();
+        let started = std::time::Instant::now();
+        let outcome = child.stop(StopReason::LeaseLost, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(outcome, ChildOutcome::Stopped(StopReason::LeaseLost));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

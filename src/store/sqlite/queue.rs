@@ -1,0 +1,218 @@
+//! The worker side of the SQLite backend: claims, heartbeats, fenced writes, reaping.
+//!
+//! SQLite has one writer at a time, which gives the same guarantees Postgres gets from row locks
+//! and `SKIP LOCKED`: every transaction here starts with its write, so it holds the write lock
+//! from its first statement and two claimers can never take the same job. Times come from this
+//! process's clock: an embedded database lives on one machine, so all its workers share it.
+//! With no `NOTIFY` in SQLite, each write tells the process's [`EventHub`] after it commits.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use sqlx::sqlite::SqlitePool;
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::events::hub::{EventHub, Notice};
+use super::{event_from_row, job_from_row, json_text, to_text, EVENT_COLUMNS, JOB_COLUMNS};
+use crate::error::{Error, Result};
+use crate::store::lease::decide;
+use crate::store::{AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
+
+/// The fence every worker write is conditioned on; `?1` job id, `?2` attempt, `?3` owner.
+const FENCE: &str = "id = ?1 AND attempt = ?2 AND lease_owner = ?3 AND status = 'running'";
+
+fn notice(event: &JobEvent) -> Notice {
+    Notice::Event { job_id: event.job_id, seq: event.seq }
+}
+
+fn lease_lost(lease: &Lease) -> Error {
+    Error::LeaseLost { job_id: lease.job_id, attempt: lease.attempt }
+}
+
+/// `now + by`, as stored.
+fn later(by: Duration) -> String {
+    to_text(Utc::now() + chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX))
+}
+
+pub(super) async fn claim_next(pool: &SqlitePool, hub: &EventHub, owner: &str, lease: Duration) -> Result<Option<Job>> {
+    let mut tx = pool.begin().await?;
+    let now = to_text(Utc::now());
+    let sql = format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2, \
+           started_at = ?3, updated_at = ?3 \
+         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND run_after <= ?3 \
+                     ORDER BY priority DESC, run_after, id LIMIT 1) \
+         RETURNING {JOB_COLUMNS}"
+    );
+    let row = sqlx::query(&sql).bind(owner).bind(later(lease)).bind(&now).fetch_optional(&mut *tx).await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let job = job_from_row(&row)?;
+    let payload = json!({ "status": "running", "attempt": job.attempt, "worker": owner });
+    let event = insert_event(&mut tx, &job, EVENT_STATUS, &payload).await?;
+    tx.commit().await?;
+    hub.publish(notice(&event));
+    Ok(Some(job))
+}
+
+async fn insert_event(tx: &mut Transaction<'_, Sqlite>, job: &Job, event_type: &str, payload: &Value) -> Result<JobEvent> {
+    let sql = format!(
+        "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(job.id.to_string())
+        .bind(job.attempt)
+        .bind(event_type)
+        .bind(json_text(payload))
+        .bind(to_text(Utc::now()))
+        .fetch_one(&mut **tx)
+        .await?;
+    event_from_row(&row)
+}
+
+pub(super) async fn heartbeat(pool: &SqlitePool, lease: &Lease, duration: Duration) -> Result<Option<LeaseState>> {
+    let sql = format!("UPDATE jobs SET lease_expires_at = ?4, updated_at = ?5 WHERE {FENCE} RETURNING cancel_requested");
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(later(duration))
+        .bind(to_text(Utc::now()))
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| Ok(LeaseState { cancel_requested: r.try_get::<bool, _>("cancel_requested")? })).transpose()
+}
+
+pub(super) async fn append_fenced_event(
+    pool: &SqlitePool,
+    hub: &EventHub,
+    lease: &Lease,
+    event_type: &str,
+    payload: &Value,
+) -> Result<JobEvent> {
+    // One statement: the fence check and the insert happen under the same write lock.
+    let sql = format!(
+        "INSERT INTO job_events (job_id, attempt, type, payload, created_at) \
+         SELECT ?1, ?2, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE}) RETURNING {EVENT_COLUMNS}"
+    );
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(event_type)
+        .bind(json_text(payload))
+        .bind(to_text(Utc::now()))
+        .fetch_optional(pool)
+        .await?;
+    let event = row.as_ref().map(event_from_row).transpose()?.ok_or_else(|| lease_lost(lease))?;
+    hub.publish(notice(&event));
+    Ok(event)
+}
+
+pub(super) async fn update_progress(pool: &SqlitePool, hub: &EventHub, lease: &Lease, progress: &JobProgress) -> Result<JobEvent> {
+    let mut tx = pool.begin().await?;
+    let progress = json_text(progress);
+    let now = to_text(Utc::now());
+    let sql = format!("UPDATE jobs SET progress = ?4, updated_at = ?5 WHERE {FENCE} RETURNING {JOB_COLUMNS}");
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(&progress)
+        .bind(&now)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let job = job_from_row(&row.ok_or_else(|| lease_lost(lease))?)?;
+    let payload: Value = serde_json::from_str(&progress).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let event = insert_event(&mut tx, &job, "progress", &payload).await?;
+    tx.commit().await?;
+    hub.publish(notice(&event));
+    Ok(event)
+}
+
+pub(super) async fn finish_attempt(pool: &SqlitePool, hub: &EventHub, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
+    let mut tx = pool.begin().await?;
+    // A no-op write first, so this transaction holds the write lock before it reads the row.
+    let sql = format!("UPDATE jobs SET updated_at = ?4 WHERE {FENCE} RETURNING {JOB_COLUMNS}");
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(to_text(Utc::now()))
+        .fetch_optional(&mut *tx)
+        .await?;
+    let job = job_from_row(&row.ok_or_else(|| lease_lost(lease))?)?;
+    let (status, event) = settle(&mut tx, &job, outcome).await?;
+    tx.commit().await?;
+    announce(hub, status, &event);
+    Ok(status)
+}
+
+/// Tells the hub about a committed settle: its event, and a claimable job when it was requeued.
+fn announce(hub: &EventHub, status: JobStatus, event: &JobEvent) {
+    hub.publish(notice(event));
+    if status == JobStatus::Queued {
+        hub.publish(Notice::Queued);
+    }
+}
+
+/// Writes the end of `job`'s current attempt and its event, inside the caller's write transaction.
+async fn settle(tx: &mut Transaction<'_, Sqlite>, job: &Job, outcome: AttemptOutcome) -> Result<(JobStatus, JobEvent)> {
+    let decision = decide(job, outcome);
+    let now = to_text(Utc::now());
+    let finished_at = decision.status.is_finished().then(|| now.clone());
+    let sql = "UPDATE jobs SET status = ?2, result = ?3, error = ?4, lease_owner = NULL, lease_expires_at = NULL, \
+               run_after = ?5, finished_at = ?6, updated_at = ?7 WHERE id = ?1";
+    let updated = sqlx::query(sql)
+        .bind(job.id.to_string())
+        .bind(decision.status.as_str())
+        .bind(decision.result.as_ref().map(json_text))
+        .bind(decision.error.as_ref().map(json_text))
+        .bind(later(decision.run_after))
+        .bind(finished_at)
+        .bind(&now)
+        .execute(&mut **tx)
+        .await?;
+    crate::store::expect_one_row(updated.rows_affected(), "finish attempt")?;
+    let event = insert_event(tx, job, decision.event_type, &decision.payload).await?;
+    Ok((decision.status, event))
+}
+
+pub(super) async fn reap_expired(pool: &SqlitePool, hub: &EventHub, limit: u32, backoff: Duration) -> Result<Vec<Reaped>> {
+    let mut tx = pool.begin().await?;
+    let now = to_text(Utc::now());
+    // Mark the expired leases first (a write, taking the lock), then settle each.
+    let sql = format!(
+        "UPDATE jobs SET updated_at = ?1 WHERE id IN ( \
+           SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < ?1 ORDER BY lease_expires_at LIMIT ?2) \
+         RETURNING {JOB_COLUMNS}"
+    );
+    let rows = sqlx::query(&sql).bind(&now).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+    let mut settled = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let job = job_from_row(row)?;
+        let error = JobError {
+            code: "lease_expired".into(),
+            message: format!("the worker running attempt {} stopped heartbeating", job.attempt),
+        };
+        let backoff = crate::store::retry_backoff(backoff, job.attempt + 1);
+        let (status, event) = settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
+        settled.push((Reaped::from_status(job.id, job.attempt, status), status, event));
+    }
+    tx.commit().await?;
+    Ok(settled
+        .into_iter()
+        .map(|(reaped, status, event)| {
+            announce(hub, status, &event);
+            reaped
+        })
+        .collect())
+}
+
+/// Counts jobs by status, for the queue-depth gauge.
+pub(super) async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, i64)>> {
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetch_all(pool).await?;
+    rows.iter().map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?))).collect()
+}
