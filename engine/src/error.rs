@@ -59,6 +59,9 @@ pub enum EngineError {
         /// What is wrong with the row.
         message: String,
     },
+    /// The run was stopped through its cancel flag; what finished before is kept.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl EngineError {

@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod layers;
 pub mod loading;
 pub mod models;
@@ -17,3 +18,8 @@ pub use error::{EngineError, Result};
 pub mod train;
 pub mod quant;
 pub mod prune;
+pub mod report;
+pub mod pipeline;
+pub mod stages;
+pub mod data;
+pub mod eval;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::de::DeserializeOwned;
 
+pub use gguf::read_gguf;
 pub use hf::{load_tokenizer, read_hf_folder};
 
 use crate::error::{EngineError, Result};

@@ -111,7 +111,7 @@ pub struct PruneSpec {
     /// How weights are scored for removal.
     #[serde(default)]
     pub method: PruneMethod,
-    /// Share of prunable weights set to zero at the end of the stage, in `[0, 1)`.
+    /// Share of prunable weights set to zero at the end of the stage, in `(0, 0.95]`.
     pub sparsity: f64,
     /// Which weights may be removed together.
     #[serde(default)]
@@ -206,9 +206,18 @@ pub enum QuantScheme {
     /// GGML k-quant, 6-bit.
     #[serde(rename = "q6_k")]
     Q6K,
+    /// GGML k-quant, 5-bit.
+    #[serde(rename = "q5_k")]
+    Q5K,
+    /// GGML block format, 5-bit, blocks of 32.
+    #[serde(rename = "q5_0")]
+    Q5_0,
     /// GGML k-quant, 4-bit.
     #[serde(rename = "q4_k")]
     Q4K,
+    /// GGML block format, 4-bit with a minimum, blocks of 32.
+    #[serde(rename = "q4_1")]
+    Q4_1,
     /// GGML block format, 4-bit, blocks of 32.
     #[serde(rename = "q4_0")]
     Q4_0,

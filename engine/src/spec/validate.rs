@@ -10,6 +10,8 @@ const MAX_EPOCHS: u32 = 1000;
 const MAX_BATCH_SIZE: u32 = 4096;
 const MAX_SEQUENCE_LENGTH: u32 = 131_072;
 const MAX_PRUNE_STEPS: u32 = 100;
+/// Above this, magnitude pruning leaves too little of a layer to recover.
+const MAX_SPARSITY: f64 = 0.95;
 const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
 const INT4_GROUP_SIZES: &[u32] = &[32, 64, 128];
 
@@ -96,9 +98,19 @@ fn check_pipeline(c: &mut Checker, pipeline: &[StageSpec]) {
     if pipeline.len() > MAX_STAGES {
         c.fail("/pipeline", format!("must have at most {MAX_STAGES} stages, got {}", pipeline.len()));
     }
+    let mut quantized_at: Option<usize> = None;
     for (i, stage) in pipeline.iter().enumerate() {
         let at = format!("/pipeline/{i}");
         let stage_type = stage.type_name();
+        if let Some(q) = quantized_at {
+            c.fail(
+                format!("{at}/type"),
+                format!("`{stage_type}` cannot follow the post-training `quantize` at /pipeline/{q}: quantized weights cannot be trained, pruned or re-quantized; move it before"),
+            );
+        }
+        if matches!(stage, StageSpec::Quantize(_)) {
+            quantized_at.get_or_insert(i);
+        }
         if !IMPLEMENTED_STAGES.contains(&stage_type) {
             c.fail(
                 format!("{at}/type"),
@@ -139,7 +151,9 @@ fn check_recover(c: &mut Checker, r: &Recover, at: &str) {
 
 fn check_prune(c: &mut Checker, s: &PruneSpec, at: &str) {
     let sparsity_at = format!("{at}/sparsity");
-    c.check(s.sparsity > 0.0 && s.sparsity < 1.0, &sparsity_at, || format!("must be in (0, 1), got {}", s.sparsity));
+    c.check(s.sparsity > 0.0 && s.sparsity <= MAX_SPARSITY, &sparsity_at, || {
+        format!("must be in (0, {MAX_SPARSITY}], got {}", s.sparsity)
+    });
     if s.pattern == PrunePattern::TwoFour {
         c.check(s.sparsity == 0.5, &sparsity_at, || format!("must be 0.5 with pattern 2:4, got {}", s.sparsity));
     }

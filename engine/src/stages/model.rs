@@ -1,0 +1,93 @@
+//! The model passed from stage to stage: parameters, the linear plan, masks and quantization.
+
+use std::collections::BTreeSet;
+
+use crate::error::Result;
+use crate::layers::{LinearKind, LinearPlan};
+use crate::params::ParamStore;
+use crate::prune::MaskSet;
+use crate::quant::QuantScheme;
+
+/// A model between stages.
+#[derive(Clone, Debug)]
+pub struct WorkingModel {
+    /// The parameters (dense values; quantized layers are quantized from them when built).
+    pub store: ParamStore,
+    /// The model's `config.json`.
+    pub config: serde_json::Value,
+    /// Which linear variant each module path gets.
+    plan: LinearPlan,
+    /// Pruning masks that later training must keep applied.
+    masks: Option<MaskSet>,
+    /// The quantization scheme and the quantized weight names, once quantized.
+    quantized: Option<(QuantScheme, BTreeSet<String>)>,
+}
+
+impl WorkingModel {
+    /// A dense, unpruned model.
+    pub fn new(store: ParamStore, config: serde_json::Value) -> Self {
+        Self { store, config, plan: LinearPlan::default(), masks: None, quantized: None }
+    }
+
+    /// Every parameter's name and shape, sorted by name.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.store.tensors().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect()
+    }
+
+    /// Whether `name` is the weight of a linear layer (built through the linear factory) rather than
+    /// an embedding table: the models' only 2-D weights that are not linear are embeddings.
+    pub fn is_linear_weight(&self, name: &str) -> bool {
+        name.ends_with(".weight") && !name.contains("embed")
+    }
+
+    /// The linear plan models are built with.
+    pub fn plan(&self) -> &LinearPlan {
+        &self.plan
+    }
+
+    /// The pruning masks, if the model was pruned.
+    pub fn masks(&self) -> Option<&MaskSet> {
+        self.masks.as_ref()
+    }
+
+    /// Records pruning masks (they are applied by the caller).
+    pub fn set_masks(&mut self, masks: MaskSet) {
+        self.masks = Some(masks);
+    }
+
+    /// The quantization scheme and quantized weight names, if quantized.
+    pub fn quantized(&self) -> Option<(QuantScheme, &BTreeSet<String>)> {
+        self.quantized.as_ref().map(|(s, n)| (*s, n))
+    }
+
+    /// Marks the weights `names` (`<module>.weight`) as quantized with `scheme`: their modules get
+    /// `kind` in the linear plan.
+    ///
+    /// # Errors
+    /// Fails when a module path is not a valid glob.
+    pub fn set_quantized(&mut self, scheme: QuantScheme, names: &[String], kind: LinearKind) -> Result<()> {
+        let mut plan = self.plan.clone();
+        for name in names {
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            plan = plan.with_rule(&escape_glob(module), kind)?;
+        }
+        self.plan = plan;
+        self.quantized = Some((scheme, names.iter().cloned().collect()));
+        Ok(())
+    }
+}
+
+/// Escapes glob metacharacters so a module path matches only itself.
+fn escape_glob(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '{' | '}' | '\\') {
+            out.push('[');
+            out.push(c);
+            out.push(']');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -1,0 +1,202 @@
+//! The `prune` stage, `method: magnitude`: unstructured (global or per-layer) or 2:4, one-shot or
+//! iterative with a `recover` fine-tune after each increment.
+//!
+//! An iterative schedule of `steps` increments raises the target linearly (`sparsity · k / steps`)
+//! — the seed practice is 10% per step. Each increment's masks include the earlier ones, and the
+//! masks stay applied during recovery (the trainer re-applies them after every optimizer step). The
+//! report gives the achieved sparsity per layer and overall and, for 2:4, verifies the pattern.
+
+use serde::Serialize;
+
+use super::{Stage, TrainSettings, Trainer, WorkingModel};
+use crate::error::{EngineError, Result};
+use crate::pipeline::StageContext;
+use crate::prune::{
+    magnitude_masks, select_targets, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet, Pattern, Scope,
+    SparsityReport,
+};
+use crate::spec::{PrunePattern, PruneScope, PruneSpec};
+
+/// The stage, built from its spec.
+#[derive(Clone, Debug)]
+pub struct PruneStage {
+    config: MagnitudeConfig,
+    steps: u32,
+    exclude: Option<Vec<String>>,
+    recover: Option<TrainSettings>,
+}
+
+/// What the stage reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct PruneReport {
+    /// `unstructured` or `2:4`.
+    pub pattern: String,
+    /// The target sparsity.
+    pub target_sparsity: f64,
+    /// Increments run.
+    pub steps: u32,
+    /// Whether each increment was followed by a recovery fine-tune.
+    pub recovered: bool,
+    /// Zeros per pruned layer and overall.
+    pub achieved: SparsityReport,
+    /// For 2:4: whether every pruned layer has at most 2 non-zeros in every 4 weights.
+    pub pattern_verified: Option<bool>,
+}
+
+impl PruneStage {
+    /// Builds the stage from its spec.
+    ///
+    /// # Errors
+    /// Fails when the sparsity is outside `[0, 0.95]` (unstructured) or not 0.5 (2:4).
+    pub fn from_spec(spec: &PruneSpec) -> Result<Self> {
+        let pattern = match spec.pattern {
+            PrunePattern::Unstructured => Pattern::Unstructured,
+            PrunePattern::TwoFour => Pattern::NM { n: 2, m: 4 },
+        };
+        if pattern != Pattern::Unstructured && spec.sparsity != 0.5 {
+            return Err(EngineError::InvalidSetting(format!("prune: 2:4 means sparsity 0.5, got {}", spec.sparsity)));
+        }
+        let scope = match spec.scope {
+            PruneScope::Global => Scope::Global,
+            PruneScope::Layer => Scope::PerLayer,
+        };
+        let config = MagnitudeConfig { pattern, scope, sparsity: spec.sparsity, overrides: Vec::new() };
+        config.validate()?;
+        Ok(Self {
+            config,
+            steps: spec.steps.max(1),
+            exclude: spec.exclude.clone(),
+            recover: spec.recover.as_ref().map(TrainSettings::from_recover),
+        })
+    }
+
+    /// Adds per-layer sparsity overrides (name glob, sparsity), first match wins.
+    ///
+    /// # Errors
+    /// Fails when an override is outside `[0, 0.95]` or its glob is invalid.
+    pub fn with_overrides(mut self, overrides: Vec<(String, f64)>) -> Result<Self> {
+        self.config.overrides = overrides;
+        self.config.validate()?;
+        Ok(self)
+    }
+
+    /// The names to prune; unmatched user globs become warnings when `ctx` is given.
+    fn targets(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<Vec<String>> {
+        let shapes = model.weight_shapes();
+        let targets = select_targets(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), self.exclude.as_deref())?;
+        if let Some(ctx) = ctx {
+            for glob in &targets.unmatched_globs {
+                ctx.warn(format!("prune: exclude glob {glob:?} matches no parameter"));
+            }
+        }
+        let names: Vec<String> = targets.names.into_iter().filter(|n| model.is_linear_weight(n)).collect();
+        if names.is_empty() {
+            return Err(EngineError::InvalidSetting("prune: no weight is left to prune after `exclude`".into()));
+        }
+        if let Pattern::NM { m, .. } = self.config.pattern {
+            for (name, shape) in shapes.iter().filter(|(n, _)| names.contains(n)) {
+                if shape.last().is_some_and(|w| w % m != 0) {
+                    return Err(EngineError::InvalidSetting(format!(
+                        "prune: {name} has input width {}, not a multiple of {m}, so 2:4 cannot apply; exclude it",
+                        shape[1]
+                    )));
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// The target of increment `k` (1-based).
+    fn step_sparsity(&self, k: u32) -> f64 {
+        match self.config.pattern {
+            Pattern::Unstructured => self.config.sparsity * f64::from(k) / f64::from(self.steps),
+            Pattern::NM { .. } => self.config.sparsity,
+        }
+    }
+}
+
+impl Stage for PruneStage {
+    fn name(&self) -> &'static str {
+        "prune"
+    }
+
+    fn validate(&self, model: &WorkingModel) -> Result<()> {
+        if model.quantized().is_some() {
+            return Err(EngineError::InvalidSetting("prune: the model is already quantized; prune before quantizing".into()));
+        }
+        self.targets(model, None).map(|_| ())
+    }
+
+    fn run(&self, model: &mut WorkingModel, trainer: &dyn Trainer, ctx: &StageContext) -> Result<serde_json::Value> {
+        self.validate(model)?;
+        let names = self.targets(model, Some(ctx))?;
+        // N:M is a fixed pattern: one increment reaches it, recovery still follows.
+        let steps = if self.config.pattern == Pattern::Unstructured { self.steps } else { 1 };
+        if steps != self.steps {
+            ctx.warn(format!("prune: 2:4 is applied in one step; `steps: {}` only repeats recovery once", self.steps));
+        }
+        for k in 1..=steps {
+            ctx.check_cancel()?;
+            let weights = names
+                .iter()
+                .map(|n| Ok((n.clone(), model.store.get(n).map(|p| p.tensor().clone()).ok_or_else(|| missing(n))?)))
+                .collect::<Result<Vec<_>>>()?;
+            let config = MagnitudeConfig { sparsity: self.step_sparsity(k), ..self.config.clone() };
+            let masks = merged(magnitude_masks(&weights, &config, model.masks())?, model.masks());
+            masks.apply(&model.store)?;
+            model.set_masks(masks);
+            if let Some(recover) = &self.recover {
+                trainer.train(model, recover, ctx)?;
+            }
+        }
+        let achieved = sparsity_report(&model.store, &names)?;
+        let pattern_verified = match self.config.pattern {
+            Pattern::NM { n, m } => Some(all_follow_n_m(model, &names, n, m)?),
+            Pattern::Unstructured => None,
+        };
+        let report = PruneReport {
+            pattern: match self.config.pattern {
+                Pattern::Unstructured => "unstructured".into(),
+                Pattern::NM { n, m } => format!("{n}:{m}"),
+            },
+            target_sparsity: self.config.sparsity,
+            steps,
+            recovered: self.recover.is_some(),
+            achieved,
+            pattern_verified,
+        };
+        serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
+    }
+}
+
+fn missing(name: &str) -> EngineError {
+    EngineError::InvalidModel(format!("parameter {name} is missing"))
+}
+
+/// New masks plus earlier masks of layers this step did not touch (an earlier prune stage's).
+fn merged(new: MaskSet, earlier: Option<&MaskSet>) -> MaskSet {
+    let mut all = std::collections::BTreeMap::new();
+    if let Some(earlier) = earlier {
+        for name in earlier.names() {
+            if let Some(mask) = earlier.get(&name) {
+                all.insert(name, mask.clone());
+            }
+        }
+    }
+    for name in new.names() {
+        if let Some(mask) = new.get(&name) {
+            all.insert(name, mask.clone());
+        }
+    }
+    MaskSet::new(all)
+}
+
+fn all_follow_n_m(model: &WorkingModel, names: &[String], n: usize, m: usize) -> Result<bool> {
+    for name in names {
+        let param = model.store.get(name).ok_or_else(|| missing(name))?;
+        if !verify_n_m(param.tensor(), n, m)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
