@@ -73,6 +73,23 @@ pub enum Error {
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
 
+    /// An uploaded or referenced model or dataset failed validation (a 422 naming the problem).
+    #[error("{0}")]
+    Rejected(#[from] crate::inputs::Rejection),
+
+    /// A request body went past its size limit.
+    #[error("{what} is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large (`model upload`, `dataset upload`).
+        what: &'static str,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// The client's request body broke off or was not well-formed multipart.
+    #[error("the upload could not be read: {0}")]
+    BadUpload(String),
+
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),

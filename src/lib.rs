@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod events;
+pub mod inputs;
 pub mod job_spec;
 pub mod scheduler;
 pub mod server;

@@ -20,7 +20,9 @@ pub fn parse_device(name: &str) -> Result<Device> {
         other => match other.strip_prefix("cuda:") {
             Some(ordinal) => {
                 let ordinal = ordinal.parse::<usize>().map_err(|_| {
-                    EngineError::InvalidSetting(format!("device {other:?}: the CUDA ordinal must be a number"))
+                    EngineError::InvalidSetting(format!(
+                        "device {other:?}: the CUDA ordinal must be a number"
+                    ))
                 })?;
                 cuda_device(ordinal)
             }
@@ -55,7 +57,8 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
             "device cuda:{ordinal} requested, but this binary was built without the `cuda` feature"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| EngineError::InvalidSetting(format!("cannot open cuda:{ordinal}: {e}")))
+    Device::new_cuda(ordinal)
+        .map_err(|e| EngineError::InvalidSetting(format!("cannot open cuda:{ordinal}: {e}")))
 }
 
 #[cfg(test)]
@@ -68,7 +71,10 @@ mod tests {
         assert!(parse_device(" CPU ").unwrap().is_cpu());
         let auto = parse_device("auto").unwrap();
         assert!(auto.is_cpu() || auto.is_cuda());
-        assert!(matches!(parse_device("tpu"), Err(EngineError::InvalidSetting(_))));
+        assert!(matches!(
+            parse_device("tpu"),
+            Err(EngineError::InvalidSetting(_))
+        ));
         assert!(parse_device("cuda:x").is_err());
         assert_eq!(device_name(&Device::Cpu), "cpu");
     }

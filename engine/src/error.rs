@@ -67,12 +67,18 @@ pub enum EngineError {
 impl EngineError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Wraps a JSON error with the file it came from.
     pub fn json(path: impl Into<PathBuf>, source: serde_json::Error) -> Self {
-        Self::Json { path: path.into(), source }
+        Self::Json {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -23,3 +23,5 @@ pub mod pipeline;
 pub mod stages;
 pub mod data;
 pub mod eval;
+pub mod task;
+pub mod perf;

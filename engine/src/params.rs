@@ -112,14 +112,21 @@ impl ParamStore {
 
     /// All parameters as tensors (current values), in sorted name order; used for export.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
-        self.read().iter().map(|(n, p)| (n.clone(), p.tensor().clone())).collect()
+        self.read()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.tensor().clone()))
+            .collect()
     }
 
     /// Freezes (`trainable = false`) or unfreezes the named parameters, keeping their values.
     ///
     /// # Errors
     /// Fails when a tensor cannot be turned into a variable.
-    pub fn set_trainable(&self, pred: impl Fn(&str) -> bool, trainable: bool) -> candle_core::Result<()> {
+    pub fn set_trainable(
+        &self,
+        pred: impl Fn(&str) -> bool,
+        trainable: bool,
+    ) -> candle_core::Result<()> {
         let mut map = self.write();
         for (name, param) in map.iter_mut() {
             if !pred(name) || param.is_trainable() == trainable {
@@ -143,15 +150,27 @@ impl ParamStore {
     /// variables, drawn with the model's initialisation hint from an RNG seeded with `seed`; with
     /// `None` (the default), a missing parameter is an error.
     pub fn set_init_missing(&self, seed: Option<u64>) {
-        *self.init_rng.lock().unwrap_or_else(|e| e.into_inner()) = seed.map(ChaCha8Rng::seed_from_u64);
+        *self.init_rng.lock().unwrap_or_else(|e| e.into_inner()) =
+            seed.map(ChaCha8Rng::seed_from_u64);
     }
 
     /// Creates `name` from `init` when missing-parameter creation is on; `None` when it is off.
-    fn init_missing(&self, name: &str, shape: &Shape, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Option<Tensor>> {
+    fn init_missing(
+        &self,
+        name: &str,
+        shape: &Shape,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Option<Tensor>> {
         let mut guard = self.init_rng.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(rng) = guard.as_mut() else { return Ok(None) };
+        let Some(rng) = guard.as_mut() else {
+            return Ok(None);
+        };
         let values = sample_init(rng, shape, init);
-        let tensor = Tensor::from_vec(values, shape.clone(), &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+        let tensor = Tensor::from_vec(values, shape.clone(), &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)?;
         let var = Var::from_tensor(&tensor)?;
         self.insert(name, Param::Trainable(var.clone()));
         Ok(Some(var.as_tensor().clone()))
@@ -178,13 +197,19 @@ fn sample_init(rng: &mut ChaCha8Rng, shape: &Shape, init: Init) -> Vec<f32> {
     let n = shape.elem_count();
     match init {
         Init::Const(c) => vec![c as f32; n],
-        Init::Uniform { lo, up } => (0..n).map(|_| rng.gen_range(lo..up.max(lo + f64::EPSILON)) as f32).collect(),
-        Init::Randn { mean, stdev } => (0..n).map(|_| (mean + stdev * standard_normal(rng)) as f32).collect(),
+        Init::Uniform { lo, up } => (0..n)
+            .map(|_| rng.gen_range(lo..up.max(lo + f64::EPSILON)) as f32)
+            .collect(),
+        Init::Randn { mean, stdev } => (0..n)
+            .map(|_| (mean + stdev * standard_normal(rng)) as f32)
+            .collect(),
         Init::Kaiming { .. } => {
             // Kaiming-uniform with unit gain, as PyTorch's nn.Linear default: bound = 1/sqrt(fan_in).
             let fan_in: usize = shape.dims().iter().skip(1).product::<usize>().max(1);
             let bound = 1.0 / (fan_in as f64).sqrt();
-            (0..n).map(|_| rng.gen_range(-bound..bound) as f32).collect()
+            (0..n)
+                .map(|_| rng.gen_range(-bound..bound) as f32)
+                .collect()
         }
     }
 }
@@ -226,7 +251,11 @@ impl SimpleBackend for ParamStore {
             .ok_or_else(|| candle_core::Error::Msg(format!("parameter {name} is missing")))?;
         let tensor = param.tensor().clone();
         // Converting would detach a Var from its storage; only do it when really needed.
-        let tensor = if tensor.dtype() != dtype { tensor.to_dtype(dtype)? } else { tensor };
+        let tensor = if tensor.dtype() != dtype {
+            tensor.to_dtype(dtype)?
+        } else {
+            tensor
+        };
         if !tensor.device().same_device(dev) {
             return tensor.to_device(dev);
         }
@@ -247,7 +276,10 @@ mod tests {
         let dev = Device::Cpu;
         let t = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
         let store = ParamStore::from_tensors(
-            [("a.weight".to_string(), t.clone()), ("emb.weight".to_string(), t)],
+            [
+                ("a.weight".to_string(), t.clone()),
+                ("emb.weight".to_string(), t),
+            ],
             |n| !n.starts_with("emb"),
         )
         .unwrap();
@@ -265,11 +297,19 @@ mod tests {
         let make = || {
             let store = ParamStore::new();
             let vb = store.var_builder(DType::F32, &dev);
-            assert!(vb.get((2, 2), "head.weight").is_err(), "creation is off by default");
+            assert!(
+                vb.get((2, 2), "head.weight").is_err(),
+                "creation is off by default"
+            );
             store.set_init_missing(Some(7));
-            let init = Init::Randn { mean: 0.0, stdev: 0.02 };
+            let init = Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            };
             let w = vb.get_with_hints((64, 8), "head.weight", init).unwrap();
-            let b = vb.get_with_hints(64, "head.bias", Init::Const(0.0)).unwrap();
+            let b = vb
+                .get_with_hints(64, "head.bias", Init::Const(0.0))
+                .unwrap();
             assert_eq!(b.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
             assert!(store.get("head.weight").unwrap().is_trainable());
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap()

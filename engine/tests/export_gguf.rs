@@ -22,7 +22,11 @@ fn tiny_config() -> LlamaConfig {
 fn last_logits_of_candle_quantized_llama(path: &std::path::Path, ids: &Tensor) -> Result<Tensor> {
     let mut file = std::fs::File::open(path)?;
     let content = gguf_file::Content::read(&mut file)?;
-    let mut model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+    let mut model = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut file,
+        &Device::Cpu,
+    )?;
     Ok(model.forward(ids, 0)?.squeeze(0)?)
 }
 
@@ -36,7 +40,11 @@ fn exported_gguf_matches_candle_quantized_llama_and_round_trips() -> Result<()> 
     let cfg = tiny_config();
     let store = ParamStore::new();
     store.set_init_missing(Some(11));
-    let ours = LlamaForCausalLm::load(store.var_builder(DType::F32, &dev), &cfg, &LinearFactory::default())?;
+    let ours = LlamaForCausalLm::load(
+        store.var_builder(DType::F32, &dev),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
     // Fresh norms are all ones; perturb them so a misplaced norm would show.
     for (name, var) in store.trainable_vars() {
         if name.ends_with("norm.weight") {
@@ -48,8 +56,16 @@ fn exported_gguf_matches_candle_quantized_llama_and_round_trips() -> Result<()> 
     let dir = tempfile::tempdir()?;
 
     let f32_path = dir.path().join("model-f32.gguf");
-    export_llama_gguf(&f32_path, &cfg, &store.tensors(), GgufExportOptions::default())?;
-    let diff = max_diff(&last_logits_of_candle_quantized_llama(&f32_path, &ids)?, &our_last)?;
+    export_llama_gguf(
+        &f32_path,
+        &cfg,
+        &store.tensors(),
+        GgufExportOptions::default(),
+    )?;
+    let diff = max_diff(
+        &last_logits_of_candle_quantized_llama(&f32_path, &ids)?,
+        &our_last,
+    )?;
     assert!(diff < 1e-3, "F32 GGUF logits differ by {diff}");
 
     let checkpoint = read_gguf(&f32_path, DType::F32, &dev)?;
@@ -57,16 +73,29 @@ fn exported_gguf_matches_candle_quantized_llama_and_round_trips() -> Result<()> 
     assert!(reread.tie_word_embeddings);
     assert_eq!(reread.kv_heads(), 2);
     let reloaded_store = checkpoint.into_store(|_| false)?;
-    let reloaded = LlamaForCausalLm::load(reloaded_store.var_builder(DType::F32, &dev), &reread, &LinearFactory::default())?;
-    let diff = max_diff(&reloaded.forward(&ids, None, None)?.logits.i((0, 5))?, &our_last)?;
+    let reloaded = LlamaForCausalLm::load(
+        reloaded_store.var_builder(DType::F32, &dev),
+        &reread,
+        &LinearFactory::default(),
+    )?;
+    let diff = max_diff(
+        &reloaded.forward(&ids, None, None)?.logits.i((0, 5))?,
+        &our_last,
+    )?;
     assert!(diff < 1e-5, "GGUF round trip changed logits by {diff}");
 
     let q8_path = dir.path().join("model-q8.gguf");
-    let options = GgufExportOptions { weight_type: GgmlDType::Q8_0, ..Default::default() };
+    let options = GgufExportOptions {
+        weight_type: GgmlDType::Q8_0,
+        ..Default::default()
+    };
     export_llama_gguf(&q8_path, &cfg, &store.tensors(), options)?;
     let q8_last = last_logits_of_candle_quantized_llama(&q8_path, &ids)?;
     let spread = our_last.abs()?.max(0)?.to_scalar::<f32>()?;
     let diff = max_diff(&q8_last, &our_last)?;
-    assert!(diff < 0.05 * spread.max(1.0), "Q8_0 GGUF logits differ by {diff} (max |logit| {spread})");
+    assert!(
+        diff < 0.05 * spread.max(1.0),
+        "Q8_0 GGUF logits differ by {diff} (max |logit| {spread})"
+    );
     Ok(())
 }

@@ -18,7 +18,10 @@ fn shared_dir() -> Option<PathBuf> {
     if dir.join("golden/golden.json").is_file() {
         Some(dir)
     } else {
-        eprintln!("\n!!! SKIPPED: shared data not found at {} (set COMPRESSD_SHARED) !!!\n", dir.display());
+        eprintln!(
+            "\n!!! SKIPPED: shared data not found at {} (set COMPRESSD_SHARED) !!!\n",
+            dir.display()
+        );
         None
     }
 }
@@ -33,7 +36,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 fn embed(model: &BertModel, ids: &[u32]) -> Result<Vec<f32>> {
     let input_ids = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
     let mask = input_ids.ones_like()?;
-    let input = BertInput { input_ids: &input_ids, token_type_ids: None, attention_mask: Some(&mask) };
+    let input = BertInput {
+        input_ids: &input_ids,
+        token_type_ids: None,
+        attention_mask: Some(&mask),
+    };
     let hidden = model.forward(input, None)?.last_hidden_state;
     let pooled = mean_pool(&hidden, &mask)?.squeeze(0)?;
     let norm = pooled.sqr()?.sum_all()?.sqrt()?;
@@ -42,7 +49,9 @@ fn embed(model: &BertModel, ids: &[u32]) -> Result<Vec<f32>> {
 
 #[test]
 fn minilm_embeddings_match_pytorch() -> Result<()> {
-    let Some(shared) = shared_dir() else { return Ok(()) };
+    let Some(shared) = shared_dir() else {
+        return Ok(());
+    };
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(shared.join("golden/golden.json"))?)?;
     let golden = &golden["minilm"];
@@ -51,16 +60,27 @@ fn minilm_embeddings_match_pytorch() -> Result<()> {
     let config: BertConfig = checkpoint.parse_config()?;
     let tokenizer = load_tokenizer(checkpoint.tokenizer.as_deref().context("tokenizer.json")?)?;
     let store = checkpoint.into_store(|_| false)?;
-    let model = BertModel::load(store.var_builder(DType::F32, &Device::Cpu), &config, &LinearFactory::default())?;
+    let model = BertModel::load(
+        store.var_builder(DType::F32, &Device::Cpu),
+        &config,
+        &LinearFactory::default(),
+    )?;
 
     let sentences = golden["sentences"].as_array().context("sentences")?;
     let mut embeddings = Vec::new();
     for (i, sentence) in sentences.iter().enumerate() {
-        let encoding = tokenizer.encode(sentence.as_str().context("sentence")?, true).map_err(anyhow::Error::msg)?;
+        let encoding = tokenizer
+            .encode(sentence.as_str().context("sentence")?, true)
+            .map_err(anyhow::Error::msg)?;
         let want_ids: Vec<u32> = serde_json::from_value(golden["input_ids"][i].clone())?;
-        assert_eq!(encoding.get_ids(), want_ids.as_slice(), "token ids of sentence {i}");
+        assert_eq!(
+            encoding.get_ids(),
+            want_ids.as_slice(),
+            "token ids of sentence {i}"
+        );
         let embedding = embed(&model, encoding.get_ids())?;
-        let want: Vec<f32> = serde_json::from_value(golden["mean_pooled_l2_normalized"][i].clone())?;
+        let want: Vec<f32> =
+            serde_json::from_value(golden["mean_pooled_l2_normalized"][i].clone())?;
         let cos = cosine(&embedding, &want);
         assert!(cos >= 0.9999, "sentence {i}: cosine to golden {cos}");
         embeddings.push(embedding);

@@ -47,7 +47,10 @@ fn perturb(store: &ParamStore) -> Result<()> {
 }
 
 fn ids(rows: &[&[u32]]) -> Result<Tensor> {
-    Ok(Tensor::new(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(), &Device::Cpu)?)
+    Ok(Tensor::new(
+        rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?)
 }
 
 struct BertCase {
@@ -61,15 +64,29 @@ struct BertCase {
 fn bert_case(dtype: DType) -> Result<BertCase> {
     let store = random_store(1);
     let cfg = tiny_bert_config();
-    let model = BertForSequenceClassification::load(store.var_builder(dtype, &Device::Cpu), &cfg, &LinearFactory::default())?;
+    let model = BertForSequenceClassification::load(
+        store.var_builder(dtype, &Device::Cpu),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
     perturb(&store)?;
     let input_ids = ids(&[&[1, 5, 9, 3, 2, 0], &[1, 7, 2, 0, 0, 0]])?;
     let mask = ids(&[&[1, 1, 1, 1, 1, 0], &[1, 1, 1, 0, 0, 0]])?;
-    Ok(BertCase { store, model, input_ids, mask, labels: Tensor::new(&[2u32, 0], &Device::Cpu)? })
+    Ok(BertCase {
+        store,
+        model,
+        input_ids,
+        mask,
+        labels: Tensor::new(&[2u32, 0], &Device::Cpu)?,
+    })
 }
 
 fn bert_loss(case: &BertCase, rng: Option<&DropoutRng>) -> Result<Tensor> {
-    let input = BertInput { input_ids: &case.input_ids, token_type_ids: None, attention_mask: Some(&case.mask) };
+    let input = BertInput {
+        input_ids: &case.input_ids,
+        token_type_ids: None,
+        attention_mask: Some(&case.mask),
+    };
     let logits = case.model.forward(input, rng)?.logits;
     Ok(candle_nn::loss::cross_entropy(&logits, &case.labels)?)
 }
@@ -82,9 +99,17 @@ struct LlamaCase {
 
 fn llama_case(dtype: DType) -> Result<LlamaCase> {
     let store = random_store(2);
-    let model = LlamaForCausalLm::load(store.var_builder(dtype, &Device::Cpu), &tiny_llama_config(), &LinearFactory::default())?;
+    let model = LlamaForCausalLm::load(
+        store.var_builder(dtype, &Device::Cpu),
+        &tiny_llama_config(),
+        &LinearFactory::default(),
+    )?;
     perturb(&store)?;
-    Ok(LlamaCase { store, model, input_ids: ids(&[&[3, 17, 4, 29, 8, 11, 5], &[6, 1, 38, 2, 9, 9, 30]])? })
+    Ok(LlamaCase {
+        store,
+        model,
+        input_ids: ids(&[&[3, 17, 4, 29, 8, 11, 5], &[6, 1, 38, 2, 9, 9, 30]])?,
+    })
 }
 
 fn llama_loss(case: &LlamaCase) -> Result<Tensor> {
@@ -101,12 +126,21 @@ fn assert_all_gradients_nonzero(store: &ParamStore, loss: &Tensor) -> Result<()>
     let vars = store.trainable_vars();
     assert!(vars.len() > 10, "only {} trainable tensors", vars.len());
     for (name, var) in vars {
-        let grad = grads.get(&var).unwrap_or_else(|| panic!("{name} has no gradient"));
-        let norm = grad.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let grad = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let norm = grad
+            .to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         if name.ends_with("key.bias") || name.ends_with("k_proj.bias") {
             // Softmax is shift-invariant per query, and a key bias shifts every score of a query by
             // the same amount: its true gradient is zero.
-            assert!(norm < 1e-10, "{name}: key bias gradient {norm} should vanish");
+            assert!(
+                norm < 1e-10,
+                "{name}: key bias gradient {norm} should vanish"
+            );
         } else {
             assert!(norm > 0.0, "{name} has a zero gradient");
         }
@@ -124,7 +158,10 @@ fn every_bert_parameter_gets_a_gradient_with_dropout_on() -> Result<()> {
 #[test]
 fn every_llama_parameter_gets_a_gradient() -> Result<()> {
     let case = llama_case(DType::F32)?;
-    assert!(case.store.contains("model.embed_tokens.weight") && !case.store.contains("lm_head.weight"), "tied head");
+    assert!(
+        case.store.contains("model.embed_tokens.weight") && !case.store.contains("lm_head.weight"),
+        "tied head"
+    );
     assert_all_gradients_nonzero(&case.store, &llama_loss(&case)?)
 }
 
@@ -133,10 +170,14 @@ fn check_finite_differences(store: &ParamStore, loss: impl Fn() -> Result<Tensor
     let grads = loss()?.backward()?;
     let h = 1e-5;
     for (name, var) in store.trainable_vars() {
-        let grad = grads.get(&var).map(|g| g.flatten_all()?.to_vec1::<f64>()).transpose()?.unwrap_or_default();
+        let grad = grads
+            .get(&var)
+            .map(|g| g.flatten_all()?.to_vec1::<f64>())
+            .transpose()?
+            .unwrap_or_default();
         let values = var.flatten_all()?.to_vec1::<f64>()?;
         for j in (0..values.len()).step_by(values.len().div_ceil(3).max(1)) {
-            let mut at = |delta: f64| -> Result<f64> {
+            let at = |delta: f64| -> Result<f64> {
                 let mut v = values.clone();
                 v[j] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu)?)?;
@@ -145,7 +186,10 @@ fn check_finite_differences(store: &ParamStore, loss: impl Fn() -> Result<Tensor
             let numeric = (at(h)? - at(-h)?) / (2.0 * h);
             at(0.0)?;
             let analytic = grad.get(j).copied().unwrap_or(0.0);
-            assert!((numeric - analytic).abs() < 1e-6 + 1e-4 * numeric.abs(), "{name}[{j}]: autograd {analytic} vs numeric {numeric}");
+            assert!(
+                (numeric - analytic).abs() < 1e-6 + 1e-4 * numeric.abs(),
+                "{name}[{j}]: autograd {analytic} vs numeric {numeric}"
+            );
         }
     }
     Ok(())
@@ -180,15 +224,33 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
 fn fused_inference_path_agrees_with_differentiable_path() -> Result<()> {
     let case = bert_case(DType::F32)?;
     let frozen = frozen_copy(&case.store)?;
-    let fast = BertForSequenceClassification::load(frozen.var_builder(DType::F32, &Device::Cpu), &tiny_bert_config(), &LinearFactory::default())?;
-    let input = BertInput { input_ids: &case.input_ids, token_type_ids: None, attention_mask: Some(&case.mask) };
-    let diff = max_diff(&fast.forward(input, None)?.logits, &case.model.forward(input, None)?.logits)?;
+    let fast = BertForSequenceClassification::load(
+        frozen.var_builder(DType::F32, &Device::Cpu),
+        &tiny_bert_config(),
+        &LinearFactory::default(),
+    )?;
+    let input = BertInput {
+        input_ids: &case.input_ids,
+        token_type_ids: None,
+        attention_mask: Some(&case.mask),
+    };
+    let diff = max_diff(
+        &fast.forward(input, None)?.logits,
+        &case.model.forward(input, None)?.logits,
+    )?;
     assert!(diff < 1e-5, "BERT logits differ by {diff}");
 
     let case = llama_case(DType::F32)?;
     let frozen = frozen_copy(&case.store)?;
-    let fast = LlamaForCausalLm::load(frozen.var_builder(DType::F32, &Device::Cpu), &tiny_llama_config(), &LinearFactory::default())?;
-    let diff = max_diff(&fast.forward(&case.input_ids, None, None)?.logits, &case.model.forward(&case.input_ids, None, None)?.logits)?;
+    let fast = LlamaForCausalLm::load(
+        frozen.var_builder(DType::F32, &Device::Cpu),
+        &tiny_llama_config(),
+        &LinearFactory::default(),
+    )?;
+    let diff = max_diff(
+        &fast.forward(&case.input_ids, None, None)?.logits,
+        &case.model.forward(&case.input_ids, None, None)?.logits,
+    )?;
     assert!(diff < 1e-5, "Llama logits differ by {diff}");
     Ok(())
 }
@@ -199,11 +261,28 @@ fn bert_padding_does_not_change_real_tokens() -> Result<()> {
     let bert = case.model.bert();
     let short = ids(&[&[1, 7, 2]])?;
     let padded = ids(&[&[1, 7, 2, 0, 0]])?;
-    let plain = bert.forward(BertInput { input_ids: &short, token_type_ids: None, attention_mask: None }, None)?;
+    let plain = bert.forward(
+        BertInput {
+            input_ids: &short,
+            token_type_ids: None,
+            attention_mask: None,
+        },
+        None,
+    )?;
     let mask = ids(&[&[1, 1, 1, 0, 0]])?;
-    let masked = bert.forward(BertInput { input_ids: &padded, token_type_ids: None, attention_mask: Some(&mask) }, None)?;
+    let masked = bert.forward(
+        BertInput {
+            input_ids: &padded,
+            token_type_ids: None,
+            attention_mask: Some(&mask),
+        },
+        None,
+    )?;
     assert_eq!(masked.hidden_states.len(), 3, "embeddings + 2 layers");
-    let diff = max_diff(&plain.last_hidden_state, &masked.last_hidden_state.narrow(1, 0, 3)?)?;
+    let diff = max_diff(
+        &plain.last_hidden_state,
+        &masked.last_hidden_state.narrow(1, 0, 3)?,
+    )?;
     assert!(diff < 1e-5, "padding leaked into real tokens: {diff}");
     Ok(())
 }
@@ -216,7 +295,10 @@ fn llama_is_causal_and_reports_every_layer() -> Result<()> {
     assert_eq!(a.hidden_states.len(), 3);
     assert_eq!(a.logits.dims(), &[1, 4, 40]);
     let diff = max_diff(&a.logits.i((.., ..3))?, &b.logits.i((.., ..3))?)?;
-    assert!(diff < 1e-6, "a later token changed earlier logits by {diff}");
+    assert!(
+        diff < 1e-6,
+        "a later token changed earlier logits by {diff}"
+    );
     assert!(max_diff(&a.logits.i((.., 3))?, &b.logits.i((.., 3))?)? > 1e-4);
     Ok(())
 }

@@ -32,7 +32,7 @@ impl Trainer for NudgingTrainer {
 fn model(width: usize) -> Result<WorkingModel> {
     let dev = Device::Cpu;
     let store = ParamStore::new();
-    let mut add = |name: &str, shape: &[usize]| -> Result<()> {
+    let add = |name: &str, shape: &[usize]| -> Result<()> {
         let t = Tensor::randn(0f32, 1.0, shape, &dev)?;
         store.insert(name, Param::Trainable(Var::from_tensor(&t)?));
         Ok(())

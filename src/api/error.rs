@@ -122,6 +122,7 @@ impl From<Error> for ApiError {
                     "job" => "job-not-found",
                     "model" => "model-not-found",
                     "dataset" => "dataset-not-found",
+                    "artifact" => "artifact-not-found",
                     _ => "not-found",
                 };
                 Self::new(StatusCode::NOT_FOUND, slug, "Not found", format!("{kind} {id} does not exist"))
@@ -130,6 +131,13 @@ impl From<Error> for ApiError {
             Error::IdempotencyConflict { .. } => {
                 Self::new(StatusCode::CONFLICT, "idempotency-key-reused", "Idempotency key reused", error.to_string())
             }
+            Error::Rejected(rejection) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, rejection.slug, "Invalid input", rejection.to_string())
+            }
+            Error::TooLarge { .. } => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", error.to_string())
+            }
+            Error::BadUpload(detail) => Self::new(StatusCode::BAD_REQUEST, "bad-upload", "Bad upload", detail),
             Error::Conflict(detail) => Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail),
             Error::InvalidSpec(violations) => Self::invalid(violations),
             Error::NotImplemented(detail) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "not-implemented", "Not implemented", detail),

@@ -3,12 +3,19 @@
 //! This module only wires; each resource's handlers sit in their own module with their request and
 //! response types and OpenAPI annotations.
 
+pub mod artifacts;
+pub mod artifacts_range;
+pub mod datasets;
+pub mod datasets_create;
 pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
 pub mod jobs;
 pub mod metrics;
+pub mod models;
+pub mod models_create;
+mod models_register;
 pub mod openapi;
 pub mod state;
 
@@ -31,7 +38,7 @@ pub use state::{ApiConfig, AppState};
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The complete application: routes, then middleware (outermost first: request id, tracing,
-/// CORS, timeout, metrics, body limit).
+/// CORS, metrics, then timeout and body limit on every route but the uploads).
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route("/v1/jobs", post(jobs::create::create_job).get(jobs::list::list_jobs))
@@ -42,16 +49,30 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route("/v1/models", get(models::list_models))
+        .route("/v1/models/{id}", get(models::get_model).delete(models::delete_model))
+        .route("/v1/datasets", get(datasets::list_datasets))
+        .route("/v1/datasets/{id}", get(datasets::get_dataset).delete(datasets::delete_dataset))
+        .route("/v1/jobs/{id}/artifacts", get(artifacts::list_artifacts))
+        .route("/v1/jobs/{id}/artifacts/{*name}", get(artifacts::download_artifact))
+        .layer(DefaultBodyLimit::max(state.config.json_body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.config.request_timeout));
+    // Uploads stream gigabytes: no request timeout and no body limit here; their handlers enforce
+    // the upload size limits themselves while streaming.
+    let uploads = Router::new()
+        .route("/v1/models", post(models_create::create_model))
+        .route("/v1/datasets", post(datasets_create::create_dataset))
+        .layer(DefaultBodyLimit::disable());
+    let routes = routes
+        .merge(uploads)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.config.json_body_limit_bytes))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::track));
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(http_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(cors(&state.config.cors_allowed_origins))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.config.request_timeout));
+        .layer(cors(&state.config.cors_allowed_origins));
     routes.layer(layers).with_state(state)
 }
 

@@ -24,6 +24,39 @@ pub struct ApiConfig {
     pub max_attempts: i32,
     /// Event streams (`GET /v1/jobs/{id}/events`).
     pub events: StreamConfig,
+    /// Model and dataset registration, artifact downloads.
+    pub inputs: InputsConfig,
+}
+
+/// Limits and sources for registering models and datasets and serving artifacts.
+#[derive(Clone, Debug)]
+pub struct InputsConfig {
+    /// Largest model upload, all files together.
+    pub model_upload_max_bytes: u64,
+    /// Largest dataset upload.
+    pub dataset_upload_max_bytes: u64,
+    /// Folders `file://` references may point into.
+    pub allowed_file_roots: Vec<std::path::PathBuf>,
+    /// Store settings, reused to read `s3://` references.
+    pub store: crate::artifacts::StoreConfig,
+    /// Answer S3 downloads with a 302 to a presigned URL.
+    pub redirect_downloads: bool,
+    /// Lifetime of presigned URLs.
+    pub presigned_url_ttl: Duration,
+}
+
+impl InputsConfig {
+    /// The inputs part of the settings.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            model_upload_max_bytes: settings.model_upload_max_bytes,
+            dataset_upload_max_bytes: settings.dataset_upload_max_bytes,
+            allowed_file_roots: settings.allowed_file_roots.clone(),
+            store: crate::artifacts::StoreConfig::from_settings(settings),
+            redirect_downloads: settings.redirect_downloads,
+            presigned_url_ttl: Duration::from_secs(settings.presigned_url_ttl_secs),
+        }
+    }
 }
 
 impl ApiConfig {
@@ -35,6 +68,7 @@ impl ApiConfig {
             cors_allowed_origins: settings.cors_allowed_origins.clone(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             events: StreamConfig::from_settings(settings),
+            inputs: InputsConfig::from_settings(settings),
         }
     }
 }

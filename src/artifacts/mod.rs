@@ -9,7 +9,10 @@
 //! such a key.
 
 mod config;
+pub mod ingest;
+pub mod sources;
 pub mod sweep;
+pub mod tar;
 mod writer;
 
 use std::fmt;

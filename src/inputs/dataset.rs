@@ -34,6 +34,15 @@ pub enum DatasetFormat {
 }
 
 impl DatasetFormat {
+    /// The name used in requests and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Jsonl => "jsonl",
+            Self::Csv => "csv",
+            Self::Text => "text",
+        }
+    }
+
     /// Infers the format from a file name's extension.
     pub fn from_file_name(name: &str) -> Option<Self> {
         let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();

@@ -30,6 +30,16 @@ pub enum ModelFormat {
     Gguf,
 }
 
+impl ModelFormat {
+    /// The name used in records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Safetensors => "safetensors",
+            Self::Gguf => "gguf",
+        }
+    }
+}
+
 /// One stored file of a model, dataset or artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FileRecord {

@@ -189,7 +189,11 @@ async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<C
             AttemptOutcome::Retry { error, backoff: std::time::Duration::ZERO }
         }
         Ok(ChildOutcome::Died { cause, log_tail }) => {
-            let _ = ctx.store.append_fenced_event(lease, "log", json!({ "level": "error", "message": log_tail.join("\n") })).await;
+            if !log_tail.is_empty() {
+                let payload = json!({ "level": "error", "message": log_tail.join("\n") });
+                // Best effort: the outcome below carries the same lines.
+                let _ = ctx.store.append_fenced_event(lease, "log", payload).await;
+            }
             let message = format!("{}; last log lines:\n{}", cause.describe(), log_tail.join("\n"));
             AttemptOutcome::Retry { error: JobError { code: cause.code().into(), message }, backoff }
         }

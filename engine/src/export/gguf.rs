@@ -25,7 +25,10 @@ pub struct GgufExportOptions {
 
 impl Default for GgufExportOptions {
     fn default() -> Self {
-        Self { weight_type: GgmlDType::F32, name: "compressd" }
+        Self {
+            weight_type: GgmlDType::F32,
+            name: "compressd",
+        }
     }
 }
 
@@ -33,24 +36,36 @@ impl Default for GgufExportOptions {
 ///
 /// # Errors
 /// Fails on unknown tensor names, inconsistent configs, quantization or I/O errors.
-pub fn export_llama_gguf(path: &Path, config: &LlamaConfig, tensors: &[(String, Tensor)], options: GgufExportOptions) -> Result<()> {
+pub fn export_llama_gguf(
+    path: &Path,
+    config: &LlamaConfig,
+    tensors: &[(String, Tensor)],
+    options: GgufExportOptions,
+) -> Result<()> {
     let head_dim = config.head_dim()?;
     let mut qtensors = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         if name == "lm_head.weight" && config.tie_word_embeddings {
             continue;
         }
-        let gguf = gguf_name(name).ok_or_else(|| EngineError::InvalidModel(format!("no GGUF name for tensor {name:?}")))?;
+        let gguf = gguf_name(name).ok_or_else(|| {
+            EngineError::InvalidModel(format!("no GGUF name for tensor {name:?}"))
+        })?;
         let tensor = match name.rsplit('.').nth(1) {
             Some("q_proj") => permute_rows(tensor, config.num_attention_heads)?,
             Some("k_proj") => permute_rows(tensor, config.kv_heads())?,
             _ => tensor.clone(),
         };
-        qtensors.push((gguf, quantize(&tensor.to_dtype(DType::F32)?, options.weight_type)?));
+        qtensors.push((
+            gguf,
+            quantize(&tensor.to_dtype(DType::F32)?, options.weight_type)?,
+        ));
     }
     let metadata = llama_metadata(config, head_dim, options.name);
-    let metadata_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let metadata_refs: Vec<(&str, &Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> =
+        qtensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
     let mut writer = BufWriter::new(file);
     gguf_file::write(&mut writer, &metadata_refs, &tensor_refs)?;
@@ -70,13 +85,31 @@ fn llama_metadata(config: &LlamaConfig, head_dim: usize, name: &str) -> Vec<(Str
         ("general.architecture".into(), Value::String("llama".into())),
         ("general.name".into(), Value::String(name.into())),
         ("llama.block_count".into(), u32_of(config.num_hidden_layers)),
-        ("llama.context_length".into(), u32_of(config.max_position_embeddings)),
+        (
+            "llama.context_length".into(),
+            u32_of(config.max_position_embeddings),
+        ),
         ("llama.embedding_length".into(), u32_of(config.hidden_size)),
-        ("llama.feed_forward_length".into(), u32_of(config.intermediate_size)),
-        ("llama.attention.head_count".into(), u32_of(config.num_attention_heads)),
-        ("llama.attention.head_count_kv".into(), u32_of(config.kv_heads())),
-        ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(config.rms_norm_eps as f32)),
-        ("llama.rope.freq_base".into(), Value::F32(config.rope_theta as f32)),
+        (
+            "llama.feed_forward_length".into(),
+            u32_of(config.intermediate_size),
+        ),
+        (
+            "llama.attention.head_count".into(),
+            u32_of(config.num_attention_heads),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            u32_of(config.kv_heads()),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(config.rope_theta as f32),
+        ),
         ("llama.rope.dimension_count".into(), u32_of(head_dim)),
         ("llama.vocab_size".into(), u32_of(config.vocab_size)),
     ]

@@ -11,21 +11,35 @@ use crate::error::{EngineError, Result};
 use crate::models::bert::BertConfig;
 
 /// Tokenizer and vocabulary files copied next to the weights when present in the source folder.
-const TOKENIZER_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "merges.txt", "vocab.json"];
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+];
 
 /// Writes `config` as `config.json`, `tensors` as `model.safetensors` (names unchanged, made
 /// contiguous) and copies the tokenizer files found in `tokenizer_dir`.
 ///
 /// # Errors
 /// Fails on I/O errors or tensors safetensors cannot store.
-pub fn export_hf_folder(dir: &Path, config: &Value, tensors: &[(String, Tensor)], tokenizer_dir: Option<&Path>) -> Result<()> {
+pub fn export_hf_folder(
+    dir: &Path,
+    config: &Value,
+    tensors: &[(String, Tensor)],
+    tokenizer_dir: Option<&Path>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
     let config_path = dir.join("config.json");
-    let text = serde_json::to_string_pretty(config).map_err(|e| EngineError::json(&config_path, e))?;
+    let text =
+        serde_json::to_string_pretty(config).map_err(|e| EngineError::json(&config_path, e))?;
     std::fs::write(&config_path, text).map_err(|e| EngineError::io(&config_path, e))?;
-    let map: HashMap<String, Tensor> =
-        tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<candle_core::Result<_>>()?;
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;
     if let Some(source) = tokenizer_dir {
         for name in TOKENIZER_FILES {
@@ -60,8 +74,14 @@ pub fn bert_classifier_tensor_names(tensors: Vec<(String, Tensor)>) -> Vec<(Stri
 ///
 /// # Errors
 /// Fails on I/O errors.
-pub fn export_bert_folder(dir: &Path, config: &BertConfig, tensors: Vec<(String, Tensor)>, tokenizer_dir: Option<&Path>) -> Result<()> {
-    let mut json = serde_json::to_value(config).map_err(|e| EngineError::json(dir.join("config.json"), e))?;
+pub fn export_bert_folder(
+    dir: &Path,
+    config: &BertConfig,
+    tensors: Vec<(String, Tensor)>,
+    tokenizer_dir: Option<&Path>,
+) -> Result<()> {
+    let mut json =
+        serde_json::to_value(config).map_err(|e| EngineError::json(dir.join("config.json"), e))?;
     let defaults = json!({
         "model_type": "bert",
         "initializer_range": 0.02,
@@ -72,7 +92,15 @@ pub fn export_bert_folder(dir: &Path, config: &BertConfig, tensors: Vec<(String,
         for (key, value) in defaults {
             obj.entry(key.clone()).or_insert_with(|| value.clone());
         }
-        obj.insert("architectures".into(), json!(["BertForSequenceClassification"]));
+        obj.insert(
+            "architectures".into(),
+            json!(["BertForSequenceClassification"]),
+        );
     }
-    export_hf_folder(dir, &json, &bert_classifier_tensor_names(tensors), tokenizer_dir)
+    export_hf_folder(
+        dir,
+        &json,
+        &bert_classifier_tensor_names(tensors),
+        tokenizer_dir,
+    )
 }

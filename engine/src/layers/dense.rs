@@ -31,9 +31,18 @@ impl DenseLinear {
     ///
     /// # Errors
     /// Fails when a tensor is missing or has the wrong shape.
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = vb.get((out_features, in_features), "weight")?;
-        let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(out_features, "bias")?)
+        } else {
+            None
+        };
         Self::new(weight, bias)
     }
 }
@@ -94,14 +103,38 @@ mod tests {
         let y = layer.forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 5, 4]);
         let row = x.get(1).unwrap().get(2).unwrap().unsqueeze(0).unwrap();
-        let expected = row.matmul(&w.t().unwrap()).unwrap().squeeze(0).unwrap().add(&b).unwrap();
-        let diff = (y.get(1).unwrap().get(2).unwrap() - expected).unwrap().abs().unwrap();
+        let expected = row
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .add(&b)
+            .unwrap();
+        let diff = (y.get(1).unwrap().get(2).unwrap() - expected)
+            .unwrap()
+            .abs()
+            .unwrap();
         assert!(diff.max(0).unwrap().to_scalar::<f32>().unwrap() < 1e-5);
         let grads = y.sum_all().unwrap().backward().unwrap();
         let gb = grads.get(&b).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(gb, vec![10.0; 4], "each output sums over 10 rows");
-        assert!(grads.get(&w).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        assert!(
+            grads
+                .get(&w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        );
         assert_eq!(layer.in_features(), 3);
-        assert!(DenseLinear::new(w.as_tensor().clone(), Some(Tensor::zeros(3, DType::F32, &dev).unwrap())).is_err());
+        assert!(DenseLinear::new(
+            w.as_tensor().clone(),
+            Some(Tensor::zeros(3, DType::F32, &dev).unwrap())
+        )
+        .is_err());
     }
 }

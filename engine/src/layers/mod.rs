@@ -70,7 +70,10 @@ pub struct LinearPlan {
 impl LinearPlan {
     /// A plan that makes every layer `kind`.
     pub fn uniform(kind: LinearKind) -> Self {
-        Self { rules: Vec::new(), default: kind }
+        Self {
+            rules: Vec::new(),
+            default: kind,
+        }
     }
 
     /// Adds a rule: module paths matching the glob `pattern` (e.g. `encoder.layer.*.attention.*`) get
@@ -124,10 +127,19 @@ impl LinearFactory {
         bias: bool,
     ) -> Result<Arc<dyn LinearLayer>> {
         match self.plan.kind_for(&vb.prefix()) {
-            LinearKind::Dense => Ok(Arc::new(DenseLinear::load(vb, in_features, out_features, bias)?)),
-            LinearKind::Quantized(scheme) => {
-                Ok(Arc::new(QuantizedLinear::load(vb, in_features, out_features, bias, scheme)?))
-            }
+            LinearKind::Dense => Ok(Arc::new(DenseLinear::load(
+                vb,
+                in_features,
+                out_features,
+                bias,
+            )?)),
+            LinearKind::Quantized(scheme) => Ok(Arc::new(QuantizedLinear::load(
+                vb,
+                in_features,
+                out_features,
+                bias,
+                scheme,
+            )?)),
         }
     }
 }
@@ -141,8 +153,13 @@ mod tests {
         let plan = LinearPlan::uniform(LinearKind::Dense)
             .with_rule("encoder.layer.*.attention.self.*", LinearKind::Dense)
             .unwrap();
-        assert_eq!(plan.kind_for("encoder.layer.3.attention.self.query"), LinearKind::Dense);
+        assert_eq!(
+            plan.kind_for("encoder.layer.3.attention.self.query"),
+            LinearKind::Dense
+        );
         assert_eq!(plan.kind_for("classifier"), LinearKind::Dense);
-        assert!(LinearPlan::default().with_rule("a[", LinearKind::Dense).is_err());
+        assert!(LinearPlan::default()
+            .with_rule("a[", LinearKind::Dense)
+            .is_err());
     }
 }

@@ -32,8 +32,11 @@ const BLOCK_NAMES: &[(&str, &str)] = &[
 ];
 
 /// Whole-model tensor names (without the `.weight` suffix): llama.cpp, Hugging Face.
-const MODEL_NAMES: &[(&str, &str)] =
-    &[("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+const MODEL_NAMES: &[(&str, &str)] = &[
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
 
 /// The Hugging Face name of a llama.cpp tensor name, if it is one we know.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
@@ -44,7 +47,10 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         let hf = BLOCK_NAMES.iter().find(|(g, _)| *g == suffix)?.1;
         return Some(format!("model.layers.{layer}.{hf}.{kind}"));
     }
-    MODEL_NAMES.iter().find(|(g, _)| *g == stem).map(|(_, hf)| format!("{hf}.{kind}"))
+    MODEL_NAMES
+        .iter()
+        .find(|(g, _)| *g == stem)
+        .map(|(_, hf)| format!("{hf}.{kind}"))
 }
 
 /// The llama.cpp name of a Hugging Face tensor name, if it is one we know.
@@ -56,7 +62,10 @@ pub fn gguf_name(hf_name: &str) -> Option<String> {
         let gguf = BLOCK_NAMES.iter().find(|(_, h)| *h == suffix)?.0;
         return Some(format!("blk.{layer}.{gguf}.{kind}"));
     }
-    MODEL_NAMES.iter().find(|(_, h)| *h == stem).map(|(g, _)| format!("{g}.{kind}"))
+    MODEL_NAMES
+        .iter()
+        .find(|(_, h)| *h == stem)
+        .map(|(g, _)| format!("{g}.{kind}"))
 }
 
 /// Whether llama.cpp permuted this architecture's q/k rows for interleaved rope.
@@ -67,7 +76,9 @@ pub fn uses_interleaved_rope(arch: &str) -> Result<bool> {
     match arch {
         "llama" | "mistral" | "granite" => Ok(true),
         "qwen2" | "qwen3" => Ok(false),
-        other => Err(EngineError::Unsupported(format!("GGUF architecture {other:?}"))),
+        other => Err(EngineError::Unsupported(format!(
+            "GGUF architecture {other:?}"
+        ))),
     }
 }
 
@@ -95,8 +106,15 @@ fn reorder_rows(w: &Tensor, heads: usize, to_interleaved: bool) -> candle_core::
     }
     let half = rows / heads / 2;
     let rest: usize = dims[1..].iter().product();
-    let split = if to_interleaved { (heads, 2, half, rest) } else { (heads, half, 2, rest) };
-    w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    let split = if to_interleaved {
+        (heads, 2, half, rest)
+    } else {
+        (heads, half, 2, rest)
+    };
+    w.reshape(split)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// Reads a GGUF file: metadata becomes a Hugging Face `config.json`, every tensor is dequantized to
@@ -107,12 +125,15 @@ fn reorder_rows(w: &Tensor, heads: usize, to_interleaved: bool) -> candle_core::
 /// Fails on I/O errors, missing metadata, unknown tensor names or unsupported architectures.
 pub fn read_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
-    let content = Content::read(&mut file).map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
     let meta = GgufMeta { content: &content };
     let arch = meta.string("general.architecture")?;
     let interleaved = uses_interleaved_rope(&arch)?;
     let heads = meta.usize(&format!("{arch}.attention.head_count"))?;
-    let kv_heads = meta.usize(&format!("{arch}.attention.head_count_kv")).unwrap_or(heads);
+    let kv_heads = meta
+        .usize(&format!("{arch}.attention.head_count_kv"))
+        .unwrap_or(heads);
 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -133,7 +154,11 @@ pub fn read_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
     }
     let config = llama_config(&meta, &arch, &tensors)?;
     let tokenizer = Some(path.with_file_name("tokenizer.json")).filter(|p| p.is_file());
-    Ok(Checkpoint { config, tensors, tokenizer })
+    Ok(Checkpoint {
+        config,
+        tensors,
+        tokenizer,
+    })
 }
 
 /// Typed access to GGUF metadata with errors that name the key.
@@ -143,27 +168,41 @@ struct GgufMeta<'a> {
 
 impl GgufMeta<'_> {
     fn value(&self, key: &str) -> Result<&Value> {
-        self.content.metadata.get(key).ok_or_else(|| EngineError::InvalidModel(format!("GGUF metadata lacks {key}")))
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| EngineError::InvalidModel(format!("GGUF metadata lacks {key}")))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
         let v = self.value(key)?;
         let n = v.to_u32().map(u64::from).or_else(|_| v.to_u64());
-        n.map(|n| n as usize).map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
+        n.map(|n| n as usize)
+            .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
     }
 
     fn f64(&self, key: &str) -> Result<f64> {
         let v = self.value(key)?;
-        v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
+        v.to_f32()
+            .map(f64::from)
+            .or_else(|_| v.to_f64())
+            .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
     }
 
     fn string(&self, key: &str) -> Result<String> {
-        self.value(key)?.to_string().cloned().map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
+        self.value(key)?
+            .to_string()
+            .cloned()
+            .map_err(|e| EngineError::InvalidModel(format!("{key}: {e}")))
     }
 }
 
 /// A Hugging Face Llama `config.json` from GGUF metadata and the loaded tensors.
-fn llama_config(meta: &GgufMeta, arch: &str, tensors: &[(String, Tensor)]) -> Result<serde_json::Value> {
+fn llama_config(
+    meta: &GgufMeta,
+    arch: &str,
+    tensors: &[(String, Tensor)],
+) -> Result<serde_json::Value> {
     let key = |k: &str| format!("{arch}.{k}");
     let embed = tensors
         .iter()
@@ -197,9 +236,18 @@ mod tests {
     #[test]
     fn names_map_both_ways() {
         for (gguf, hf) in [
-            ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
-            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
-            ("blk.12.attn_norm.weight", "model.layers.12.input_layernorm.weight"),
+            (
+                "blk.3.attn_q.weight",
+                "model.layers.3.self_attn.q_proj.weight",
+            ),
+            (
+                "blk.0.ffn_down.weight",
+                "model.layers.0.mlp.down_proj.weight",
+            ),
+            (
+                "blk.12.attn_norm.weight",
+                "model.layers.12.input_layernorm.weight",
+            ),
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output.weight", "lm_head.weight"),
             ("output_norm.weight", "model.norm.weight"),
@@ -214,11 +262,19 @@ mod tests {
     #[test]
     fn permutation_round_trips_and_interleaves_pairs() {
         // Two heads of size 4: rows 0..8. Rotate-half pairs (0,2),(1,3) become adjacent rows.
-        let w = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().reshape((8, 1)).unwrap();
+        let w = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .reshape((8, 1))
+            .unwrap();
         let permuted = permute_rows(&w, 2).unwrap();
         let rows: Vec<f32> = permuted.flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(rows, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
-        let back: Vec<f32> = unpermute_rows(&permuted, 2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let back: Vec<f32> = unpermute_rows(&permuted, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(back, (0..8).map(|i| i as f32).collect::<Vec<_>>());
         assert!(permute_rows(&w, 3).is_err());
     }

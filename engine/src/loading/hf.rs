@@ -32,7 +32,11 @@ pub fn read_hf_folder(dir: &Path, dtype: DType, device: &Device) -> Result<Check
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
-    Ok(Checkpoint { config, tensors, tokenizer })
+    Ok(Checkpoint {
+        config,
+        tensors,
+        tokenizer,
+    })
 }
 
 /// The safetensors files of a folder: the shards named by the index, or the single file.
@@ -40,19 +44,30 @@ fn weight_files(dir: &Path) -> Result<Vec<String>> {
     let index = dir.join(SHARD_INDEX);
     if index.is_file() {
         let json = read_json(&index)?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            EngineError::InvalidModel(format!("{}: no weight_map object", index.display()))
-        })?;
-        let files: BTreeSet<String> = map.values().filter_map(|v| v.as_str().map(str::to_owned)).collect();
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                EngineError::InvalidModel(format!("{}: no weight_map object", index.display()))
+            })?;
+        let files: BTreeSet<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
         if let Some(bad) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
-            return Err(EngineError::InvalidModel(format!("shard name {bad:?} leaves the model folder")));
+            return Err(EngineError::InvalidModel(format!(
+                "shard name {bad:?} leaves the model folder"
+            )));
         }
         return Ok(files.into_iter().collect());
     }
     if dir.join(SINGLE_FILE).is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
-    Err(EngineError::InvalidModel(format!("{}: neither {SINGLE_FILE} nor {SHARD_INDEX}", dir.display())))
+    Err(EngineError::InvalidModel(format!(
+        "{}: neither {SINGLE_FILE} nor {SHARD_INDEX}",
+        dir.display()
+    )))
 }
 
 /// Loads a `tokenizer.json` with its built-in padding turned off (MiniLM's pads every input to 128,

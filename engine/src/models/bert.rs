@@ -70,14 +70,28 @@ impl BertConfig {
 
     /// Sets `id2label`/`label2id` from class names in index order.
     pub fn set_labels(&mut self, labels: &[String]) {
-        self.id2label = Some(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone())).collect());
-        self.label2id = Some(labels.iter().enumerate().map(|(i, l)| (l.clone(), i)).collect());
+        self.id2label = Some(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l.clone()))
+                .collect(),
+        );
+        self.label2id = Some(
+            labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), i))
+                .collect(),
+        );
     }
 
     /// Class names in index order, when `id2label` is set and its keys are `0..n`.
     pub fn labels(&self) -> Option<Vec<String>> {
         let map = self.id2label.as_ref()?;
-        (0..map.len()).map(|i| map.get(&i.to_string()).cloned()).collect()
+        (0..map.len())
+            .map(|i| map.get(&i.to_string()).cloned())
+            .collect()
     }
 
     fn head_dim(&self) -> Result<usize> {
@@ -125,26 +139,47 @@ struct BertEmbeddings {
 impl BertEmbeddings {
     fn load(vb: VarBuilder, cfg: &BertConfig) -> Result<Self> {
         Ok(Self {
-            word_embeddings: Embedding::load(vb.pp("word_embeddings"), cfg.vocab_size, cfg.hidden_size)?,
-            position_embeddings: Embedding::load(vb.pp("position_embeddings"), cfg.max_position_embeddings, cfg.hidden_size)?,
-            token_type_embeddings: Embedding::load(vb.pp("token_type_embeddings"), cfg.type_vocab_size, cfg.hidden_size)?,
+            word_embeddings: Embedding::load(
+                vb.pp("word_embeddings"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+            )?,
+            position_embeddings: Embedding::load(
+                vb.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+            )?,
+            token_type_embeddings: Embedding::load(
+                vb.pp("token_type_embeddings"),
+                cfg.type_vocab_size,
+                cfg.hidden_size,
+            )?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: Option<&Tensor>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         let (_, seq_len) = input_ids.dims2()?;
         let max_positions = self.position_embeddings.weight().dim(0)?;
         if seq_len > max_positions {
-            candle_core::bail!("sequence of {seq_len} tokens exceeds max_position_embeddings {max_positions}");
+            candle_core::bail!(
+                "sequence of {seq_len} tokens exceeds max_position_embeddings {max_positions}"
+            );
         }
         let words = self.word_embeddings.forward(input_ids)?;
         let positions = Tensor::arange(0u32, seq_len as u32, input_ids.device())?;
         let positions = self.position_embeddings.forward(&positions)?;
         let types = match token_type_ids {
             Some(t) => self.token_type_embeddings.forward(t)?,
-            None => self.token_type_embeddings.forward(&input_ids.zeros_like()?)?,
+            None => self
+                .token_type_embeddings
+                .forward(&input_ids.zeros_like()?)?,
         };
         let sum = words.broadcast_add(&positions)?.add(&types)?;
         dropout(&self.layer_norm.forward(&sum)?, self.dropout, rng)
@@ -177,10 +212,17 @@ impl BertSelfAttention {
     /// `(batch, seq, hidden)` → `(batch, heads, seq, head_dim)`.
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        x.reshape((b, s, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, s, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
-    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         // Scaling q before the product touches seq·head_dim values instead of seq².
         let q = (self.split_heads(&self.query.forward(x)?)? * (self.head_dim as f64).powf(-0.5))?;
@@ -205,7 +247,12 @@ struct BertResidualOutput {
 }
 
 impl BertResidualOutput {
-    fn load(vb: VarBuilder, cfg: &BertConfig, in_dim: usize, linears: &LinearFactory) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        cfg: &BertConfig,
+        in_dim: usize,
+        linears: &LinearFactory,
+    ) -> Result<Self> {
         Ok(Self {
             dense: linears.build(vb.pp("dense"), in_dim, cfg.hidden_size, true)?,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
@@ -232,14 +279,29 @@ impl BertLayer {
     fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
         Ok(Self {
             attention: BertSelfAttention::load(vb.pp("attention.self"), cfg, linears)?,
-            attention_output: BertResidualOutput::load(vb.pp("attention.output"), cfg, cfg.hidden_size, linears)?,
-            intermediate: linears.build(vb.pp("intermediate.dense"), cfg.hidden_size, cfg.intermediate_size, true)?,
+            attention_output: BertResidualOutput::load(
+                vb.pp("attention.output"),
+                cfg,
+                cfg.hidden_size,
+                linears,
+            )?,
+            intermediate: linears.build(
+                vb.pp("intermediate.dense"),
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                true,
+            )?,
             activation: cfg.hidden_act,
             output: BertResidualOutput::load(vb.pp("output"), cfg, cfg.intermediate_size, linears)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, bias: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         let attended = self.attention.forward(x, bias, rng)?;
         let x = self.attention_output.forward(&attended, x, rng)?;
         let inner = self.activation.forward(&self.intermediate.forward(&x)?)?;
@@ -265,7 +327,11 @@ impl BertModel {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| BertLayer::load(vb.pp(format!("encoder.layer.{i}")), cfg, linears))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?, layers, config: cfg.clone() })
+        Ok(Self {
+            embeddings: BertEmbeddings::load(vb.pp("embeddings"), cfg)?,
+            layers,
+            config: cfg.clone(),
+        })
     }
 
     /// The configuration the model was built with.
@@ -278,15 +344,23 @@ impl BertModel {
     /// # Errors
     /// Fails on inconsistent shapes, out-of-range ids or sequences longer than the position table.
     pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<BertOutput> {
-        let mut x = self.embeddings.forward(input.input_ids, input.token_type_ids, rng)?;
-        let bias = input.attention_mask.map(|m| padding_bias(m, x.dtype())).transpose()?;
+        let mut x = self
+            .embeddings
+            .forward(input.input_ids, input.token_type_ids, rng)?;
+        let bias = input
+            .attention_mask
+            .map(|m| padding_bias(m, x.dtype()))
+            .transpose()?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(x.clone());
         for layer in &self.layers {
             x = layer.forward(&x, bias.as_ref(), rng)?;
             hidden_states.push(x.clone());
         }
-        Ok(BertOutput { last_hidden_state: x, hidden_states })
+        Ok(BertOutput {
+            last_hidden_state: x,
+            hidden_states,
+        })
     }
 }
 
@@ -306,7 +380,9 @@ pub fn bert_root(vb: VarBuilder<'static>) -> VarBuilder<'static> {
 /// # Errors
 /// Fails when the mask is not `(batch, seq)`.
 pub fn mean_pool(hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-    let mask = attention_mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let mask = attention_mask
+        .to_dtype(hidden.dtype())?
+        .unsqueeze(D::Minus1)?;
     let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
     // A row with no real token would divide by zero; clamping keeps it a zero vector.
     let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;
@@ -348,7 +424,11 @@ impl BertForSequenceClassification {
     ///
     /// # Errors
     /// Fails when a tensor is missing or has the wrong shape.
-    pub fn load(vb: VarBuilder<'static>, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder<'static>,
+        cfg: &BertConfig,
+        linears: &LinearFactory,
+    ) -> Result<Self> {
         let root = bert_root(vb.clone());
         let h = cfg.hidden_size;
         Ok(Self {
@@ -370,9 +450,17 @@ impl BertForSequenceClassification {
     /// As [`BertModel::forward`].
     pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<ClassifierOutput> {
         let out = self.bert.forward(input, rng)?;
-        let pooled = self.pooler.forward(&cls_pool(&out.last_hidden_state)?)?.tanh()?;
-        let logits = self.classifier.forward(&dropout(&pooled, self.dropout, rng)?)?;
-        Ok(ClassifierOutput { logits, hidden_states: out.hidden_states })
+        let pooled = self
+            .pooler
+            .forward(&cls_pool(&out.last_hidden_state)?)?
+            .tanh()?;
+        let logits = self
+            .classifier
+            .forward(&dropout(&pooled, self.dropout, rng)?)?;
+        Ok(ClassifierOutput {
+            logits,
+            hidden_states: out.hidden_states,
+        })
     }
 }
 
@@ -387,4 +475,3 @@ pub fn ids_to_u32(ids: &Tensor) -> Result<Tensor> {
         other => candle_core::bail!("token ids must be integers, got {other:?}"),
     }
 }
-

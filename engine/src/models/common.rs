@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::ops;
 
 /// Hugging Face's initialisation for weights: normal with standard deviation 0.02.
-pub(crate) const HF_WEIGHT_INIT: Init = Init::Randn { mean: 0.0, stdev: 0.02 };
+pub(crate) const HF_WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.02,
+};
 
 /// Activation functions by their Hugging Face `hidden_act` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +59,9 @@ impl Embedding {
     /// # Errors
     /// Fails when the weight is missing or has the wrong shape.
     pub fn load(vb: VarBuilder, num_embeddings: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: vb.get_with_hints((num_embeddings, dim), "weight", HF_WEIGHT_INIT)? })
+        Ok(Self {
+            weight: vb.get_with_hints((num_embeddings, dim), "weight", HF_WEIGHT_INIT)?,
+        })
     }
 
     /// The table.
@@ -71,7 +76,9 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let mut dims = ids.dims().to_vec();
         dims.push(self.weight.dim(1)?);
-        self.weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+        self.weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape(dims)
     }
 }
 
@@ -116,7 +123,10 @@ impl RmsNorm {
     /// # Errors
     /// Fails when the weight is missing or has the wrong shape.
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?, eps })
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            eps,
+        })
     }
 
     /// Normalises over the last dimension.
@@ -143,7 +153,9 @@ impl DropoutRng {
 
     /// A source continuing from a saved state.
     pub fn from_state(rng: ChaCha8Rng) -> Self {
-        Self { rng: Mutex::new(rng) }
+        Self {
+            rng: Mutex::new(rng),
+        }
     }
 
     /// The current state, to save in a checkpoint.
@@ -156,8 +168,12 @@ impl DropoutRng {
         let n: usize = shape.iter().product();
         let scale = (1.0 / (1.0 - p)) as f32;
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mask: Vec<f32> = (0..n).map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale }).collect();
-        Tensor::from_vec(mask, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        Tensor::from_vec(mask, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
     }
 }
 

@@ -13,7 +13,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::common::{dropout, mask_value, padding_bias, Activation, DropoutRng, Embedding, RmsNorm};
+use super::common::{
+    dropout, mask_value, padding_bias, Activation, DropoutRng, Embedding, RmsNorm,
+};
 use crate::layers::{LinearFactory, LinearLayer};
 use crate::ops;
 
@@ -72,7 +74,10 @@ impl LlamaConfig {
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
         if heads == 0 || kv == 0 || self.hidden_size % heads != 0 || heads % kv != 0 {
-            candle_core::bail!("inconsistent heads: hidden {} heads {heads} kv heads {kv}", self.hidden_size);
+            candle_core::bail!(
+                "inconsistent heads: hidden {} heads {heads} kv heads {kv}",
+                self.hidden_size
+            );
         }
         let head_dim = self.hidden_size / heads;
         if head_dim % 2 != 0 {
@@ -92,19 +97,27 @@ struct Rotary {
 impl Rotary {
     fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
         let half = cfg.head_dim()? / 2;
-        let inv_freq: Vec<f32> =
-            (0..half).map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / (2 * half) as f64)) as f32).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / (2 * half) as f64)) as f32)
+            .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let positions = Tensor::arange(0u32, cfg.max_position_embeddings as u32, device)?
             .to_dtype(DType::F32)?
             .reshape((cfg.max_position_embeddings, 1))?;
         let angles = positions.broadcast_mul(&inv_freq)?;
-        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
     }
 
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let seq = x.dim(2)?;
-        ops::rope(x, &self.cos.narrow(0, 0, seq)?, &self.sin.narrow(0, 0, seq)?)
+        ops::rope(
+            x,
+            &self.cos.narrow(0, 0, seq)?,
+            &self.sin.narrow(0, 0, seq)?,
+        )
     }
 }
 
@@ -139,7 +152,9 @@ impl LlamaAttention {
     /// `(batch, seq, heads·head_dim)` → `(batch, heads, seq, head_dim)`.
     fn split_heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        x.reshape((b, s, heads, self.head_dim))?.transpose(1, 2)?.contiguous()
+        x.reshape((b, s, heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
     }
 
     /// Repeats each key/value head for the query heads that share it.
@@ -149,10 +164,18 @@ impl LlamaAttention {
             return Ok(x);
         }
         let (b, kv, s, d) = x.dims4()?;
-        x.unsqueeze(2)?.broadcast_as((b, kv, groups, s, d))?.reshape((b, kv * groups, s, d))
+        x.unsqueeze(2)?
+            .broadcast_as((b, kv, groups, s, d))?
+            .reshape((b, kv * groups, s, d))
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, bias: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        bias: &Tensor,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let q = rotary.apply(&self.split_heads(&self.q_proj.forward(x)?, self.num_heads)?)?;
         let k = rotary.apply(&self.split_heads(&self.k_proj.forward(x)?, self.num_kv_heads)?)?;
@@ -161,7 +184,11 @@ impl LlamaAttention {
         let q = (q * (self.head_dim as f64).powf(-0.5))?;
         let scores = q.contiguous()?.matmul(&k.t()?)?.broadcast_add(bias)?;
         let probs = dropout(&ops::softmax_last_dim(&scores)?, self.dropout, rng)?;
-        let out = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, self.num_heads * self.head_dim))?;
+        let out = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((
+            b,
+            s,
+            self.num_heads * self.head_dim,
+        ))?;
         self.o_proj.forward(&out)
     }
 }
@@ -202,17 +229,35 @@ struct LlamaBlock {
 impl LlamaBlock {
     fn load(vb: VarBuilder, cfg: &LlamaConfig, linears: &LinearFactory) -> Result<Self> {
         Ok(Self {
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: LlamaAttention::load(vb.pp("self_attn"), cfg, linears)?,
-            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             mlp: LlamaMlp::load(vb.pp("mlp"), cfg, linears)?,
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, bias: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
-        let attended = self.self_attn.forward(&self.input_layernorm.forward(x)?, rotary, bias, rng)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        bias: &Tensor,
+        rng: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rotary, bias, rng)?;
         let x = (x + attended)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + mlp
     }
 }
@@ -250,9 +295,17 @@ impl LlamaForCausalLm {
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| LlamaBlock::load(model.pp(format!("layers.{i}")), cfg, linears))
             .collect::<Result<Vec<_>>>()?;
-        let head_vb = if cfg.tie_word_embeddings { model.pp("embed_tokens") } else { vb.pp("lm_head") };
+        let head_vb = if cfg.tie_word_embeddings {
+            model.pp("embed_tokens")
+        } else {
+            vb.pp("lm_head")
+        };
         Ok(Self {
-            embed_tokens: Embedding::load(model.pp("embed_tokens"), cfg.vocab_size, cfg.hidden_size)?,
+            embed_tokens: Embedding::load(
+                model.pp("embed_tokens"),
+                cfg.vocab_size,
+                cfg.hidden_size,
+            )?,
             blocks,
             norm: RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
             lm_head: linears.build(head_vb, cfg.hidden_size, cfg.vocab_size, false)?,
@@ -271,10 +324,18 @@ impl LlamaForCausalLm {
     ///
     /// # Errors
     /// Fails on inconsistent shapes, out-of-range ids or sequences longer than the position table.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, rng: Option<&DropoutRng>) -> Result<CausalLmOutput> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        rng: Option<&DropoutRng>,
+    ) -> Result<CausalLmOutput> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
-            candle_core::bail!("sequence of {seq} tokens exceeds max_position_embeddings {}", self.config.max_position_embeddings);
+            candle_core::bail!(
+                "sequence of {seq} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
         }
         let mut x = self.embed_tokens.forward(input_ids)?;
         let bias = attention_bias(seq, attention_mask, x.dtype(), x.device())?;
@@ -285,15 +346,24 @@ impl LlamaForCausalLm {
             hidden_states.push(x.clone());
         }
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
-        Ok(CausalLmOutput { logits, hidden_states })
+        Ok(CausalLmOutput {
+            logits,
+            hidden_states,
+        })
     }
 }
 
 /// The additive attention bias: causal `(1, 1, seq, seq)`, plus padding `(batch, 1, 1, seq)` if given.
-fn attention_bias(seq: usize, padding: Option<&Tensor>, dtype: DType, device: &Device) -> Result<Tensor> {
+fn attention_bias(
+    seq: usize,
+    padding: Option<&Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let masked = mask_value(dtype) as f32;
-    let causal: Vec<f32> =
-        (0..seq).flat_map(|i| (0..seq).map(move |j| if j > i { masked } else { 0.0 })).collect();
+    let causal: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { masked } else { 0.0 }))
+        .collect();
     let causal = Tensor::from_vec(causal, (1, 1, seq, seq), device)?.to_dtype(dtype)?;
     match padding {
         Some(mask) => causal.broadcast_add(&padding_bias(mask, dtype)?),

@@ -3,8 +3,8 @@
 //! candle's own `gelu_erf` is differentiable but its backward takes six tensor passes and a rounded
 //! constant; this one computes `Φ(x) + x·φ(x)` in one pass.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_core::WithDType;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernel::{dispatch_float, slice, KernelFloat, MIN_ELEMS_PER_TASK};
@@ -21,24 +21,28 @@ const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
 
 fn gelu<T: KernelFloat>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(MIN_ELEMS_PER_TASK).zip(x.par_chunks(MIN_ELEMS_PER_TASK)).for_each(|(o, x)| {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = T::c(0.5) * v * (T::one() + (v * T::c(FRAC_1_SQRT_2)).erf());
-        }
-    });
+    out.par_chunks_mut(MIN_ELEMS_PER_TASK)
+        .zip(x.par_chunks(MIN_ELEMS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = T::c(0.5) * v * (T::one() + (v * T::c(FRAC_1_SQRT_2)).erf());
+            }
+        });
     out
 }
 
 fn gelu_backward<T: KernelFloat>(x: &[T], dy: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     let chunk = MIN_ELEMS_PER_TASK;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk))).for_each(|(o, (x, dy))| {
-        for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
-            let cdf = T::c(0.5) * (T::one() + (v * T::c(FRAC_1_SQRT_2)).erf());
-            let pdf = T::c(INV_SQRT_2PI) * (T::c(-0.5) * v * v).exp();
-            *o = g * (cdf + v * pdf);
-        }
-    });
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
+        .for_each(|(o, (x, dy))| {
+            for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+                let cdf = T::c(0.5) * (T::one() + (v * T::c(FRAC_1_SQRT_2)).erf());
+                let pdf = T::c(INV_SQRT_2PI) * (T::c(-0.5) * v * v).exp();
+                *o = g * (cdf + v * pdf);
+            }
+        });
     out
 }
 
@@ -55,7 +59,10 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad_res.contiguous()?, &GeluBackward)?))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad_res.contiguous()?,
+            &GeluBackward,
+        )?))
     }
 }
 
@@ -64,7 +71,13 @@ impl CustomOp2 for GeluBackward {
         "compressd-gelu-erf-backward"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, dy: &CpuStorage, ldy: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         dispatch_float!(x, self.name(), |T| {
             let out = gelu_backward::<T>(slice(x, lx)?, slice(dy, ldy)?);
             Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))

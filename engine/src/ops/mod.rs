@@ -57,8 +57,12 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
     if use_fused(&[x, w, b]) {
         candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32)
     } else if has_cpu_kernel(x) {
-        let op = LayerNormOp(RowNorm { centered: true, eps });
-        x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+        let op = LayerNormOp(RowNorm {
+            centered: true,
+            eps,
+        });
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
     } else {
         composed::layer_norm(x, w, b, eps)
     }
@@ -72,7 +76,10 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if use_fused(&[x, w]) {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
     } else if has_cpu_kernel(x) {
-        let op = RmsNormOp(RowNorm { centered: false, eps });
+        let op = RmsNormOp(RowNorm {
+            centered: false,
+            eps,
+        });
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
     } else {
         composed::rms_norm(x, w, eps)

@@ -5,8 +5,8 @@
 //! return `dx`, `dw` (and `db`) packed in one buffer, split by the caller, so one pass over the rows
 //! computes everything.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use candle_core::WithDType;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernel::{dispatch_float, last_dim, rows_per_task, slice, KernelFloat};
@@ -29,7 +29,11 @@ struct NormBackward(RowNorm);
 /// Mean (zero when not centred) and reciprocal standard deviation of one row.
 fn row_stats<T: KernelFloat>(x: &[T], norm: RowNorm) -> (T, T) {
     let n = T::c(x.len() as f64);
-    let mean = if norm.centered { x.iter().copied().sum::<T>() / n } else { T::zero() };
+    let mean = if norm.centered {
+        x.iter().copied().sum::<T>() / n
+    } else {
+        T::zero()
+    };
     let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
     (mean, (var + T::c(norm.eps)).sqrt().recip())
 }
@@ -38,24 +42,36 @@ fn norm_forward<T: KernelFloat>(x: &[T], w: &[T], b: Option<&[T]>, norm: RowNorm
     let d = w.len();
     let mut out = vec![T::zero(); x.len()];
     let chunk = rows_per_task(d) * d;
-    out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(out, x)| {
-        for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-            let (mean, rstd) = row_stats(x, norm);
-            for (j, (o, &v)) in o.iter_mut().zip(x).enumerate() {
-                let shift = b.map_or(T::zero(), |b| b[j]);
-                *o = (v - mean) * rstd * w[j] + shift;
+    out.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(out, x)| {
+            for (o, x) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let (mean, rstd) = row_stats(x, norm);
+                for (j, (o, &v)) in o.iter_mut().zip(x).enumerate() {
+                    let shift = b.map_or(T::zero(), |b| b[j]);
+                    *o = (v - mean) * rstd * w[j] + shift;
+                }
             }
-        }
-    });
+        });
     out
 }
 
 /// Gradients of one block of rows: fills `dx`, returns this block's `(dw, db)` sums.
-fn norm_backward_block<T: KernelFloat>(dx: &mut [T], x: &[T], dy: &[T], w: &[T], norm: RowNorm) -> (Vec<T>, Vec<T>) {
+fn norm_backward_block<T: KernelFloat>(
+    dx: &mut [T],
+    x: &[T],
+    dy: &[T],
+    w: &[T],
+    norm: RowNorm,
+) -> (Vec<T>, Vec<T>) {
     let d = w.len();
     let n = T::c(d as f64);
     let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
-    for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+    for ((dx, x), dy) in dx
+        .chunks_exact_mut(d)
+        .zip(x.chunks_exact(d))
+        .zip(dy.chunks_exact(d))
+    {
         let (mean, rstd) = row_stats(x, norm);
         let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
         for j in 0..d {
@@ -98,11 +114,20 @@ fn norm_backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], norm: RowNorm) -> V
 }
 
 /// Splits a packed `[dx | dw | db]` gradient into tensors shaped like the arguments.
-fn unpack(packed: &Tensor, x: &Tensor, d: usize, with_bias: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+fn unpack(
+    packed: &Tensor,
+    x: &Tensor,
+    d: usize,
+    with_bias: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let n = x.elem_count();
     let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
     let dw = packed.narrow(0, n, d)?;
-    let db = if with_bias { Some(packed.narrow(0, n + d, d)?) } else { None };
+    let db = if with_bias {
+        Some(packed.narrow(0, n + d, d)?)
+    } else {
+        None
+    };
     Ok((dx, dw, db))
 }
 
@@ -119,7 +144,15 @@ impl CustomOp3 for LayerNormOp {
         "compressd-layer-norm"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, b: &CpuStorage, lb: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         check_weight(lx, lw)?;
         dispatch_float!(x, self.name(), |T| {
             let out = norm_forward::<T>(slice(x, lx)?, slice(w, lw)?, Some(slice(b, lb)?), self.0);
@@ -127,7 +160,14 @@ impl CustomOp3 for LayerNormOp {
         })
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &NormBackward(self.0))?;
         let (dx, dw, db) = unpack(&packed, x, w.elem_count(), true)?;
         Ok((Some(dx), Some(dw), db))
@@ -139,7 +179,13 @@ impl CustomOp2 for RmsNormOp {
         "compressd-rms-norm"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         check_weight(lx, lw)?;
         dispatch_float!(x, self.name(), |T| {
             let out = norm_forward::<T>(slice(x, lx)?, slice(w, lw)?, None, self.0);
@@ -147,7 +193,13 @@ impl CustomOp2 for RmsNormOp {
         })
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &NormBackward(self.0))?;
         let (dx, dw, _) = unpack(&packed, x, w.elem_count(), false)?;
         Ok((Some(dx), Some(dw)))
@@ -159,7 +211,15 @@ impl CustomOp3 for NormBackward {
         "compressd-norm-backward"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout, dy: &CpuStorage, ldy: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = check_weight(lx, lw)?;
         dispatch_float!(x, self.name(), |T| {
             let packed = norm_backward::<T>(slice(x, lx)?, slice(w, lw)?, slice(dy, ldy)?, self.0);

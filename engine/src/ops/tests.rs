@@ -55,7 +55,12 @@ fn cases() -> Vec<Case> {
 fn random_inputs(case: &Case, dtype: DType) -> Vec<Tensor> {
     case.shapes
         .iter()
-        .map(|s| Tensor::randn(0f64, 1.5, *s, &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
+        .map(|s| {
+            Tensor::randn(0f64, 1.5, *s, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        })
         .collect()
 }
 
@@ -67,16 +72,34 @@ fn loss(f: OpFn, inputs: &[Tensor], proj: &Tensor) -> Tensor {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    d.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Output and input gradients of `f`, computed through autograd.
 fn output_and_grads(f: OpFn, inputs: &[Tensor], proj: &Tensor) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&tensors).unwrap();
-    let grads = (&out * proj).unwrap().sum_all().unwrap().backward().unwrap();
-    let grads = vars.iter().map(|v| grads.get(v).expect("every input gets a gradient").clone()).collect();
+    let grads = (&out * proj)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| grads.get(v).expect("every input gets a gradient").clone())
+        .collect();
     (out, grads)
 }
 
@@ -91,7 +114,11 @@ fn custom_ops_match_composition_forward_and_backward_f32() {
         assert!(max_abs_diff(&out, &ref_out) < 1e-5, "{} forward", case.name);
         for (i, (g, r)) in grads.iter().zip(&ref_grads).enumerate() {
             let diff = max_abs_diff(g, r);
-            assert!(diff < 1e-4, "{} gradient of input {i} differs by {diff}", case.name);
+            assert!(
+                diff < 1e-4,
+                "{} gradient of input {i} differs by {diff}",
+                case.name
+            );
         }
     }
 }
@@ -103,7 +130,11 @@ fn fused_inference_path_matches_differentiable_path() {
         let fused = (case.op)(&inputs).unwrap(); // plain tensors: no gradient needed, fused kernel
         let proj = fused.ones_like().unwrap();
         let (differentiable, _) = output_and_grads(case.op, &inputs, &proj);
-        assert!(max_abs_diff(&fused, &differentiable) < 1e-5, "{}", case.name);
+        assert!(
+            max_abs_diff(&fused, &differentiable) < 1e-5,
+            "{}",
+            case.name
+        );
     }
 }
 
@@ -140,7 +171,11 @@ fn custom_op_gradients_match_finite_differences_f64() {
         for (i, (g, n)) in grads.iter().zip(&numeric).enumerate() {
             let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for (a, b) in g.iter().zip(n) {
-                assert!((a - b).abs() < 1e-6 * (1.0 + b.abs()), "{} input {i}: {a} vs {b}", case.name);
+                assert!(
+                    (a - b).abs() < 1e-6 * (1.0 + b.abs()),
+                    "{} input {i}: {a} vs {b}",
+                    case.name
+                );
             }
         }
     }

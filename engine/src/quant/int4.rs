@@ -108,7 +108,9 @@ fn quantize_groups(xs: &[f32], packed: &mut [u8], scales: &mut [f16], zeros: &mu
     let groups = xs.chunks(group_size).zip(packed.chunks_mut(group_size / 2));
     for ((group, out), (scale, zero)) in groups.zip(scales.iter_mut().zip(zeros.iter_mut())) {
         // Including 0 in the range keeps pruned (zero) weights exactly zero.
-        let (lo, hi) = group.iter().fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = group
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &x| (if x < lo { x } else { lo }, if x > hi { x } else { hi }));
         *scale = f16_at_least((hi - lo) / 15.0);
         let s = scale.to_f32();
         let inv = if s > 0.0 && s.is_finite() { 1.0 / s } else { 0.0 };

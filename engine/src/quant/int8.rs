@@ -83,11 +83,12 @@ impl Int8Weight {
 /// Quantizes whole rows of `xs` into `qs`, writing one scale per row.
 fn quantize_rows(xs: &[f32], qs: &mut [i8], scales: &mut [f16], cols: usize) {
     for ((row, qrow), scale) in xs.chunks(cols).zip(qs.chunks_mut(cols)).zip(scales.iter_mut()) {
-        let amax = row.iter().fold(0f32, |m, &x| m.max(x.abs()));
+        // A compare-and-select maximum vectorizes; `f32::max`'s NaN rules keep it scalar.
+        let amax = row.iter().fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
         *scale = f16_at_least(amax / 127.0);
         let inv = if scale.to_f32() > 0.0 { 1.0 / scale.to_f32() } else { 0.0 };
         for (q, &x) in qrow.iter_mut().zip(row) {
-            *q = round_clamped(x * inv, 127.0) as i8;
+            *q = round_clamped(x * inv, 127.0) as i32 as i8;
         }
     }
 }

@@ -3,12 +3,17 @@
 //! distillation.
 
 mod adamw_kernel;
+pub mod checkpoint;
 pub mod clip;
 pub mod grads;
+pub mod hooks;
 pub mod optimizer;
 pub mod schedule;
+pub mod trainer;
 
 pub use clip::{ClipConfig, ClipOutcome, GradTransform};
 pub use grads::{GradAccumulator, Gradients};
 pub use optimizer::{AdamW, AdamWConfig, ParamGroupConfig};
 pub use schedule::{Decay, Schedule, ScheduleConfig};
+pub use hooks::{EarlyStopping, NoHooks, Progress, TrainHooks, TrainTask};
+pub use trainer::{StopReason, TrainConfig, TrainReport, Trainer};

@@ -1,0 +1,120 @@
+"""PyTorch eager reference for `bench/train_step.rs`: one BERT training step, timed by phase.
+
+The model is written out in plain torch.nn (no transformers dependency) with exactly the layout of
+Hugging Face's BertForSequenceClassification: embeddings (word, position, token type, LayerNorm),
+post-norm encoder layers (self-attention with an additive padding mask, GELU feed-forward), a tanh
+pooler on [CLS] and a linear classifier. Config and batch match the Rust bench: hidden 256, 4 layers,
+4 heads, intermediate 1024, vocab 30522, batch 8 x 128, f32, AdamW (lr 2e-5, wd 0.01) with global
+norm clipping at 1.0, CPU.
+
+Prints one JSON line: median milliseconds of forward (incl. loss), backward, optimizer (clip + step)
+and the whole step over the timed steps.
+
+    python3 bench/pytorch_train_step.py [--steps 10] [--warmup 3] [--dropout 0.0] [--threads N]
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+
+class Layer(nn.Module):
+    def __init__(self, hidden, heads, inter, p):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(3)])
+        self.out = nn.Linear(hidden, hidden)
+        self.ln1 = nn.LayerNorm(hidden, eps=1e-12)
+        self.up = nn.Linear(hidden, inter)
+        self.down = nn.Linear(inter, hidden)
+        self.ln2 = nn.LayerNorm(hidden, eps=1e-12)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x, mask_bias):
+        b, s, h = x.shape
+        d = h // self.heads
+        q, k, v = (lin(x).view(b, s, self.heads, d).transpose(1, 2) for lin in self.qkv)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d) + mask_bias
+        ctx = (self.drop(scores.softmax(-1)) @ v).transpose(1, 2).reshape(b, s, h)
+        x = self.ln1(x + self.drop(self.out(ctx)))
+        return self.ln2(x + self.drop(self.down(nn.functional.gelu(self.up(x)))))
+
+
+class Bert(nn.Module):
+    def __init__(self, vocab, hidden, layers, heads, inter, max_pos, labels, p):
+        super().__init__()
+        self.word = nn.Embedding(vocab, hidden)
+        self.pos = nn.Embedding(max_pos, hidden)
+        self.tok = nn.Embedding(2, hidden)
+        self.ln = nn.LayerNorm(hidden, eps=1e-12)
+        self.drop = nn.Dropout(p)
+        self.layers = nn.ModuleList([Layer(hidden, heads, inter, p) for _ in range(layers)])
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, labels)
+
+    def forward(self, ids, mask, types):
+        s = ids.shape[1]
+        pos = torch.arange(s).unsqueeze(0)
+        x = self.drop(self.ln(self.word(ids) + self.pos(pos) + self.tok(types)))
+        mask_bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
+        for layer in self.layers:
+            x = layer(x, mask_bias)
+        return self.classifier(self.drop(torch.tanh(self.pooler(x[:, 0]))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch, seq = 8, 128
+    model = Bert(30522, 256, 4, 4, 1024, 512, 2, args.dropout)
+    model.train()
+    ids = torch.randint(0, 30522, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    types = torch.zeros(batch, seq, dtype=torch.long)
+    labels = torch.randint(0, 2, (batch,))
+    decay = [p for n, p in model.named_parameters() if not ("ln" in n or n.endswith("bias"))]
+    no_decay = [p for n, p in model.named_parameters() if "ln" in n or n.endswith("bias")]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=2e-5
+    )
+    times = {"forward": [], "backward": [], "optimizer": [], "step": []}
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(ids, mask, types), labels)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("step", t3 - t0)):
+                times[key].append(dt * 1e3)
+    params = sum(p.numel() for p in model.parameters())
+    report = {k + "_ms": round(statistics.median(v), 2) for k, v in times.items()}
+    report.update(
+        impl="pytorch-eager",
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        params=params,
+        dropout=args.dropout,
+        steps=args.steps,
+    )
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+//! Process-wide performance settings for binaries that train or run models.
+
+/// Keeps glibc's allocator from handing large buffers back to the OS after every use.
+///
+/// Training allocates and frees the same multi-megabyte activation and gradient buffers every step.
+/// By default glibc serves blocks above 128 KiB-ish with `mmap` and returns them with `munmap`, so
+/// each step page-faults its working set in again (15–20% of cycles in a profile of a BERT step).
+/// Raising the mmap threshold to its maximum and the trim threshold far above it keeps those blocks
+/// in the heap for reuse. Call once, early in `main`; libraries should not call it. A no-op where
+/// the allocator is not glibc's.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit targets.
+        const MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
+        const TRIM_THRESHOLD: libc::c_int = 1024 * 1024 * 1024;
+        const TOP_PAD: libc::c_int = 64 * 1024 * 1024;
+        // SAFETY: mallopt only changes allocator tunables; it is safe to call at any time and returns
+        // 0 (ignored here: the defaults stay) when a value is rejected.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+            libc::mallopt(libc::M_TOP_PAD, TOP_PAD);
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The one training loop shared by fine-tuning, pruning recovery, QAT and distillation.
+//!
+//! Per optimizer step: `grad_accum_steps` micro-batches (forward with seeded dropout, backward,
+//! accumulate), one clipping measurement, one fused AdamW update, the post-step hook, a progress
+//! report, and, when due, validation (early stopping) and a checkpoint. The cancellation flag is
+//! polled before every step; a cancelled run saves a checkpoint (when a folder is configured) so it
+//! can be resumed.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Var};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{epoch_order, Batch, Example};
+use crate::models::common::DropoutRng;
+use crate::train::checkpoint::{self, TrainState};
+use crate::train::hooks::{EarlyStopping, Progress, TrainHooks, TrainTask};
+use crate::train::{clip, AdamW, AdamWConfig, ClipConfig, GradAccumulator, Gradients, Schedule, ScheduleConfig};
+use crate::{EngineError, Result};
+
+/// Settings of one training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training data.
+    pub epochs: u64,
+    /// Stop after this many optimizer steps, even mid-epoch.
+    pub max_steps: Option<u64>,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum_steps: usize,
+    /// Optimizer hyper-parameters and parameter groups.
+    pub optimizer: AdamWConfig,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleConfig,
+    /// Gradient clipping.
+    pub clip: ClipConfig,
+    /// Validate every this many optimizer steps.
+    pub eval_every_steps: Option<u64>,
+    /// Validate at the end of every epoch.
+    pub eval_each_epoch: bool,
+    /// Stop when validation stops improving.
+    pub early_stopping: Option<EarlyStopping>,
+    /// Seed of shuffling and dropout.
+    pub seed: u64,
+    /// Checkpoint folder (resumed from when it holds a checkpoint).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every this many optimizer steps (and always on cancellation).
+    pub checkpoint_every_steps: Option<u64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            max_steps: None,
+            batch_size: 16,
+            grad_accum_steps: 1,
+            optimizer: AdamWConfig::default(),
+            schedule: ScheduleConfig::default(),
+            clip: ClipConfig { max_norm: Some(1.0), max_value: None },
+            eval_every_steps: None,
+            eval_each_epoch: true,
+            early_stopping: None,
+            seed: 0,
+            checkpoint_dir: None,
+            checkpoint_every_steps: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidSetting`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum_steps == 0 {
+            return Err(EngineError::InvalidSetting("batch_size and grad_accum_steps must be at least 1".into()));
+        }
+        if self.epochs == 0 && self.max_steps.is_none() {
+            return Err(EngineError::InvalidSetting("epochs must be at least 1".into()));
+        }
+        if self.eval_every_steps == Some(0) || self.checkpoint_every_steps == Some(0) {
+            return Err(EngineError::InvalidSetting("step intervals must be at least 1".into()));
+        }
+        self.optimizer.validate()?;
+        self.schedule.validate()?;
+        self.clip.validate()
+    }
+
+    /// Optimizer steps for `examples` training rows.
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        let micro = examples.div_ceil(self.batch_size) as u64;
+        let per_epoch = micro.div_ceil(self.grad_accum_steps as u64);
+        let planned = per_epoch * self.epochs;
+        self.max_steps.map_or(planned, |m| if self.epochs == 0 { m } else { m.min(planned) })
+    }
+}
+
+/// Why the loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// All planned steps were made.
+    Completed,
+    /// Validation stopped improving.
+    EarlyStopped,
+    /// The cancellation flag was set.
+    Cancelled,
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// Why training stopped.
+    pub stop_reason: StopReason,
+    /// Optimizer steps done (including those before a resume).
+    pub steps: u64,
+    /// Planned optimizer steps.
+    pub total_steps: u64,
+    /// Mean loss of the last step.
+    pub final_loss: Option<f64>,
+    /// Best validation metric and the step it was seen at.
+    pub best_metric: Option<f64>,
+    /// Step of the best validation metric.
+    pub best_step: Option<u64>,
+    /// Whether the run continued from a checkpoint.
+    pub resumed: bool,
+    /// Wall time of this invocation, seconds.
+    pub seconds: f64,
+}
+
+/// Runs training.
+pub struct Trainer<'a> {
+    cfg: TrainConfig,
+    device: Device,
+    pad_id: u32,
+    cancel: &'a AtomicBool,
+}
+
+impl<'a> Trainer<'a> {
+    /// A trainer that builds batches on `device`, padding with `pad_id`, and stops when `cancel`
+    /// becomes true.
+    ///
+    /// # Errors
+    /// An invalid config.
+    pub fn new(cfg: TrainConfig, device: Device, pad_id: u32, cancel: &'a AtomicBool) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self { cfg, device, pad_id, cancel })
+    }
+
+    /// Trains the variables of `optimizer` on `train` with `task`'s loss.
+    ///
+    /// # Errors
+    /// No training rows, a forward/backward failure, a hook error or a checkpoint I/O error.
+    pub fn run(
+        &self,
+        task: &dyn TrainTask,
+        optimizer: &mut AdamW,
+        train: &[Example],
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<TrainReport> {
+        if train.is_empty() {
+            return Err(EngineError::InvalidSetting("no training examples".into()));
+        }
+        let started = Instant::now();
+        let total_steps = self.cfg.total_steps(train.len());
+        let schedule = self.cfg.schedule.build(total_steps);
+        let (mut state, resumed) = self.initial_state(optimizer)?;
+        let first_step = state.step;
+        let mut samples = 0usize;
+        let mut accumulator = GradAccumulator::new();
+        // Fetched once: the optimizer's order is the accumulator's order.
+        let vars = optimizer.vars();
+        let mut last_loss = None;
+        let mut order = epoch_order(train.len(), self.cfg.seed, state.epoch);
+        let stop_reason = loop {
+            if state.step >= total_steps {
+                break StopReason::Completed;
+            }
+            if self.cancel.load(Ordering::Relaxed) {
+                self.save_checkpoint(optimizer, &state)?;
+                break StopReason::Cancelled;
+            }
+            let mut ctx = StepContext { train, order: &order, vars: &vars, accumulator: &mut accumulator };
+            let stats = self.optimizer_step(task, optimizer, &mut ctx, &mut state, &schedule, hooks)?;
+            samples += stats.rows;
+            last_loss = Some(stats.loss);
+            let epoch_done = state.batch_in_epoch * self.cfg.batch_size >= train.len();
+            if epoch_done {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                order = epoch_order(train.len(), self.cfg.seed, state.epoch);
+            }
+            let eval_due = self.cfg.eval_every_steps.is_some_and(|n| state.step % n == 0)
+                || (epoch_done && self.cfg.eval_each_epoch);
+            if eval_due && self.validate(&mut state, hooks)? {
+                self.save_checkpoint(optimizer, &state)?;
+                break StopReason::EarlyStopped;
+            }
+            if self.cfg.checkpoint_every_steps.is_some_and(|n| state.step % n == 0) {
+                self.save_checkpoint(optimizer, &state)?;
+            }
+            let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+            let rate = samples as f64 / elapsed;
+            let steps_done = (state.step - first_step) as f64;
+            hooks.on_progress(&Progress {
+                step: state.step,
+                total_steps,
+                epoch: state.epoch,
+                loss: stats.loss,
+                learning_rate: optimizer.base_lr(schedule.factor(state.step - 1)),
+                grad_norm: stats.grad_norm,
+                samples_per_sec: rate,
+                eta_seconds: elapsed / steps_done * (total_steps - state.step) as f64,
+            });
+        };
+        if stop_reason == StopReason::Completed && self.cfg.checkpoint_dir.is_some() {
+            self.save_checkpoint(optimizer, &state)?;
+        }
+        Ok(TrainReport {
+            stop_reason,
+            steps: state.step,
+            total_steps,
+            final_loss: last_loss,
+            best_metric: state.best_metric,
+            best_step: state.best_step,
+            resumed,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Borrowed inputs of one optimizer step.
+struct StepContext<'d> {
+    train: &'d [Example],
+    order: &'d [usize],
+    vars: &'d [(String, Var)],
+    accumulator: &'d mut GradAccumulator,
+}
+
+/// What one optimizer step measured.
+struct StepStats {
+    loss: f64,
+    rows: usize,
+    grad_norm: f64,
+}
+
+impl Trainer<'_> {
+    fn initial_state(&self, optimizer: &mut AdamW) -> Result<(TrainState, bool)> {
+        if let Some(dir) = &self.cfg.checkpoint_dir {
+            if checkpoint::exists(dir) {
+                let state = checkpoint::load(dir, optimizer)?;
+                tracing::info!(target: "engine.train", step = state.step, dir = %dir.display(), "resuming from checkpoint");
+                return Ok((state, true));
+            }
+        }
+        let state = TrainState {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng: ChaCha8Rng::seed_from_u64(self.cfg.seed),
+            best_metric: None,
+            best_step: None,
+            evals_without_improvement: 0,
+        };
+        Ok((state, false))
+    }
+
+    /// Runs the micro-batches of one optimizer step and applies the update.
+    fn optimizer_step(
+        &self,
+        task: &dyn TrainTask,
+        optimizer: &mut AdamW,
+        ctx: &mut StepContext<'_>,
+        state: &mut TrainState,
+        schedule: &Schedule,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<StepStats> {
+        let bs = self.cfg.batch_size;
+        let accumulate = self.cfg.grad_accum_steps > 1;
+        ctx.accumulator.clear();
+        let (mut single, mut loss_sum, mut rows, mut micro) = (None, 0f64, 0usize, 0usize);
+        while micro < self.cfg.grad_accum_steps && state.batch_in_epoch * bs < ctx.train.len() {
+            let start = state.batch_in_epoch * bs;
+            let end = (start + bs).min(ctx.train.len());
+            let examples: Vec<&Example> = ctx.order[start..end].iter().map(|&i| &ctx.train[i]).collect();
+            let batch = Batch::collate(&examples, self.pad_id, &self.device)?;
+            let dropout = DropoutRng::new(state.rng.next_u64());
+            let loss = task.loss(&batch, Some(&dropout))?;
+            loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let grads = loss.backward()?;
+            if accumulate {
+                ctx.accumulator.add(ctx.vars, &grads)?;
+            } else {
+                single = Some(grads);
+            }
+            state.batch_in_epoch += 1;
+            rows += examples.len();
+            micro += 1;
+        }
+        let grads = match &single {
+            Some(store) => Gradients::Store(store),
+            None => Gradients::Accumulated(ctx.accumulator),
+        };
+        let outcome = clip::measure(ctx.vars, grads, &self.cfg.clip)?;
+        optimizer.step(grads, schedule.factor(state.step), outcome.transform)?;
+        state.step += 1;
+        hooks.after_optimizer_step(state.step)?;
+        Ok(StepStats { loss: loss_sum / micro.max(1) as f64, rows, grad_norm: outcome.pre_clip_norm })
+    }
+
+    /// Validates and updates the early-stopping state; returns whether to stop.
+    fn validate(&self, state: &mut TrainState, hooks: &mut dyn TrainHooks) -> Result<bool> {
+        let Some(metric) = hooks.validate(state.step)? else { return Ok(false) };
+        tracing::info!(target: "engine.train", step = state.step, metric, "validation");
+        let rule = self.cfg.early_stopping.unwrap_or(EarlyStopping {
+            patience: u32::MAX,
+            min_delta: 0.0,
+            higher_is_better: true,
+        });
+        if rule.improves(metric, state.best_metric) {
+            state.best_metric = Some(metric);
+            state.best_step = Some(state.step);
+            state.evals_without_improvement = 0;
+            return Ok(false);
+        }
+        state.evals_without_improvement += 1;
+        Ok(self.cfg.early_stopping.is_some() && state.evals_without_improvement >= rule.patience)
+    }
+
+    fn save_checkpoint(&self, optimizer: &AdamW, state: &TrainState) -> Result<()> {
+        match &self.cfg.checkpoint_dir {
+            Some(dir) => checkpoint::save(dir, optimizer, state),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! Shared helpers of the training tests: a tiny random BERT classifier and a synthetic dataset it
+//! can learn (label = whether token 7 occurs in the row).
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use compressd_engine::data::Example;
+use compressd_engine::layers::LinearFactory;
+use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
+use compressd_engine::params::ParamStore;
+use rand::{Rng, SeedableRng};
+
+/// A 2-layer, hidden-16 BERT with two classes, its parameters drawn from `seed`.
+pub fn tiny_classifier(seed: u64, dropout: f64) -> Result<(ParamStore, BertForSequenceClassification)> {
+    let cfg: BertConfig = serde_json::from_value(serde_json::json!({
+        "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 32, "max_position_embeddings": 16, "type_vocab_size": 2,
+        "hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout,
+        "id2label": {"0": "absent", "1": "present"}
+    }))?;
+    let store = ParamStore::new();
+    store.set_init_missing(Some(seed));
+    let model =
+        BertForSequenceClassification::load(store.var_builder(DType::F32, &Device::Cpu), &cfg, &LinearFactory::default())?;
+    Ok((store, model))
+}
+
+/// `n` rows of 3..=8 tokens from 2..20 (0 is padding, 1 is `[CLS]` at the start); label 1 when the
+/// row contains token 7.
+pub fn synthetic_rows(n: usize, seed: u64) -> Vec<Example> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let len = rng.gen_range(3..=8);
+            let mut ids: Vec<u32> = std::iter::once(1).chain((1..len).map(|_| rng.gen_range(2..20))).collect();
+            ids.retain(|&t| t != 7);
+            if i % 2 == 0 {
+                let at = rng.gen_range(1..=ids.len());
+                ids.insert(at, 7);
+            }
+            Example { label: Some(ids.contains(&7) as u32), input_ids: ids }
+        })
+        .collect()
+}
+
+/// Every trainable tensor of a store, by name.
+pub fn snapshot(store: &ParamStore) -> Result<Vec<(String, Vec<f32>)>> {
+    store
+        .trainable_vars()
+        .into_iter()
+        .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .collect()
+}
+
+#[allow(dead_code)]
+pub fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+}

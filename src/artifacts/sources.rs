@@ -1,0 +1,211 @@
+//! Where referenced inputs come from: `file://` paths under the allowed roots, and `s3://`
+//! folders. A reference resolves to a list of files, each opened as a byte stream, so a
+//! referenced model goes through exactly the same checks and copy as an uploaded one.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+
+use super::{ArtifactStore, StoreConfig};
+use crate::error::{Error, Result};
+use crate::inputs::Rejection;
+
+/// Most files one reference may bring (a model folder has a handful).
+const MAX_FILES: usize = 1000;
+/// Read size for local files.
+const READ_CHUNK: usize = 1 << 20;
+
+/// A parsed reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// A local file or folder, canonical and inside an allowed root.
+    Local(PathBuf),
+    /// An `s3://bucket/prefix` folder or object.
+    S3(String),
+}
+
+/// One file a reference brings, by its name inside the input.
+pub struct SourceFile {
+    pub name: String,
+    location: Location,
+}
+
+enum Location {
+    Local(PathBuf),
+    S3 { store: ArtifactStore, key: String },
+}
+
+fn refuse(slug: &'static str, message: String) -> Error {
+    Error::Rejected(Rejection::new(slug, message))
+}
+
+/// Parses a `uri` from a registration request.
+///
+/// # Errors
+/// [`Error::Rejected`]: `uri-not-allowed` for a `file://` outside `allowed_roots` or with `..`,
+/// `uri-not-found` for a path that does not exist, `invalid-uri` for other schemes.
+pub fn parse_reference(uri: &str, allowed_roots: &[PathBuf]) -> Result<Reference> {
+    if let Some(raw) = uri.strip_prefix("file://") {
+        // `..` is refused outright, before any normalisation could hide it.
+        if raw.split('/').any(|part| part == ".." || part == ".") || raw.contains("%2e%2e") || raw.contains("%2E%2E") {
+            return Err(refuse("uri-not-allowed", format!("{uri}: '..' and '.' are not allowed in file:// paths")));
+        }
+        let path = url::Url::parse(uri)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .ok_or_else(|| refuse("invalid-uri", format!("{uri} is not a file:///absolute/path URI")))?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|_| refuse("uri-not-found", format!("{uri} does not exist or cannot be read")))?;
+        check_allowed(uri, &canonical, allowed_roots)?;
+        return Ok(Reference::Local(canonical));
+    }
+    if uri.starts_with("s3://") && uri.len() > "s3://".len() {
+        return Ok(Reference::S3(uri.to_owned()));
+    }
+    Err(refuse("invalid-uri", format!("{uri} is not a file:// or s3:// URI")))
+}
+
+fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Result<()> {
+    let inside = allowed_roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .any(|root| canonical.starts_with(root));
+    if inside {
+        return Ok(());
+    }
+    let roots: Vec<String> = allowed_roots.iter().map(|r| r.display().to_string()).collect();
+    let listed = if roots.is_empty() { "none are configured (allowed_file_roots)".to_owned() } else { roots.join(", ") };
+    Err(refuse("uri-not-allowed", format!("{uri} is outside the allowed file roots: {listed}")))
+}
+
+/// Lists the files a reference brings, sorted by name.
+///
+/// # Errors
+/// [`Error::Rejected`] when it holds no files or too many, or a symlink leads outside the
+/// allowed roots; [`Error::Io`] or the store's error when listing fails.
+pub async fn list_files(reference: &Reference, allowed_roots: &[PathBuf], s3: &StoreConfig) -> Result<Vec<SourceFile>> {
+    let files = match reference {
+        Reference::Local(path) => {
+            let (path, roots) = (path.clone(), allowed_roots.to_vec());
+            tokio::task::spawn_blocking(move || local_files(&path, &roots))
+                .await
+                .map_err(|e| Error::BadUpload(format!("listing files failed: {e}")))??
+        }
+        Reference::S3(uri) => s3_files(uri, s3).await?,
+    };
+    if files.is_empty() {
+        return Err(refuse("invalid-model", "the referenced location holds no files".into()));
+    }
+    if files.len() > MAX_FILES {
+        return Err(refuse("invalid-model", format!("the referenced location holds more than {MAX_FILES} files")));
+    }
+    Ok(files)
+}
+
+fn local_files(path: &FsPath, allowed_roots: &[PathBuf]) -> Result<Vec<SourceFile>> {
+    if path.is_file() {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(vec![SourceFile { name, location: Location::Local(path.to_path_buf()) }]);
+    }
+    let mut out = Vec::new();
+    walk(path, path, allowed_roots, &mut out)?;
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Collects regular files below `dir`, skipping hidden entries (`.git`, `.cache`).
+fn walk(base: &FsPath, dir: &FsPath, roots: &[PathBuf], out: &mut Vec<SourceFile>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if entry.file_name().to_string_lossy().starts_with('.') || out.len() > MAX_FILES {
+            continue;
+        }
+        let real = entry.path().canonicalize().map_err(|e| Error::io(entry.path(), e))?;
+        check_allowed(&entry.path().display().to_string(), &real, roots)?;
+        if real.is_dir() {
+            walk(base, &entry.path(), roots, out)?;
+        } else {
+            let relative = entry.path().strip_prefix(base).unwrap_or(&entry.path()).to_path_buf();
+            let name = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+            out.push(SourceFile { name, location: Location::Local(real) });
+        }
+    }
+    Ok(())
+}
+
+async fn s3_files(uri: &str, base: &StoreConfig) -> Result<Vec<SourceFile>> {
+    let store = ArtifactStore::open(&StoreConfig { url: Some(uri.to_owned()), ..base.clone() })?;
+    let objects = store.list("").await?;
+    Ok(objects
+        .into_iter()
+        .map(|o| SourceFile { name: o.key.clone(), location: Location::S3 { store: store.clone(), key: o.key } })
+        .collect())
+}
+
+impl SourceFile {
+    /// Opens the file as a stream of chunks.
+    ///
+    /// # Errors
+    /// [`Error::Io`] or the store's error.
+    pub async fn open(&self) -> Result<BoxStream<'static, Result<Bytes>>> {
+        match &self.location {
+            Location::Local(path) => {
+                let file = tokio::fs::File::open(path).await.map_err(|e| Error::io(path, e))?;
+                let path = path.clone();
+                Ok(tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
+                    .map_err(move |e| Error::io(&path, e))
+                    .boxed())
+            }
+            Location::S3 { store, key } => store.read(key, None).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_references_must_stay_inside_the_allowed_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("models/m");
+        std::fs::create_dir_all(&inside).unwrap();
+        let roots = vec![dir.path().join("models")];
+        let ok = parse_reference(&format!("file://{}", inside.display()), &roots).unwrap();
+        assert_eq!(ok, Reference::Local(inside.canonicalize().unwrap()));
+        let slug = |r: Result<Reference>| match r {
+            Err(Error::Rejected(r)) => r.slug,
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        assert_eq!(slug(parse_reference(&format!("file://{}/../x", inside.display()), &roots)), "uri-not-allowed");
+        assert_eq!(slug(parse_reference(&format!("file://{}", dir.path().display()), &roots)), "uri-not-allowed");
+        assert_eq!(slug(parse_reference(&format!("file://{}", inside.display()), &[])), "uri-not-allowed");
+        assert_eq!(slug(parse_reference(&format!("file://{}/missing", inside.display()), &roots)), "uri-not-found");
+        assert_eq!(slug(parse_reference("ftp://x/y", &roots)), "invalid-uri");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn symlinks_out_of_the_roots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(dir.path().join("secret"), b"x").unwrap();
+        std::fs::write(root.join("config.json"), b"{}").unwrap();
+        let roots = vec![root.clone()];
+        let reference = parse_reference(&format!("file://{}", root.display()), &roots).unwrap();
+        let config = StoreConfig {
+            url: None,
+            default_dir: dir.path().join("store"),
+            s3: Default::default(),
+            part_size_bytes: super::super::MIN_PART_SIZE,
+            max_inflight_parts: 1,
+        };
+        assert_eq!(list_files(&reference, &roots, &config).await.unwrap().len(), 1);
+        std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
+        assert!(matches!(list_files(&reference, &roots, &config).await, Err(Error::Rejected(_))));
+    }
+}
