@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use compressd::error::Error;
 use compressd::events::Notice;
-use compressd::store::{AttemptOutcome, JobError, JobProgress, JobStatus, Lease, Reaped, Store};
+use compressd::store::{AttemptOutcome, JobError, JobProgress, JobStatus, Lease, Reaped};
 use scheduler_support::{all_events, dry_run_spec, queue_job, seed_inputs, terminal_count, Inputs, SharedStore};
 use serde_json::json;
 
@@ -17,6 +17,11 @@ const LONG: Duration = Duration::from_secs(60);
 
 fn lease_of(job: &compressd::store::Job, owner: &str) -> Lease {
     Lease { job_id: job.id, attempt: job.attempt, owner: owner.into() }
+}
+
+/// Whether a write was refused as coming from attempt 1's lost lease.
+fn lost<T>(result: Result<T, Error>) -> bool {
+    matches!(result, Err(Error::LeaseLost { attempt: 1, .. }))
 }
 
 fn crash() -> AttemptOutcome {
@@ -100,7 +105,6 @@ async fn a_reclaimed_job_fences_its_old_worker(store: SharedStore, inputs: Input
 
     let old = lease_of(&first, "old");
     assert_eq!(store.heartbeat(&old, LONG).await.unwrap(), None);
-    let lost = |r: Result<_, Error>| matches!(r, Err(Error::LeaseLost { attempt: 1, .. }));
     assert!(lost(store.append_fenced_event(&old, "log", json!({"message": "zombie"})).await));
     assert!(lost(store.update_progress(&old, &JobProgress::default()).await));
     assert!(lost(store.finish_attempt(&old, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await));

@@ -6,11 +6,16 @@
 use axum::Json;
 use utoipa::OpenApi;
 
+use super::artifacts::{ArtifactList, ArtifactView};
+use super::datasets::{DatasetList, DatasetView};
+use super::datasets_create::DatasetReference;
 use super::error::{FieldError, Problem};
 use super::events::EventList;
 use super::health::Health;
 use super::jobs::list::JobList;
 use super::jobs::JobView;
+use super::models::{ModelList, ModelView};
+use super::models_create::ModelReference;
 use crate::events::EventView;
 use crate::store::{JobError, JobProgress, JobResult, JobStatus};
 
@@ -27,13 +32,27 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
         super::jobs::manage::cancel_job,
         super::jobs::manage::delete_job,
         super::events::job_events,
+        super::models_create::create_model,
+        super::models::list_models,
+        super::models::get_model,
+        super::models::delete_model,
+        super::datasets_create::create_dataset,
+        super::datasets::list_datasets,
+        super::datasets::get_dataset,
+        super::datasets::delete_dataset,
+        super::artifacts::list_artifacts,
+        super::artifacts::download_artifact,
         super::health::healthz,
         super::health::readyz,
         super::metrics::metrics,
         openapi_json,
     ),
-    components(schemas(JobView, JobList, JobStatus, JobProgress, JobResult, JobError, Problem, FieldError, Health, EventList, EventView)),
-    tags((name = "jobs", description = "Compression jobs"), (name = "operations", description = "Probes, metrics, contract")),
+    components(schemas(ModelView, ModelList, ModelReference, DatasetView, DatasetList, DatasetReference, ArtifactView, ArtifactList,
+        JobView, JobList, JobStatus, JobProgress, JobResult, JobError, Problem, FieldError, Health, EventList, EventView)),
+    tags((name = "jobs", description = "Compression jobs"),
+        (name = "models", description = "Registered models (upload or reference)"),
+        (name = "datasets", description = "Registered datasets (upload or reference)"),
+        (name = "artifacts", description = "What jobs produce, and downloads"), (name = "operations", description = "Probes, metrics, contract")),
 )]
 pub struct ApiDoc;
 

@@ -50,3 +50,49 @@ where
     }
     Ok(report)
 }
+
+/// Whether the database still refers to the object at `key`: `models/{id}/…` and
+/// `datasets/{id}/…` belong to their rows; `jobs/{id}/…` objects to an artifact row with that
+/// `uri` (an attempt that never committed owns nothing). Unknown layouts are kept.
+///
+/// # Errors
+/// The database's error.
+pub async fn is_referenced(db: &dyn crate::store::Store, key: &str) -> Result<bool> {
+    let mut parts = key.splitn(3, '/');
+    let (Some(kind), Some(id)) = (parts.next(), parts.next()) else { return Ok(true) };
+    let Ok(id) = uuid::Uuid::parse_str(id) else { return Ok(true) };
+    Ok(match kind {
+        "models" => db.get_model(id).await?.is_some(),
+        "datasets" => db.get_dataset(id).await?.is_some(),
+        "jobs" => db.list_artifacts(id).await?.iter().any(|a| a.uri == key),
+        _ => true,
+    })
+}
+
+/// Runs [`sweep`] over models, datasets and job outputs every `interval`, removing unreferenced
+/// objects older than `min_age`. Errors are logged and the next round tries again.
+pub fn spawn_sweeper(
+    store: ArtifactStore,
+    db: std::sync::Arc<dyn crate::store::Store>,
+    min_age: std::time::Duration,
+    interval: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let cutoff = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or(chrono::Duration::MAX);
+            let db = db.clone();
+            let result = sweep(&store, &["models", "datasets", "jobs"], cutoff, |key| {
+                let db = db.clone();
+                async move { is_referenced(&*db, &key).await }
+            })
+            .await;
+            match result {
+                Ok(report) => tracing::info!(examined = report.examined, deleted = report.deleted, "orphan sweep done"),
+                Err(error) => tracing::warn!(%error, "orphan sweep failed"),
+            }
+        }
+    })
+}

@@ -110,6 +110,14 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
         let (store, metrics) = (state.store.clone(), state.metrics.scheduler.clone());
         Some(tokio::spawn(scheduler::run(store, worker_settings, metrics, shutdown.clone())))
     };
+    let sweeper = (settings.orphan_sweep_interval_secs > 0).then(|| {
+        crate::artifacts::sweep::spawn_sweeper(
+            state.artifacts.clone(),
+            state.store.clone(),
+            Duration::from_secs(settings.orphan_sweep_age_secs),
+            Duration::from_secs(settings.orphan_sweep_interval_secs),
+        )
+    });
     let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(|e| Error::io(settings.listen.to_string(), e))?;
     let stop = shutdown.clone();
     let signal = async move {
@@ -118,6 +126,9 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
     };
     let served = server::serve(listener, state, signal, Duration::from_secs(settings.shutdown_grace_secs)).await;
     shutdown.cancel();
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     if let Some(worker) = worker {
         // Running jobs are stopped and handed back to the queue before the process exits.
         let _ = worker.await;

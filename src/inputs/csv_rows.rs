@@ -70,7 +70,7 @@ impl CsvRows {
                     self.out_len = 0;
                     self.ends_len = 0;
                     self.too_long = false;
-                    self.start_line = self.reader.line() + 1;
+                    self.start_line = self.reader.line();
                     result?;
                 }
             }

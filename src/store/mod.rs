@@ -189,6 +189,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// cancel was requested. Safe to call from many processes at once.
     async fn reap_expired(&self, limit: u32, backoff: Duration) -> Result<Vec<Reaped>>;
 
+    /// Records an artifact of the leased attempt, fenced like every worker write: it is recorded
+    /// only while (job, attempt, lease owner) still hold the running job, so a reclaimed or
+    /// cancelled attempt never leaves a visible artifact. The artifact's job and attempt are the
+    /// lease's.
+    ///
+    /// # Errors
+    /// [`Error::LeaseLost`]; [`Error::Conflict`] when the job already has an artifact of that name.
+    async fn commit_artifact(&self, lease: &Lease, artifact: &Artifact) -> Result<()>;
+
     /// How many jobs are in each status (statuses with none are left out).
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>>;
 }

@@ -520,6 +520,10 @@ impl Store for SqliteStore {
         queue::reap_expired(&self.pool, &self.hub, limit, backoff).await
     }
 
+    async fn commit_artifact(&self, lease: &Lease, artifact: &Artifact) -> Result<()> {
+        queue::commit_artifact(&self.pool, lease, artifact).await
+    }
+
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>> {
         queue::count_by_status(&self.pool).await
     }

@@ -146,7 +146,7 @@ impl ClassificationData {
                 }
             }
         }
-        let mut encode = |split: Split, cap: Option<usize>| -> Result<Vec<Example>> {
+        let encode = |split: Split, cap: Option<usize>| -> Result<Vec<Example>> {
             let chosen: Vec<&Row> =
                 rows.iter().filter(|r| r.split == split).take(cap.unwrap_or(usize::MAX)).collect();
             let texts: Vec<&str> = chosen.iter().map(|r| r.text.as_str()).collect();

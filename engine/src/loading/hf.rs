@@ -82,3 +82,51 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     tokenizer.with_padding(None);
     Ok(tokenizer)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::Tensor;
+
+    use super::*;
+
+    #[test]
+    fn reads_sharded_folders_and_drops_integer_buffers() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6., &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::ones(4, DType::F32, &dev).unwrap();
+        let ids = Tensor::arange(0i64, 4, &dev).unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("a.weight", a), ("ids", ids)]),
+            dir.path().join("s1.safetensors"),
+        )
+        .unwrap();
+        candle_core::safetensors::save(
+            &HashMap::from([("b.bias", b)]),
+            dir.path().join("s2.safetensors"),
+        )
+        .unwrap();
+        let index = serde_json::json!({"weight_map": {"a.weight": "s1.safetensors", "ids": "s1.safetensors", "b.bias": "s2.safetensors"}});
+        std::fs::write(dir.path().join(SHARD_INDEX), index.to_string()).unwrap();
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "bert"}"#).unwrap();
+
+        let checkpoint = read_hf_folder(dir.path(), DType::F32, &dev).unwrap();
+        let names: Vec<&str> = checkpoint.tensors.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a.weight", "b.bias"]);
+        assert_eq!(checkpoint.model_type(), Some("bert"));
+        assert!(checkpoint.tokenizer.is_none());
+
+        let bad = serde_json::json!({"weight_map": {"a.weight": "../elsewhere.safetensors"}});
+        std::fs::write(dir.path().join(SHARD_INDEX), bad.to_string()).unwrap();
+        assert!(matches!(
+            read_hf_folder(dir.path(), DType::F32, &dev),
+            Err(EngineError::InvalidModel(_))
+        ));
+        assert!(read_hf_folder(&dir.path().join("missing"), DType::F32, &dev).is_err());
+    }
+}

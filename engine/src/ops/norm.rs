@@ -77,10 +77,10 @@ fn norm_backward_block<T: KernelFloat>(
         for j in 0..d {
             let xhat = (x[j] - mean) * rstd;
             let g = dy[j] * w[j];
-            mean_g = mean_g + g;
-            mean_gx = mean_gx + g * xhat;
-            dw[j] = dw[j] + dy[j] * xhat;
-            db[j] = db[j] + dy[j];
+            mean_g += g;
+            mean_gx += g * xhat;
+            dw[j] += dy[j] * xhat;
+            db[j] += dy[j];
         }
         let mean_g = if norm.centered { mean_g / n } else { T::zero() };
         let mean_gx = mean_gx / n;
@@ -102,8 +102,8 @@ fn norm_backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], norm: RowNorm) -> V
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
         .map(|(dx, (x, dy))| norm_backward_block(dx, x, dy, w, norm))
         .reduce(zeros, |(mut aw, mut ab), (bw, bb)| {
-            aw.iter_mut().zip(bw).for_each(|(a, b)| *a = *a + b);
-            ab.iter_mut().zip(bb).for_each(|(a, b)| *a = *a + b);
+            aw.iter_mut().zip(bw).for_each(|(a, b)| *a += b);
+            ab.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
             (aw, ab)
         });
     dx.extend(dw);

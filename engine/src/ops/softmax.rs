@@ -29,10 +29,10 @@ fn softmax_rows<T: KernelFloat>(x: &[T], d: usize) -> Vec<T> {
                 let mut sum = T::zero();
                 for (o, &x) in o.iter_mut().zip(x) {
                     *o = (x - max).exp();
-                    sum = sum + *o;
+                    sum += *o;
                 }
                 let inv = sum.recip();
-                o.iter_mut().for_each(|o| *o = *o * inv);
+                o.iter_mut().for_each(|o| *o *= inv);
             }
         });
     out

@@ -5,14 +5,19 @@
 //! share the trainer through [`Trainer`], so the stages themselves hold no training loop.
 
 pub mod finetune;
+mod measure;
 mod model;
 pub mod prune;
 pub mod quantize;
+mod saving;
+mod session;
+mod training;
 
 pub use finetune::{FinetuneStage, TrainSettings};
 pub use model::WorkingModel;
 pub use prune::PruneStage;
 pub use quantize::QuantizeStage;
+pub use session::{run_job, Session};
 
 use serde::Serialize;
 

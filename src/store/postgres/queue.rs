@@ -15,7 +15,7 @@ use sqlx::{Postgres, Row, Transaction};
 use super::{event_from_row, job_from_row, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
 use crate::store::lease::decide;
-use crate::store::{AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
+use crate::store::{Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
 
 /// The fence every worker write is conditioned on; `$1` job id, `$2` attempt, `$3` owner.
 const FENCE: &str = "id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'";
@@ -171,4 +171,32 @@ pub(super) async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64
     rows.iter()
         .map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?)))
         .collect()
+}
+
+/// Records an artifact of the leased attempt; the fence row is locked so a concurrent reclaim
+/// waits for (or beats) the insert. Nothing is recorded when the lease was lost.
+pub(super) async fn commit_artifact(pool: &PgPool, lease: &Lease, artifact: &Artifact) -> Result<()> {
+    let sql = format!(
+        "WITH fence AS (SELECT id FROM jobs WHERE {FENCE} FOR UPDATE) \
+         INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
+         SELECT id, $2, $4, $5, $6, $7, $8, $9, $10 FROM fence"
+    );
+    let done = sqlx::query(&sql)
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(&artifact.name)
+        .bind(&artifact.kind)
+        .bind(&artifact.format)
+        .bind(artifact.bytes)
+        .bind(&artifact.sha256)
+        .bind(&artifact.uri)
+        .bind(artifact.created_at)
+        .execute(pool)
+        .await
+        .map_err(|e| crate::store::constraint(e, || format!("job {} already has an artifact named {}", lease.job_id, artifact.name)))?;
+    if done.rows_affected() == 0 {
+        return Err(lease_lost(lease));
+    }
+    Ok(())
 }

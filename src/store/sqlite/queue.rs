@@ -17,7 +17,7 @@ use crate::events::hub::{EventHub, Notice};
 use super::{event_from_row, job_from_row, json_text, to_text, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
 use crate::store::lease::decide;
-use crate::store::{AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
+use crate::store::{Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
 
 /// The fence every worker write is conditioned on; `?1` job id, `?2` attempt, `?3` owner.
 const FENCE: &str = "id = ?1 AND attempt = ?2 AND lease_owner = ?3 AND status = 'running'";
@@ -215,4 +215,31 @@ pub(super) async fn reap_expired(pool: &SqlitePool, hub: &EventHub, limit: u32, 
 pub(super) async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, i64)>> {
     let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetch_all(pool).await?;
     rows.iter().map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?))).collect()
+}
+
+/// Records an artifact of the leased attempt in one statement, so the fence check and the insert
+/// happen under the same write lock; nothing is recorded when the lease was lost.
+pub(super) async fn commit_artifact(pool: &SqlitePool, lease: &Lease, artifact: &Artifact) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
+         SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})"
+    );
+    let done = sqlx::query(&sql)
+        .bind(lease.job_id.to_string())
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(&artifact.name)
+        .bind(&artifact.kind)
+        .bind(&artifact.format)
+        .bind(artifact.bytes)
+        .bind(&artifact.sha256)
+        .bind(&artifact.uri)
+        .bind(to_text(artifact.created_at))
+        .execute(pool)
+        .await
+        .map_err(|e| crate::store::constraint(e, || format!("job {} already has an artifact named {}", lease.job_id, artifact.name)))?;
+    if done.rows_affected() == 0 {
+        return Err(lease_lost(lease));
+    }
+    Ok(())
 }

@@ -1,0 +1,104 @@
+//! Saving a [`WorkingModel`] after a stage and loading it back to resume.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+
+use super::model::WorkingModel;
+use super::session::parse_config;
+use crate::error::{EngineError, Result};
+use crate::export::{export_hf_folder, export_llama_gguf, GgufExportOptions};
+use crate::layers::LinearKind;
+use crate::models::llama::LlamaConfig;
+use crate::params::{Param, ParamStore};
+use crate::prune::MaskSet;
+use crate::quant::layout::{self, StoredTensor};
+use crate::quant::{quantize, QuantScheme, Quantized};
+
+/// Writes `config.json`, the tokenizer files and `model.safetensors` (quantized weights in the
+/// layout of [`crate::quant::layout`]) into `dir`.
+///
+/// # Errors
+/// I/O errors, or a weight that cannot be read.
+pub(super) fn save(model: &WorkingModel, dir: &Path, tokenizer_dir: Option<&Path>) -> Result<()> {
+    let tensors = model.store.tensors();
+    // The HF writer also copies the tokenizer files; a quantized model then replaces its weights.
+    let Some((scheme, names)) = model.quantized() else {
+        return export_hf_folder(dir, &model.config, &tensors, tokenizer_dir);
+    };
+    export_hf_folder(dir, &model.config, &[], tokenizer_dir)?;
+    let mut stored = Vec::with_capacity(tensors.len());
+    for (name, tensor) in tensors {
+        let entry = match names.contains(&name) {
+            true => match quantize(&tensor, scheme)? {
+                Quantized::Weight(w) => StoredTensor::Quantized(w),
+                Quantized::Kept { .. } => StoredTensor::Dense(tensor),
+            },
+            false => StoredTensor::Dense(tensor),
+        };
+        stored.push((name, entry));
+    }
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    layout::save(&dir.join("model.safetensors"), &stored, &metadata)
+}
+
+/// Writes a Llama model as GGUF; quantized with the model's GGUF type when it has one, else f32.
+///
+/// # Errors
+/// A config that is not Llama's, or a write error.
+pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
+    let config: LlamaConfig = parse_config(&model.config)?;
+    let weight_type = match model.quantized() {
+        Some((QuantScheme::Gguf(dtype), _)) => dtype,
+        Some((QuantScheme::Int8, _)) => GgmlDType::Q8_0,
+        Some((QuantScheme::Int4 { .. }, _)) => GgmlDType::Q4_1,
+        None => GgmlDType::F32,
+    };
+    export_llama_gguf(path, &config, &model.store.tensors(), GgufExportOptions { weight_type, name: "compressd" })
+}
+
+/// Loads a folder written by [`save`] for a quantized model; quantized weights come back as their
+/// dequantized values (the kernels re-quantize them when the model is built).
+///
+/// # Errors
+/// A missing or malformed file.
+pub(super) fn load_quantized(dir: &Path, device: &Device) -> Result<WorkingModel> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::json(&config_path, e))?;
+    let store = ParamStore::new();
+    for (name, tensor) in layout::load(&dir.join("model.safetensors"), device)? {
+        let dense = match tensor {
+            StoredTensor::Dense(t) => t.to_dtype(DType::F32)?,
+            StoredTensor::Quantized(w) => w.dequantize(device)?,
+        };
+        store.insert(name, Param::Frozen(dense));
+    }
+    Ok(WorkingModel::new(store, config))
+}
+
+/// Restores masks (from the zeros of the pruned weights) and the quantized linear plan.
+///
+/// # Errors
+/// A named weight is missing or the scheme name is unknown.
+pub(super) fn restore(model: &mut WorkingModel, pruned: &[String], quantized: Option<&(String, Vec<String>)>) -> Result<()> {
+    if !pruned.is_empty() {
+        let mut masks = BTreeMap::new();
+        for name in pruned {
+            let param = model
+                .store
+                .get(name)
+                .ok_or_else(|| EngineError::InvalidModel(format!("pruned weight {name} is missing")))?;
+            let t = param.tensor();
+            masks.insert(name.clone(), t.ne(0f64)?.to_dtype(t.dtype())?);
+        }
+        model.set_masks(MaskSet::new(masks));
+    }
+    if let Some((scheme, names)) = quantized {
+        let scheme: QuantScheme = scheme.parse()?;
+        model.set_quantized(scheme, names, LinearKind::Quantized(scheme))?;
+    }
+    Ok(())
+}

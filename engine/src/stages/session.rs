@@ -1,0 +1,248 @@
+//! The real [`Workbench`]: a job's model, data and device, for [`crate::pipeline::run`].
+//!
+//! Text classification runs BERT-style encoders with a sequence-classification head (created,
+//! seeded, when the input model has none); language modelling runs Llama-style decoders. The model
+//! is saved after each stage as a Hugging Face folder (dense) or in the quantized safetensors layout
+//! ([`crate::quant::layout`]), plus `compressd.json` saying which weights are pruned or quantized so a
+//! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
+//! `model.gguf` when the spec asks for GGUF output.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use super::model::WorkingModel;
+use super::build;
+use crate::data::{ClassificationData, ClassificationSpec, LmCorpus, LmSpec, TextEncoder};
+use crate::error::{EngineError, Result};
+use crate::layers::LinearFactory;
+use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
+use crate::models::bert::{BertConfig, BertForSequenceClassification};
+use crate::models::llama::{LlamaConfig, LlamaForCausalLm};
+use crate::params::ParamStore;
+use crate::pipeline::{self, PipelineInputs, PipelineResult, ProgressFn, StageContext, Workbench};
+use crate::report::ModelMetrics;
+use crate::spec::{JobSpec, OutputFormat, StageSpec, TaskType};
+
+/// Default tokens per classification example (MiniLM's tokenizer truncates at 128 too).
+const DEFAULT_CLASSIFICATION_LENGTH: usize = 128;
+/// Default tokens per language-modelling sequence.
+const DEFAULT_LM_LENGTH: usize = 256;
+/// The file recording which weights are pruned or quantized.
+const STATE_FILE: &str = "compressd.json";
+
+/// The job's tokenized data.
+pub(super) enum TaskData {
+    /// Labelled rows split into train, validation and test.
+    Classification(ClassificationData),
+    /// A chunked corpus.
+    LanguageModeling(LmCorpus),
+}
+
+/// A model built for a forward pass.
+pub(super) enum BuiltModel {
+    /// BERT-style classifier.
+    Classifier(BertForSequenceClassification),
+    /// Llama-style decoder.
+    Decoder(LlamaForCausalLm),
+}
+
+/// Which weights are pruned or quantized, saved next to the model.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct SavedState {
+    pruned: Vec<String>,
+    quantized: Option<(String, Vec<String>)>,
+}
+
+/// The job's model source, data and device.
+pub struct Session {
+    pub(super) spec: JobSpec,
+    pub(super) device: Device,
+    pub(super) data: TaskData,
+    pub(super) encoder: TextEncoder,
+    model_path: PathBuf,
+    tokenizer_dir: Option<PathBuf>,
+}
+
+impl Session {
+    /// Reads the tokenizer and the dataset of `spec` from `inputs`.
+    ///
+    /// # Errors
+    /// Missing or malformed files, or a task the model family cannot do.
+    pub fn open(spec: &JobSpec, inputs: &PipelineInputs, device: Device) -> Result<Self> {
+        let tokenizer = tokenizer_path(&inputs.model)?;
+        let (data, encoder) = match spec.task.task_type {
+            TaskType::TextClassification => {
+                let length = spec.task.max_length.map_or(DEFAULT_CLASSIFICATION_LENGTH, |l| l as usize);
+                let encoder = TextEncoder::from_file(&tokenizer, length)?;
+                let data_spec = ClassificationSpec {
+                    text_field: spec.task.text_field.clone(),
+                    label_field: spec.task.label_field.clone().unwrap_or_else(|| "label".into()),
+                    max_train_samples: spec.task.max_train_samples.map(|n| n as usize),
+                    max_eval_samples: spec.task.max_eval_samples.map(|n| n as usize),
+                    ..ClassificationSpec::default()
+                };
+                (TaskData::Classification(ClassificationData::load(&inputs.dataset, &data_spec, &encoder)?), encoder)
+            }
+            TaskType::LanguageModeling => {
+                let length = spec.task.max_length.map_or(DEFAULT_LM_LENGTH, |l| l as usize);
+                let encoder = TextEncoder::from_file(&tokenizer, length)?;
+                let data_spec = LmSpec {
+                    seq_len: length,
+                    max_train_samples: spec.task.max_train_samples.map(|n| n as usize),
+                    max_eval_samples: spec.task.max_eval_samples.map(|n| n as usize),
+                    ..LmSpec::default()
+                };
+                (TaskData::LanguageModeling(LmCorpus::load(&inputs.dataset, &data_spec, &encoder)?), encoder)
+            }
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            device,
+            data,
+            encoder,
+            model_path: inputs.model.clone(),
+            tokenizer_dir: tokenizer.parent().map(Path::to_path_buf),
+        })
+    }
+
+    /// Builds the model for a forward pass with the model's linear plan. `trainable` keeps the
+    /// store's variables (training); otherwise a detached, frozen view is used, which quantized
+    /// layers require and which skips gradient bookkeeping.
+    pub(super) fn build_model(&self, model: &WorkingModel, trainable: bool) -> Result<BuiltModel> {
+        let store = if trainable {
+            model.store.clone()
+        } else {
+            let frozen = model.store.tensors().into_iter().map(|(n, t)| (n, t.detach()));
+            ParamStore::from_tensors(frozen, |_| false)?
+        };
+        let vb = store.var_builder(DType::F32, &self.device);
+        let factory = LinearFactory::new(model.plan().clone());
+        Ok(match self.spec.task.task_type {
+            TaskType::TextClassification => {
+                let cfg: BertConfig = parse_config(&model.config)?;
+                BuiltModel::Classifier(BertForSequenceClassification::load(vb, &cfg, &factory)?)
+            }
+            TaskType::LanguageModeling => {
+                let cfg: LlamaConfig = parse_config(&model.config)?;
+                BuiltModel::Decoder(LlamaForCausalLm::load(vb, &cfg, &factory)?)
+            }
+        })
+    }
+
+    /// A model from a checkpoint: labels set for classification, a missing head created (seeded).
+    fn from_checkpoint(&self, checkpoint: Checkpoint) -> Result<WorkingModel> {
+        let mut config = checkpoint.config.clone();
+        if let TaskData::Classification(data) = &self.data {
+            let mut cfg: BertConfig = parse_config(&config)?;
+            cfg.set_labels(&data.labels.id2label);
+            config = serde_json::to_value(&cfg).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+        }
+        let store = checkpoint.into_store(|_| true)?;
+        store.set_init_missing(Some(self.spec.seed));
+        let model = WorkingModel::new(store, config);
+        // Building once creates the missing head parameters in the store.
+        self.build_model(&model, true)?;
+        model.store.set_init_missing(None);
+        Ok(model)
+    }
+}
+
+impl Workbench for Session {
+    type Model = WorkingModel;
+
+    fn load_input(&mut self) -> Result<WorkingModel> {
+        let checkpoint = if self.model_path.is_dir() {
+            read_hf_folder(&self.model_path, DType::F32, &self.device)?
+        } else {
+            read_gguf(&self.model_path, DType::F32, &self.device)?
+        };
+        check_family(&checkpoint, self.spec.task.task_type)?;
+        self.from_checkpoint(checkpoint)
+    }
+
+    fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
+        let state: SavedState = read_json(&dir.join(STATE_FILE))?;
+        let mut model = match &state.quantized {
+            Some(_) => super::saving::load_quantized(dir, &self.device)?,
+            None => self.from_checkpoint(read_hf_folder(dir, DType::F32, &self.device)?)?,
+        };
+        super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
+        Ok(model)
+    }
+
+    fn run_stage(&mut self, model: &mut WorkingModel, spec: &StageSpec, ctx: &StageContext) -> Result<serde_json::Value> {
+        let stage = build(spec)?;
+        stage.validate(model)?;
+        stage.run(model, &*self, ctx)
+    }
+
+    fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
+        let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
+        let quantized = model.quantized().map(|(s, n)| (s.to_string(), n.iter().cloned().collect()));
+        super::saving::save(model, dir, self.tokenizer_dir.as_deref())?;
+        if self.spec.outputs.contains(&OutputFormat::Gguf) && self.spec.task.task_type == TaskType::LanguageModeling {
+            super::saving::save_gguf(model, &dir.join("model.gguf"))?;
+        }
+        write_json(&dir.join(STATE_FILE), &SavedState { pruned, quantized })
+    }
+
+    fn evaluate(&mut self, model: &WorkingModel, _dir: &Path) -> Result<ModelMetrics> {
+        super::measure::evaluate(self, model)
+    }
+}
+
+/// Runs a whole job: opens the session on `device` and runs the pipeline into `out_dir`.
+///
+/// # Errors
+/// As [`Session::open`] and [`pipeline::run`].
+pub fn run_job(
+    spec: &JobSpec,
+    inputs: &PipelineInputs,
+    device: Device,
+    out_dir: &Path,
+    progress: ProgressFn,
+    cancel: &AtomicBool,
+) -> Result<PipelineResult> {
+    let mut session = Session::open(spec, inputs, device)?;
+    pipeline::run(spec, inputs, &mut session, out_dir, progress, cancel)
+}
+
+fn tokenizer_path(model: &Path) -> Result<PathBuf> {
+    let dir = if model.is_dir() { model } else { model.parent().unwrap_or(Path::new(".")) };
+    let path = dir.join("tokenizer.json");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(EngineError::InvalidModel(format!("no tokenizer.json next to {}", model.display())))
+    }
+}
+
+fn check_family(checkpoint: &Checkpoint, task: TaskType) -> Result<()> {
+    let family = checkpoint.model_type().unwrap_or("unknown");
+    let fits = match task {
+        TaskType::TextClassification => matches!(family, "bert" | "roberta" | "distilbert" | "xlm-roberta"),
+        TaskType::LanguageModeling => matches!(family, "llama" | "mistral" | "qwen2" | "smollm"),
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(EngineError::Unsupported(format!("a {family} model cannot be used for {task:?}")))
+    }
+}
+
+pub(super) fn parse_config<C: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Result<C> {
+    serde_json::from_value(config.clone()).map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| EngineError::json(path, e))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| EngineError::json(path, e))?;
+    std::fs::write(path, bytes).map_err(|e| EngineError::io(path, e))
+}
