@@ -34,13 +34,19 @@ struct Options {
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut options = Options { backend: "sqlite".into(), rate: 500, seconds: 20 };
+    let mut options = Options {
+        backend: "sqlite".into(),
+        rate: 500,
+        seconds: 20,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--backend" => options.backend = args.next().context("--backend needs a value")?,
             "--rate" => options.rate = args.next().context("--rate needs a value")?.parse()?,
-            "--seconds" => options.seconds = args.next().context("--seconds needs a value")?.parse()?,
+            "--seconds" => {
+                options.seconds = args.next().context("--seconds needs a value")?.parse()?
+            }
             "--bench" => {} // cargo bench passes this to harness=false targets
             other => bail!("unknown argument {other}"),
         }
@@ -110,7 +116,12 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/v1/jobs", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(compressd::server::serve(listener, state, async move { drop(stopped.await) }, Duration::from_secs(5)));
+    let server = tokio::spawn(compressd::server::serve(
+        listener,
+        state,
+        async move { drop(stopped.await) },
+        Duration::from_secs(5),
+    ));
 
     let body = json!({
         "name": "bench",
@@ -119,7 +130,9 @@ async fn main() -> anyhow::Result<()> {
         "pipeline": [{"type": "finetune", "epochs": 1}]
     })
     .to_string();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
     let total = options.rate * options.seconds;
     let period = Duration::from_secs_f64(1.0 / f64::from(options.rate));
     let started = Instant::now();
@@ -129,7 +142,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep_until(scheduled.into()).await;
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         tasks.spawn(async move {
-            let response = client.post(url).header("content-type", "application/json").body(body).send().await;
+            let response = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await;
             let ok = matches!(&response, Ok(r) if r.status() == 201);
             (scheduled.elapsed(), ok)
         });

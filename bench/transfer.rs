@@ -106,7 +106,8 @@ async fn run(label: &str, file: &PathBuf, overrides: &[(&str, Value)]) -> Result
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(axum::serve(listener, api::router(state)).into_future());
+    let router = api::router(state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
     let size = std::fs::metadata(file)?.len();
 
     reset_peak_rss();

@@ -41,12 +41,16 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock starting at `start`, with ids drawn from `seed`.
     pub fn new(start: DateTime<Utc>, seed: u64) -> Self {
-        Self { millis: AtomicI64::new(start.timestamp_millis()), rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)) }
+        Self {
+            millis: AtomicI64::new(start.timestamp_millis()),
+            rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        }
     }
 
     /// Moves the clock forward.
     pub fn advance(&self, by: chrono::Duration) {
-        self.millis.fetch_add(by.num_milliseconds(), Ordering::SeqCst);
+        self.millis
+            .fetch_add(by.num_milliseconds(), Ordering::SeqCst);
     }
 
     fn tick(&self) -> i64 {
@@ -56,21 +60,31 @@ impl ManualClock {
 
 impl Default for ManualClock {
     fn default() -> Self {
-        Self::new(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("valid date"), 7)
+        Self::new(
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+                .single()
+                .expect("valid date"),
+            7,
+        )
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         let millis = self.tick();
-        Utc.timestamp_millis_opt(millis).single().expect("clock stays in chrono's range")
+        Utc.timestamp_millis_opt(millis)
+            .single()
+            .expect("clock stays in chrono's range")
     }
 
     fn new_id(&self) -> Uuid {
         let millis = u64::try_from(self.tick()).expect("manual clock is after 1970");
         let mut random = [0u8; 10];
         // A poisoned lock only means another test thread panicked; the generator is still usable.
-        self.rng.lock().unwrap_or_else(|e| e.into_inner()).fill_bytes(&mut random);
+        self.rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fill_bytes(&mut random);
         uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
     }
 }

@@ -33,14 +33,19 @@ fn parse(body: &Value) -> Result<JobSpec, Violation> {
             return Err(violation);
         }
     }
-    Err(violation_at(pointer(error.path()), &error.into_inner().to_string()))
+    Err(violation_at(
+        pointer(error.path()),
+        &error.into_inner().to_string(),
+    ))
 }
 
 /// The pipeline index the path is in, if any.
 fn stage_index(path: &Path) -> Option<usize> {
     let mut segments = path.iter();
     match (segments.next(), segments.next()) {
-        (Some(Segment::Map { key }), Some(Segment::Seq { index })) if key == "pipeline" => Some(*index),
+        (Some(Segment::Map { key }), Some(Segment::Seq { index })) if key == "pipeline" => {
+            Some(*index)
+        }
         _ => None,
     }
 }
@@ -58,16 +63,25 @@ fn stage_violation(body: &Value, index: usize) -> Option<Violation> {
         Some(_) => return Some(violation_at(format!("{at}/type"), "must be a string")),
     };
     if !STAGE_TYPES.contains(&stage_type.as_str()) {
-        let message = format!("unknown stage type `{stage_type}` (known: {})", STAGE_TYPES.join(", "));
+        let message = format!(
+            "unknown stage type `{stage_type}` (known: {})",
+            STAGE_TYPES.join(", ")
+        );
         return Some(violation_at(format!("{at}/type"), &message));
     }
     let mut fields = object.clone();
     fields.remove("type");
     let fields = Value::Object(fields);
     let mut track = Track::new();
-    let result = StageSpec::deserialize_typed(stage_type, serde_path_to_error::Deserializer::new(&fields, &mut track));
+    let result = StageSpec::deserialize_typed(
+        stage_type,
+        serde_path_to_error::Deserializer::new(&fields, &mut track),
+    );
     let error = result.err()?;
-    Some(violation_at(format!("{at}{}", pointer(&track.path())), &error.to_string()))
+    Some(violation_at(
+        format!("{at}{}", pointer(&track.path())),
+        &error.to_string(),
+    ))
 }
 
 /// A violation at `pointer`; "missing field" and "unknown field" errors point at the field itself,
@@ -78,10 +92,15 @@ fn violation_at(pointer: String, message: &str) -> Violation {
         .find_map(|prefix| message.strip_prefix(prefix))
         .and_then(|rest| rest.split('`').next());
     let pointer = match field {
-        Some(field) if !pointer.ends_with(&format!("/{}", escape(field))) => format!("{pointer}/{}", escape(field)),
+        Some(field) if !pointer.ends_with(&format!("/{}", escape(field))) => {
+            format!("{pointer}/{}", escape(field))
+        }
         _ => pointer,
     };
-    Violation { pointer, message: message.to_owned() }
+    Violation {
+        pointer,
+        message: message.to_owned(),
+    }
 }
 
 /// RFC 6901 pointer of a serde path.

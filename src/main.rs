@@ -24,10 +24,17 @@ fn main() -> ExitCode {
     if let Command::Exec { job } = cli.command {
         // A job's child process: stdout carries only protocol messages; logs go to stderr.
         tracing::debug!(%job, "running one job for a worker");
-        let status = compressd::scheduler::exec::exec(std::io::stdin().lock(), &mut std::io::stdout().lock());
+        let status = compressd::scheduler::exec::exec(
+            std::io::stdin().lock(),
+            &mut std::io::stdout().lock(),
+        );
         return ExitCode::from(u8::try_from(status).unwrap_or(1));
     }
-    tracing::info!(?settings, version = env!("CARGO_PKG_VERSION"), "effective configuration");
+    tracing::info!(
+        ?settings,
+        version = env!("CARGO_PKG_VERSION"),
+        "effective configuration"
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -55,7 +62,15 @@ fn report(error: &Error) {
     eprintln!("{message}");
     if let Error::InvalidSpec(violations) = error {
         for violation in violations {
-            eprintln!("  {}: {}", if violation.pointer.is_empty() { "/" } else { &violation.pointer }, violation.message);
+            eprintln!(
+                "  {}: {}",
+                if violation.pointer.is_empty() {
+                    "/"
+                } else {
+                    &violation.pointer
+                },
+                violation.message
+            );
         }
     }
 }

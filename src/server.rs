@@ -43,7 +43,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> Result<()> {
-    let address = listener.local_addr().map_err(|e| Error::io("listener", e))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("listener", e))?;
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;

@@ -143,7 +143,10 @@ impl Settings {
         // Only known keys are taken from the environment: other COMPRESSD_* variables (test
         // harness settings, COMPRESSD_SHARED) belong to other tools.
         let known = Self::keys();
-        Ok(figment.merge(Env::prefixed(ENV_PREFIX).filter(move |key| known.contains(&key.as_str().to_ascii_lowercase().as_str()))))
+        Ok(figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(move |key| known.contains(&key.as_str().to_ascii_lowercase().as_str())),
+        ))
     }
 
     /// Extracts and checks settings from any figment.
@@ -162,7 +165,9 @@ impl Settings {
             .lines()
             .map(|line| line.trim_start_matches("# ").trim())
             .filter_map(|line| line.split_once(" = ").map(|(key, _)| key.trim()))
-            .filter(|key| !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .filter(|key| {
+                !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+            })
             .collect()
     }
 
@@ -170,20 +175,31 @@ impl Settings {
         if let Some(url) = &self.database_url {
             let scheme = url.split("://").next().unwrap_or_default();
             if !url.contains("://") || !matches!(scheme, "postgres" | "postgresql" | "sqlite") {
-                return Err(invalid("database_url", "must start with postgres://, postgresql:// or sqlite://"));
+                return Err(invalid(
+                    "database_url",
+                    "must start with postgres://, postgresql:// or sqlite://",
+                ));
             }
         }
         crate::artifacts::StoreConfig::from_settings(self).check()?;
         if self.presigned_url_ttl_secs == 0 || self.presigned_url_ttl_secs > 7 * 24 * 3600 {
-            return Err(invalid("presigned_url_ttl_secs", "must be between 1 and 604800 (S3's limit)"));
+            return Err(invalid(
+                "presigned_url_ttl_secs",
+                "must be between 1 and 604800 (S3's limit)",
+            ));
         }
         if self.upload_max_inflight_parts == 0 {
             return Err(invalid("upload_max_inflight_parts", "must be at least 1"));
         }
         for origin in &self.cors_allowed_origins {
-            let valid = origin == "*" || ((origin.starts_with("http://") || origin.starts_with("https://")) && origin.is_ascii());
+            let valid = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && origin.is_ascii());
             if !valid {
-                return Err(invalid("cors_allowed_origins", &format!("`{origin}` is not an http(s) origin or \"*\"")));
+                return Err(invalid(
+                    "cors_allowed_origins",
+                    &format!("`{origin}` is not an http(s) origin or \"*\""),
+                ));
             }
         }
         if self.database_max_connections == 0 {
@@ -203,7 +219,10 @@ impl Settings {
             ("worker_heartbeat_secs", self.worker_heartbeat_secs),
             ("worker_lease_secs", self.worker_lease_secs),
             ("worker_poll_interval_secs", self.worker_poll_interval_secs),
-            ("events_slow_client_timeout_secs", self.events_slow_client_timeout_secs),
+            (
+                "events_slow_client_timeout_secs",
+                self.events_slow_client_timeout_secs,
+            ),
             ("events_keepalive_secs", self.events_keepalive_secs),
         ];
         for (setting, value) in positive {
@@ -212,14 +231,20 @@ impl Settings {
                 return Err(invalid(setting, "must be a number of seconds above 0"));
             }
         }
-        for (setting, value) in [("worker_stop_grace_secs", self.worker_stop_grace_secs), ("worker_retry_backoff_secs", self.worker_retry_backoff_secs)] {
+        for (setting, value) in [
+            ("worker_stop_grace_secs", self.worker_stop_grace_secs),
+            ("worker_retry_backoff_secs", self.worker_retry_backoff_secs),
+        ] {
             if !(0.0..=1e9).contains(&value) {
                 return Err(invalid(setting, "must be a number of seconds, 0 or more"));
             }
         }
         // A heartbeat must land well inside the lease, or a healthy worker loses its jobs.
         if self.worker_heartbeat_secs * 2.0 > self.worker_lease_secs {
-            return Err(invalid("worker_heartbeat_secs", "must be at most half of worker_lease_secs"));
+            return Err(invalid(
+                "worker_heartbeat_secs",
+                "must be at most half of worker_lease_secs",
+            ));
         }
         if self.worker_concurrency == 0 {
             return Err(invalid("worker_concurrency", "must be at least 1"));
@@ -237,17 +262,33 @@ impl Settings {
 }
 
 fn invalid(setting: &str, message: &str) -> Error {
-    Error::Config { setting: format!("{setting} ({ENV_PREFIX}{})", setting.to_uppercase()), message: message.into() }
+    Error::Config {
+        setting: format!("{setting} ({ENV_PREFIX}{})", setting.to_uppercase()),
+        message: message.into(),
+    }
 }
 
 fn config_error(error: figment::Error) -> Error {
     let path = error.path.join(".");
-    let setting = if path.is_empty() { "configuration".to_owned() } else { format!("{path} ({ENV_PREFIX}{})", path.to_uppercase()) };
-    let source = error.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
-    Error::Config { setting, message: format!("{}{source}", error.kind) }
+    let setting = if path.is_empty() {
+        "configuration".to_owned()
+    } else {
+        format!("{path} ({ENV_PREFIX}{})", path.to_uppercase())
+    };
+    let source = error
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    Error::Config {
+        setting,
+        message: format!("{}{source}", error.kind),
+    }
 }
 
-fn empty_is_none<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
     let value = Option::<String>::deserialize(deserializer)?;
     Ok(value.filter(|s| !s.trim().is_empty()))
 }
@@ -270,10 +311,16 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
-            .field("database_url", &self.database_url.as_deref().map(redact_url))
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
             .field("database_max_connections", &self.database_max_connections)
             .field("migrate_on_start", &self.migrate_on_start)
-            .field("artifacts_url", &self.artifacts_url.as_deref().map(redact_url))
+            .field(
+                "artifacts_url",
+                &self.artifacts_url.as_deref().map(redact_url),
+            )
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("json_body_limit_bytes", &self.json_body_limit_bytes)
             .field("cors_allowed_origins", &self.cors_allowed_origins)
@@ -287,12 +334,18 @@ impl fmt::Debug for Settings {
             .field("worker_stop_grace_secs", &self.worker_stop_grace_secs)
             .field("worker_retry_backoff_secs", &self.worker_retry_backoff_secs)
             .field("events_stream_buffer", &self.events_stream_buffer)
-            .field("events_slow_client_timeout_secs", &self.events_slow_client_timeout_secs)
+            .field(
+                "events_slow_client_timeout_secs",
+                &self.events_slow_client_timeout_secs,
+            )
             .field("events_keepalive_secs", &self.events_keepalive_secs)
             .field("s3_endpoint", &self.s3_endpoint)
             .field("s3_region", &self.s3_region)
             .field("s3_access_key_id", &self.s3_access_key_id)
-            .field("s3_secret_access_key", &self.s3_secret_access_key.as_ref().map(|_| "***"))
+            .field(
+                "s3_secret_access_key",
+                &self.s3_secret_access_key.as_ref().map(|_| "***"),
+            )
             .field("s3_allow_http", &self.s3_allow_http)
             .field("upload_part_size_bytes", &self.upload_part_size_bytes)
             .field("upload_max_inflight_parts", &self.upload_max_inflight_parts)
@@ -302,7 +355,10 @@ impl fmt::Debug for Settings {
             .field("redirect_downloads", &self.redirect_downloads)
             .field("presigned_url_ttl_secs", &self.presigned_url_ttl_secs)
             .field("orphan_sweep_age_secs", &self.orphan_sweep_age_secs)
-            .field("orphan_sweep_interval_secs", &self.orphan_sweep_interval_secs)
+            .field(
+                "orphan_sweep_interval_secs",
+                &self.orphan_sweep_interval_secs,
+            )
             .field("hf_offline", &self.hf_offline)
             .finish()
     }
@@ -314,7 +370,11 @@ mod tests {
     use figment::providers::Serialized;
 
     fn with(key: &str, value: &str) -> Result<Settings, Error> {
-        Settings::from_figment(Settings::figment(None).unwrap().merge(Serialized::default(key, value)))
+        Settings::from_figment(
+            Settings::figment(None)
+                .unwrap()
+                .merge(Serialized::default(key, value)),
+        )
     }
 
     #[test]
@@ -329,7 +389,14 @@ mod tests {
     #[test]
     fn every_documented_key_is_known() {
         let keys = Settings::keys();
-        for key in ["listen", "data_dir", "database_url", "artifacts_url", "log_format", "cors_allowed_origins"] {
+        for key in [
+            "listen",
+            "data_dir",
+            "database_url",
+            "artifacts_url",
+            "log_format",
+            "cors_allowed_origins",
+        ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
     }
@@ -339,7 +406,10 @@ mod tests {
         let err = with("listen", "not-an-address").unwrap_err().to_string();
         assert!(err.contains("listen (COMPRESSD_LISTEN)"), "{err}");
         let err = with("database_url", "mysql://x").unwrap_err().to_string();
-        assert!(err.contains("database_url (COMPRESSD_DATABASE_URL)"), "{err}");
+        assert!(
+            err.contains("database_url (COMPRESSD_DATABASE_URL)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -356,7 +426,10 @@ mod tests {
         let settings = with("database_url", "postgres://app:hunter2@db:5432/compressd").unwrap();
         let shown = format!("{settings:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("postgres://app:***@db:5432/compressd"), "{shown}");
+        assert!(
+            shown.contains("postgres://app:***@db:5432/compressd"),
+            "{shown}"
+        );
     }
 
     #[test]

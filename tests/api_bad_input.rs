@@ -32,10 +32,24 @@ async fn assert_invalid_at(api: &TestApi, pointer: &str, edit: impl FnOnce(&mut 
 #[tokio::test]
 async fn malformed_json_is_400() {
     let (api, _dir) = TestApi::sqlite().await;
-    let reply = api.send(Method::POST, "/v1/jobs", &[("content-type", "application/json")], "{\"name\": ").await;
+    let reply = api
+        .send(
+            Method::POST,
+            "/v1/jobs",
+            &[("content-type", "application/json")],
+            "{\"name\": ",
+        )
+        .await;
     assert_problem(&reply, StatusCode::BAD_REQUEST, "malformed-json");
     let nested = "[".repeat(10_000);
-    let reply = api.send(Method::POST, "/v1/jobs", &[("content-type", "application/json")], nested).await;
+    let reply = api
+        .send(
+            Method::POST,
+            "/v1/jobs",
+            &[("content-type", "application/json")],
+            nested,
+        )
+        .await;
     assert_problem(&reply, StatusCode::BAD_REQUEST, "malformed-json");
 }
 
@@ -43,10 +57,25 @@ async fn malformed_json_is_400() {
 async fn wrong_or_missing_content_type_is_415() {
     let (api, _dir) = TestApi::sqlite().await;
     let body = api.spec().to_string();
-    let reply = api.send(Method::POST, "/v1/jobs", &[("content-type", "text/plain")], body.clone()).await;
-    assert_problem(&reply, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type");
+    let reply = api
+        .send(
+            Method::POST,
+            "/v1/jobs",
+            &[("content-type", "text/plain")],
+            body.clone(),
+        )
+        .await;
+    assert_problem(
+        &reply,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+    );
     let reply = api.send(Method::POST, "/v1/jobs", &[], body).await;
-    assert_problem(&reply, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type");
+    assert_problem(
+        &reply,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+    );
 }
 
 #[tokio::test]
@@ -54,17 +83,32 @@ async fn unknown_fields_are_422_with_their_pointer() {
     let (api, _dir) = TestApi::sqlite().await;
     assert_invalid_at(&api, "/colour", |s| s["colour"] = json!("red")).await;
     assert_invalid_at(&api, "/task/colour", |s| s["task"]["colour"] = json!(1)).await;
-    assert_invalid_at(&api, "/pipeline/0/colour", |s| s["pipeline"][0]["colour"] = json!(1)).await;
+    assert_invalid_at(&api, "/pipeline/0/colour", |s| {
+        s["pipeline"][0]["colour"] = json!(1)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn wrong_types_are_422_with_their_pointer() {
     let (api, _dir) = TestApi::sqlite().await;
-    assert_invalid_at(&api, "/pipeline/0/epochs", |s| s["pipeline"][0]["epochs"] = json!("two")).await;
+    assert_invalid_at(&api, "/pipeline/0/epochs", |s| {
+        s["pipeline"][0]["epochs"] = json!("two")
+    })
+    .await;
     assert_invalid_at(&api, "/name", |s| s["name"] = json!(5)).await;
-    assert_invalid_at(&api, "/pipeline", |s| s["pipeline"] = json!({"type": "finetune"})).await;
-    assert_invalid_at(&api, "/task/type", |s| s["task"]["type"] = json!("translation")).await;
-    assert_invalid_at(&api, "/pipeline/0/type", |s| s["pipeline"][0]["type"] = json!("shrink")).await;
+    assert_invalid_at(&api, "/pipeline", |s| {
+        s["pipeline"] = json!({"type": "finetune"})
+    })
+    .await;
+    assert_invalid_at(&api, "/task/type", |s| {
+        s["task"]["type"] = json!("translation")
+    })
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/type", |s| {
+        s["pipeline"][0]["type"] = json!("shrink")
+    })
+    .await;
     assert_invalid_at(&api, "/model", |s| {
         s.as_object_mut().unwrap().remove("model");
     })
@@ -74,9 +118,18 @@ async fn wrong_types_are_422_with_their_pointer() {
 #[tokio::test]
 async fn out_of_range_values_are_422_with_their_pointer() {
     let (api, _dir) = TestApi::sqlite().await;
-    assert_invalid_at(&api, "/pipeline/0/epochs", |s| s["pipeline"][0]["epochs"] = json!(0)).await;
-    assert_invalid_at(&api, "/pipeline/0/learning_rate", |s| s["pipeline"][0]["learning_rate"] = json!(3.0)).await;
-    assert_invalid_at(&api, "/task/max_length", |s| s["task"]["max_length"] = json!(0)).await;
+    assert_invalid_at(&api, "/pipeline/0/epochs", |s| {
+        s["pipeline"][0]["epochs"] = json!(0)
+    })
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/learning_rate", |s| {
+        s["pipeline"][0]["learning_rate"] = json!(3.0)
+    })
+    .await;
+    assert_invalid_at(&api, "/task/max_length", |s| {
+        s["task"]["max_length"] = json!(0)
+    })
+    .await;
     assert_invalid_at(&api, "/priority", |s| s["priority"] = json!(101)).await;
     // A stage's range failure points inside it, also for stages the engine has yet to implement.
     let reply = rejected_spec(&api, |s| {
@@ -84,7 +137,12 @@ async fn out_of_range_values_are_422_with_their_pointer() {
     })
     .await;
     assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
-    let pointers: Vec<&str> = reply.body["errors"].as_array().unwrap().iter().map(|e| e["pointer"].as_str().unwrap()).collect();
+    let pointers: Vec<&str> = reply.body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["pointer"].as_str().unwrap())
+        .collect();
     assert!(pointers.contains(&"/pipeline/1/sparsity"), "{pointers:?}");
 }
 
@@ -96,7 +154,14 @@ async fn pipeline_length_is_bounded() {
     let reply = rejected_spec(&api, |s| s["pipeline"] = Value::Array(stages)).await;
     assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
     assert_eq!(reply.pointer(), "/pipeline");
-    assert!(reply.body["detail"].as_str().unwrap().contains("at most 16"), "{:?}", reply.body);
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 16"),
+        "{:?}",
+        reply.body
+    );
 }
 
 #[tokio::test]
@@ -111,10 +176,20 @@ async fn unimplemented_stages_are_422_at_their_type() {
         "quantize" => json!({"type": "quantize", "scheme": "int8"}),
         other => json!({"type": other}),
     };
-    let reply = rejected_spec(&api, |s| s["pipeline"] = json!([{"type": "finetune"}, stage])).await;
+    let reply = rejected_spec(&api, |s| {
+        s["pipeline"] = json!([{"type": "finetune"}, stage])
+    })
+    .await;
     assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
     assert_eq!(reply.pointer(), "/pipeline/1/type");
-    assert!(reply.body["detail"].as_str().unwrap().contains("not implemented yet"), "{:?}", reply.body);
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not implemented yet"),
+        "{:?}",
+        reply.body
+    );
 }
 
 #[tokio::test]
@@ -122,7 +197,10 @@ async fn unknown_or_malformed_input_ids_are_422() {
     let (api, _dir) = TestApi::sqlite().await;
     let unknown = uuid::Uuid::now_v7().to_string();
     assert_invalid_at(&api, "/model", |s| s["model"] = json!(unknown)).await;
-    assert_invalid_at(&api, "/task/dataset", |s| s["task"]["dataset"] = json!(unknown)).await;
+    assert_invalid_at(&api, "/task/dataset", |s| {
+        s["task"]["dataset"] = json!(unknown)
+    })
+    .await;
     assert_invalid_at(&api, "/model", |s| s["model"] = json!("not-a-uuid")).await;
 }
 
@@ -140,9 +218,21 @@ async fn bodies_over_the_limit_are_413() {
 async fn unknown_and_malformed_job_ids() {
     let (api, _dir) = TestApi::sqlite().await;
     let unknown = uuid::Uuid::now_v7();
-    assert_problem(&api.get(&format!("/v1/jobs/{unknown}")).await, StatusCode::NOT_FOUND, "job-not-found");
-    assert_problem(&api.post_empty(&format!("/v1/jobs/{unknown}/cancel")).await, StatusCode::NOT_FOUND, "job-not-found");
-    assert_problem(&api.delete(&format!("/v1/jobs/{unknown}")).await, StatusCode::NOT_FOUND, "job-not-found");
+    assert_problem(
+        &api.get(&format!("/v1/jobs/{unknown}")).await,
+        StatusCode::NOT_FOUND,
+        "job-not-found",
+    );
+    assert_problem(
+        &api.post_empty(&format!("/v1/jobs/{unknown}/cancel")).await,
+        StatusCode::NOT_FOUND,
+        "job-not-found",
+    );
+    assert_problem(
+        &api.delete(&format!("/v1/jobs/{unknown}")).await,
+        StatusCode::NOT_FOUND,
+        "job-not-found",
+    );
     for bad in ["nope", "123", "%00", "00000000-0000-0000-0000-00000000000g"] {
         let reply = api.get(&format!("/v1/jobs/{bad}")).await;
         assert_problem(&reply, StatusCode::BAD_REQUEST, "invalid-job-id");
@@ -153,7 +243,12 @@ async fn unknown_and_malformed_job_ids() {
 async fn cancelling_a_finished_job_is_409() {
     let (api, _dir) = TestApi::sqlite().await;
     let id = api.create_job().await;
-    assert_eq!(api.post_empty(&format!("/v1/jobs/{id}/cancel")).await.status, StatusCode::OK);
+    assert_eq!(
+        api.post_empty(&format!("/v1/jobs/{id}/cancel"))
+            .await
+            .status,
+        StatusCode::OK
+    );
     let again = api.post_empty(&format!("/v1/jobs/{id}/cancel")).await;
     assert_problem(&again, StatusCode::CONFLICT, "job-state-conflict");
 }
@@ -161,7 +256,15 @@ async fn cancelling_a_finished_job_is_409() {
 #[tokio::test]
 async fn bad_list_queries_are_400() {
     let (api, _dir) = TestApi::sqlite().await;
-    for query in ["limit=0", "limit=101", "limit=x", "status=paused", "after=nope", "colour=red", "limit=1&limit=2"] {
+    for query in [
+        "limit=0",
+        "limit=101",
+        "limit=x",
+        "status=paused",
+        "after=nope",
+        "colour=red",
+        "limit=1&limit=2",
+    ] {
         let reply = api.get(&format!("/v1/jobs?{query}")).await;
         assert_problem(&reply, StatusCode::BAD_REQUEST, "invalid-query");
     }
@@ -170,7 +273,11 @@ async fn bad_list_queries_are_400() {
 #[tokio::test]
 async fn unknown_routes_and_methods_are_problems() {
     let (api, _dir) = TestApi::sqlite().await;
-    assert_problem(&api.get("/v2/nothing").await, StatusCode::NOT_FOUND, "not-found");
+    assert_problem(
+        &api.get("/v2/nothing").await,
+        StatusCode::NOT_FOUND,
+        "not-found",
+    );
     let reply = api.send(Method::PUT, "/v1/jobs", &[], Body::empty()).await;
     assert_problem(&reply, StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed");
 }
@@ -193,7 +300,12 @@ async fn odd_json_documents_never_cause_a_5xx() {
     ];
     for document in documents {
         let reply = api.post_json("/v1/jobs", &document, &[]).await;
-        assert!(reply.status.is_client_error(), "{document} → {} {:?}", reply.status, reply.body);
+        assert!(
+            reply.status.is_client_error(),
+            "{document} → {} {:?}",
+            reply.status,
+            reply.body
+        );
         assert_eq!(reply.content_type(), "application/problem+json");
     }
 }

@@ -10,16 +10,31 @@ use serde_json::json;
 async fn probes_metrics_and_contract_answer() {
     let (api, _dir) = TestApi::sqlite().await;
     let health = api.get("/healthz").await;
-    assert_eq!((health.status, &health.body), (StatusCode::OK, &json!({"status": "ok"})));
+    assert_eq!(
+        (health.status, &health.body),
+        (StatusCode::OK, &json!({"status": "ok"}))
+    );
     let ready = api.get("/readyz").await;
-    assert_eq!((ready.status, &ready.body), (StatusCode::OK, &json!({"status": "ready"})));
+    assert_eq!(
+        (ready.status, &ready.body),
+        (StatusCode::OK, &json!({"status": "ready"}))
+    );
     let contract = api.get("/openapi.json").await;
     assert_eq!(contract.status, StatusCode::OK);
-    assert!(contract.body["paths"]["/v1/jobs"]["post"].is_object(), "{}", contract.body);
+    assert!(
+        contract.body["paths"]["/v1/jobs"]["post"].is_object(),
+        "{}",
+        contract.body
+    );
     let metrics = api.get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
     let text = metrics.body.as_str().expect("metrics are text");
-    assert!(text.contains(r#"compressd_http_requests_total{method="GET",route="/healthz",status="200"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"compressd_http_requests_total{method="GET",route="/healthz",status="200"} 1"#
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -28,7 +43,10 @@ async fn a_job_is_created_with_defaults_and_can_be_read_back() {
     let created = api.post_json("/v1/jobs", &api.spec(), &[]).await;
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     let id = created.body["id"].as_str().unwrap().to_owned();
-    assert_eq!(created.headers["location"], format!("/v1/jobs/{id}").as_str());
+    assert_eq!(
+        created.headers["location"],
+        format!("/v1/jobs/{id}").as_str()
+    );
     assert_eq!(created.body["status"], "queued");
     assert_eq!(created.body["name"], "minilm-news");
     assert_eq!(created.body["attempt"], 0);
@@ -54,7 +72,14 @@ async fn request_ids_are_made_or_echoed() {
     let made = api.get("/healthz").await;
     let id = made.headers["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
-    let echoed = api.send(Method::GET, "/healthz", &[("x-request-id", "abc-123")], axum::body::Body::empty()).await;
+    let echoed = api
+        .send(
+            Method::GET,
+            "/healthz",
+            &[("x-request-id", "abc-123")],
+            axum::body::Body::empty(),
+        )
+        .await;
     assert_eq!(echoed.headers["x-request-id"], "abc-123");
 }
 
@@ -75,7 +100,13 @@ async fn idempotency_keys_replay_or_conflict() {
     let reused = api.post_json("/v1/jobs", &different, &key).await;
     assert_eq!(reused.status, StatusCode::CONFLICT);
     assert_eq!(reused.slug(), "idempotency-key-reused");
-    assert_eq!(api.get("/v1/jobs").await.body["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        api.get("/v1/jobs").await.body["jobs"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -87,11 +118,21 @@ async fn jobs_page_newest_first() {
     }
     ids.reverse();
     let first = api.get("/v1/jobs?limit=2").await;
-    let page: Vec<&str> = first.body["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let page: Vec<&str> = first.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(page, ids[..2]);
     let next = first.body["next"].as_str().unwrap();
     let second = api.get(&format!("/v1/jobs?limit=2&after={next}")).await;
-    let page: Vec<&str> = second.body["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    let page: Vec<&str> = second.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
     assert_eq!(page, ids[2..]);
     assert!(second.body["next"].is_null());
     let cancelled = api.get("/v1/jobs?status=cancelled").await;
@@ -111,7 +152,10 @@ async fn cancel_then_delete() {
     assert!(cancelled.body["finished_at"].is_string());
     let deleted = api.delete(&format!("/v1/jobs/{id}")).await;
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
-    assert_eq!(api.get(&format!("/v1/jobs/{id}")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.get(&format!("/v1/jobs/{id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -124,8 +168,16 @@ async fn postgres_serves_the_same_flow() {
     let mut bad = api.spec();
     bad["pipeline"][0]["epochs"] = json!(0);
     let rejected = api.post_json("/v1/jobs", &bad, &[]).await;
-    assert_eq!((rejected.status, rejected.pointer()), (StatusCode::UNPROCESSABLE_ENTITY, "/pipeline/0/epochs"));
+    assert_eq!(
+        (rejected.status, rejected.pointer()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "/pipeline/0/epochs")
+    );
     let cancelled = api.post_empty(&format!("/v1/jobs/{id}/cancel")).await;
     assert_eq!(cancelled.body["status"], "cancelled");
-    assert_eq!(api.post_empty(&format!("/v1/jobs/{id}/cancel")).await.status, StatusCode::CONFLICT);
+    assert_eq!(
+        api.post_empty(&format!("/v1/jobs/{id}/cancel"))
+            .await
+            .status,
+        StatusCode::CONFLICT
+    );
 }

@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use support::{folder_files, sha256_file, shared, slug, start, Server};
+use support::{folder_files, sha256_file, shared, start, Server};
 
 /// Parameters of all-MiniLM-L6-v2: the element count of its F32 tensors, from its safetensors
 /// header (python: sum(prod(shape)) over dtype == F32), i.e. without the I64 `position_ids`.
@@ -19,8 +19,8 @@ fn minilm(shared: &Path) -> Vec<(String, std::path::PathBuf)> {
 }
 
 async fn upload_minilm(server: &Server, shared: &Path) -> (u16, Value) {
-    let files: Vec<(&str, _)> = minilm(shared).iter().map(|(n, p)| (n.as_str(), p.clone())).collect::<Vec<_>>()
-        .into_iter().collect();
+    let owned = minilm(shared);
+    let files: Vec<(&str, std::path::PathBuf)> = owned.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
     server.upload("/v1/models", &[("name", "minilm")], &files).await
 }
 

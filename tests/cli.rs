@@ -19,11 +19,17 @@ fn stderr(output: &Output) -> String {
 fn version_and_help() {
     let version = compressd(&["--version"], &[]);
     assert!(version.status.success());
-    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), format!("compressd {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("compressd {}", env!("CARGO_PKG_VERSION"))
+    );
     for sub in ["serve", "worker", "migrate", "run", "openapi"] {
         let help = compressd(&[sub, "--help"], &[]);
         assert!(help.status.success(), "{sub} --help: {}", stderr(&help));
-        assert!(String::from_utf8_lossy(&help.stdout).contains("Usage: compressd"), "{sub}");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("Usage: compressd"),
+            "{sub}"
+        );
     }
 }
 
@@ -31,17 +37,28 @@ fn version_and_help() {
 fn a_bad_setting_stops_the_process_naming_it() {
     let out = compressd(&["migrate"], &[("COMPRESSD_LISTEN", "not-an-address")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("listen (COMPRESSD_LISTEN)"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("listen (COMPRESSD_LISTEN)"),
+        "{}",
+        stderr(&out)
+    );
     let out = compressd(&["migrate"], &[("COMPRESSD_DATABASE_URL", "mysql://db/x")]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("COMPRESSD_DATABASE_URL"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("COMPRESSD_DATABASE_URL"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn migrate_creates_the_embedded_database() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = compressd(&["migrate"], &[("COMPRESSD_DATA_DIR", data.to_str().unwrap())]);
+    let out = compressd(
+        &["migrate"],
+        &[("COMPRESSD_DATA_DIR", data.to_str().unwrap())],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(data.join("compressd.db").is_file());
 }
@@ -51,11 +68,25 @@ fn the_effective_configuration_is_logged_redacted() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}/x.db", dir.path().display());
     let config = dir.path().join("c.toml");
-    std::fs::write(&config, format!("data_dir = \"{}\"\n", dir.path().display())).unwrap();
-    let out = compressd(&["--config", config.to_str().unwrap(), "migrate"], &[("COMPRESSD_DATABASE_URL", &db)]);
+    std::fs::write(
+        &config,
+        format!("data_dir = \"{}\"\n", dir.path().display()),
+    )
+    .unwrap();
+    let out = compressd(
+        &["--config", config.to_str().unwrap(), "migrate"],
+        &[("COMPRESSD_DATABASE_URL", &db)],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("effective configuration"), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&db), "the URL has no password, so it is shown whole");
+    assert!(
+        stderr(&out).contains("effective configuration"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains(&db),
+        "the URL has no password, so it is shown whole"
+    );
 }
 
 fn write_spec(dir: &std::path::Path, spec: serde_json::Value) -> String {
@@ -83,9 +114,21 @@ fn run_rejects_an_invalid_spec_naming_the_field() {
     let mut spec = local_spec(dir.path());
     spec["pipeline"][0]["epochs"] = serde_json::json!(0);
     spec["model"] = serde_json::json!("/does/not/exist");
-    let out = compressd(&["run", &write_spec(dir.path(), spec), "--out", dir.path().join("out").to_str().unwrap()], &[]);
+    let out = compressd(
+        &[
+            "run",
+            &write_spec(dir.path(), spec),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/pipeline/0/epochs"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/pipeline/0/epochs"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -93,9 +136,21 @@ fn run_checks_local_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = local_spec(dir.path());
     spec["model"] = serde_json::json!("/does/not/exist");
-    let out = compressd(&["run", &write_spec(dir.path(), spec), "--out", dir.path().join("out").to_str().unwrap()], &[]);
+    let out = compressd(
+        &[
+            "run",
+            &write_spec(dir.path(), spec),
+            "--out",
+            dir.path().join("out").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/model: `/does/not/exist` does not exist"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/model: `/does/not/exist` does not exist"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -104,9 +159,18 @@ fn a_dry_run_writes_the_normalized_spec() {
     let mut spec = local_spec(dir.path());
     spec["dry_run"] = serde_json::json!(true);
     let out_dir = dir.path().join("out");
-    let out = compressd(&["run", &write_spec(dir.path(), spec), "--out", out_dir.to_str().unwrap()], &[]);
+    let out = compressd(
+        &[
+            "run",
+            &write_spec(dir.path(), spec),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("spec.json")).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("spec.json")).unwrap()).unwrap();
     assert_eq!(written["seed"], 42);
     assert_eq!(written["pipeline"][0]["batch_size"], 16);
 }

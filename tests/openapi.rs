@@ -34,9 +34,13 @@ fn the_contract_documents_every_job_route_and_problem_bodies() {
         ("/readyz", "get"),
         ("/metrics", "get"),
     ] {
-        assert!(document["paths"][path][method].is_object(), "{method} {path} is undocumented");
+        assert!(
+            document["paths"][path][method].is_object(),
+            "{method} {path} is undocumented"
+        );
     }
-    let create = &document["paths"]["/v1/jobs"]["post"]["responses"]["422"]["content"]["application/problem+json"];
+    let create = &document["paths"]["/v1/jobs"]["post"]["responses"]["422"]["content"]
+        ["application/problem+json"];
     assert!(create["schema"].is_object(), "422 documents a problem body");
     assert!(document["components"]["schemas"]["Problem"]["properties"]["pointer"].is_object());
 }

@@ -21,16 +21,35 @@ async fn serves_on_port_zero_and_shuts_down_gracefully() {
         Duration::from_secs(5),
     ));
     let client = reqwest::Client::new();
-    let health = client.get(format!("http://{address}/healthz")).send().await.unwrap();
+    let health = client
+        .get(format!("http://{address}/healthz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
     let mut spec = api.spec();
     spec["pipeline"][0]["epochs"] = serde_json::json!(-1);
-    let rejected = client.post(format!("http://{address}/v1/jobs")).json(&spec).send().await.unwrap();
+    let rejected = client
+        .post(format!("http://{address}/v1/jobs"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(rejected.status(), 422);
     let problem: serde_json::Value = rejected.json().await.unwrap();
     assert_eq!(problem["pointer"], "/pipeline/0/epochs");
     stop.send(()).unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(10), server).await.expect("server stops").expect("no panic");
+    let result = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("server stops")
+        .expect("no panic");
     assert!(result.is_ok(), "{result:?}");
-    assert!(client.get(format!("http://{address}/healthz")).send().await.is_err(), "the socket is closed");
+    assert!(
+        client
+            .get(format!("http://{address}/healthz"))
+            .send()
+            .await
+            .is_err(),
+        "the socket is closed"
+    );
 }

@@ -29,7 +29,7 @@ fn start_worker(database_url: &str, data_dir: &Path) -> Child {
         .env("COMPRESSD_WORKER_POLL_INTERVAL_SECS", "0.2")
         .env("COMPRESSD_WORKER_RETRY_BACKOFF_SECS", "0")
         .env("COMPRESSD_TEST_DRY_RUN_SLEEP_MS", "4000")
-        .env("COMPRESSD_LOG", "info")
+        .env("COMPRESSD_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

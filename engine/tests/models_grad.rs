@@ -315,3 +315,29 @@ fn dropout_is_seeded_and_only_active_in_training() -> Result<()> {
     assert_ne!(train_a, eval_a);
     Ok(())
 }
+
+#[test]
+fn half_precision_with_padding_stays_finite() -> Result<()> {
+    for dtype in [DType::F16, DType::BF16] {
+        let case = bert_case(dtype)?;
+        // Trainable store: the composed differentiable path; frozen copy: candle's fused kernels.
+        let frozen = frozen_copy(&case.store)?;
+        let fast = BertForSequenceClassification::load(
+            frozen.var_builder(dtype, &Device::Cpu),
+            &tiny_bert_config(),
+            &LinearFactory::default(),
+        )?;
+        let input = BertInput {
+            input_ids: &case.input_ids,
+            token_type_ids: None,
+            attention_mask: Some(&case.mask),
+        };
+        for logits in [case.model.forward(input, None)?.logits, fast.forward(input, None)?.logits] {
+            let values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(values.iter().all(|v| v.is_finite()), "{dtype:?}: {values:?}");
+        }
+        let loss = bert_loss(&case, None)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        assert!(loss.is_finite(), "{dtype:?} loss {loss}");
+    }
+    Ok(())
+}

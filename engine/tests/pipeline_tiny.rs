@@ -88,12 +88,29 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
         "acceptance": {"metric": "accuracy", "max_drop": 0.2}
     }))?;
     let inputs = PipelineInputs { model: model_dir, dataset, device: "cpu".into() };
+    {
+        let text = std::fs::read_to_string(&inputs.dataset)?;
+        eprintln!("{}", text.lines().take(4).collect::<Vec<_>>().join("\n"));
+        let enc = compressd_engine::data::TextEncoder::from_file(&inputs.model.join("tokenizer.json"), 128)?;
+        eprintln!("{:?}", enc.encode_all(&["movie movie great movie", "the a bad film"])?);
+    }
     let out = dir.path().join("out");
     let events = Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);
     let result = run_job(&spec, &inputs, Device::Cpu, &out, &sink, &AtomicBool::new(false))?;
     let report = &result.report;
     let accuracy = |i: usize| report.stages[i].metrics.accuracy.unwrap();
+    {
+        let a = SafetensorsFile::open(&out.join("baseline/model/model.safetensors"))?;
+        let b = SafetensorsFile::open(&out.join("stages/0-finetune/model/model.safetensors"))?;
+        for name in a.entries().keys() {
+            let x = a.tensor(name, &Device::Cpu)?;
+            let y = b.tensor(name, &Device::Cpu)?;
+            let d: f32 = (x - y)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            let m: f32 = x.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            eprintln!("{name} {d} maxabs {m}");
+        }
+    }
     for e in events.lock().unwrap().iter() {
         if let Event::Progress { step, loss, learning_rate, .. } = e { eprintln!("step {step} loss {loss:?} lr {learning_rate:?}"); }
     }

@@ -148,3 +148,52 @@ fn accumulated_gradients_equal_one_big_batch() -> Result<()> {
     assert!(diff < 1e-7, "max difference {diff}");
     Ok(())
 }
+
+#[test]
+fn transposed_gradients_of_linear_weights_are_handled_in_place() -> Result<()> {
+    let dev = Device::Cpu;
+    let (w0, x) = data(&dev)?;
+    let linear_loss = |w: &Tensor| -> candle_core::Result<Tensor> { x.matmul(&w.t()?)?.tanh()?.sqr()?.sum_all() };
+    // candle's backward currently hands out contiguous gradients (it sums into zero-filled buffers);
+    // a backward without that copy yields the transposed view of `w.t()`'s gradient. Simulate it.
+    let transposed_grads = |w: &Var| -> Result<candle_core::backprop::GradStore> {
+        let mut grads = linear_loss(w.as_tensor())?.backward()?;
+        let g = grads.remove(w.as_tensor()).expect("a gradient");
+        let view = g.t()?.contiguous()?.t()?;
+        assert!(!view.is_contiguous(), "test premise: a column-major view");
+        grads.insert(w.as_tensor(), view);
+        Ok(grads)
+    };
+
+    let ours = Var::from_tensor(&w0.copy()?)?;
+    let reference = Var::from_tensor(&w0.copy()?)?;
+    let cfg = AdamWConfig { lr: 0.05, weight_decay: 0.1, ..Default::default() };
+    let mut opt = AdamW::new(vec![("dense.weight".into(), ours.clone())], cfg.clone())?;
+    let params = candle_nn::ParamsAdamW { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() };
+    let mut candle_opt = candle_nn::AdamW::new(vec![reference.clone()], params)?;
+    let mut acc = GradAccumulator::new();
+    for _ in 0..3 {
+        let grads = transposed_grads(&ours)?;
+        let vars = opt.vars();
+        let norm = clip::measure(&vars, Gradients::Store(&grads), &ClipConfig::default())?;
+        let expected_norm = grads.get(ours.as_tensor()).unwrap().sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        assert!((norm.pre_clip_norm as f32 - expected_norm).abs() < 1e-4 * expected_norm.max(1.0));
+        // Also through the accumulator (transposed add into a row-major buffer).
+        acc.clear();
+        acc.add(&vars, &grads)?;
+        opt.step(Gradients::Accumulated(&acc), 1.0, NO_CLIP)?;
+        candle_opt.backward_step(&linear_loss(reference.as_tensor())?)?;
+    }
+    let diff = (ours.as_tensor() - reference.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "max difference {diff}");
+
+    let direct = Var::from_tensor(&w0.copy()?)?;
+    let mut opt = AdamW::new(vec![("dense.weight".into(), direct.clone())], cfg)?;
+    for _ in 0..3 {
+        let grads = transposed_grads(&direct)?;
+        opt.step(Gradients::Store(&grads), 1.0, NO_CLIP)?;
+    }
+    let diff = (direct.as_tensor() - reference.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "max difference {diff}");
+    Ok(())
+}

@@ -51,18 +51,35 @@ pub struct ApiError {
     detail: String,
     errors: Vec<FieldError>,
     /// The cause of a 5xx, logged, never shown.
-    internal: Option<Error>,
+    internal: Option<Box<Error>>,
 }
 
 impl ApiError {
     /// A problem without field details.
-    pub fn new(status: StatusCode, slug: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, slug, title, detail: detail.into(), errors: Vec::new(), internal: None }
+    pub fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            errors: Vec::new(),
+            internal: None,
+        }
     }
 
     /// 400: the body is not JSON.
     pub fn malformed_json(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed-json", "Request body is not valid JSON", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-json",
+            "Request body is not valid JSON",
+            detail,
+        )
     }
 
     /// 400: a header, query parameter or path segment is malformed.
@@ -72,7 +89,12 @@ impl ApiError {
 
     /// 404 for a path no route matches.
     pub fn route_not_found(path: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", format!("no resource at {path}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "Not found",
+            format!("no resource at {path}"),
+        )
     }
 
     /// 415: the body is not declared as JSON.
@@ -81,27 +103,59 @@ impl ApiError {
             Some(found) => format!("expected Content-Type application/json, got {found}"),
             None => "expected Content-Type application/json, got none".to_owned(),
         };
-        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type", detail)
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            detail,
+        )
     }
 
     /// 413: the body is over the limit.
     pub fn body_too_large(limit: usize) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", format!("the limit is {limit} bytes"))
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            format!("the limit is {limit} bytes"),
+        )
     }
 
     /// 422: the request is well-formed JSON but its content is invalid.
     pub fn invalid(violations: Vec<Violation>) -> Self {
         let detail = match violations.as_slice() {
             [one] => format!("{}: {}", one.pointer, one.message),
-            many => format!("{} problems, the first at {}: {}", many.len(), many[0].pointer, many[0].message),
+            many => format!(
+                "{} problems, the first at {}: {}",
+                many.len(),
+                many[0].pointer,
+                many[0].message
+            ),
         };
-        let errors = violations.into_iter().map(|v| FieldError { pointer: v.pointer, detail: v.message }).collect();
-        Self { errors, ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec", "The job spec is invalid", detail) }
+        let errors = violations
+            .into_iter()
+            .map(|v| FieldError {
+                pointer: v.pointer,
+                detail: v.message,
+            })
+            .collect();
+        Self {
+            errors,
+            ..Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-spec",
+                "The job spec is invalid",
+                detail,
+            )
+        }
     }
 
     /// A 422 about one field.
     pub fn invalid_field(pointer: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::invalid(vec![Violation { pointer: pointer.into(), message: message.into() }])
+        Self::invalid(vec![Violation {
+            pointer: pointer.into(),
+            message: message.into(),
+        }])
     }
 
     /// The HTTP status of this error.
@@ -110,7 +164,10 @@ impl ApiError {
     }
 
     fn internal(error: Error, status: StatusCode, slug: &'static str, title: &'static str) -> Self {
-        Self { internal: Some(error), ..Self::new(status, slug, title, title) }
+        Self {
+            internal: Some(Box::new(error)),
+            ..Self::new(status, slug, title, title)
+        }
     }
 }
 
@@ -125,26 +182,62 @@ impl From<Error> for ApiError {
                     "artifact" => "artifact-not-found",
                     _ => "not-found",
                 };
-                Self::new(StatusCode::NOT_FOUND, slug, "Not found", format!("{kind} {id} does not exist"))
+                Self::new(
+                    StatusCode::NOT_FOUND,
+                    slug,
+                    "Not found",
+                    format!("{kind} {id} does not exist"),
+                )
             }
-            Error::JobState { .. } => Self::new(StatusCode::CONFLICT, "job-state-conflict", "Job state conflict", error.to_string()),
-            Error::IdempotencyConflict { .. } => {
-                Self::new(StatusCode::CONFLICT, "idempotency-key-reused", "Idempotency key reused", error.to_string())
+            Error::JobState { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "job-state-conflict",
+                "Job state conflict",
+                error.to_string(),
+            ),
+            Error::IdempotencyConflict { .. } => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency-key-reused",
+                "Idempotency key reused",
+                error.to_string(),
+            ),
+            Error::Rejected(rejection) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                rejection.slug,
+                "Invalid input",
+                rejection.to_string(),
+            ),
+            Error::TooLarge { .. } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+                "Request body too large",
+                error.to_string(),
+            ),
+            Error::BadUpload(detail) => {
+                Self::new(StatusCode::BAD_REQUEST, "bad-upload", "Bad upload", detail)
             }
-            Error::Rejected(rejection) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, rejection.slug, "Invalid input", rejection.to_string())
+            Error::Conflict(detail) => {
+                Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
             }
-            Error::TooLarge { .. } => {
-                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", error.to_string())
-            }
-            Error::BadUpload(detail) => Self::new(StatusCode::BAD_REQUEST, "bad-upload", "Bad upload", detail),
-            Error::Conflict(detail) => Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail),
             Error::InvalidSpec(violations) => Self::invalid(violations),
-            Error::NotImplemented(detail) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "not-implemented", "Not implemented", detail),
-            Error::Database(sqlx::Error::PoolTimedOut) => {
-                Self::internal(error, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "The database is busy; retry later")
-            }
-            other => Self::internal(other, StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal server error"),
+            Error::NotImplemented(detail) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not-implemented",
+                "Not implemented",
+                detail,
+            ),
+            Error::Database(sqlx::Error::PoolTimedOut) => Self::internal(
+                error,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "The database is busy; retry later",
+            ),
+            other => Self::internal(
+                other,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+            ),
         }
     }
 }
@@ -154,7 +247,7 @@ impl IntoResponse for ApiError {
         if let Some(error) = &self.internal {
             // {:#} would only show the top; walk the chain so the log has the root cause.
             let mut chain = error.to_string();
-            let mut source = std::error::Error::source(error);
+            let mut source = std::error::Error::source(&**error);
             while let Some(cause) = source {
                 chain.push_str(": ");
                 chain.push_str(&cause.to_string());
@@ -171,7 +264,10 @@ impl IntoResponse for ApiError {
             errors: self.errors,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         response
     }
 }

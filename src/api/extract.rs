@@ -20,25 +20,38 @@ impl FromRequest<AppState> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        let content_type = request.headers().get(CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<not text>").to_owned());
+        let content_type = request
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
         if !content_type.as_deref().is_some_and(is_json) {
             return Err(ApiError::unsupported_media_type(content_type.as_deref()));
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::body_too_large(state.config.json_body_limit_bytes)
-            } else {
-                ApiError::bad_request("unreadable-body", rejection.body_text())
-            }
-        })?;
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::malformed_json(e.to_string()))
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::body_too_large(state.config.json_body_limit_bytes)
+                } else {
+                    ApiError::bad_request("unreadable-body", rejection.body_text())
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::malformed_json(e.to_string()))
     }
 }
 
 /// `application/json` or any `application/*+json`, parameters (charset) ignored.
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// A job id from the path; a malformed one is a 400, not a routing miss or a 500.
@@ -52,9 +65,12 @@ impl FromRequestParts<AppState> for JobId {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request("invalid-job-id", rejection.body_text()))?;
-        Uuid::parse_str(&raw)
-            .map(JobId)
-            .map_err(|_| ApiError::bad_request("invalid-job-id", format!("`{raw}` is not a job id (a UUID)")))
+        Uuid::parse_str(&raw).map(JobId).map_err(|_| {
+            ApiError::bad_request(
+                "invalid-job-id",
+                format!("`{raw}` is not a job id (a UUID)"),
+            )
+        })
     }
 }
 
@@ -70,7 +86,9 @@ impl FromRequestParts<AppState> for QueryPairs {
         let query = parts.uri.query().unwrap_or_default();
         serde_urlencoded::from_str(query)
             .map(QueryPairs)
-            .map_err(|e| ApiError::bad_request("invalid-query", format!("malformed query string: {e}")))
+            .map_err(|e| {
+                ApiError::bad_request("invalid-query", format!("malformed query string: {e}"))
+            })
     }
 }
 
@@ -80,10 +98,17 @@ impl QueryPairs {
     /// # Errors
     /// 400 when the parameter is repeated or not one of `allowed`.
     pub fn one(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        let mut values = self.0.iter().filter(|(key, _)| key == name).map(|(_, value)| value.as_str());
+        let mut values = self
+            .0
+            .iter()
+            .filter(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str());
         let first = values.next();
         if values.next().is_some() {
-            return Err(ApiError::bad_request("invalid-query", format!("query parameter `{name}` is given more than once")));
+            return Err(ApiError::bad_request(
+                "invalid-query",
+                format!("query parameter `{name}` is given more than once"),
+            ));
         }
         Ok(first)
     }
@@ -93,10 +118,17 @@ impl QueryPairs {
     /// # Errors
     /// 400 naming the unknown parameter.
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
-        match self.0.iter().find(|(key, _)| !allowed.contains(&key.as_str())) {
+        match self
+            .0
+            .iter()
+            .find(|(key, _)| !allowed.contains(&key.as_str()))
+        {
             Some((key, _)) => Err(ApiError::bad_request(
                 "invalid-query",
-                format!("unknown query parameter `{key}` (known: {})", allowed.join(", ")),
+                format!(
+                    "unknown query parameter `{key}` (known: {})",
+                    allowed.join(", ")
+                ),
             )),
             None => Ok(()),
         }

@@ -28,11 +28,21 @@ pub async fn healthz() -> Json<Health> {
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>, ApiError> {
     if let Err(error) = state.store.ping().await {
         tracing::warn!(error = %error, "readiness: database does not answer");
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", "the database does not answer"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            "the database does not answer",
+        ));
     }
     if let Err(error) = state.artifacts.check().await {
         tracing::warn!(error = %error, "readiness: artifact store does not answer");
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready", "the artifact store does not answer"));
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-ready",
+            "Not ready",
+            "the artifact store does not answer",
+        ));
     }
     Ok(Json(Health { status: "ready" }))
 }

@@ -43,16 +43,35 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("compressd");
         let http_requests = Family::<HttpLabels, Counter>::default();
-        registry.register("http_requests", "HTTP requests answered", http_requests.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered",
+            http_requests.clone(),
+        );
         // 0.5 ms to ~8 s: API calls are fast; anything slower is an outlier worth seeing.
-        let http_duration =
-            Family::<HttpLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 15)));
-        registry.register("http_request_duration_seconds", "Time to answer HTTP requests", http_duration.clone());
+        let http_duration = Family::<HttpLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 15))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests",
+            http_duration.clone(),
+        );
         let jobs_created = Counter::default();
-        registry.register("jobs_created", "Jobs accepted by the API", jobs_created.clone());
+        registry.register(
+            "jobs_created",
+            "Jobs accepted by the API",
+            jobs_created.clone(),
+        );
         let scheduler = SchedulerMetrics::default();
         scheduler.register(&mut registry);
-        Self { registry, http_requests, http_duration, jobs_created, scheduler }
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            jobs_created,
+            scheduler,
+        }
     }
 
     /// The registry, to add metrics owned by other parts (the scheduler's queue gauges) before
@@ -65,7 +84,8 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut text = String::new();
         // Writing into a String cannot fail.
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encoding metrics into a String");
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("encoding metrics into a String");
         text
     }
 }
@@ -80,11 +100,21 @@ impl Default for Metrics {
 pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().to_string();
-    let route = request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let response = next.run(request).await;
-    let labels = HttpLabels { method, route, status: response.status().as_u16() };
+    let labels = HttpLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
     metrics.http_requests.get_or_create(&labels).inc();
-    metrics.http_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    metrics
+        .http_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
     response
 }
 
@@ -97,6 +127,11 @@ pub async fn metrics(State(state): State<super::state::AppState>) -> impl IntoRe
         Ok(counts) => state.metrics.scheduler.set_queue_depth(&counts),
         Err(error) => tracing::warn!(%error, "could not count jobs for the queue-depth gauge"),
     }
-    let content_type = HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
-    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], state.metrics.encode())
+    let content_type =
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        state.metrics.encode(),
+    )
 }

@@ -41,8 +41,14 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// CORS, metrics, then timeout and body limit on every route but the uploads).
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
-        .route("/v1/jobs", post(jobs::create::create_job).get(jobs::list::list_jobs))
-        .route("/v1/jobs/{id}", get(jobs::manage::get_job).delete(jobs::manage::delete_job))
+        .route(
+            "/v1/jobs",
+            post(jobs::create::create_job).get(jobs::list::list_jobs),
+        )
+        .route(
+            "/v1/jobs/{id}",
+            get(jobs::manage::get_job).delete(jobs::manage::delete_job),
+        )
         .route("/v1/jobs/{id}/cancel", post(jobs::manage::cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/healthz", get(health::healthz))
@@ -50,13 +56,25 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/models", get(models::list_models))
-        .route("/v1/models/{id}", get(models::get_model).delete(models::delete_model))
+        .route(
+            "/v1/models/{id}",
+            get(models::get_model).delete(models::delete_model),
+        )
         .route("/v1/datasets", get(datasets::list_datasets))
-        .route("/v1/datasets/{id}", get(datasets::get_dataset).delete(datasets::delete_dataset))
+        .route(
+            "/v1/datasets/{id}",
+            get(datasets::get_dataset).delete(datasets::delete_dataset),
+        )
         .route("/v1/jobs/{id}/artifacts", get(artifacts::list_artifacts))
-        .route("/v1/jobs/{id}/artifacts/{*name}", get(artifacts::download_artifact))
+        .route(
+            "/v1/jobs/{id}/artifacts/{*name}",
+            get(artifacts::download_artifact),
+        )
         .layer(DefaultBodyLimit::max(state.config.json_body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.config.request_timeout));
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.config.request_timeout,
+        ));
     // Uploads stream gigabytes: no request timeout and no body limit here; their handlers enforce
     // the upload size limits themselves while streaming.
     let uploads = Router::new()
@@ -67,7 +85,10 @@ pub fn router(state: AppState) -> Router {
         .merge(uploads)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.metrics), metrics::track));
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            metrics::track,
+        ));
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(http_span))
@@ -77,7 +98,11 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn http_span(request: &Request) -> tracing::Span {
-    let request_id = request.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
     tracing::info_span!("http.request", method = %request.method(), path = %request.uri().path(), request_id = %request_id)
 }
 
@@ -92,7 +117,11 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
-        .allow_headers([axum::http::header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), REQUEST_ID])
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            HeaderName::from_static("idempotency-key"),
+            REQUEST_ID,
+        ])
         .expose_headers([REQUEST_ID, axum::http::header::LOCATION])
 }
 
@@ -101,5 +130,10 @@ async fn not_found(uri: Uri) -> ApiError {
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed", format!("{method} is not allowed on {}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        format!("{method} is not allowed on {}", uri.path()),
+    )
 }

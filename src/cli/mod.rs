@@ -78,7 +78,9 @@ pub async fn execute(command: Command, settings: Settings) -> Result<()> {
             Ok(())
         }
         // `main` runs it before starting the async runtime; reaching here is a wiring mistake.
-        Command::Exec { .. } => Err(Error::NotImplemented("`exec` runs outside the async runtime".into())),
+        Command::Exec { .. } => Err(Error::NotImplemented(
+            "`exec` runs outside the async runtime".into(),
+        )),
     }
 }
 
@@ -88,14 +90,21 @@ async fn worker(settings: &Settings) -> Result<()> {
     if settings.migrate_on_start {
         store.migrate().await?;
     }
-    let worker_settings = WorkerSettings::from_settings(settings).map_err(|e| Error::io("current executable", e))?;
+    let worker_settings =
+        WorkerSettings::from_settings(settings).map_err(|e| Error::io("current executable", e))?;
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
         server::shutdown_signal().await;
         stop.cancel();
     });
-    scheduler::run(store, worker_settings, SchedulerMetrics::default(), shutdown).await;
+    scheduler::run(
+        store,
+        worker_settings,
+        SchedulerMetrics::default(),
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -106,9 +115,15 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
         tracing::info!("API only (--no-worker): jobs run in separate `compressd worker` processes");
         None
     } else {
-        let worker_settings = WorkerSettings::from_settings(settings).map_err(|e| Error::io("current executable", e))?;
+        let worker_settings = WorkerSettings::from_settings(settings)
+            .map_err(|e| Error::io("current executable", e))?;
         let (store, metrics) = (state.store.clone(), state.metrics.scheduler.clone());
-        Some(tokio::spawn(scheduler::run(store, worker_settings, metrics, shutdown.clone())))
+        Some(tokio::spawn(scheduler::run(
+            store,
+            worker_settings,
+            metrics,
+            shutdown.clone(),
+        )))
     };
     let sweeper = (settings.orphan_sweep_interval_secs > 0).then(|| {
         crate::artifacts::sweep::spawn_sweeper(
@@ -118,13 +133,21 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
             Duration::from_secs(settings.orphan_sweep_interval_secs),
         )
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(|e| Error::io(settings.listen.to_string(), e))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| Error::io(settings.listen.to_string(), e))?;
     let stop = shutdown.clone();
     let signal = async move {
         server::shutdown_signal().await;
         stop.cancel();
     };
-    let served = server::serve(listener, state, signal, Duration::from_secs(settings.shutdown_grace_secs)).await;
+    let served = server::serve(
+        listener,
+        state,
+        signal,
+        Duration::from_secs(settings.shutdown_grace_secs),
+    )
+    .await;
     shutdown.cancel();
     if let Some(sweeper) = sweeper {
         sweeper.abort();

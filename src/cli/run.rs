@@ -17,8 +17,12 @@ use crate::job_spec;
 /// pipeline fails with.
 pub fn run_spec_file(spec_path: &Path, out: &Path) -> Result<()> {
     let text = std::fs::read_to_string(spec_path).map_err(|e| Error::io(spec_path, e))?;
-    let document: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::InvalidSpec(vec![Violation { pointer: String::new(), message: format!("not valid JSON: {e}") }]))?;
+    let document: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+        Error::InvalidSpec(vec![Violation {
+            pointer: String::new(),
+            message: format!("not valid JSON: {e}"),
+        }])
+    })?;
     let spec = job_spec::accept(&document).map_err(Error::InvalidSpec)?;
     check_local_inputs(&spec, spec_path)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -28,9 +32,15 @@ pub fn run_spec_file(spec_path: &Path, out: &Path) -> Result<()> {
 /// Model and dataset must exist; relative paths are taken from the current directory.
 fn check_local_inputs(spec: &JobSpec, spec_path: &Path) -> Result<()> {
     let mut violations = Vec::new();
-    for (pointer, path) in [("/model", &spec.model), ("/task/dataset", &spec.task.dataset)] {
+    for (pointer, path) in [
+        ("/model", &spec.model),
+        ("/task/dataset", &spec.task.dataset),
+    ] {
         if !Path::new(path).exists() {
-            violations.push(Violation { pointer: pointer.into(), message: format!("`{path}` does not exist") });
+            violations.push(Violation {
+                pointer: pointer.into(),
+                message: format!("`{path}` does not exist"),
+            });
         }
     }
     if violations.is_empty() {
@@ -48,14 +58,21 @@ fn check_local_inputs(spec: &JobSpec, spec_path: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::NotImplemented`] for real runs until the engine's pipeline runner is wired here.
 pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
-    let normalized = serde_json::to_string_pretty(spec).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let normalized =
+        serde_json::to_string_pretty(spec).map_err(|e| Error::Corrupt(e.to_string()))?;
     let spec_file = out.join("spec.json");
     std::fs::write(&spec_file, normalized).map_err(|e| Error::io(&spec_file, e))?;
     if spec.dry_run {
-        println!("dry run: spec is valid and inputs exist; normalized spec written to {}", spec_file.display());
+        println!(
+            "dry run: spec is valid and inputs exist; normalized spec written to {}",
+            spec_file.display()
+        );
         return Ok(());
     }
-    let first = spec.pipeline.first().map_or("none", |stage| stage.type_name());
+    let first = spec
+        .pipeline
+        .first()
+        .map_or("none", |stage| stage.type_name());
     Err(Error::NotImplemented(format!(
         "stage `{first}` is not implemented yet in `compressd run`: the engine's pipeline runner is not wired in"
     )))

@@ -20,13 +20,14 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 pub use lease::{
-    retry_backoff, AttemptOutcome, Lease, LeaseState, Reaped, EVENT_FAILED, EVENT_STATUS, EVENT_SUCCEEDED,
+    retry_backoff, AttemptOutcome, Lease, LeaseState, Reaped, EVENT_FAILED, EVENT_STATUS,
+    EVENT_SUCCEEDED,
 };
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::{
-    Artifact, Created, Dataset, Idempotency, Job, JobError, JobEvent, JobFilter, JobProgress, JobResult, JobStatus,
-    Model, NewEvent, NewJob, Page,
+    Artifact, Created, Dataset, Idempotency, Job, JobError, JobEvent, JobFilter, JobProgress,
+    JobResult, JobStatus, Model, NewEvent, NewJob, Page,
 };
 
 use crate::error::{Error, Result};
@@ -169,7 +170,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// # Errors
     /// [`Error::LeaseLost`] when the job is no longer this attempt's.
-    async fn append_fenced_event(&self, lease: &Lease, event_type: &str, payload: serde_json::Value) -> Result<JobEvent>;
+    async fn append_fenced_event(
+        &self,
+        lease: &Lease,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<JobEvent>;
 
     /// Stores the attempt's progress and records it as a `progress` event.
     ///
@@ -214,7 +220,8 @@ pub async fn connect(settings: &Settings) -> Result<Arc<dyn Store>> {
         }
         Some(url) => Ok(Arc::new(SqliteStore::connect(url, max).await?)),
         None => {
-            std::fs::create_dir_all(&settings.data_dir).map_err(|e| Error::io(&settings.data_dir, e))?;
+            std::fs::create_dir_all(&settings.data_dir)
+                .map_err(|e| Error::io(&settings.data_dir, e))?;
             let path = settings.data_dir.join("compressd.db");
             Ok(Arc::new(SqliteStore::open_file(&path, max).await?))
         }
@@ -242,6 +249,8 @@ fn expect_one_row(rows_affected: u64, what: &str) -> Result<()> {
     if rows_affected == 1 {
         Ok(())
     } else {
-        Err(Error::Corrupt(format!("{what} changed {rows_affected} rows, expected 1")))
+        Err(Error::Corrupt(format!(
+            "{what} changed {rows_affected} rows, expected 1"
+        )))
     }
 }

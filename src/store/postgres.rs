@@ -14,8 +14,9 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent, JobFilter, Model,
-    NewEvent, NewJob, Page, Store, EVENT_CANCELLED, EVENT_CANCEL_REQUESTED, EVENT_QUEUED,
+    clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent,
+    JobFilter, Model, NewEvent, NewJob, Page, Store, EVENT_CANCELLED, EVENT_CANCEL_REQUESTED,
+    EVENT_QUEUED,
 };
 use super::{AttemptOutcome, JobProgress, JobStatus, Lease, LeaseState, Reaped};
 use crate::error::{Error, Result};
@@ -31,9 +32,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const JOB_COLUMNS: &str = "id, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
     lease_owner, lease_expires_at, cancel_requested, idempotency_key, progress, result, error, created_at, \
     started_at, finished_at, updated_at";
-const MODEL_COLUMNS: &str = "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
+const MODEL_COLUMNS: &str =
+    "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
 const DATASET_COLUMNS: &str = "id, name, format, uri, bytes, sha256, rows, metadata, created_at";
-const ARTIFACT_COLUMNS: &str = "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
+const ARTIFACT_COLUMNS: &str =
+    "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
 const EVENT_COLUMNS: &str = "seq, job_id, attempt, type, payload, created_at";
 
 /// A [`Store`] on PostgreSQL.
@@ -51,10 +54,18 @@ impl PgStore {
     /// # Errors
     /// [`Error::Database`] when the server cannot be reached or refuses the login.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
-        let pool = PgPoolOptions::new().max_connections(max_connections).acquire_timeout(ACQUIRE_TIMEOUT).connect(url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
         let hub = EventHub::new();
         let listener = Arc::new(spawn_listener(pool.clone(), hub.clone()));
-        Ok(Self { pool, hub, _listener: listener })
+        Ok(Self {
+            pool,
+            hub,
+            _listener: listener,
+        })
     }
 
     /// The pool, for backend-specific code in this crate (the scheduler's queue queries).
@@ -144,7 +155,10 @@ fn event_from_row(row: &PgRow) -> Result<JobEvent> {
 }
 
 /// Inserts an event inside the caller's transaction or on the pool.
-async fn insert_event<'e, E: sqlx::PgExecutor<'e>>(executor: E, event: &NewEvent) -> Result<JobEvent> {
+async fn insert_event<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    event: &NewEvent,
+) -> Result<JobEvent> {
     let sql = format!(
         "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING {EVENT_COLUMNS}"
     );
@@ -157,9 +171,10 @@ async fn insert_event<'e, E: sqlx::PgExecutor<'e>>(executor: E, event: &NewEvent
         .fetch_one(executor)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                Error::NotFound { kind: "job", id: event.job_id.to_string() }
-            }
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound {
+                kind: "job",
+                id: event.job_id.to_string(),
+            },
             _ => Error::Database(e),
         })?;
     event_from_row(&row)
@@ -183,7 +198,11 @@ impl Store for PgStore {
 
     async fn create_job(&self, job: NewJob) -> Result<Created> {
         let mut tx = self.pool.begin().await?;
-        let (key, hash) = job.idempotency.as_ref().map(|i| (i.key.clone(), i.request_hash.clone())).unzip();
+        let (key, hash) = job
+            .idempotency
+            .as_ref()
+            .map(|i| (i.key.clone(), i.request_hash.clone()))
+            .unzip();
         let sql = format!(
             "INSERT INTO jobs (id, name, status, spec, model_id, dataset_id, priority, max_attempts, run_after, \
              idempotency_key, request_hash, created_at, updated_at) \
@@ -203,7 +222,14 @@ impl Store for PgStore {
             .bind(&hash)
             .fetch_optional(&mut *tx)
             .await
-            .map_err(|e| constraint(e, || format!("job {} or its model or dataset conflicts with stored rows", job.id)))?;
+            .map_err(|e| {
+                constraint(e, || {
+                    format!(
+                        "job {} or its model or dataset conflicts with stored rows",
+                        job.id
+                    )
+                })
+            })?;
         if let Some(row) = inserted {
             let created = job_from_row(&row)?;
             let event = NewEvent {
@@ -219,7 +245,8 @@ impl Store for PgStore {
         }
         // Only an idempotency-key conflict makes the insert do nothing: the key is set.
         let (key, hash) = (key.unwrap_or_default(), hash.unwrap_or_default());
-        let sql = format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = $1");
+        let sql =
+            format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = $1");
         let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *tx).await?;
         let stored_hash: Option<String> = row.try_get("request_hash")?;
         if stored_hash.as_deref() == Some(hash.as_str()) {
@@ -231,7 +258,10 @@ impl Store for PgStore {
 
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -258,16 +288,38 @@ impl Store for PgStore {
                cancel_requested = true, updated_at = $2 \
              WHERE id = $1 AND status IN ('queued', 'running') RETURNING {JOB_COLUMNS}"
         );
-        let Some(row) = sqlx::query(&sql).bind(id).bind(now).fetch_optional(&mut *tx).await? else {
+        let Some(row) = sqlx::query(&sql)
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
             drop(tx);
             return Err(match self.get_job(id).await? {
-                None => Error::NotFound { kind: "job", id: id.to_string() },
-                Some(job) => Error::JobState { id, status: job.status.to_string(), action: "cancel" },
+                None => Error::NotFound {
+                    kind: "job",
+                    id: id.to_string(),
+                },
+                Some(job) => Error::JobState {
+                    id,
+                    status: job.status.to_string(),
+                    action: "cancel",
+                },
             });
         };
         let job = job_from_row(&row)?;
-        let event_type = if job.status.is_finished() { EVENT_CANCELLED } else { EVENT_CANCEL_REQUESTED };
-        let event = NewEvent { job_id: id, attempt: job.attempt, event_type: event_type.into(), payload: json!({}), created_at: now };
+        let event_type = if job.status.is_finished() {
+            EVENT_CANCELLED
+        } else {
+            EVENT_CANCEL_REQUESTED
+        };
+        let event = NewEvent {
+            job_id: id,
+            attempt: job.attempt,
+            event_type: event_type.into(),
+            payload: json!({}),
+            created_at: now,
+        };
         insert_event(&mut *tx, &event).await?;
         tx.commit().await?;
         Ok(job)
@@ -276,15 +328,34 @@ impl Store for PgStore {
     async fn delete_job(&self, id: Uuid) -> Result<Vec<Artifact>> {
         let mut tx = self.pool.begin().await?;
         let status: Option<String> =
-            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *tx).await?;
-        let status: super::JobStatus = status.ok_or_else(|| Error::NotFound { kind: "job", id: id.to_string() })?.parse()?;
+            sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let status: super::JobStatus = status
+            .ok_or_else(|| Error::NotFound {
+                kind: "job",
+                id: id.to_string(),
+            })?
+            .parse()?;
         if !status.is_finished() {
-            return Err(Error::JobState { id, status: status.to_string(), action: "delete (only finished jobs can be deleted)" });
+            return Err(Error::JobState {
+                id,
+                status: status.to_string(),
+                action: "delete (only finished jobs can be deleted)",
+            });
         }
-        let sql = format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1 ORDER BY name");
+        let sql =
+            format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1 ORDER BY name");
         let artifacts = sqlx::query(&sql).bind(id).fetch_all(&mut *tx).await?;
-        let artifacts = artifacts.iter().map(artifact_from_row).collect::<Result<Vec<_>>>()?;
-        let deleted = sqlx::query("DELETE FROM jobs WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let artifacts = artifacts
+            .iter()
+            .map(artifact_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let deleted = sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         expect_one_row(deleted.rows_affected(), "delete job")?;
         tx.commit().await?;
         Ok(artifacts)
@@ -296,7 +367,12 @@ impl Store for PgStore {
 
     async fn list_events(&self, job_id: Uuid, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3");
-        let rows = sqlx::query(&sql).bind(job_id).bind(after_seq).bind(clamp_limit(limit)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(after_seq)
+            .bind(clamp_limit(limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -322,13 +398,20 @@ impl Store for PgStore {
 
     async fn get_model(&self, id: Uuid) -> Result<Option<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(model_from_row).transpose()
     }
 
     async fn list_models(&self, page: Page) -> Result<Vec<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2");
-        let rows = sqlx::query(&sql).bind(page.after).bind(clamp_limit(page.limit)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(page.after)
+            .bind(clamp_limit(page.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(model_from_row).collect()
     }
 
@@ -358,18 +441,26 @@ impl Store for PgStore {
 
     async fn get_dataset(&self, id: Uuid) -> Result<Option<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(dataset_from_row).transpose()
     }
 
     async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2");
-        let rows = sqlx::query(&sql).bind(page.after).bind(clamp_limit(page.limit)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(page.after)
+            .bind(clamp_limit(page.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(dataset_from_row).collect()
     }
 
     async fn delete_dataset(&self, id: Uuid) -> Result<()> {
-        self.delete_input("datasets", "dataset_id", "dataset", id).await
+        self.delete_input("datasets", "dataset_id", "dataset", id)
+            .await
     }
 
     async fn insert_artifact(&self, artifact: &Artifact) -> Result<()> {
@@ -398,7 +489,8 @@ impl Store for PgStore {
     }
 
     async fn list_artifacts(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
-        let sql = format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1 ORDER BY name");
+        let sql =
+            format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1 ORDER BY name");
         let rows = sqlx::query(&sql).bind(job_id).fetch_all(&self.pool).await?;
         rows.iter().map(artifact_from_row).collect()
     }
@@ -417,7 +509,12 @@ impl Store for PgStore {
         queue::heartbeat(&self.pool, lease, duration).await
     }
 
-    async fn append_fenced_event(&self, lease: &Lease, event_type: &str, payload: serde_json::Value) -> Result<JobEvent> {
+    async fn append_fenced_event(
+        &self,
+        lease: &Lease,
+        event_type: &str,
+        payload: serde_json::Value,
+    ) -> Result<JobEvent> {
         queue::append_fenced_event(&self.pool, lease, event_type, &payload).await
     }
 
@@ -446,12 +543,24 @@ impl PgStore {
     /// Deletes a model or dataset unless a queued or running job uses it. The row lock keeps a
     /// job from being created against it between the check and the delete (the job's foreign key
     /// check needs a share lock on the same row).
-    async fn delete_input(&self, table: &str, column: &str, kind: &'static str, id: Uuid) -> Result<()> {
+    async fn delete_input(
+        &self,
+        table: &str,
+        column: &str,
+        kind: &'static str,
+        id: Uuid,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let locked: Option<Uuid> =
-            sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE id = $1 FOR UPDATE")).bind(id).fetch_optional(&mut *tx).await?;
+            sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE id = $1 FOR UPDATE"))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
         if locked.is_none() {
-            return Err(Error::NotFound { kind, id: id.to_string() });
+            return Err(Error::NotFound {
+                kind,
+                id: id.to_string(),
+            });
         }
         let active: Option<Uuid> = sqlx::query_scalar(&format!(
             "SELECT id FROM jobs WHERE {column} = $1 AND status IN ('queued', 'running') LIMIT 1"
@@ -460,12 +569,16 @@ impl PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(job) = active {
-            return Err(Error::Conflict(format!("{kind} {id} is used by job {job}, which is queued or running")));
+            return Err(Error::Conflict(format!(
+                "{kind} {id} is used by job {job}, which is queued or running"
+            )));
         }
-        let done = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1")).bind(id).execute(&mut *tx).await?;
+        let done = sqlx::query(&format!("DELETE FROM {table} WHERE id = $1"))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         expect_one_row(done.rows_affected(), "delete input")?;
         tx.commit().await?;
         Ok(())
     }
 }
-

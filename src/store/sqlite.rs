@@ -6,6 +6,7 @@
 //! contention between connections.
 
 mod queue;
+mod rows;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -15,17 +16,26 @@ use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 use sqlx::Row;
 use uuid::Uuid;
 
 use super::{
-    clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent, JobFilter, JobStatus,
-    Model, NewEvent, NewJob, Page, Store, EVENT_CANCELLED, EVENT_CANCEL_REQUESTED, EVENT_QUEUED,
+    clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent,
+    JobFilter, JobStatus, Model, NewEvent, NewJob, Page, Store, EVENT_CANCELLED,
+    EVENT_CANCEL_REQUESTED, EVENT_QUEUED,
 };
 use super::{AttemptOutcome, JobProgress, Lease, LeaseState, Reaped};
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, Notice};
+
+pub(crate) use rows::to_text;
+use rows::{
+    artifact_from_row, dataset_from_row, event_from_row, job_from_row, json_text, model_from_row,
+};
 
 /// Embedded migrations of this backend.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -33,15 +43,14 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The stored time format: fixed width, so text order is time order.
-const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
-
 const JOB_COLUMNS: &str = "id, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
     lease_owner, lease_expires_at, cancel_requested, idempotency_key, progress, result, error, created_at, \
     started_at, finished_at, updated_at";
-const MODEL_COLUMNS: &str = "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
+const MODEL_COLUMNS: &str =
+    "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
 const DATASET_COLUMNS: &str = "id, name, format, uri, bytes, sha256, rows, metadata, created_at";
-const ARTIFACT_COLUMNS: &str = "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
+const ARTIFACT_COLUMNS: &str =
+    "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
 const EVENT_COLUMNS: &str = "seq, job_id, attempt, type, payload, created_at";
 
 /// A [`Store`] on an SQLite file.
@@ -77,8 +86,14 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(max_connections).connect_with(options).await?;
-        Ok(Self { pool, hub: EventHub::new() })
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            pool,
+            hub: EventHub::new(),
+        })
     }
 
     /// The pool, for backend-specific code in this crate (the scheduler's queue queries).
@@ -87,139 +102,21 @@ impl SqliteStore {
     }
 }
 
-/// A time as stored.
-pub(crate) fn to_text(time: DateTime<Utc>) -> String {
-    time.format(TIME_FORMAT).to_string()
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>> {
-    NaiveDateTime::parse_from_str(text, TIME_FORMAT)
-        .map(|t| t.and_utc())
-        .map_err(|e| Error::Corrupt(format!("stored time `{text}`: {e}")))
-}
-
-fn time(row: &SqliteRow, column: &str) -> Result<DateTime<Utc>> {
-    parse_time(&row.try_get::<String, _>(column)?)
-}
-
-fn opt_time(row: &SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>> {
-    row.try_get::<Option<String>, _>(column)?.as_deref().map(parse_time).transpose()
-}
-
-fn parse_uuid(text: &str) -> Result<Uuid> {
-    Uuid::parse_str(text).map_err(|e| Error::Corrupt(format!("stored id `{text}`: {e}")))
-}
-
-fn uuid(row: &SqliteRow, column: &str) -> Result<Uuid> {
-    parse_uuid(&row.try_get::<String, _>(column)?)
-}
-
-fn opt_uuid(row: &SqliteRow, column: &str) -> Result<Option<Uuid>> {
-    row.try_get::<Option<String>, _>(column)?.as_deref().map(parse_uuid).transpose()
-}
-
-fn json_text(value: &impl serde::Serialize) -> String {
-    // Serializing plain data (Value, derive-Serialize structs) cannot fail.
-    serde_json::to_string(value).expect("JSON-serializable value")
-}
-
-fn opt_json<T: DeserializeOwned>(row: &SqliteRow, column: &str) -> Result<Option<T>> {
-    let text: Option<String> = row.try_get(column)?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| Error::Corrupt(format!("stored {column}: {e}")))).transpose()
-}
-
-fn json_value(row: &SqliteRow, column: &str) -> Result<Value> {
-    Ok(opt_json(row, column)?.unwrap_or(Value::Null))
-}
-
-fn job_from_row(row: &SqliteRow) -> Result<Job> {
-    Ok(Job {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        status: row.try_get::<String, _>("status")?.parse()?,
-        spec: json_value(row, "spec")?,
-        model_id: opt_uuid(row, "model_id")?,
-        dataset_id: opt_uuid(row, "dataset_id")?,
-        priority: row.try_get("priority")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        run_after: time(row, "run_after")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: opt_time(row, "lease_expires_at")?,
-        cancel_requested: row.try_get("cancel_requested")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        progress: opt_json(row, "progress")?,
-        result: opt_json(row, "result")?,
-        error: opt_json(row, "error")?,
-        created_at: time(row, "created_at")?,
-        started_at: opt_time(row, "started_at")?,
-        finished_at: opt_time(row, "finished_at")?,
-        updated_at: time(row, "updated_at")?,
-    })
-}
-
-fn model_from_row(row: &SqliteRow) -> Result<Model> {
-    Ok(Model {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        architecture: row.try_get("architecture")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        metadata: json_value(row, "metadata")?,
-        created_at: time(row, "created_at")?,
-    })
-}
-
-fn dataset_from_row(row: &SqliteRow) -> Result<Dataset> {
-    Ok(Dataset {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        rows: row.try_get("rows")?,
-        metadata: json_value(row, "metadata")?,
-        created_at: time(row, "created_at")?,
-    })
-}
-
-fn artifact_from_row(row: &SqliteRow) -> Result<Artifact> {
-    Ok(Artifact {
-        job_id: uuid(row, "job_id")?,
-        attempt: row.try_get("attempt")?,
-        name: row.try_get("name")?,
-        kind: row.try_get("kind")?,
-        format: row.try_get("format")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        uri: row.try_get("uri")?,
-        created_at: time(row, "created_at")?,
-    })
-}
-
-fn event_from_row(row: &SqliteRow) -> Result<JobEvent> {
-    Ok(JobEvent {
-        seq: row.try_get("seq")?,
-        job_id: uuid(row, "job_id")?,
-        attempt: row.try_get("attempt")?,
-        event_type: row.try_get("type")?,
-        payload: json_value(row, "payload")?,
-        created_at: time(row, "created_at")?,
-    })
-}
-
 /// Maps a foreign-key violation to "this job does not exist".
 fn missing_job(error: sqlx::Error, job_id: Uuid) -> Error {
     match &error {
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound { kind: "job", id: job_id.to_string() },
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound {
+            kind: "job",
+            id: job_id.to_string(),
+        },
         _ => Error::Database(error),
     }
 }
 
-async fn insert_event<'e, E: sqlx::SqliteExecutor<'e>>(executor: E, event: &NewEvent) -> Result<JobEvent> {
+async fn insert_event<'e, E: sqlx::SqliteExecutor<'e>>(
+    executor: E,
+    event: &NewEvent,
+) -> Result<JobEvent> {
     let sql = format!(
         "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}"
     );
@@ -253,7 +150,11 @@ impl Store for SqliteStore {
 
     async fn create_job(&self, job: NewJob) -> Result<Created> {
         let mut tx = self.pool.begin().await?;
-        let (key, hash) = job.idempotency.as_ref().map(|i| (i.key.clone(), i.request_hash.clone())).unzip();
+        let (key, hash) = job
+            .idempotency
+            .as_ref()
+            .map(|i| (i.key.clone(), i.request_hash.clone()))
+            .unzip();
         let created_at = to_text(job.created_at);
         let sql = format!(
             "INSERT INTO jobs (id, name, status, spec, model_id, dataset_id, priority, max_attempts, run_after, \
@@ -274,7 +175,14 @@ impl Store for SqliteStore {
             .bind(&hash)
             .fetch_optional(&mut *tx)
             .await
-            .map_err(|e| constraint(e, || format!("job {} or its model or dataset conflicts with stored rows", job.id)))?;
+            .map_err(|e| {
+                constraint(e, || {
+                    format!(
+                        "job {} or its model or dataset conflicts with stored rows",
+                        job.id
+                    )
+                })
+            })?;
         if let Some(row) = inserted {
             let created = job_from_row(&row)?;
             let event = NewEvent {
@@ -286,7 +194,10 @@ impl Store for SqliteStore {
             };
             let event = insert_event(&mut *tx, &event).await?;
             tx.commit().await?;
-            self.hub.publish(Notice::Event { job_id: event.job_id, seq: event.seq });
+            self.hub.publish(Notice::Event {
+                job_id: event.job_id,
+                seq: event.seq,
+            });
             self.hub.publish(Notice::Queued);
             return Ok(Created::New(created));
         }
@@ -304,7 +215,10 @@ impl Store for SqliteStore {
 
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -331,20 +245,44 @@ impl Store for SqliteStore {
                cancel_requested = 1, updated_at = ?2 \
              WHERE id = ?1 AND status IN ('queued', 'running') RETURNING {JOB_COLUMNS}"
         );
-        let row = sqlx::query(&sql).bind(id.to_string()).bind(to_text(now)).fetch_optional(&mut *tx).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(to_text(now))
+            .fetch_optional(&mut *tx)
+            .await?;
         let Some(row) = row else {
             drop(tx);
             return Err(match self.get_job(id).await? {
-                None => Error::NotFound { kind: "job", id: id.to_string() },
-                Some(job) => Error::JobState { id, status: job.status.to_string(), action: "cancel" },
+                None => Error::NotFound {
+                    kind: "job",
+                    id: id.to_string(),
+                },
+                Some(job) => Error::JobState {
+                    id,
+                    status: job.status.to_string(),
+                    action: "cancel",
+                },
             });
         };
         let job = job_from_row(&row)?;
-        let event_type = if job.status.is_finished() { EVENT_CANCELLED } else { EVENT_CANCEL_REQUESTED };
-        let event = NewEvent { job_id: id, attempt: job.attempt, event_type: event_type.into(), payload: json!({}), created_at: now };
+        let event_type = if job.status.is_finished() {
+            EVENT_CANCELLED
+        } else {
+            EVENT_CANCEL_REQUESTED
+        };
+        let event = NewEvent {
+            job_id: id,
+            attempt: job.attempt,
+            event_type: event_type.into(),
+            payload: json!({}),
+            created_at: now,
+        };
         let event = insert_event(&mut *tx, &event).await?;
         tx.commit().await?;
-        self.hub.publish(Notice::Event { job_id: event.job_id, seq: event.seq });
+        self.hub.publish(Notice::Event {
+            job_id: event.job_id,
+            seq: event.seq,
+        });
         if !job.status.is_finished() {
             self.hub.publish(Notice::CancelRequested { job_id: id });
         }
@@ -355,29 +293,45 @@ impl Store for SqliteStore {
         // A finished job's artifacts no longer change, so reading them before the (conditional,
         // atomic) delete cannot miss one.
         let artifacts = self.list_artifacts(id).await?;
-        let done = sqlx::query("DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')")
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "DELETE FROM jobs WHERE id = ? AND status IN ('succeeded', 'failed', 'cancelled')",
+        )
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 1 {
             return Ok(artifacts);
         }
         Err(match self.get_job(id).await? {
-            None => Error::NotFound { kind: "job", id: id.to_string() },
-            Some(job) => Error::JobState { id, status: job.status.to_string(), action: "delete (only finished jobs can be deleted)" },
+            None => Error::NotFound {
+                kind: "job",
+                id: id.to_string(),
+            },
+            Some(job) => Error::JobState {
+                id,
+                status: job.status.to_string(),
+                action: "delete (only finished jobs can be deleted)",
+            },
         })
     }
 
     async fn append_event(&self, event: NewEvent) -> Result<JobEvent> {
         let event = insert_event(&self.pool, &event).await?;
-        self.hub.publish(Notice::Event { job_id: event.job_id, seq: event.seq });
+        self.hub.publish(Notice::Event {
+            job_id: event.job_id,
+            seq: event.seq,
+        });
         Ok(event)
     }
 
     async fn list_events(&self, job_id: Uuid, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?");
-        let rows =
-            sqlx::query(&sql).bind(job_id.to_string()).bind(after_seq).bind(clamp_limit(limit)).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(&sql)
+            .bind(job_id.to_string())
+            .bind(after_seq)
+            .bind(clamp_limit(limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(event_from_row).collect()
     }
 
@@ -403,7 +357,10 @@ impl Store for SqliteStore {
 
     async fn get_model(&self, id: Uuid) -> Result<Option<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(model_from_row).transpose()
     }
 
@@ -443,7 +400,10 @@ impl Store for SqliteStore {
 
     async fn get_dataset(&self, id: Uuid) -> Result<Option<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?");
-        let row = sqlx::query(&sql).bind(id.to_string()).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(dataset_from_row).transpose()
     }
 
@@ -458,7 +418,8 @@ impl Store for SqliteStore {
     }
 
     async fn delete_dataset(&self, id: Uuid) -> Result<()> {
-        self.delete_input("datasets", "dataset_id", "dataset", id).await
+        self.delete_input("datasets", "dataset_id", "dataset", id)
+            .await
     }
 
     async fn insert_artifact(&self, artifact: &Artifact) -> Result<()> {
@@ -485,8 +446,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_artifacts(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
-        let sql = format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ? ORDER BY name");
-        let rows = sqlx::query(&sql).bind(job_id.to_string()).fetch_all(&self.pool).await?;
+        let sql =
+            format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ? ORDER BY name");
+        let rows = sqlx::query(&sql)
+            .bind(job_id.to_string())
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(artifact_from_row).collect()
     }
 
@@ -504,7 +469,12 @@ impl Store for SqliteStore {
         queue::heartbeat(&self.pool, lease, duration).await
     }
 
-    async fn append_fenced_event(&self, lease: &Lease, event_type: &str, payload: Value) -> Result<JobEvent> {
+    async fn append_fenced_event(
+        &self,
+        lease: &Lease,
+        event_type: &str,
+        payload: Value,
+    ) -> Result<JobEvent> {
         queue::append_fenced_event(&self.pool, &self.hub, lease, event_type, &payload).await
     }
 
@@ -532,19 +502,34 @@ impl Store for SqliteStore {
 impl SqliteStore {
     /// Deletes a model or dataset unless a queued or running job uses it, in one statement so no
     /// job can be created against it in between.
-    async fn delete_input(&self, table: &str, column: &str, kind: &'static str, id: Uuid) -> Result<()> {
+    async fn delete_input(
+        &self,
+        table: &str,
+        column: &str,
+        kind: &'static str,
+        id: Uuid,
+    ) -> Result<()> {
         let sql = format!(
             "DELETE FROM {table} WHERE id = ?1 AND NOT EXISTS \
              (SELECT 1 FROM jobs WHERE {column} = ?1 AND status IN ('queued', 'running'))"
         );
-        let done = sqlx::query(&sql).bind(id.to_string()).execute(&self.pool).await?;
+        let done = sqlx::query(&sql)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
         let exists: Option<String> =
-            sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE id = ?")).bind(id.to_string()).fetch_optional(&self.pool).await?;
+            sqlx::query_scalar(&format!("SELECT id FROM {table} WHERE id = ?"))
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
         Err(match exists {
-            None => Error::NotFound { kind, id: id.to_string() },
+            None => Error::NotFound {
+                kind,
+                id: id.to_string(),
+            },
             Some(_) => Error::Conflict(format!("{kind} {id} is used by a queued or running job")),
         })
     }
@@ -554,14 +539,6 @@ impl SqliteStore {
 mod tests {
     use super::*;
     use chrono::TimeZone;
-
-    #[test]
-    fn stored_times_sort_as_text_like_times() {
-        let early = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 9).unwrap();
-        let later = early + chrono::Duration::milliseconds(500);
-        assert!(to_text(early) < to_text(later));
-        assert_eq!(parse_time(&to_text(later)).unwrap(), later);
-    }
 
     #[test]
     fn status_names_round_trip() {

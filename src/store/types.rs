@@ -30,8 +30,13 @@ pub enum JobStatus {
 
 impl JobStatus {
     /// Every status, in life order.
-    pub const ALL: [JobStatus; 5] =
-        [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
+    pub const ALL: [JobStatus; 5] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
+    ];
 
     /// The name stored in the database and shown by the API.
     pub fn as_str(self) -> &'static str {
@@ -46,7 +51,10 @@ impl JobStatus {
 
     /// Whether the job will never change again.
     pub fn is_finished(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled
+        )
     }
 }
 
@@ -60,7 +68,10 @@ impl FromStr for JobStatus {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        JobStatus::ALL.into_iter().find(|status| status.as_str() == s).ok_or_else(|| Error::Corrupt(format!("unknown job status `{s}`")))
+        JobStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| Error::Corrupt(format!("unknown job status `{s}`")))
     }
 }
 

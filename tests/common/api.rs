@@ -45,7 +45,10 @@ pub struct Reply {
 impl Reply {
     /// The problem `type` slug (after `urn:compressd:problem:`).
     pub fn slug(&self) -> &str {
-        self.body["type"].as_str().and_then(|t| t.strip_prefix(api::error::PROBLEM_TYPE_PREFIX)).unwrap_or("<none>")
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix(api::error::PROBLEM_TYPE_PREFIX))
+            .unwrap_or("<none>")
     }
 
     /// The problem's first pointer.
@@ -55,7 +58,10 @@ impl Reply {
 
     /// The Content-Type header.
     pub fn content_type(&self) -> &str {
-        self.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default()
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -63,7 +69,9 @@ impl TestApi {
     /// An API over `store`, with inputs registered, default settings and a manual clock.
     pub async fn new(store: Arc<dyn Store>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let figment = Settings::figment(None).expect("defaults").merge(Serialized::default("data_dir", dir.path()));
+        let figment = Settings::figment(None)
+            .expect("defaults")
+            .merge(Serialized::default("data_dir", dir.path()));
         let settings = Settings::from_figment(figment).expect("settings");
         let clock = Arc::new(ManualClock::default());
         let (model, dataset) = super::register_inputs(&*store, &*clock).await;
@@ -74,7 +82,13 @@ impl TestApi {
             metrics: Arc::new(Metrics::new()),
             config: ApiConfig::from_settings(&settings),
         };
-        Self { router: api::router(state.clone()), state, model, dataset, _dir: dir }
+        Self {
+            router: api::router(state.clone()),
+            state,
+            model,
+            dataset,
+            _dir: dir,
+        }
     }
 
     /// An API over a fresh SQLite store.
@@ -89,21 +103,42 @@ impl TestApi {
     }
 
     /// Sends a request with a raw body and headers.
-    pub async fn send(&self, method: Method, uri: &str, headers: &[(&str, &str)], body: impl Into<Body>) -> Reply {
+    pub async fn send(
+        &self,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Body>,
+    ) -> Reply {
         let mut request = Request::builder().method(method).uri(uri);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = self.router.clone().oneshot(request.body(body.into()).expect("request")).await.expect("infallible router");
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body.into()).expect("request"))
+            .await
+            .expect("infallible router");
         let status = response.status();
         let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// GET.
@@ -132,6 +167,9 @@ impl TestApi {
     pub async fn create_job(&self) -> Uuid {
         let reply = self.post_json("/v1/jobs", &self.spec(), &[]).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
-        reply.body["id"].as_str().and_then(|id| id.parse().ok()).expect("job id")
+        reply.body["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("job id")
     }
 }

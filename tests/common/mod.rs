@@ -16,7 +16,9 @@ use uuid::Uuid;
 /// A migrated SQLite store in a temp dir (kept alive by the returned guard).
 pub async fn sqlite_store() -> (Arc<dyn Store>, TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open_file(&dir.path().join("test.db"), 4).await.expect("open sqlite");
+    let store = SqliteStore::open_file(&dir.path().join("test.db"), 4)
+        .await
+        .expect("open sqlite");
     store.migrate().await.expect("migrate sqlite");
     (Arc::new(store), dir)
 }
@@ -94,6 +96,9 @@ pub async fn register_inputs(store: &dyn Store, clock: &dyn Clock) -> (Uuid, Uui
     let model = model(clock);
     let dataset = dataset(clock);
     store.insert_model(&model).await.expect("insert model");
-    store.insert_dataset(&dataset).await.expect("insert dataset");
+    store
+        .insert_dataset(&dataset)
+        .await
+        .expect("insert dataset");
     (model.id, dataset.id)
 }

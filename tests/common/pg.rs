@@ -29,8 +29,12 @@ pub async fn fresh_database_url() -> String {
         }),
     });
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(admin).await.expect("connect to the test server");
-    conn.execute(format!("CREATE DATABASE {name}").as_str()).await.expect("create a test database");
+    let mut conn = PgConnection::connect(admin)
+        .await
+        .expect("connect to the test server");
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create a test database");
     let mut url = url::Url::parse(admin).expect("admin URL parses");
     url.set_path(&name);
     url.to_string()
@@ -38,16 +42,30 @@ pub async fn fresh_database_url() -> String {
 
 fn start_cluster() -> Result<String, String> {
     let as_root = is_root();
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_nanos();
-    let dir = std::env::temp_dir().join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_nanos();
+    let dir =
+        std::env::temp_dir().join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
     let data = dir.join("data");
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
     if as_root {
-        run(Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir))?;
+        run(Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir))?;
     }
     let initdb = pg_binary("initdb")?;
     let pg_ctl = pg_binary("pg_ctl")?;
-    run(postgres_user(as_root, &initdb).arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]))?;
+    run(postgres_user(as_root, &initdb).arg("-D").arg(&data).args([
+        "-A",
+        "trust",
+        "-U",
+        "postgres",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    ]))?;
     let port = free_port()?;
     // Durability is pointless for a throwaway cluster; turning it off makes tests much faster.
     let options = format!(
@@ -55,7 +73,12 @@ fn start_cluster() -> Result<String, String> {
         dir.display()
     );
     let log = dir.join("postgres.log");
-    let started = run(postgres_user(as_root, &pg_ctl).arg("-D").arg(&data).arg("-l").arg(&log).args(["-w", "-o", &options, "start"]));
+    let started = run(postgres_user(as_root, &pg_ctl)
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-o", &options, "start"]));
     if let Err(error) = started {
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         return Err(format!("{error}; server log:\n{log_text}"));
@@ -66,7 +89,11 @@ fn start_cluster() -> Result<String, String> {
 
 /// A watcher that waits for this process to end, then stops the cluster and removes its folder.
 fn stop_at_exit(as_root: bool, pg_ctl: &Path, data: &Path, dir: &Path) -> Result<(), String> {
-    let runas = if as_root { "runuser -u postgres -- " } else { "" };
+    let runas = if as_root {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {runas}'{pg_ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
         pid = std::process::id(),
@@ -99,12 +126,18 @@ fn run(command: &mut Command) -> Result<(), String> {
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!("{command:?} failed: {}", String::from_utf8_lossy(&output.stderr)))
+        Err(format!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
     }
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
 /// A PostgreSQL server binary from PATH, else from Debian's versioned folder (newest first).
@@ -121,10 +154,16 @@ fn pg_binary(name: &str) -> Result<PathBuf, String> {
         .collect();
     debian.sort();
     debian.reverse();
-    on_path.chain(debian).find(|path| path.is_file()).ok_or_else(|| format!("`{name}` not found on PATH or in /usr/lib/postgresql"))
+    on_path
+        .chain(debian)
+        .find(|path| path.is_file())
+        .ok_or_else(|| format!("`{name}` not found on PATH or in /usr/lib/postgresql"))
 }
 
 fn free_port() -> Result<u16, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    listener.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
 }

@@ -47,9 +47,8 @@ pub trait LinearLayer: Send + Sync + Debug {
 
 /// The schemes a linear layer can use.
 ///
-/// Only `Dense` exists today. Masked (pruning), LoRA, fake-quantized (QAT) and quantized (inference)
-/// variants are added here, each with its own settings, when their stages land; the factory is the
-/// only place that maps a kind to a type.
+/// Masked (pruning), LoRA and fake-quantized (QAT) variants are added here, each with its own
+/// settings, when their stages land; the factory is the only place that maps a kind to a type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LinearKind {
     /// A plain weight matrix and optional bias, trainable through the store's variables.

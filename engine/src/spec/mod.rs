@@ -9,8 +9,8 @@ mod stages;
 mod validate;
 
 pub use stages::{
-    DistillSpec, EarlyStopping, FinetuneSpec, GradClip, PruneMethod, PrunePattern, PruneScope, PruneSpec,
-    QuantScheme, QuantizeSpec, Recover, StageSpec, STAGE_TYPES,
+    DistillSpec, EarlyStopping, FinetuneSpec, GradClip, PruneMethod, PrunePattern, PruneScope,
+    PruneSpec, QuantScheme, QuantizeSpec, Recover, StageSpec, STAGE_TYPES,
 };
 
 use serde::{Deserialize, Serialize};

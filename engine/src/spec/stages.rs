@@ -43,7 +43,10 @@ impl StageSpec {
     ///
     /// # Errors
     /// The deserializer's error when `stage_type` is not a known stage or the body does not match it.
-    pub fn deserialize_typed<'de, D: Deserializer<'de>>(stage_type: &str, deserializer: D) -> Result<Self, D::Error> {
+    pub fn deserialize_typed<'de, D: Deserializer<'de>>(
+        stage_type: &str,
+        deserializer: D,
+    ) -> Result<Self, D::Error> {
         use serde::de::Error;
         match stage_type {
             "finetune" => FinetuneSpec::deserialize(deserializer).map(StageSpec::Finetune),

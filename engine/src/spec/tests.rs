@@ -36,11 +36,15 @@ fn the_issue_example_parses_with_defaults_filled() {
     let spec = parse(example());
     assert_eq!(spec.seed, 42);
     assert_eq!(spec.priority, 0);
-    let StageSpec::Finetune(ft) = &spec.pipeline[0] else { panic!("first stage is finetune") };
+    let StageSpec::Finetune(ft) = &spec.pipeline[0] else {
+        panic!("first stage is finetune")
+    };
     assert_eq!(ft.epochs, 2);
     assert_eq!(ft.batch_size, 16);
     assert_eq!(ft.head_learning_rate, Some(1e-3));
-    let StageSpec::Prune(prune) = &spec.pipeline[1] else { panic!("second stage is prune") };
+    let StageSpec::Prune(prune) = &spec.pipeline[1] else {
+        panic!("second stage is prune")
+    };
     assert_eq!(prune.recover.as_ref().map(|r| r.learning_rate), Some(5e-5));
     let stored = serde_json::to_value(&spec).unwrap();
     assert_eq!(stored["pipeline"][0]["weight_decay"], json!(0.01));
@@ -53,7 +57,10 @@ fn the_issue_example_parses_with_defaults_filled() {
 fn classification_gets_a_default_label_field_and_language_modeling_none() {
     let mut value = example();
     value["task"] = json!({"type": "text_classification", "dataset": "d"});
-    assert_eq!(parse(value.clone()).task.label_field.as_deref(), Some("label"));
+    assert_eq!(
+        parse(value.clone()).task.label_field.as_deref(),
+        Some("label")
+    );
     value["task"] = json!({"type": "language_modeling", "dataset": "d"});
     value["acceptance"] = json!({"metric": "perplexity", "max_relative_drop": 0.05});
     value["pipeline"] = json!([{"type": "finetune"}]);
@@ -64,11 +71,21 @@ fn classification_gets_a_default_label_field_and_language_modeling_none() {
 
 #[test]
 fn unknown_fields_are_rejected_at_every_level() {
-    for (pointer, field) in [("", "colour"), ("/task", "colour"), ("/pipeline/0", "colour"), ("/acceptance", "colour")] {
+    for (pointer, field) in [
+        ("", "colour"),
+        ("/task", "colour"),
+        ("/pipeline/0", "colour"),
+        ("/acceptance", "colour"),
+    ] {
         let mut value = example();
-        value.pointer_mut(if pointer.is_empty() { "" } else { pointer }).unwrap()[field] = json!(1);
+        value
+            .pointer_mut(if pointer.is_empty() { "" } else { pointer })
+            .unwrap()[field] = json!(1);
         let err = serde_json::from_value::<JobSpec>(value).unwrap_err();
-        assert!(err.to_string().contains("unknown field `colour`"), "{pointer}: {err}");
+        assert!(
+            err.to_string().contains("unknown field `colour`"),
+            "{pointer}: {err}"
+        );
     }
 }
 
@@ -80,7 +97,11 @@ fn unimplemented_stages_are_named() {
         let prune = violations.iter().find(|v| v.pointer == "/pipeline/1/type");
         assert_eq!(IMPLEMENTED_STAGES.contains(&"prune"), prune.is_none());
         if let Some(v) = prune {
-            assert!(v.message.contains("stage `prune` is not implemented yet"), "{}", v.message);
+            assert!(
+                v.message.contains("stage `prune` is not implemented yet"),
+                "{}",
+                v.message
+            );
         }
     }
 }
@@ -103,7 +124,10 @@ fn ranges_are_checked_with_pointers() {
         "/pipeline/2/group_size",
         "/priority",
     ] {
-        assert!(found.iter().any(|p| p == expected), "missing {expected} in {found:?}");
+        assert!(
+            found.iter().any(|p| p == expected),
+            "missing {expected} in {found:?}"
+        );
     }
 }
 
@@ -139,5 +163,8 @@ fn a_stage_body_deserializes_by_type() {
     let stage = StageSpec::deserialize_typed("prune", &body).unwrap();
     assert_eq!(stage.type_name(), "prune");
     let err = StageSpec::deserialize_typed("shrink", &body).unwrap_err();
-    assert!(err.to_string().contains("unknown variant `shrink`"), "{err}");
+    assert!(
+        err.to_string().contains("unknown variant `shrink`"),
+        "{err}"
+    );
 }

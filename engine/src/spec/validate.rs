@@ -1,8 +1,9 @@
 //! Range and cross-field checks of a parsed [`JobSpec`], reported as JSON pointers.
 
 use super::{
-    Acceptance, DistillSpec, FinetuneSpec, JobSpec, Metric, PrunePattern, PruneSpec, QuantScheme, QuantizeSpec,
-    Recover, StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
+    Acceptance, DistillSpec, FinetuneSpec, JobSpec, Metric, PrunePattern, PruneSpec, QuantScheme,
+    QuantizeSpec, Recover, StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES,
+    MAX_STAGES,
 };
 
 const MAX_NAME_CHARS: usize = 128;
@@ -22,7 +23,10 @@ struct Checker {
 
 impl Checker {
     fn fail(&mut self, pointer: impl Into<String>, message: impl Into<String>) {
-        self.violations.push(Violation { pointer: pointer.into(), message: message.into() });
+        self.violations.push(Violation {
+            pointer: pointer.into(),
+            message: message.into(),
+        });
     }
 
     fn check(&mut self, ok: bool, pointer: &str, message: impl FnOnce() -> String) {
@@ -32,35 +36,49 @@ impl Checker {
     }
 
     fn range_u32(&mut self, value: u32, min: u32, max: u32, pointer: &str) {
-        self.check((min..=max).contains(&value), pointer, || format!("must be between {min} and {max}, got {value}"));
+        self.check((min..=max).contains(&value), pointer, || {
+            format!("must be between {min} and {max}, got {value}")
+        });
     }
 
     /// A learning rate: positive and at most 1 (anything above diverges for the optimizers we run).
     fn learning_rate(&mut self, value: f64, pointer: &str) {
-        self.check(value > 0.0 && value <= 1.0, pointer, || format!("must be in (0, 1], got {value}"));
+        self.check(value > 0.0 && value <= 1.0, pointer, || {
+            format!("must be in (0, 1], got {value}")
+        });
     }
 
     fn unit_interval(&mut self, value: f64, pointer: &str, open_top: bool) {
         let ok = value >= 0.0 && if open_top { value < 1.0 } else { value <= 1.0 };
         let top = if open_top { ")" } else { "]" };
-        self.check(ok, pointer, || format!("must be in [0, 1{top}, got {value}"));
+        self.check(ok, pointer, || {
+            format!("must be in [0, 1{top}, got {value}")
+        });
     }
 
     fn globs(&mut self, globs: &[String], pointer: &str) {
         for (i, glob) in globs.iter().enumerate() {
-            self.check(!glob.trim().is_empty(), &format!("{pointer}/{i}"), || "must not be empty".to_owned());
+            self.check(!glob.trim().is_empty(), &format!("{pointer}/{i}"), || {
+                "must not be empty".to_owned()
+            });
         }
     }
 }
 
 pub(super) fn validate(spec: &JobSpec) -> Vec<Violation> {
-    let mut c = Checker { violations: Vec::new() };
+    let mut c = Checker {
+        violations: Vec::new(),
+    };
     let name_chars = spec.name.chars().count();
     c.check((1..=MAX_NAME_CHARS).contains(&name_chars), "/name", || {
         format!("must have 1 to {MAX_NAME_CHARS} characters, got {name_chars}")
     });
-    c.check(!spec.name.chars().any(char::is_control), "/name", || "must not contain control characters".to_owned());
-    c.check(!spec.model.trim().is_empty(), "/model", || "must not be empty".to_owned());
+    c.check(!spec.name.chars().any(char::is_control), "/name", || {
+        "must not contain control characters".to_owned()
+    });
+    c.check(!spec.model.trim().is_empty(), "/model", || {
+        "must not be empty".to_owned()
+    });
     check_task(&mut c, &spec.task);
     check_pipeline(&mut c, &spec.pipeline);
     if let Some(acceptance) = &spec.acceptance {
@@ -68,26 +86,43 @@ pub(super) fn validate(spec: &JobSpec) -> Vec<Violation> {
     }
     check_outputs(&mut c, spec);
     c.check(PRIORITY_RANGE.contains(&spec.priority), "/priority", || {
-        format!("must be between {} and {}, got {}", PRIORITY_RANGE.start(), PRIORITY_RANGE.end(), spec.priority)
+        format!(
+            "must be between {} and {}, got {}",
+            PRIORITY_RANGE.start(),
+            PRIORITY_RANGE.end(),
+            spec.priority
+        )
     });
     c.violations
 }
 
 fn check_task(c: &mut Checker, task: &TaskSpec) {
-    c.check(!task.dataset.trim().is_empty(), "/task/dataset", || "must not be empty".to_owned());
-    c.check(!task.text_field.is_empty(), "/task/text_field", || "must not be empty".to_owned());
+    c.check(!task.dataset.trim().is_empty(), "/task/dataset", || {
+        "must not be empty".to_owned()
+    });
+    c.check(!task.text_field.is_empty(), "/task/text_field", || {
+        "must not be empty".to_owned()
+    });
     match (task.task_type, &task.label_field) {
-        (TaskType::LanguageModeling, Some(_)) => {
-            c.fail("/task/label_field", "language_modeling datasets are plain text and have no label field")
+        (TaskType::LanguageModeling, Some(_)) => c.fail(
+            "/task/label_field",
+            "language_modeling datasets are plain text and have no label field",
+        ),
+        (TaskType::TextClassification, Some(field)) if field.is_empty() => {
+            c.fail("/task/label_field", "must not be empty")
         }
-        (TaskType::TextClassification, Some(field)) if field.is_empty() => c.fail("/task/label_field", "must not be empty"),
         _ => {}
     }
     if let Some(max_length) = task.max_length {
         c.range_u32(max_length, 1, MAX_SEQUENCE_LENGTH, "/task/max_length");
     }
-    for (value, pointer) in [(task.max_train_samples, "/task/max_train_samples"), (task.max_eval_samples, "/task/max_eval_samples")] {
-        c.check(value != Some(0), pointer, || "must be at least 1 (or null for all)".to_owned());
+    for (value, pointer) in [
+        (task.max_train_samples, "/task/max_train_samples"),
+        (task.max_eval_samples, "/task/max_eval_samples"),
+    ] {
+        c.check(value != Some(0), pointer, || {
+            "must be at least 1 (or null for all)".to_owned()
+        });
     }
 }
 
@@ -96,7 +131,13 @@ fn check_pipeline(c: &mut Checker, pipeline: &[StageSpec]) {
         c.fail("/pipeline", "must have at least one stage");
     }
     if pipeline.len() > MAX_STAGES {
-        c.fail("/pipeline", format!("must have at most {MAX_STAGES} stages, got {}", pipeline.len()));
+        c.fail(
+            "/pipeline",
+            format!(
+                "must have at most {MAX_STAGES} stages, got {}",
+                pipeline.len()
+            ),
+        );
     }
     let mut quantized_at: Option<usize> = None;
     for (i, stage) in pipeline.iter().enumerate() {
@@ -114,7 +155,10 @@ fn check_pipeline(c: &mut Checker, pipeline: &[StageSpec]) {
         if !IMPLEMENTED_STAGES.contains(&stage_type) {
             c.fail(
                 format!("{at}/type"),
-                format!("stage `{stage_type}` is not implemented yet (implemented: {})", IMPLEMENTED_STAGES.join(", ")),
+                format!(
+                    "stage `{stage_type}` is not implemented yet (implemented: {})",
+                    IMPLEMENTED_STAGES.join(", ")
+                ),
             );
         }
         match stage {
@@ -137,10 +181,19 @@ fn check_finetune(c: &mut Checker, s: &FinetuneSpec, at: &str) {
     c.unit_interval(s.warmup_ratio, &format!("{at}/warmup_ratio"), true);
     c.globs(&s.freeze, &format!("{at}/freeze"));
     if let Some(clip) = &s.grad_clip {
-        c.check(clip.max_norm > 0.0, &format!("{at}/grad_clip/max_norm"), || format!("must be positive, got {}", clip.max_norm));
+        c.check(
+            clip.max_norm > 0.0,
+            &format!("{at}/grad_clip/max_norm"),
+            || format!("must be positive, got {}", clip.max_norm),
+        );
     }
     if let Some(stop) = &s.early_stopping {
-        c.range_u32(stop.patience, 1, MAX_EPOCHS, &format!("{at}/early_stopping/patience"));
+        c.range_u32(
+            stop.patience,
+            1,
+            MAX_EPOCHS,
+            &format!("{at}/early_stopping/patience"),
+        );
     }
 }
 
@@ -151,11 +204,15 @@ fn check_recover(c: &mut Checker, r: &Recover, at: &str) {
 
 fn check_prune(c: &mut Checker, s: &PruneSpec, at: &str) {
     let sparsity_at = format!("{at}/sparsity");
-    c.check(s.sparsity > 0.0 && s.sparsity <= MAX_SPARSITY, &sparsity_at, || {
-        format!("must be in (0, {MAX_SPARSITY}], got {}", s.sparsity)
-    });
+    c.check(
+        s.sparsity > 0.0 && s.sparsity <= MAX_SPARSITY,
+        &sparsity_at,
+        || format!("must be in (0, {MAX_SPARSITY}], got {}", s.sparsity),
+    );
     if s.pattern == PrunePattern::TwoFour {
-        c.check(s.sparsity == 0.5, &sparsity_at, || format!("must be 0.5 with pattern 2:4, got {}", s.sparsity));
+        c.check(s.sparsity == 0.5, &sparsity_at, || {
+            format!("must be 0.5 with pattern 2:4, got {}", s.sparsity)
+        });
     }
     c.range_u32(s.steps, 1, MAX_PRUNE_STEPS, &format!("{at}/steps"));
     if let Some(exclude) = &s.exclude {
@@ -170,7 +227,9 @@ fn check_quantize(c: &mut Checker, s: &QuantizeSpec, at: &str) {
     if let Some(group) = s.group_size {
         let pointer = format!("{at}/group_size");
         if s.scheme == QuantScheme::Int4 {
-            c.check(INT4_GROUP_SIZES.contains(&group), &pointer, || format!("must be one of {INT4_GROUP_SIZES:?}, got {group}"));
+            c.check(INT4_GROUP_SIZES.contains(&group), &pointer, || {
+                format!("must be one of {INT4_GROUP_SIZES:?}, got {group}")
+            });
         } else {
             c.fail(pointer, "only int4 takes a group size (the other schemes have fixed blocks or per-channel scales)");
         }
@@ -189,9 +248,11 @@ fn check_distill(c: &mut Checker, s: &DistillSpec, at: &str) {
     }
     c.range_u32(s.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
     c.learning_rate(s.learning_rate, &format!("{at}/learning_rate"));
-    c.check(s.temperature > 0.0 && s.temperature <= 100.0, &format!("{at}/temperature"), || {
-        format!("must be in (0, 100], got {}", s.temperature)
-    });
+    c.check(
+        s.temperature > 0.0 && s.temperature <= 100.0,
+        &format!("{at}/temperature"),
+        || format!("must be in (0, 100], got {}", s.temperature),
+    );
     c.unit_interval(s.alpha, &format!("{at}/alpha"), false);
     c.range_u32(s.batch_size, 1, MAX_BATCH_SIZE, &format!("{at}/batch_size"));
 }
@@ -201,11 +262,20 @@ fn check_acceptance(c: &mut Checker, a: &Acceptance, task: TaskType) {
         Metric::Accuracy | Metric::MacroF1 => task == TaskType::TextClassification,
         Metric::Perplexity => task == TaskType::LanguageModeling,
     };
-    c.check(fits_task, "/acceptance/metric", || format!("{:?} does not apply to a {task:?} task", a.metric));
+    c.check(fits_task, "/acceptance/metric", || {
+        format!("{:?} does not apply to a {task:?} task", a.metric)
+    });
     match (a.max_drop, a.max_relative_drop) {
-        (None, None) | (Some(_), Some(_)) => c.fail("/acceptance", "give exactly one of max_drop and max_relative_drop"),
-        (Some(drop), None) => c.check(drop >= 0.0, "/acceptance/max_drop", || format!("must be at least 0, got {drop}")),
-        (None, Some(drop)) => c.check(drop >= 0.0, "/acceptance/max_relative_drop", || format!("must be at least 0, got {drop}")),
+        (None, None) | (Some(_), Some(_)) => c.fail(
+            "/acceptance",
+            "give exactly one of max_drop and max_relative_drop",
+        ),
+        (Some(drop), None) => c.check(drop >= 0.0, "/acceptance/max_drop", || {
+            format!("must be at least 0, got {drop}")
+        }),
+        (None, Some(drop)) => c.check(drop >= 0.0, "/acceptance/max_relative_drop", || {
+            format!("must be at least 0, got {drop}")
+        }),
     }
 }
 
@@ -215,7 +285,10 @@ fn check_outputs(c: &mut Checker, spec: &JobSpec) {
     }
     for (i, format) in spec.outputs.iter().enumerate() {
         if spec.outputs[..i].contains(format) {
-            c.fail(format!("/outputs/{i}"), format!("{format:?} is listed twice"));
+            c.fail(
+                format!("/outputs/{i}"),
+                format!("{format:?} is listed twice"),
+            );
         }
     }
 }

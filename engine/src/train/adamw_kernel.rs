@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout};
 use rayon::prelude::*;
 
 use crate::train::clip::GradTransform;
-use crate::train::grads::Elem;
+use crate::train::grads::{copy_row_major, dense_order, Elem, Order};
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 14;
@@ -25,6 +25,8 @@ pub(crate) struct HostMoments {
     pub v: Vec<f32>,
     /// f32 master weights, kept only when the parameter itself is f16/bf16.
     pub master: Option<Vec<f32>>,
+    /// Reused buffer for gradients that arrive transposed (not checkpointed).
+    pub scratch: Vec<f32>,
 }
 
 /// Hyper-parameters of one update, with the bias corrections already computed.
@@ -71,7 +73,7 @@ impl FusedAdamW<'_> {
             candle_core::bail!("fused AdamW: gradient has {} elements, weight {}", grad.len(), end - start);
         }
         let s = self.scalars;
-        let HostMoments { m, v, master } = &mut **moments;
+        let HostMoments { m, v, master, .. } = &mut **moments;
         match (weight, master) {
             (CpuStorage::F32(w), None) => update_plain(&mut w[start..end], grad, m, v, &s),
             (CpuStorage::F32(w), Some(master)) => update_master(&mut w[start..end], grad, m, v, master, &s),
@@ -141,9 +143,22 @@ impl InplaceOp2 for FusedAdamW<'_> {
         grad: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        let (start, end) = gl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fused AdamW needs a contiguous gradient".into()))?;
+        let (start, end, order) = dense_order(gl)
+            .ok_or_else(|| candle_core::Error::Msg("fused AdamW needs a dense gradient".into()))?;
+        if let Order::Transposed { .. } = order {
+            // Put the gradient in the weight's order once, into a buffer reused every step.
+            let mut scratch = std::mem::take(&mut self.moments.borrow_mut().scratch);
+            scratch.resize(end - start, 0.0);
+            match grad {
+                CpuStorage::F32(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
+                CpuStorage::F16(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
+                CpuStorage::BF16(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
+                other => candle_core::bail!("fused AdamW: unsupported gradient dtype {:?}", other.dtype()),
+            }
+            let result = self.run(weight, wl, &scratch);
+            self.moments.borrow_mut().scratch = scratch;
+            return result;
+        }
         match grad {
             CpuStorage::F32(g) => self.run(weight, wl, &g[start..end]),
             CpuStorage::F16(g) => self.run(weight, wl, &g[start..end]),

@@ -8,7 +8,7 @@
 use candle_core::{DType, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::train::grads::{read_cpu, with_float_slice, Elem, GradView, Gradients};
+use crate::train::grads::{dense_order, read_cpu, with_float_slice, Elem, GradView, Gradients};
 use crate::{EngineError, Result};
 
 /// Clipping options (both off by default).
@@ -105,8 +105,9 @@ fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result
     let probe = GradTransform { average, clamp, norm_scale: 1.0 };
     match view {
         GradView::Host(buf) => Ok(sum_squares(buf.iter().copied(), &probe)),
-        GradView::Tensor(t) if t.device().is_cpu() && t.is_contiguous() => {
-            read_cpu(t, |s| with_float_slice!(s, |s| sum_squares(s.iter().map(|x| x.to_f32()), &probe)))
+        // Storage order does not matter for a sum of squares, so transposed views are read as is.
+        GradView::Tensor(t) if t.device().is_cpu() && dense_order(t.layout()).is_some() => {
+            read_cpu(t, |s, _| with_float_slice!(s, |s| sum_squares(s.iter().map(|x| x.to_f32()), &probe)))
         }
         GradView::Tensor(t) => {
             let g = (t.to_dtype(DType::F32)? * average as f64)?;

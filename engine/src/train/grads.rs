@@ -132,21 +132,13 @@ fn accumulate_one(slot: &mut Option<AccBuffer>, grad: &Tensor, first: bool) -> R
         }
     };
     let contiguous;
-    let grad = if grad.is_contiguous() {
+    let grad = if dense_order(grad.layout()).is_some() {
         grad
     } else {
         contiguous = grad.contiguous()?;
         &contiguous
     };
-    read_cpu(grad, |src| {
-        with_float_slice!(src, |src| {
-            if first {
-                buf.iter_mut().zip(src).for_each(|(b, g)| *b = g.to_f32());
-            } else {
-                buf.iter_mut().zip(src).for_each(|(b, g)| *b += g.to_f32());
-            }
-        })
-    })
+    read_cpu(grad, |src, order| with_float_slice!(src, |src| copy_row_major(buf, src, order, !first)))
 }
 
 /// Element types the optimizer reads and writes on CPU, converted through f32.
@@ -208,14 +200,39 @@ macro_rules! with_float_slice {
 }
 pub(crate) use with_float_slice;
 
-/// Runs `f` on the elements of a contiguous CPU float tensor without copying it.
+/// How the elements of a 2-D (or any contiguous) gradient lie in its storage slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// Logical order (C-contiguous).
+    RowMajor,
+    /// A transposed view: logical element `(i, j)` of a `rows x cols` tensor is at `i + j * rows`.
+    /// Backward produces linear-layer weight gradients this way (the gradient of `w.t()`,
+    /// transposed back), so it is handled without a copy.
+    Transposed { rows: usize, cols: usize },
+}
+
+/// The storage range and element order of a layout, when it is dense.
+pub(crate) fn dense_order(layout: &candle_core::Layout) -> Option<(usize, usize, Order)> {
+    if let Some((start, end)) = layout.contiguous_offsets() {
+        return Some((start, end, Order::RowMajor));
+    }
+    match (layout.dims(), layout.stride()) {
+        (&[rows, cols], &[1, stride]) if stride == rows => {
+            let start = layout.start_offset();
+            Some((start, start + rows * cols, Order::Transposed { rows, cols }))
+        }
+        _ => None,
+    }
+}
+
+/// Runs `f` on the storage elements of a dense CPU float tensor without copying it.
 ///
 /// # Errors
-/// Fails for non-CPU, non-contiguous or non-float (f32/f16/bf16) tensors.
-pub(crate) fn read_cpu<R>(t: &Tensor, f: impl FnOnce(FloatSlice<'_>) -> R) -> Result<R> {
+/// Fails for non-CPU, non-dense or non-float (f32/f16/bf16) tensors.
+pub(crate) fn read_cpu<R>(t: &Tensor, f: impl FnOnce(FloatSlice<'_>, Order) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg("tensor is not contiguous".into()).into());
+    let Some((start, end, order)) = dense_order(layout) else {
+        return Err(candle_core::Error::Msg("tensor is not dense".into()).into());
     };
     let Storage::Cpu(cpu) = &*storage else {
         return Err(candle_core::Error::Msg("expected a CPU tensor".into()).into());
@@ -232,7 +249,30 @@ pub(crate) fn read_cpu<R>(t: &Tensor, f: impl FnOnce(FloatSlice<'_>) -> R) -> Re
             .into())
         }
     };
-    Ok(f(slice))
+    Ok(f(slice, order))
+}
+
+/// Writes (or adds, when `add`) `src`, laid out in `order`, into the row-major `dst`.
+pub(crate) fn copy_row_major<G: Elem>(dst: &mut [f32], src: &[G], order: Order, add: bool) {
+    match order {
+        Order::RowMajor if add => dst.iter_mut().zip(src).for_each(|(d, g)| *d += g.to_f32()),
+        Order::RowMajor => dst.iter_mut().zip(src).for_each(|(d, g)| *d = g.to_f32()),
+        Order::Transposed { rows, cols } => {
+            // Tiled so both sides stay in cache.
+            const TILE: usize = 32;
+            for i0 in (0..rows).step_by(TILE) {
+                for j0 in (0..cols).step_by(TILE) {
+                    for i in i0..(i0 + TILE).min(rows) {
+                        for j in j0..(j0 + TILE).min(cols) {
+                            let g = src[i + j * rows].to_f32();
+                            let d = &mut dst[i * cols + j];
+                            *d = if add { *d + g } else { g };
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

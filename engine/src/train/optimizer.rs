@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::train::adamw_kernel::{FusedAdamW, HostMoments, StepScalars};
 use crate::train::clip::GradTransform;
-use crate::train::grads::{GradView, Gradients};
+use crate::train::grads::{dense_order, GradView, Gradients};
 use crate::{EngineError, Result};
 
 /// A set of parameters, chosen by a glob on their names, with its own learning rate.
@@ -249,6 +249,7 @@ impl AdamW {
                     m: m.flatten_all()?.to_vec1()?,
                     v: v.flatten_all()?.to_vec1()?,
                     master: master.map(|w| w.flatten_all()?.to_vec1()).transpose()?,
+                    scratch: Vec::new(),
                 }),
                 Moments::Device { .. } => {
                     let dev = slot.var.device();
@@ -278,7 +279,7 @@ fn init_moments(name: &str, var: &Var) -> Result<Moments> {
         let n = var.elem_count();
         let master =
             needs_master.then(|| var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
-        return Ok(Moments::Host(HostMoments { m: vec![0.0; n], v: vec![0.0; n], master }));
+        return Ok(Moments::Host(HostMoments { m: vec![0.0; n], v: vec![0.0; n], master, scratch: Vec::new() }));
     }
     let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
     let master = needs_master.then(|| var.as_tensor().to_dtype(DType::F32)).transpose()?;
@@ -295,7 +296,7 @@ fn update_slot(slot: &mut Slot, grad: GradView<'_>, s: StepScalars) -> Result<()
             let op = FusedAdamW { scalars: s, moments: RefCell::new(moments), host_grad };
             match grad {
                 GradView::Host(_) => slot.var.as_tensor().inplace_op1(&op)?,
-                GradView::Tensor(g) if g.is_contiguous() && g.device().is_cpu() => {
+                GradView::Tensor(g) if g.device().is_cpu() && dense_order(g.layout()).is_some() => {
                     slot.var.as_tensor().inplace_op2(g, &op)?
                 }
                 GradView::Tensor(g) => slot.var.as_tensor().inplace_op2(&g.to_device(&candle_core::Device::Cpu)?.contiguous()?, &op)?,

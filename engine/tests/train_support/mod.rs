@@ -1,6 +1,9 @@
 //! Shared helpers of the training tests: a tiny random BERT classifier and a synthetic dataset it
 //! can learn (label = whether token 7 occurs in the row).
 
+// Each test binary that includes this module uses a different subset of it.
+#![allow(dead_code)]
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use compressd_engine::data::Example;
@@ -67,7 +70,6 @@ pub fn synthetic_rows(n: usize, seed: u64) -> Vec<Example> {
 }
 
 /// Every trainable tensor of a store, by name.
-#[allow(dead_code)] // used by some of the test binaries that include this module
 pub fn snapshot(store: &ParamStore) -> Result<Vec<(String, Vec<f32>)>> {
     store
         .trainable_vars()

@@ -8,11 +8,11 @@ use compressd_engine::spec::JobSpec;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::job_spec;
 use super::JobView;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
+use crate::job_spec;
 use crate::store::{Created, Idempotency, NewJob};
 
 /// Header a client sets to make retries of a create safe.
@@ -37,12 +37,20 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid spec; `pointer` names the field", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
+pub async fn create_job(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
     let (model_id, dataset_id) = resolve_inputs(&state, &spec).await?;
-    let spec_json = serde_json::to_value(&spec).map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
-    let idempotency = key.map(|key| Idempotency { key, request_hash: request_hash(&spec_json) });
+    let spec_json = serde_json::to_value(&spec)
+        .map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
+    let idempotency = key.map(|key| Idempotency {
+        key,
+        request_hash: request_hash(&spec_json),
+    });
     let new_job = NewJob {
         id: state.clock.new_id(),
         name: spec.name.clone(),
@@ -62,15 +70,28 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, JsonB
         }
         Created::Existing(job) => (StatusCode::OK, job),
     };
-    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
-    Ok((status, [(header::LOCATION, location)], Json(JobView::from(job))).into_response())
+    let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id))
+        .map_err(|e| crate::Error::Corrupt(e.to_string()))?;
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(JobView::from(job)),
+    )
+        .into_response())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
     let key = value
         .to_str()
-        .map_err(|_| ApiError::bad_request("invalid-idempotency-key", "Idempotency-Key must be visible ASCII"))?
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid-idempotency-key",
+                "Idempotency-Key must be visible ASCII",
+            )
+        })?
         .trim();
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
         return Err(ApiError::bad_request(
@@ -89,15 +110,29 @@ fn request_hash(spec: &serde_json::Value) -> String {
 
 /// The registered model and dataset the spec names, or a 422 pointing at the id.
 async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid), ApiError> {
-    let model_id = Uuid::parse_str(&spec.model)
-        .map_err(|_| ApiError::invalid_field("/model", format!("`{}` is not a model id (a UUID)", spec.model)))?;
-    let dataset_id = Uuid::parse_str(&spec.task.dataset)
-        .map_err(|_| ApiError::invalid_field("/task/dataset", format!("`{}` is not a dataset id (a UUID)", spec.task.dataset)))?;
+    let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
+        ApiError::invalid_field(
+            "/model",
+            format!("`{}` is not a model id (a UUID)", spec.model),
+        )
+    })?;
+    let dataset_id = Uuid::parse_str(&spec.task.dataset).map_err(|_| {
+        ApiError::invalid_field(
+            "/task/dataset",
+            format!("`{}` is not a dataset id (a UUID)", spec.task.dataset),
+        )
+    })?;
     if state.store.get_model(model_id).await?.is_none() {
-        return Err(ApiError::invalid_field("/model", format!("model {model_id} is not registered")));
+        return Err(ApiError::invalid_field(
+            "/model",
+            format!("model {model_id} is not registered"),
+        ));
     }
     if state.store.get_dataset(dataset_id).await?.is_none() {
-        return Err(ApiError::invalid_field("/task/dataset", format!("dataset {dataset_id} is not registered")));
+        return Err(ApiError::invalid_field(
+            "/task/dataset",
+            format!("dataset {dataset_id} is not registered"),
+        ));
     }
     Ok((model_id, dataset_id))
 }

@@ -34,12 +34,22 @@ pub struct JobList {
         (status = 200, body = JobList),
         (status = 400, description = "Malformed query parameter", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_jobs(State(state): State<AppState>, query: QueryPairs) -> Result<Json<JobList>, ApiError> {
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    query: QueryPairs,
+) -> Result<Json<JobList>, ApiError> {
     let filter = filter(&query)?;
     let jobs = state.store.list_jobs(&filter).await?;
     let full = jobs.len() == filter.limit as usize;
-    let next = if full { jobs.last().map(|job| job.id) } else { None };
-    Ok(Json(JobList { jobs: jobs.into_iter().map(JobView::from).collect(), next }))
+    let next = if full {
+        jobs.last().map(|job| job.id)
+    } else {
+        None
+    };
+    Ok(Json(JobList {
+        jobs: jobs.into_iter().map(JobView::from).collect(),
+        next,
+    }))
 }
 
 fn filter(query: &QueryPairs) -> Result<JobFilter, ApiError> {
@@ -47,10 +57,16 @@ fn filter(query: &QueryPairs) -> Result<JobFilter, ApiError> {
     let status = query
         .one("status")?
         .map(|raw| {
-            JobStatus::ALL.into_iter().find(|s| s.as_str() == raw).ok_or_else(|| {
-                let known: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-                ApiError::bad_request("invalid-query", format!("status `{raw}` is not one of {}", known.join(", ")))
-            })
+            JobStatus::ALL
+                .into_iter()
+                .find(|s| s.as_str() == raw)
+                .ok_or_else(|| {
+                    let known: Vec<_> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::bad_request(
+                        "invalid-query",
+                        format!("status `{raw}` is not one of {}", known.join(", ")),
+                    )
+                })
         })
         .transpose()?;
     let limit = match query.one("limit")? {
@@ -59,11 +75,24 @@ fn filter(query: &QueryPairs) -> Result<JobFilter, ApiError> {
             .parse::<u32>()
             .ok()
             .filter(|limit| (1..=MAX_PAGE).contains(limit))
-            .ok_or_else(|| ApiError::bad_request("invalid-query", format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`")))?,
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid-query",
+                    format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`"),
+                )
+            })?,
     };
     let after = query
         .one("after")?
-        .map(|raw| Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid-query", format!("after `{raw}` is not a job id"))))
+        .map(|raw| {
+            Uuid::parse_str(raw).map_err(|_| {
+                ApiError::bad_request("invalid-query", format!("after `{raw}` is not a job id"))
+            })
+        })
         .transpose()?;
-    Ok(JobFilter { status, after, limit })
+    Ok(JobFilter {
+        status,
+        after,
+        limit,
+    })
 }

@@ -18,8 +18,14 @@ use crate::error::Error;
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_job(State(state): State<AppState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
-    let job = state.store.get_job(id).await?.ok_or(Error::NotFound { kind: "job", id: id.to_string() })?;
+pub async fn get_job(
+    State(state): State<AppState>,
+    JobId(id): JobId,
+) -> Result<Json<JobView>, ApiError> {
+    let job = state.store.get_job(id).await?.ok_or(Error::NotFound {
+        kind: "job",
+        id: id.to_string(),
+    })?;
     Ok(Json(job.into()))
 }
 
@@ -32,7 +38,10 @@ pub async fn get_job(State(state): State<AppState>, JobId(id): JobId) -> Result<
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job already finished", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn cancel_job(State(state): State<AppState>, JobId(id): JobId) -> Result<Json<JobView>, ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    JobId(id): JobId,
+) -> Result<Json<JobView>, ApiError> {
     let job = state.store.request_cancel(id, state.clock.now()).await?;
     tracing::info!(job.id = %id, job.status = %job.status, "cancel requested");
     Ok(Json(job.into()))
@@ -47,7 +56,10 @@ pub async fn cancel_job(State(state): State<AppState>, JobId(id): JobId) -> Resu
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job is queued or running", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn delete_job(State(state): State<AppState>, JobId(id): JobId) -> Result<StatusCode, ApiError> {
+pub async fn delete_job(
+    State(state): State<AppState>,
+    JobId(id): JobId,
+) -> Result<StatusCode, ApiError> {
     let artifacts = state.store.delete_job(id).await?;
     // The rows are gone; a file that cannot be removed now is an orphan to sweep, not a failed delete.
     for artifact in &artifacts {

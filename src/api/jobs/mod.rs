@@ -4,7 +4,6 @@ pub mod create;
 pub mod list;
 pub mod manage;
 
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
