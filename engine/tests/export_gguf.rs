@@ -2,10 +2,12 @@
 //! llama.cpp's names and interleaved rope) with the same logits, and round-trips through our loader.
 
 use anyhow::Result;
-use candle_core::quantized::{gguf_file, GgmlDType};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use compressd_engine::export::{export_llama_gguf, GgufExportOptions};
 use compressd_engine::layers::LinearFactory;
+use compressd_engine::loading::gguf::read_gguf_metadata;
 use compressd_engine::loading::read_gguf;
 use compressd_engine::models::llama::{LlamaConfig, LlamaForCausalLm};
 use compressd_engine::params::ParamStore;

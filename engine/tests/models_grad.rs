@@ -332,11 +332,22 @@ fn half_precision_with_padding_stays_finite() -> Result<()> {
             token_type_ids: None,
             attention_mask: Some(&case.mask),
         };
-        for logits in [case.model.forward(input, None)?.logits, fast.forward(input, None)?.logits] {
-            let values = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            assert!(values.iter().all(|v| v.is_finite()), "{dtype:?}: {values:?}");
+        for logits in [
+            case.model.forward(input, None)?.logits,
+            fast.forward(input, None)?.logits,
+        ] {
+            let values = logits
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert!(
+                values.iter().all(|v| v.is_finite()),
+                "{dtype:?}: {values:?}"
+            );
         }
-        let loss = bert_loss(&case, None)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let loss = bert_loss(&case, None)?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         assert!(loss.is_finite(), "{dtype:?} loss {loss}");
     }
     Ok(())

@@ -8,6 +8,7 @@ use axum::http::header::LOCATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::Json;
 use bytes::Bytes;
+use chrono::SubsecRound;
 use futures::Stream;
 use serde::Deserialize;
 use serde_json::json;
@@ -202,7 +203,8 @@ async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Datase
             "label_field": request.label_field.unwrap_or(defaults.label_field),
             "source": request.uri,
         }),
-        created_at: state.clock.now(),
+        // Both databases keep microseconds; answer with what a later GET will read back.
+        created_at: state.clock.now().trunc_subsecs(6),
     };
     state.store.insert_dataset(&dataset).await?;
     tracing::info!(dataset.id = %id, rows = dataset.rows, "dataset registered");

@@ -5,6 +5,7 @@
 use std::fmt::Display;
 
 use bytes::Bytes;
+use chrono::SubsecRound;
 use futures::Stream;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -92,7 +93,8 @@ impl ModelRegistration {
             bytes: i64::try_from(summary.bytes).unwrap_or(i64::MAX),
             sha256: manifest_sha256(&summary.files),
             metadata: json!({"parameters": summary.parameters, "files": summary.files, "source": source}),
-            created_at: state.clock.now(),
+            // Both databases keep microseconds; answer with what a later GET will read back.
+            created_at: state.clock.now().trunc_subsecs(6),
         };
         if let Err(error) = state.store.insert_model(&model).await {
             pending.discard().await;

@@ -13,21 +13,25 @@ use crate::error::{EngineError, Result};
 use crate::loading::gguf::{gguf_name, permute_rows};
 use crate::models::llama::LlamaConfig;
 
-/// How to store the weights.
-#[derive(Clone, Copy, Debug)]
+/// How to store the weights, and what to record besides the model's shape.
+#[derive(Clone, Debug)]
 pub struct GgufExportOptions {
     /// The type of 2-D weight matrices; rows whose length is not a multiple of the type's block size
     /// are stored as F32 instead. Norm weights are always F32, as llama.cpp expects.
     pub weight_type: GgmlDType,
     /// A name recorded as `general.name`.
-    pub name: &'static str,
+    pub name: String,
+    /// More metadata to write as is, typically the source model's `tokenizer.ggml.*` entries (see
+    /// `loading::gguf::read_gguf_metadata`), without which llama.cpp cannot tokenize.
+    pub extra_metadata: Vec<(String, Value)>,
 }
 
 impl Default for GgufExportOptions {
     fn default() -> Self {
         Self {
             weight_type: GgmlDType::F32,
-            name: "compressd",
+            name: "compressd".into(),
+            extra_metadata: Vec::new(),
         }
     }
 }
@@ -61,7 +65,8 @@ pub fn export_llama_gguf(
             quantize(&tensor.to_dtype(DType::F32)?, options.weight_type)?,
         ));
     }
-    let metadata = llama_metadata(config, head_dim, options.name);
+    let mut metadata = llama_metadata(config, head_dim, &options.name);
+    metadata.extend(options.extra_metadata.iter().cloned());
     let metadata_refs: Vec<(&str, &Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =

@@ -161,6 +161,24 @@ pub fn read_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
     })
 }
 
+/// The metadata entries of a GGUF file whose keys start with `prefix` (e.g. `tokenizer.` to carry
+/// the vocabulary into an exported file), sorted by key.
+///
+/// # Errors
+/// Fails when the file cannot be read or is not GGUF.
+pub fn read_gguf_metadata(path: &Path, prefix: &str) -> Result<Vec<(String, Value)>> {
+    let mut file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+    let mut entries: Vec<(String, Value)> = content
+        .metadata
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
+}
+
 /// Typed access to GGUF metadata with errors that name the key.
 struct GgufMeta<'a> {
     content: &'a Content,

@@ -56,7 +56,7 @@ pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
         Some((QuantScheme::Int4 { .. }, _)) => GgmlDType::Q4_1,
         None => GgmlDType::F32,
     };
-    export_llama_gguf(path, &config, &model.store.tensors(), GgufExportOptions { weight_type, name: "compressd" })
+    export_llama_gguf(path, &config, &model.store.tensors(), GgufExportOptions { weight_type, ..GgufExportOptions::default() })
 }
 
 /// Loads a folder written by [`save`] for a quantized model; quantized weights come back as their

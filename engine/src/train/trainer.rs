@@ -198,17 +198,7 @@ impl<'a> Trainer<'a> {
                 state.batch_in_epoch = 0;
                 order = epoch_order(train.len(), self.cfg.seed, state.epoch);
             }
-            let eval_due = self.cfg.eval_every_steps.is_some_and(|n| state.step % n == 0)
-                || (epoch_done && self.cfg.eval_each_epoch);
-            if eval_due && self.validate(&mut state, hooks)? {
-                self.save_checkpoint(optimizer, &state)?;
-                break StopReason::EarlyStopped;
-            }
-            if self.cfg.checkpoint_every_steps.is_some_and(|n| state.step % n == 0) {
-                self.save_checkpoint(optimizer, &state)?;
-            }
             let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-            let rate = samples as f64 / elapsed;
             let steps_done = (state.step - first_step) as f64;
             hooks.on_progress(&Progress {
                 step: state.step,
@@ -217,9 +207,12 @@ impl<'a> Trainer<'a> {
                 loss: stats.loss,
                 learning_rate: optimizer.base_lr(schedule.factor(state.step - 1)),
                 grad_norm: stats.grad_norm,
-                samples_per_sec: rate,
+                samples_per_sec: samples as f64 / elapsed,
                 eta_seconds: elapsed / steps_done * (total_steps - state.step) as f64,
             });
+            if self.validate_and_checkpoint(optimizer, &mut state, epoch_done, hooks)? {
+                break StopReason::EarlyStopped;
+            }
         };
         if stop_reason == StopReason::Completed && self.cfg.checkpoint_dir.is_some() {
             self.save_checkpoint(optimizer, &state)?;
@@ -314,6 +307,23 @@ impl Trainer<'_> {
         state.step += 1;
         hooks.after_optimizer_step(state.step)?;
         Ok(StepStats { loss: loss_sum / micro.max(1) as f64, rows, grad_norm: outcome.pre_clip_norm })
+    }
+
+    /// Runs the validation and checkpoint that are due after a step; returns whether to stop early.
+    fn validate_and_checkpoint(
+        &self,
+        optimizer: &AdamW,
+        state: &mut TrainState,
+        epoch_done: bool,
+        hooks: &mut dyn TrainHooks,
+    ) -> Result<bool> {
+        let eval_due = self.cfg.eval_every_steps.is_some_and(|n| state.step % n == 0)
+            || (epoch_done && self.cfg.eval_each_epoch);
+        let stop = eval_due && self.validate(state, hooks)?;
+        if stop || self.cfg.checkpoint_every_steps.is_some_and(|n| state.step % n == 0) {
+            self.save_checkpoint(optimizer, state)?;
+        }
+        Ok(stop)
     }
 
     /// Validates and updates the early-stopping state; returns whether to stop.
