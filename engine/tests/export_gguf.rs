@@ -87,11 +87,20 @@ fn exported_gguf_matches_candle_quantized_llama_and_round_trips() -> Result<()> 
     assert!(diff < 1e-5, "GGUF round trip changed logits by {diff}");
 
     let q8_path = dir.path().join("model-q8.gguf");
+    let tokenizer_model = (
+        "tokenizer.ggml.model".to_string(),
+        Value::String("gpt2".into()),
+    );
     let options = GgufExportOptions {
         weight_type: GgmlDType::Q8_0,
+        extra_metadata: vec![tokenizer_model.clone()],
         ..Default::default()
     };
     export_llama_gguf(&q8_path, &cfg, &store.tensors(), options)?;
+    let carried = read_gguf_metadata(&q8_path, "tokenizer.")?;
+    assert_eq!(carried.len(), 1);
+    assert_eq!(carried[0].0, tokenizer_model.0);
+    assert_eq!(carried[0].1.to_string()?, "gpt2");
     let q8_last = last_logits_of_candle_quantized_llama(&q8_path, &ids)?;
     let spread = our_last.abs()?.max(0)?.to_scalar::<f32>()?;
     let diff = max_diff(&q8_last, &our_last)?;

@@ -115,11 +115,15 @@ fn quantize_keeps_odd_layers_in_full_precision_and_then_refuses_training() -> Re
     let trainer = NudgingTrainer { runs: Mutex::new(0) };
     let (report, events) = run_stage(&mut m, serde_json::json!({"type": "quantize", "scheme": "q4_k"}), &trainer)?;
     let kept = report["kept_full_precision"].as_object().unwrap();
-    assert_eq!(kept.len(), 6, "q4_k needs rows of 256: {kept:?}");
+    assert_eq!(kept.len(), 7, "q4_k needs rows of 256: {kept:?}");
+    let fallbacks = kept.values().filter(|r| r.as_str().unwrap().contains("stored as q5_0")).count();
+    assert_eq!(fallbacks, 5, "64-wide rows fall back to q5_0, 48-wide ones stay f32: {kept:?}");
+    assert_eq!(report["quantized"].as_array().unwrap().len(), 5);
     assert!(events.iter().any(|e| matches!(e, Event::Warning { .. })));
     let mut m = model(64)?;
     let (report, _) = run_stage(&mut m, serde_json::json!({"type": "quantize", "scheme": "int8"}), &trainer)?;
-    assert_eq!(report["quantized"].as_array().unwrap().len(), 6);
+    assert_eq!(report["quantized"].as_array().unwrap().len(), 7, "6 linears and the embedding table");
+    assert_eq!(zeros(&m, "classifier.weight")?, 0.0);
     let err = run_stage(&mut m, serde_json::json!({"type": "finetune"}), &trainer).unwrap_err();
     assert!(err.to_string().contains("quantized"), "{err}");
     Ok(())

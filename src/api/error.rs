@@ -150,6 +150,17 @@ impl ApiError {
         }
     }
 
+    /// A 422 about one field of a request body that is not a job spec (a model or dataset
+    /// reference).
+    pub fn invalid_request(pointer: impl Into<String>, message: impl Into<String>) -> Self {
+        let (pointer, message) = (pointer.into(), message.into());
+        let detail = format!("{pointer}: {message}");
+        Self {
+            errors: vec![FieldError { pointer, detail: message }],
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "The request is invalid", detail)
+        }
+    }
+
     /// A 422 about one field.
     pub fn invalid_field(pointer: impl Into<String>, message: impl Into<String>) -> Self {
         Self::invalid(vec![Violation {

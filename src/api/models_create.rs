@@ -111,7 +111,7 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let pointer = if path == "." { String::new() } else { format!("/{}", path.replace('.', "/")) };
-        ApiError::invalid_field(pointer, e.inner().to_string())
+        ApiError::invalid_request(pointer, e.inner().to_string())
     })
 }
 

@@ -123,18 +123,11 @@ pub(crate) struct Decision {
 /// its `max_attempts`.
 pub(crate) fn decide(job: &Job, outcome: AttemptOutcome) -> Decision {
     let attempt = job.attempt;
-    let ended = |status: JobStatus, event_type, result: Option<Value>, error: Option<JobError>| {
-        let payload = json!({ "status": status.as_str(), "attempt": attempt, "result": result, "error": error });
-        Decision { status, result, error, run_after: Duration::ZERO, event_type, payload }
-    };
     match outcome {
-        AttemptOutcome::Succeeded { result } => ended(JobStatus::Succeeded, EVENT_SUCCEEDED, Some(result), None),
-        AttemptOutcome::Failed { error } => ended(JobStatus::Failed, EVENT_FAILED, None, Some(error)),
-        AttemptOutcome::Cancelled => ended(JobStatus::Cancelled, EVENT_CANCELLED, None, None),
-        AttemptOutcome::Retry { .. } if job.cancel_requested => ended(JobStatus::Cancelled, EVENT_CANCELLED, None, None),
+        AttemptOutcome::Retry { .. } if job.cancel_requested => ended(attempt, JobStatus::Cancelled, None, None),
         AttemptOutcome::Retry { error, .. } if attempt >= job.max_attempts => {
             let message = format!("gave up after {attempt} attempts; the last one failed: {}", error.message);
-            ended(JobStatus::Failed, EVENT_FAILED, None, Some(JobError { code: error.code, message }))
+            ended(attempt, JobStatus::Failed, None, Some(JobError { code: error.code, message }))
         }
         AttemptOutcome::Retry { error, backoff } => {
             let payload = json!({
@@ -142,7 +135,30 @@ pub(crate) fn decide(job: &Job, outcome: AttemptOutcome) -> Decision {
             });
             Decision { status: JobStatus::Queued, result: None, error: Some(error), run_after: backoff, event_type: EVENT_STATUS, payload }
         }
+        final_outcome => final_decision(attempt, final_outcome).expect("every outcome but a retry is final"),
     }
+}
+
+/// The decision for an outcome that ends the job whatever else its row says (anything but a
+/// retry), so a backend can write it without reading the row first. `None` for a retry.
+pub(crate) fn final_decision(attempt: i32, outcome: AttemptOutcome) -> Option<Decision> {
+    match outcome {
+        AttemptOutcome::Succeeded { result } => Some(ended(attempt, JobStatus::Succeeded, Some(result), None)),
+        AttemptOutcome::Failed { error } => Some(ended(attempt, JobStatus::Failed, None, Some(error))),
+        AttemptOutcome::Cancelled => Some(ended(attempt, JobStatus::Cancelled, None, None)),
+        AttemptOutcome::Retry { .. } => None,
+    }
+}
+
+/// A decision that finishes the job with `status` and its terminal event.
+fn ended(attempt: i32, status: JobStatus, result: Option<Value>, error: Option<JobError>) -> Decision {
+    let event_type = match status {
+        JobStatus::Succeeded => EVENT_SUCCEEDED,
+        JobStatus::Cancelled => EVENT_CANCELLED,
+        _ => EVENT_FAILED,
+    };
+    let payload = json!({ "status": status.as_str(), "attempt": attempt, "result": result, "error": error });
+    Decision { status, result, error, run_after: Duration::ZERO, event_type, payload }
 }
 
 /// The back-off before attempt `next_attempt`: `base` doubled for each earlier retry, at most

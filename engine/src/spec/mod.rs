@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 /// The stage types whose engine exists. Others parse (the schema knows them) but are rejected by
 /// [`JobSpec::validate`], so a job is refused up front rather than accepted and failed later.
 /// Engine work that lands a stage adds it here.
-pub const IMPLEMENTED_STAGES: &[&str] = &["finetune"];
+pub const IMPLEMENTED_STAGES: &[&str] = &["finetune", "prune", "quantize"];
 
 /// The most stages one pipeline may have.
 pub const MAX_STAGES: usize = 16;

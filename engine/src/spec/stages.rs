@@ -186,7 +186,8 @@ pub struct QuantizeSpec {
     /// Weights per scale for group-wise schemes (`int4`); `null` means the scheme's default.
     #[serde(default)]
     pub group_size: Option<u32>,
-    /// Globs over parameter names kept in full precision; `null` means embeddings, norms and the head.
+    /// Globs over parameter names kept in full precision; `null` means norms and the task head
+    /// (embedding tables are quantized: they are most of a small model's size).
     #[serde(default)]
     pub exclude: Option<Vec<String>>,
     /// Quantization-aware training after quantizing; `null` means post-training quantization only.

@@ -1,6 +1,6 @@
 //! The model passed from stage to stage: parameters, the linear plan, masks and quantization.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::layers::{LinearKind, LinearPlan};
@@ -19,8 +19,9 @@ pub struct WorkingModel {
     plan: LinearPlan,
     /// Pruning masks that later training must keep applied.
     masks: Option<MaskSet>,
-    /// The quantization scheme and the quantized weight names, once quantized.
-    quantized: Option<(QuantScheme, BTreeSet<String>)>,
+    /// The stage's scheme and each quantized weight's own scheme (a fallback where the stage's
+    /// scheme cannot take the row length), once quantized.
+    quantized: Option<(QuantScheme, BTreeMap<String, QuantScheme>)>,
 }
 
 impl WorkingModel {
@@ -55,24 +56,25 @@ impl WorkingModel {
         self.masks = Some(masks);
     }
 
-    /// The quantization scheme and quantized weight names, if quantized.
-    pub fn quantized(&self) -> Option<(QuantScheme, &BTreeSet<String>)> {
+    /// The stage's scheme and the quantized weights with their schemes, if quantized.
+    pub fn quantized(&self) -> Option<(QuantScheme, &BTreeMap<String, QuantScheme>)> {
         self.quantized.as_ref().map(|(s, n)| (*s, n))
     }
 
-    /// Marks the weights `names` (`<module>.weight`) as quantized with `scheme`: their modules get
-    /// `kind` in the linear plan.
+    /// Marks weights as quantized: linear layers' modules get [`LinearKind::Quantized`] with their
+    /// weight's scheme in the linear plan; other weights (embedding tables) are looked up as they are
+    /// stored, so the caller stores their dequantized values.
     ///
     /// # Errors
     /// Fails when a module path is not a valid glob.
-    pub fn set_quantized(&mut self, scheme: QuantScheme, names: &[String], kind: LinearKind) -> Result<()> {
+    pub fn set_quantized(&mut self, scheme: QuantScheme, weights: BTreeMap<String, QuantScheme>) -> Result<()> {
         let mut plan = self.plan.clone();
-        for name in names {
+        for (name, weight_scheme) in weights.iter().filter(|(n, _)| self.is_linear_weight(n)) {
             let module = name.strip_suffix(".weight").unwrap_or(name);
-            plan = plan.with_rule(&escape_glob(module), kind)?;
+            plan = plan.with_rule(&escape_glob(module), LinearKind::Quantized(*weight_scheme))?;
         }
         self.plan = plan;
-        self.quantized = Some((scheme, names.iter().cloned().collect()));
+        self.quantized = Some((scheme, weights));
         Ok(())
     }
 }

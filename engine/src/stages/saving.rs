@@ -10,7 +10,6 @@ use super::model::WorkingModel;
 use super::session::parse_config;
 use crate::error::{EngineError, Result};
 use crate::export::{export_hf_folder, export_llama_gguf, GgufExportOptions};
-use crate::layers::LinearKind;
 use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};
 use crate::prune::MaskSet;
@@ -25,18 +24,18 @@ use crate::quant::{quantize, QuantScheme, Quantized};
 pub(super) fn save(model: &WorkingModel, dir: &Path, tokenizer_dir: Option<&Path>) -> Result<()> {
     let tensors = model.store.tensors();
     // The HF writer also copies the tokenizer files; a quantized model then replaces its weights.
-    let Some((scheme, names)) = model.quantized() else {
+    let Some((_, schemes)) = model.quantized() else {
         return export_hf_folder(dir, &model.config, &tensors, tokenizer_dir);
     };
     export_hf_folder(dir, &model.config, &[], tokenizer_dir)?;
     let mut stored = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
-        let entry = match names.contains(&name) {
-            true => match quantize(&tensor, scheme)? {
+        let entry = match schemes.get(&name) {
+            Some(scheme) => match quantize(&tensor, *scheme)? {
                 Quantized::Weight(w) => StoredTensor::Quantized(w),
                 Quantized::Kept { .. } => StoredTensor::Dense(tensor),
             },
-            false => StoredTensor::Dense(tensor),
+            None => StoredTensor::Dense(tensor),
         };
         stored.push((name, entry));
     }
@@ -82,8 +81,8 @@ pub(super) fn load_quantized(dir: &Path, device: &Device) -> Result<WorkingModel
 /// Restores masks (from the zeros of the pruned weights) and the quantized linear plan.
 ///
 /// # Errors
-/// A named weight is missing or the scheme name is unknown.
-pub(super) fn restore(model: &mut WorkingModel, pruned: &[String], quantized: Option<&(String, Vec<String>)>) -> Result<()> {
+/// A named weight is missing or a scheme name is unknown.
+pub(super) fn restore(model: &mut WorkingModel, pruned: &[String], quantized: Option<&SavedQuantization>) -> Result<()> {
     if !pruned.is_empty() {
         let mut masks = BTreeMap::new();
         for name in pruned {
@@ -96,9 +95,32 @@ pub(super) fn restore(model: &mut WorkingModel, pruned: &[String], quantized: Op
         }
         model.set_masks(MaskSet::new(masks));
     }
-    if let Some((scheme, names)) = quantized {
-        let scheme: QuantScheme = scheme.parse()?;
-        model.set_quantized(scheme, names, LinearKind::Quantized(scheme))?;
+    if let Some(saved) = quantized {
+        let schemes = saved
+            .weights
+            .iter()
+            .map(|(n, s)| Ok((n.clone(), s.parse::<QuantScheme>()?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        model.set_quantized(saved.scheme.parse()?, schemes)?;
     }
     Ok(())
+}
+
+/// The quantization recorded next to a saved model.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct SavedQuantization {
+    /// The stage's scheme.
+    pub scheme: String,
+    /// Each quantized weight's scheme.
+    pub weights: BTreeMap<String, String>,
+}
+
+impl SavedQuantization {
+    /// What `model` records, if it is quantized.
+    pub fn of(model: &WorkingModel) -> Option<Self> {
+        model.quantized().map(|(scheme, weights)| Self {
+            scheme: scheme.to_string(),
+            weights: weights.iter().map(|(n, s)| (n.clone(), s.to_string())).collect(),
+        })
+    }
 }

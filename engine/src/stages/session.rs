@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::WorkingModel;
 use super::build;
+use super::saving::SavedQuantization;
 use crate::data::{ClassificationData, ClassificationSpec, LmCorpus, LmSpec, TextEncoder};
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
@@ -53,7 +54,7 @@ pub(super) enum BuiltModel {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SavedState {
     pruned: Vec<String>,
-    quantized: Option<(String, Vec<String>)>,
+    quantized: Option<SavedQuantization>,
 }
 
 /// The job's model source, data and device.
@@ -181,7 +182,7 @@ impl Workbench for Session {
 
     fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
         let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
-        let quantized = model.quantized().map(|(s, n)| (s.to_string(), n.iter().cloned().collect()));
+        let quantized = SavedQuantization::of(model);
         super::saving::save(model, dir, self.tokenizer_dir.as_deref())?;
         if self.spec.outputs.contains(&OutputFormat::Gguf) && self.spec.task.task_type == TaskType::LanguageModeling {
             super::saving::save_gguf(model, &dir.join("model.gguf"))?;

@@ -7,14 +7,13 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::postgres::PgPool;
 use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{event_from_row, job_from_row, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
-use crate::store::lease::decide;
+use crate::store::lease::{decide, final_decision, Decision};
 use crate::store::{Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
 
 /// The fence every worker write is conditioned on; `$1` job id, `$2` attempt, `$3` owner.
@@ -25,25 +24,26 @@ fn lease_lost(lease: &Lease) -> Error {
 }
 
 pub(super) async fn claim_next(pool: &PgPool, owner: &str, lease: Duration) -> Result<Option<Job>> {
-    let mut tx = pool.begin().await?;
-    // SKIP LOCKED: concurrent claimers each take a different row instead of queueing on one.
+    // One statement, so one round trip: pick (SKIP LOCKED: concurrent claimers each take a
+    // different row instead of queueing on one), claim, and record the `status` event.
     let sql = format!(
         "WITH next AS ( \
            SELECT id FROM jobs WHERE status = 'queued' AND run_after <= now() \
-           ORDER BY priority DESC, run_after, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-         UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = $1, \
-           lease_expires_at = now() + make_interval(secs => $2), started_at = now(), updated_at = now() \
-         FROM next WHERE jobs.id = next.id RETURNING {}",
+           ORDER BY priority DESC, run_after, id LIMIT 1 FOR UPDATE SKIP LOCKED), \
+         claimed AS ( \
+           UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = $1, \
+             lease_expires_at = now() + make_interval(secs => $2), started_at = now(), updated_at = now() \
+           FROM next WHERE jobs.id = next.id RETURNING {}), \
+         event AS ( \
+           INSERT INTO job_events (job_id, attempt, type, payload, created_at) \
+           SELECT id, attempt, '{EVENT_STATUS}', \
+             jsonb_build_object('status', 'running', 'attempt', attempt, 'worker', $1::text), now() \
+           FROM claimed) \
+         SELECT {JOB_COLUMNS} FROM claimed",
         prefixed(JOB_COLUMNS, "jobs.")
     );
-    let Some(row) = sqlx::query(&sql).bind(owner).bind(lease.as_secs_f64()).fetch_optional(&mut *tx).await? else {
-        return Ok(None);
-    };
-    let job = job_from_row(&row)?;
-    let payload = json!({ "status": "running", "attempt": job.attempt, "worker": owner });
-    insert_event(&mut tx, &job, EVENT_STATUS, &payload).await?;
-    tx.commit().await?;
-    Ok(Some(job))
+    let row = sqlx::query(&sql).bind(owner).bind(lease.as_secs_f64()).fetch_optional(pool).await?;
+    row.as_ref().map(job_from_row).transpose()
 }
 
 /// `JOB_COLUMNS` qualified with a table name, for statements that join.
@@ -114,6 +114,38 @@ pub(super) async fn update_progress(pool: &PgPool, lease: &Lease, progress: &Job
 }
 
 pub(super) async fn finish_attempt(pool: &PgPool, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
+    match final_decision(lease.attempt, outcome.clone()) {
+        Some(decision) => finish_final(pool, lease, decision).await,
+        None => finish_retry(pool, lease, outcome).await,
+    }
+}
+
+/// Ends the job (succeeded, failed, cancelled) in one fenced statement: the decision does not
+/// depend on the row, so there is nothing to read first.
+async fn finish_final(pool: &PgPool, lease: &Lease, decision: Decision) -> Result<JobStatus> {
+    let sql = format!(
+        "WITH done AS ( \
+           UPDATE jobs SET status = $4, result = $5, error = $6, lease_owner = NULL, lease_expires_at = NULL, \
+             finished_at = now(), updated_at = now() WHERE {FENCE} RETURNING id, attempt) \
+         INSERT INTO job_events (job_id, attempt, type, payload, created_at) \
+         SELECT id, attempt, $7, $8, now() FROM done RETURNING seq"
+    );
+    let inserted = sqlx::query(&sql)
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .bind(decision.status.as_str())
+        .bind(decision.result.as_ref())
+        .bind(decision.error.as_ref().map(Json))
+        .bind(decision.event_type)
+        .bind(&decision.payload)
+        .fetch_optional(pool)
+        .await?;
+    inserted.map(|_| decision.status).ok_or_else(|| lease_lost(lease))
+}
+
+/// A retry depends on the row (attempts left, a pending cancel): read it locked, then settle.
+async fn finish_retry(pool: &PgPool, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
     let mut tx = pool.begin().await?;
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {FENCE} FOR UPDATE");
     let row = sqlx::query(&sql).bind(lease.job_id).bind(lease.attempt).bind(&lease.owner).fetch_optional(&mut *tx).await?;
