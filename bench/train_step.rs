@@ -16,12 +16,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use compressd_engine::data::Batch;
 use compressd_engine::layers::LinearFactory;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
 use compressd_engine::models::common::DropoutRng;
 use compressd_engine::params::ParamStore;
 use compressd_engine::task::SequenceClassificationTask;
-use compressd_engine::data::Batch;
 use compressd_engine::train::{clip, AdamW, AdamWConfig, ClipConfig, Gradients, TrainTask};
 
 const BATCH: usize = 8;
@@ -34,10 +34,16 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut args = Args { steps: 10, warmup: 3, dropout: 0.0 };
+    let mut args = Args {
+        steps: 10,
+        warmup: 3,
+        dropout: 0.0,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
+        let value = it
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{flag} needs a value"))?;
         match flag.as_str() {
             "--steps" => args.steps = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
@@ -62,12 +68,18 @@ fn bench_config(dropout: f64) -> Result<BertConfig> {
 
 /// A fixed random batch of full-length rows (no padding, like the PyTorch script).
 fn bench_batch(dev: &Device) -> Result<Batch> {
-    let ids: Vec<u32> = (0..BATCH * SEQ).map(|i| ((i as u64 * 2_654_435_761) % 30522) as u32).collect();
+    let ids: Vec<u32> = (0..BATCH * SEQ)
+        .map(|i| ((i as u64 * 2_654_435_761) % 30522) as u32)
+        .collect();
     let input_ids = Tensor::from_vec(ids, (BATCH, SEQ), dev)?;
     Ok(Batch {
         attention_mask: input_ids.ones_like()?,
         token_type_ids: input_ids.zeros_like()?,
-        labels: Tensor::from_vec((0..BATCH as u32).map(|i| i % 2).collect::<Vec<_>>(), BATCH, dev)?,
+        labels: Tensor::from_vec(
+            (0..BATCH as u32).map(|i| i % 2).collect::<Vec<_>>(),
+            BATCH,
+            dev,
+        )?,
         input_ids,
     })
 }
@@ -87,7 +99,11 @@ fn init_zero_matrices(store: &ParamStore) -> Result<()> {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn main() -> Result<()> {
@@ -103,12 +119,20 @@ fn main() -> Result<()> {
     )?;
     init_zero_matrices(&store)?;
     let task = SequenceClassificationTask { model: &model };
-    let cfg = AdamWConfig { lr: 2e-5, weight_decay: 0.01, ..Default::default() };
+    let cfg = AdamWConfig {
+        lr: 2e-5,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(store.trainable_vars(), cfg)?;
     let vars = opt.vars();
-    let clip_cfg = ClipConfig { max_norm: Some(1.0), max_value: None };
+    let clip_cfg = ClipConfig {
+        max_norm: Some(1.0),
+        max_value: None,
+    };
     let batch = bench_batch(&dev)?;
-    let (mut fwd, mut bwd, mut optim, mut clip_only, mut step) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut fwd, mut bwd, mut optim, mut clip_only, mut step) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..args.warmup + args.steps {
         let dropout = (args.dropout > 0.0).then(|| DropoutRng::new(i as u64));
         let t0 = Instant::now();

@@ -32,7 +32,11 @@ pub struct ClassificationMetrics {
 ///
 /// # Errors
 /// Different lengths, no examples, or a class id `>= num_classes`.
-pub fn classification_metrics(predictions: &[u32], labels: &[u32], num_classes: usize) -> Result<ClassificationMetrics> {
+pub fn classification_metrics(
+    predictions: &[u32],
+    labels: &[u32],
+    num_classes: usize,
+) -> Result<ClassificationMetrics> {
     if predictions.len() != labels.len() || labels.is_empty() {
         return Err(EngineError::InvalidSetting(format!(
             "need as many predictions as labels (and at least one): {} vs {}",
@@ -40,11 +44,17 @@ pub fn classification_metrics(predictions: &[u32], labels: &[u32], num_classes: 
             labels.len()
         )));
     }
-    let (mut tp, mut predicted, mut support) = (vec![0usize; num_classes], vec![0usize; num_classes], vec![0usize; num_classes]);
+    let (mut tp, mut predicted, mut support) = (
+        vec![0usize; num_classes],
+        vec![0usize; num_classes],
+        vec![0usize; num_classes],
+    );
     for (&p, &l) in predictions.iter().zip(labels) {
         let (p, l) = (p as usize, l as usize);
         if p >= num_classes || l >= num_classes {
-            return Err(EngineError::InvalidSetting(format!("class id out of range 0..{num_classes}")));
+            return Err(EngineError::InvalidSetting(format!(
+                "class id out of range 0..{num_classes}"
+            )));
         }
         predicted[p] += 1;
         support[l] += 1;
@@ -56,10 +66,16 @@ pub fn classification_metrics(predictions: &[u32], labels: &[u32], num_classes: 
         .map(|c| {
             // F1 = 2·tp / (2·tp + fp + fn) = 2·tp / (predicted + support).
             let denom = predicted[c] + support[c];
-            if denom == 0 { 0.0 } else { 2.0 * tp[c] as f64 / denom as f64 }
+            if denom == 0 {
+                0.0
+            } else {
+                2.0 * tp[c] as f64 / denom as f64
+            }
         })
         .collect();
-    let present: Vec<usize> = (0..num_classes).filter(|&c| predicted[c] + support[c] > 0).collect();
+    let present: Vec<usize> = (0..num_classes)
+        .filter(|&c| predicted[c] + support[c] > 0)
+        .collect();
     let macro_f1 = present.iter().map(|&c| per_class_f1[c]).sum::<f64>() / present.len() as f64;
     let correct: usize = tp.iter().sum();
     Ok(ClassificationMetrics {
@@ -103,7 +119,9 @@ pub fn measure_latency(
     mut call: impl FnMut() -> Result<()>,
 ) -> Result<LatencyReport> {
     if runs == 0 || batch_size == 0 {
-        return Err(EngineError::InvalidSetting("latency needs at least one run and one row".into()));
+        return Err(EngineError::InvalidSetting(
+            "latency needs at least one run and one row".into(),
+        ));
     }
     for _ in 0..warmup {
         call()?;
@@ -145,7 +163,10 @@ pub struct ParameterCounts {
 /// # Errors
 /// A tensor that cannot be compared with zero (a device error).
 pub fn parameter_counts(store: &ParamStore) -> Result<ParameterCounts> {
-    let mut counts = ParameterCounts { total: 0, nonzero: 0 };
+    let mut counts = ParameterCounts {
+        total: 0,
+        nonzero: 0,
+    };
     for (_, tensor) in store.tensors() {
         counts.total += tensor.elem_count();
         counts.nonzero += count_nonzero(&tensor)?;
@@ -159,7 +180,12 @@ pub fn parameter_counts(store: &ParamStore) -> Result<ParameterCounts> {
 /// A device error.
 pub fn count_nonzero(t: &Tensor) -> Result<usize> {
     let zero = t.zeros_like()?;
-    let nonzero = t.ne(&zero)?.to_dtype(DType::F32)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let nonzero = t
+        .ne(&zero)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
     Ok(nonzero as usize)
 }
 
@@ -231,8 +257,15 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::new(&[[0f32, 1.0], [2.0, 0.0]], &dev).unwrap();
         let b = Tensor::new(&[0f32, 3.0, 0.0], &dev).unwrap();
-        let store = ParamStore::from_tensors([("w".into(), w), ("b".into(), b)], |n| n == "w").unwrap();
-        assert_eq!(parameter_counts(&store).unwrap(), ParameterCounts { total: 7, nonzero: 3 });
+        let store =
+            ParamStore::from_tensors([("w".into(), w), ("b".into(), b)], |n| n == "w").unwrap();
+        assert_eq!(
+            parameter_counts(&store).unwrap(),
+            ParameterCounts {
+                total: 7,
+                nonzero: 3
+            }
+        );
     }
 
     #[test]

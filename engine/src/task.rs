@@ -27,13 +27,20 @@ impl SequenceClassificationTask<'_> {
     ///
     /// # Errors
     /// A forward-pass failure.
-    pub fn logits(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<Tensor> {
+    pub fn logits(
+        &self,
+        batch: &Batch,
+        dropout: Option<&DropoutRng>,
+    ) -> candle_core::Result<Tensor> {
         let input = BertInput {
             input_ids: &batch.input_ids,
             token_type_ids: Some(&batch.token_type_ids),
             attention_mask: Some(&batch.attention_mask),
         };
-        self.model.forward(input, dropout)?.logits.to_dtype(DType::F32)
+        self.model
+            .forward(input, dropout)?
+            .logits
+            .to_dtype(DType::F32)
     }
 }
 
@@ -55,8 +62,15 @@ impl CausalLmTask<'_> {
     ///
     /// # Errors
     /// A forward-pass failure or a batch shorter than two tokens.
-    pub fn nll_sum(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<(Tensor, Tensor)> {
-        let logits = self.model.forward(&batch.input_ids, Some(&batch.attention_mask), dropout)?.logits;
+    pub fn nll_sum(
+        &self,
+        batch: &Batch,
+        dropout: Option<&DropoutRng>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let logits = self
+            .model
+            .forward(&batch.input_ids, Some(&batch.attention_mask), dropout)?
+            .logits;
         shifted_nll(&logits, &batch.labels, &batch.attention_mask)
     }
 }
@@ -72,7 +86,11 @@ impl TrainTask for CausalLmTask<'_> {
 ///
 /// # Errors
 /// Shape mismatches or sequences shorter than two tokens.
-pub fn shifted_nll(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn shifted_nll(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let (_, seq, _) = logits.dims3()?;
     if seq < 2 {
         candle_core::bail!("causal LM loss needs at least two tokens per row, got {seq}");
@@ -103,11 +121,19 @@ pub fn evaluate_classifier(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = Batch::collate(&refs, pad_id, device)?;
         let logits = task.logits(&batch, None)?;
-        predictions.extend(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        predictions.extend(
+            logits
+                .argmax(D::Minus1)?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?,
+        );
     }
     let labels = examples
         .iter()
-        .map(|e| e.label.ok_or_else(|| EngineError::InvalidSetting("example without a label".into())))
+        .map(|e| {
+            e.label
+                .ok_or_else(|| EngineError::InvalidSetting("example without a label".into()))
+        })
         .collect::<Result<Vec<u32>>>()?;
     classification_metrics(&predictions, &labels, num_labels)
 }

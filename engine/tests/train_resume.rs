@@ -10,8 +10,8 @@ use anyhow::Result;
 use candle_core::Device;
 use compressd_engine::task::SequenceClassificationTask;
 use compressd_engine::train::{
-    AdamW, AdamWConfig, ClipConfig, Decay, NoHooks, Progress, ScheduleConfig, StopReason, TrainConfig, TrainHooks,
-    Trainer,
+    AdamW, AdamWConfig, ClipConfig, Decay, NoHooks, Progress, ScheduleConfig, StopReason,
+    TrainConfig, TrainHooks, Trainer,
 };
 use train_support::{snapshot, synthetic_rows, tiny_classifier};
 
@@ -20,9 +20,19 @@ fn config(checkpoint_dir: Option<std::path::PathBuf>) -> TrainConfig {
         epochs: 3,
         batch_size: 4,
         grad_accum_steps: 2,
-        optimizer: AdamWConfig { lr: 1e-2, ..Default::default() },
-        schedule: ScheduleConfig { decay: Decay::Cosine, warmup_steps: Some(2), warmup_ratio: None },
-        clip: ClipConfig { max_norm: Some(0.5), max_value: Some(0.05) },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            ..Default::default()
+        },
+        schedule: ScheduleConfig {
+            decay: Decay::Cosine,
+            warmup_steps: Some(2),
+            warmup_ratio: None,
+        },
+        clip: ClipConfig {
+            max_norm: Some(0.5),
+            max_value: Some(0.05),
+        },
         seed: 11,
         checkpoint_dir,
         ..Default::default()
@@ -52,7 +62,12 @@ fn interrupted_and_resumed_run_matches_uninterrupted_run() -> Result<()> {
     let mut opt = AdamW::new(store.trainable_vars(), config(None).optimizer)?;
     let never = AtomicBool::new(false);
     let task = SequenceClassificationTask { model: &model };
-    let full = Trainer::new(config(None), dev.clone(), 0, &never)?.run(&task, &mut opt, &rows, &mut NoHooks)?;
+    let full = Trainer::new(config(None), dev.clone(), 0, &never)?.run(
+        &task,
+        &mut opt,
+        &rows,
+        &mut NoHooks,
+    )?;
     assert_eq!(full.stop_reason, StopReason::Completed);
     // 26 rows / 4 = 7 micro-batches per epoch → 4 steps per epoch (the last has one micro-batch).
     assert_eq!(full.steps, 12);
@@ -64,8 +79,15 @@ fn interrupted_and_resumed_run_matches_uninterrupted_run() -> Result<()> {
     let task = SequenceClassificationTask { model: &model };
     let mut opt = AdamW::new(store.trainable_vars(), config(None).optimizer)?;
     let flag = AtomicBool::new(false);
-    let first = Trainer::new(config(Some(ckpt.clone())), dev.clone(), 0, &flag)?
-        .run(&task, &mut opt, &rows, &mut CancelAfter { step: 5, flag: &flag })?;
+    let first = Trainer::new(config(Some(ckpt.clone())), dev.clone(), 0, &flag)?.run(
+        &task,
+        &mut opt,
+        &rows,
+        &mut CancelAfter {
+            step: 5,
+            flag: &flag,
+        },
+    )?;
     assert_eq!(first.stop_reason, StopReason::Cancelled);
     assert_eq!(first.steps, 5);
     assert_ne!(snapshot(&store)?, expected, "a partial run must differ");
@@ -75,7 +97,12 @@ fn interrupted_and_resumed_run_matches_uninterrupted_run() -> Result<()> {
     let task = SequenceClassificationTask { model: &model };
     let mut opt = AdamW::new(store.trainable_vars(), config(None).optimizer)?;
     let fresh = AtomicBool::new(false);
-    let second = Trainer::new(config(Some(ckpt)), dev, 0, &fresh)?.run(&task, &mut opt, &rows, &mut NoHooks)?;
+    let second = Trainer::new(config(Some(ckpt)), dev, 0, &fresh)?.run(
+        &task,
+        &mut opt,
+        &rows,
+        &mut NoHooks,
+    )?;
     assert!(second.resumed);
     assert_eq!(second.stop_reason, StopReason::Completed);
     assert_eq!(second.steps, 12);

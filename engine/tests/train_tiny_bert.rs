@@ -9,7 +9,8 @@ use anyhow::Result;
 use candle_core::Device;
 use compressd_engine::task::{evaluate_classifier, SequenceClassificationTask};
 use compressd_engine::train::{
-    AdamW, AdamWConfig, EarlyStopping, ParamGroupConfig, Progress, StopReason, TrainConfig, TrainHooks, Trainer,
+    AdamW, AdamWConfig, EarlyStopping, ParamGroupConfig, Progress, StopReason, TrainConfig,
+    TrainHooks, Trainer,
 };
 use train_support::{synthetic_rows, tiny_classifier};
 
@@ -31,7 +32,9 @@ impl TrainHooks for Recorder<'_> {
     fn validate(&mut self, _step: u64) -> compressd_engine::Result<Option<f64>> {
         let metric = match self.fixed_metric {
             Some(m) => m,
-            None => evaluate_classifier(&self.task, self.validation, 16, 0, &Device::Cpu, 2)?.accuracy,
+            None => {
+                evaluate_classifier(&self.task, self.validation, 16, 0, &Device::Cpu, 2)?.accuracy
+            }
         };
         self.validations.push(metric);
         Ok(Some(metric))
@@ -50,7 +53,11 @@ fn tiny_bert_learns_the_synthetic_task() -> Result<()> {
         optimizer: AdamWConfig {
             lr: 3e-3,
             weight_decay: 0.0,
-            groups: vec![ParamGroupConfig { pattern: "classifier.*".into(), lr: 1e-2, weight_decay: None }],
+            groups: vec![ParamGroupConfig {
+                pattern: "classifier.*".into(),
+                lr: 1e-2,
+                weight_decay: None,
+            }],
             ..Default::default()
         },
         seed: 4,
@@ -58,8 +65,15 @@ fn tiny_bert_learns_the_synthetic_task() -> Result<()> {
     };
     let mut opt = AdamW::new(store.trainable_vars(), cfg.optimizer.clone())?;
     let never = AtomicBool::new(false);
-    let mut hooks = Recorder { task, validation: &validation, progress: vec![], validations: vec![], fixed_metric: None };
-    let report = Trainer::new(cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut hooks)?;
+    let mut hooks = Recorder {
+        task,
+        validation: &validation,
+        progress: vec![],
+        validations: vec![],
+        fixed_metric: None,
+    };
+    let report =
+        Trainer::new(cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut hooks)?;
 
     assert_eq!(report.stop_reason, StopReason::Completed);
     assert_eq!(report.steps, 100);
@@ -67,12 +81,19 @@ fn tiny_bert_learns_the_synthetic_task() -> Result<()> {
     let last = hooks.progress.last().expect("progress was reported");
     assert_eq!((first.step, first.total_steps, last.step), (1, 100, 100));
     assert!(first.grad_norm > 0.0 && first.samples_per_sec > 0.0 && first.eta_seconds >= 0.0);
-    assert!((first.learning_rate - 3e-3).abs() < 1e-12, "constant schedule reports the body lr");
+    assert!(
+        (first.learning_rate - 3e-3).abs() < 1e-12,
+        "constant schedule reports the body lr"
+    );
     assert!(first.loss > 0.5, "starts near ln 2: {}", first.loss);
     let final_loss = report.final_loss.expect("a loss");
     assert!(final_loss < 0.05, "final training loss {final_loss}");
     assert_eq!(hooks.validations.len(), 25, "validated once per epoch");
-    assert!(report.best_metric.unwrap_or(0.0) >= 0.95, "validation accuracy {:?}", report.best_metric);
+    assert!(
+        report.best_metric.unwrap_or(0.0) >= 0.95,
+        "validation accuracy {:?}",
+        report.best_metric
+    );
     Ok(())
 }
 
@@ -86,13 +107,24 @@ fn early_stopping_stops_after_patience_validations_without_improvement() -> Resu
         batch_size: 16,
         eval_every_steps: Some(1),
         eval_each_epoch: false,
-        early_stopping: Some(EarlyStopping { patience: 3, min_delta: 0.0, higher_is_better: true }),
+        early_stopping: Some(EarlyStopping {
+            patience: 3,
+            min_delta: 0.0,
+            higher_is_better: true,
+        }),
         ..Default::default()
     };
     let mut opt = AdamW::new(store.trainable_vars(), cfg.optimizer.clone())?;
     let never = AtomicBool::new(false);
-    let mut hooks = Recorder { task, validation: &[], progress: vec![], validations: vec![], fixed_metric: Some(0.5) };
-    let report = Trainer::new(cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut hooks)?;
+    let mut hooks = Recorder {
+        task,
+        validation: &[],
+        progress: vec![],
+        validations: vec![],
+        fixed_metric: Some(0.5),
+    };
+    let report =
+        Trainer::new(cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut hooks)?;
     // Step 1 sets the best; steps 2, 3, 4 do not improve → stop after step 4.
     assert_eq!(report.stop_reason, StopReason::EarlyStopped);
     assert_eq!(report.steps, 4);

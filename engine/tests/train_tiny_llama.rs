@@ -23,26 +23,45 @@ fn tiny_llama_learns_a_cyclic_sequence() -> Result<()> {
     }))?;
     let store = ParamStore::new();
     store.set_init_missing(Some(9));
-    let model = LlamaForCausalLm::load(store.var_builder(DType::F32, &Device::Cpu), &cfg, &LinearFactory::default())?;
+    let model = LlamaForCausalLm::load(
+        store.var_builder(DType::F32, &Device::Cpu),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
     train_support::init_zero_matrices(&store, 9)?;
     // Rows are windows of the cycle 1, 2, ..., 12, 1, 2, ...: every next token is determined.
     let rows: Vec<Example> = (0..24u32)
-        .map(|start| Example { input_ids: (0..12).map(|i| 1 + (start + i) % 12).collect(), label: None })
+        .map(|start| Example {
+            input_ids: (0..12).map(|i| 1 + (start + i) % 12).collect(),
+            label: None,
+        })
         .collect();
     let task = CausalLmTask { model: &model };
     let (chance_nll, _) = evaluate_lm(&task, &rows, 8, 0, &Device::Cpu)?;
     let train_cfg = TrainConfig {
         epochs: 30,
         batch_size: 8,
-        optimizer: AdamWConfig { lr: 1e-2, weight_decay: 0.0, ..Default::default() },
+        optimizer: AdamWConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut opt = AdamW::new(store.trainable_vars(), train_cfg.optimizer.clone())?;
     let never = AtomicBool::new(false);
-    let report = Trainer::new(train_cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &rows, &mut NoHooks)?;
+    let report = Trainer::new(train_cfg, Device::Cpu, 0, &never)?.run(
+        &task,
+        &mut opt,
+        &rows,
+        &mut NoHooks,
+    )?;
     assert_eq!(report.stop_reason, StopReason::Completed);
     let (nll, ppl) = evaluate_lm(&task, &rows, 8, 0, &Device::Cpu)?;
-    assert!(chance_nll > 2.0, "an untrained model is near ln 16 = 2.77: {chance_nll}");
+    assert!(
+        chance_nll > 2.0,
+        "an untrained model is near ln 16 = 2.77: {chance_nll}"
+    );
     assert!(nll < 0.1, "trained next-token NLL {nll}");
     assert!((ppl - nll.exp()).abs() < 1e-9 && ppl < 1.2);
     Ok(())

@@ -5,9 +5,13 @@ use std::path::PathBuf;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
+use object_store::ClientOptions;
 
 use crate::error::{Error, Result};
 use crate::settings::Settings;
+
+/// Longest one S3 request (a part upload, the completion of a large object) may take.
+const S3_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// S3's smallest part (except the last); smaller settings are refused.
 pub const MIN_PART_SIZE: usize = 5 << 20;
@@ -107,7 +111,10 @@ pub(super) fn open_s3(url: &str, s3: &S3Config) -> Result<(AmazonS3, Path, Strin
     if bucket.is_empty() {
         return Err(url_error("an s3:// URL must name a bucket"));
     }
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_allow_http(s3.allow_http);
+    // object_store's 30 s request timeout fails a 64 MiB part below ~2.2 MB/s, and a local S3
+    // server assembling a multi-gigabyte object takes longer than that to complete it.
+    let client = ClientOptions::new().with_allow_http(s3.allow_http).with_timeout(S3_REQUEST_TIMEOUT);
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_client_options(client);
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_endpoint(endpoint);
     }

@@ -38,22 +38,35 @@ impl Batch {
     /// An empty batch, mixed label kinds, or a tensor creation error.
     pub fn collate(examples: &[&Example], pad_id: u32, device: &Device) -> Result<Self> {
         let Some(first) = examples.first() else {
-            return Err(crate::EngineError::InvalidSetting("cannot build an empty batch".into()));
+            return Err(crate::EngineError::InvalidSetting(
+                "cannot build an empty batch".into(),
+            ));
         };
-        let seq = examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0).max(1);
+        let seq = examples
+            .iter()
+            .map(|e| e.input_ids.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let n = examples.len();
         let mut ids = vec![pad_id; n * seq];
         let mut mask = vec![0u32; n * seq];
         for (row, e) in examples.iter().enumerate() {
             let base = row * seq;
             ids[base..base + e.input_ids.len()].copy_from_slice(&e.input_ids);
-            mask[base..base + e.input_ids.len()].iter_mut().for_each(|m| *m = 1);
+            mask[base..base + e.input_ids.len()]
+                .iter_mut()
+                .for_each(|m| *m = 1);
         }
         let input_ids = Tensor::from_vec(ids, (n, seq), device)?;
         let labels = if first.label.is_some() {
             let labels = examples
                 .iter()
-                .map(|e| e.label.ok_or_else(|| crate::EngineError::InvalidSetting("mixed label kinds in a batch".into())))
+                .map(|e| {
+                    e.label.ok_or_else(|| {
+                        crate::EngineError::InvalidSetting("mixed label kinds in a batch".into())
+                    })
+                })
                 .collect::<Result<Vec<u32>>>()?;
             Tensor::from_vec(labels, n, device)?
         } else {
@@ -94,21 +107,39 @@ mod tests {
 
     #[test]
     fn pads_to_the_longest_row_only() {
-        let a = Example { input_ids: vec![5, 6, 7], label: Some(1) };
-        let b = Example { input_ids: vec![8], label: Some(0) };
+        let a = Example {
+            input_ids: vec![5, 6, 7],
+            label: Some(1),
+        };
+        let b = Example {
+            input_ids: vec![8],
+            label: Some(0),
+        };
         let batch = Batch::collate(&[&a, &b], 0, &Device::Cpu).unwrap();
-        assert_eq!(batch.input_ids.to_vec2::<u32>().unwrap(), vec![vec![5, 6, 7], vec![8, 0, 0]]);
-        assert_eq!(batch.attention_mask.to_vec2::<u32>().unwrap(), vec![vec![1, 1, 1], vec![1, 0, 0]]);
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![8, 0, 0]]
+        );
+        assert_eq!(
+            batch.attention_mask.to_vec2::<u32>().unwrap(),
+            vec![vec![1, 1, 1], vec![1, 0, 0]]
+        );
         assert_eq!(batch.labels.to_vec1::<u32>().unwrap(), vec![1, 0]);
         assert_eq!(batch.len(), 2);
     }
 
     #[test]
     fn language_modelling_labels_are_the_ids() {
-        let a = Example { input_ids: vec![1, 2], label: None };
+        let a = Example {
+            input_ids: vec![1, 2],
+            label: None,
+        };
         let batch = Batch::collate(&[&a], 9, &Device::Cpu).unwrap();
         assert_eq!(batch.labels.to_vec2::<u32>().unwrap(), vec![vec![1, 2]]);
-        let c = Example { input_ids: vec![1], label: Some(3) };
+        let c = Example {
+            input_ids: vec![1],
+            label: Some(3),
+        };
         assert!(Batch::collate(&[&c, &a], 0, &Device::Cpu).is_err());
     }
 

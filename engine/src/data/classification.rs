@@ -64,7 +64,10 @@ impl LabelMap {
 
     /// The id of a class name.
     pub fn id(&self, label: &str) -> Option<u32> {
-        self.id2label.iter().position(|l| l == label).map(|i| i as u32)
+        self.id2label
+            .iter()
+            .position(|l| l == label)
+            .map(|i| i as u32)
     }
 
     /// Number of classes.
@@ -79,7 +82,11 @@ impl LabelMap {
 
     /// `label2id` as Hugging Face's config.json stores it.
     pub fn label2id(&self) -> BTreeMap<String, u32> {
-        self.id2label.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect()
+        self.id2label
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i as u32))
+            .collect()
     }
 
     /// Writes `{"id2label": {...}, "label2id": {...}}` to `path`.
@@ -87,8 +94,12 @@ impl LabelMap {
     /// # Errors
     /// An I/O failure.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let id2label: BTreeMap<String, &str> =
-            self.id2label.iter().enumerate().map(|(i, l)| (i.to_string(), l.as_str())).collect();
+        let id2label: BTreeMap<String, &str> = self
+            .id2label
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.as_str()))
+            .collect();
         let doc = serde_json::json!({ "id2label": id2label, "label2id": self.label2id() });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| EngineError::json(path, e))?;
         std::fs::write(path, text).map_err(|e| EngineError::io(path, e))
@@ -125,20 +136,38 @@ impl ClassificationData {
     /// or a file with fewer than two classes.
     pub fn load(path: &Path, spec: &ClassificationSpec, encoder: &TextEncoder) -> Result<Self> {
         if !(0.0..1.0).contains(&spec.validation_fraction) {
-            return Err(EngineError::InvalidSetting("validation_fraction must be in [0, 1)".into()));
+            return Err(EngineError::InvalidSetting(
+                "validation_fraction must be in [0, 1)".into(),
+            ));
         }
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
-        let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
-        let rows = if is_csv { parse_csv(path, &text, spec)? } else { parse_jsonl(path, &text, spec)? };
+        let is_csv = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+        let rows = if is_csv {
+            parse_csv(path, &text, spec)?
+        } else {
+            parse_jsonl(path, &text, spec)?
+        };
         Self::from_rows(path, rows, spec, encoder)
     }
 
-    fn from_rows(path: &Path, mut rows: Vec<Row>, spec: &ClassificationSpec, encoder: &TextEncoder) -> Result<Self> {
+    fn from_rows(
+        path: &Path,
+        mut rows: Vec<Row>,
+        spec: &ClassificationSpec,
+        encoder: &TextEncoder,
+    ) -> Result<Self> {
         let labels = LabelMap::from_labels(rows.iter().map(|r| r.label.as_str()));
         if labels.len() < 2 {
-            return Err(data_error(path, 0, format!("need at least two classes, found {}", labels.len())));
+            return Err(data_error(
+                path,
+                0,
+                format!("need at least two classes, found {}", labels.len()),
+            ));
         }
-        let carve = !rows.iter().any(|r| r.split == Split::Validation) && spec.validation_fraction > 0.0;
+        let carve =
+            !rows.iter().any(|r| r.split == Split::Validation) && spec.validation_fraction > 0.0;
         if carve {
             for row in rows.iter_mut().filter(|r| r.split == Split::Train) {
                 if carve_validation(&row.text, spec.validation_fraction) {
@@ -147,11 +176,21 @@ impl ClassificationData {
             }
         }
         let encode = |split: Split, cap: Option<usize>| -> Result<Vec<Example>> {
-            let chosen: Vec<&Row> =
-                rows.iter().filter(|r| r.split == split).take(cap.unwrap_or(usize::MAX)).collect();
+            let chosen: Vec<&Row> = rows
+                .iter()
+                .filter(|r| r.split == split)
+                .take(cap.unwrap_or(usize::MAX))
+                .collect();
             let texts: Vec<&str> = chosen.iter().map(|r| r.text.as_str()).collect();
             let ids = encoder.encode_all(&texts)?;
-            Ok(ids.into_iter().zip(&chosen).map(|(input_ids, r)| Example { input_ids, label: labels.id(&r.label) }).collect())
+            Ok(ids
+                .into_iter()
+                .zip(&chosen)
+                .map(|(input_ids, r)| Example {
+                    input_ids,
+                    label: labels.id(&r.label),
+                })
+                .collect())
         };
         let train = encode(Split::Train, spec.max_train_samples)?;
         let validation = encode(Split::Validation, spec.max_eval_samples)?;
@@ -162,12 +201,22 @@ impl ClassificationData {
             test: test.len(),
             validation_carved_from_train: carve,
         };
-        Ok(Self { labels, train, validation, test, summary })
+        Ok(Self {
+            labels,
+            train,
+            validation,
+            test,
+            summary,
+        })
     }
 }
 
 fn data_error(path: &Path, line: usize, message: impl Into<String>) -> EngineError {
-    EngineError::Data { path: PathBuf::from(path), line, message: message.into() }
+    EngineError::Data {
+        path: PathBuf::from(path),
+        line,
+        message: message.into(),
+    }
 }
 
 /// A JSON scalar as a label string (`"spam"`, `3`, `true`).
@@ -187,30 +236,61 @@ fn parse_jsonl(path: &Path, text: &str, spec: &ClassificationSpec) -> Result<Vec
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| data_error(path, line_no, format!("invalid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| data_error(path, line_no, format!("invalid JSON: {e}")))?;
         let field = |name: &str| value.get(name);
         let text = field(&spec.text_field)
             .and_then(|v| v.as_str())
-            .ok_or_else(|| data_error(path, line_no, format!("missing string field `{}`", spec.text_field)))?;
+            .ok_or_else(|| {
+                data_error(
+                    path,
+                    line_no,
+                    format!("missing string field `{}`", spec.text_field),
+                )
+            })?;
         let label = field(&spec.label_field)
             .and_then(label_string)
-            .ok_or_else(|| data_error(path, line_no, format!("missing label field `{}`", spec.label_field)))?;
+            .ok_or_else(|| {
+                data_error(
+                    path,
+                    line_no,
+                    format!("missing label field `{}`", spec.label_field),
+                )
+            })?;
         let split = split_of(field(&spec.split_field).and_then(|v| v.as_str()), text)
             .map_err(|m| data_error(path, line_no, m))?;
-        rows.push(Row { text: text.to_owned(), label, split });
+        rows.push(Row {
+            text: text.to_owned(),
+            label,
+            split,
+        });
     }
     Ok(rows)
 }
 
 fn parse_csv(path: &Path, text: &str, spec: &ClassificationSpec) -> Result<Vec<Row>> {
-    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
-    let headers = reader.headers().map_err(|e| data_error(path, 1, format!("invalid CSV header: {e}")))?.clone();
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .map_err(|e| data_error(path, 1, format!("invalid CSV header: {e}")))?
+        .clone();
     let column = |name: &str| headers.iter().position(|h| h == name);
-    let text_col = column(&spec.text_field)
-        .ok_or_else(|| data_error(path, 1, format!("no column `{}` in the header", spec.text_field)))?;
-    let label_col = column(&spec.label_field)
-        .ok_or_else(|| data_error(path, 1, format!("no column `{}` in the header", spec.label_field)))?;
+    let text_col = column(&spec.text_field).ok_or_else(|| {
+        data_error(
+            path,
+            1,
+            format!("no column `{}` in the header", spec.text_field),
+        )
+    })?;
+    let label_col = column(&spec.label_field).ok_or_else(|| {
+        data_error(
+            path,
+            1,
+            format!("no column `{}` in the header", spec.label_field),
+        )
+    })?;
     let split_col = column(&spec.split_field);
     let mut rows = Vec::new();
     for record in reader.records() {
@@ -222,11 +302,24 @@ fn parse_csv(path: &Path, text: &str, spec: &ClassificationSpec) -> Result<Vec<R
         let text = record.get(text_col).unwrap_or_default();
         let label = record.get(label_col).unwrap_or_default().trim();
         if label.is_empty() {
-            return Err(data_error(path, line_no, format!("empty label `{}`", spec.label_field)));
+            return Err(data_error(
+                path,
+                line_no,
+                format!("empty label `{}`", spec.label_field),
+            ));
         }
-        let split = split_of(split_col.and_then(|c| record.get(c)).filter(|s| !s.is_empty()), text)
-            .map_err(|m| data_error(path, line_no, m))?;
-        rows.push(Row { text: text.to_owned(), label: label.to_owned(), split });
+        let split = split_of(
+            split_col
+                .and_then(|c| record.get(c))
+                .filter(|s| !s.is_empty()),
+            text,
+        )
+        .map_err(|m| data_error(path, line_no, m))?;
+        rows.push(Row {
+            text: text.to_owned(),
+            label: label.to_owned(),
+            split,
+        });
     }
     Ok(rows)
 }
@@ -267,9 +360,18 @@ mod tests {
         };
         let data = ClassificationData::load(&path, &spec, &encoder()).unwrap();
         assert_eq!(data.labels.id2label, vec!["neg", "pos"]);
-        assert_eq!((data.train.len(), data.validation.len(), data.test.len()), (2, 1, 1));
+        assert_eq!(
+            (data.train.len(), data.validation.len(), data.test.len()),
+            (2, 1, 1)
+        );
         assert!(!data.summary.validation_carved_from_train);
-        assert_eq!(data.train[0], Example { input_ids: vec![2, 4, 6, 3], label: Some(1) });
+        assert_eq!(
+            data.train[0],
+            Example {
+                input_ids: vec![2, 4, 6, 3],
+                label: Some(1)
+            }
+        );
         assert_eq!(data.test[0].label, Some(0));
     }
 
@@ -277,11 +379,17 @@ mod tests {
     fn errors_name_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.jsonl");
-        std::fs::write(&path, "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n").unwrap();
-        let err = ClassificationData::load(&path, &ClassificationSpec::default(), &encoder()).unwrap_err();
+        std::fs::write(
+            &path,
+            "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n",
+        )
+        .unwrap();
+        let err = ClassificationData::load(&path, &ClassificationSpec::default(), &encoder())
+            .unwrap_err();
         assert!(matches!(err, EngineError::Data { line: 2, .. }), "{err}");
         std::fs::write(&path, "{\"text\": \"a\", \"label\": 1}\nnot json\n").unwrap();
-        let err = ClassificationData::load(&path, &ClassificationSpec::default(), &encoder()).unwrap_err();
+        let err = ClassificationData::load(&path, &ClassificationSpec::default(), &encoder())
+            .unwrap_err();
         assert!(err.to_string().contains(":2:"), "{err}");
     }
 
@@ -291,15 +399,30 @@ mod tests {
         let path = dir.path().join("d.csv");
         let mut body = String::from("label,text\n");
         for i in 0..60 {
-            body.push_str(&format!("{},\"the film, number {i}\"\n", if i % 2 == 0 { 10 } else { 9 }));
+            body.push_str(&format!(
+                "{},\"the film, number {i}\"\n",
+                if i % 2 == 0 { 10 } else { 9 }
+            ));
         }
         std::fs::write(&path, &body).unwrap();
-        let spec = ClassificationSpec { max_train_samples: Some(5), validation_fraction: 0.2, ..Default::default() };
+        let spec = ClassificationSpec {
+            max_train_samples: Some(5),
+            validation_fraction: 0.2,
+            ..Default::default()
+        };
         let data = ClassificationData::load(&path, &spec, &encoder()).unwrap();
-        assert_eq!(data.labels.id2label, vec!["9", "10"], "numeric labels sort numerically");
+        assert_eq!(
+            data.labels.id2label,
+            vec!["9", "10"],
+            "numeric labels sort numerically"
+        );
         assert_eq!(data.train.len(), 5);
         assert!(data.summary.validation_carved_from_train);
-        assert!(data.summary.test > 0 && data.summary.validation > 0, "{:?}", data.summary);
+        assert!(
+            data.summary.test > 0 && data.summary.validation > 0,
+            "{:?}",
+            data.summary
+        );
         std::fs::write(&path, "label,text\n1,a\n2\n").unwrap();
         let err = ClassificationData::load(&path, &spec, &encoder()).unwrap_err();
         assert!(matches!(err, EngineError::Data { line: 3, .. }), "{err}");
@@ -311,7 +434,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("labels.json");
         map.save(&path).unwrap();
-        let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(saved["id2label"]["0"], "ham");
         assert_eq!(saved["label2id"]["spam"], 1);
     }

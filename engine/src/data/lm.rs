@@ -28,7 +28,12 @@ pub struct LmSpec {
 
 impl Default for LmSpec {
     fn default() -> Self {
-        Self { seq_len: 256, validation_fraction: 0.05, max_train_samples: None, max_eval_samples: None }
+        Self {
+            seq_len: 256,
+            validation_fraction: 0.05,
+            max_train_samples: None,
+            max_eval_samples: None,
+        }
     }
 }
 
@@ -51,9 +56,11 @@ impl LmCorpus {
     pub fn load(path: &Path, spec: &LmSpec, encoder: &TextEncoder) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
         Self::from_text(&text, spec, encoder).map_err(|e| match e {
-            EngineError::InvalidSetting(m) if m.starts_with("corpus") => {
-                EngineError::Data { path: path.to_path_buf(), line: 0, message: m }
-            }
+            EngineError::InvalidSetting(m) if m.starts_with("corpus") => EngineError::Data {
+                path: path.to_path_buf(),
+                line: 0,
+                message: m,
+            },
             other => other,
         })
     }
@@ -64,15 +71,22 @@ impl LmCorpus {
     /// A tokenizer error, a bad spec, or a text too short for one sequence.
     pub fn from_text(text: &str, spec: &LmSpec, encoder: &TextEncoder) -> Result<Self> {
         if spec.seq_len < 2 {
-            return Err(EngineError::InvalidSetting("seq_len must be at least 2".into()));
+            return Err(EngineError::InvalidSetting(
+                "seq_len must be at least 2".into(),
+            ));
         }
         if !(0.0..1.0).contains(&spec.validation_fraction) {
-            return Err(EngineError::InvalidSetting("validation_fraction must be in [0, 1)".into()));
+            return Err(EngineError::InvalidSetting(
+                "validation_fraction must be in [0, 1)".into(),
+            ));
         }
         let ids = encoder.encode_corpus(text)?;
         let chunks: Vec<Example> = ids
             .chunks_exact(spec.seq_len)
-            .map(|c| Example { input_ids: c.to_vec(), label: None })
+            .map(|c| Example {
+                input_ids: c.to_vec(),
+                label: None,
+            })
             .collect();
         if chunks.is_empty() {
             return Err(EngineError::InvalidSetting(format!(
@@ -87,7 +101,11 @@ impl LmCorpus {
         let mut validation = train.split_off(split_at);
         train.truncate(spec.max_train_samples.unwrap_or(usize::MAX));
         validation.truncate(spec.max_eval_samples.unwrap_or(usize::MAX));
-        Ok(Self { train, validation, total_tokens: ids.len() })
+        Ok(Self {
+            train,
+            validation,
+            total_tokens: ids.len(),
+        })
     }
 }
 
@@ -101,7 +119,11 @@ mod tests {
         let enc = TextEncoder::new(tiny_tokenizer(), 4, None).unwrap();
         // 11 tokens → two sequences of 5, one token dropped.
         let text = "the plot was awful a good film the movie was great";
-        let spec = LmSpec { seq_len: 5, validation_fraction: 0.5, ..Default::default() };
+        let spec = LmSpec {
+            seq_len: 5,
+            validation_fraction: 0.5,
+            ..Default::default()
+        };
         let corpus = LmCorpus::from_text(text, &spec, &enc).unwrap();
         assert_eq!(corpus.total_tokens, 11);
         assert_eq!(corpus.train.len(), 1);
@@ -113,9 +135,15 @@ mod tests {
     #[test]
     fn too_short_or_bad_spec_is_an_error() {
         let enc = TextEncoder::new(tiny_tokenizer(), 4, None).unwrap();
-        let spec = LmSpec { seq_len: 50, ..Default::default() };
+        let spec = LmSpec {
+            seq_len: 50,
+            ..Default::default()
+        };
         assert!(LmCorpus::from_text("good film", &spec, &enc).is_err());
-        let spec = LmSpec { seq_len: 1, ..Default::default() };
+        let spec = LmSpec {
+            seq_len: 1,
+            ..Default::default()
+        };
         assert!(LmCorpus::from_text("good film", &spec, &enc).is_err());
     }
 }

@@ -71,13 +71,17 @@ mod tests {
     fn hashed_split_follows_the_shared_rule() {
         // sha256("hello")[0] = 0x2c = 44, 44 % 5 = 4 → train; sha256("a")[0] = 0xca = 202 → 2 → train.
         assert_eq!(hashed_split("hello"), Split::Train);
-        let test_share = (0..1000).filter(|i| hashed_split(&format!("row {i}")) == Split::Test).count();
+        let test_share = (0..1000)
+            .filter(|i| hashed_split(&format!("row {i}")) == Split::Test)
+            .count();
         assert!((150..250).contains(&test_share), "{test_share}");
     }
 
     #[test]
     fn carving_is_deterministic_and_near_the_fraction() {
-        let carved = (0..2000).filter(|i| carve_validation(&format!("row {i}"), 0.1)).count();
+        let carved = (0..2000)
+            .filter(|i| carve_validation(&format!("row {i}"), 0.1))
+            .count();
         assert!((150..250).contains(&carved), "{carved}");
         assert_eq!(carve_validation("same", 0.5), carve_validation("same", 0.5));
         assert!(!carve_validation("anything", 0.0));

@@ -23,7 +23,10 @@ pub struct TextEncoder {
 
 impl std::fmt::Debug for TextEncoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextEncoder").field("max_length", &self.max_length).field("pad_id", &self.pad_id).finish()
+        f.debug_struct("TextEncoder")
+            .field("max_length", &self.max_length)
+            .field("pad_id", &self.pad_id)
+            .finish()
     }
 }
 
@@ -44,7 +47,9 @@ impl TextEncoder {
     /// `max_length == 0` or a tokenizer that rejects the truncation settings.
     pub fn new(mut tokenizer: Tokenizer, max_length: usize, pad_id: Option<u32>) -> Result<Self> {
         if max_length == 0 {
-            return Err(EngineError::InvalidSetting("max_length must be at least 1".into()));
+            return Err(EngineError::InvalidSetting(
+                "max_length must be at least 1".into(),
+            ));
         }
         let pad_id = pad_id
             .or_else(|| tokenizer.get_padding().map(|p| p.pad_id))
@@ -52,9 +57,16 @@ impl TextEncoder {
             .unwrap_or(0);
         tokenizer.with_padding(None);
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(Self { tokenizer, max_length, pad_id })
+        Ok(Self {
+            tokenizer,
+            max_length,
+            pad_id,
+        })
     }
 
     /// The id used to pad batches.
@@ -78,9 +90,14 @@ impl TextEncoder {
     /// A tokenizer failure on some input.
     pub fn encode_all(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let inputs: Vec<&str> = texts.to_vec();
-        let encodings =
-            self.tokenizer.encode_batch(inputs, true).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| e.get_ids().to_vec())
+            .collect())
     }
 
     /// Token ids of a long text, without special tokens and without truncation (for corpora).
@@ -89,11 +106,18 @@ impl TextEncoder {
     /// A tokenizer failure.
     pub fn encode_corpus(&self, text: &str) -> Result<Vec<u32>> {
         let mut plain = self.tokenizer.clone();
-        plain.with_truncation(None).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        plain
+            .with_truncation(None)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         // Encode paragraph by paragraph: one multi-megabyte encode is slow and memory-hungry.
         let pieces: Vec<String> = text.split_inclusive("\n\n").map(str::to_owned).collect();
-        let encodings = plain.encode_batch(pieces, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        Ok(encodings.iter().flat_map(|e| e.get_ids().iter().copied()).collect())
+        let encodings = plain
+            .encode_batch(pieces, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .iter()
+            .flat_map(|e| e.get_ids().iter().copied())
+            .collect())
     }
 }
 
@@ -128,9 +152,15 @@ pub(crate) mod tests {
     fn truncates_and_does_not_pad() {
         let enc = TextEncoder::new(tiny_tokenizer(), 4, None).unwrap();
         assert_eq!(enc.pad_id(), 0);
-        let ids = enc.encode_all(&["good movie", "the plot was awful"]).unwrap();
+        let ids = enc
+            .encode_all(&["good movie", "the plot was awful"])
+            .unwrap();
         assert_eq!(ids[0], vec![2, 4, 6, 3]);
-        assert_eq!(ids[1].len(), 4, "truncated to max_length with special tokens");
+        assert_eq!(
+            ids[1].len(),
+            4,
+            "truncated to max_length with special tokens"
+        );
         assert_eq!(ids[1][0], 2);
         assert_eq!(*ids[1].last().unwrap(), 3);
     }
@@ -138,7 +168,9 @@ pub(crate) mod tests {
     #[test]
     fn corpus_encoding_is_not_truncated() {
         let enc = TextEncoder::new(tiny_tokenizer(), 4, None).unwrap();
-        let ids = enc.encode_corpus("the plot was awful\n\na good film").unwrap();
+        let ids = enc
+            .encode_corpus("the plot was awful\n\na good film")
+            .unwrap();
         assert_eq!(ids, vec![10, 12, 13, 8, 11, 4, 9]);
         assert!(TextEncoder::new(tiny_tokenizer(), 0, None).is_err());
     }

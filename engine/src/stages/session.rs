@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::model::WorkingModel;
 use super::build;
 use super::saving::SavedQuantization;
-use crate::data::{ClassificationData, ClassificationSpec, LmCorpus, LmSpec, TextEncoder};
+use crate::data::{epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder};
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
 use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
@@ -81,11 +81,15 @@ impl Session {
                 let data_spec = ClassificationSpec {
                     text_field: spec.task.text_field.clone(),
                     label_field: spec.task.label_field.clone().unwrap_or_else(|| "label".into()),
-                    max_train_samples: spec.task.max_train_samples.map(|n| n as usize),
-                    max_eval_samples: spec.task.max_eval_samples.map(|n| n as usize),
                     ..ClassificationSpec::default()
                 };
-                (TaskData::Classification(ClassificationData::load(&inputs.dataset, &data_spec, &encoder)?), encoder)
+                let mut data = ClassificationData::load(&inputs.dataset, &data_spec, &encoder)?;
+                // Caps take the first rows after a seeded shuffle, as the spec says: files are often
+                // sorted by label, and their first rows would hold a single class.
+                cap(&mut data.train, spec.task.max_train_samples, spec.seed);
+                cap(&mut data.validation, spec.task.max_eval_samples, spec.seed);
+                cap(&mut data.test, spec.task.max_eval_samples, spec.seed);
+                (TaskData::Classification(data), encoder)
             }
             TaskType::LanguageModeling => {
                 let length = spec.task.max_length.map_or(DEFAULT_LM_LENGTH, |l| l as usize);
@@ -209,6 +213,14 @@ pub fn run_job(
 ) -> Result<PipelineResult> {
     let mut session = Session::open(spec, inputs, device)?;
     pipeline::run(spec, inputs, &mut session, out_dir, progress, cancel)
+}
+
+/// Keeps `limit` examples chosen by a shuffle seeded with `seed` (all when `limit` is `None`).
+fn cap(examples: &mut Vec<Example>, limit: Option<u64>, seed: u64) {
+    let Some(limit) = limit.map(|l| l as usize).filter(|&l| l < examples.len()) else { return };
+    let order = epoch_order(examples.len(), seed, 0);
+    let kept: Vec<Example> = order.into_iter().take(limit).map(|i| examples[i].clone()).collect();
+    *examples = kept;
 }
 
 fn tokenizer_path(model: &Path) -> Result<PathBuf> {

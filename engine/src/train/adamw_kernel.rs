@@ -64,22 +64,39 @@ pub(crate) struct FusedAdamW<'a> {
 }
 
 impl FusedAdamW<'_> {
-    fn run<G: Elem>(&self, weight: &mut CpuStorage, wl: &Layout, grad: &[G]) -> candle_core::Result<()> {
-        let (start, end) = wl
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("fused AdamW needs a contiguous weight".into()))?;
+    fn run<G: Elem>(
+        &self,
+        weight: &mut CpuStorage,
+        wl: &Layout,
+        grad: &[G],
+    ) -> candle_core::Result<()> {
+        let (start, end) = wl.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("fused AdamW needs a contiguous weight".into())
+        })?;
         let mut moments = self.moments.borrow_mut();
         if grad.len() != end - start || moments.m.len() != grad.len() {
-            candle_core::bail!("fused AdamW: gradient has {} elements, weight {}", grad.len(), end - start);
+            candle_core::bail!(
+                "fused AdamW: gradient has {} elements, weight {}",
+                grad.len(),
+                end - start
+            );
         }
         let s = self.scalars;
         let HostMoments { m, v, master, .. } = &mut **moments;
         match (weight, master) {
             (CpuStorage::F32(w), None) => update_plain(&mut w[start..end], grad, m, v, &s),
-            (CpuStorage::F32(w), Some(master)) => update_master(&mut w[start..end], grad, m, v, master, &s),
-            (CpuStorage::F16(w), Some(master)) => update_master(&mut w[start..end], grad, m, v, master, &s),
-            (CpuStorage::BF16(w), Some(master)) => update_master(&mut w[start..end], grad, m, v, master, &s),
-            (other, _) => candle_core::bail!("fused AdamW: unsupported weight dtype {:?}", other.dtype()),
+            (CpuStorage::F32(w), Some(master)) => {
+                update_master(&mut w[start..end], grad, m, v, master, &s)
+            }
+            (CpuStorage::F16(w), Some(master)) => {
+                update_master(&mut w[start..end], grad, m, v, master, &s)
+            }
+            (CpuStorage::BF16(w), Some(master)) => {
+                update_master(&mut w[start..end], grad, m, v, master, &s)
+            }
+            (other, _) => {
+                candle_core::bail!("fused AdamW: unsupported weight dtype {:?}", other.dtype())
+            }
         }
         Ok(())
     }
@@ -153,7 +170,10 @@ impl InplaceOp2 for FusedAdamW<'_> {
                 CpuStorage::F32(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
                 CpuStorage::F16(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
                 CpuStorage::BF16(g) => copy_row_major(&mut scratch, &g[start..end], order, false),
-                other => candle_core::bail!("fused AdamW: unsupported gradient dtype {:?}", other.dtype()),
+                other => candle_core::bail!(
+                    "fused AdamW: unsupported gradient dtype {:?}",
+                    other.dtype()
+                ),
             }
             let result = self.run(weight, wl, &scratch);
             self.moments.borrow_mut().scratch = scratch;
@@ -163,7 +183,10 @@ impl InplaceOp2 for FusedAdamW<'_> {
             CpuStorage::F32(g) => self.run(weight, wl, &g[start..end]),
             CpuStorage::F16(g) => self.run(weight, wl, &g[start..end]),
             CpuStorage::BF16(g) => self.run(weight, wl, &g[start..end]),
-            other => candle_core::bail!("fused AdamW: unsupported gradient dtype {:?}", other.dtype()),
+            other => candle_core::bail!(
+                "fused AdamW: unsupported gradient dtype {:?}",
+                other.dtype()
+            ),
         }
     }
 }

@@ -49,13 +49,19 @@ pub fn save(dir: &Path, optimizer: &AdamW, state: &TrainState) -> Result<()> {
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| EngineError::io(&tmp, e))?;
-    let weights: HashMap<String, Tensor> =
-        optimizer.vars().into_iter().map(|(n, v)| (n, v.as_tensor().detach())).collect();
+    let weights: HashMap<String, Tensor> = optimizer
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().detach()))
+        .collect();
     candle_core::safetensors::save(&weights, tmp.join(WEIGHTS))?;
     let moments: HashMap<String, Tensor> = optimizer.state_tensors()?.into_iter().collect();
     candle_core::safetensors::save(&moments, tmp.join(OPTIMIZER))?;
-    let json = serde_json::to_string_pretty(&Saved { optimizer_steps: optimizer.steps(), state: state.clone() })
-        .map_err(|e| EngineError::json(tmp.join(STATE), e))?;
+    let json = serde_json::to_string_pretty(&Saved {
+        optimizer_steps: optimizer.steps(),
+        state: state.clone(),
+    })
+    .map_err(|e| EngineError::json(tmp.join(STATE), e))?;
     std::fs::write(tmp.join(STATE), json).map_err(|e| EngineError::io(tmp.join(STATE), e))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
@@ -65,7 +71,9 @@ pub fn save(dir: &Path, optimizer: &AdamW, state: &TrainState) -> Result<()> {
 
 /// Whether `dir` holds a complete checkpoint.
 pub fn exists(dir: &Path) -> bool {
-    [WEIGHTS, OPTIMIZER, STATE].iter().all(|f| dir.join(f).is_file())
+    [WEIGHTS, OPTIMIZER, STATE]
+        .iter()
+        .all(|f| dir.join(f).is_file())
 }
 
 /// Restores the variables and optimizer from `dir` and returns the trainer state.
@@ -75,14 +83,17 @@ pub fn exists(dir: &Path) -> bool {
 pub fn load(dir: &Path, optimizer: &mut AdamW) -> Result<TrainState> {
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| EngineError::io(&state_path, e))?;
-    let saved: Saved = serde_json::from_str(&text).map_err(|e| EngineError::json(&state_path, e))?;
+    let saved: Saved =
+        serde_json::from_str(&text).map_err(|e| EngineError::json(&state_path, e))?;
     let weights = candle_core::safetensors::load(dir.join(WEIGHTS), &Device::Cpu)?;
     for (name, var) in optimizer.vars() {
-        let value = weights
-            .get(&name)
-            .ok_or_else(|| EngineError::InvalidSetting(format!("checkpoint lacks weight {name}")))?;
+        let value = weights.get(&name).ok_or_else(|| {
+            EngineError::InvalidSetting(format!("checkpoint lacks weight {name}"))
+        })?;
         if value.shape() != var.shape() {
-            return Err(EngineError::InvalidSetting(format!("checkpoint weight {name} has another shape")));
+            return Err(EngineError::InvalidSetting(format!(
+                "checkpoint weight {name} has another shape"
+            )));
         }
         var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }

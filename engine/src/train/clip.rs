@@ -80,13 +80,19 @@ pub struct ClipOutcome {
 ///
 /// # Errors
 /// Fails when a gradient cannot be read (unsupported dtype or a device error).
-pub fn measure(vars: &[(String, Var)], grads: Gradients<'_>, cfg: &ClipConfig) -> Result<ClipOutcome> {
+pub fn measure(
+    vars: &[(String, Var)],
+    grads: Gradients<'_>,
+    cfg: &ClipConfig,
+) -> Result<ClipOutcome> {
     let average = 1.0 / grads.micro_batches() as f32;
     let clamp = cfg.max_value.map(|v| v as f32);
     let mut raw_sq = 0f64;
     let mut clamped_sq = 0f64;
     for (i, (_, var)) in vars.iter().enumerate() {
-        let Some(view) = grads.get(i, var) else { continue };
+        let Some(view) = grads.get(i, var) else {
+            continue;
+        };
         let (raw, clamped) = squared_norms(view, average, clamp)?;
         raw_sq += raw;
         clamped_sq += clamped;
@@ -97,17 +103,30 @@ pub fn measure(vars: &[(String, Var)], grads: Gradients<'_>, cfg: &ClipConfig) -
         Some(max) if post_value_norm > max => (max / (post_value_norm + 1e-6)) as f32,
         _ => 1.0,
     };
-    Ok(ClipOutcome { pre_clip_norm, transform: GradTransform { average, clamp, norm_scale } })
+    Ok(ClipOutcome {
+        pre_clip_norm,
+        transform: GradTransform {
+            average,
+            clamp,
+            norm_scale,
+        },
+    })
 }
 
 /// Sum of squares of the averaged gradient, before and after the element clamp.
 fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result<(f64, f64)> {
-    let probe = GradTransform { average, clamp, norm_scale: 1.0 };
+    let probe = GradTransform {
+        average,
+        clamp,
+        norm_scale: 1.0,
+    };
     match view {
         GradView::Host(buf) => Ok(sum_squares(buf.iter().copied(), &probe)),
         // Storage order does not matter for a sum of squares, so transposed views are read as is.
         GradView::Tensor(t) if t.device().is_cpu() && dense_order(t.layout()).is_some() => {
-            read_cpu(t, |s, _| with_float_slice!(s, |s| sum_squares(s.iter().map(|x| x.to_f32()), &probe)))
+            read_cpu(t, |s, _| {
+                with_float_slice!(s, |s| sum_squares(s.iter().map(|x| x.to_f32()), &probe))
+            })
         }
         GradView::Tensor(t) => {
             let g = (t.to_dtype(DType::F32)? * average as f64)?;
@@ -156,7 +175,10 @@ mod tests {
     #[test]
     fn norm_clipping_scales_to_max_norm() {
         let (vars, store) = grads_of(&[3.0, 4.0]);
-        let cfg = ClipConfig { max_norm: Some(1.0), max_value: None };
+        let cfg = ClipConfig {
+            max_norm: Some(1.0),
+            max_value: None,
+        };
         let out = measure(&vars, Gradients::Store(&store), &cfg).unwrap();
         assert!((out.pre_clip_norm - 5.0).abs() < 1e-6);
         assert!((out.transform.norm_scale - 0.2).abs() < 1e-6);
@@ -167,7 +189,10 @@ mod tests {
     fn value_clipping_happens_before_norm_clipping() {
         let (vars, store) = grads_of(&[3.0, 4.0]);
         // Clamped to [2, 2]: norm 2.83 > 2, so scale = 2 / 2.83.
-        let cfg = ClipConfig { max_norm: Some(2.0), max_value: Some(2.0) };
+        let cfg = ClipConfig {
+            max_norm: Some(2.0),
+            max_value: Some(2.0),
+        };
         let out = measure(&vars, Gradients::Store(&store), &cfg).unwrap();
         assert!((out.pre_clip_norm - 5.0).abs() < 1e-6);
         let expected = 2.0 / 8f32.sqrt();
@@ -185,8 +210,23 @@ mod tests {
 
     #[test]
     fn rejects_non_positive_thresholds() {
-        assert!(ClipConfig { max_norm: Some(0.0), max_value: None }.validate().is_err());
-        assert!(ClipConfig { max_norm: None, max_value: Some(f64::NAN) }.validate().is_err());
-        assert!(ClipConfig { max_norm: Some(1.0), max_value: Some(0.5) }.validate().is_ok());
+        assert!(ClipConfig {
+            max_norm: Some(0.0),
+            max_value: None
+        }
+        .validate()
+        .is_err());
+        assert!(ClipConfig {
+            max_norm: None,
+            max_value: Some(f64::NAN)
+        }
+        .validate()
+        .is_err());
+        assert!(ClipConfig {
+            max_norm: Some(1.0),
+            max_value: Some(0.5)
+        }
+        .validate()
+        .is_ok());
     }
 }

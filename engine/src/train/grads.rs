@@ -6,8 +6,8 @@
 //! micro-batches is not done here: it is folded into the optimizer's gradient scale, so it costs no
 //! extra pass over memory.
 
-use candle_core::backprop::GradStore;
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
 use half::{bf16, f16};
 
@@ -79,7 +79,9 @@ impl GradAccumulator {
             self.live = vec![false; vars.len()];
         }
         for (i, (_, var)) in vars.iter().enumerate() {
-            let Some(grad) = store.get(var.as_tensor()) else { continue };
+            let Some(grad) = store.get(var.as_tensor()) else {
+                continue;
+            };
             let first = !self.live[i];
             self.live[i] = true;
             accumulate_one(&mut self.buffers[i], grad, first)?;
@@ -138,7 +140,9 @@ fn accumulate_one(slot: &mut Option<AccBuffer>, grad: &Tensor, first: bool) -> R
         contiguous = grad.contiguous()?;
         &contiguous
     };
-    read_cpu(grad, |src, order| with_float_slice!(src, |src| copy_row_major(buf, src, order, !first)))
+    read_cpu(grad, |src, order| {
+        with_float_slice!(src, |src| copy_row_major(buf, src, order, !first))
+    })
 }
 
 /// Element types the optimizer reads and writes on CPU, converted through f32.

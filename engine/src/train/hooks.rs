@@ -14,7 +14,11 @@ pub trait TrainTask {
     ///
     /// # Errors
     /// A forward-pass failure.
-    fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<candle_core::Tensor>;
+    fn loss(
+        &self,
+        batch: &Batch,
+        dropout: Option<&DropoutRng>,
+    ) -> candle_core::Result<candle_core::Tensor>;
 }
 
 /// One progress report, sent after every optimizer step.
@@ -103,11 +107,19 @@ mod tests {
 
     #[test]
     fn improvement_respects_direction_and_min_delta() {
-        let acc = EarlyStopping { patience: 2, min_delta: 0.01, higher_is_better: true };
+        let acc = EarlyStopping {
+            patience: 2,
+            min_delta: 0.01,
+            higher_is_better: true,
+        };
         assert!(acc.improves(0.5, None));
         assert!(acc.improves(0.52, Some(0.5)));
         assert!(!acc.improves(0.505, Some(0.5)));
-        let loss = EarlyStopping { patience: 2, min_delta: 0.0, higher_is_better: false };
+        let loss = EarlyStopping {
+            patience: 2,
+            min_delta: 0.0,
+            higher_is_better: false,
+        };
         assert!(loss.improves(0.4, Some(0.5)));
         assert!(!loss.improves(0.6, Some(0.5)));
         assert!(!loss.improves(f64::NAN, None));

@@ -50,7 +50,14 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { lr: 2e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, groups: Vec::new() }
+        Self {
+            lr: 2e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            groups: Vec::new(),
+        }
     }
 }
 
@@ -74,13 +81,22 @@ impl AdamWConfig {
             return bad(format!("optimizer.eps must be > 0, got {}", self.eps));
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad(format!("optimizer.weight_decay must be >= 0, got {}", self.weight_decay));
+            return bad(format!(
+                "optimizer.weight_decay must be >= 0, got {}",
+                self.weight_decay
+            ));
         }
         for (i, g) in self.groups.iter().enumerate() {
-            Glob::new(&g.pattern)
-                .map_err(|e| EngineError::InvalidSetting(format!("optimizer.groups.{i}.pattern: {e}")))?;
-            if !lr_ok(g.lr) || g.weight_decay.is_some_and(|wd| !(wd.is_finite() && wd >= 0.0)) {
-                return bad(format!("optimizer.groups.{i}: lr and weight_decay must be >= 0"));
+            Glob::new(&g.pattern).map_err(|e| {
+                EngineError::InvalidSetting(format!("optimizer.groups.{i}.pattern: {e}"))
+            })?;
+            if !lr_ok(g.lr)
+                || g.weight_decay
+                    .is_some_and(|wd| !(wd.is_finite() && wd >= 0.0))
+            {
+                return bad(format!(
+                    "optimizer.groups.{i}: lr and weight_decay must be >= 0"
+                ));
             }
         }
         Ok(())
@@ -98,7 +114,11 @@ enum Moments {
     /// CPU parameter: plain vectors, updated by the fused kernel.
     Host(HostMoments),
     /// Other devices: tensors updated by ordinary tensor ops (allocates, but works anywhere).
-    Device { m: Tensor, v: Tensor, master: Option<Tensor> },
+    Device {
+        m: Tensor,
+        v: Tensor,
+        master: Option<Tensor>,
+    },
 }
 
 struct Slot {
@@ -133,17 +153,33 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
-                let group = matchers.iter().position(|m| m.is_match(&name)).map_or(0, |i| i + 1);
+                let group = matchers
+                    .iter()
+                    .position(|m| m.is_match(&name))
+                    .map_or(0, |i| i + 1);
                 let moments = init_moments(&name, &var)?;
-                Ok(Slot { decays: decays(&name), name, var, group, moments })
+                Ok(Slot {
+                    decays: decays(&name),
+                    name,
+                    var,
+                    group,
+                    moments,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, slots, steps: 0 })
+        Ok(Self {
+            cfg,
+            slots,
+            steps: 0,
+        })
     }
 
     /// The variables in update order (the order gradient accumulators must use).
     pub fn vars(&self) -> Vec<(String, Var)> {
-        self.slots.iter().map(|s| (s.name.clone(), s.var.clone())).collect()
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.var.clone()))
+            .collect()
     }
 
     /// Number of updates applied so far.
@@ -154,7 +190,9 @@ impl AdamW {
     /// The group a parameter was put in: `None` for the default group, else the group's pattern.
     pub fn group_of(&self, name: &str) -> Option<&str> {
         let slot = self.slots.iter().find(|s| s.name == name)?;
-        slot.group.checked_sub(1).map(|g| self.cfg.groups[g].pattern.as_str())
+        slot.group
+            .checked_sub(1)
+            .map(|g| self.cfg.groups[g].pattern.as_str())
     }
 
     /// The default group's learning rate at a schedule factor (what progress reports).
@@ -168,17 +206,27 @@ impl AdamW {
     ///
     /// # Errors
     /// A gradient of the wrong size or dtype, or a device error.
-    pub fn step(&mut self, grads: Gradients<'_>, lr_factor: f64, transform: GradTransform) -> Result<()> {
+    pub fn step(
+        &mut self,
+        grads: Gradients<'_>,
+        lr_factor: f64,
+        transform: GradTransform,
+    ) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            let Some(grad) = grads.get(i, &slot.var) else { continue };
+            let Some(grad) = grads.get(i, &slot.var) else {
+                continue;
+            };
             let (lr, wd) = match slot.group {
                 0 => (self.cfg.lr, self.cfg.weight_decay),
                 g => {
                     let group = &self.cfg.groups[g - 1];
-                    (group.lr, group.weight_decay.unwrap_or(self.cfg.weight_decay))
+                    (
+                        group.lr,
+                        group.weight_decay.unwrap_or(self.cfg.weight_decay),
+                    )
                 }
             };
             let lr = (lr * lr_factor) as f32;
@@ -212,7 +260,10 @@ impl AdamW {
                 Moments::Host(h) => (
                     Tensor::from_slice(&h.m, shape.clone(), &cpu)?,
                     Tensor::from_slice(&h.v, shape.clone(), &cpu)?,
-                    h.master.as_ref().map(|w| Tensor::from_slice(w, shape.clone(), &cpu)).transpose()?,
+                    h.master
+                        .as_ref()
+                        .map(|w| Tensor::from_slice(w, shape.clone(), &cpu))
+                        .transpose()?,
                 ),
                 Moments::Device { m, v, master } => (m.clone(), v.clone(), master.clone()),
             };
@@ -235,7 +286,9 @@ impl AdamW {
                 .get(&key)
                 .ok_or_else(|| EngineError::InvalidSetting(format!("checkpoint lacks {key}")))?;
             if t.shape() != var.shape() {
-                return Err(EngineError::InvalidSetting(format!("checkpoint {key} has the wrong shape")));
+                return Err(EngineError::InvalidSetting(format!(
+                    "checkpoint {key} has the wrong shape"
+                )));
             }
             Ok(t.to_dtype(DType::F32)?)
         };
@@ -243,7 +296,10 @@ impl AdamW {
             let m = fetch(format!("m.{}", slot.name), &slot.var)?;
             let v = fetch(format!("v.{}", slot.name), &slot.var)?;
             let master_key = format!("master.{}", slot.name);
-            let master = tensors.contains_key(&master_key).then(|| fetch(master_key, &slot.var)).transpose()?;
+            let master = tensors
+                .contains_key(&master_key)
+                .then(|| fetch(master_key, &slot.var))
+                .transpose()?;
             slot.moments = match &slot.moments {
                 Moments::Host(_) => Moments::Host(HostMoments {
                     m: m.flatten_all()?.to_vec1()?,
@@ -269,21 +325,42 @@ impl AdamW {
 fn init_moments(name: &str, var: &Var) -> Result<Moments> {
     let dtype = var.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(EngineError::Unsupported(format!("AdamW cannot train {name} of dtype {dtype:?}")));
+        return Err(EngineError::Unsupported(format!(
+            "AdamW cannot train {name} of dtype {dtype:?}"
+        )));
     }
     let needs_master = dtype != DType::F32;
     if var.device().is_cpu() {
         if !var.is_contiguous() {
-            return Err(EngineError::Unsupported(format!("parameter {name} is not contiguous")));
+            return Err(EngineError::Unsupported(format!(
+                "parameter {name} is not contiguous"
+            )));
         }
         let n = var.elem_count();
-        let master =
-            needs_master.then(|| var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1()).transpose()?;
-        return Ok(Moments::Host(HostMoments { m: vec![0.0; n], v: vec![0.0; n], master, scratch: Vec::new() }));
+        let master = needs_master
+            .then(|| {
+                var.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
+            })
+            .transpose()?;
+        return Ok(Moments::Host(HostMoments {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            master,
+            scratch: Vec::new(),
+        }));
     }
     let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
-    let master = needs_master.then(|| var.as_tensor().to_dtype(DType::F32)).transpose()?;
-    Ok(Moments::Device { m: zeros()?, v: zeros()?, master })
+    let master = needs_master
+        .then(|| var.as_tensor().to_dtype(DType::F32))
+        .transpose()?;
+    Ok(Moments::Device {
+        m: zeros()?,
+        v: zeros()?,
+        master,
+    })
 }
 
 fn update_slot(slot: &mut Slot, grad: GradView<'_>, s: StepScalars) -> Result<()> {
@@ -293,19 +370,28 @@ fn update_slot(slot: &mut Slot, grad: GradView<'_>, s: StepScalars) -> Result<()
                 GradView::Host(buf) => Some(buf),
                 GradView::Tensor(_) => None,
             };
-            let op = FusedAdamW { scalars: s, moments: RefCell::new(moments), host_grad };
+            let op = FusedAdamW {
+                scalars: s,
+                moments: RefCell::new(moments),
+                host_grad,
+            };
             match grad {
                 GradView::Host(_) => slot.var.as_tensor().inplace_op1(&op)?,
                 GradView::Tensor(g) if g.device().is_cpu() && dense_order(g.layout()).is_some() => {
                     slot.var.as_tensor().inplace_op2(g, &op)?
                 }
-                GradView::Tensor(g) => slot.var.as_tensor().inplace_op2(&g.to_device(&candle_core::Device::Cpu)?.contiguous()?, &op)?,
+                GradView::Tensor(g) => slot
+                    .var
+                    .as_tensor()
+                    .inplace_op2(&g.to_device(&candle_core::Device::Cpu)?.contiguous()?, &op)?,
             }
             Ok(())
         }
         Moments::Device { m, v, master } => {
             let GradView::Tensor(g) = grad else {
-                return Err(EngineError::Unsupported("host gradient for a device parameter".into()));
+                return Err(EngineError::Unsupported(
+                    "host gradient for a device parameter".into(),
+                ));
             };
             update_on_device(&slot.var, g, m, v, master, &s)
         }

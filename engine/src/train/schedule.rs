@@ -47,10 +47,14 @@ impl ScheduleConfig {
 
     /// Fixes the schedule for a run of `total_steps` optimizer steps.
     pub fn build(&self, total_steps: u64) -> Schedule {
-        let warmup = self
-            .warmup_steps
-            .unwrap_or_else(|| (self.warmup_ratio.unwrap_or(0.0) * total_steps as f64).round() as u64);
-        Schedule { decay: self.decay, warmup: warmup.min(total_steps), total: total_steps.max(1) }
+        let warmup = self.warmup_steps.unwrap_or_else(|| {
+            (self.warmup_ratio.unwrap_or(0.0) * total_steps as f64).round() as u64
+        });
+        Schedule {
+            decay: self.decay,
+            warmup: warmup.min(total_steps),
+            total: total_steps.max(1),
+        }
     }
 }
 
@@ -87,14 +91,24 @@ mod tests {
 
     #[test]
     fn warmup_then_linear_decay() {
-        let s = ScheduleConfig { decay: Decay::Linear, warmup_steps: Some(4), warmup_ratio: None }.build(14);
+        let s = ScheduleConfig {
+            decay: Decay::Linear,
+            warmup_steps: Some(4),
+            warmup_ratio: None,
+        }
+        .build(14);
         let f: Vec<f64> = [0, 1, 3, 4, 9, 14].iter().map(|&i| s.factor(i)).collect();
         assert_eq!(f, vec![0.25, 0.5, 1.0, 1.0, 0.5, 0.0]);
     }
 
     #[test]
     fn cosine_hits_half_at_midpoint_and_zero_at_end() {
-        let s = ScheduleConfig { decay: Decay::Cosine, warmup_steps: None, warmup_ratio: Some(0.0) }.build(10);
+        let s = ScheduleConfig {
+            decay: Decay::Cosine,
+            warmup_steps: None,
+            warmup_ratio: Some(0.0),
+        }
+        .build(10);
         assert_eq!(s.factor(0), 1.0);
         assert!((s.factor(5) - 0.5).abs() < 1e-12);
         assert!(s.factor(10).abs() < 1e-12);
@@ -102,9 +116,19 @@ mod tests {
 
     #[test]
     fn warmup_ratio_and_constant() {
-        let s = ScheduleConfig { decay: Decay::Constant, warmup_steps: None, warmup_ratio: Some(0.1) }.build(100);
+        let s = ScheduleConfig {
+            decay: Decay::Constant,
+            warmup_steps: None,
+            warmup_ratio: Some(0.1),
+        }
+        .build(100);
         assert_eq!(s.factor(4), 0.5);
         assert_eq!(s.factor(50), 1.0);
-        assert!(ScheduleConfig { warmup_ratio: Some(1.5), ..Default::default() }.validate().is_err());
+        assert!(ScheduleConfig {
+            warmup_ratio: Some(1.5),
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

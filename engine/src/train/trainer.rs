@@ -19,7 +19,9 @@ use crate::data::{epoch_order, Batch, Example};
 use crate::models::common::DropoutRng;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::hooks::{EarlyStopping, Progress, TrainHooks, TrainTask};
-use crate::train::{clip, AdamW, AdamWConfig, ClipConfig, GradAccumulator, Gradients, Schedule, ScheduleConfig};
+use crate::train::{
+    clip, AdamW, AdamWConfig, ClipConfig, GradAccumulator, Gradients, Schedule, ScheduleConfig,
+};
 use crate::{EngineError, Result};
 
 /// Settings of one training run.
@@ -63,7 +65,10 @@ impl Default for TrainConfig {
             grad_accum_steps: 1,
             optimizer: AdamWConfig::default(),
             schedule: ScheduleConfig::default(),
-            clip: ClipConfig { max_norm: Some(1.0), max_value: None },
+            clip: ClipConfig {
+                max_norm: Some(1.0),
+                max_value: None,
+            },
             eval_every_steps: None,
             eval_each_epoch: true,
             early_stopping: None,
@@ -81,13 +86,19 @@ impl TrainConfig {
     /// [`EngineError::InvalidSetting`] naming the bad field.
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 || self.grad_accum_steps == 0 {
-            return Err(EngineError::InvalidSetting("batch_size and grad_accum_steps must be at least 1".into()));
+            return Err(EngineError::InvalidSetting(
+                "batch_size and grad_accum_steps must be at least 1".into(),
+            ));
         }
         if self.epochs == 0 && self.max_steps.is_none() {
-            return Err(EngineError::InvalidSetting("epochs must be at least 1".into()));
+            return Err(EngineError::InvalidSetting(
+                "epochs must be at least 1".into(),
+            ));
         }
         if self.eval_every_steps == Some(0) || self.checkpoint_every_steps == Some(0) {
-            return Err(EngineError::InvalidSetting("step intervals must be at least 1".into()));
+            return Err(EngineError::InvalidSetting(
+                "step intervals must be at least 1".into(),
+            ));
         }
         self.optimizer.validate()?;
         self.schedule.validate()?;
@@ -99,7 +110,10 @@ impl TrainConfig {
         let micro = examples.div_ceil(self.batch_size) as u64;
         let per_epoch = micro.div_ceil(self.grad_accum_steps as u64);
         let planned = per_epoch * self.epochs;
-        self.max_steps.map_or(planned, |m| if self.epochs == 0 { m } else { m.min(planned) })
+        self.max_steps.map_or(
+            planned,
+            |m| if self.epochs == 0 { m } else { m.min(planned) },
+        )
     }
 }
 
@@ -150,9 +164,19 @@ impl<'a> Trainer<'a> {
     ///
     /// # Errors
     /// An invalid config.
-    pub fn new(cfg: TrainConfig, device: Device, pad_id: u32, cancel: &'a AtomicBool) -> Result<Self> {
+    pub fn new(
+        cfg: TrainConfig,
+        device: Device,
+        pad_id: u32,
+        cancel: &'a AtomicBool,
+    ) -> Result<Self> {
         cfg.validate()?;
-        Ok(Self { cfg, device, pad_id, cancel })
+        Ok(Self {
+            cfg,
+            device,
+            pad_id,
+            cancel,
+        })
     }
 
     /// Trains the variables of `optimizer` on `train` with `task`'s loss.
@@ -188,8 +212,14 @@ impl<'a> Trainer<'a> {
                 self.save_checkpoint(optimizer, &state)?;
                 break StopReason::Cancelled;
             }
-            let mut ctx = StepContext { train, order: &order, vars: &vars, accumulator: &mut accumulator };
-            let stats = self.optimizer_step(task, optimizer, &mut ctx, &mut state, &schedule, hooks)?;
+            let mut ctx = StepContext {
+                train,
+                order: &order,
+                vars: &vars,
+                accumulator: &mut accumulator,
+            };
+            let stats =
+                self.optimizer_step(task, optimizer, &mut ctx, &mut state, &schedule, hooks)?;
             samples += stats.rows;
             last_loss = Some(stats.loss);
             let epoch_done = state.batch_in_epoch * self.cfg.batch_size >= train.len();
@@ -283,7 +313,10 @@ impl Trainer<'_> {
         while micro < self.cfg.grad_accum_steps && state.batch_in_epoch * bs < ctx.train.len() {
             let start = state.batch_in_epoch * bs;
             let end = (start + bs).min(ctx.train.len());
-            let examples: Vec<&Example> = ctx.order[start..end].iter().map(|&i| &ctx.train[i]).collect();
+            let examples: Vec<&Example> = ctx.order[start..end]
+                .iter()
+                .map(|&i| &ctx.train[i])
+                .collect();
             let batch = Batch::collate(&examples, self.pad_id, &self.device)?;
             let dropout = DropoutRng::new(state.rng.next_u64());
             let loss = task.loss(&batch, Some(&dropout))?;
@@ -306,7 +339,11 @@ impl Trainer<'_> {
         optimizer.step(grads, schedule.factor(state.step), outcome.transform)?;
         state.step += 1;
         hooks.after_optimizer_step(state.step)?;
-        Ok(StepStats { loss: loss_sum / micro.max(1) as f64, rows, grad_norm: outcome.pre_clip_norm })
+        Ok(StepStats {
+            loss: loss_sum / micro.max(1) as f64,
+            rows,
+            grad_norm: outcome.pre_clip_norm,
+        })
     }
 
     /// Runs the validation and checkpoint that are due after a step; returns whether to stop early.
@@ -317,10 +354,18 @@ impl Trainer<'_> {
         epoch_done: bool,
         hooks: &mut dyn TrainHooks,
     ) -> Result<bool> {
-        let eval_due = self.cfg.eval_every_steps.is_some_and(|n| state.step % n == 0)
+        let eval_due = self
+            .cfg
+            .eval_every_steps
+            .is_some_and(|n| state.step % n == 0)
             || (epoch_done && self.cfg.eval_each_epoch);
         let stop = eval_due && self.validate(state, hooks)?;
-        if stop || self.cfg.checkpoint_every_steps.is_some_and(|n| state.step % n == 0) {
+        if stop
+            || self
+                .cfg
+                .checkpoint_every_steps
+                .is_some_and(|n| state.step % n == 0)
+        {
             self.save_checkpoint(optimizer, state)?;
         }
         Ok(stop)
@@ -328,7 +373,9 @@ impl Trainer<'_> {
 
     /// Validates and updates the early-stopping state; returns whether to stop.
     fn validate(&self, state: &mut TrainState, hooks: &mut dyn TrainHooks) -> Result<bool> {
-        let Some(metric) = hooks.validate(state.step)? else { return Ok(false) };
+        let Some(metric) = hooks.validate(state.step)? else {
+            return Ok(false);
+        };
         tracing::info!(target: "engine.train", step = state.step, metric, "validation");
         let rule = self.cfg.early_stopping.unwrap_or(EarlyStopping {
             patience: u32::MAX,

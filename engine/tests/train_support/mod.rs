@@ -13,7 +13,10 @@ use compressd_engine::params::ParamStore;
 use rand::{Rng, SeedableRng};
 
 /// A 2-layer, hidden-16 BERT with two classes, its parameters drawn from `seed`.
-pub fn tiny_classifier(seed: u64, dropout: f64) -> Result<(ParamStore, BertForSequenceClassification)> {
+pub fn tiny_classifier(
+    seed: u64,
+    dropout: f64,
+) -> Result<(ParamStore, BertForSequenceClassification)> {
     let cfg: BertConfig = serde_json::from_value(serde_json::json!({
         "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 32, "max_position_embeddings": 16, "type_vocab_size": 2,
@@ -22,8 +25,11 @@ pub fn tiny_classifier(seed: u64, dropout: f64) -> Result<(ParamStore, BertForSe
     }))?;
     let store = ParamStore::new();
     store.set_init_missing(Some(seed));
-    let model =
-        BertForSequenceClassification::load(store.var_builder(DType::F32, &Device::Cpu), &cfg, &LinearFactory::default())?;
+    let model = BertForSequenceClassification::load(
+        store.var_builder(DType::F32, &Device::Cpu),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
     init_zero_matrices(&store, seed)?;
     Ok((store, model))
 }
@@ -58,13 +64,18 @@ pub fn synthetic_rows(n: usize, seed: u64) -> Vec<Example> {
     (0..n)
         .map(|i| {
             let len = rng.gen_range(3..=8);
-            let mut ids: Vec<u32> = std::iter::once(1).chain((1..len).map(|_| rng.gen_range(2..20))).collect();
+            let mut ids: Vec<u32> = std::iter::once(1)
+                .chain((1..len).map(|_| rng.gen_range(2..20)))
+                .collect();
             ids.retain(|&t| t != 7);
             if i % 2 == 0 {
                 let at = rng.gen_range(1..=ids.len());
                 ids.insert(at, 7);
             }
-            Example { label: Some(ids.contains(&7) as u32), input_ids: ids }
+            Example {
+                label: Some(ids.contains(&7) as u32),
+                input_ids: ids,
+            }
         })
         .collect()
 }
@@ -77,4 +88,3 @@ pub fn snapshot(store: &ParamStore) -> Result<Vec<(String, Vec<f32>)>> {
         .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
         .collect()
 }
-
