@@ -75,7 +75,16 @@ fn shared_dir() -> Result<PathBuf> {
             );
         }
     }
-    Ok(dir)
+    // Canonical, so the path printed in results reads plainly.
+    Ok(dir.canonicalize().unwrap_or(dir))
+}
+
+/// The 1-minute load average, to record how busy the machine was (Linux only).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "n/a".to_owned())
 }
 
 /// The `text` fields of the first `count` rows of a JSONL file.
@@ -248,6 +257,34 @@ fn time_case(encoders: &Encoders, batches: &[Inputs], args: &Args) -> Result<(f6
     Ok((median(ours), median(reference)))
 }
 
+/// Checks that the encoders agree on every batch of a case, times it and prints one table row.
+fn report_case(encoders: &Encoders, name: &str, batches: &[Inputs], args: &Args) -> Result<()> {
+    let mut worst = (0f32, 0f32);
+    for x in batches {
+        let (real, all) = output_difference(encoders, x)?;
+        ensure!(
+            real <= MAX_ABS_DIFF,
+            "{name}: outputs differ by {real} on real tokens"
+        );
+        worst = (worst.0.max(real), worst.1.max(all));
+    }
+    let seq_lens: Vec<usize> = batches
+        .iter()
+        .map(|x| Ok(x.shape()?.1))
+        .collect::<Result<_>>()?;
+    let (min_seq, max_seq) = (seq_lens.iter().min(), seq_lens.iter().max());
+    let (ours, reference) = time_case(encoders, batches, args)?;
+    println!(
+        "| {name} | {}–{} | {ours:.1} | {reference:.1} | {:.2}x | {:.1e} / {:.1e} |",
+        min_seq.unwrap_or(&0),
+        max_seq.unwrap_or(&0),
+        ours / reference,
+        worst.0,
+        worst.1
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     compressd_engine::perf::tune_allocator();
     let args = parse_args()?;
@@ -289,37 +326,17 @@ fn main() -> Result<()> {
     ];
 
     println!(
-        "threads: {}, runs: {}, warm-up: {}, f32 CPU",
+        "threads: {}, runs: {}, warm-up: {}, f32 CPU, load average {}",
         candle_core::utils::get_num_threads(),
         args.runs,
-        args.warmup
+        args.warmup,
+        load_average()
     );
     println!("| case | tokens per row | ours p50 (ms) | candle-transformers p50 (ms) | ours / candle | max abs diff (real tokens / all) |");
     println!("|---|---|---|---|---|---|");
     for (name, batches) in &cases {
-        let mut worst = (0f32, 0f32);
-        for x in batches {
-            let (real, all) = output_difference(&encoders, x)?;
-            ensure!(
-                real <= MAX_ABS_DIFF,
-                "{name}: outputs differ by {real} on real tokens"
-            );
-            worst = (worst.0.max(real), worst.1.max(all));
-        }
-        let seq_lens: Vec<usize> = batches
-            .iter()
-            .map(|x| Ok(x.shape()?.1))
-            .collect::<Result<_>>()?;
-        let (min_seq, max_seq) = (seq_lens.iter().min(), seq_lens.iter().max());
-        let (ours, reference) = time_case(&encoders, batches, &args)?;
-        println!(
-            "| {name} | {}–{} | {ours:.1} | {reference:.1} | {:.2}x | {:.1e} / {:.1e} |",
-            min_seq.unwrap_or(&0),
-            max_seq.unwrap_or(&0),
-            ours / reference,
-            worst.0,
-            worst.1
-        );
+        report_case(&encoders, name, batches, &args)?;
     }
+    println!("load average at the end: {}", load_average());
     Ok(())
 }

@@ -37,9 +37,12 @@ impl DenseLinear {
         out_features: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get((out_features, in_features), "weight")?;
+        // A weight the checkpoint lacks (a new task head, a tiny test model) is drawn like Hugging
+        // Face's `initializer_range` default; zeros would make every unit identical and unlearnable.
+        let weight_init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let weight = vb.get_with_hints((out_features, in_features), "weight", weight_init)?;
         let bias = if bias {
-            Some(vb.get(out_features, "bias")?)
+            Some(vb.get_with_hints(out_features, "bias", candle_nn::Init::Const(0.0))?)
         } else {
             None
         };
