@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use chrono::Utc;
-use compressd::store::{AttemptOutcome, Dataset, Lease, Model, NewJob, PgStore, SqliteStore, Store};
+use compressd::store::{
+    AttemptOutcome, Dataset, Lease, Model, NewJob, PgStore, SqliteStore, Store,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -31,12 +33,18 @@ struct Options {
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut options = Options { backend: "postgres".into(), workers: 16, jobs: 20_000 };
+    let mut options = Options {
+        backend: "postgres".into(),
+        workers: 16,
+        jobs: 20_000,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--backend" => options.backend = args.next().context("--backend needs a value")?,
-            "--workers" => options.workers = args.next().context("--workers needs a value")?.parse()?,
+            "--workers" => {
+                options.workers = args.next().context("--workers needs a value")?.parse()?
+            }
             "--jobs" => options.jobs = args.next().context("--jobs needs a value")?.parse()?,
             "--bench" => {} // cargo bench passes this to harness=false targets
             other => bail!("unknown argument {other}"),
@@ -45,9 +53,15 @@ fn options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-async fn open_store(backend: &str, dir: &std::path::Path, connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+async fn open_store(
+    backend: &str,
+    dir: &std::path::Path,
+    connections: u32,
+) -> anyhow::Result<Arc<dyn Store>> {
     let store: Arc<dyn Store> = match backend {
-        "postgres" => Arc::new(PgStore::connect(&pg::fresh_database_url().await, connections).await?),
+        "postgres" => {
+            Arc::new(PgStore::connect(&pg::fresh_database_url().await, connections).await?)
+        }
         "sqlite" => Arc::new(SqliteStore::open_file(&dir.join("bench.db"), connections).await?),
         other => bail!("unknown backend {other}"),
     };
@@ -115,8 +129,19 @@ async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
 async fn work(store: Arc<dyn Store>, owner: String) -> anyhow::Result<usize> {
     let mut done = 0;
     while let Some(job) = store.claim_next(&owner, Duration::from_secs(60)).await? {
-        let lease = Lease { job_id: job.id, attempt: job.attempt, owner: owner.clone() };
-        store.finish_attempt(&lease, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await?;
+        let lease = Lease {
+            job_id: job.id,
+            attempt: job.attempt,
+            owner: owner.clone(),
+        };
+        store
+            .finish_attempt(
+                &lease,
+                AttemptOutcome::Succeeded {
+                    result: json!({"metrics": {}}),
+                },
+            )
+            .await?;
         done += 1;
     }
     Ok(done)
@@ -126,7 +151,12 @@ async fn work(store: Arc<dyn Store>, owner: String) -> anyhow::Result<usize> {
 async fn main() -> anyhow::Result<()> {
     let options = options()?;
     let dir = tempfile::tempdir()?;
-    let store = open_store(&options.backend, dir.path(), u32::try_from(options.workers)? + 4).await?;
+    let store = open_store(
+        &options.backend,
+        dir.path(),
+        u32::try_from(options.workers)? + 4,
+    )
+    .await?;
     fill_queue(&store, options.jobs).await?;
     let started = Instant::now();
     let mut workers = Vec::new();

@@ -29,12 +29,19 @@ struct Options {
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut options = Options { events: 500, streams: 1000 };
+    let mut options = Options {
+        events: 500,
+        streams: 1000,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--events" => options.events = args.next().context("--events needs a value")?.parse()?,
-            "--streams" => options.streams = args.next().context("--streams needs a value")?.parse()?,
+            "--events" => {
+                options.events = args.next().context("--events needs a value")?.parse()?
+            }
+            "--streams" => {
+                options.streams = args.next().context("--streams needs a value")?.parse()?
+            }
             "--bench" => {}
             other => bail!("unknown argument {other}"),
         }
@@ -57,7 +64,9 @@ impl Drop for Server {
 
 impl Server {
     async fn start(database_url: &str, data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = Command::new(env!("CARGO_BIN_EXE_compressd"))
             .args(["serve", "--no-worker"])
             .env("COMPRESSD_DATABASE_URL", database_url)
@@ -66,9 +75,15 @@ impl Server {
             .env("COMPRESSD_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?;
-        let server = Self { child, base: format!("http://127.0.0.1:{port}") };
+        let server = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while reqwest::get(format!("{}/healthz", server.base)).await.is_err() {
+        while reqwest::get(format!("{}/healthz", server.base))
+            .await
+            .is_err()
+        {
             if Instant::now() > deadline {
                 bail!("the server did not start");
             }
@@ -133,8 +148,15 @@ async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
         created_at: now,
     };
     store.create_job(job).await?;
-    let claimed = store.claim_next("bench", Duration::from_secs(3600)).await?.context("the job is claimable")?;
-    Ok(Lease { job_id: claimed.id, attempt: claimed.attempt, owner: "bench".into() })
+    let claimed = store
+        .claim_next("bench", Duration::from_secs(3600))
+        .await?
+        .context("the job is claimable")?;
+    Ok(Lease {
+        job_id: claimed.id,
+        attempt: claimed.attempt,
+        owner: "bench".into(),
+    })
 }
 
 /// An SSE stream of `job` from after `after_seq`.
@@ -154,8 +176,16 @@ async fn open_stream(base: &str, job: Uuid, after_seq: i64) -> anyhow::Result<re
 /// Latency, in ms, from commit (the append returned) to the frame's arrival, for `events` events
 /// sent 10 ms apart, on a stream opened after `after_seq`. Returns the sorted latencies and the
 /// last seq written.
-async fn latencies(server: &Server, store: &Arc<dyn Store>, lease: &Lease, events: usize, after_seq: i64) -> anyhow::Result<(Vec<f64>, i64)> {
-    let mut body = open_stream(&server.base, lease.job_id, after_seq).await?.bytes_stream();
+async fn latencies(
+    server: &Server,
+    store: &Arc<dyn Store>,
+    lease: &Lease,
+    events: usize,
+    after_seq: i64,
+) -> anyhow::Result<(Vec<f64>, i64)> {
+    let mut body = open_stream(&server.base, lease.job_id, after_seq)
+        .await?
+        .bytes_stream();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     // The reader stamps each data frame's arrival; the replayed frames (queued, status) come first.
     let reader = tokio::spawn(async move {
@@ -173,9 +203,18 @@ async fn latencies(server: &Server, store: &Arc<dyn Store>, lease: &Lease, event
     let mut result = Vec::with_capacity(events);
     let mut last_seq = after_seq;
     for n in 0..events {
-        last_seq = store.append_fenced_event(lease, "log", json!({"level": "info", "message": format!("event {n}")})).await?.seq;
+        last_seq = store
+            .append_fenced_event(
+                lease,
+                "log",
+                json!({"level": "info", "message": format!("event {n}")}),
+            )
+            .await?
+            .seq;
         let committed = Instant::now();
-        let arrived = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.context("stream ended")?;
+        let arrived = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await?
+            .context("stream ended")?;
         // An arrival before the writer saw its commit returned counts as zero latency.
         result.push(arrived.saturating_duration_since(committed).as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -214,7 +253,10 @@ async fn main() -> anyhow::Result<()> {
         streams.push(open_stream(&server.base, lease.job_id, last_seq).await?);
     }
     // One event for every stream to deliver, then let the server settle.
-    let last_seq = store.append_fenced_event(&lease, "log", json!({"level": "info", "message": "to all"})).await?.seq;
+    let last_seq = store
+        .append_fenced_event(&lease, "log", json!({"level": "info", "message": "to all"}))
+        .await?
+        .seq;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let open = server.rss()?;
     let (with_streams, _) = latencies(&server, &store, &lease, 100, last_seq).await?;

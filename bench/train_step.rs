@@ -84,18 +84,6 @@ fn bench_batch(dev: &Device) -> Result<Batch> {
     })
 }
 
-/// Draws all-zero weight matrices (dense layers missing from the store start at zero) from
-/// N(0, 0.02²), Hugging Face's BERT init, so the benchmark trains a realistic network.
-fn init_zero_matrices(store: &ParamStore) -> Result<()> {
-    for (_, var) in store.trainable_vars() {
-        let t = var.as_tensor();
-        if t.rank() == 2 && t.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
-            var.set(&t.randn_like(0.0, 0.02)?)?;
-        }
-    }
-    Ok(())
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -111,13 +99,13 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     let dev = Device::Cpu;
     let store = ParamStore::new();
+    // Every weight is missing, so the store draws them all (N(0, 0.02²) matrices, as in HF BERT).
     store.set_init_missing(Some(0));
     let model = BertForSequenceClassification::load(
         store.var_builder(DType::F32, &dev),
         &bench_config(args.dropout)?,
         &LinearFactory::default(),
     )?;
-    init_zero_matrices(&store)?;
     let task = SequenceClassificationTask { model: &model };
     let cfg = AdamWConfig {
         lr: 2e-5,

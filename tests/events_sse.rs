@@ -27,8 +27,14 @@ struct Api {
     _stop: oneshot::Sender<()>,
 }
 
-async fn start_api(store: SharedStore, dir: &std::path::Path, tweak: impl FnOnce(&mut ApiConfig)) -> Api {
-    let figment = Settings::figment(None).unwrap().merge(Serialized::default("data_dir", dir));
+async fn start_api(
+    store: SharedStore,
+    dir: &std::path::Path,
+    tweak: impl FnOnce(&mut ApiConfig),
+) -> Api {
+    let figment = Settings::figment(None)
+        .unwrap()
+        .merge(Serialized::default("data_dir", dir));
     let settings = Settings::from_figment(figment).unwrap();
     let mut config = ApiConfig::from_settings(&settings);
     tweak(&mut config);
@@ -45,31 +51,64 @@ async fn start_api(store: SharedStore, dir: &std::path::Path, tweak: impl FnOnce
     let shutdown = async move {
         let _ = stopped.await;
     };
-    tokio::spawn(compressd::server::serve(listener, state.clone(), shutdown, Duration::from_secs(1)));
-    Api { base, state, _stop: stop }
+    tokio::spawn(compressd::server::serve(
+        listener,
+        state.clone(),
+        shutdown,
+        Duration::from_secs(1),
+    ));
+    Api {
+        base,
+        state,
+        _stop: stop,
+    }
 }
 
 async fn open_stream(api: &Api, job: uuid::Uuid, last_event_id: Option<i64>) -> reqwest::Response {
-    let mut request = reqwest::Client::new().get(format!("{}/v1/jobs/{job}/events", api.base)).header("accept", "text/event-stream");
+    let mut request = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{job}/events", api.base))
+        .header("accept", "text/event-stream");
     if let Some(id) = last_event_id {
         request = request.header("last-event-id", id.to_string());
     }
     let response = request.send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     response
 }
 
 async fn log(writer: &SharedStore, lease: &Lease, n: usize) {
-    writer.append_fenced_event(lease, "log", json!({"level": "info", "message": format!("line {n}")})).await.unwrap();
+    writer
+        .append_fenced_event(
+            lease,
+            "log",
+            json!({"level": "info", "message": format!("line {n}")}),
+        )
+        .await
+        .unwrap();
 }
 
 /// `writer` records the job's events; `reader` serves the API (on Postgres, another store).
-async fn reconnect_sees_every_event_once_in_order(writer: SharedStore, reader: SharedStore, dir: &std::path::Path) {
+async fn reconnect_sees_every_event_once_in_order(
+    writer: SharedStore,
+    reader: SharedStore,
+    dir: &std::path::Path,
+) {
     let inputs = seed_inputs(&*writer, dir).await;
     let job = queue_job(&*writer, &inputs, dry_run_spec(&inputs, "sse"), 0, 3).await;
-    let claimed = writer.claim_next("w", Duration::from_secs(60)).await.unwrap().unwrap();
-    let lease = Lease { job_id: job.id, attempt: claimed.attempt, owner: "w".into() };
+    let claimed = writer
+        .claim_next("w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let lease = Lease {
+        job_id: job.id,
+        attempt: claimed.attempt,
+        owner: "w".into(),
+    };
     for n in 1..=3 {
         log(&writer, &lease, n).await;
     }
@@ -82,7 +121,12 @@ async fn reconnect_sees_every_event_once_in_order(writer: SharedStore, reader: S
         seen.push(first.next().await.unwrap());
     }
     log(&writer, &lease, 4).await;
-    seen.push(tokio::time::timeout(Duration::from_secs(10), first.next()).await.expect("live event").unwrap());
+    seen.push(
+        tokio::time::timeout(Duration::from_secs(10), first.next())
+            .await
+            .expect("live event")
+            .unwrap(),
+    );
     drop(first);
 
     // Events written while the client is away, then a reconnect from the last id it saw.
@@ -92,8 +136,18 @@ async fn reconnect_sees_every_event_once_in_order(writer: SharedStore, reader: S
     let last_id = seen.last().unwrap().id.unwrap();
     let second = SseReader::new(open_stream(&api, job.id, Some(last_id)).await);
     log(&writer, &lease, 9).await;
-    writer.finish_attempt(&lease, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await.unwrap();
-    let rest = tokio::time::timeout(Duration::from_secs(10), second.rest()).await.expect("the stream ends after the terminal event");
+    writer
+        .finish_attempt(
+            &lease,
+            AttemptOutcome::Succeeded {
+                result: json!({"metrics": {}}),
+            },
+        )
+        .await
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(10), second.rest())
+        .await
+        .expect("the stream ends after the terminal event");
     seen.extend(rest);
 
     let stored = all_events(&*writer, job.id).await;
@@ -132,25 +186,41 @@ async fn unknown_jobs_are_404_and_bad_resume_points_400() {
     let api = start_api(store, dir.path(), |_| {}).await;
     let client = reqwest::Client::new();
     let get = |path: String, header: Option<(&'static str, &'static str)>| {
-        let mut request = client.get(format!("{}{path}", api.base)).header("accept", "text/event-stream");
+        let mut request = client
+            .get(format!("{}{path}", api.base))
+            .header("accept", "text/event-stream");
         if let Some((name, value)) = header {
             request = request.header(name, value);
         }
         request.send()
     };
-    let unknown = get(format!("/v1/jobs/{}/events", uuid::Uuid::now_v7()), None).await.unwrap();
+    let unknown = get(format!("/v1/jobs/{}/events", uuid::Uuid::now_v7()), None)
+        .await
+        .unwrap();
     assert_eq!(unknown.status(), 404);
-    assert_eq!(unknown.json::<serde_json::Value>().await.unwrap()["type"], "urn:compressd:problem:job-not-found");
+    assert_eq!(
+        unknown.json::<serde_json::Value>().await.unwrap()["type"],
+        "urn:compressd:problem:job-not-found"
+    );
     for (path, header) in [
-        (format!("/v1/jobs/{}/events", job.id), Some(("last-event-id", "abc"))),
-        (format!("/v1/jobs/{}/events", job.id), Some(("last-event-id", "-4"))),
+        (
+            format!("/v1/jobs/{}/events", job.id),
+            Some(("last-event-id", "abc")),
+        ),
+        (
+            format!("/v1/jobs/{}/events", job.id),
+            Some(("last-event-id", "-4")),
+        ),
         (format!("/v1/jobs/{}/events?after=x", job.id), None),
         (format!("/v1/jobs/{}/events?bogus=1", job.id), None),
         ("/v1/jobs/not-a-uuid/events".to_owned(), None),
     ] {
         let response = get(path.clone(), header).await.unwrap();
         assert_eq!(response.status(), 400, "{path} {header:?}");
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
     }
 }
 
@@ -160,18 +230,42 @@ async fn json_pages_and_keep_alives() {
     let store = scheduler_support::backends::sqlite(dir.path()).await;
     let inputs = seed_inputs(&*store, dir.path()).await;
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "pages"), 0, 3).await;
-    let claimed = store.claim_next("w", Duration::from_secs(60)).await.unwrap().unwrap();
-    let lease = Lease { job_id: job.id, attempt: claimed.attempt, owner: "w".into() };
+    let claimed = store
+        .claim_next("w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let lease = Lease {
+        job_id: job.id,
+        attempt: claimed.attempt,
+        owner: "w".into(),
+    };
     log(&store, &lease, 1).await;
-    let api = start_api(Arc::clone(&store), dir.path(), |c| c.events.keepalive = Duration::from_millis(100)).await;
+    let api = start_api(Arc::clone(&store), dir.path(), |c| {
+        c.events.keepalive = Duration::from_millis(100)
+    })
+    .await;
 
     let url = format!("{}/v1/jobs/{}/events", api.base, job.id);
-    let page: serde_json::Value = reqwest::get(format!("{url}?limit=2")).await.unwrap().json().await.unwrap();
+    let page: serde_json::Value = reqwest::get(format!("{url}?limit=2"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let events = page["events"].as_array().unwrap();
     assert_eq!(events.len(), 2);
-    assert_eq!((events[0]["type"].as_str(), events[1]["type"].as_str()), (Some("queued"), Some("status")));
+    assert_eq!(
+        (events[0]["type"].as_str(), events[1]["type"].as_str()),
+        (Some("queued"), Some("status"))
+    );
     let next = page["next"].as_i64().expect("a full page has a cursor");
-    let page: serde_json::Value = reqwest::get(format!("{url}?after={next}")).await.unwrap().json().await.unwrap();
+    let page: serde_json::Value = reqwest::get(format!("{url}?after={next}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["events"].as_array().unwrap().len(), 1);
     assert_eq!(page["next"], serde_json::Value::Null);
 
@@ -179,7 +273,11 @@ async fn json_pages_and_keep_alives() {
     let mut body = open_stream(&api, job.id, Some(i64::MAX / 2)).await;
     let mut text = String::new();
     while !text.lines().any(|l| l.starts_with(':')) {
-        let chunk = tokio::time::timeout(Duration::from_secs(5), body.chunk()).await.expect("a keep-alive").unwrap().unwrap();
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.chunk())
+            .await
+            .expect("a keep-alive")
+            .unwrap()
+            .unwrap();
         text.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
@@ -190,8 +288,16 @@ async fn a_client_that_never_reads_is_dropped_and_can_resume() {
     let store = scheduler_support::backends::sqlite(dir.path()).await;
     let inputs = seed_inputs(&*store, dir.path()).await;
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "slow"), 0, 3).await;
-    let claimed = store.claim_next("w", Duration::from_secs(60)).await.unwrap().unwrap();
-    let lease = Lease { job_id: job.id, attempt: claimed.attempt, owner: "w".into() };
+    let claimed = store
+        .claim_next("w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let lease = Lease {
+        job_id: job.id,
+        attempt: claimed.attempt,
+        owner: "w".into(),
+    };
     let api = start_api(Arc::clone(&store), dir.path(), |c| {
         c.events.limits.buffer = 4;
         c.events.limits.slow_client_timeout = Duration::from_millis(300);
@@ -200,29 +306,60 @@ async fn a_client_that_never_reads_is_dropped_and_can_resume() {
     let metrics = api.state.metrics.scheduler.clone();
 
     let stuck = open_stream(&api, job.id, None).await; // never read
-    // Enough data to fill the socket buffers on both ends and then the stream's own buffer.
+                                                       // Enough data to fill the socket buffers on both ends and then the stream's own buffer.
     let filler = "x".repeat(4096);
     for n in 0..3000 {
-        store.append_fenced_event(&lease, "log", json!({"level": "info", "message": filler, "n": n})).await.unwrap();
+        store
+            .append_fenced_event(
+                &lease,
+                "log",
+                json!({"level": "info", "message": filler, "n": n}),
+            )
+            .await
+            .unwrap();
         if metrics.dropped_streams() > 0 {
             break;
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while metrics.dropped_streams() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the stuck stream was never dropped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck stream was never dropped"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(stuck);
 
     // The client comes back and gets everything, from the start.
-    store.finish_attempt(&lease, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await.unwrap();
-    let frames = SseReader::new(open_stream(&api, job.id, Some(0)).await).rest().await;
-    let stored: Vec<i64> = all_events(&*store, job.id).await.iter().map(|e| e.seq).collect();
-    assert_eq!(frames.iter().map(|f| f.id.unwrap()).collect::<Vec<_>>(), stored);
+    store
+        .finish_attempt(
+            &lease,
+            AttemptOutcome::Succeeded {
+                result: json!({"metrics": {}}),
+            },
+        )
+        .await
+        .unwrap();
+    let frames = SseReader::new(open_stream(&api, job.id, Some(0)).await)
+        .rest()
+        .await;
+    let stored: Vec<i64> = all_events(&*store, job.id)
+        .await
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        frames.iter().map(|f| f.id.unwrap()).collect::<Vec<_>>(),
+        stored
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while metrics.active_streams() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "streams still counted as open: {}", metrics.active_streams());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "streams still counted as open: {}",
+            metrics.active_streams()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

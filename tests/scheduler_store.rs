@@ -10,13 +10,19 @@ use std::time::Duration;
 use compressd::error::Error;
 use compressd::events::Notice;
 use compressd::store::{AttemptOutcome, JobError, JobProgress, JobStatus, Lease, Reaped};
-use scheduler_support::{all_events, dry_run_spec, queue_job, seed_inputs, terminal_count, Inputs, SharedStore};
+use scheduler_support::{
+    all_events, dry_run_spec, queue_job, seed_inputs, terminal_count, Inputs, SharedStore,
+};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(60);
 
 fn lease_of(job: &compressd::store::Job, owner: &str) -> Lease {
-    Lease { job_id: job.id, attempt: job.attempt, owner: owner.into() }
+    Lease {
+        job_id: job.id,
+        attempt: job.attempt,
+        owner: owner.into(),
+    }
 }
 
 /// Whether a write was refused as coming from attempt 1's lost lease.
@@ -26,7 +32,10 @@ fn lost<T>(result: Result<T, Error>) -> bool {
 
 fn crash() -> AttemptOutcome {
     AttemptOutcome::Retry {
-        error: JobError { code: "child_killed".into(), message: "killed".into() },
+        error: JobError {
+            code: "child_killed".into(),
+            message: "killed".into(),
+        },
         backoff: Duration::ZERO,
     }
 }
@@ -47,7 +56,10 @@ async fn claims_follow_priority_then_age(store: SharedStore, inputs: Inputs) {
     assert!(store.claim_next("w", LONG).await.unwrap().is_none());
 
     let job = store.get_job(high.id).await.unwrap().unwrap();
-    assert_eq!((job.status, job.attempt, job.lease_owner.as_deref()), (JobStatus::Running, 1, Some("w")));
+    assert_eq!(
+        (job.status, job.attempt, job.lease_owner.as_deref()),
+        (JobStatus::Running, 1, Some("w"))
+    );
     assert!(job.lease_expires_at.is_some() && job.started_at.is_some());
     let events = all_events(&*store, high.id).await;
     let last = events.last().unwrap();
@@ -59,20 +71,45 @@ async fn a_job_in_backoff_is_not_claimable(store: SharedStore, inputs: Inputs) {
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "backoff"), 0, 3).await;
     let claimed = store.claim_next("w", LONG).await.unwrap().unwrap();
     let outcome = AttemptOutcome::Retry {
-        error: JobError { code: "child_killed".into(), message: "killed".into() },
+        error: JobError {
+            code: "child_killed".into(),
+            message: "killed".into(),
+        },
         backoff: Duration::from_secs(3600),
     };
-    assert_eq!(store.finish_attempt(&lease_of(&claimed, "w"), outcome).await.unwrap(), JobStatus::Queued);
-    assert!(store.claim_next("w", LONG).await.unwrap().is_none(), "the job waits out its back-off");
+    assert_eq!(
+        store
+            .finish_attempt(&lease_of(&claimed, "w"), outcome)
+            .await
+            .unwrap(),
+        JobStatus::Queued
+    );
+    assert!(
+        store.claim_next("w", LONG).await.unwrap().is_none(),
+        "the job waits out its back-off"
+    );
     let job = store.get_job(job.id).await.unwrap().unwrap();
-    assert_eq!((job.status, job.attempt, job.lease_owner), (JobStatus::Queued, 1, None));
+    assert_eq!(
+        (job.status, job.attempt, job.lease_owner),
+        (JobStatus::Queued, 1, None)
+    );
     assert_eq!(job.error.unwrap().code, "child_killed");
 }
 
 async fn concurrent_claims_never_take_the_same_job(store: SharedStore, inputs: Inputs) {
     let mut queued = HashSet::new();
     for i in 0..60 {
-        queued.insert(queue_job(&*store, &inputs, dry_run_spec(&inputs, &format!("j{i}")), 0, 3).await.id);
+        queued.insert(
+            queue_job(
+                &*store,
+                &inputs,
+                dry_run_spec(&inputs, &format!("j{i}")),
+                0,
+                3,
+            )
+            .await
+            .id,
+        );
     }
     let mut claimers = Vec::new();
     for w in 0..8 {
@@ -96,32 +133,82 @@ async fn concurrent_claims_never_take_the_same_job(store: SharedStore, inputs: I
 
 async fn a_reclaimed_job_fences_its_old_worker(store: SharedStore, inputs: Inputs) {
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "fenced"), 0, 3).await;
-    let first = store.claim_next("old", Duration::ZERO).await.unwrap().unwrap();
+    let first = store
+        .claim_next("old", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     let reaped = store.reap_expired(100, Duration::ZERO).await.unwrap();
-    assert_eq!(reaped, vec![Reaped::Requeued { job_id: job.id, attempt: 1 }]);
+    assert_eq!(
+        reaped,
+        vec![Reaped::Requeued {
+            job_id: job.id,
+            attempt: 1
+        }]
+    );
     let second = store.claim_next("new", LONG).await.unwrap().unwrap();
     assert_eq!(second.attempt, 2);
 
     let old = lease_of(&first, "old");
     assert_eq!(store.heartbeat(&old, LONG).await.unwrap(), None);
-    assert!(lost(store.append_fenced_event(&old, "log", json!({"message": "zombie"})).await));
-    assert!(lost(store.update_progress(&old, &JobProgress::default()).await));
-    assert!(lost(store.finish_attempt(&old, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await));
+    assert!(lost(
+        store
+            .append_fenced_event(&old, "log", json!({"message": "zombie"}))
+            .await
+    ));
+    assert!(lost(
+        store.update_progress(&old, &JobProgress::default()).await
+    ));
+    assert!(lost(
+        store
+            .finish_attempt(
+                &old,
+                AttemptOutcome::Succeeded {
+                    result: json!({"metrics": {}})
+                }
+            )
+            .await
+    ));
     // Same attempt number, other owner: still fenced.
-    let impostor = Lease { owner: "old".into(), ..lease_of(&second, "new") };
+    let impostor = Lease {
+        owner: "old".into(),
+        ..lease_of(&second, "new")
+    };
     assert!(store.heartbeat(&impostor, LONG).await.unwrap().is_none());
 
     let new = lease_of(&second, "new");
     assert!(store.heartbeat(&new, LONG).await.unwrap().is_some());
-    store.update_progress(&new, &JobProgress { fraction: 0.5, stages: 1, ..JobProgress::default() }).await.unwrap();
-    let status = store.finish_attempt(&new, AttemptOutcome::Succeeded { result: json!({"metrics": {}}) }).await.unwrap();
+    store
+        .update_progress(
+            &new,
+            &JobProgress {
+                fraction: 0.5,
+                stages: 1,
+                ..JobProgress::default()
+            },
+        )
+        .await
+        .unwrap();
+    let status = store
+        .finish_attempt(
+            &new,
+            AttemptOutcome::Succeeded {
+                result: json!({"metrics": {}}),
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(status, JobStatus::Succeeded);
-    assert!(lost(store.finish_attempt(&old, AttemptOutcome::Cancelled).await));
+    assert!(lost(
+        store.finish_attempt(&old, AttemptOutcome::Cancelled).await
+    ));
 
     let events = all_events(&*store, job.id).await;
     assert_eq!(terminal_count(&events), 1);
-    assert!(events.iter().all(|e| e.payload.get("message") != Some(&json!("zombie"))));
+    assert!(events
+        .iter()
+        .all(|e| e.payload.get("message") != Some(&json!("zombie"))));
     assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
     let job = store.get_job(job.id).await.unwrap().unwrap();
     assert_eq!((job.status, job.attempt), (JobStatus::Succeeded, 2));
@@ -131,22 +218,44 @@ async fn a_reclaimed_job_fences_its_old_worker(store: SharedStore, inputs: Input
 async fn retries_stop_at_max_attempts(store: SharedStore, inputs: Inputs) {
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "retries"), 0, 2).await;
     let first = store.claim_next("w", LONG).await.unwrap().unwrap();
-    assert_eq!(store.finish_attempt(&lease_of(&first, "w"), crash()).await.unwrap(), JobStatus::Queued);
+    assert_eq!(
+        store
+            .finish_attempt(&lease_of(&first, "w"), crash())
+            .await
+            .unwrap(),
+        JobStatus::Queued
+    );
     let second = store.claim_next("w", LONG).await.unwrap().unwrap();
     assert_eq!(second.attempt, 2);
-    assert_eq!(store.finish_attempt(&lease_of(&second, "w"), crash()).await.unwrap(), JobStatus::Failed);
+    assert_eq!(
+        store
+            .finish_attempt(&lease_of(&second, "w"), crash())
+            .await
+            .unwrap(),
+        JobStatus::Failed
+    );
     let job = store.get_job(job.id).await.unwrap().unwrap();
     let error = job.error.unwrap();
     assert_eq!(error.code, "child_killed");
-    assert!(error.message.starts_with("gave up after 2 attempts"), "{}", error.message);
+    assert!(
+        error.message.starts_with("gave up after 2 attempts"),
+        "{}",
+        error.message
+    );
     assert_eq!(terminal_count(&all_events(&*store, job.id).await), 1);
 }
 
 async fn bad_input_fails_without_retry(store: SharedStore, inputs: Inputs) {
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "bad"), 0, 3).await;
     let claimed = store.claim_next("w", LONG).await.unwrap().unwrap();
-    let error = JobError { code: "invalid_input".into(), message: "no such file".into() };
-    let status = store.finish_attempt(&lease_of(&claimed, "w"), AttemptOutcome::Failed { error }).await.unwrap();
+    let error = JobError {
+        code: "invalid_input".into(),
+        message: "no such file".into(),
+    };
+    let status = store
+        .finish_attempt(&lease_of(&claimed, "w"), AttemptOutcome::Failed { error })
+        .await
+        .unwrap();
     assert_eq!(status, JobStatus::Failed);
     assert_eq!(store.get_job(job.id).await.unwrap().unwrap().attempt, 1);
 }
@@ -156,42 +265,112 @@ async fn cancel_reaches_the_worker_and_the_reaper(store: SharedStore, inputs: In
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "cancel"), 0, 3).await;
     let claimed = store.claim_next("w", LONG).await.unwrap().unwrap();
     let lease = lease_of(&claimed, "w");
-    assert!(!store.heartbeat(&lease, LONG).await.unwrap().unwrap().cancel_requested);
-    store.request_cancel(job.id, chrono::Utc::now()).await.unwrap();
-    assert!(store.heartbeat(&lease, LONG).await.unwrap().unwrap().cancel_requested);
-    assert_eq!(store.finish_attempt(&lease, AttemptOutcome::Cancelled).await.unwrap(), JobStatus::Cancelled);
-    assert!(matches!(store.request_cancel(job.id, chrono::Utc::now()).await, Err(Error::JobState { .. })));
+    assert!(
+        !store
+            .heartbeat(&lease, LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested
+    );
+    store
+        .request_cancel(job.id, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .heartbeat(&lease, LONG)
+            .await
+            .unwrap()
+            .unwrap()
+            .cancel_requested
+    );
+    assert_eq!(
+        store
+            .finish_attempt(&lease, AttemptOutcome::Cancelled)
+            .await
+            .unwrap(),
+        JobStatus::Cancelled
+    );
+    assert!(matches!(
+        store.request_cancel(job.id, chrono::Utc::now()).await,
+        Err(Error::JobState { .. })
+    ));
 
     // A job whose worker died after the cancel request: the reaper cancels it, not requeues it.
     let orphan = queue_job(&*store, &inputs, dry_run_spec(&inputs, "orphan"), 0, 3).await;
-    store.claim_next("dead", Duration::ZERO).await.unwrap().unwrap();
-    store.request_cancel(orphan.id, chrono::Utc::now()).await.unwrap();
+    store
+        .claim_next("dead", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .request_cancel(orphan.id, chrono::Utc::now())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(store.reap_expired(100, Duration::ZERO).await.unwrap(), vec![Reaped::Cancelled { job_id: orphan.id }]);
+    assert_eq!(
+        store.reap_expired(100, Duration::ZERO).await.unwrap(),
+        vec![Reaped::Cancelled { job_id: orphan.id }]
+    );
 
     // A lost worker on the last attempt: failed for good.
     let last = queue_job(&*store, &inputs, dry_run_spec(&inputs, "last"), 0, 1).await;
-    store.claim_next("dead", Duration::ZERO).await.unwrap().unwrap();
+    store
+        .claim_next("dead", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(store.reap_expired(100, Duration::ZERO).await.unwrap(), vec![Reaped::Failed { job_id: last.id, attempt: 1 }]);
-    assert_eq!(store.get_job(last.id).await.unwrap().unwrap().error.unwrap().code, "lease_expired");
+    assert_eq!(
+        store.reap_expired(100, Duration::ZERO).await.unwrap(),
+        vec![Reaped::Failed {
+            job_id: last.id,
+            attempt: 1
+        }]
+    );
+    assert_eq!(
+        store
+            .get_job(last.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .error
+            .unwrap()
+            .code,
+        "lease_expired"
+    );
     let counts = store.count_jobs_by_status().await.unwrap();
-    assert!(counts.contains(&(JobStatus::Failed, 1)) && counts.contains(&(JobStatus::Cancelled, 2)), "{counts:?}");
+    assert!(
+        counts.contains(&(JobStatus::Failed, 1)) && counts.contains(&(JobStatus::Cancelled, 2)),
+        "{counts:?}"
+    );
 }
 
 async fn commits_reach_the_hub(store: SharedStore, inputs: Inputs) {
     let mut notices = store.hub().subscribe();
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "hub"), 0, 3).await;
     let claimed = store.claim_next("w", LONG).await.unwrap().unwrap();
-    let event = store.append_fenced_event(&lease_of(&claimed, "w"), "log", json!({"message": "hi"})).await.unwrap();
-    store.request_cancel(job.id, chrono::Utc::now()).await.unwrap();
+    let event = store
+        .append_fenced_event(&lease_of(&claimed, "w"), "log", json!({"message": "hi"}))
+        .await
+        .unwrap();
+    store
+        .request_cancel(job.id, chrono::Utc::now())
+        .await
+        .unwrap();
     let (mut queued, mut heard_event, mut cancel) = (false, false, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !(queued && heard_event && cancel) {
-        let notice = tokio::time::timeout_at(deadline, notices.recv()).await.expect("notices arrive").unwrap();
+        let notice = tokio::time::timeout_at(deadline, notices.recv())
+            .await
+            .expect("notices arrive")
+            .unwrap();
         match notice {
             Notice::Queued => queued = true,
-            Notice::Event { job_id, seq } if job_id == job.id && seq == event.seq => heard_event = true,
+            Notice::Event { job_id, seq } if job_id == job.id && seq == event.seq => {
+                heard_event = true
+            }
             Notice::CancelRequested { job_id } if job_id == job.id => cancel = true,
             _ => {}
         }

@@ -26,17 +26,39 @@ async fn a_running_job_is_cancelled_within_a_second() {
     settings.heartbeat = Duration::from_secs(10);
     settings.lease = Duration::from_secs(30);
     let shutdown = CancellationToken::new();
-    let worker = tokio::spawn(compressd::scheduler::run(Arc::clone(&store), settings, SchedulerMetrics::default(), shutdown.clone()));
+    let worker = tokio::spawn(compressd::scheduler::run(
+        Arc::clone(&store),
+        settings,
+        SchedulerMetrics::default(),
+        shutdown.clone(),
+    ));
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !all_events(&*store, job.id).await.iter().any(|e| e.event_type == "progress" && e.payload["fraction"].as_f64() > Some(0.0)) {
+    while !all_events(&*store, job.id)
+        .await
+        .iter()
+        .any(|e| e.event_type == "progress" && e.payload["fraction"].as_f64() > Some(0.0))
+    {
         assert!(Instant::now() < deadline, "the job never made progress");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let asked = Instant::now();
-    store.request_cancel(job.id, chrono::Utc::now()).await.unwrap();
-    while !store.get_job(job.id).await.unwrap().unwrap().status.is_finished() {
-        assert!(asked.elapsed() < Duration::from_secs(5), "the cancel was not applied");
+    store
+        .request_cancel(job.id, chrono::Utc::now())
+        .await
+        .unwrap();
+    while !store
+        .get_job(job.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .status
+        .is_finished()
+    {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the cancel was not applied"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = asked.elapsed();

@@ -16,7 +16,14 @@ use scheduler_support::{all_events, dry_run_spec, queue_job, seed_inputs, Shared
 use tokio_util::sync::CancellationToken;
 
 /// The events of a dry run that went straight through, in order.
-const EXPECTED_EVENTS: [&str; 6] = ["queued", "status", "stage_started", "progress", "stage_finished", "succeeded"];
+const EXPECTED_EVENTS: [&str; 6] = [
+    "queued",
+    "status",
+    "stage_started",
+    "progress",
+    "stage_finished",
+    "succeeded",
+];
 
 fn settings(data_dir: &std::path::Path) -> WorkerSettings {
     let mut settings = WorkerSettings::with_defaults(data_dir).unwrap();
@@ -29,25 +36,55 @@ async fn drain(store: SharedStore, dir: &std::path::Path, workers: usize, jobs: 
     let inputs = seed_inputs(&*store, dir).await;
     let mut ids = Vec::with_capacity(jobs);
     for i in 0..jobs {
-        ids.push(queue_job(&*store, &inputs, dry_run_spec(&inputs, &format!("load-{i}")), 0, 3).await.id);
+        ids.push(
+            queue_job(
+                &*store,
+                &inputs,
+                dry_run_spec(&inputs, &format!("load-{i}")),
+                0,
+                3,
+            )
+            .await
+            .id,
+        );
     }
     let metrics = SchedulerMetrics::default();
     let shutdown = CancellationToken::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..workers {
-        let ctx = Arc::new(WorkerContext::new(Arc::clone(&store), store.hub().clone(), settings(dir), metrics.clone()));
+        let ctx = Arc::new(WorkerContext::new(
+            Arc::clone(&store),
+            store.hub().clone(),
+            settings(dir),
+            metrics.clone(),
+        ));
         tasks.push(tokio::spawn(run_worker(Arc::clone(&ctx), shutdown.clone())));
         tasks.push(tokio::spawn(run_reaper(ctx, shutdown.clone())));
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let counts: HashMap<_, _> = store.count_jobs_by_status().await.unwrap().into_iter().collect();
-        let done: i64 = [JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled].iter().filter_map(|s| counts.get(s)).sum();
+        let counts: HashMap<_, _> = store
+            .count_jobs_by_status()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let done: i64 = [
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+        ]
+        .iter()
+        .filter_map(|s| counts.get(s))
+        .sum();
         if done == jobs as i64 {
             break;
         }
-        assert!(Instant::now() < deadline, "jobs still unfinished: {counts:?}");
+        assert!(
+            Instant::now() < deadline,
+            "jobs still unfinished: {counts:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let took = started.elapsed();
@@ -55,11 +92,20 @@ async fn drain(store: SharedStore, dir: &std::path::Path, workers: usize, jobs: 
     for task in tasks {
         task.await.unwrap();
     }
-    eprintln!("{jobs} dry-run jobs on {workers} workers in {:.1} s ({:.0} jobs/s)", took.as_secs_f64(), jobs as f64 / took.as_secs_f64());
+    eprintln!(
+        "{jobs} dry-run jobs on {workers} workers in {:.1} s ({:.0} jobs/s)",
+        took.as_secs_f64(),
+        jobs as f64 / took.as_secs_f64()
+    );
 
     for id in ids {
         let job = store.get_job(id).await.unwrap().unwrap();
-        assert_eq!((job.status, job.attempt), (JobStatus::Succeeded, 1), "job {id}: {:?}", job.error);
+        assert_eq!(
+            (job.status, job.attempt),
+            (JobStatus::Succeeded, 1),
+            "job {id}: {:?}",
+            job.error
+        );
         assert!(job.result.is_some());
         let events = all_events(&*store, id).await;
         let types: Vec<_> = events.iter().map(|e| e.event_type.as_str()).collect();

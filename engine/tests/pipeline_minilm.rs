@@ -21,6 +21,11 @@ fn shared() -> Option<PathBuf> {
 
 #[test]
 fn minilm_bbc_finetune_prune_int8() -> Result<()> {
+    // A real-data acceptance run takes 10-20 minutes on a 2-core machine: too long for every CI run.
+    if std::env::var_os("COMPRESSD_SLOW_TESTS").is_none() {
+        eprintln!("SKIPPED: slow real-data acceptance test; run with COMPRESSD_SLOW_TESTS=1");
+        return Ok(());
+    }
     let Some(shared) = shared() else {
         eprintln!("SKIPPED: ../shared with all-MiniLM-L6-v2 and BBC News is not here (set COMPRESSD_SHARED)");
         return Ok(());

@@ -42,6 +42,11 @@ fn perplexities(shared: &std::path::Path, scheme: &str) -> Result<(f64, f64, Pat
 
 #[test]
 fn smollm_q8_0_and_q4_k_keep_perplexity() -> Result<()> {
+    // A real-data acceptance run takes 10-20 minutes on a 2-core machine: too long for every CI run.
+    if std::env::var_os("COMPRESSD_SLOW_TESTS").is_none() {
+        eprintln!("SKIPPED: slow real-data acceptance test; run with COMPRESSD_SLOW_TESTS=1");
+        return Ok(());
+    }
     let Some(shared) = shared() else {
         eprintln!("SKIPPED: ../shared with SmolLM2 and Shakespeare is not here (set COMPRESSD_SHARED)");
         return Ok(());

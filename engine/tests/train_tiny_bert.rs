@@ -6,7 +6,7 @@ mod train_support;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{Device, Tensor, Var};
 use compressd_engine::task::{evaluate_classifier, SequenceClassificationTask};
 use compressd_engine::train::{
     AdamW, AdamWConfig, EarlyStopping, ParamGroupConfig, Progress, StopReason, TrainConfig,
@@ -129,5 +129,69 @@ fn early_stopping_stops_after_patience_validations_without_improvement() -> Resu
     assert_eq!(report.stop_reason, StopReason::EarlyStopped);
     assert_eq!(report.steps, 4);
     assert_eq!(report.best_step, Some(1));
+    assert_eq!(report.restored_best_step, Some(1));
+    Ok(())
+}
+
+/// Copies the weights after every step; validation returns a constant.
+struct SnapshotEachStep {
+    vars: Vec<(String, Var)>,
+    saved: Vec<Vec<Tensor>>,
+}
+
+impl TrainHooks for SnapshotEachStep {
+    fn after_optimizer_step(&mut self, _step: u64) -> compressd_engine::Result<()> {
+        let copy = self
+            .vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?;
+        self.saved.push(copy);
+        Ok(())
+    }
+
+    fn validate(&mut self, _step: u64) -> compressd_engine::Result<Option<f64>> {
+        Ok(Some(0.5))
+    }
+}
+
+#[test]
+fn early_stopping_ends_with_the_best_steps_weights() -> Result<()> {
+    let train = synthetic_rows(32, 1);
+    let (store, model) = tiny_classifier(3, 0.0)?;
+    let task = SequenceClassificationTask { model: &model };
+    let cfg = TrainConfig {
+        epochs: 50,
+        batch_size: 16,
+        eval_every_steps: Some(1),
+        eval_each_epoch: false,
+        early_stopping: Some(EarlyStopping {
+            patience: 2,
+            min_delta: 0.0,
+            higher_is_better: true,
+        }),
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(store.trainable_vars(), cfg.optimizer.clone())?;
+    let mut hooks = SnapshotEachStep {
+        vars: opt.vars(),
+        saved: vec![],
+    };
+    let never = AtomicBool::new(false);
+    let report =
+        Trainer::new(cfg, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut hooks)?;
+    // Step 1 is the best (later constant metrics never improve); patience 2 stops after step 3.
+    assert_eq!((report.steps, report.restored_best_step), (3, Some(1)));
+    assert_eq!(hooks.saved.len(), 3);
+    let max_diff = |saved: &[Tensor]| -> Result<f32> {
+        let mut worst = 0f32;
+        for ((_, var), t) in hooks.vars.iter().zip(saved) {
+            let d = (var.as_tensor() - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            worst = worst.max(d);
+        }
+        Ok(worst)
+    };
+    assert_eq!(max_diff(&hooks.saved[0])?, 0.0, "final weights are not step 1's");
+    assert!(max_diff(&hooks.saved[2])? > 0.0, "steps 2-3 did not move the weights");
     Ok(())
 }

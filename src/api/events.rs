@@ -76,13 +76,19 @@ pub async fn job_events(
     let after = resume_point(&headers, &query)?;
     let limit = page_limit(&query)?;
     if state.store.get_job(job_id).await?.is_none() {
-        return Err(crate::error::Error::NotFound { kind: "job", id: job_id.to_string() }.into());
+        return Err(crate::error::Error::NotFound {
+            kind: "job",
+            id: job_id.to_string(),
+        }
+        .into());
     }
     if wants_event_stream(&headers) {
         Ok(stream(&state, job_id, after).into_response())
     } else {
         let events = state.store.list_events(job_id, after, limit).await?;
-        let next = (events.len() == limit as usize).then(|| events.last().map(|e| e.seq)).flatten();
+        let next = (events.len() == limit as usize)
+            .then(|| events.last().map(|e| e.seq))
+            .flatten();
         let events = events.into_iter().map(EventView::from).collect();
         Ok(Json(EventList { events, next }).into_response())
     }
@@ -91,7 +97,10 @@ pub async fn job_events(
 /// The seq to resume after: `Last-Event-ID` (what browsers send on reconnect), else `?after=`.
 fn resume_point(headers: &HeaderMap, query: &QueryPairs) -> Result<i64, ApiError> {
     let (source, raw) = match headers.get("last-event-id") {
-        Some(value) => ("Last-Event-ID", value.to_str().unwrap_or("<not text>").to_owned()),
+        Some(value) => (
+            "Last-Event-ID",
+            value.to_str().unwrap_or("<not text>").to_owned(),
+        ),
         None => match query.one("after")? {
             Some(raw) => ("after", raw.to_owned()),
             None => return Ok(0),
@@ -101,7 +110,12 @@ fn resume_point(headers: &HeaderMap, query: &QueryPairs) -> Result<i64, ApiError
         .parse::<i64>()
         .ok()
         .filter(|seq| *seq >= 0)
-        .ok_or_else(|| ApiError::bad_request("invalid-last-event-id", format!("{source} must be a non-negative integer, got `{raw}`")))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid-last-event-id",
+                format!("{source} must be a non-negative integer, got `{raw}`"),
+            )
+        })
 }
 
 fn page_limit(query: &QueryPairs) -> Result<u32, ApiError> {
@@ -111,7 +125,12 @@ fn page_limit(query: &QueryPairs) -> Result<u32, ApiError> {
             .parse::<u32>()
             .ok()
             .filter(|limit| (1..=MAX_PAGE).contains(limit))
-            .ok_or_else(|| ApiError::bad_request("invalid-query", format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`"))),
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid-query",
+                    format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`"),
+                )
+            }),
     }
 }
 
@@ -120,14 +139,24 @@ fn wants_event_stream(headers: &HeaderMap) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|accept| accept.split(',').any(|part| part.trim().starts_with("text/event-stream")))
+        .any(|accept| {
+            accept
+                .split(',')
+                .any(|part| part.trim().starts_with("text/event-stream"))
+        })
 }
 
 /// The SSE response: a follower's events, keep-alive comments, and bookkeeping of open and
 /// dropped streams.
 fn stream(state: &AppState, job_id: uuid::Uuid, after: i64) -> impl IntoResponse {
     let source = Arc::new(StoreEvents(Arc::clone(&state.store)));
-    let (events, follower) = follow(source, state.store.hub(), job_id, after, state.config.events.limits);
+    let (events, follower) = follow(
+        source,
+        state.store.hub(),
+        job_id,
+        after,
+        state.config.events.limits,
+    );
     let metrics = state.metrics.scheduler.clone();
     let open = metrics.stream_opened();
     tokio::spawn(async move {
@@ -144,5 +173,8 @@ fn stream(state: &AppState, job_id: uuid::Uuid, after: i64) -> impl IntoResponse
 }
 
 fn frame(event: StreamEvent) -> Event {
-    Event::default().id(event.seq.to_string()).event(event.kind).data(event.data.to_string())
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.kind)
+        .data(event.data.to_string())
 }

@@ -35,7 +35,8 @@ pub struct StreamEvent {
 }
 
 /// A boxed future, as returned by [`EventSource`].
-pub type SourceFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<StreamEvent>, String>> + Send + 'a>>;
+pub type SourceFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<StreamEvent>, String>> + Send + 'a>>;
 
 /// Where followers read events from (the store, adapted).
 pub trait EventSource: Send + Sync + 'static {
@@ -57,7 +58,11 @@ pub struct FollowLimits {
 
 impl Default for FollowLimits {
     fn default() -> Self {
-        Self { page_size: crate::store::MAX_PAGE, buffer: 64, slow_client_timeout: Duration::from_secs(10) }
+        Self {
+            page_size: crate::store::MAX_PAGE,
+            buffer: 64,
+            slow_client_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -95,7 +100,10 @@ pub fn follow(
     job_id: Uuid,
     after_seq: i64,
     limits: FollowLimits,
-) -> (mpsc::Receiver<StreamEvent>, tokio::task::JoinHandle<FollowEnd>) {
+) -> (
+    mpsc::Receiver<StreamEvent>,
+    tokio::task::JoinHandle<FollowEnd>,
+) {
     // Subscribe here, before the task's first read, so nothing committed in between is missed.
     let mut notices = hub.subscribe();
     let (tx, rx) = mpsc::channel(limits.buffer.max(1));
@@ -127,7 +135,10 @@ async fn deliver_new(
     limits: FollowLimits,
 ) -> Option<FollowEnd> {
     loop {
-        let page = match source.events_after(job_id, *last_seq, limits.page_size).await {
+        let page = match source
+            .events_after(job_id, *last_seq, limits.page_size)
+            .await
+        {
             Ok(page) => page,
             Err(error) => {
                 tracing::warn!(%job_id, error, "event stream could not read the job's events");
@@ -170,7 +181,12 @@ mod tests {
     impl Table {
         fn append(&self, hub: &EventHub, job_id: Uuid, seq: i64, kind: &str) {
             let terminal = kind == "succeeded";
-            let event = StreamEvent { seq, kind: kind.into(), data: serde_json::json!({ "seq": seq }), terminal };
+            let event = StreamEvent {
+                seq,
+                kind: kind.into(),
+                data: serde_json::json!({ "seq": seq }),
+                terminal,
+            };
             self.0.lock().unwrap().push(event);
             hub.publish(Notice::Event { job_id, seq });
         }
@@ -178,14 +194,25 @@ mod tests {
 
     impl EventSource for Table {
         fn events_after(&self, _job: Uuid, after: i64, limit: u32) -> SourceFuture<'_> {
-            let rows: Vec<_> =
-                self.0.lock().unwrap().iter().filter(|e| e.seq > after).take(limit as usize).cloned().collect();
+            let rows: Vec<_> = self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e.seq > after)
+                .take(limit as usize)
+                .cloned()
+                .collect();
             Box::pin(async move { Ok(rows) })
         }
     }
 
     fn limits() -> FollowLimits {
-        FollowLimits { page_size: 3, buffer: 4, slow_client_timeout: Duration::from_millis(200) }
+        FollowLimits {
+            page_size: 3,
+            buffer: 4,
+            slow_client_timeout: Duration::from_millis(200),
+        }
     }
 
     #[tokio::test]
@@ -220,7 +247,11 @@ mod tests {
         }
         let (rx, task) = follow(table.clone(), &hub, job, 0, limits());
         assert_eq!(task.await.unwrap(), FollowEnd::SlowClient);
-        assert_eq!(rx.len(), limits().buffer, "only the buffer's worth was held");
+        assert_eq!(
+            rx.len(),
+            limits().buffer,
+            "only the buffer's worth was held"
+        );
     }
 
     #[tokio::test]

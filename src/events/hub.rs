@@ -85,11 +85,19 @@ pub enum Wake {
 }
 
 /// Waits until the hub says that `job_id` may have events after `last_seq`.
-pub async fn wait_for_job_events(rx: &mut broadcast::Receiver<Notice>, job_id: Uuid, last_seq: i64) -> Wake {
+pub async fn wait_for_job_events(
+    rx: &mut broadcast::Receiver<Notice>,
+    job_id: Uuid,
+    last_seq: i64,
+) -> Wake {
     loop {
         match rx.recv().await {
-            Ok(Notice::Event { job_id: id, seq }) if id == job_id && seq > last_seq => return Wake::Reread,
-            Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => return Wake::Reread,
+            Ok(Notice::Event { job_id: id, seq }) if id == job_id && seq > last_seq => {
+                return Wake::Reread
+            }
+            Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                return Wake::Reread
+            }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Closed) => return Wake::Closed,
         }
@@ -105,10 +113,15 @@ pub fn parse_notification(channel: &str, payload: &str) -> Option<Notice> {
     match channel {
         EVENTS_CHANNEL => {
             let (job, seq) = payload.split_once(':')?;
-            Some(Notice::Event { job_id: job.parse().ok()?, seq: seq.parse().ok()? })
+            Some(Notice::Event {
+                job_id: job.parse().ok()?,
+                seq: seq.parse().ok()?,
+            })
         }
         QUEUE_CHANNEL => Some(Notice::Queued),
-        CANCEL_CHANNEL => Some(Notice::CancelRequested { job_id: payload.parse().ok()? }),
+        CANCEL_CHANNEL => Some(Notice::CancelRequested {
+            job_id: payload.parse().ok()?,
+        }),
         _ => None,
     }
 }
@@ -129,7 +142,10 @@ mod tests {
         let job = Uuid::now_v7();
         assert_eq!(
             parse_notification(EVENTS_CHANNEL, &format!("{job}:42")),
-            Some(Notice::Event { job_id: job, seq: 42 })
+            Some(Notice::Event {
+                job_id: job,
+                seq: 42
+            })
         );
         assert_eq!(parse_notification(QUEUE_CHANNEL, ""), Some(Notice::Queued));
         assert_eq!(
@@ -137,7 +153,10 @@ mod tests {
             Some(Notice::CancelRequested { job_id: job })
         );
         assert_eq!(parse_notification(EVENTS_CHANNEL, "nonsense"), None);
-        assert_eq!(parse_notification(EVENTS_CHANNEL, &format!("{job}:x")), None);
+        assert_eq!(
+            parse_notification(EVENTS_CHANNEL, &format!("{job}:x")),
+            None
+        );
         assert_eq!(parse_notification("other", ""), None);
     }
 
@@ -146,12 +165,24 @@ mod tests {
         let hub = EventHub::new();
         let mut rx = hub.subscribe();
         let job = Uuid::now_v7();
-        hub.publish(Notice::Event { job_id: Uuid::now_v7(), seq: 9 });
-        hub.publish(Notice::Event { job_id: job, seq: 3 });
+        hub.publish(Notice::Event {
+            job_id: Uuid::now_v7(),
+            seq: 9,
+        });
+        hub.publish(Notice::Event {
+            job_id: job,
+            seq: 3,
+        });
         hub.publish(Notice::Queued);
-        hub.publish(Notice::Event { job_id: job, seq: 7 });
+        hub.publish(Notice::Event {
+            job_id: job,
+            seq: 7,
+        });
         assert_eq!(wait_for_job_events(&mut rx, job, 5).await, Wake::Reread);
-        assert!(rx.is_empty(), "the newer event was consumed, the others skipped");
+        assert!(
+            rx.is_empty(),
+            "the newer event was consumed, the others skipped"
+        );
         hub.publish(Notice::Resync);
         assert_eq!(wait_for_job_events(&mut rx, job, 100).await, Wake::Reread);
     }
@@ -162,7 +193,10 @@ mod tests {
         let mut rx = hub.subscribe();
         let job = Uuid::now_v7();
         for seq in 0..(HUB_CAPACITY as i64 + 10) {
-            hub.publish(Notice::Event { job_id: Uuid::now_v7(), seq });
+            hub.publish(Notice::Event {
+                job_id: Uuid::now_v7(),
+                seq,
+            });
         }
         assert_eq!(wait_for_job_events(&mut rx, job, 0).await, Wake::Reread);
     }

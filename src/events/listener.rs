@@ -11,7 +11,9 @@ use std::time::Duration;
 use sqlx::postgres::{PgListener, PgPool};
 use tokio::task::JoinHandle;
 
-use super::hub::{parse_notification, EventHub, Notice, CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL};
+use super::hub::{
+    parse_notification, EventHub, Notice, CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL,
+};
 
 /// Wait before reconnecting after the listener's connection failed.
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
@@ -33,7 +35,9 @@ pub fn spawn_listener(pool: PgPool, hub: EventHub) -> ListenerTask {
         loop {
             match listen(&pool, &hub).await {
                 Ok(()) => tracing::warn!("postgres notification connection closed; reconnecting"),
-                Err(error) => tracing::warn!(%error, "postgres notification listener failed; reconnecting"),
+                Err(error) => {
+                    tracing::warn!(%error, "postgres notification listener failed; reconnecting")
+                }
             }
             hub.publish(Notice::Resync);
             tokio::time::sleep(RECONNECT_DELAY).await;
@@ -44,7 +48,9 @@ pub fn spawn_listener(pool: PgPool, hub: EventHub) -> ListenerTask {
 /// Listens until the connection is lost (`Ok`) or cannot be made (`Err`).
 async fn listen(pool: &PgPool, hub: &EventHub) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen_all([EVENTS_CHANNEL, QUEUE_CHANNEL, CANCEL_CHANNEL]).await?;
+    listener
+        .listen_all([EVENTS_CHANNEL, QUEUE_CHANNEL, CANCEL_CHANNEL])
+        .await?;
     // Anything committed before LISTEN took effect was not heard: make followers catch up.
     hub.publish(Notice::Resync);
     // try_recv returns None when the connection was lost, instead of silently reconnecting, so a

@@ -67,7 +67,11 @@ pub struct StoreEvents(pub Arc<dyn Store>);
 impl EventSource for StoreEvents {
     fn events_after(&self, job_id: Uuid, after: i64, limit: u32) -> SourceFuture<'_> {
         Box::pin(async move {
-            let events = self.0.list_events(job_id, after, limit).await.map_err(|e| e.to_string())?;
+            let events = self
+                .0
+                .list_events(job_id, after, limit)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(events.into_iter().map(StreamEvent::from).collect())
         })
     }

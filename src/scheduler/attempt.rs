@@ -25,7 +25,11 @@ use crate::store::{retry_backoff, AttemptOutcome, Job, JobError, Lease};
 
 /// Runs `job` (just claimed by this worker) to its end and records the outcome.
 pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: CancellationToken) {
-    let lease = Lease { job_id: job.id, attempt: job.attempt, owner: ctx.owner.clone() };
+    let lease = Lease {
+        job_id: job.id,
+        attempt: job.attempt,
+        owner: ctx.owner.clone(),
+    };
     let span = tracing::info_span!("job.attempt", job_id = %job.id, attempt = job.attempt);
     let started = Instant::now();
     async {
@@ -39,13 +43,33 @@ pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: Cancellati
 }
 
 /// Runs the child until it ends or is stopped.
-async fn supervise(ctx: &Arc<WorkerContext>, job: &Job, lease: &Lease, shutdown: CancellationToken) -> Result<ChildOutcome> {
+async fn supervise(
+    ctx: &Arc<WorkerContext>,
+    job: &Job,
+    lease: &Lease,
+    shutdown: CancellationToken,
+) -> Result<ChildOutcome> {
     let command = child_command(ctx, job).await?;
-    let mut child = RunningChild::spawn(&command).await.map_err(|e| crate::error::Error::io(&command.program, e))?;
+    let mut child = RunningChild::spawn(&command)
+        .await
+        .map_err(|e| crate::error::Error::io(&command.program, e))?;
     let (stop_tx, mut stop_rx) = watch::channel(None);
-    let keeper = tokio::spawn(keep_lease(Arc::clone(ctx), lease.clone(), stop_tx, shutdown));
-    let stages = job.spec.get("pipeline").and_then(|p| p.as_array()).map_or(1, |p| p.len());
-    let mut forwarder = Forwarder::new(Arc::clone(&ctx.store), lease.clone(), u32::try_from(stages).unwrap_or(1));
+    let keeper = tokio::spawn(keep_lease(
+        Arc::clone(ctx),
+        lease.clone(),
+        stop_tx,
+        shutdown,
+    ));
+    let stages = job
+        .spec
+        .get("pipeline")
+        .and_then(|p| p.as_array())
+        .map_or(1, |p| p.len());
+    let mut forwarder = Forwarder::new(
+        Arc::clone(&ctx.store),
+        lease.clone(),
+        u32::try_from(stages).unwrap_or(1),
+    );
     let grace = ctx.settings.stop_grace;
     let outcome = loop {
         let flush_at = forwarder.flush_deadline();
@@ -83,7 +107,12 @@ async fn supervise(ctx: &Arc<WorkerContext>, job: &Job, lease: &Lease, shutdown:
 
 /// Heartbeats until stopped; sends the reason to stop the child (cancel, lost lease, shutdown).
 /// After a cancel it keeps the lease alive, so the job is not reaped while the child winds down.
-async fn keep_lease(ctx: Arc<WorkerContext>, lease: Lease, stop: watch::Sender<Option<StopReason>>, shutdown: CancellationToken) {
+async fn keep_lease(
+    ctx: Arc<WorkerContext>,
+    lease: Lease,
+    stop: watch::Sender<Option<StopReason>>,
+    shutdown: CancellationToken,
+) {
     let mut notices = ctx.hub.subscribe();
     let mut ticker = interval(ctx.settings.heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -129,11 +158,23 @@ async fn wait_for_cancel_notice(notices: &mut broadcast::Receiver<Notice>, job_i
 async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
     let inputs = ExecInputs {
         model: match job.model_id {
-            Some(id) => ctx.store.get_model(id).await.ok().flatten().and_then(|m| local_path(&m.uri)),
+            Some(id) => ctx
+                .store
+                .get_model(id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|m| local_path(&m.uri)),
             None => None,
         },
         dataset: match job.dataset_id {
-            Some(id) => ctx.store.get_dataset(id).await.ok().flatten().and_then(|d| local_path(&d.uri)),
+            Some(id) => ctx
+                .store
+                .get_dataset(id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| local_path(&d.uri)),
             None => None,
         },
     };
@@ -144,10 +185,15 @@ async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
         inputs,
         work_dir: ctx.settings.work_dir.join(job.id.to_string()),
     };
-    let stdin = serde_json::to_vec(&request).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
+    let stdin =
+        serde_json::to_vec(&request).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
     Ok(ChildCommand {
         program: ctx.settings.executable.clone(),
-        args: vec![OsString::from("exec"), OsString::from("--job"), OsString::from(job.id.to_string())],
+        args: vec![
+            OsString::from("exec"),
+            OsString::from("--job"),
+            OsString::from(job.id.to_string()),
+        ],
         envs: Vec::new(),
         stdin,
         log_tail_lines: ctx.settings.log_tail_lines,
@@ -158,7 +204,9 @@ async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
 /// object storage are not fetched yet, so they resolve to nothing (the child then fails the job).
 fn local_path(uri: &str) -> Option<PathBuf> {
     if let Ok(url) = url::Url::parse(uri) {
-        return (url.scheme() == "file").then(|| url.to_file_path().ok()).flatten();
+        return (url.scheme() == "file")
+            .then(|| url.to_file_path().ok())
+            .flatten();
     }
     let path = PathBuf::from(uri);
     path.is_absolute().then_some(path)
@@ -166,11 +214,22 @@ fn local_path(uri: &str) -> Option<PathBuf> {
 
 /// Records how the attempt ended; returns a label for metrics: the job's new status, `lease_lost`
 /// or `record_failed`.
-async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<ChildOutcome>) -> &'static str {
+async fn record(
+    ctx: &WorkerContext,
+    job: &Job,
+    lease: &Lease,
+    outcome: Result<ChildOutcome>,
+) -> &'static str {
     let backoff = retry_backoff(ctx.settings.retry_backoff, job.attempt + 1);
     let attempt_outcome = match outcome {
-        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result })) => AttemptOutcome::Succeeded { result },
-        Ok(ChildOutcome::Reported(ChildMessage::Failed { code, message, retryable })) => {
+        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result })) => {
+            AttemptOutcome::Succeeded { result }
+        }
+        Ok(ChildOutcome::Reported(ChildMessage::Failed {
+            code,
+            message,
+            retryable,
+        })) => {
             let error = JobError { code, message };
             if retryable {
                 AttemptOutcome::Retry { error, backoff }
@@ -179,14 +238,23 @@ async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<C
             }
         }
         Ok(ChildOutcome::Reported(other)) => {
-            let error = JobError { code: "protocol".into(), message: format!("unexpected verdict {other:?}") };
+            let error = JobError {
+                code: "protocol".into(),
+                message: format!("unexpected verdict {other:?}"),
+            };
             AttemptOutcome::Retry { error, backoff }
         }
         Ok(ChildOutcome::Stopped(StopReason::Cancelled)) => AttemptOutcome::Cancelled,
         Ok(ChildOutcome::Stopped(StopReason::LeaseLost)) => return "lease_lost",
         Ok(ChildOutcome::Stopped(StopReason::Shutdown)) => {
-            let error = JobError { code: "worker_shutdown".into(), message: "the worker shut down during the attempt".into() };
-            AttemptOutcome::Retry { error, backoff: std::time::Duration::ZERO }
+            let error = JobError {
+                code: "worker_shutdown".into(),
+                message: "the worker shut down during the attempt".into(),
+            };
+            AttemptOutcome::Retry {
+                error,
+                backoff: std::time::Duration::ZERO,
+            }
         }
         Ok(ChildOutcome::Died { cause, log_tail }) => {
             if !log_tail.is_empty() {
@@ -194,12 +262,25 @@ async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<C
                 // Best effort: the outcome below carries the same lines.
                 let _ = ctx.store.append_fenced_event(lease, "log", payload).await;
             }
-            let message = format!("{}; last log lines:\n{}", cause.describe(), log_tail.join("\n"));
-            AttemptOutcome::Retry { error: JobError { code: cause.code().into(), message }, backoff }
+            let message = format!(
+                "{}; last log lines:\n{}",
+                cause.describe(),
+                log_tail.join("\n")
+            );
+            AttemptOutcome::Retry {
+                error: JobError {
+                    code: cause.code().into(),
+                    message,
+                },
+                backoff,
+            }
         }
         Err(error) => {
             tracing::error!(%error, "the job's process could not be run");
-            let error = JobError { code: "worker_error".into(), message: error.to_string() };
+            let error = JobError {
+                code: "worker_error".into(),
+                message: error.to_string(),
+            };
             AttemptOutcome::Retry { error, backoff }
         }
     };
@@ -209,7 +290,9 @@ async fn record(ctx: &WorkerContext, job: &Job, lease: &Lease, outcome: Result<C
             status.as_str()
         }
         Err(error) if is_lease_lost(&error) => {
-            tracing::warn!("lease lost before the outcome could be recorded; another worker owns the job");
+            tracing::warn!(
+                "lease lost before the outcome could be recorded; another worker owns the job"
+            );
             ctx.metrics.lease_lost();
             "lease_lost"
         }

@@ -45,23 +45,39 @@ pub fn exec(input: impl Read, out: &mut impl Write) -> i32 {
 
 fn read_request(mut input: impl Read) -> Result<ExecRequest, String> {
     let mut text = String::new();
-    input.read_to_string(&mut text).map_err(|e| format!("cannot read the request: {e}"))?;
+    input
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
     serde_json::from_str(&text).map_err(|e| format!("malformed request: {e}"))
 }
 
 fn failed(code: &str, message: impl Into<String>, retryable: bool) -> ChildMessage {
-    ChildMessage::Failed { code: code.to_owned(), message: message.into(), retryable }
+    ChildMessage::Failed {
+        code: code.to_owned(),
+        message: message.into(),
+        retryable,
+    }
 }
 
 /// Runs a parsed request and returns its verdict; `Err` only when `out` broke.
 fn run_request(request: &ExecRequest, out: &mut impl Write) -> std::io::Result<ChildMessage> {
     let mut spec: JobSpec = match serde_json::from_value(request.spec.clone()) {
         Ok(spec) => spec,
-        Err(e) => return Ok(failed("invalid_spec", format!("the stored spec does not parse: {e}"), false)),
+        Err(e) => {
+            return Ok(failed(
+                "invalid_spec",
+                format!("the stored spec does not parse: {e}"),
+                false,
+            ))
+        }
     };
     spec.fill_defaults();
     if let Some(v) = spec.validate().into_iter().next() {
-        return Ok(failed("invalid_spec", format!("{}: {}", v.pointer, v.message), false));
+        return Ok(failed(
+            "invalid_spec",
+            format!("{}: {}", v.pointer, v.message),
+            false,
+        ));
     }
     if spec.dry_run {
         dry_run(request, &spec, out)
@@ -70,20 +86,44 @@ fn run_request(request: &ExecRequest, out: &mut impl Write) -> std::io::Result<C
     }
 }
 
-fn dry_run(request: &ExecRequest, spec: &JobSpec, out: &mut impl Write) -> std::io::Result<ChildMessage> {
+fn dry_run(
+    request: &ExecRequest,
+    spec: &JobSpec,
+    out: &mut impl Write,
+) -> std::io::Result<ChildMessage> {
     let stages = spec.pipeline.len();
-    ChildMessage::StageStarted { stage: "plan".into(), index: 0, stages: 1 }.write_line(out)?;
-    let planned = plan(spec, request.inputs.model.as_deref(), request.inputs.dataset.as_deref());
+    ChildMessage::StageStarted {
+        stage: "plan".into(),
+        index: 0,
+        stages: 1,
+    }
+    .write_line(out)?;
+    let planned = plan(
+        spec,
+        request.inputs.model.as_deref(),
+        request.inputs.dataset.as_deref(),
+    );
     let plan = match planned {
         Ok(plan) => plan,
-        Err(PlanError { pointer, message }) => return Ok(failed("invalid_input", format!("{pointer}: {message}"), false)),
+        Err(PlanError { pointer, message }) => {
+            return Ok(failed(
+                "invalid_input",
+                format!("{pointer}: {message}"),
+                false,
+            ))
+        }
     };
     let resumed_from_step = match slow_dry_run_ms() {
         Some(total_ms) => slow_steps(total_ms, &request.work_dir, out)?,
         None => 0,
     };
     let report = serde_json::json!({ "stages": stages });
-    ChildMessage::StageFinished { stage: "plan".into(), index: 0, report }.write_line(out)?;
+    ChildMessage::StageFinished {
+        stage: "plan".into(),
+        index: 0,
+        report,
+    }
+    .write_line(out)?;
     // The job result's shape: metrics (none measured in a dry run), the acceptance verdict (not
     // judged) and the plan.
     let mut result = serde_json::json!({ "metrics": {}, "acceptance_met": null, "plan": plan });
@@ -106,17 +146,29 @@ fn slow_dry_run_ms() -> Option<u64> {
 fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::Result<u64> {
     let steps = (total_ms / SLOW_STEP.as_millis() as u64).max(1);
     let checkpoint = work_dir.join(SLOW_CHECKPOINT_FILE);
-    let start = std::fs::read_to_string(&checkpoint).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0u64);
+    let start = std::fs::read_to_string(&checkpoint)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0u64);
     if start > 0 {
         let message = format!("resumed from checkpoint at step {start} of {steps}");
-        ChildMessage::Log { level: "info".into(), message }.write_line(out)?;
+        ChildMessage::Log {
+            level: "info".into(),
+            message,
+        }
+        .write_line(out)?;
     }
     std::fs::create_dir_all(work_dir)?;
     for step in start..steps {
         std::thread::sleep(SLOW_STEP);
         std::fs::write(&checkpoint, (step + 1).to_string())?;
         let fraction = (step + 1) as f64 / steps as f64;
-        ChildMessage::Progress { fraction, eta_seconds: None, message: None }.write_line(out)?;
+        ChildMessage::Progress {
+            fraction,
+            eta_seconds: None,
+            message: None,
+        }
+        .write_line(out)?;
     }
     Ok(start)
 }
@@ -125,7 +177,11 @@ fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::
 /// wired into; until it exists every real run fails here, without retry, naming the first stage.
 fn run_pipeline(_request: &ExecRequest, spec: &JobSpec, _out: &mut impl Write) -> ChildMessage {
     let stage = spec.pipeline.first().map_or("pipeline", |s| s.type_name());
-    failed("stage_not_implemented", format!("stage `{stage}` is not implemented yet in this build"), false)
+    failed(
+        "stage_not_implemented",
+        format!("stage `{stage}` is not implemented yet in this build"),
+        false,
+    )
 }
 
 #[cfg(test)]
@@ -143,7 +199,9 @@ mod tests {
     #[test]
     fn a_malformed_request_fails_without_retry() {
         let verdict = verdict_of("{not json");
-        assert!(matches!(verdict, ChildMessage::Failed { ref code, retryable: false, .. } if code == "invalid_request"));
+        assert!(
+            matches!(verdict, ChildMessage::Failed { ref code, retryable: false, .. } if code == "invalid_request")
+        );
     }
 
     #[test]
@@ -152,7 +210,9 @@ mod tests {
             "job_id": uuid::Uuid::now_v7(), "attempt": 1, "spec": {"name": 3}, "work_dir": "/nonexistent"
         });
         let verdict = verdict_of(&request.to_string());
-        assert!(matches!(verdict, ChildMessage::Failed { ref code, retryable: false, .. } if code == "invalid_spec"));
+        assert!(
+            matches!(verdict, ChildMessage::Failed { ref code, retryable: false, .. } if code == "invalid_spec")
+        );
     }
 
     #[test]

@@ -34,7 +34,9 @@ impl Default for SchedulerMetrics {
             lease_losses: Counter::default(),
             reaped: Family::default(),
             // 10 ms to about 3 days, ×4 per bucket: dry runs and week-long fine-tunes alike.
-            attempt_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 4.0, 14))),
+            attempt_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 4.0, 14))
+            }),
             active_streams: Gauge::default(),
             dropped_streams: Counter::default(),
             queue_depth: Family::default(),
@@ -45,28 +47,53 @@ impl Default for SchedulerMetrics {
 impl SchedulerMetrics {
     /// Registers every metric (the registry adds the `compressd_` prefix).
     pub fn register(&self, registry: &mut Registry) {
-        registry.register("job_claims", "Jobs claimed by workers of this process", self.claims.clone());
-        registry.register("lease_losses", "Attempts that lost their lease to another worker", self.lease_losses.clone());
-        registry.register("jobs_reaped", "Jobs whose lease expired, by what the reaper did", self.reaped.clone());
+        registry.register(
+            "job_claims",
+            "Jobs claimed by workers of this process",
+            self.claims.clone(),
+        );
+        registry.register(
+            "lease_losses",
+            "Attempts that lost their lease to another worker",
+            self.lease_losses.clone(),
+        );
+        registry.register(
+            "jobs_reaped",
+            "Jobs whose lease expired, by what the reaper did",
+            self.reaped.clone(),
+        );
         registry.register(
             "job_attempt_duration_seconds",
             "Wall time of job attempts run by this process, by the job's status after them",
             self.attempt_seconds.clone(),
         );
-        registry.register("sse_streams_active", "Open job event streams", self.active_streams.clone());
+        registry.register(
+            "sse_streams_active",
+            "Open job event streams",
+            self.active_streams.clone(),
+        );
         registry.register(
             "sse_streams_dropped",
             "Event streams ended because the client did not read",
             self.dropped_streams.clone(),
         );
-        registry.register("jobs", "Jobs by status, read from the database at scrape time", self.queue_depth.clone());
+        registry.register(
+            "jobs",
+            "Jobs by status, read from the database at scrape time",
+            self.queue_depth.clone(),
+        );
     }
 
     /// Sets the jobs-by-status gauge; statuses missing from `counts` are set to 0.
     pub fn set_queue_depth(&self, counts: &[(JobStatus, i64)]) {
         for status in JobStatus::ALL {
-            let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |(_, n)| *n);
-            self.queue_depth.get_or_create(&vec![("status", status.as_str())]).set(n);
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
+            self.queue_depth
+                .get_or_create(&vec![("status", status.as_str())])
+                .set(n);
         }
     }
 
@@ -87,13 +114,17 @@ impl SchedulerMetrics {
 
     /// An attempt ended; `label` is the job's status after it, `lease_lost` or `record_failed`.
     pub fn attempt_finished(&self, label: &'static str, took: Duration) {
-        self.attempt_seconds.get_or_create(&vec![("status", label)]).observe(took.as_secs_f64());
+        self.attempt_seconds
+            .get_or_create(&vec![("status", label)])
+            .observe(took.as_secs_f64());
     }
 
     /// An event stream opened; the guard counts it until dropped.
     pub fn stream_opened(&self) -> StreamGuard {
         self.active_streams.inc();
-        StreamGuard { gauge: self.active_streams.clone() }
+        StreamGuard {
+            gauge: self.active_streams.clone(),
+        }
     }
 
     /// A stream was dropped for not reading.

@@ -128,14 +128,30 @@ pub struct WorkerContext {
 
 impl WorkerContext {
     /// A context with a fresh owner id.
-    pub fn new(store: Arc<dyn Store>, hub: EventHub, settings: WorkerSettings, metrics: SchedulerMetrics) -> Self {
-        Self { store, hub, settings, owner: new_owner_id(), metrics }
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: EventHub,
+        settings: WorkerSettings,
+        metrics: SchedulerMetrics,
+    ) -> Self {
+        Self {
+            store,
+            hub,
+            settings,
+            owner: new_owner_id(),
+            metrics,
+        }
     }
 }
 
 /// Runs one worker and a reaper on `store` until `shutdown`, then waits for running attempts to
 /// stop (their jobs go back to the queue).
-pub async fn run(store: Arc<dyn Store>, settings: WorkerSettings, metrics: SchedulerMetrics, shutdown: CancellationToken) {
+pub async fn run(
+    store: Arc<dyn Store>,
+    settings: WorkerSettings,
+    metrics: SchedulerMetrics,
+    shutdown: CancellationToken,
+) {
     let hub = store.hub().clone();
     let ctx = Arc::new(WorkerContext::new(store, hub, settings, metrics));
     let reaper = tokio::spawn(reaper::run_reaper(Arc::clone(&ctx), shutdown.clone()));
@@ -146,7 +162,9 @@ pub async fn run(store: Arc<dyn Store>, settings: WorkerSettings, metrics: Sched
 
 /// A lease owner id that is unique across hosts, processes and restarts.
 pub fn new_owner_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
     let random = uuid::Uuid::new_v4().simple().to_string();
     format!("{host}:{}:{}", std::process::id(), &random[..8])
 }

@@ -63,32 +63,58 @@ pub struct Plan {
 ///
 /// # Errors
 /// A [`PlanError`] naming the input that is missing or unreadable.
-pub fn plan(spec: &JobSpec, model: Option<&Path>, dataset: Option<&Path>) -> Result<Plan, PlanError> {
-    let model = model.ok_or_else(|| missing("/model", "the model is not available to this worker"))?;
-    let dataset = dataset.ok_or_else(|| missing("/task/dataset", "the dataset is not available to this worker"))?;
+pub fn plan(
+    spec: &JobSpec,
+    model: Option<&Path>,
+    dataset: Option<&Path>,
+) -> Result<Plan, PlanError> {
+    let model =
+        model.ok_or_else(|| missing("/model", "the model is not available to this worker"))?;
+    let dataset = dataset.ok_or_else(|| {
+        missing(
+            "/task/dataset",
+            "the dataset is not available to this worker",
+        )
+    })?;
     let params = estimate_parameters(model)?;
     let rows = count_rows(dataset)?;
     let work = Workload::new(spec, params, rows);
-    let stages: Vec<StagePlan> = spec.pipeline.iter().map(|stage| work.stage(stage)).collect();
+    let stages: Vec<StagePlan> = spec
+        .pipeline
+        .iter()
+        .map(|stage| work.stage(stage))
+        .collect();
     Ok(Plan {
         estimated_parameters: params as u64,
         dataset_rows: rows,
         estimated_total_seconds: stages.iter().map(|s| s.estimated_seconds).sum(),
-        estimated_peak_bytes: stages.iter().map(|s| s.estimated_peak_bytes).max().unwrap_or(0),
+        estimated_peak_bytes: stages
+            .iter()
+            .map(|s| s.estimated_peak_bytes)
+            .max()
+            .unwrap_or(0),
         stages,
     })
 }
 
 fn missing(pointer: &str, message: &str) -> PlanError {
-    PlanError { pointer: pointer.to_owned(), message: message.to_owned() }
+    PlanError {
+        pointer: pointer.to_owned(),
+        message: message.to_owned(),
+    }
 }
 
 /// Parameters from weight-file sizes: 4 bytes each in safetensors (f32 is what the engine trains
 /// in), about 0.6 in GGUF (4- to 8-bit blocks with scales).
 fn estimate_parameters(model: &Path) -> Result<f64, PlanError> {
-    let unreadable = |e: std::io::Error| missing("/model", &format!("cannot read {}: {e}", model.display()));
+    let unreadable =
+        |e: std::io::Error| missing("/model", &format!("cannot read {}: {e}", model.display()));
     let files: Vec<_> = if model.is_dir() {
-        fs::read_dir(model).map_err(unreadable)?.filter_map(Result::ok).map(|e| e.path()).collect()
+        fs::read_dir(model)
+            .map_err(unreadable)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect()
     } else {
         vec![model.to_path_buf()]
     };
@@ -108,7 +134,12 @@ fn estimate_parameters(model: &Path) -> Result<f64, PlanError> {
 }
 
 fn count_rows(dataset: &Path) -> Result<u64, PlanError> {
-    let unreadable = |e: std::io::Error| missing("/task/dataset", &format!("cannot read {}: {e}", dataset.display()));
+    let unreadable = |e: std::io::Error| {
+        missing(
+            "/task/dataset",
+            &format!("cannot read {}: {e}", dataset.display()),
+        )
+    };
     let mut reader = BufReader::new(fs::File::open(dataset).map_err(unreadable)?);
     let (mut rows, mut line) = (0u64, Vec::new());
     while reader.read_until(b'\n', &mut line).map_err(unreadable)? > 0 {
@@ -127,16 +158,27 @@ struct Workload {
 
 impl Workload {
     fn new(spec: &JobSpec, params: f64, rows: u64) -> Self {
-        let tokens = spec.task.max_length.map_or(DEFAULT_TOKENS_PER_EXAMPLE, f64::from);
+        let tokens = spec
+            .task
+            .max_length
+            .map_or(DEFAULT_TOKENS_PER_EXAMPLE, f64::from);
         let cap = |n: f64, limit: Option<u64>| limit.map_or(n, |l| n.min(l as f64));
         let train = cap(rows as f64 * TRAIN_SHARE, spec.task.max_train_samples);
-        let eval = cap(rows as f64 * (1.0 - TRAIN_SHARE), spec.task.max_eval_samples);
-        Self { params, train_tokens: train * tokens, eval_tokens: eval * tokens }
+        let eval = cap(
+            rows as f64 * (1.0 - TRAIN_SHARE),
+            spec.task.max_eval_samples,
+        );
+        Self {
+            params,
+            train_tokens: train * tokens,
+            eval_tokens: eval * tokens,
+        }
     }
 
     /// Training epochs: 6 flops per parameter per token, plus one evaluation per epoch.
     fn training_seconds(&self, epochs: f64) -> f64 {
-        let flops = epochs * (6.0 * self.params * self.train_tokens + 2.0 * self.params * self.eval_tokens);
+        let flops =
+            epochs * (6.0 * self.params * self.train_tokens + 2.0 * self.params * self.eval_tokens);
         flops / ASSUMED_FLOPS_PER_SECOND
     }
 
@@ -152,12 +194,23 @@ impl Workload {
             StageSpec::Prune(s) => {
                 let recover_epochs = s.recover.as_ref().map_or(0.0, |r| f64::from(r.epochs));
                 let steps = f64::from(s.steps.max(1));
-                let seconds = steps * self.evaluation_seconds() + self.training_seconds(recover_epochs);
-                (seconds, if recover_epochs > 0.0 { training_peak } else { inference_peak })
+                let seconds =
+                    steps * self.evaluation_seconds() + self.training_seconds(recover_epochs);
+                (
+                    seconds,
+                    if recover_epochs > 0.0 {
+                        training_peak
+                    } else {
+                        inference_peak
+                    },
+                )
             }
             StageSpec::Quantize(_) => (self.evaluation_seconds(), inference_peak),
             // A distillation step runs the teacher forward too: about 8 flops per parameter per token.
-            StageSpec::Distill(s) => (self.training_seconds(f64::from(s.epochs)) * 8.0 / 6.0, training_peak * 1.5),
+            StageSpec::Distill(s) => (
+                self.training_seconds(f64::from(s.epochs)) * 8.0 / 6.0,
+                training_peak * 1.5,
+            ),
         };
         StagePlan {
             stage: stage.type_name().to_owned(),
@@ -180,7 +233,11 @@ mod tests {
         spec
     }
 
-    fn inputs(dir: &Path, weight_bytes: usize, rows: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    fn inputs(
+        dir: &Path,
+        weight_bytes: usize,
+        rows: usize,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
         let model = dir.join("model");
         fs::create_dir_all(&model).unwrap();
         fs::write(model.join("model.safetensors"), vec![0u8; weight_bytes]).unwrap();
@@ -194,9 +251,14 @@ mod tests {
     fn counts_parameters_and_rows_and_plans_every_stage() {
         let dir = tempfile::tempdir().unwrap();
         let (model, data) = inputs(dir.path(), 4000, 50);
-        let spec = spec(serde_json::json!([{"type": "finetune", "epochs": 2}, {"type": "quantize", "scheme": "int8"}]));
+        let spec = spec(
+            serde_json::json!([{"type": "finetune", "epochs": 2}, {"type": "quantize", "scheme": "int8"}]),
+        );
         let plan = plan(&spec, Some(&model), Some(&data)).unwrap();
-        assert_eq!(plan.estimated_parameters, 1000, "4000 bytes of f32 weights; config.json is not weights");
+        assert_eq!(
+            plan.estimated_parameters, 1000,
+            "4000 bytes of f32 weights; config.json is not weights"
+        );
         assert_eq!(plan.dataset_rows, 50, "blank lines are not rows");
         let names: Vec<_> = plan.stages.iter().map(|s| s.stage.as_str()).collect();
         assert_eq!(names, ["finetune", "quantize"]);
@@ -211,8 +273,18 @@ mod tests {
     fn more_epochs_take_proportionally_longer() {
         let dir = tempfile::tempdir().unwrap();
         let (model, data) = inputs(dir.path(), 4000, 50);
-        let one = plan(&spec(serde_json::json!([{"type": "finetune", "epochs": 1}])), Some(&model), Some(&data)).unwrap();
-        let three = plan(&spec(serde_json::json!([{"type": "finetune", "epochs": 3}])), Some(&model), Some(&data)).unwrap();
+        let one = plan(
+            &spec(serde_json::json!([{"type": "finetune", "epochs": 1}])),
+            Some(&model),
+            Some(&data),
+        )
+        .unwrap();
+        let three = plan(
+            &spec(serde_json::json!([{"type": "finetune", "epochs": 3}])),
+            Some(&model),
+            Some(&data),
+        )
+        .unwrap();
         let ratio = three.estimated_total_seconds / one.estimated_total_seconds;
         assert!((ratio - 3.0).abs() < 1e-9, "{ratio}");
     }
@@ -224,9 +296,15 @@ mod tests {
         let (model, _) = inputs(dir.path(), 4000, 1);
         assert_eq!(plan(&spec, None, None).unwrap_err().pointer, "/model");
         let gone = dir.path().join("nope.jsonl");
-        assert_eq!(plan(&spec, Some(&model), Some(&gone)).unwrap_err().pointer, "/task/dataset");
+        assert_eq!(
+            plan(&spec, Some(&model), Some(&gone)).unwrap_err().pointer,
+            "/task/dataset"
+        );
         let empty = dir.path().join("empty");
         fs::create_dir_all(&empty).unwrap();
-        assert_eq!(plan(&spec, Some(&empty), Some(&gone)).unwrap_err().pointer, "/model");
+        assert_eq!(
+            plan(&spec, Some(&empty), Some(&gone)).unwrap_err().pointer,
+            "/model"
+        );
     }
 }

@@ -143,10 +143,26 @@ mod tests {
     #[test]
     fn messages_round_trip_as_single_json_lines() {
         let messages = [
-            ChildMessage::StageStarted { stage: "prune".into(), index: 1, stages: 3 },
-            ChildMessage::Progress { fraction: 0.25, eta_seconds: Some(12.0), message: None },
-            ChildMessage::Metric { name: "train.loss".into(), value: 0.5, step: Some(10) },
-            ChildMessage::Failed { code: "invalid_spec".into(), message: "bad".into(), retryable: false },
+            ChildMessage::StageStarted {
+                stage: "prune".into(),
+                index: 1,
+                stages: 3,
+            },
+            ChildMessage::Progress {
+                fraction: 0.25,
+                eta_seconds: Some(12.0),
+                message: None,
+            },
+            ChildMessage::Metric {
+                name: "train.loss".into(),
+                value: 0.5,
+                step: Some(10),
+            },
+            ChildMessage::Failed {
+                code: "invalid_spec".into(),
+                message: "bad".into(),
+                retryable: false,
+            },
         ];
         for message in messages {
             let mut out = Vec::new();
@@ -162,7 +178,10 @@ mod tests {
         let parsed = ChildMessage::parse_line("hello from a dependency");
         assert_eq!(
             parsed,
-            ChildMessage::Log { level: "info".into(), message: "hello from a dependency".into() }
+            ChildMessage::Log {
+                level: "info".into(),
+                message: "hello from a dependency".into()
+            }
         );
         let unknown_type = ChildMessage::parse_line(r#"{"type":"teleport"}"#);
         assert!(matches!(unknown_type, ChildMessage::Log { .. }));
@@ -170,7 +189,14 @@ mod tests {
 
     #[test]
     fn only_succeeded_and_failed_are_terminal() {
-        assert!(ChildMessage::Succeeded { result: serde_json::json!({}) }.is_terminal());
-        assert!(!ChildMessage::Log { level: "info".into(), message: String::new() }.is_terminal());
+        assert!(ChildMessage::Succeeded {
+            result: serde_json::json!({})
+        }
+        .is_terminal());
+        assert!(!ChildMessage::Log {
+            level: "info".into(),
+            message: String::new()
+        }
+        .is_terminal());
     }
 }

@@ -24,13 +24,19 @@ pub async fn run_reaper(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        reap_once(&ctx).instrument(tracing::info_span!("job.reaper")).await;
+        reap_once(&ctx)
+            .instrument(tracing::info_span!("job.reaper"))
+            .await;
     }
 }
 
 /// One pass: reaps up to [`REAP_BATCH`] expired leases. Returns what it did.
 pub async fn reap_once(ctx: &WorkerContext) -> Vec<Reaped> {
-    match ctx.store.reap_expired(REAP_BATCH, ctx.settings.retry_backoff).await {
+    match ctx
+        .store
+        .reap_expired(REAP_BATCH, ctx.settings.retry_backoff)
+        .await
+    {
         Ok(reaped) => {
             for job in &reaped {
                 let outcome = match job {

@@ -82,8 +82,12 @@ impl DeathCause {
     /// A sentence for the job's error `message`.
     pub fn describe(&self) -> String {
         match self {
-            Self::OutOfMemory => "the job's process was killed by SIGKILL (most likely out of memory)".into(),
-            Self::KilledBySignal(signal) => format!("the job's process was killed by signal {signal}"),
+            Self::OutOfMemory => {
+                "the job's process was killed by SIGKILL (most likely out of memory)".into()
+            }
+            Self::KilledBySignal(signal) => {
+                format!("the job's process was killed by signal {signal}")
+            }
             Self::Panic => "the job's process panicked".into(),
             Self::ExitCode(code) => format!("the job's process exited with status {code}"),
             Self::NoVerdict => "the job's process exited without reporting a result".into(),
@@ -95,7 +99,9 @@ impl DeathCause {
         match (status.code(), status.signal()) {
             (_, Some(signal)) if signal == Signal::SIGKILL as i32 => Self::OutOfMemory,
             (_, Some(signal)) => Self::KilledBySignal(signal),
-            (Some(PANIC_EXIT_CODE), _) if log_tail.iter().any(|l| l.contains("panicked at")) => Self::Panic,
+            (Some(PANIC_EXIT_CODE), _) if log_tail.iter().any(|l| l.contains("panicked at")) => {
+                Self::Panic
+            }
             (Some(0), _) => Self::NoVerdict,
             (Some(code), _) => Self::ExitCode(code),
             (None, None) => Self::NoVerdict,
@@ -161,17 +167,40 @@ impl RunningChild {
             // A worker task that is dropped (worker shutdown, panic) must not leave the child running.
             .kill_on_drop(true)
             .spawn()?;
-        let mut stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("child has no stdin"))?;
-        stdin.write_all(&command.stdin).await?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| std::io::Error::other("child has no stdin"))?;
+        // A child that exits before reading its request closes the pipe; that is not a spawn
+        // failure: its exit status and stderr, collected below, say what happened.
+        match stdin.write_all(&command.stdin).await {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e),
+            _ => {}
+        }
         drop(stdin);
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("child has no stdout"))?;
-        let stderr = child.stderr.take().ok_or_else(|| std::io::Error::other("child has no stderr"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("child has no stdout"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| std::io::Error::other("child has no stderr"))?;
         let log_tail = Arc::new(Mutex::new(LogTail {
             lines: VecDeque::new(),
             capacity: command.log_tail_lines.max(1),
         }));
-        let stderr_task = tokio::spawn(keep_tail(BufReader::new(stderr).lines(), Arc::clone(&log_tail)));
-        Ok(Self { child, stdout: Some(BufReader::new(stdout).lines()), log_tail, stderr_task, verdict: None })
+        let stderr_task = tokio::spawn(keep_tail(
+            BufReader::new(stderr).lines(),
+            Arc::clone(&log_tail),
+        ));
+        Ok(Self {
+            child,
+            stdout: Some(BufReader::new(stdout).lines()),
+            log_tail,
+            stderr_task,
+            verdict: None,
+        })
     }
 
     /// The OS process id, while the child runs.
@@ -212,7 +241,10 @@ impl RunningChild {
         let log_tail = self.collect_tail().await;
         Ok(match self.verdict.take() {
             Some(verdict) => ChildOutcome::Reported(verdict),
-            None => ChildOutcome::Died { cause: DeathCause::from_status(status, &log_tail), log_tail },
+            None => ChildOutcome::Died {
+                cause: DeathCause::from_status(status, &log_tail),
+                log_tail,
+            },
         })
     }
 
@@ -220,14 +252,24 @@ impl RunningChild {
     ///
     /// # Errors
     /// When waiting on the process fails.
-    pub async fn stop(mut self, reason: StopReason, grace: Duration) -> std::io::Result<ChildOutcome> {
+    pub async fn stop(
+        mut self,
+        reason: StopReason,
+        grace: Duration,
+    ) -> std::io::Result<ChildOutcome> {
         if let Some(pid) = self.child.id().and_then(|id| i32::try_from(id).ok()) {
             // The child is ours and not yet reaped, so its pid cannot have been reused. A failure
             // means it already exited, which the wait below observes.
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
-            tracing::warn!(grace_s = grace.as_secs_f64(), "child ignored SIGTERM; sending SIGKILL");
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                "child ignored SIGTERM; sending SIGKILL"
+            );
             self.child.kill().await?;
         }
         self.stderr_task.abort();
@@ -237,15 +279,23 @@ impl RunningChild {
     async fn collect_tail(&mut self) -> Vec<String> {
         // stderr reaches EOF when the child exits; give the reader a moment to drain it.
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.stderr_task).await;
-        let tail = self.log_tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tail = self
+            .log_tail
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tail.lines.iter().cloned().collect()
     }
 }
 
-async fn keep_tail(mut lines: Lines<BufReader<tokio::process::ChildStderr>>, tail: Arc<Mutex<LogTail>>) {
+async fn keep_tail(
+    mut lines: Lines<BufReader<tokio::process::ChildStderr>>,
+    tail: Arc<Mutex<LogTail>>,
+) {
     while let Ok(Some(line)) = lines.next_line().await {
         tracing::debug!(target: "job.child", "{line}");
-        tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+        tail.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(line);
     }
 }
 
@@ -280,45 +330,110 @@ mod tests {
 echo '{"type":"progress","fraction":0.5}'
 echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
         let (messages, outcome) = run_to_end(script).await;
-        assert_eq!(messages[0], ChildMessage::Log { level: "info".into(), message: "{\"hello\":1}".into() });
-        assert_eq!(messages[1], ChildMessage::Progress { fraction: 0.5, eta_seconds: None, message: None });
-        assert_eq!(outcome, ChildOutcome::Reported(ChildMessage::Succeeded { result: serde_json::json!({"metrics": {}}) }));
+        assert_eq!(
+            messages[0],
+            ChildMessage::Log {
+                level: "info".into(),
+                message: "{\"hello\":1}".into()
+            }
+        );
+        assert_eq!(
+            messages[1],
+            ChildMessage::Progress {
+                fraction: 0.5,
+                eta_seconds: None,
+                message: None
+            }
+        );
+        assert_eq!(
+            outcome,
+            ChildOutcome::Reported(ChildMessage::Succeeded {
+                result: serde_json::json!({"metrics": {}})
+            })
+        );
     }
 
     #[tokio::test]
     async fn a_non_zero_exit_keeps_only_the_last_stderr_lines() {
         let (_, outcome) = run_to_end("for i in 1 2 3 4 5; do echo line$i >&2; done; exit 3").await;
         let expected_tail = vec!["line3".to_owned(), "line4".to_owned(), "line5".to_owned()];
-        assert_eq!(outcome, ChildOutcome::Died { cause: DeathCause::ExitCode(3), log_tail: expected_tail });
+        assert_eq!(
+            outcome,
+            ChildOutcome::Died {
+                cause: DeathCause::ExitCode(3),
+                log_tail: expected_tail
+            }
+        );
     }
 
     #[tokio::test]
     async fn a_panic_an_unexpected_sigkill_and_a_silent_exit_are_told_apart() {
-        let (_, panic) = run_to_end("echo \"thread 'main' panicked at src/x.rs:1:1\" >&2; exit 101").await;
-        assert!(matches!(panic, ChildOutcome::Died { cause: DeathCause::Panic, .. }), "{panic:?}");
+        let (_, panic) =
+            run_to_end("echo \"thread 'main' panicked at src/x.rs:1:1\" >&2; exit 101").await;
+        assert!(
+            matches!(
+                panic,
+                ChildOutcome::Died {
+                    cause: DeathCause::Panic,
+                    ..
+                }
+            ),
+            "{panic:?}"
+        );
         let (_, killed) = run_to_end("kill -9 $$").await;
-        assert!(matches!(killed, ChildOutcome::Died { cause: DeathCause::OutOfMemory, .. }), "{killed:?}");
+        assert!(
+            matches!(
+                killed,
+                ChildOutcome::Died {
+                    cause: DeathCause::OutOfMemory,
+                    ..
+                }
+            ),
+            "{killed:?}"
+        );
         let (_, silent) = run_to_end("exit 0").await;
-        assert!(matches!(silent, ChildOutcome::Died { cause: DeathCause::NoVerdict, .. }), "{silent:?}");
+        assert!(
+            matches!(
+                silent,
+                ChildOutcome::Died {
+                    cause: DeathCause::NoVerdict,
+                    ..
+                }
+            ),
+            "{silent:?}"
+        );
     }
 
     #[tokio::test]
     async fn stop_sends_sigterm_then_sigkill_after_the_grace_period() {
         // The shell ignores SIGTERM, so only the SIGKILL after the grace period ends it.
-        let child = RunningChild::spawn(&shell("trap '' TERM; echo ready >&2; while true; do sleep 0.05; done")).await.unwrap();
+        let child = RunningChild::spawn(&shell(
+            "trap '' TERM; echo ready >&2; while true; do sleep 0.05; done",
+        ))
+        .await
+        .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         let started = std::time::Instant::now();
-        let outcome = child.stop(StopReason::Cancelled, Duration::from_millis(300)).await.unwrap();
+        let outcome = child
+            .stop(StopReason::Cancelled, Duration::from_millis(300))
+            .await
+            .unwrap();
         assert_eq!(outcome, ChildOutcome::Stopped(StopReason::Cancelled));
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(5), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_child_that_honours_sigterm_stops_at_once() {
         let child = RunningChild::spawn(&shell("sleep 30")).await.unwrap();
         let started = std::time::Instant::now();
-        let outcome = child.stop(StopReason::LeaseLost, Duration::from_secs(10)).await.unwrap();
+        let outcome = child
+            .stop(StopReason::LeaseLost, Duration::from_secs(10))
+            .await
+            .unwrap();
         assert_eq!(outcome, ChildOutcome::Stopped(StopReason::LeaseLost));
         assert!(started.elapsed() < Duration::from_secs(5));
     }

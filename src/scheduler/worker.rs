@@ -64,7 +64,9 @@ pub async fn run_worker(ctx: Arc<WorkerContext>, shutdown: CancellationToken) {
 async fn wait_for_queued(notices: &mut broadcast::Receiver<Notice>) {
     loop {
         match notices.recv().await {
-            Ok(Notice::Queued | Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Ok(Notice::Queued | Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                return
+            }
             Ok(_) => {}
             // No hub: fall back to polling alone.
             Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,

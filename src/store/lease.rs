@@ -124,18 +124,40 @@ pub(crate) struct Decision {
 pub(crate) fn decide(job: &Job, outcome: AttemptOutcome) -> Decision {
     let attempt = job.attempt;
     match outcome {
-        AttemptOutcome::Retry { .. } if job.cancel_requested => ended(attempt, JobStatus::Cancelled, None, None),
+        AttemptOutcome::Retry { .. } if job.cancel_requested => {
+            ended(attempt, JobStatus::Cancelled, None, None)
+        }
         AttemptOutcome::Retry { error, .. } if attempt >= job.max_attempts => {
-            let message = format!("gave up after {attempt} attempts; the last one failed: {}", error.message);
-            ended(attempt, JobStatus::Failed, None, Some(JobError { code: error.code, message }))
+            let message = format!(
+                "gave up after {attempt} attempts; the last one failed: {}",
+                error.message
+            );
+            ended(
+                attempt,
+                JobStatus::Failed,
+                None,
+                Some(JobError {
+                    code: error.code,
+                    message,
+                }),
+            )
         }
         AttemptOutcome::Retry { error, backoff } => {
             let payload = json!({
                 "status": "queued", "attempt": attempt, "error": error, "retry_in_seconds": backoff.as_secs_f64()
             });
-            Decision { status: JobStatus::Queued, result: None, error: Some(error), run_after: backoff, event_type: EVENT_STATUS, payload }
+            Decision {
+                status: JobStatus::Queued,
+                result: None,
+                error: Some(error),
+                run_after: backoff,
+                event_type: EVENT_STATUS,
+                payload,
+            }
         }
-        final_outcome => final_decision(attempt, final_outcome).expect("every outcome but a retry is final"),
+        final_outcome => {
+            final_decision(attempt, final_outcome).expect("every outcome but a retry is final")
+        }
     }
 }
 
@@ -143,28 +165,47 @@ pub(crate) fn decide(job: &Job, outcome: AttemptOutcome) -> Decision {
 /// retry), so a backend can write it without reading the row first. `None` for a retry.
 pub(crate) fn final_decision(attempt: i32, outcome: AttemptOutcome) -> Option<Decision> {
     match outcome {
-        AttemptOutcome::Succeeded { result } => Some(ended(attempt, JobStatus::Succeeded, Some(result), None)),
-        AttemptOutcome::Failed { error } => Some(ended(attempt, JobStatus::Failed, None, Some(error))),
+        AttemptOutcome::Succeeded { result } => {
+            Some(ended(attempt, JobStatus::Succeeded, Some(result), None))
+        }
+        AttemptOutcome::Failed { error } => {
+            Some(ended(attempt, JobStatus::Failed, None, Some(error)))
+        }
         AttemptOutcome::Cancelled => Some(ended(attempt, JobStatus::Cancelled, None, None)),
         AttemptOutcome::Retry { .. } => None,
     }
 }
 
 /// A decision that finishes the job with `status` and its terminal event.
-fn ended(attempt: i32, status: JobStatus, result: Option<Value>, error: Option<JobError>) -> Decision {
+fn ended(
+    attempt: i32,
+    status: JobStatus,
+    result: Option<Value>,
+    error: Option<JobError>,
+) -> Decision {
     let event_type = match status {
         JobStatus::Succeeded => EVENT_SUCCEEDED,
         JobStatus::Cancelled => EVENT_CANCELLED,
         _ => EVENT_FAILED,
     };
-    let payload = json!({ "status": status.as_str(), "attempt": attempt, "result": result, "error": error });
-    Decision { status, result, error, run_after: Duration::ZERO, event_type, payload }
+    let payload =
+        json!({ "status": status.as_str(), "attempt": attempt, "result": result, "error": error });
+    Decision {
+        status,
+        result,
+        error,
+        run_after: Duration::ZERO,
+        event_type,
+        payload,
+    }
 }
 
 /// The back-off before attempt `next_attempt`: `base` doubled for each earlier retry, at most
 /// 64 × `base`. Attempt 2 waits `base`.
 pub fn retry_backoff(base: Duration, next_attempt: i32) -> Duration {
-    let doublings = u32::try_from(next_attempt.saturating_sub(2)).unwrap_or(0).min(6);
+    let doublings = u32::try_from(next_attempt.saturating_sub(2))
+        .unwrap_or(0)
+        .min(6);
     base.saturating_mul(1 << doublings)
 }
 
@@ -211,7 +252,10 @@ mod tests {
 
     fn crash() -> AttemptOutcome {
         AttemptOutcome::Retry {
-            error: JobError { code: "child_killed".into(), message: "killed".into() },
+            error: JobError {
+                code: "child_killed".into(),
+                message: "killed".into(),
+            },
             backoff: Duration::from_secs(5),
         }
     }
@@ -230,7 +274,11 @@ mod tests {
         let decision = decide(&running_job(3, 3, false), crash());
         assert_eq!(decision.status, JobStatus::Failed);
         assert_eq!(decision.event_type, EVENT_FAILED);
-        assert!(decision.error.unwrap().message.starts_with("gave up after 3 attempts"));
+        assert!(decision
+            .error
+            .unwrap()
+            .message
+            .starts_with("gave up after 3 attempts"));
     }
 
     #[test]
@@ -242,7 +290,12 @@ mod tests {
 
     #[test]
     fn success_keeps_the_result_and_clears_the_error() {
-        let decision = decide(&running_job(2, 3, false), AttemptOutcome::Succeeded { result: json!({"metrics": {}}) });
+        let decision = decide(
+            &running_job(2, 3, false),
+            AttemptOutcome::Succeeded {
+                result: json!({"metrics": {}}),
+            },
+        );
         assert_eq!(decision.status, JobStatus::Succeeded);
         assert_eq!(decision.result, Some(json!({"metrics": {}})));
         assert_eq!(decision.error, None);

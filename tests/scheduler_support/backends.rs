@@ -12,7 +12,9 @@ mod pg;
 
 /// A migrated SQLite store in `dir`.
 pub async fn sqlite(dir: &Path) -> SharedStore {
-    let store = SqliteStore::open_file(&dir.join("compressd.db"), 8).await.unwrap();
+    let store = SqliteStore::open_file(&dir.join("compressd.db"), 8)
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     Arc::new(store)
 }

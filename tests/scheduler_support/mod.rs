@@ -26,7 +26,9 @@ pub async fn seed_inputs(store: &dyn Store, dir: &Path) -> Inputs {
     let model_dir = dir.join("model");
     std::fs::create_dir_all(&model_dir).unwrap();
     std::fs::write(model_dir.join("model.safetensors"), vec![0u8; 4096]).unwrap();
-    let rows: String = (0..10).map(|i| format!("{{\"text\":\"row {i}\",\"label\":\"a\"}}\n")).collect();
+    let rows: String = (0..10)
+        .map(|i| format!("{{\"text\":\"row {i}\",\"label\":\"a\"}}\n"))
+        .collect();
     let dataset_file = dir.join("data.jsonl");
     std::fs::write(&dataset_file, rows).unwrap();
     let now = Utc::now();
@@ -35,7 +37,9 @@ pub async fn seed_inputs(store: &dyn Store, dir: &Path) -> Inputs {
         name: "tiny".into(),
         architecture: "bert".into(),
         format: "safetensors".into(),
-        uri: url::Url::from_directory_path(&model_dir).unwrap().to_string(),
+        uri: url::Url::from_directory_path(&model_dir)
+            .unwrap()
+            .to_string(),
         bytes: 4096,
         sha256: "0".repeat(64),
         metadata: json!({}),
@@ -54,7 +58,10 @@ pub async fn seed_inputs(store: &dyn Store, dir: &Path) -> Inputs {
         created_at: now,
     };
     store.insert_dataset(&dataset).await.unwrap();
-    Inputs { model_id: model.id, dataset_id: dataset.id }
+    Inputs {
+        model_id: model.id,
+        dataset_id: dataset.id,
+    }
 }
 
 /// A valid dry-run spec over `inputs`.
@@ -69,7 +76,13 @@ pub fn dry_run_spec(inputs: &Inputs, name: &str) -> serde_json::Value {
 }
 
 /// Inserts a queued job with `spec`, `priority` and `max_attempts`.
-pub async fn queue_job(store: &dyn Store, inputs: &Inputs, spec: serde_json::Value, priority: i32, max_attempts: i32) -> Job {
+pub async fn queue_job(
+    store: &dyn Store,
+    inputs: &Inputs,
+    spec: serde_json::Value,
+    priority: i32,
+    max_attempts: i32,
+) -> Job {
     let job = NewJob {
         id: Uuid::now_v7(),
         name: spec["name"].as_str().unwrap_or("job").to_owned(),
@@ -90,7 +103,9 @@ pub async fn all_events(store: &dyn Store, job_id: Uuid) -> Vec<JobEvent> {
     let mut after = 0;
     loop {
         let page = store.list_events(job_id, after, 100).await.unwrap();
-        let Some(last) = page.last() else { return events };
+        let Some(last) = page.last() else {
+            return events;
+        };
         after = last.seq;
         events.extend(page);
     }
@@ -98,7 +113,10 @@ pub async fn all_events(store: &dyn Store, job_id: Uuid) -> Vec<JobEvent> {
 
 /// The number of events of `job_id` whose type is one of the terminal ones.
 pub fn terminal_count(events: &[JobEvent]) -> usize {
-    events.iter().filter(|e| compressd::events::is_terminal(&e.event_type)).count()
+    events
+        .iter()
+        .filter(|e| compressd::events::is_terminal(&e.event_type))
+        .count()
 }
 
 /// The store, shared.

@@ -18,7 +18,10 @@ pub struct SseReader {
 
 impl SseReader {
     pub fn new(response: reqwest::Response) -> Self {
-        Self { body: response.bytes_stream().boxed(), buffer: String::new() }
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
     }
 
     /// The next frame, or `None` when the server ended the stream.
@@ -60,5 +63,9 @@ fn parse(block: &str) -> Option<Frame> {
     if id.is_none() && event.is_none() && data.is_empty() {
         return None; // a comment-only block (keep-alive)
     }
-    Some(Frame { id, event, data: serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)) })
+    Some(Frame {
+        id,
+        event,
+        data: serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data)),
+    })
 }

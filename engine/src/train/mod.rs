@@ -3,6 +3,7 @@
 //! distillation.
 
 mod adamw_kernel;
+pub mod best;
 pub mod checkpoint;
 pub mod clip;
 pub mod grads;

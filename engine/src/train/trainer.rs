@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{epoch_order, Batch, Example};
 use crate::models::common::DropoutRng;
+use crate::train::best::BestWeights;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::hooks::{EarlyStopping, Progress, TrainHooks, TrainTask};
 use crate::train::{
@@ -46,7 +47,8 @@ pub struct TrainConfig {
     pub eval_every_steps: Option<u64>,
     /// Validate at the end of every epoch.
     pub eval_each_epoch: bool,
-    /// Stop when validation stops improving.
+    /// Stop when validation stops improving; the run then ends with the weights of the best
+    /// validation (restored from an in-memory copy, see [`crate::train::best`]).
     pub early_stopping: Option<EarlyStopping>,
     /// Seed of shuffling and dropout.
     pub seed: u64,
@@ -144,6 +146,10 @@ pub struct TrainReport {
     pub best_metric: Option<f64>,
     /// Step of the best validation metric.
     pub best_step: Option<u64>,
+    /// Step whose weights the model ends with when early stopping restored the best ones (`None`
+    /// when the last step's weights were kept).
+    #[serde(default)]
+    pub restored_best_step: Option<u64>,
     /// Whether the run continued from a checkpoint.
     pub resumed: bool,
     /// Wall time of this invocation, seconds.
@@ -204,6 +210,7 @@ impl<'a> Trainer<'a> {
         let vars = optimizer.vars();
         let mut last_loss = None;
         let mut order = epoch_order(train.len(), self.cfg.seed, state.epoch);
+        let mut best = BestWeights::default();
         let stop_reason = loop {
             if state.step >= total_steps {
                 break StopReason::Completed;
@@ -243,9 +250,20 @@ impl<'a> Trainer<'a> {
             if self.validate_and_checkpoint(optimizer, &mut state, epoch_done, hooks)? {
                 break StopReason::EarlyStopped;
             }
+            if self.cfg.early_stopping.is_some() && state.best_step == Some(state.step) {
+                best.capture(&vars, state.step)?;
+            }
         };
         if stop_reason == StopReason::Completed && self.cfg.checkpoint_dir.is_some() {
             self.save_checkpoint(optimizer, &state)?;
+        }
+        // After the final checkpoint, which must hold the latest weights for an exact resume.
+        let restored_best_step = match self.cfg.early_stopping {
+            Some(_) if state.best_step != Some(state.step) => best.restore(&vars)?,
+            _ => None,
+        };
+        if let Some(step) = restored_best_step {
+            tracing::info!(target: "engine.train", step, "restored the best validation weights");
         }
         Ok(TrainReport {
             stop_reason,
@@ -254,6 +272,7 @@ impl<'a> Trainer<'a> {
             final_loss: last_loss,
             best_metric: state.best_metric,
             best_step: state.best_step,
+            restored_best_step,
             resumed,
             seconds: started.elapsed().as_secs_f64(),
         })

@@ -5,14 +5,15 @@
 #![allow(dead_code)]
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use compressd_engine::data::Example;
 use compressd_engine::layers::LinearFactory;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
 use compressd_engine::params::ParamStore;
 use rand::{Rng, SeedableRng};
 
-/// A 2-layer, hidden-16 BERT with two classes, its parameters drawn from `seed`.
+/// A 2-layer, hidden-16 BERT with two classes, its parameters drawn from `seed` (the store creates
+/// the missing weights with Hugging Face's N(0, 0.02²) init).
 pub fn tiny_classifier(
     seed: u64,
     dropout: f64,
@@ -30,31 +31,7 @@ pub fn tiny_classifier(
         &cfg,
         &LinearFactory::default(),
     )?;
-    init_zero_matrices(&store, seed)?;
     Ok((store, model))
-}
-
-/// Draws every all-zero weight matrix from N(0, 0.02²) (Hugging Face's BERT init), seeded.
-///
-/// The dense layers are created with candle's default (zero) initialisation when missing from the
-/// store; an all-zero network is symmetric and cannot learn, so tests start from a proper init.
-pub fn init_zero_matrices(store: &ParamStore, seed: u64) -> Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED);
-    for (_, var) in store.trainable_vars() {
-        let t = var.as_tensor();
-        if t.rank() != 2 || t.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
-            continue;
-        }
-        let values: Vec<f32> = (0..t.elem_count())
-            .map(|_| {
-                // Box–Muller: a standard normal draw from two uniforms.
-                let (u1, u2): (f32, f32) = (1.0 - rng.gen::<f32>(), rng.gen());
-                0.02 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-            })
-            .collect();
-        var.set(&Tensor::from_vec(values, t.shape(), t.device())?)?;
-    }
-    Ok(())
 }
 
 /// `n` rows of 3..=8 tokens from 2..20 (0 is padding, 1 is `[CLS]` at the start); label 1 when the

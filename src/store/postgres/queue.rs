@@ -14,13 +14,19 @@ use sqlx::{Postgres, Row, Transaction};
 use super::{event_from_row, job_from_row, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
 use crate::store::lease::{decide, final_decision, Decision};
-use crate::store::{Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
+use crate::store::{
+    Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState,
+    Reaped, EVENT_STATUS,
+};
 
 /// The fence every worker write is conditioned on; `$1` job id, `$2` attempt, `$3` owner.
 const FENCE: &str = "id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'";
 
 fn lease_lost(lease: &Lease) -> Error {
-    Error::LeaseLost { job_id: lease.job_id, attempt: lease.attempt }
+    Error::LeaseLost {
+        job_id: lease.job_id,
+        attempt: lease.attempt,
+    }
 }
 
 pub(super) async fn claim_next(pool: &PgPool, owner: &str, lease: Duration) -> Result<Option<Job>> {
@@ -42,25 +48,48 @@ pub(super) async fn claim_next(pool: &PgPool, owner: &str, lease: Duration) -> R
          SELECT {JOB_COLUMNS} FROM claimed",
         prefixed(JOB_COLUMNS, "jobs.")
     );
-    let row = sqlx::query(&sql).bind(owner).bind(lease.as_secs_f64()).fetch_optional(pool).await?;
+    let row = sqlx::query(&sql)
+        .bind(owner)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(pool)
+        .await?;
     row.as_ref().map(job_from_row).transpose()
 }
 
 /// `JOB_COLUMNS` qualified with a table name, for statements that join.
 fn prefixed(columns: &str, prefix: &str) -> String {
-    columns.split(',').map(|c| format!("{prefix}{}", c.trim())).collect::<Vec<_>>().join(", ")
+    columns
+        .split(',')
+        .map(|c| format!("{prefix}{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-async fn insert_event(tx: &mut Transaction<'_, Postgres>, job: &Job, event_type: &str, payload: &serde_json::Value) -> Result<JobEvent> {
+async fn insert_event(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &Job,
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> Result<JobEvent> {
     let sql = format!(
         "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES ($1, $2, $3, $4, now()) \
          RETURNING {EVENT_COLUMNS}"
     );
-    let row = sqlx::query(&sql).bind(job.id).bind(job.attempt).bind(event_type).bind(payload).fetch_one(&mut **tx).await?;
+    let row = sqlx::query(&sql)
+        .bind(job.id)
+        .bind(job.attempt)
+        .bind(event_type)
+        .bind(payload)
+        .fetch_one(&mut **tx)
+        .await?;
     event_from_row(&row)
 }
 
-pub(super) async fn heartbeat(pool: &PgPool, lease: &Lease, duration: Duration) -> Result<Option<LeaseState>> {
+pub(super) async fn heartbeat(
+    pool: &PgPool,
+    lease: &Lease,
+    duration: Duration,
+) -> Result<Option<LeaseState>> {
     let sql = format!(
         "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4), updated_at = now() \
          WHERE {FENCE} RETURNING cancel_requested"
@@ -72,7 +101,12 @@ pub(super) async fn heartbeat(pool: &PgPool, lease: &Lease, duration: Duration) 
         .bind(duration.as_secs_f64())
         .fetch_optional(pool)
         .await?;
-    row.map(|r| Ok(LeaseState { cancel_requested: r.try_get("cancel_requested")? })).transpose()
+    row.map(|r| {
+        Ok(LeaseState {
+            cancel_requested: r.try_get("cancel_requested")?,
+        })
+    })
+    .transpose()
 }
 
 pub(super) async fn append_fenced_event(
@@ -94,10 +128,17 @@ pub(super) async fn append_fenced_event(
         .bind(payload)
         .fetch_optional(pool)
         .await?;
-    row.as_ref().map(event_from_row).transpose()?.ok_or_else(|| lease_lost(lease))
+    row.as_ref()
+        .map(event_from_row)
+        .transpose()?
+        .ok_or_else(|| lease_lost(lease))
 }
 
-pub(super) async fn update_progress(pool: &PgPool, lease: &Lease, progress: &JobProgress) -> Result<JobEvent> {
+pub(super) async fn update_progress(
+    pool: &PgPool,
+    lease: &Lease,
+    progress: &JobProgress,
+) -> Result<JobEvent> {
     let sql = format!(
         "WITH fence AS (UPDATE jobs SET progress = $4, updated_at = now() WHERE {FENCE} RETURNING id) \
          INSERT INTO job_events (job_id, attempt, type, payload, created_at) \
@@ -110,10 +151,17 @@ pub(super) async fn update_progress(pool: &PgPool, lease: &Lease, progress: &Job
         .bind(Json(progress))
         .fetch_optional(pool)
         .await?;
-    row.as_ref().map(event_from_row).transpose()?.ok_or_else(|| lease_lost(lease))
+    row.as_ref()
+        .map(event_from_row)
+        .transpose()?
+        .ok_or_else(|| lease_lost(lease))
 }
 
-pub(super) async fn finish_attempt(pool: &PgPool, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
+pub(super) async fn finish_attempt(
+    pool: &PgPool,
+    lease: &Lease,
+    outcome: AttemptOutcome,
+) -> Result<JobStatus> {
     match final_decision(lease.attempt, outcome.clone()) {
         Some(decision) => finish_final(pool, lease, decision).await,
         None => finish_retry(pool, lease, outcome).await,
@@ -141,14 +189,21 @@ async fn finish_final(pool: &PgPool, lease: &Lease, decision: Decision) -> Resul
         .bind(&decision.payload)
         .fetch_optional(pool)
         .await?;
-    inserted.map(|_| decision.status).ok_or_else(|| lease_lost(lease))
+    inserted
+        .map(|_| decision.status)
+        .ok_or_else(|| lease_lost(lease))
 }
 
 /// A retry depends on the row (attempts left, a pending cancel): read it locked, then settle.
 async fn finish_retry(pool: &PgPool, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
     let mut tx = pool.begin().await?;
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE {FENCE} FOR UPDATE");
-    let row = sqlx::query(&sql).bind(lease.job_id).bind(lease.attempt).bind(&lease.owner).fetch_optional(&mut *tx).await?;
+    let row = sqlx::query(&sql)
+        .bind(lease.job_id)
+        .bind(lease.attempt)
+        .bind(&lease.owner)
+        .fetch_optional(&mut *tx)
+        .await?;
     let job = job_from_row(&row.ok_or_else(|| lease_lost(lease))?)?;
     let status = settle(&mut tx, &job, outcome).await?;
     tx.commit().await?;
@@ -156,7 +211,11 @@ async fn finish_retry(pool: &PgPool, lease: &Lease, outcome: AttemptOutcome) -> 
 }
 
 /// Writes the end of `job`'s current attempt (its row locked by the caller) and its event.
-async fn settle(tx: &mut Transaction<'_, Postgres>, job: &Job, outcome: AttemptOutcome) -> Result<JobStatus> {
+async fn settle(
+    tx: &mut Transaction<'_, Postgres>,
+    job: &Job,
+    outcome: AttemptOutcome,
+) -> Result<JobStatus> {
     let decision = decide(job, outcome);
     let sql = "UPDATE jobs SET status = $2, result = $3, error = $4, lease_owner = NULL, lease_expires_at = NULL, \
                run_after = now() + make_interval(secs => $5), \
@@ -175,19 +234,29 @@ async fn settle(tx: &mut Transaction<'_, Postgres>, job: &Job, outcome: AttemptO
     Ok(decision.status)
 }
 
-pub(super) async fn reap_expired(pool: &PgPool, limit: u32, backoff: Duration) -> Result<Vec<Reaped>> {
+pub(super) async fn reap_expired(
+    pool: &PgPool,
+    limit: u32,
+    backoff: Duration,
+) -> Result<Vec<Reaped>> {
     let mut tx = pool.begin().await?;
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE status = 'running' AND lease_expires_at < now() \
          ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
     );
-    let rows = sqlx::query(&sql).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+    let rows = sqlx::query(&sql)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
     let mut reaped = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = job_from_row(row)?;
         let error = JobError {
             code: "lease_expired".into(),
-            message: format!("the worker running attempt {} stopped heartbeating", job.attempt),
+            message: format!(
+                "the worker running attempt {} stopped heartbeating",
+                job.attempt
+            ),
         };
         let backoff = crate::store::retry_backoff(backoff, job.attempt + 1);
         let status = settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
@@ -199,7 +268,9 @@ pub(super) async fn reap_expired(pool: &PgPool, limit: u32, backoff: Duration) -
 
 /// Counts jobs by status, for the queue-depth gauge.
 pub(super) async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64)>> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetch_all(pool).await?;
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        .fetch_all(pool)
+        .await?;
     rows.iter()
         .map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?)))
         .collect()
@@ -207,7 +278,11 @@ pub(super) async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64
 
 /// Records an artifact of the leased attempt; the fence row is locked so a concurrent reclaim
 /// waits for (or beats) the insert. Nothing is recorded when the lease was lost.
-pub(super) async fn commit_artifact(pool: &PgPool, lease: &Lease, artifact: &Artifact) -> Result<()> {
+pub(super) async fn commit_artifact(
+    pool: &PgPool,
+    lease: &Lease,
+    artifact: &Artifact,
+) -> Result<()> {
     let sql = format!(
         "WITH fence AS (SELECT id FROM jobs WHERE {FENCE} FOR UPDATE) \
          INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
@@ -226,7 +301,14 @@ pub(super) async fn commit_artifact(pool: &PgPool, lease: &Lease, artifact: &Art
         .bind(artifact.created_at)
         .execute(pool)
         .await
-        .map_err(|e| crate::store::constraint(e, || format!("job {} already has an artifact named {}", lease.job_id, artifact.name)))?;
+        .map_err(|e| {
+            crate::store::constraint(e, || {
+                format!(
+                    "job {} already has an artifact named {}",
+                    lease.job_id, artifact.name
+                )
+            })
+        })?;
     if done.rows_affected() == 0 {
         return Err(lease_lost(lease));
     }

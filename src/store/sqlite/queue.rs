@@ -13,21 +13,30 @@ use serde_json::{json, Value};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
-use crate::events::hub::{EventHub, Notice};
 use super::{event_from_row, job_from_row, json_text, to_text, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
+use crate::events::hub::{EventHub, Notice};
 use crate::store::lease::decide;
-use crate::store::{Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped, EVENT_STATUS};
+use crate::store::{
+    Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState,
+    Reaped, EVENT_STATUS,
+};
 
 /// The fence every worker write is conditioned on; `?1` job id, `?2` attempt, `?3` owner.
 const FENCE: &str = "id = ?1 AND attempt = ?2 AND lease_owner = ?3 AND status = 'running'";
 
 fn notice(event: &JobEvent) -> Notice {
-    Notice::Event { job_id: event.job_id, seq: event.seq }
+    Notice::Event {
+        job_id: event.job_id,
+        seq: event.seq,
+    }
 }
 
 fn lease_lost(lease: &Lease) -> Error {
-    Error::LeaseLost { job_id: lease.job_id, attempt: lease.attempt }
+    Error::LeaseLost {
+        job_id: lease.job_id,
+        attempt: lease.attempt,
+    }
 }
 
 /// `now + by`, as stored.
@@ -35,7 +44,12 @@ fn later(by: Duration) -> String {
     to_text(Utc::now() + chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX))
 }
 
-pub(super) async fn claim_next(pool: &SqlitePool, hub: &EventHub, owner: &str, lease: Duration) -> Result<Option<Job>> {
+pub(super) async fn claim_next(
+    pool: &SqlitePool,
+    hub: &EventHub,
+    owner: &str,
+    lease: Duration,
+) -> Result<Option<Job>> {
     let mut tx = pool.begin().await?;
     let now = to_text(Utc::now());
     let sql = format!(
@@ -45,7 +59,12 @@ pub(super) async fn claim_next(pool: &SqlitePool, hub: &EventHub, owner: &str, l
                      ORDER BY priority DESC, run_after, id LIMIT 1) \
          RETURNING {JOB_COLUMNS}"
     );
-    let row = sqlx::query(&sql).bind(owner).bind(later(lease)).bind(&now).fetch_optional(&mut *tx).await?;
+    let row = sqlx::query(&sql)
+        .bind(owner)
+        .bind(later(lease))
+        .bind(&now)
+        .fetch_optional(&mut *tx)
+        .await?;
     let Some(row) = row else {
         return Ok(None);
     };
@@ -57,7 +76,12 @@ pub(super) async fn claim_next(pool: &SqlitePool, hub: &EventHub, owner: &str, l
     Ok(Some(job))
 }
 
-async fn insert_event(tx: &mut Transaction<'_, Sqlite>, job: &Job, event_type: &str, payload: &Value) -> Result<JobEvent> {
+async fn insert_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    job: &Job,
+    event_type: &str,
+    payload: &Value,
+) -> Result<JobEvent> {
     let sql = format!(
         "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}"
     );
@@ -72,7 +96,11 @@ async fn insert_event(tx: &mut Transaction<'_, Sqlite>, job: &Job, event_type: &
     event_from_row(&row)
 }
 
-pub(super) async fn heartbeat(pool: &SqlitePool, lease: &Lease, duration: Duration) -> Result<Option<LeaseState>> {
+pub(super) async fn heartbeat(
+    pool: &SqlitePool,
+    lease: &Lease,
+    duration: Duration,
+) -> Result<Option<LeaseState>> {
     let sql = format!("UPDATE jobs SET lease_expires_at = ?4, updated_at = ?5 WHERE {FENCE} RETURNING cancel_requested");
     let row = sqlx::query(&sql)
         .bind(lease.job_id.to_string())
@@ -82,7 +110,12 @@ pub(super) async fn heartbeat(pool: &SqlitePool, lease: &Lease, duration: Durati
         .bind(to_text(Utc::now()))
         .fetch_optional(pool)
         .await?;
-    row.map(|r| Ok(LeaseState { cancel_requested: r.try_get::<bool, _>("cancel_requested")? })).transpose()
+    row.map(|r| {
+        Ok(LeaseState {
+            cancel_requested: r.try_get::<bool, _>("cancel_requested")?,
+        })
+    })
+    .transpose()
 }
 
 pub(super) async fn append_fenced_event(
@@ -106,16 +139,27 @@ pub(super) async fn append_fenced_event(
         .bind(to_text(Utc::now()))
         .fetch_optional(pool)
         .await?;
-    let event = row.as_ref().map(event_from_row).transpose()?.ok_or_else(|| lease_lost(lease))?;
+    let event = row
+        .as_ref()
+        .map(event_from_row)
+        .transpose()?
+        .ok_or_else(|| lease_lost(lease))?;
     hub.publish(notice(&event));
     Ok(event)
 }
 
-pub(super) async fn update_progress(pool: &SqlitePool, hub: &EventHub, lease: &Lease, progress: &JobProgress) -> Result<JobEvent> {
+pub(super) async fn update_progress(
+    pool: &SqlitePool,
+    hub: &EventHub,
+    lease: &Lease,
+    progress: &JobProgress,
+) -> Result<JobEvent> {
     let mut tx = pool.begin().await?;
     let progress = json_text(progress);
     let now = to_text(Utc::now());
-    let sql = format!("UPDATE jobs SET progress = ?4, updated_at = ?5 WHERE {FENCE} RETURNING {JOB_COLUMNS}");
+    let sql = format!(
+        "UPDATE jobs SET progress = ?4, updated_at = ?5 WHERE {FENCE} RETURNING {JOB_COLUMNS}"
+    );
     let row = sqlx::query(&sql)
         .bind(lease.job_id.to_string())
         .bind(lease.attempt)
@@ -125,14 +169,20 @@ pub(super) async fn update_progress(pool: &SqlitePool, hub: &EventHub, lease: &L
         .fetch_optional(&mut *tx)
         .await?;
     let job = job_from_row(&row.ok_or_else(|| lease_lost(lease))?)?;
-    let payload: Value = serde_json::from_str(&progress).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let payload: Value =
+        serde_json::from_str(&progress).map_err(|e| Error::Corrupt(e.to_string()))?;
     let event = insert_event(&mut tx, &job, "progress", &payload).await?;
     tx.commit().await?;
     hub.publish(notice(&event));
     Ok(event)
 }
 
-pub(super) async fn finish_attempt(pool: &SqlitePool, hub: &EventHub, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
+pub(super) async fn finish_attempt(
+    pool: &SqlitePool,
+    hub: &EventHub,
+    lease: &Lease,
+    outcome: AttemptOutcome,
+) -> Result<JobStatus> {
     let mut tx = pool.begin().await?;
     // A no-op write first, so this transaction holds the write lock before it reads the row.
     let sql = format!("UPDATE jobs SET updated_at = ?4 WHERE {FENCE} RETURNING {JOB_COLUMNS}");
@@ -159,7 +209,11 @@ fn announce(hub: &EventHub, status: JobStatus, event: &JobEvent) {
 }
 
 /// Writes the end of `job`'s current attempt and its event, inside the caller's write transaction.
-async fn settle(tx: &mut Transaction<'_, Sqlite>, job: &Job, outcome: AttemptOutcome) -> Result<(JobStatus, JobEvent)> {
+async fn settle(
+    tx: &mut Transaction<'_, Sqlite>,
+    job: &Job,
+    outcome: AttemptOutcome,
+) -> Result<(JobStatus, JobEvent)> {
     let decision = decide(job, outcome);
     let now = to_text(Utc::now());
     let finished_at = decision.status.is_finished().then(|| now.clone());
@@ -180,7 +234,12 @@ async fn settle(tx: &mut Transaction<'_, Sqlite>, job: &Job, outcome: AttemptOut
     Ok((decision.status, event))
 }
 
-pub(super) async fn reap_expired(pool: &SqlitePool, hub: &EventHub, limit: u32, backoff: Duration) -> Result<Vec<Reaped>> {
+pub(super) async fn reap_expired(
+    pool: &SqlitePool,
+    hub: &EventHub,
+    limit: u32,
+    backoff: Duration,
+) -> Result<Vec<Reaped>> {
     let mut tx = pool.begin().await?;
     let now = to_text(Utc::now());
     // Mark the expired leases first (a write, taking the lock), then settle each.
@@ -189,17 +248,29 @@ pub(super) async fn reap_expired(pool: &SqlitePool, hub: &EventHub, limit: u32, 
            SELECT id FROM jobs WHERE status = 'running' AND lease_expires_at < ?1 ORDER BY lease_expires_at LIMIT ?2) \
          RETURNING {JOB_COLUMNS}"
     );
-    let rows = sqlx::query(&sql).bind(&now).bind(i64::from(limit)).fetch_all(&mut *tx).await?;
+    let rows = sqlx::query(&sql)
+        .bind(&now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
     let mut settled = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = job_from_row(row)?;
         let error = JobError {
             code: "lease_expired".into(),
-            message: format!("the worker running attempt {} stopped heartbeating", job.attempt),
+            message: format!(
+                "the worker running attempt {} stopped heartbeating",
+                job.attempt
+            ),
         };
         let backoff = crate::store::retry_backoff(backoff, job.attempt + 1);
-        let (status, event) = settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
-        settled.push((Reaped::from_status(job.id, job.attempt, status), status, event));
+        let (status, event) =
+            settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
+        settled.push((
+            Reaped::from_status(job.id, job.attempt, status),
+            status,
+            event,
+        ));
     }
     tx.commit().await?;
     Ok(settled
@@ -213,13 +284,21 @@ pub(super) async fn reap_expired(pool: &SqlitePool, hub: &EventHub, limit: u32, 
 
 /// Counts jobs by status, for the queue-depth gauge.
 pub(super) async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus, i64)>> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status").fetch_all(pool).await?;
-    rows.iter().map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?))).collect()
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?)))
+        .collect()
 }
 
 /// Records an artifact of the leased attempt in one statement, so the fence check and the insert
 /// happen under the same write lock; nothing is recorded when the lease was lost.
-pub(super) async fn commit_artifact(pool: &SqlitePool, lease: &Lease, artifact: &Artifact) -> Result<()> {
+pub(super) async fn commit_artifact(
+    pool: &SqlitePool,
+    lease: &Lease,
+    artifact: &Artifact,
+) -> Result<()> {
     let sql = format!(
         "INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
          SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})"
@@ -237,7 +316,14 @@ pub(super) async fn commit_artifact(pool: &SqlitePool, lease: &Lease, artifact: 
         .bind(to_text(artifact.created_at))
         .execute(pool)
         .await
-        .map_err(|e| crate::store::constraint(e, || format!("job {} already has an artifact named {}", lease.job_id, artifact.name)))?;
+        .map_err(|e| {
+            crate::store::constraint(e, || {
+                format!(
+                    "job {} already has an artifact named {}",
+                    lease.job_id, artifact.name
+                )
+            })
+        })?;
     if done.rows_affected() == 0 {
         return Err(lease_lost(lease));
     }
