@@ -28,7 +28,6 @@ fn tiny_llama_learns_a_cyclic_sequence() -> Result<()> {
         &cfg,
         &LinearFactory::default(),
     )?;
-    train_support::init_zero_matrices(&store, 9)?;
     // Rows are windows of the cycle 1, 2, ..., 12, 1, 2, ...: every next token is determined.
     let rows: Vec<Example> = (0..24u32)
         .map(|start| Example {
