@@ -59,6 +59,10 @@ pub enum Error {
     #[error("{0}")]
     NotImplemented(String),
 
+    /// The compression engine failed while running a pipeline.
+    #[error("engine: {0}")]
+    Engine(#[from] compressd_engine::error::EngineError),
+
     /// A worker's write was refused because the job is no longer its attempt: the lease expired
     /// and the job was reclaimed, or it was cancelled and settled. The worker must stop at once.
     #[error("job {job_id} attempt {attempt}: lease lost")]

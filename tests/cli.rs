@@ -174,3 +174,46 @@ fn a_dry_run_writes_the_normalized_spec() {
     assert_eq!(written["seed"], 42);
     assert_eq!(written["pipeline"][0]["batch_size"], 16);
 }
+
+/// `compressd run` drives the engine end to end on the real MiniLM and BBC News (tiny caps so it
+/// takes seconds): a fine-tune then int8 quantization, with a report and a smaller final model.
+#[test]
+fn run_compresses_minilm_end_to_end() {
+    let shared = std::env::var_os("COMPRESSD_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let model = shared.join("models/all-MiniLM-L6-v2");
+    let dataset = shared.join("data/bbc_news/bbc_news.jsonl");
+    if !model.exists() || !dataset.exists() {
+        eprintln!(
+            "SKIPPED: {} or {} is missing (set COMPRESSD_SHARED)",
+            model.display(),
+            dataset.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        serde_json::json!({
+            "name": "smoke",
+            "model": model,
+            "task": {"type": "text_classification", "dataset": dataset, "max_length": 32,
+                     "max_train_samples": 64, "max_eval_samples": 32},
+            "pipeline": [{"type": "finetune", "epochs": 1, "learning_rate": 5e-5, "head_learning_rate": 1e-3},
+                         {"type": "quantize", "scheme": "int8"}],
+            "acceptance": {"metric": "accuracy", "max_drop": 0.5}
+        }),
+    );
+    let out = dir.path().join("out");
+    let output = compressd(&["run", &spec, "--out", out.to_str().unwrap()], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = stderr(&output);
+    assert!(log.contains("\"event\":\"stage_started\""), "{log}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert!(out.join("report.md").exists());
+    assert!(out.join("final").is_dir() && out.join("best").is_dir());
+    let text = report.to_string();
+    assert!(text.contains("1-quantize"), "{text}");
+}

@@ -16,7 +16,9 @@ fn shared() -> Option<PathBuf> {
     let dir = std::env::var_os("COMPRESSD_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    dir.join("models/all-MiniLM-L6-v2/model.safetensors").is_file().then_some(dir)
+    dir.join("models/all-MiniLM-L6-v2/model.safetensors")
+        .is_file()
+        .then_some(dir)
 }
 
 #[test]
@@ -43,23 +45,51 @@ fn minilm_bbc_finetune_prune_int8() -> Result<()> {
         ],
         "acceptance": {"metric": "accuracy", "max_drop": 0.05}
     }))?;
-    let inputs = PipelineInputs { model, dataset, device: "cpu".into() };
+    let inputs = PipelineInputs {
+        model,
+        dataset,
+        device: "cpu".into(),
+    };
     let out = tempfile::tempdir()?;
     let progress = |e: Event| {
         if let Event::Metric { label, metrics } = &e {
-            eprintln!("{label}: accuracy {:?} size {} B batch-1 {:?} ms", metrics.accuracy, metrics.size_on_disk_bytes, metrics.latency_batch1_ms);
+            eprintln!(
+                "{label}: accuracy {:?} size {} B batch-1 {:?} ms",
+                metrics.accuracy, metrics.size_on_disk_bytes, metrics.latency_batch1_ms
+            );
         }
     };
-    let result = run_job(&spec, &inputs, Device::Cpu, out.path(), &progress, &AtomicBool::new(false))?;
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        out.path(),
+        &progress,
+        &AtomicBool::new(false),
+    )?;
     let report = &result.report;
     eprintln!("{}", report.to_markdown());
-    let accuracy: Vec<f64> = report.stages.iter().map(|s| s.metrics.accuracy.unwrap_or(0.0)).collect();
+    let accuracy: Vec<f64> = report
+        .stages
+        .iter()
+        .map(|s| s.metrics.accuracy.unwrap_or(0.0))
+        .collect();
     assert!(accuracy[0] > 0.85, "fine-tuned accuracy {accuracy:?}");
-    assert!(accuracy[2] > accuracy[0] - 0.05, "pruned + int8 within 5 points: {accuracy:?}");
-    let sparsity = report.stages[1].details["achieved"]["overall"].as_f64().unwrap_or(0.0);
+    assert!(
+        accuracy[2] > accuracy[0] - 0.05,
+        "pruned + int8 within 5 points: {accuracy:?}"
+    );
+    let sparsity = report.stages[1].details["achieved"]["overall"]
+        .as_f64()
+        .unwrap_or(0.0);
     assert!((sparsity - 0.5).abs() < 0.01, "{sparsity}");
     let (pruned, int8) = (&report.stages[1].metrics, &report.stages[2].metrics);
-    assert!(int8.size_on_disk_bytes * 2 < pruned.size_on_disk_bytes, "int8 linears, f32 embeddings: {} vs {}", int8.size_on_disk_bytes, pruned.size_on_disk_bytes);
+    assert!(
+        int8.size_on_disk_bytes * 2 < pruned.size_on_disk_bytes,
+        "int8 linears, f32 embeddings: {} vs {}",
+        int8.size_on_disk_bytes,
+        pruned.size_on_disk_bytes
+    );
     assert!(int8.latency_batch1_ms.is_some_and(|ms| ms > 0.0));
     Ok(())
 }

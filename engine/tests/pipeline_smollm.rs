@@ -17,11 +17,16 @@ fn shared() -> Option<PathBuf> {
     let dir = std::env::var_os("COMPRESSD_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    dir.join("models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf").is_file().then_some(dir)
+    dir.join("models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .is_file()
+        .then_some(dir)
 }
 
 /// Perplexity before and after quantizing to `scheme`.
-fn perplexities(shared: &std::path::Path, scheme: &str) -> Result<(f64, f64, PathBuf, tempfile::TempDir)> {
+fn perplexities(
+    shared: &std::path::Path,
+    scheme: &str,
+) -> Result<(f64, f64, PathBuf, tempfile::TempDir)> {
     let model = shared.join("models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dataset = shared.join("data/shakespeare/shakespeare_plays.txt");
     let spec: JobSpec = serde_json::from_value(serde_json::json!({
@@ -31,12 +36,31 @@ fn perplexities(shared: &std::path::Path, scheme: &str) -> Result<(f64, f64, Pat
         "pipeline": [{"type": "quantize", "scheme": scheme}],
         "acceptance": {"metric": "perplexity", "max_relative_drop": 0.06}
     }))?;
-    let inputs = PipelineInputs { model, dataset, device: "cpu".into() };
+    let inputs = PipelineInputs {
+        model,
+        dataset,
+        device: "cpu".into(),
+    };
     let out = tempfile::tempdir()?;
-    let result = run_job(&spec, &inputs, Device::Cpu, out.path(), &|_| {}, &AtomicBool::new(false))?;
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        out.path(),
+        &|_| {},
+        &AtomicBool::new(false),
+    )?;
     eprintln!("{}", result.report.to_markdown());
-    let before = result.report.baseline.metrics.perplexity.unwrap_or(f64::NAN);
-    let after = result.report.stages[0].metrics.perplexity.unwrap_or(f64::NAN);
+    let before = result
+        .report
+        .baseline
+        .metrics
+        .perplexity
+        .unwrap_or(f64::NAN);
+    let after = result.report.stages[0]
+        .metrics
+        .perplexity
+        .unwrap_or(f64::NAN);
     Ok((before, after, result.final_dir, out))
 }
 
@@ -48,7 +72,9 @@ fn smollm_q8_0_and_q4_k_keep_perplexity() -> Result<()> {
         return Ok(());
     }
     let Some(shared) = shared() else {
-        eprintln!("SKIPPED: ../shared with SmolLM2 and Shakespeare is not here (set COMPRESSD_SHARED)");
+        eprintln!(
+            "SKIPPED: ../shared with SmolLM2 and Shakespeare is not here (set COMPRESSD_SHARED)"
+        );
         return Ok(());
     };
     let (base, q8, final_dir, _keep) = perplexities(&shared, "q8_0")?;

@@ -5,7 +5,12 @@
 
 use std::path::Path;
 
+use std::sync::atomic::AtomicBool;
+
+use candle_core::Device;
+use compressd_engine::pipeline::{Event, PipelineInputs};
 use compressd_engine::spec::{JobSpec, Violation};
+use compressd_engine::stages::run_job;
 
 use crate::error::{Error, Result};
 use crate::job_spec;
@@ -56,7 +61,7 @@ fn check_local_inputs(spec: &JobSpec, spec_path: &Path) -> Result<()> {
 /// A dry run writes the normalized spec (`spec.json`, every default filled in) and stops.
 ///
 /// # Errors
-/// [`Error::NotImplemented`] for real runs until the engine's pipeline runner is wired here.
+/// [`Error::Engine`] when a stage fails.
 pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
     let normalized =
         serde_json::to_string_pretty(spec).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -69,11 +74,26 @@ pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
         );
         return Ok(());
     }
-    let first = spec
-        .pipeline
-        .first()
-        .map_or("none", |stage| stage.type_name());
-    Err(Error::NotImplemented(format!(
-        "stage `{first}` is not implemented yet in `compressd run`: the engine's pipeline runner is not wired in"
-    )))
+    let inputs = PipelineInputs {
+        model: spec.model.clone().into(),
+        dataset: spec.task.dataset.clone().into(),
+        device: "cpu".into(),
+    };
+    // No server, no cancel endpoint: Ctrl-C ends the process, and a rerun resumes from the
+    // checkpoint the pipeline writes after every finished stage.
+    let cancel = AtomicBool::new(false);
+    let progress = |event: Event| match serde_json::to_string(&event) {
+        Ok(line) => eprintln!("{line}"),
+        Err(e) => tracing::warn!(error = %e, "progress event not serializable"),
+    };
+    let result = run_job(spec, &inputs, Device::Cpu, out, &progress, &cancel)?;
+    println!(
+        "done: final model in {}, best in {}, acceptance met: {}",
+        result.final_dir.display(),
+        result.best_dir.display(),
+        result
+            .acceptance_met
+            .map_or("no contract".to_string(), |met| met.to_string())
+    );
+    Ok(())
 }

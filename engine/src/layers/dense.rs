@@ -39,7 +39,10 @@ impl DenseLinear {
     ) -> Result<Self> {
         // A weight the checkpoint lacks (a new task head, a tiny test model) is drawn like Hugging
         // Face's `initializer_range` default; zeros would make every unit identical and unlearnable.
-        let weight_init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+        let weight_init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let weight = vb.get_with_hints((out_features, in_features), "weight", weight_init)?;
         let bias = if bias {
             Some(vb.get_with_hints(out_features, "bias", candle_nn::Init::Const(0.0))?)
