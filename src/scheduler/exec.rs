@@ -173,13 +173,15 @@ fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::
     Ok(start)
 }
 
-/// Runs the job's pipeline on the engine. This is the one call site the engine's pipeline is
-/// wired into; until it exists every real run fails here, without retry, naming the first stage.
+/// Runs the job's pipeline on the engine. This is the one call site the engine's pipeline
+/// (`compressd_engine::stages::run_job`, already driven by `compressd run`) is to be wired into,
+/// together with fetching inputs and committing artifacts; until then every real run fails here,
+/// without retry, naming the first stage.
 fn run_pipeline(_request: &ExecRequest, spec: &JobSpec, _out: &mut impl Write) -> ChildMessage {
     let stage = spec.pipeline.first().map_or("pipeline", |s| s.type_name());
     failed(
         "stage_not_implemented",
-        format!("stage `{stage}` is not implemented yet in this build"),
+        format!("stage `{stage}`: the worker does not run engine pipelines yet in this build; run the spec locally with `compressd run`"),
         false,
     )
 }
