@@ -62,7 +62,10 @@ fn parse_args() -> Result<Args> {
             other => bail!("unknown flag {other}"),
         }
     }
-    ensure!(args.epochs > 0 && args.batch_size > 0 && args.max_length > 0, "settings must be >= 1");
+    ensure!(
+        args.epochs > 0 && args.batch_size > 0 && args.max_length > 0,
+        "settings must be >= 1"
+    );
     Ok(args)
 }
 

@@ -26,7 +26,10 @@ fn main() -> Result<()> {
         return child(scheme, &input);
     }
     let size_mib: usize = match args.iter().position(|a| a == "--size-mib") {
-        Some(i) => args.get(i + 1).context("--size-mib needs a number")?.parse()?,
+        Some(i) => args
+            .get(i + 1)
+            .context("--size-mib needs a number")?
+            .parse()?,
         None => 1024,
     };
     let dir = tempfile::tempdir()?;
@@ -39,7 +42,10 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|---|---|");
     let exe = std::env::current_exe()?;
     for scheme in SCHEMES {
-        let out = Command::new(&exe).args(["--child", scheme]).arg(&input).output()?;
+        let out = Command::new(&exe)
+            .args(["--child", scheme])
+            .arg(&input)
+            .output()?;
         if !out.status.success() {
             bail!("{scheme}: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -52,7 +58,11 @@ fn main() -> Result<()> {
             fields["seconds"],
             fields["output_mb"],
             fields["peak_rss_mb"],
-            if fields["peak_rss_mb"] < bound { "met" } else { "MISSED" }
+            if fields["peak_rss_mb"] < bound {
+                "met"
+            } else {
+                "MISSED"
+            }
         );
     }
     Ok(())
@@ -77,8 +87,15 @@ fn child(scheme: &str, input: &Path) -> Result<()> {
 /// This process's peak resident set (VmHWM) in KiB.
 fn peak_rss_kib() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
-    Ok(line.split_whitespace().nth(1).context("malformed VmHWM")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM in /proc/self/status")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmHWM")?
+        .parse()?)
 }
 
 /// Writes `tensors` f32 tensors of `ROWS × COLS` with roughly normal values (sum of uniforms).

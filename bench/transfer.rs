@@ -24,11 +24,16 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 fn main() -> Result<()> {
-    let bytes: u64 = std::env::var("TRANSFER_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(2 << 30);
+    let bytes: u64 = std::env::var("TRANSFER_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2 << 30);
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("big.txt");
     write_text(&file, bytes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     println!("| store | direction | bytes | seconds | MB/s | server peak RSS (MB) |");
     println!("|---|---|---|---|---|---|");
     tracing_subscriber::fmt().with_env_filter("warn").init();
@@ -38,7 +43,9 @@ fn main() -> Result<()> {
     match start_moto() {
         Some((mut moto, endpoint)) => {
             let bucket = "transfer-bench";
-            Command::new("curl").args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")]).status()?;
+            Command::new("curl")
+                .args(["-sf", "-X", "PUT", &format!("{endpoint}/{bucket}")])
+                .status()?;
             let overrides = [
                 ("artifacts_url", json!(format!("s3://{bucket}/bench"))),
                 ("s3_endpoint", json!(endpoint)),
@@ -73,7 +80,11 @@ fn write_text(path: &Path, bytes: u64) -> Result<()> {
 }
 
 fn start_moto() -> Option<(Child, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
     let child = Command::new("moto_server")
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
@@ -82,7 +93,12 @@ fn start_moto() -> Option<(Child, String)> {
         .ok()?;
     let endpoint = format!("http://127.0.0.1:{port}");
     for _ in 0..100 {
-        if Command::new("curl").args(["-sf", "-o", "/dev/null", &endpoint]).status().ok()?.success() {
+        if Command::new("curl")
+            .args(["-sf", "-o", "/dev/null", &endpoint])
+            .status()
+            .ok()?
+            .success()
+        {
             return Some((child, endpoint));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -116,10 +132,21 @@ async fn run(label: &str, file: &PathBuf, overrides: &[(&str, Value)]) -> Result
     reset_peak_rss();
     let started = Instant::now();
     let form = format!("file=@{};filename=big.txt", file.display());
-    let out = curl(&["-sS", "-F", "format=text", "-F", &form, &format!("{base}/v1/datasets")]).await?;
+    let out = curl(&[
+        "-sS",
+        "-F",
+        "format=text",
+        "-F",
+        &form,
+        &format!("{base}/v1/datasets"),
+    ])
+    .await?;
     let upload_secs = started.elapsed().as_secs_f64();
     let dataset: Value = serde_json::from_slice(&out).context("upload answer")?;
-    let Some(dataset_uri) = dataset["id"].as_str().map(|id| format!("datasets/{id}/big.txt")) else {
+    let Some(dataset_uri) = dataset["id"]
+        .as_str()
+        .map(|id| format!("datasets/{id}/big.txt"))
+    else {
         bail!("upload failed: {dataset}");
     };
     report(label, "upload", size, upload_secs);
@@ -127,7 +154,13 @@ async fn run(label: &str, file: &PathBuf, overrides: &[(&str, Value)]) -> Result
     let job = artifact_job(&*store, &base, &dataset_uri, size).await?;
     reset_peak_rss();
     let started = Instant::now();
-    curl(&["-sSf", "-o", "/dev/null", &format!("{base}/v1/jobs/{job}/artifacts/big.txt")]).await?;
+    curl(&[
+        "-sSf",
+        "-o",
+        "/dev/null",
+        &format!("{base}/v1/jobs/{job}/artifacts/big.txt"),
+    ])
+    .await?;
     report(label, "download", size, started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -135,26 +168,65 @@ async fn run(label: &str, file: &PathBuf, overrides: &[(&str, Value)]) -> Result
 /// A job (over placeholder model and dataset rows) whose artifact is the uploaded object.
 async fn artifact_job(store: &dyn Store, base: &str, uri: &str, size: u64) -> Result<Uuid> {
     let now = Utc::now();
-    let model = Model { id: Uuid::now_v7(), name: "m".into(), architecture: "bert".into(), format: "safetensors".into(),
-        uri: "models/x/".into(), bytes: 1, sha256: "0".into(), metadata: json!({}), created_at: now };
-    let dataset = Dataset { id: Uuid::now_v7(), name: "d".into(), format: "jsonl".into(), uri: "datasets/x".into(),
-        bytes: 1, sha256: "0".into(), rows: 2, metadata: json!({}), created_at: now };
+    let model = Model {
+        id: Uuid::now_v7(),
+        name: "m".into(),
+        architecture: "bert".into(),
+        format: "safetensors".into(),
+        uri: "models/x/".into(),
+        bytes: 1,
+        sha256: "0".into(),
+        metadata: json!({}),
+        created_at: now,
+    };
+    let dataset = Dataset {
+        id: Uuid::now_v7(),
+        name: "d".into(),
+        format: "jsonl".into(),
+        uri: "datasets/x".into(),
+        bytes: 1,
+        sha256: "0".into(),
+        rows: 2,
+        metadata: json!({}),
+        created_at: now,
+    };
     store.insert_model(&model).await?;
     store.insert_dataset(&dataset).await?;
     let spec = json!({"name": "bench", "model": model.id, "pipeline": [{"type": "finetune"}],
-        "task": {"type": "text_classification", "dataset": dataset.id}}).to_string();
-    let out = curl(&["-sS", "-H", "content-type: application/json", "-d", &spec, &format!("{base}/v1/jobs")]).await?;
+        "task": {"type": "text_classification", "dataset": dataset.id}})
+    .to_string();
+    let out = curl(&[
+        "-sS",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        &spec,
+        &format!("{base}/v1/jobs"),
+    ])
+    .await?;
     let job: Value = serde_json::from_slice(&out)?;
     let id: Uuid = job["id"].as_str().context("job id")?.parse()?;
     store
-        .insert_artifact(&Artifact { job_id: id, attempt: 1, name: "big.txt".into(), kind: "model".into(), format: "text".into(),
-            bytes: size as i64, sha256: "0".into(), uri: uri.into(), created_at: now })
+        .insert_artifact(&Artifact {
+            job_id: id,
+            attempt: 1,
+            name: "big.txt".into(),
+            kind: "model".into(),
+            format: "text".into(),
+            bytes: size as i64,
+            sha256: "0".into(),
+            uri: uri.into(),
+            created_at: now,
+        })
         .await?;
     Ok(id)
 }
 
 async fn curl(args: &[&str]) -> Result<Vec<u8>> {
-    let out = tokio::process::Command::new("curl").args(args).output().await?;
+    let out = tokio::process::Command::new("curl")
+        .args(args)
+        .output()
+        .await?;
     if !out.status.success() {
         bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -178,5 +250,8 @@ fn peak_rss_mb() -> f64 {
 
 fn report(label: &str, direction: &str, bytes: u64, seconds: f64) {
     let mbps = bytes as f64 / seconds / 1e6;
-    println!("| {label} | {direction} | {bytes} | {seconds:.1} | {mbps:.0} | {:.0} |", peak_rss_mb());
+    println!(
+        "| {label} | {direction} | {bytes} | {seconds:.1} | {mbps:.0} | {:.0} |",
+        peak_rss_mb()
+    );
 }

@@ -17,8 +17,12 @@ fn expected_counts(path: &Path) -> (u64, BTreeMap<String, u64>, BTreeMap<String,
     for line in std::fs::read_to_string(path).unwrap().lines() {
         let row: Value = serde_json::from_str(line).unwrap();
         rows += 1;
-        *labels.entry(row["label"].as_str().unwrap().to_owned()).or_default() += 1;
-        *splits.entry(row["split"].as_str().unwrap().to_owned()).or_default() += 1;
+        *labels
+            .entry(row["label"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+        *splits
+            .entry(row["split"].as_str().unwrap().to_owned())
+            .or_default() += 1;
     }
     (rows, labels, splits)
 }
@@ -26,7 +30,10 @@ fn expected_counts(path: &Path) -> (u64, BTreeMap<String, u64>, BTreeMap<String,
 fn assert_counts(dataset: &Value, path: &Path) {
     let (rows, labels, splits) = expected_counts(path);
     assert_eq!(dataset["rows"], rows);
-    assert_eq!(dataset["label_counts"], serde_json::to_value(labels).unwrap());
+    assert_eq!(
+        dataset["label_counts"],
+        serde_json::to_value(labels).unwrap()
+    );
     assert_eq!(dataset["splits"], serde_json::to_value(splits).unwrap());
     assert_eq!(dataset["sha256"], sha256_file(path));
     assert_eq!(dataset["bytes"], std::fs::metadata(path).unwrap().len());
@@ -39,7 +46,13 @@ async fn registers_bbc_by_upload_and_sms_by_reference_with_matching_counts() {
     let Some(shared) = shared() else { return };
     let server = start(&[]).await;
     let bbc = shared.join("data/bbc_news/bbc_news.jsonl");
-    let (status, dataset) = server.upload("/v1/datasets", &[("name", "bbc")], &[("bbc_news.jsonl", bbc.clone())]).await;
+    let (status, dataset) = server
+        .upload(
+            "/v1/datasets",
+            &[("name", "bbc")],
+            &[("bbc_news.jsonl", bbc.clone())],
+        )
+        .await;
     assert_eq!(status, 201, "{dataset}");
     assert_counts(&dataset, &bbc);
     assert_eq!(dataset["label_counts"]["business"], 510);
@@ -53,26 +66,59 @@ async fn registers_bbc_by_upload_and_sms_by_reference_with_matching_counts() {
     assert_counts(&dataset, &sms);
     assert_eq!(dataset["label_counts"]["spam"], 642);
     assert_eq!(dataset["name"], "sms_spam.jsonl");
-    assert_eq!(server.get("/v1/datasets").await.1["datasets"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.get("/v1/datasets").await.1["datasets"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[tokio::test]
 async fn reads_csv_and_text_and_reports_skipped_rows() {
     let server = start(&[]).await;
     let csv = b"body,tag\n\"hello, world\",a\nbye,b\n\xff,a\n".to_vec();
-    let texts = [("text_field", "body"), ("label_field", "tag"), ("strict", "false")];
-    let (status, dataset) = server.upload_bytes("/v1/datasets", &texts, &[("d.csv", csv)]).await;
+    let texts = [
+        ("text_field", "body"),
+        ("label_field", "tag"),
+        ("strict", "false"),
+    ];
+    let (status, dataset) = server
+        .upload_bytes("/v1/datasets", &texts, &[("d.csv", csv)])
+        .await;
     assert_eq!(status, 201, "{dataset}");
-    assert_eq!((dataset["rows"].as_u64(), dataset["rejected"].as_u64()), (Some(2), Some(1)));
+    assert_eq!(
+        (dataset["rows"].as_u64(), dataset["rejected"].as_u64()),
+        (Some(2), Some(1))
+    );
     assert_eq!(dataset["rejected_rows"][0]["line"], 4);
     assert_eq!(dataset["format"], "csv");
-    let (status, text) = server.upload_bytes("/v1/datasets", &[], &[("plays.txt", b"to be\nor not\n".to_vec())]).await;
+    let (status, text) = server
+        .upload_bytes(
+            "/v1/datasets",
+            &[],
+            &[("plays.txt", b"to be\nor not\n".to_vec())],
+        )
+        .await;
     assert_eq!(status, 201, "{text}");
-    assert_eq!((text["rows"].as_u64(), text["label_counts"].clone()), (Some(2), json!({})));
+    assert_eq!(
+        (text["rows"].as_u64(), text["label_counts"].clone()),
+        (Some(2), json!({}))
+    );
 }
 
-async fn refused(server: &Server, texts: &[(&str, &str)], name: &str, bytes: &[u8], status: u16, word: &str) {
-    let (got, body) = server.upload_bytes("/v1/datasets", texts, &[(name, bytes.to_vec())]).await;
+async fn refused(
+    server: &Server,
+    texts: &[(&str, &str)],
+    name: &str,
+    bytes: &[u8],
+    status: u16,
+    word: &str,
+) {
+    let (got, body) = server
+        .upload_bytes("/v1/datasets", texts, &[(name, bytes.to_vec())])
+        .await;
     assert_eq!(got, status, "{body}");
     let want = match status {
         413 => "body-too-large",
@@ -80,8 +126,15 @@ async fn refused(server: &Server, texts: &[(&str, &str)], name: &str, bytes: &[u
         _ => "invalid-dataset",
     };
     assert_eq!(slug(&body), want, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains(word), "{word} not in {body}");
-    assert!(server.stored_files().is_empty(), "left behind: {:?}", server.stored_files());
+    assert!(
+        body["detail"].as_str().unwrap().contains(word),
+        "{word} not in {body}"
+    );
+    assert!(
+        server.stored_files().is_empty(),
+        "left behind: {:?}",
+        server.stored_files()
+    );
     assert_eq!(server.get("/v1/datasets").await.1["datasets"], json!([]));
 }
 
@@ -89,13 +142,61 @@ async fn refused(server: &Server, texts: &[(&str, &str)], name: &str, bytes: &[u
 async fn bad_datasets_are_refused_and_leave_nothing() {
     let server = start(&[("dataset_upload_max_bytes", json!(1024))]).await;
     let ok = "{\"text\":\"a\",\"label\":\"x\"}\n";
-    refused(&server, &[], "d.jsonl", format!("{ok}not json\n").as_bytes(), 422, "line 2: not valid JSON").await;
-    refused(&server, &[], "d.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"\xc3\x28\",\"label\":\"y\"}\n", 422, "invalid UTF-8").await;
-    refused(&server, &[], "d.jsonl", format!("{ok}{{\"text\":\"b\"}}\n").as_bytes(), 422, "field `label` is missing").await;
-    refused(&server, &[], "d.jsonl", format!("{ok}{ok}").as_bytes(), 422, "at least two labels").await;
+    refused(
+        &server,
+        &[],
+        "d.jsonl",
+        format!("{ok}not json\n").as_bytes(),
+        422,
+        "line 2: not valid JSON",
+    )
+    .await;
+    refused(
+        &server,
+        &[],
+        "d.jsonl",
+        b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\":\"\xc3\x28\",\"label\":\"y\"}\n",
+        422,
+        "invalid UTF-8",
+    )
+    .await;
+    refused(
+        &server,
+        &[],
+        "d.jsonl",
+        format!("{ok}{{\"text\":\"b\"}}\n").as_bytes(),
+        422,
+        "field `label` is missing",
+    )
+    .await;
+    refused(
+        &server,
+        &[],
+        "d.jsonl",
+        format!("{ok}{ok}").as_bytes(),
+        422,
+        "at least two labels",
+    )
+    .await;
     refused(&server, &[], "d.jsonl", b"\n\n", 422, "no usable rows").await;
     refused(&server, &[], "d.jsonl", b"", 422, "empty").await;
-    refused(&server, &[], "d.jsonl", ok.repeat(100).as_bytes(), 413, "1024").await;
+    refused(
+        &server,
+        &[],
+        "d.jsonl",
+        ok.repeat(100).as_bytes(),
+        413,
+        "1024",
+    )
+    .await;
     refused(&server, &[], "d.parquet", ok.as_bytes(), 422, "format").await;
-    refused(&server, &[("format", "xml")], "d.jsonl", ok.as_bytes(), 422, "xml").await;
+    refused(
+        &server,
+        &[("format", "xml")],
+        "d.jsonl",
+        ok.as_bytes(),
+        422,
+        "xml",
+    )
+    .await;
 }

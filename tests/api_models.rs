@@ -20,8 +20,11 @@ fn minilm(shared: &Path) -> Vec<(String, std::path::PathBuf)> {
 
 async fn upload_minilm(server: &Server, shared: &Path) -> (u16, Value) {
     let owned = minilm(shared);
-    let files: Vec<(&str, std::path::PathBuf)> = owned.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
-    server.upload("/v1/models", &[("name", "minilm")], &files).await
+    let files: Vec<(&str, std::path::PathBuf)> =
+        owned.iter().map(|(n, p)| (n.as_str(), p.clone())).collect();
+    server
+        .upload("/v1/models", &[("name", "minilm")], &files)
+        .await
 }
 
 fn assert_minilm(model: &Value, shared: &Path) {
@@ -29,10 +32,18 @@ fn assert_minilm(model: &Value, shared: &Path) {
     assert_eq!(model["format"], "safetensors");
     assert_eq!(model["parameters"], MINILM_PARAMETERS);
     let files = minilm(shared);
-    let total: u64 = files.iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum();
+    let total: u64 = files
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+        .sum();
     assert_eq!(model["bytes"], total);
     assert_eq!(model["files"].as_array().unwrap().len(), files.len());
-    let weights = model["files"].as_array().unwrap().iter().find(|f| f["name"] == "model.safetensors").unwrap();
+    let weights = model["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "model.safetensors")
+        .unwrap();
     let path = shared.join("models/all-MiniLM-L6-v2/model.safetensors");
     assert_eq!(weights["sha256"], sha256_file(&path));
     assert_eq!(weights["bytes"], std::fs::metadata(&path).unwrap().len());
@@ -52,13 +63,23 @@ async fn registers_minilm_by_upload_and_by_file_reference() {
     let stored = server.stored_files();
     assert_eq!(stored.len(), minilm(&shared).len(), "{stored:?}");
 
-    let uri = format!("file://{}", shared.join("models/all-MiniLM-L6-v2").canonicalize().unwrap().display());
+    let uri = format!(
+        "file://{}",
+        shared
+            .join("models/all-MiniLM-L6-v2")
+            .canonicalize()
+            .unwrap()
+            .display()
+    );
     let (status, referenced) = server.post_json("/v1/models", &json!({"uri": uri})).await;
     assert_eq!(status, 201, "{referenced}");
     assert_minilm(&referenced, &shared);
     assert_eq!(referenced["name"], "all-MiniLM-L6-v2");
     assert_eq!(referenced["source"], uri);
-    assert_eq!(referenced["sha256"], uploaded["sha256"], "same files, same manifest digest");
+    assert_eq!(
+        referenced["sha256"], uploaded["sha256"],
+        "same files, same manifest digest"
+    );
 
     let (status, list) = server.get("/v1/models?limit=1").await;
     assert_eq!(status, 200);
@@ -72,7 +93,10 @@ async fn registers_the_smollm2_gguf_by_upload() {
     let server = start(&[]).await;
     let dir = shared.join("models/SmolLM2-135M-Instruct-Q4_1");
     let files = [
-        ("SmolLM2-135M-Instruct.Q4_1.gguf", dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")),
+        (
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        ),
         ("tokenizer.json", dir.join("tokenizer.json")),
     ];
     let (status, model) = server.upload("/v1/models", &[], &files).await;
@@ -82,7 +106,10 @@ async fn registers_the_smollm2_gguf_by_upload() {
     assert_eq!(model["name"], "SmolLM2-135M-Instruct.Q4_1");
     // shared/README.md: 134.5M parameters.
     let parameters = model["parameters"].as_u64().unwrap();
-    assert!((134_400_000..134_600_000).contains(&parameters), "{parameters}");
+    assert!(
+        (134_400_000..134_600_000).contains(&parameters),
+        "{parameters}"
+    );
     let gguf = &model["files"][0];
     assert_eq!(gguf["sha256"], sha256_file(&files[0].1));
 }
@@ -94,7 +121,9 @@ async fn deletes_models_and_their_files_but_not_while_a_job_uses_them() {
     let (_, model) = upload_minilm(&server, &shared).await;
     let id = model["id"].as_str().unwrap().to_owned();
     let data = shared.join("data/sms_spam/sms_spam.jsonl");
-    let (status, dataset) = server.upload("/v1/datasets", &[], &[("sms.jsonl", data)]).await;
+    let (status, dataset) = server
+        .upload("/v1/datasets", &[], &[("sms.jsonl", data)])
+        .await;
     assert_eq!(status, 201, "{dataset}");
     let spec = json!({"name": "uses-it", "model": id, "pipeline": [{"type": "finetune"}],
         "task": {"type": "text_classification", "dataset": dataset["id"]}});
@@ -102,10 +131,18 @@ async fn deletes_models_and_their_files_but_not_while_a_job_uses_them() {
     assert_eq!(status, 201, "{job}");
     let (status, problem) = server.delete(&format!("/v1/models/{id}")).await;
     assert_eq!(status, 409, "{problem}");
-    server.post_json(&format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()), &json!({})).await;
+    server
+        .post_json(
+            &format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap()),
+            &json!({}),
+        )
+        .await;
     let (status, _) = server.delete(&format!("/v1/models/{id}")).await;
     assert_eq!(status, 204);
     assert_eq!(server.get(&format!("/v1/models/{id}")).await.0, 404);
-    assert!(server.stored_files().iter().all(|f| !f.to_string_lossy().contains(&id)));
+    assert!(server
+        .stored_files()
+        .iter()
+        .all(|f| !f.to_string_lossy().contains(&id)));
     assert_eq!(server.get("/v1/models/not-a-uuid").await.0, 400);
 }

@@ -23,7 +23,8 @@ fn tiny_bert() -> Vec<(&'static str, Vec<u8>)> {
         ("encoder.layer.0.intermediate.dense.weight", vec![8, 4]),
         ("encoder.layer.0.output.dense.weight", vec![4, 8]),
     ];
-    let vocab: serde_json::Map<String, Value> = (0..10).map(|i| (format!("t{i}"), json!(i))).collect();
+    let vocab: serde_json::Map<String, Value> =
+        (0..10).map(|i| (format!("t{i}"), json!(i))).collect();
     let tokenizer = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"}});
@@ -42,7 +43,10 @@ fn safetensors(tensors: &[(&str, Vec<u64>)], shift: u64) -> Vec<u8> {
     for (i, (name, shape)) in tensors.iter().enumerate() {
         let bytes = 4 * shape.iter().product::<u64>();
         let start = if i > 0 { offset - shift } else { offset };
-        header.insert(name.to_string(), json!({"dtype": "F32", "shape": shape, "data_offsets": [start, start + bytes]}));
+        header.insert(
+            name.to_string(),
+            json!({"dtype": "F32", "shape": shape, "data_offsets": [start, start + bytes]}),
+        );
         offset = start + bytes;
     }
     let header = serde_json::to_vec(&header).unwrap();
@@ -52,22 +56,42 @@ fn safetensors(tensors: &[(&str, Vec<u64>)], shift: u64) -> Vec<u8> {
     out
 }
 
-fn replace(mut files: Vec<(&'static str, Vec<u8>)>, name: &str, bytes: Vec<u8>) -> Vec<(&'static str, Vec<u8>)> {
-    files.iter_mut().filter(|(n, _)| *n == name).for_each(|(_, b)| *b = bytes.clone());
+fn replace(
+    mut files: Vec<(&'static str, Vec<u8>)>,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Vec<(&'static str, Vec<u8>)> {
+    files
+        .iter_mut()
+        .filter(|(n, _)| *n == name)
+        .for_each(|(_, b)| *b = bytes.clone());
     files
 }
 
 /// Uploads and checks the status, the slug, a word of the message, and that nothing is left.
-async fn refused(server: &Server, files: &[(&str, Vec<u8>)], status: u16, want_slug: &str, word: &str) {
+async fn refused(
+    server: &Server,
+    files: &[(&str, Vec<u8>)],
+    status: u16,
+    want_slug: &str,
+    word: &str,
+) {
     let (got, body) = server.upload_bytes("/v1/models", &[], files).await;
     assert_eq!(got, status, "{body}");
     assert_eq!(slug(&body), want_slug, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains(word), "{word} not in {body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains(word),
+        "{word} not in {body}"
+    );
     assert_nothing_left(server).await;
 }
 
 async fn assert_nothing_left(server: &Server) {
-    assert!(server.stored_files().is_empty(), "left behind: {:?}", server.stored_files());
+    assert!(
+        server.stored_files().is_empty(),
+        "left behind: {:?}",
+        server.stored_files()
+    );
     assert_eq!(server.get("/v1/models").await.1["models"], json!([]));
 }
 
@@ -82,24 +106,87 @@ async fn the_tiny_model_itself_is_accepted() {
 #[tokio::test]
 async fn bad_files_are_refused_with_422_and_leave_nothing() {
     let server = start(&[]).await;
-    refused(&server, &replace(tiny_bert(), "config.json", Vec::new()), 422, "invalid-model", "empty").await;
+    refused(
+        &server,
+        &replace(tiny_bert(), "config.json", Vec::new()),
+        422,
+        "invalid-model",
+        "empty",
+    )
+    .await;
     let full = tiny_bert()[1].1.clone();
-    refused(&server, &replace(tiny_bert(), "model.safetensors", full[..full.len() - 3].to_vec()), 422, "invalid-safetensors", "truncated").await;
+    refused(
+        &server,
+        &replace(
+            tiny_bert(),
+            "model.safetensors",
+            full[..full.len() - 3].to_vec(),
+        ),
+        422,
+        "invalid-safetensors",
+        "truncated",
+    )
+    .await;
     let tensors = [("a", vec![4u64]), ("b", vec![4u64])];
-    refused(&server, &replace(tiny_bert(), "model.safetensors", safetensors(&tensors, 8)), 422, "invalid-safetensors", "overlap").await;
+    refused(
+        &server,
+        &replace(tiny_bert(), "model.safetensors", safetensors(&tensors, 8)),
+        422,
+        "invalid-safetensors",
+        "overlap",
+    )
+    .await;
     let mut past_end = safetensors(&tensors, 0);
     past_end.truncate(past_end.len() - 16);
-    refused(&server, &replace(tiny_bert(), "model.safetensors", past_end), 422, "invalid-safetensors", "needs data bytes").await;
+    refused(
+        &server,
+        &replace(tiny_bert(), "model.safetensors", past_end),
+        422,
+        "invalid-safetensors",
+        "needs data bytes",
+    )
+    .await;
     let wrong = json!({"model_type": "bert", "vocab_size": 10, "hidden_size": 4, "num_hidden_layers": 1,
         "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 6});
-    refused(&server, &replace(tiny_bert(), "config.json", serde_json::to_vec(&wrong).unwrap()), 422, "config-mismatch", "intermediate.dense.weight").await;
+    refused(
+        &server,
+        &replace(
+            tiny_bert(),
+            "config.json",
+            serde_json::to_vec(&wrong).unwrap(),
+        ),
+        422,
+        "config-mismatch",
+        "intermediate.dense.weight",
+    )
+    .await;
     let gpt2 = serde_json::to_vec(&json!({"model_type": "gpt2"})).unwrap();
-    let (status, body) = server.upload_bytes("/v1/models", &[], &replace(tiny_bert(), "config.json", gpt2)).await;
-    assert_eq!((status, slug(&body)), (422, "unsupported-architecture"), "{body}");
+    let (status, body) = server
+        .upload_bytes(
+            "/v1/models",
+            &[],
+            &replace(tiny_bert(), "config.json", gpt2),
+        )
+        .await;
+    assert_eq!(
+        (status, slug(&body)),
+        (422, "unsupported-architecture"),
+        "{body}"
+    );
     let detail = body["detail"].as_str().unwrap();
-    assert!(detail.contains("gpt2") && detail.contains("bert") && detail.contains("llama"), "{detail}");
+    assert!(
+        detail.contains("gpt2") && detail.contains("bert") && detail.contains("llama"),
+        "{detail}"
+    );
     assert_nothing_left(&server).await;
-    refused(&server, &[("../escape.json", b"{}".to_vec())], 422, "invalid-file-name", "relative path").await;
+    refused(
+        &server,
+        &[("../escape.json", b"{}".to_vec())],
+        422,
+        "invalid-file-name",
+        "relative path",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -108,23 +195,41 @@ async fn file_references_outside_the_roots_or_with_dotdot_are_refused() {
     let root = server.dir.path().canonicalize().unwrap();
     for (uri, want) in [
         ("file:///etc".to_owned(), "uri-not-allowed"),
-        (format!("file://{}/artifacts/../compressd.db", root.display()), "uri-not-allowed"),
-        (format!("file://{}/missing", root.display()), "uri-not-found"),
+        (
+            format!("file://{}/artifacts/../compressd.db", root.display()),
+            "uri-not-allowed",
+        ),
+        (
+            format!("file://{}/missing", root.display()),
+            "uri-not-found",
+        ),
         ("http://example.com/model".to_owned(), "invalid-uri"),
     ] {
         let (status, body) = server.post_json("/v1/models", &json!({"uri": uri})).await;
         assert_eq!((status, slug(&body)), (422, want), "{uri}: {body}");
     }
-    let (status, body) = server.post_json("/v1/models", &json!({"uri": "file:///x", "extra": 1})).await;
-    assert_eq!((status, slug(&body), body["pointer"].as_str()), (422, "invalid-request", Some("/extra")), "{body}");
+    let (status, body) = server
+        .post_json("/v1/models", &json!({"uri": "file:///x", "extra": 1}))
+        .await;
+    assert_eq!(
+        (status, slug(&body), body["pointer"].as_str()),
+        (422, "invalid-request", Some("/extra")),
+        "{body}"
+    );
     assert_nothing_left(&server).await;
 }
 
 #[tokio::test]
 async fn an_upload_over_the_limit_is_413_and_leaves_no_partial_object() {
-    let server = start(&[("model_upload_max_bytes", json!(6 << 20)), ("upload_part_size_bytes", json!(5 << 20))]).await;
+    let server = start(&[
+        ("model_upload_max_bytes", json!(6 << 20)),
+        ("upload_part_size_bytes", json!(5 << 20)),
+    ])
+    .await;
     let big = vec![0u8; 8 << 20];
-    let (status, body) = server.upload_bytes("/v1/models", &[], &[("weights.bin", big)]).await;
+    let (status, body) = server
+        .upload_bytes("/v1/models", &[], &[("weights.bin", big)])
+        .await;
     assert_eq!(status, 413, "{body}");
     assert_nothing_left(&server).await;
 }
@@ -135,7 +240,9 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
     // A raw HTTP request that promises 20 MiB and stops after ~6 MiB (more than one part).
     let boundary = "XyZ";
     let head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"weights.bin\"\r\n\r\n");
-    let mut stream = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://")).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(server.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
     let request = format!(
         "POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n{head}",
         20 << 20

@@ -34,17 +34,32 @@ impl Drop for LocalS3 {
 
 async fn local_s3() -> Option<LocalS3> {
     if let Ok(endpoint) = std::env::var("COMPRESSD_TEST_S3_ENDPOINT") {
-        return Some(LocalS3 { endpoint, child: None });
+        return Some(LocalS3 {
+            endpoint,
+            child: None,
+        });
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let child = match Command::new("moto_server").args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = match Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
         Ok(child) => child,
         Err(_) => {
             eprintln!("SKIPPED: no COMPRESSD_TEST_S3_ENDPOINT and no moto_server on PATH (pip install 'moto[server]')");
             return None;
         }
     };
-    let s3 = LocalS3 { endpoint: format!("http://127.0.0.1:{port}"), child: Some(child) };
+    let s3 = LocalS3 {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        child: Some(child),
+    };
     for _ in 0..100 {
         if reqwest::get(&s3.endpoint).await.is_ok() {
             return Some(s3);
@@ -56,7 +71,12 @@ async fn local_s3() -> Option<LocalS3> {
 
 async fn bucket(s3: &LocalS3) -> String {
     let name = format!("b{}", uuid::Uuid::now_v7().simple());
-    let status = reqwest::Client::new().put(format!("{}/{name}", s3.endpoint)).send().await.unwrap().status();
+    let status = reqwest::Client::new()
+        .put(format!("{}/{name}", s3.endpoint))
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert!(status.is_success(), "creating bucket: {status}");
     name
 }
@@ -90,28 +110,52 @@ async fn multipart_uploads_ranges_aborts_and_presigned_urls() {
     for chunk in data.chunks(1 << 20) {
         writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
     }
-    assert!(store.head("jobs/j/attempt-1/w.bin").await.is_err(), "visible before completion");
+    assert!(
+        store.head("jobs/j/attempt-1/w.bin").await.is_err(),
+        "visible before completion"
+    );
     let written = writer.finish().await.unwrap();
     assert_eq!(written.sha256, hex::encode(Sha256::digest(&data)));
-    let range: Vec<Bytes> = store.read("jobs/j/attempt-1/w.bin", Some(5_000_000..5_000_100)).await.unwrap().try_collect().await.unwrap();
+    let range: Vec<Bytes> = store
+        .read("jobs/j/attempt-1/w.bin", Some(5_000_000..5_000_100))
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(range.concat(), data[5_000_000..5_000_100]);
 
-    let url = store.presigned_get("jobs/j/attempt-1/w.bin", Duration::from_secs(60)).await.unwrap().unwrap();
+    let url = store
+        .presigned_get("jobs/j/attempt-1/w.bin", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
     let fetched = reqwest::get(url).await.unwrap();
     assert_eq!(fetched.status(), 200);
     assert_eq!(fetched.bytes().await.unwrap().len(), data.len());
 
     let mut aborted = store.writer("jobs/j/attempt-2/x.bin").await.unwrap();
-    aborted.write(Bytes::from(vec![1u8; 6 << 20])).await.unwrap();
+    aborted
+        .write(Bytes::from(vec![1u8; 6 << 20]))
+        .await
+        .unwrap();
     aborted.abort().await.unwrap();
-    let keys: Vec<String> = store.list("jobs").await.unwrap().into_iter().map(|o| o.key).collect();
+    let keys: Vec<String> = store
+        .list("jobs")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(keys, vec!["jobs/j/attempt-1/w.bin".to_owned()]);
 }
 
 #[tokio::test]
 async fn the_api_registers_from_s3_and_redirects_downloads() {
     let Some(s3) = local_s3().await else { return };
-    let Some(shared) = support::shared() else { return };
+    let Some(shared) = support::shared() else {
+        return;
+    };
     let bucket = bucket(&s3).await;
     let s3c = s3_config(&s3);
     let server = support::start(&[
@@ -134,20 +178,30 @@ async fn the_api_registers_from_s3_and_redirects_downloads() {
     })
     .unwrap();
     for (name, path) in support::folder_files(&shared.join("models/all-MiniLM-L6-v2")) {
-        staging.put_small(&name, Bytes::from(std::fs::read(path).unwrap())).await.unwrap();
+        staging
+            .put_small(&name, Bytes::from(std::fs::read(path).unwrap()))
+            .await
+            .unwrap();
     }
     let uri = format!("s3://{bucket}/incoming/minilm/");
-    let (status, model) = server.post_json("/v1/models", &json!({"uri": uri, "name": "from-s3"})).await;
+    let (status, model) = server
+        .post_json("/v1/models", &json!({"uri": uri, "name": "from-s3"}))
+        .await;
     assert_eq!(status, 201, "{model}");
     assert_eq!(model["parameters"], 22_713_216);
 
     let bbc = shared.join("data/bbc_news/bbc_news.jsonl");
-    let (status, dataset) = server.upload("/v1/datasets", &[], &[("bbc_news.jsonl", bbc)]).await;
+    let (status, dataset) = server
+        .upload("/v1/datasets", &[], &[("bbc_news.jsonl", bbc)])
+        .await;
     assert_eq!(status, 201, "{dataset}");
     assert_eq!(dataset["rows"], 2225);
 
     let stored = server.state.artifacts.list("").await.unwrap();
-    assert!(stored.iter().any(|o| o.key.starts_with("models/")), "{stored:?}");
+    assert!(
+        stored.iter().any(|o| o.key.starts_with("models/")),
+        "{stored:?}"
+    );
 
     let spec = json!({"name": "j", "model": model["id"], "pipeline": [{"type": "finetune"}],
         "task": {"type": "text_classification", "dataset": dataset["id"]}});
@@ -155,14 +209,50 @@ async fn the_api_registers_from_s3_and_redirects_downloads() {
     assert_eq!(status, 201, "{job}");
     let job_id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     let uri = format!("jobs/{job_id}/attempt-1/report.json");
-    server.state.artifacts.put_small(&uri, Bytes::from_static(b"{}")).await.unwrap();
-    let artifact = compressd::store::Artifact { job_id, attempt: 1, name: "report.json".into(), kind: "report".into(),
-        format: "json".into(), bytes: 2, sha256: hex::encode(Sha256::digest(b"{}")), uri, created_at: chrono::Utc::now() };
+    server
+        .state
+        .artifacts
+        .put_small(&uri, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let artifact = compressd::store::Artifact {
+        job_id,
+        attempt: 1,
+        name: "report.json".into(),
+        kind: "report".into(),
+        format: "json".into(),
+        bytes: 2,
+        sha256: hex::encode(Sha256::digest(b"{}")),
+        uri,
+        created_at: chrono::Utc::now(),
+    };
     server.state.store.insert_artifact(&artifact).await.unwrap();
-    let no_follow = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-    let response = no_follow.get(format!("{}/v1/jobs/{job_id}/artifacts/report.json", server.base)).send().await.unwrap();
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let response = no_follow
+        .get(format!(
+            "{}/v1/jobs/{job_id}/artifacts/report.json",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 302);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
-    assert!(location.starts_with(&s3.endpoint) && location.contains("X-Amz-Signature"), "{location}");
-    assert_eq!(reqwest::get(location).await.unwrap().bytes().await.unwrap().as_ref(), b"{}");
+    assert!(
+        location.starts_with(&s3.endpoint) && location.contains("X-Amz-Signature"),
+        "{location}"
+    );
+    assert_eq!(
+        reqwest::get(location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .as_ref(),
+        b"{}"
+    );
 }

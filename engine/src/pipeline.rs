@@ -99,7 +99,10 @@ pub struct StageContext<'a> {
 impl StageContext<'_> {
     /// Reports a warning event for this stage.
     pub fn warn(&self, message: impl Into<String>) {
-        (self.progress)(Event::Warning { index: Some(self.index), message: message.into() });
+        (self.progress)(Event::Warning {
+            index: Some(self.index),
+            message: message.into(),
+        });
     }
 
     /// Fails with [`EngineError::Cancelled`] when the cancel flag is set.
@@ -138,7 +141,12 @@ pub trait Workbench {
     ///
     /// # Errors
     /// Whatever the stage fails with, including [`EngineError::Cancelled`].
-    fn run_stage(&mut self, model: &mut Self::Model, spec: &StageSpec, ctx: &StageContext) -> Result<serde_json::Value>;
+    fn run_stage(
+        &mut self,
+        model: &mut Self::Model,
+        spec: &StageSpec,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value>;
     /// Saves the model into the (new, empty) folder `dir`.
     ///
     /// # Errors
@@ -206,8 +214,18 @@ pub fn run<W: Workbench>(
     };
     if state.baseline.is_none() {
         check_cancel(cancel)?;
-        progress(Event::StageStarted { index: None, stage: "baseline".into() });
-        let (record, _) = measure(bench, &model, out_dir.join("baseline"), "baseline", Instant::now(), progress)?;
+        progress(Event::StageStarted {
+            index: None,
+            stage: "baseline".into(),
+        });
+        let (record, _) = measure(
+            bench,
+            &model,
+            out_dir.join("baseline"),
+            "baseline",
+            Instant::now(),
+            progress,
+        )?;
         state.baseline = Some(record);
         state.best = Some("baseline".into());
         state.save(out_dir)?;
@@ -216,8 +234,16 @@ pub fn run<W: Workbench>(
         check_cancel(cancel)?;
         report::reset_peak_memory();
         let started = Instant::now();
-        progress(Event::StageStarted { index: Some(index), stage: stage.type_name().into() });
-        let ctx = StageContext { index, seed: spec.seed, progress, cancel };
+        progress(Event::StageStarted {
+            index: Some(index),
+            stage: stage.type_name().into(),
+        });
+        let ctx = StageContext {
+            index,
+            seed: spec.seed,
+            progress,
+            cancel,
+        };
         let details = bench.run_stage(&mut model, stage, &ctx)?;
         let label = format!("{index}-{}", stage.type_name());
         let dir = out_dir.join("stages").join(&label);
@@ -226,15 +252,22 @@ pub fn run<W: Workbench>(
         record.details = details;
         let judged = reference.is_none_or(|r| index > r);
         record.acceptance_met = match (&spec.acceptance, judged) {
-            (Some(contract), true) => {
-                Some(state.reference_metrics(reference).is_some_and(|r| meets(contract, r, &record.metrics)))
-            }
+            (Some(contract), true) => Some(
+                state
+                    .reference_metrics(reference)
+                    .is_some_and(|r| meets(contract, r, &record.metrics)),
+            ),
             _ => None,
         };
         if record.acceptance_met != Some(false) {
             state.best = Some(label.clone());
         }
-        progress(Event::StageFinished { index, stage: stage.type_name().into(), wall_s, acceptance_met: record.acceptance_met });
+        progress(Event::StageFinished {
+            index,
+            stage: stage.type_name().into(),
+            wall_s,
+            acceptance_met: record.acceptance_met,
+        });
         state.stages.push(record);
         state.save(out_dir)?;
     }
@@ -260,7 +293,10 @@ fn measure<W: Workbench>(
     let mut metrics = bench.evaluate(model, &model_dir)?;
     metrics.size_on_disk_bytes = report::size_on_disk(&model_dir);
     let wall_s = started.elapsed().as_secs_f64();
-    progress(Event::Metric { label: label.to_string(), metrics: metrics.clone() });
+    progress(Event::Metric {
+        label: label.to_string(),
+        metrics: metrics.clone(),
+    });
     let record = StageRecord {
         label: label.to_string(),
         metrics,
@@ -273,25 +309,50 @@ fn measure<W: Workbench>(
 }
 
 /// Writes `best/`, `final/` and the report.
-fn finish(spec: &JobSpec, inputs: &PipelineInputs, out_dir: &Path, state: RunState, reference: Option<usize>) -> Result<PipelineResult> {
+fn finish(
+    spec: &JobSpec,
+    inputs: &PipelineInputs,
+    out_dir: &Path,
+    state: RunState,
+    reference: Option<usize>,
+) -> Result<PipelineResult> {
     let model_dir = |label: &str| match label {
         "baseline" => out_dir.join("baseline").join("model"),
         stage => out_dir.join("stages").join(stage).join("model"),
     };
     let best_label = state.best.clone().unwrap_or_else(|| "baseline".into());
-    let final_label = state.stages.last().map_or("baseline".to_string(), |s| s.label.clone());
+    let final_label = state
+        .stages
+        .last()
+        .map_or("baseline".to_string(), |s| s.label.clone());
     let best_dir = out_dir.join("best");
     let final_dir = out_dir.join("final");
     link_tree(&model_dir(&best_label), &best_dir)?;
     link_tree(&model_dir(&final_label), &final_dir)?;
-    let baseline = state.baseline.clone().ok_or_else(|| EngineError::InvalidModel("no baseline record".into()))?;
+    let baseline = state
+        .baseline
+        .clone()
+        .ok_or_else(|| EngineError::InvalidModel("no baseline record".into()))?;
     let acceptance_met = match &spec.acceptance {
-        Some(_) => Some(state.stages.last().is_none_or(|s| s.acceptance_met != Some(false))),
+        Some(_) => Some(
+            state
+                .stages
+                .last()
+                .is_none_or(|s| s.acceptance_met != Some(false)),
+        ),
         None => None,
     };
     let inputs_hashed = vec![
-        InputHash { role: "model".into(), path: inputs.model.display().to_string(), sha256: report::hash_path(&inputs.model)? },
-        InputHash { role: "dataset".into(), path: inputs.dataset.display().to_string(), sha256: report::hash_path(&inputs.dataset)? },
+        InputHash {
+            role: "model".into(),
+            path: inputs.model.display().to_string(),
+            sha256: report::hash_path(&inputs.model)?,
+        },
+        InputHash {
+            role: "dataset".into(),
+            path: inputs.dataset.display().to_string(),
+            sha256: report::hash_path(&inputs.dataset)?,
+        },
     ];
     let report = Report {
         spec: state.spec.clone(),
@@ -299,19 +360,32 @@ fn finish(spec: &JobSpec, inputs: &PipelineInputs, out_dir: &Path, state: RunSta
         inputs: inputs_hashed,
         software: Software::current(&inputs.device),
         baseline,
-        reference: Some(reference.map_or("baseline".to_string(), |r| state.stages.get(r).map_or(String::new(), |s| s.label.clone()))),
+        reference: Some(reference.map_or("baseline".to_string(), |r| {
+            state
+                .stages
+                .get(r)
+                .map_or(String::new(), |s| s.label.clone())
+        })),
         stages: state.stages,
         acceptance_met,
         best: Some(best_label),
     };
     report.write(out_dir)?;
-    Ok(PipelineResult { report, final_dir, best_dir, acceptance_met })
+    Ok(PipelineResult {
+        report,
+        final_dir,
+        best_dir,
+        acceptance_met,
+    })
 }
 
 /// The index of the last `finetune` stage before the first other stage, if the pipeline starts
 /// with fine-tuning.
 fn reference_index(pipeline: &[StageSpec]) -> Option<usize> {
-    let leading = pipeline.iter().take_while(|s| matches!(s, StageSpec::Finetune(_))).count();
+    let leading = pipeline
+        .iter()
+        .take_while(|s| matches!(s, StageSpec::Finetune(_)))
+        .count();
     leading.checked_sub(1)
 }
 
@@ -346,10 +420,14 @@ impl RunState {
         let path = out_dir.join("state.json");
         if !path.exists() {
             std::fs::create_dir_all(out_dir).map_err(|e| EngineError::io(out_dir, e))?;
-            return Ok(Self { spec: spec.clone(), ..Self::default() });
+            return Ok(Self {
+                spec: spec.clone(),
+                ..Self::default()
+            });
         }
         let bytes = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
-        let state: Self = serde_json::from_slice(&bytes).map_err(|e| EngineError::json(&path, e))?;
+        let state: Self =
+            serde_json::from_slice(&bytes).map_err(|e| EngineError::json(&path, e))?;
         if &state.spec != spec {
             return Err(EngineError::InvalidSetting(format!(
                 "{} belongs to a different job spec; use an empty output folder",

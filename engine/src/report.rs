@@ -146,9 +146,19 @@ impl Report {
         if let Some(best) = &self.best {
             md.push_str(&format!("; `best` is the output of `{best}`"));
         }
-        md.push_str(&format!("\n\nSeed {}; engine {} on candle {}, {} ({}).\n\n", self.seed, self.software.engine, self.software.candle, self.software.device, self.software.platform));
+        md.push_str(&format!(
+            "\n\nSeed {}; engine {} on candle {}, {} ({}).\n\n",
+            self.seed,
+            self.software.engine,
+            self.software.candle,
+            self.software.device,
+            self.software.platform
+        ));
         for input in &self.inputs {
-            md.push_str(&format!("- {} `{}`: sha256 `{}`\n", input.role, input.path, input.sha256));
+            md.push_str(&format!(
+                "- {} `{}`: sha256 `{}`\n",
+                input.role, input.path, input.sha256
+            ));
         }
         md
     }
@@ -156,7 +166,8 @@ impl Report {
 
 fn markdown_row(row: &StageRecord) -> String {
     let m = &row.metrics;
-    let opt = |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
+    let opt =
+        |v: Option<f64>, digits: usize| v.map_or("–".to_string(), |v| format!("{v:.digits$}"));
     let contract = match row.acceptance_met {
         Some(true) => "met",
         Some(false) => "missed",
@@ -193,7 +204,11 @@ pub fn hash_path(path: &Path) -> Result<String> {
     files.sort();
     let mut hasher = Sha256::new();
     for file in files {
-        let relative = file.strip_prefix(path).unwrap_or(&file).to_string_lossy().into_owned();
+        let relative = file
+            .strip_prefix(path)
+            .unwrap_or(&file)
+            .to_string_lossy()
+            .into_owned();
         hasher.update(relative.as_bytes());
         hasher.update(hash_file(&file)?.as_bytes());
     }
@@ -239,7 +254,11 @@ pub fn size_on_disk(path: &Path) -> u64 {
     if collect_files(path, &mut files).is_err() {
         return 0;
     }
-    files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum()
+    files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The process's peak resident memory since the last [`reset_peak_memory`], in bytes (Linux; 0
@@ -267,7 +286,12 @@ mod tests {
     fn record(label: &str, accuracy: f64, met: Option<bool>) -> StageRecord {
         StageRecord {
             label: label.into(),
-            metrics: ModelMetrics { parameters: 100, nonzero_parameters: 50, accuracy: Some(accuracy), ..Default::default() },
+            metrics: ModelMetrics {
+                parameters: 100,
+                nonzero_parameters: 50,
+                accuracy: Some(accuracy),
+                ..Default::default()
+            },
             wall_seconds: 1.5,
             peak_memory_bytes: 2_000_000,
             acceptance_met: met,
@@ -280,7 +304,11 @@ mod tests {
         let report = Report {
             spec: serde_json::json!({"name": "t"}),
             seed: 7,
-            inputs: vec![InputHash { role: "model".into(), path: "m".into(), sha256: "ab".into() }],
+            inputs: vec![InputHash {
+                role: "model".into(),
+                path: "m".into(),
+                sha256: "ab".into(),
+            }],
             software: Software::current("cpu"),
             baseline: record("baseline", 0.9, None),
             stages: vec![record("0-prune", 0.85, Some(false))],
@@ -289,12 +317,17 @@ mod tests {
             best: Some("baseline".into()),
         };
         let md = report.to_markdown();
-        assert!(md.contains("| baseline | 100 | 50 | 0.00 | 0.9000 |"), "{md}");
+        assert!(
+            md.contains("| baseline | 100 | 50 | 0.00 | 0.9000 |"),
+            "{md}"
+        );
         assert!(md.contains("| 0-prune |") && md.contains("missed"), "{md}");
         assert!(md.contains("**missed** by the final model"));
         let dir = tempfile::tempdir().unwrap();
         report.write(dir.path()).unwrap();
-        let back: Report = serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap()).unwrap();
+        let back: Report =
+            serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).unwrap())
+                .unwrap();
         assert_eq!(back, report);
     }
 

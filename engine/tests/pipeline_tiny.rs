@@ -42,13 +42,28 @@ fn write_model(dir: &Path) -> Result<()> {
     let cfg: BertConfig = serde_json::from_value(config.clone())?;
     let store = ParamStore::new();
     store.set_init_missing(Some(3));
-    BertForSequenceClassification::load(store.var_builder(DType::F32, &Device::Cpu), &cfg, &LinearFactory::default())?;
+    BertForSequenceClassification::load(
+        store.var_builder(DType::F32, &Device::Cpu),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
     // Missing linear weights are created as zeros; an encoder needs random ones to learn anything.
     // The input model is an encoder without a task head, like a sentence-transformer.
     let mut tensors = Vec::new();
-    for (name, t) in store.tensors().into_iter().filter(|(n, _)| !n.starts_with("classifier")) {
+    for (name, t) in store
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("classifier"))
+    {
         let random = t.rank() == 2 && !name.contains("embeddings");
-        tensors.push((name, if random { Tensor::randn(0f32, 0.2, t.dims(), &Device::Cpu)? } else { t }));
+        tensors.push((
+            name,
+            if random {
+                Tensor::randn(0f32, 0.2, t.dims(), &Device::Cpu)?
+            } else {
+                t
+            },
+        ));
     }
     export_hf_folder(dir, &config, &tensors, None)?;
     std::fs::write(dir.join("tokenizer.json"), TOKENIZER)?;
@@ -67,7 +82,13 @@ fn write_data(path: &Path) -> Result<()> {
             (false, 0) => "awful",
             (false, _) => "bad",
         };
-        let text = format!("{} {} {} {}", words[i % 6], words[(i / 6) % 6], key, words[(i / 36) % 6]);
+        let text = format!(
+            "{} {} {} {}",
+            words[i % 6],
+            words[(i / 6) % 6],
+            key,
+            words[(i / 36) % 6]
+        );
         let split = if i % 5 == 0 { "test" } else { "train" };
         let label = if positive { "pos" } else { "neg" };
         lines.push(serde_json::json!({"text": text, "label": label, "split": split}).to_string());
@@ -92,23 +113,56 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
         ],
         "acceptance": {"metric": "accuracy", "max_drop": 0.2}
     }))?;
-    let inputs = PipelineInputs { model: model_dir, dataset, device: "cpu".into() };
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
     let out = dir.path().join("out");
     let events = Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);
-    let result = run_job(&spec, &inputs, Device::Cpu, &out, &sink, &AtomicBool::new(false))?;
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &sink,
+        &AtomicBool::new(false),
+    )?;
     let report = &result.report;
     let accuracy = |i: usize| report.stages[i].metrics.accuracy.unwrap();
-    assert!(accuracy(0) > 0.9, "the keyword task is learnable: {}", accuracy(0));
-    let sparsity = report.stages[1].details["achieved"]["overall"].as_f64().unwrap();
+    assert!(
+        accuracy(0) > 0.9,
+        "the keyword task is learnable: {}",
+        accuracy(0)
+    );
+    let sparsity = report.stages[1].details["achieved"]["overall"]
+        .as_f64()
+        .unwrap();
     assert!((sparsity - 0.5).abs() < 0.01, "{sparsity}");
-    assert!(report.stages[1].metrics.nonzero_parameters < report.stages[0].metrics.nonzero_parameters);
-    assert!(report.stages[2].metrics.size_on_disk_bytes < report.stages[1].metrics.size_on_disk_bytes);
+    assert!(
+        report.stages[1].metrics.nonzero_parameters < report.stages[0].metrics.nonzero_parameters
+    );
+    assert!(
+        report.stages[2].metrics.size_on_disk_bytes < report.stages[1].metrics.size_on_disk_bytes
+    );
     assert!(report.stages[2].metrics.latency_batch1_ms.is_some());
-    assert_eq!(report.stages[2].details["quantized"].as_array().unwrap().len(), 16, "12 linears, the pooler, 3 embedding tables");
+    assert_eq!(
+        report.stages[2].details["quantized"]
+            .as_array()
+            .unwrap()
+            .len(),
+        16,
+        "12 linears, the pooler, 3 embedding tables"
+    );
     let file = SafetensorsFile::open(&result.final_dir.join("model.safetensors"))?;
     assert!(file.metadata().contains_key(METADATA_KEY));
-    let progress = events.lock().unwrap().iter().filter(|e| matches!(e, Event::Progress { .. })).count();
+    let progress = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Event::Progress { .. }))
+        .count();
     assert!(progress > 10, "training progress is reported");
 
     // Resume path: the pruned stage loads back with its masks and scores the same.

@@ -17,7 +17,12 @@ struct NudgingTrainer {
 }
 
 impl Trainer for NudgingTrainer {
-    fn train(&self, model: &mut WorkingModel, _s: &TrainSettings, _ctx: &StageContext) -> compressd_engine::Result<TrainSummary> {
+    fn train(
+        &self,
+        model: &mut WorkingModel,
+        _s: &TrainSettings,
+        _ctx: &StageContext,
+    ) -> compressd_engine::Result<TrainSummary> {
         *self.runs.lock().unwrap() += 1;
         for (_, var) in model.store.trainable_vars() {
             var.set(&(var.as_tensor() + 0.01)?)?;
@@ -25,7 +30,10 @@ impl Trainer for NudgingTrainer {
         if let Some(masks) = model.masks() {
             masks.apply(&model.store)?;
         }
-        Ok(TrainSummary { steps: 1, ..Default::default() })
+        Ok(TrainSummary {
+            steps: 1,
+            ..Default::default()
+        })
     }
 }
 
@@ -39,14 +47,32 @@ fn model(width: usize) -> Result<WorkingModel> {
     };
     add("embeddings.word_embeddings.weight", &[50, 64])?;
     for layer in 0..2 {
-        add(&format!("encoder.layer.{layer}.attention.self.query.weight"), &[64, 64])?;
-        add(&format!("encoder.layer.{layer}.attention.self.query.bias"), &[64])?;
-        add(&format!("encoder.layer.{layer}.intermediate.dense.weight"), &[128, 64])?;
-        add(&format!("encoder.layer.{layer}.output.dense.weight"), &[64, width])?;
-        add(&format!("encoder.layer.{layer}.output.LayerNorm.weight"), &[64])?;
+        add(
+            &format!("encoder.layer.{layer}.attention.self.query.weight"),
+            &[64, 64],
+        )?;
+        add(
+            &format!("encoder.layer.{layer}.attention.self.query.bias"),
+            &[64],
+        )?;
+        add(
+            &format!("encoder.layer.{layer}.intermediate.dense.weight"),
+            &[128, 64],
+        )?;
+        add(
+            &format!("encoder.layer.{layer}.output.dense.weight"),
+            &[64, width],
+        )?;
+        add(
+            &format!("encoder.layer.{layer}.output.LayerNorm.weight"),
+            &[64],
+        )?;
     }
     add("classifier.weight", &[5, 64])?;
-    Ok(WorkingModel::new(store, serde_json::json!({"model_type": "bert"})))
+    Ok(WorkingModel::new(
+        store,
+        serde_json::json!({"model_type": "bert"}),
+    ))
 }
 
 fn stage(json: serde_json::Value) -> StageSpec {
@@ -58,11 +84,20 @@ fn zeros(model: &WorkingModel, name: &str) -> Result<f32> {
     Ok(t.eq(0f64)?.to_dtype(DType::F32)?.mean_all()?.to_scalar()?)
 }
 
-fn run_stage(model: &mut WorkingModel, json: serde_json::Value, trainer: &NudgingTrainer) -> Result<(serde_json::Value, Vec<Event>)> {
+fn run_stage(
+    model: &mut WorkingModel,
+    json: serde_json::Value,
+    trainer: &NudgingTrainer,
+) -> Result<(serde_json::Value, Vec<Event>)> {
     let events = Mutex::new(Vec::new());
     let sink = |e: Event| events.lock().unwrap().push(e);
     let cancel = AtomicBool::new(false);
-    let ctx = StageContext { index: 0, seed: 1, progress: &sink, cancel: &cancel };
+    let ctx = StageContext {
+        index: 0,
+        seed: 1,
+        progress: &sink,
+        cancel: &cancel,
+    };
     let report = build(&stage(json))?.run(model, trainer, &ctx)?;
     Ok((report, events.into_inner().unwrap()))
 }
@@ -70,59 +105,112 @@ fn run_stage(model: &mut WorkingModel, json: serde_json::Value, trainer: &Nudgin
 #[test]
 fn iterative_global_pruning_reaches_the_target_and_survives_recovery() -> Result<()> {
     let mut m = model(128)?;
-    let trainer = NudgingTrainer { runs: Mutex::new(0) };
-    let spec = serde_json::json!({"type": "prune", "sparsity": 0.5, "steps": 5, "recover": {"epochs": 1}});
+    let trainer = NudgingTrainer {
+        runs: Mutex::new(0),
+    };
+    let spec =
+        serde_json::json!({"type": "prune", "sparsity": 0.5, "steps": 5, "recover": {"epochs": 1}});
     let (report, _) = run_stage(&mut m, spec, &trainer)?;
-    assert_eq!(*trainer.runs.lock().unwrap(), 5, "one recovery per increment");
+    assert_eq!(
+        *trainer.runs.lock().unwrap(),
+        5,
+        "one recovery per increment"
+    );
     let overall = report["achieved"]["overall"].as_f64().unwrap();
     assert!((overall - 0.5).abs() < 1e-3, "overall sparsity {overall}");
     assert_eq!(report["achieved"]["layers"].as_object().unwrap().len(), 6);
-    assert_eq!(zeros(&m, "embeddings.word_embeddings.weight")?, 0.0, "embeddings are excluded by default");
-    assert_eq!(zeros(&m, "classifier.weight")?, 0.0, "the head is excluded by default");
+    assert_eq!(
+        zeros(&m, "embeddings.word_embeddings.weight")?,
+        0.0,
+        "embeddings are excluded by default"
+    );
+    assert_eq!(
+        zeros(&m, "classifier.weight")?,
+        0.0,
+        "the head is excluded by default"
+    );
     Ok(())
 }
 
 #[test]
 fn two_four_is_verified_and_a_bad_width_names_the_layer() -> Result<()> {
     let mut m = model(128)?;
-    let trainer = NudgingTrainer { runs: Mutex::new(0) };
+    let trainer = NudgingTrainer {
+        runs: Mutex::new(0),
+    };
     let spec = serde_json::json!({"type": "prune", "sparsity": 0.5, "pattern": "2:4", "scope": "layer", "recover": {"epochs": 1}});
     let (report, _) = run_stage(&mut m, spec.clone(), &trainer)?;
     assert_eq!(report["pattern_verified"], serde_json::json!(true));
-    let w = m.store.get("encoder.layer.1.output.dense.weight").unwrap().tensor().clone();
+    let w = m
+        .store
+        .get("encoder.layer.1.output.dense.weight")
+        .unwrap()
+        .tensor()
+        .clone();
     assert!(verify_n_m(&w, 2, 4)?);
     let mut odd = model(66)?;
     let err = run_stage(&mut odd, spec, &trainer).unwrap_err();
-    assert!(err.to_string().contains("encoder.layer.0.output.dense.weight"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("encoder.layer.0.output.dense.weight"),
+        "{err}"
+    );
     Ok(())
 }
 
 #[test]
 fn an_exclude_glob_matching_nothing_is_a_warning_event() -> Result<()> {
     let mut m = model(128)?;
-    let trainer = NudgingTrainer { runs: Mutex::new(0) };
+    let trainer = NudgingTrainer {
+        runs: Mutex::new(0),
+    };
     let spec = serde_json::json!({"type": "prune", "sparsity": 0.3, "exclude": ["*embeddings*", "decoder.*"]});
     let (_, events) = run_stage(&mut m, spec, &trainer)?;
-    let warned = events.iter().any(|e| matches!(e, Event::Warning { message, .. } if message.contains("decoder.*")));
+    let warned = events
+        .iter()
+        .any(|e| matches!(e, Event::Warning { message, .. } if message.contains("decoder.*")));
     assert!(warned, "{events:?}");
-    assert!(zeros(&m, "classifier.weight")? > 0.0, "a user exclude list replaces the defaults");
+    assert!(
+        zeros(&m, "classifier.weight")? > 0.0,
+        "a user exclude list replaces the defaults"
+    );
     Ok(())
 }
 
 #[test]
 fn quantize_keeps_odd_layers_in_full_precision_and_then_refuses_training() -> Result<()> {
     let mut m = model(48)?;
-    let trainer = NudgingTrainer { runs: Mutex::new(0) };
-    let (report, events) = run_stage(&mut m, serde_json::json!({"type": "quantize", "scheme": "q4_k"}), &trainer)?;
+    let trainer = NudgingTrainer {
+        runs: Mutex::new(0),
+    };
+    let (report, events) = run_stage(
+        &mut m,
+        serde_json::json!({"type": "quantize", "scheme": "q4_k"}),
+        &trainer,
+    )?;
     let kept = report["kept_full_precision"].as_object().unwrap();
     assert_eq!(kept.len(), 7, "q4_k needs rows of 256: {kept:?}");
-    let fallbacks = kept.values().filter(|r| r.as_str().unwrap().contains("stored as q5_0")).count();
-    assert_eq!(fallbacks, 5, "64-wide rows fall back to q5_0, 48-wide ones stay f32: {kept:?}");
+    let fallbacks = kept
+        .values()
+        .filter(|r| r.as_str().unwrap().contains("stored as q5_0"))
+        .count();
+    assert_eq!(
+        fallbacks, 5,
+        "64-wide rows fall back to q5_0, 48-wide ones stay f32: {kept:?}"
+    );
     assert_eq!(report["quantized"].as_array().unwrap().len(), 5);
     assert!(events.iter().any(|e| matches!(e, Event::Warning { .. })));
     let mut m = model(64)?;
-    let (report, _) = run_stage(&mut m, serde_json::json!({"type": "quantize", "scheme": "int8"}), &trainer)?;
-    assert_eq!(report["quantized"].as_array().unwrap().len(), 7, "6 linears and the embedding table");
+    let (report, _) = run_stage(
+        &mut m,
+        serde_json::json!({"type": "quantize", "scheme": "int8"}),
+        &trainer,
+    )?;
+    assert_eq!(
+        report["quantized"].as_array().unwrap().len(),
+        7,
+        "6 linears and the embedding table"
+    );
     assert_eq!(zeros(&m, "classifier.weight")?, 0.0);
     let err = run_stage(&mut m, serde_json::json!({"type": "finetune"}), &trainer).unwrap_err();
     assert!(err.to_string().contains("quantized"), "{err}");

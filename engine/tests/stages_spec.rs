@@ -7,7 +7,10 @@ fn violations(pipeline: serde_json::Value) -> Vec<(String, String)> {
         "name": "t", "model": "m", "task": {"type": "text_classification", "dataset": "d"}, "pipeline": pipeline
     }))
     .expect("parses");
-    spec.validate().into_iter().map(|v| (v.pointer, v.message)).collect()
+    spec.validate()
+        .into_iter()
+        .map(|v| (v.pointer, v.message))
+        .collect()
 }
 
 #[test]
@@ -25,7 +28,11 @@ fn nothing_may_follow_post_training_quantization() {
         {"type": "quantize", "scheme": "int8"}, {"type": "finetune"}, {"type": "prune", "sparsity": 0.5}
     ]));
     let pointers: Vec<&str> = v.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(pointers, vec!["/pipeline/1/type", "/pipeline/2/type"], "{v:?}");
+    assert_eq!(
+        pointers,
+        vec!["/pipeline/1/type", "/pipeline/2/type"],
+        "{v:?}"
+    );
     assert!(v[0].1.contains("cannot follow"), "{v:?}");
     let ok = violations(serde_json::json!([
         {"type": "finetune"}, {"type": "prune", "sparsity": 0.5, "pattern": "2:4"}, {"type": "quantize", "scheme": "q5_k"}

@@ -186,12 +186,22 @@ fn early_stopping_ends_with_the_best_steps_weights() -> Result<()> {
     let max_diff = |saved: &[Tensor]| -> Result<f32> {
         let mut worst = 0f32;
         for ((_, var), t) in hooks.vars.iter().zip(saved) {
-            let d = (var.as_tensor() - t)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let d = (var.as_tensor() - t)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             worst = worst.max(d);
         }
         Ok(worst)
     };
-    assert_eq!(max_diff(&hooks.saved[0])?, 0.0, "final weights are not step 1's");
-    assert!(max_diff(&hooks.saved[2])? > 0.0, "steps 2-3 did not move the weights");
+    assert_eq!(
+        max_diff(&hooks.saved[0])?,
+        0.0,
+        "final weights are not step 1's"
+    );
+    assert!(
+        max_diff(&hooks.saved[2])? > 0.0,
+        "steps 2-3 did not move the weights"
+    );
     Ok(())
 }

@@ -5,7 +5,10 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::header::{ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, LOCATION, RANGE};
+use axum::http::header::{
+    ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG, IF_NONE_MATCH, LOCATION,
+    RANGE,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -64,10 +67,18 @@ pub struct ArtifactList {
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_artifacts(State(state): State<AppState>, JobId(id): JobId) -> Result<Json<ArtifactList>, ApiError> {
-    state.store.get_job(id).await?.ok_or(Error::NotFound { kind: "job", id: id.to_string() })?;
+pub async fn list_artifacts(
+    State(state): State<AppState>,
+    JobId(id): JobId,
+) -> Result<Json<ArtifactList>, ApiError> {
+    state.store.get_job(id).await?.ok_or(Error::NotFound {
+        kind: "job",
+        id: id.to_string(),
+    })?;
     let artifacts = state.store.list_artifacts(id).await?;
-    Ok(Json(ArtifactList { artifacts: artifacts.into_iter().map(ArtifactView::from).collect() }))
+    Ok(Json(ArtifactList {
+        artifacts: artifacts.into_iter().map(ArtifactView::from).collect(),
+    }))
 }
 
 /// Download an artifact (or `{folder}.tar` of a folder of them).
@@ -86,31 +97,54 @@ pub async fn download_artifact(
     Path((raw_id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = uuid::Uuid::parse_str(&raw_id)
-        .map_err(|_| ApiError::bad_request("invalid-job-id", format!("`{raw_id}` is not a job id (a UUID)")))?;
+    let id = uuid::Uuid::parse_str(&raw_id).map_err(|_| {
+        ApiError::bad_request(
+            "invalid-job-id",
+            format!("`{raw_id}` is not a job id (a UUID)"),
+        )
+    })?;
     let artifacts = state.store.list_artifacts(id).await?;
     if let Some(artifact) = artifacts.iter().find(|a| a.name == name) {
         return download_one(&state, artifact, &headers).await;
     }
     let folder = name.strip_suffix(".tar").map(|stem| format!("{stem}/"));
     let members: Vec<&Artifact> = match &folder {
-        Some(folder) => artifacts.iter().filter(|a| a.name.starts_with(folder.as_str())).collect(),
+        Some(folder) => artifacts
+            .iter()
+            .filter(|a| a.name.starts_with(folder.as_str()))
+            .collect(),
         None => Vec::new(),
     };
     if members.is_empty() {
-        return Err(Error::NotFound { kind: "artifact", id: format!("{id}/{name}") }.into());
+        return Err(Error::NotFound {
+            kind: "artifact",
+            id: format!("{id}/{name}"),
+        }
+        .into());
     }
     download_tar(&state, &members)
 }
 
-async fn download_one(state: &AppState, artifact: &Artifact, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn download_one(
+    state: &AppState,
+    artifact: &Artifact,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let etag = format!("\"{}\"", artifact.sha256);
-    if headers.get(IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.split(',').any(|t| t.trim() == etag)) {
+    if headers
+        .get(IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag))
+    {
         return Ok((StatusCode::NOT_MODIFIED, [(ETAG, etag)]).into_response());
     }
     let inputs = &state.config.inputs;
     if inputs.redirect_downloads {
-        if let Some(url) = state.artifacts.presigned_get(&artifact.uri, inputs.presigned_url_ttl).await? {
+        if let Some(url) = state
+            .artifacts
+            .presigned_get(&artifact.uri, inputs.presigned_url_ttl)
+            .await?
+        {
             return Ok((StatusCode::FOUND, [(LOCATION, url.to_string())]).into_response());
         }
     }
@@ -128,7 +162,9 @@ async fn download_one(state: &AppState, artifact: &Artifact, headers: &HeaderMap
                     format!("`{raw}` is outside the artifact's {size} bytes"),
                 )
                 .into_response();
-                response.headers_mut().insert(CONTENT_RANGE, header(&format!("bytes */{size}")));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_RANGE, header(&format!("bytes */{size}")));
                 return Ok(response);
             }
         },
@@ -138,16 +174,27 @@ async fn download_one(state: &AppState, artifact: &Artifact, headers: &HeaderMap
     let out = response.headers_mut();
     out.insert(ETAG, header(&etag));
     out.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    out.insert(CONTENT_TYPE, HeaderValue::from_static(content_type(&artifact.format)));
+    out.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&artifact.format)),
+    );
     match range {
         Some(range) => {
             *response.status_mut() = StatusCode::PARTIAL_CONTENT;
             let out = response.headers_mut();
-            out.insert(CONTENT_LENGTH, header(&(range.end - range.start).to_string()));
-            out.insert(CONTENT_RANGE, header(&format!("bytes {}-{}/{size}", range.start, range.end - 1)));
+            out.insert(
+                CONTENT_LENGTH,
+                header(&(range.end - range.start).to_string()),
+            );
+            out.insert(
+                CONTENT_RANGE,
+                header(&format!("bytes {}-{}/{size}", range.start, range.end - 1)),
+            );
         }
         None => {
-            response.headers_mut().insert(CONTENT_LENGTH, header(&size.to_string()));
+            response
+                .headers_mut()
+                .insert(CONTENT_LENGTH, header(&size.to_string()));
         }
     }
     Ok(response)
@@ -156,7 +203,11 @@ async fn download_one(state: &AppState, artifact: &Artifact, headers: &HeaderMap
 fn download_tar(state: &AppState, members: &[&Artifact]) -> Result<Response, ApiError> {
     let members: Vec<TarMember> = members
         .iter()
-        .map(|a| TarMember { path: a.name.clone(), key: a.uri.clone(), bytes: u64::try_from(a.bytes).unwrap_or_default() })
+        .map(|a| TarMember {
+            path: a.name.clone(),
+            key: a.uri.clone(),
+            bytes: u64::try_from(a.bytes).unwrap_or_default(),
+        })
         .collect();
     // The archive's identity is its members' identities, in order.
     let mut digest = Sha256::new();
@@ -169,7 +220,10 @@ fn download_tar(state: &AppState, members: &[&Artifact]) -> Result<Response, Api
     let out = response.headers_mut();
     out.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
     out.insert(CONTENT_LENGTH, header(&len.to_string()));
-    out.insert(ETAG, header(&format!("W/\"{}\"", hex::encode(digest.finalize()))));
+    out.insert(
+        ETAG,
+        header(&format!("W/\"{}\"", hex::encode(digest.finalize()))),
+    );
     Ok(response)
 }
 

@@ -16,15 +16,22 @@ pub enum RangeRequest {
 
 /// Interprets `header` for a file of `size` bytes.
 pub fn parse_range(header: &str, size: u64) -> RangeRequest {
-    let Some(spec) = header.trim().strip_prefix("bytes=") else { return RangeRequest::Ignored };
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Ignored;
+    };
     if spec.contains(',') {
         return RangeRequest::Ignored;
     }
-    let Some((start, end)) = spec.trim().split_once('-') else { return RangeRequest::Ignored };
+    let Some((start, end)) = spec.trim().split_once('-') else {
+        return RangeRequest::Ignored;
+    };
     let (start, end) = (start.trim(), end.trim());
     let parsed = match (start.is_empty(), end.is_empty()) {
         // `bytes=-N`: the last N bytes.
-        (true, false) => end.parse::<u64>().ok().map(|n| (size.saturating_sub(n), size, n == 0)),
+        (true, false) => end
+            .parse::<u64>()
+            .ok()
+            .map(|n| (size.saturating_sub(n), size, n == 0)),
         (false, true) => start.parse::<u64>().ok().map(|s| (s, size, false)),
         (false, false) => match (start.parse::<u64>(), end.parse::<u64>()) {
             (Ok(s), Ok(e)) if e >= s => Some((s, (e + 1).min(size), false)),
@@ -46,11 +53,26 @@ mod tests {
 
     #[test]
     fn parses_the_three_single_range_forms() {
-        assert_eq!(parse_range("bytes=0-9", 100), RangeRequest::Satisfiable(0..10));
-        assert_eq!(parse_range("bytes=90-", 100), RangeRequest::Satisfiable(90..100));
-        assert_eq!(parse_range("bytes=-5", 100), RangeRequest::Satisfiable(95..100));
-        assert_eq!(parse_range("bytes=50-500", 100), RangeRequest::Satisfiable(50..100));
-        assert_eq!(parse_range("bytes=-500", 100), RangeRequest::Satisfiable(0..100));
+        assert_eq!(
+            parse_range("bytes=0-9", 100),
+            RangeRequest::Satisfiable(0..10)
+        );
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            RangeRequest::Satisfiable(90..100)
+        );
+        assert_eq!(
+            parse_range("bytes=-5", 100),
+            RangeRequest::Satisfiable(95..100)
+        );
+        assert_eq!(
+            parse_range("bytes=50-500", 100),
+            RangeRequest::Satisfiable(50..100)
+        );
+        assert_eq!(
+            parse_range("bytes=-500", 100),
+            RangeRequest::Satisfiable(0..100)
+        );
     }
 
     #[test]

@@ -49,11 +49,19 @@ pub struct DatasetView {
 impl From<Dataset> for DatasetView {
     fn from(d: Dataset) -> Self {
         let meta = &d.metadata;
-        let text = |key: &str| meta.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+        let text = |key: &str| {
+            meta.get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         Self {
             label_counts: meta_field(meta, "label_counts"),
             splits: meta_field(meta, "splits"),
-            rejected: meta.get("rejected").and_then(Value::as_u64).unwrap_or_default(),
+            rejected: meta
+                .get("rejected")
+                .and_then(Value::as_u64)
+                .unwrap_or_default(),
             rejected_rows: meta_field(meta, "rejected_rows"),
             text_field: text("text_field"),
             label_field: text("label_field"),
@@ -71,7 +79,10 @@ impl From<Dataset> for DatasetView {
 
 /// A typed field of the record's metadata; absent or malformed reads as empty.
 fn meta_field<T: serde::de::DeserializeOwned + Default>(meta: &Value, key: &str) -> T {
-    meta.get(key).cloned().and_then(|v| serde_json::from_value(v).ok()).unwrap_or_default()
+    meta.get(key)
+        .cloned()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
 }
 
 /// A page of datasets.
@@ -93,11 +104,21 @@ pub struct DatasetList {
         (status = 200, body = DatasetList),
         (status = 400, description = "Malformed query parameter", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_datasets(State(state): State<AppState>, query: QueryPairs) -> Result<Json<DatasetList>, ApiError> {
+pub async fn list_datasets(
+    State(state): State<AppState>,
+    query: QueryPairs,
+) -> Result<Json<DatasetList>, ApiError> {
     let page = page(&query)?;
     let datasets = state.store.list_datasets(page).await?;
-    let next = if datasets.len() == page.limit as usize { datasets.last().map(|d| d.id) } else { None };
-    Ok(Json(DatasetList { datasets: datasets.into_iter().map(DatasetView::from).collect(), next }))
+    let next = if datasets.len() == page.limit as usize {
+        datasets.last().map(|d| d.id)
+    } else {
+        None
+    };
+    Ok(Json(DatasetList {
+        datasets: datasets.into_iter().map(DatasetView::from).collect(),
+        next,
+    }))
 }
 
 /// One dataset.
@@ -108,9 +129,15 @@ pub async fn list_datasets(State(state): State<AppState>, query: QueryPairs) -> 
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such dataset", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_dataset(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<DatasetView>, ApiError> {
+pub async fn get_dataset(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<DatasetView>, ApiError> {
     let id = parse_id("dataset", &raw)?;
-    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound { kind: "dataset", id: raw })?;
+    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound {
+        kind: "dataset",
+        id: raw,
+    })?;
     Ok(Json(dataset.into()))
 }
 
@@ -123,11 +150,21 @@ pub async fn get_dataset(State(state): State<AppState>, Path(raw): Path<String>)
         (status = 404, description = "No such dataset", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A queued or running job uses it", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn delete_dataset(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_dataset(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let id = parse_id("dataset", &raw)?;
-    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound { kind: "dataset", id: raw })?;
+    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound {
+        kind: "dataset",
+        id: raw,
+    })?;
     state.store.delete_dataset(id).await?;
-    if let Err(error) = state.artifacts.delete_prefix(&format!("datasets/{id}/")).await {
+    if let Err(error) = state
+        .artifacts
+        .delete_prefix(&format!("datasets/{id}/"))
+        .await
+    {
         tracing::warn!(dataset.id = %id, uri = %dataset.uri, %error, "dataset file left behind");
     }
     tracing::info!(dataset.id = %id, "dataset deleted");

@@ -69,7 +69,8 @@ pub async fn create_dataset(
             read_upload(&state, id, multipart).await
         }
         BodyKind::Json => {
-            let reference: DatasetReference = read_json(request, state.config.json_body_limit_bytes).await?;
+            let reference: DatasetReference =
+                read_json(request, state.config.json_body_limit_bytes).await?;
             read_reference(&state, id, reference).await
         }
     };
@@ -101,12 +102,23 @@ struct Received {
 }
 
 async fn read_upload(state: &AppState, id: Uuid, mut multipart: Multipart) -> Result<Received> {
-    let mut request = DatasetReference { uri: "upload".into(), ..DatasetReference::default() };
+    let mut request = DatasetReference {
+        uri: "upload".into(),
+        ..DatasetReference::default()
+    };
     let mut received = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| Error::BadUpload(e.body_text()))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| Error::BadUpload(e.body_text()))?
+    {
         let part = field.name().unwrap_or_default().to_owned();
         if received.is_some() {
-            return Err(Rejection::new("invalid-upload", format!("part `{part}` came after the one `file` part")).into());
+            return Err(Rejection::new(
+                "invalid-upload",
+                format!("part `{part}` came after the one `file` part"),
+            )
+            .into());
         }
         match part.as_str() {
             "file" => {
@@ -129,14 +141,23 @@ async fn read_upload(state: &AppState, id: Uuid, mut multipart: Multipart) -> Re
     }
     let (key, file_name, summary) =
         received.ok_or_else(|| Rejection::new("invalid-upload", "no `file` part was sent"))?;
-    Ok(Received { request, key, file_name, summary })
+    Ok(Received {
+        request,
+        key,
+        file_name,
+        summary,
+    })
 }
 
 fn parse_bool(raw: &str) -> Result<bool> {
     match raw.trim() {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
-        other => Err(Rejection::new("invalid-upload", format!("strict must be true or false, got `{other}`")).into()),
+        other => Err(Rejection::new(
+            "invalid-upload",
+            format!("strict must be true or false, got `{other}`"),
+        )
+        .into()),
     }
 }
 
@@ -145,11 +166,30 @@ async fn read_reference(state: &AppState, id: Uuid, request: DatasetReference) -
     let reference = sources::parse_reference(&request.uri, &inputs.allowed_file_roots)?;
     let files = sources::list_files(&reference, &inputs.allowed_file_roots, &inputs.store).await?;
     let [file] = files.as_slice() else {
-        return Err(Rejection::new("invalid-dataset", format!("{} holds {} files; a dataset is one file", request.uri, files.len())).into());
+        return Err(Rejection::new(
+            "invalid-dataset",
+            format!(
+                "{} holds {} files; a dataset is one file",
+                request.uri,
+                files.len()
+            ),
+        )
+        .into());
     };
-    let file_name = file.name.rsplit('/').next().unwrap_or(&file.name).to_owned();
-    let (key, file_name, summary) = store_file(state, id, &file_name, file.open().await?, &request).await?;
-    Ok(Received { request, key, file_name, summary })
+    let file_name = file
+        .name
+        .rsplit('/')
+        .next()
+        .unwrap_or(&file.name)
+        .to_owned();
+    let (key, file_name, summary) =
+        store_file(state, id, &file_name, file.open().await?, &request).await?;
+    Ok(Received {
+        request,
+        key,
+        file_name,
+        summary,
+    })
 }
 
 /// Streams the dataset file into `datasets/{id}/` through the dataset inspector.
@@ -165,9 +205,17 @@ where
     E: std::fmt::Display,
 {
     check_file_name(file_name)?;
-    let format = request.format.or_else(|| DatasetFormat::from_file_name(file_name)).ok_or_else(|| {
-        Rejection::new("invalid-format", format!("cannot tell the format of `{file_name}`: send `format` (jsonl, csv or text)"))
-    })?;
+    let format = request
+        .format
+        .or_else(|| DatasetFormat::from_file_name(file_name))
+        .ok_or_else(|| {
+            Rejection::new(
+                "invalid-format",
+                format!(
+                    "cannot tell the format of `{file_name}`: send `format` (jsonl, csv or text)"
+                ),
+            )
+        })?;
     let defaults = DatasetOptions::new(format);
     let options = DatasetOptions {
         text_field: request.text_field.clone().unwrap_or(defaults.text_field),
@@ -176,19 +224,33 @@ where
         format,
     };
     let mut inspector = DatasetInspector::new(options);
-    let mut budget = Budget::new("dataset upload", state.config.inputs.dataset_upload_max_bytes);
+    let mut budget = Budget::new(
+        "dataset upload",
+        state.config.inputs.dataset_upload_max_bytes,
+    );
     let key = format!("datasets/{id}/{file_name}");
-    ingest(&state.artifacts, &key, source, &mut budget, |chunk| inspector.feed(chunk)).await?;
+    ingest(&state.artifacts, &key, source, &mut budget, |chunk| {
+        inspector.feed(chunk)
+    })
+    .await?;
     Ok((key, file_name.to_owned(), inspector.finish()?))
 }
 
 async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Dataset> {
-    let Received { request, key, file_name, summary } = received;
+    let Received {
+        request,
+        key,
+        file_name,
+        summary,
+    } = received;
     let format = summary.format.as_str().to_owned();
     let defaults = DatasetOptions::new(summary.format);
     let dataset = Dataset {
         id,
-        name: request.name.filter(|n| !n.trim().is_empty()).unwrap_or(file_name),
+        name: request
+            .name
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or(file_name),
         format,
         uri: key,
         bytes: i64::try_from(summary.bytes).unwrap_or(i64::MAX),

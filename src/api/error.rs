@@ -156,8 +156,16 @@ impl ApiError {
         let (pointer, message) = (pointer.into(), message.into());
         let detail = format!("{pointer}: {message}");
         Self {
-            errors: vec![FieldError { pointer, detail: message }],
-            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "The request is invalid", detail)
+            errors: vec![FieldError {
+                pointer,
+                detail: message,
+            }],
+            ..Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-request",
+                "The request is invalid",
+                detail,
+            )
         }
     }
 

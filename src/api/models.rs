@@ -45,9 +45,19 @@ impl From<Model> for ModelView {
     fn from(model: Model) -> Self {
         let meta = &model.metadata;
         Self {
-            parameters: meta.get("parameters").and_then(serde_json::Value::as_u64).unwrap_or_default(),
-            files: meta.get("files").and_then(|f| serde_json::from_value(f.clone()).ok()).unwrap_or_default(),
-            source: meta.get("source").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned(),
+            parameters: meta
+                .get("parameters")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or_default(),
+            files: meta
+                .get("files")
+                .and_then(|f| serde_json::from_value(f.clone()).ok())
+                .unwrap_or_default(),
+            source: meta
+                .get("source")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
             id: model.id,
             name: model.name,
             architecture: model.architecture,
@@ -78,11 +88,21 @@ pub struct ModelList {
         (status = 200, body = ModelList),
         (status = 400, description = "Malformed query parameter", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn list_models(State(state): State<AppState>, query: QueryPairs) -> Result<Json<ModelList>, ApiError> {
+pub async fn list_models(
+    State(state): State<AppState>,
+    query: QueryPairs,
+) -> Result<Json<ModelList>, ApiError> {
     let page = page(&query)?;
     let models = state.store.list_models(page).await?;
-    let next = if models.len() == page.limit as usize { models.last().map(|m| m.id) } else { None };
-    Ok(Json(ModelList { models: models.into_iter().map(ModelView::from).collect(), next }))
+    let next = if models.len() == page.limit as usize {
+        models.last().map(|m| m.id)
+    } else {
+        None
+    };
+    Ok(Json(ModelList {
+        models: models.into_iter().map(ModelView::from).collect(),
+        next,
+    }))
 }
 
 /// One model.
@@ -93,9 +113,15 @@ pub async fn list_models(State(state): State<AppState>, query: QueryPairs) -> Re
         (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such model", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn get_model(State(state): State<AppState>, Path(raw): Path<String>) -> Result<Json<ModelView>, ApiError> {
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<Json<ModelView>, ApiError> {
     let id = parse_id("model", &raw)?;
-    let model = state.store.get_model(id).await?.ok_or(Error::NotFound { kind: "model", id: raw })?;
+    let model = state.store.get_model(id).await?.ok_or(Error::NotFound {
+        kind: "model",
+        id: raw,
+    })?;
     Ok(Json(model.into()))
 }
 
@@ -108,9 +134,15 @@ pub async fn get_model(State(state): State<AppState>, Path(raw): Path<String>) -
         (status = 404, description = "No such model", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A queued or running job uses it", body = Problem, content_type = "application/problem+json"),
     ))]
-pub async fn delete_model(State(state): State<AppState>, Path(raw): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_model(
+    State(state): State<AppState>,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let id = parse_id("model", &raw)?;
-    let model = state.store.get_model(id).await?.ok_or(Error::NotFound { kind: "model", id: raw })?;
+    let model = state.store.get_model(id).await?.ok_or(Error::NotFound {
+        kind: "model",
+        id: raw,
+    })?;
     state.store.delete_model(id).await?;
     // The row is gone; files that cannot be removed now are orphans for the sweeper.
     if let Err(error) = state.artifacts.delete_prefix(&model.uri).await {
@@ -126,7 +158,8 @@ pub(crate) fn parse_id(kind: &'static str, raw: &str) -> Result<Uuid, ApiError> 
         "model" => "invalid-model-id",
         _ => "invalid-dataset-id",
     };
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request(slug, format!("`{raw}` is not a {kind} id (a UUID)")))
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request(slug, format!("`{raw}` is not a {kind} id (a UUID)")))
 }
 
 /// `limit` and `after` query parameters.
@@ -134,13 +167,24 @@ pub(crate) fn page(query: &QueryPairs) -> Result<Page, ApiError> {
     query.only(&["limit", "after"])?;
     let limit = match query.one("limit")? {
         None => DEFAULT_LIMIT,
-        Some(raw) => raw.parse::<u32>().ok().filter(|l| (1..=MAX_PAGE).contains(l)).ok_or_else(|| {
-            ApiError::bad_request("invalid-query", format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`"))
-        })?,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid-query",
+                    format!("limit must be an integer from 1 to {MAX_PAGE}, got `{raw}`"),
+                )
+            })?,
     };
     let after = query
         .one("after")?
-        .map(|raw| Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid-query", format!("after `{raw}` is not an id"))))
+        .map(|raw| {
+            Uuid::parse_str(raw).map_err(|_| {
+                ApiError::bad_request("invalid-query", format!("after `{raw}` is not an id"))
+            })
+        })
         .transpose()?;
     Ok(Page { after, limit })
 }

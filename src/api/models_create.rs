@@ -51,11 +51,16 @@ pub async fn create_model(
             let multipart = Multipart::from_request(request, &state)
                 .await
                 .map_err(|e| ApiError::bad_request("bad-upload", e.body_text()))?;
-            read_upload(&mut registration, multipart).await.map(|name| (name, "upload".to_owned()))
+            read_upload(&mut registration, multipart)
+                .await
+                .map(|name| (name, "upload".to_owned()))
         }
         BodyKind::Json => {
-            let reference: ModelReference = read_json(request, state.config.json_body_limit_bytes).await?;
-            read_reference(&state, &mut registration, &reference.uri).await.map(|()| (reference.name, reference.uri))
+            let reference: ModelReference =
+                read_json(request, state.config.json_body_limit_bytes).await?;
+            read_reference(&state, &mut registration, &reference.uri)
+                .await
+                .map(|()| (reference.name, reference.uri))
         }
     };
     let model = match received {
@@ -83,8 +88,17 @@ pub(crate) enum BodyKind {
 /// # Errors
 /// 415 for any other content type.
 pub(crate) fn body_kind(request: &Request) -> std::result::Result<BodyKind, ApiError> {
-    let content_type = request.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let essence = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "multipart/form-data" => Ok(BodyKind::Multipart),
         "application/json" => Ok(BodyKind::Json),
@@ -105,23 +119,39 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     request: Request,
     limit: usize,
 ) -> std::result::Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(request.into_body(), limit).await.map_err(|_| ApiError::body_too_large(limit))?;
+    let bytes = axum::body::to_bytes(request.into_body(), limit)
+        .await
+        .map_err(|_| ApiError::body_too_large(limit))?;
     let value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::malformed_json(e.to_string()))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let pointer = if path == "." { String::new() } else { format!("/{}", path.replace('.', "/")) };
+        let pointer = if path == "." {
+            String::new()
+        } else {
+            format!("/{}", path.replace('.', "/"))
+        };
         ApiError::invalid_request(pointer, e.inner().to_string())
     })
 }
 
-async fn read_upload(registration: &mut ModelRegistration, mut multipart: Multipart) -> Result<Option<String>> {
+async fn read_upload(
+    registration: &mut ModelRegistration,
+    mut multipart: Multipart,
+) -> Result<Option<String>> {
     let mut name = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| Error::BadUpload(e.body_text()))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| Error::BadUpload(e.body_text()))?
+    {
         match field.name().unwrap_or_default() {
             "file" => {
                 let file_name = field.file_name().map(str::to_owned).ok_or_else(|| {
-                    Rejection::new("invalid-upload", "every `file` part needs a filename (its path in the model folder)")
+                    Rejection::new(
+                        "invalid-upload",
+                        "every `file` part needs a filename (its path in the model folder)",
+                    )
                 })?;
                 registration.add_file(&file_name, field).await?;
             }
@@ -149,13 +179,22 @@ pub(crate) async fn text_part(mut field: Field<'_>) -> Result<String> {
         let chunk = chunk.map_err(|e| Error::BadUpload(e.body_text()))?;
         bytes.extend_from_slice(&chunk);
         if bytes.len() > MAX_TEXT_PART {
-            return Err(Rejection::new("invalid-upload", format!("part `{part}` is longer than {MAX_TEXT_PART} bytes")).into());
+            return Err(Rejection::new(
+                "invalid-upload",
+                format!("part `{part}` is longer than {MAX_TEXT_PART} bytes"),
+            )
+            .into());
         }
     }
-    String::from_utf8(bytes).map_err(|_| Rejection::new("invalid-upload", format!("part `{part}` is not UTF-8")).into())
+    String::from_utf8(bytes)
+        .map_err(|_| Rejection::new("invalid-upload", format!("part `{part}` is not UTF-8")).into())
 }
 
-async fn read_reference(state: &AppState, registration: &mut ModelRegistration, uri: &str) -> Result<()> {
+async fn read_reference(
+    state: &AppState,
+    registration: &mut ModelRegistration,
+    uri: &str,
+) -> Result<()> {
     let inputs = &state.config.inputs;
     let reference = sources::parse_reference(uri, &inputs.allowed_file_roots)?;
     for file in sources::list_files(&reference, &inputs.allowed_file_roots, &inputs.store).await? {

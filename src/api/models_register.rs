@@ -57,7 +57,10 @@ impl ModelRegistration {
         self.inspector.start_file(name)?;
         let key = format!("{}{name}", self.prefix);
         let inspector = &mut self.inspector;
-        ingest(&self.store, &key, source, &mut self.budget, |chunk| inspector.feed(chunk)).await?;
+        ingest(&self.store, &key, source, &mut self.budget, |chunk| {
+            inspector.feed(chunk)
+        })
+        .await?;
         // Parsing a tokenizer is CPU work: keep it off the async workers.
         let mut inspector = std::mem::take(&mut self.inspector);
         let (inspector, record) = tokio::task::spawn_blocking(move || {
@@ -74,8 +77,19 @@ impl ModelRegistration {
     ///
     /// # Errors
     /// A rejection from the cross-file checks, or the database's error; files are removed.
-    pub(crate) async fn commit(self, state: &AppState, name: Option<String>, source: String) -> Result<Model> {
-        let Self { id, prefix, pending, inspector, .. } = self;
+    pub(crate) async fn commit(
+        self,
+        state: &AppState,
+        name: Option<String>,
+        source: String,
+    ) -> Result<Model> {
+        let Self {
+            id,
+            prefix,
+            pending,
+            inspector,
+            ..
+        } = self;
         let summary = match inspector.finish() {
             Ok(summary) => summary,
             Err(rejection) => {
@@ -83,7 +97,9 @@ impl ModelRegistration {
                 return Err(rejection.into());
             }
         };
-        let name = name.filter(|n| !n.trim().is_empty()).unwrap_or_else(|| default_name(&source, &summary.files));
+        let name = name
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| default_name(&source, &summary.files));
         let model = Model {
             id,
             name,
@@ -113,17 +129,28 @@ impl ModelRegistration {
 
 /// One digest for the whole model: sha256 of `name sha256` lines sorted by name.
 fn manifest_sha256(files: &[FileRecord]) -> String {
-    let mut lines: Vec<String> = files.iter().map(|f| format!("{} {}\n", f.name, f.sha256)).collect();
+    let mut lines: Vec<String> = files
+        .iter()
+        .map(|f| format!("{} {}\n", f.name, f.sha256))
+        .collect();
     lines.sort();
     hex::encode(Sha256::digest(lines.concat().as_bytes()))
 }
 
 /// A name when the client gave none: the last part of the source URI, or the weights file's stem.
 fn default_name(source: &str, files: &[FileRecord]) -> String {
-    let from_source = source.trim_end_matches('/').rsplit('/').next().filter(|s| !s.is_empty() && source != "upload");
+    let from_source = source
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|s| !s.is_empty() && source != "upload");
     let from_weights = files
         .iter()
         .find(|f| f.name.ends_with(".gguf") || f.name.ends_with(".safetensors"))
-        .map(|f| f.name.rsplit_once('.').map_or(f.name.as_str(), |(stem, _)| stem));
+        .map(|f| {
+            f.name
+                .rsplit_once('.')
+                .map_or(f.name.as_str(), |(stem, _)| stem)
+        });
     from_source.or(from_weights).unwrap_or("model").to_owned()
 }

@@ -34,7 +34,10 @@ impl fmt::Debug for S3Config {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "***"))
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
             .field("allow_http", &self.allow_http)
             .finish()
     }
@@ -87,13 +90,18 @@ impl StoreConfig {
             None | Some("memory://") => Ok(()),
             Some(url) if url.starts_with("file://") => file_url_path(url).map(|_| ()),
             Some(url) if url.starts_with("s3://") => Ok(()),
-            Some(other) => Err(url_error(format!("'{other}' is not file:///path, s3://bucket/prefix or memory://"))),
+            Some(other) => Err(url_error(format!(
+                "'{other}' is not file:///path, s3://bucket/prefix or memory://"
+            ))),
         }
     }
 }
 
 fn url_error(message: impl Into<String>) -> Error {
-    Error::Config { setting: "artifacts_url (COMPRESSD_ARTIFACTS_URL)".into(), message: message.into() }
+    Error::Config {
+        setting: "artifacts_url (COMPRESSD_ARTIFACTS_URL)".into(),
+        message: message.into(),
+    }
 }
 
 /// The folder a `file:///…` URL names.
@@ -113,8 +121,12 @@ pub(super) fn open_s3(url: &str, s3: &S3Config) -> Result<(AmazonS3, Path, Strin
     }
     // object_store's 30 s request timeout fails a 64 MiB part below ~2.2 MB/s, and a local S3
     // server assembling a multi-gigabyte object takes longer than that to complete it.
-    let client = ClientOptions::new().with_allow_http(s3.allow_http).with_timeout(S3_REQUEST_TIMEOUT);
-    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_client_options(client);
+    let client = ClientOptions::new()
+        .with_allow_http(s3.allow_http)
+        .with_timeout(S3_REQUEST_TIMEOUT);
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_client_options(client);
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_endpoint(endpoint);
     }
@@ -127,7 +139,12 @@ pub(super) fn open_s3(url: &str, s3: &S3Config) -> Result<(AmazonS3, Path, Strin
     if let Some(secret) = &s3.secret_access_key {
         builder = builder.with_secret_access_key(secret);
     }
-    let client = builder.build().map_err(|e| url_error(format!("cannot configure S3: {e}")))?;
-    let root = prefix.split('/').filter(|p| !p.is_empty()).fold(Path::default(), |p, c| p.child(c));
+    let client = builder
+        .build()
+        .map_err(|e| url_error(format!("cannot configure S3: {e}")))?;
+    let root = prefix
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .fold(Path::default(), |p, c| p.child(c));
     Ok((client, root, bucket.to_owned()))
 }

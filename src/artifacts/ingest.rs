@@ -26,7 +26,11 @@ pub struct Budget {
 impl Budget {
     /// A budget of `limit` bytes for `what` (named in the 413 answer).
     pub fn new(what: &'static str, limit: u64) -> Self {
-        Self { what, limit, used: 0 }
+        Self {
+            what,
+            limit,
+            used: 0,
+        }
     }
 
     /// Spends `bytes`.
@@ -36,7 +40,10 @@ impl Budget {
     pub fn spend(&mut self, bytes: usize) -> Result<()> {
         self.used += bytes as u64;
         if self.used > self.limit {
-            return Err(Error::TooLarge { what: self.what, limit: self.limit });
+            return Err(Error::TooLarge {
+                what: self.what,
+                limit: self.limit,
+            });
         }
         Ok(())
     }
@@ -92,7 +99,11 @@ pub struct PendingPrefix {
 impl PendingPrefix {
     /// Starts tracking `prefix` (e.g. `models/{id}/`).
     pub fn new(store: ArtifactStore, prefix: String) -> Self {
-        Self { store, prefix, armed: true }
+        Self {
+            store,
+            prefix,
+            armed: true,
+        }
     }
 
     /// The registration was committed: keep the objects.
@@ -126,6 +137,8 @@ impl Drop for PendingPrefix {
 }
 
 /// An infallible stream of one in-memory buffer, for tests and small inputs.
-pub fn once(bytes: Bytes) -> impl Stream<Item = std::result::Result<Bytes, std::convert::Infallible>> {
+pub fn once(
+    bytes: Bytes,
+) -> impl Stream<Item = std::result::Result<Bytes, std::convert::Infallible>> {
     futures::stream::iter([Ok(bytes)])
 }

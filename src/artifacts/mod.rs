@@ -61,7 +61,10 @@ pub struct ArtifactStore {
 
 impl fmt::Debug for ArtifactStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ArtifactStore").field("backend", &self.backend).field("root", &self.root).finish()
+        f.debug_struct("ArtifactStore")
+            .field("backend", &self.backend)
+            .field("root", &self.root)
+            .finish()
     }
 }
 
@@ -81,10 +84,18 @@ impl ArtifactStore {
     /// folder cannot be created.
     pub fn open(config: &StoreConfig) -> Result<Self> {
         config.check()?;
-        let (store, signer, root, backend): (Arc<dyn ObjectStore>, _, _, _) = match config.url.as_deref() {
+        let (store, signer, root, backend): (Arc<dyn ObjectStore>, _, _, _) = match config
+            .url
+            .as_deref()
+        {
             None => Self::local(&config.default_dir)?,
             Some(url) if url.starts_with("file://") => Self::local(&config::file_url_path(url)?)?,
-            Some("memory://") => (Arc::new(InMemory::new()), None, Path::default(), Backend::Memory),
+            Some("memory://") => (
+                Arc::new(InMemory::new()),
+                None,
+                Path::default(),
+                Backend::Memory,
+            ),
             Some(url) => {
                 let (s3, root, bucket) = config::open_s3(url, &config.s3)?;
                 let s3 = Arc::new(s3);
@@ -115,7 +126,9 @@ impl ArtifactStore {
 
     /// The full object path of a key (under the store's prefix).
     fn path(&self, key: &str) -> Path {
-        key.split('/').filter(|p| !p.is_empty()).fold(self.root.clone(), |path, part| path.child(part))
+        key.split('/')
+            .filter(|p| !p.is_empty())
+            .fold(self.root.clone(), |path, part| path.child(part))
     }
 
     /// A key relative to the root, back from a full path.
@@ -131,7 +144,11 @@ impl ArtifactStore {
     /// weights in place instead of copying them).
     pub fn local_path(&self, key: &str) -> Option<PathBuf> {
         match &self.backend {
-            Backend::Local(dir) => Some(key.split('/').filter(|p| !p.is_empty()).fold(dir.clone(), |p, c| p.join(c))),
+            Backend::Local(dir) => Some(
+                key.split('/')
+                    .filter(|p| !p.is_empty())
+                    .fold(dir.clone(), |p, c| p.join(c)),
+            ),
             _ => None,
         }
     }
@@ -142,7 +159,10 @@ impl ArtifactStore {
     /// The store's error when the upload cannot be started.
     pub async fn writer(&self, key: &str) -> Result<ObjectWriter> {
         let upload = self.store.put_multipart(&self.path(key)).await?;
-        Ok(ObjectWriter::new(WriteMultipart::new_with_chunk_size(upload, self.part_size), self.max_inflight_parts))
+        Ok(ObjectWriter::new(
+            WriteMultipart::new_with_chunk_size(upload, self.part_size),
+            self.max_inflight_parts,
+        ))
     }
 
     /// Writes a small object in one request (reports, manifests).
@@ -150,7 +170,9 @@ impl ArtifactStore {
     /// # Errors
     /// The store's error.
     pub async fn put_small(&self, key: &str, bytes: Bytes) -> Result<()> {
-        self.store.put(&self.path(key), PutPayload::from_bytes(bytes)).await?;
+        self.store
+            .put(&self.path(key), PutPayload::from_bytes(bytes))
+            .await?;
         Ok(())
     }
 
@@ -166,8 +188,15 @@ impl ArtifactStore {
     ///
     /// # Errors
     /// The store's error, e.g. `NotFound`, or a range past the end.
-    pub async fn read(&self, key: &str, range: Option<Range<u64>>) -> Result<BoxStream<'static, Result<Bytes>>> {
-        let options = GetOptions { range: range.map(GetRange::Bounded), ..GetOptions::default() };
+    pub async fn read(
+        &self,
+        key: &str,
+        range: Option<Range<u64>>,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        let options = GetOptions {
+            range: range.map(GetRange::Bounded),
+            ..GetOptions::default()
+        };
         let result = self.store.get_opts(&self.path(key), options).await?;
         Ok(result.into_stream().map_err(Error::from).boxed())
     }
@@ -204,7 +233,11 @@ impl ArtifactStore {
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
             let meta = meta?;
-            out.push(StoredObject { key: self.key_of(&meta.location), bytes: meta.size, modified: meta.last_modified });
+            out.push(StoredObject {
+                key: self.key_of(&meta.location),
+                bytes: meta.size,
+                modified: meta.last_modified,
+            });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
@@ -216,7 +249,10 @@ impl ArtifactStore {
     /// The signer's error.
     pub async fn presigned_get(&self, key: &str, ttl: Duration) -> Result<Option<url::Url>> {
         match &self.signer {
-            Some(s3) => Ok(Some(s3.signed_url(axum::http::Method::GET, &self.path(key), ttl).await?)),
+            Some(s3) => Ok(Some(
+                s3.signed_url(axum::http::Method::GET, &self.path(key), ttl)
+                    .await?,
+            )),
             None => Ok(None),
         }
     }
@@ -229,7 +265,8 @@ impl ArtifactStore {
     pub async fn check(&self) -> Result<()> {
         if let Backend::Local(dir) = &self.backend {
             if !dir.is_dir() {
-                let gone = std::io::Error::new(std::io::ErrorKind::NotFound, "artifact folder is gone");
+                let gone =
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "artifact folder is gone");
                 return Err(Error::io(dir, gone));
             }
         }

@@ -48,23 +48,40 @@ fn refuse(slug: &'static str, message: String) -> Error {
 pub fn parse_reference(uri: &str, allowed_roots: &[PathBuf]) -> Result<Reference> {
     if let Some(raw) = uri.strip_prefix("file://") {
         // `..` is refused outright, before any normalisation could hide it.
-        if raw.split('/').any(|part| part == ".." || part == ".") || raw.contains("%2e%2e") || raw.contains("%2E%2E") {
-            return Err(refuse("uri-not-allowed", format!("{uri}: '..' and '.' are not allowed in file:// paths")));
+        if raw.split('/').any(|part| part == ".." || part == ".")
+            || raw.contains("%2e%2e")
+            || raw.contains("%2E%2E")
+        {
+            return Err(refuse(
+                "uri-not-allowed",
+                format!("{uri}: '..' and '.' are not allowed in file:// paths"),
+            ));
         }
         let path = url::Url::parse(uri)
             .ok()
             .and_then(|u| u.to_file_path().ok())
-            .ok_or_else(|| refuse("invalid-uri", format!("{uri} is not a file:///absolute/path URI")))?;
-        let canonical = path
-            .canonicalize()
-            .map_err(|_| refuse("uri-not-found", format!("{uri} does not exist or cannot be read")))?;
+            .ok_or_else(|| {
+                refuse(
+                    "invalid-uri",
+                    format!("{uri} is not a file:///absolute/path URI"),
+                )
+            })?;
+        let canonical = path.canonicalize().map_err(|_| {
+            refuse(
+                "uri-not-found",
+                format!("{uri} does not exist or cannot be read"),
+            )
+        })?;
         check_allowed(uri, &canonical, allowed_roots)?;
         return Ok(Reference::Local(canonical));
     }
     if uri.starts_with("s3://") && uri.len() > "s3://".len() {
         return Ok(Reference::S3(uri.to_owned()));
     }
-    Err(refuse("invalid-uri", format!("{uri} is not a file:// or s3:// URI")))
+    Err(refuse(
+        "invalid-uri",
+        format!("{uri} is not a file:// or s3:// URI"),
+    ))
 }
 
 fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Result<()> {
@@ -75,9 +92,19 @@ fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Re
     if inside {
         return Ok(());
     }
-    let roots: Vec<String> = allowed_roots.iter().map(|r| r.display().to_string()).collect();
-    let listed = if roots.is_empty() { "none are configured (allowed_file_roots)".to_owned() } else { roots.join(", ") };
-    Err(refuse("uri-not-allowed", format!("{uri} is outside the allowed file roots: {listed}")))
+    let roots: Vec<String> = allowed_roots
+        .iter()
+        .map(|r| r.display().to_string())
+        .collect();
+    let listed = if roots.is_empty() {
+        "none are configured (allowed_file_roots)".to_owned()
+    } else {
+        roots.join(", ")
+    };
+    Err(refuse(
+        "uri-not-allowed",
+        format!("{uri} is outside the allowed file roots: {listed}"),
+    ))
 }
 
 /// Lists the files a reference brings, sorted by name.
@@ -85,7 +112,11 @@ fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Re
 /// # Errors
 /// [`Error::Rejected`] when it holds no files or too many, or a symlink leads outside the
 /// allowed roots; [`Error::Io`] or the store's error when listing fails.
-pub async fn list_files(reference: &Reference, allowed_roots: &[PathBuf], s3: &StoreConfig) -> Result<Vec<SourceFile>> {
+pub async fn list_files(
+    reference: &Reference,
+    allowed_roots: &[PathBuf],
+    s3: &StoreConfig,
+) -> Result<Vec<SourceFile>> {
     let files = match reference {
         Reference::Local(path) => {
             let (path, roots) = (path.clone(), allowed_roots.to_vec());
@@ -96,18 +127,30 @@ pub async fn list_files(reference: &Reference, allowed_roots: &[PathBuf], s3: &S
         Reference::S3(uri) => s3_files(uri, s3).await?,
     };
     if files.is_empty() {
-        return Err(refuse("invalid-model", "the referenced location holds no files".into()));
+        return Err(refuse(
+            "invalid-model",
+            "the referenced location holds no files".into(),
+        ));
     }
     if files.len() > MAX_FILES {
-        return Err(refuse("invalid-model", format!("the referenced location holds more than {MAX_FILES} files")));
+        return Err(refuse(
+            "invalid-model",
+            format!("the referenced location holds more than {MAX_FILES} files"),
+        ));
     }
     Ok(files)
 }
 
 fn local_files(path: &FsPath, allowed_roots: &[PathBuf]) -> Result<Vec<SourceFile>> {
     if path.is_file() {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        return Ok(vec![SourceFile { name, location: Location::Local(path.to_path_buf()) }]);
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Ok(vec![SourceFile {
+            name,
+            location: Location::Local(path.to_path_buf()),
+        }]);
     }
     let mut out = Vec::new();
     walk(path, path, allowed_roots, &mut out)?;
@@ -123,25 +166,48 @@ fn walk(base: &FsPath, dir: &FsPath, roots: &[PathBuf], out: &mut Vec<SourceFile
         if entry.file_name().to_string_lossy().starts_with('.') || out.len() > MAX_FILES {
             continue;
         }
-        let real = entry.path().canonicalize().map_err(|e| Error::io(entry.path(), e))?;
+        let real = entry
+            .path()
+            .canonicalize()
+            .map_err(|e| Error::io(entry.path(), e))?;
         check_allowed(&entry.path().display().to_string(), &real, roots)?;
         if real.is_dir() {
             walk(base, &entry.path(), roots, out)?;
         } else {
-            let relative = entry.path().strip_prefix(base).unwrap_or(&entry.path()).to_path_buf();
-            let name = relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
-            out.push(SourceFile { name, location: Location::Local(real) });
+            let relative = entry
+                .path()
+                .strip_prefix(base)
+                .unwrap_or(&entry.path())
+                .to_path_buf();
+            let name = relative
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            out.push(SourceFile {
+                name,
+                location: Location::Local(real),
+            });
         }
     }
     Ok(())
 }
 
 async fn s3_files(uri: &str, base: &StoreConfig) -> Result<Vec<SourceFile>> {
-    let store = ArtifactStore::open(&StoreConfig { url: Some(uri.to_owned()), ..base.clone() })?;
+    let store = ArtifactStore::open(&StoreConfig {
+        url: Some(uri.to_owned()),
+        ..base.clone()
+    })?;
     let objects = store.list("").await?;
     Ok(objects
         .into_iter()
-        .map(|o| SourceFile { name: o.key.clone(), location: Location::S3 { store: store.clone(), key: o.key } })
+        .map(|o| SourceFile {
+            name: o.key.clone(),
+            location: Location::S3 {
+                store: store.clone(),
+                key: o.key,
+            },
+        })
         .collect())
 }
 
@@ -153,11 +219,15 @@ impl SourceFile {
     pub async fn open(&self) -> Result<BoxStream<'static, Result<Bytes>>> {
         match &self.location {
             Location::Local(path) => {
-                let file = tokio::fs::File::open(path).await.map_err(|e| Error::io(path, e))?;
+                let file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| Error::io(path, e))?;
                 let path = path.clone();
-                Ok(tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
-                    .map_err(move |e| Error::io(&path, e))
-                    .boxed())
+                Ok(
+                    tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
+                        .map_err(move |e| Error::io(&path, e))
+                        .boxed(),
+                )
             }
             Location::S3 { store, key } => store.read(key, None).await,
         }
@@ -180,10 +250,34 @@ mod tests {
             Err(Error::Rejected(r)) => r.slug,
             other => panic!("expected a rejection, got {other:?}"),
         };
-        assert_eq!(slug(parse_reference(&format!("file://{}/../x", inside.display()), &roots)), "uri-not-allowed");
-        assert_eq!(slug(parse_reference(&format!("file://{}", dir.path().display()), &roots)), "uri-not-allowed");
-        assert_eq!(slug(parse_reference(&format!("file://{}", inside.display()), &[])), "uri-not-allowed");
-        assert_eq!(slug(parse_reference(&format!("file://{}/missing", inside.display()), &roots)), "uri-not-found");
+        assert_eq!(
+            slug(parse_reference(
+                &format!("file://{}/../x", inside.display()),
+                &roots
+            )),
+            "uri-not-allowed"
+        );
+        assert_eq!(
+            slug(parse_reference(
+                &format!("file://{}", dir.path().display()),
+                &roots
+            )),
+            "uri-not-allowed"
+        );
+        assert_eq!(
+            slug(parse_reference(
+                &format!("file://{}", inside.display()),
+                &[]
+            )),
+            "uri-not-allowed"
+        );
+        assert_eq!(
+            slug(parse_reference(
+                &format!("file://{}/missing", inside.display()),
+                &roots
+            )),
+            "uri-not-found"
+        );
         assert_eq!(slug(parse_reference("ftp://x/y", &roots)), "invalid-uri");
     }
 
@@ -204,8 +298,14 @@ mod tests {
             part_size_bytes: super::super::MIN_PART_SIZE,
             max_inflight_parts: 1,
         };
-        assert_eq!(list_files(&reference, &roots, &config).await.unwrap().len(), 1);
+        assert_eq!(
+            list_files(&reference, &roots, &config).await.unwrap().len(),
+            1
+        );
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
-        assert!(matches!(list_files(&reference, &roots, &config).await, Err(Error::Rejected(_))));
+        assert!(matches!(
+            list_files(&reference, &roots, &config).await,
+            Err(Error::Rejected(_))
+        ));
     }
 }

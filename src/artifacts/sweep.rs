@@ -59,8 +59,12 @@ where
 /// The database's error.
 pub async fn is_referenced(db: &dyn crate::store::Store, key: &str) -> Result<bool> {
     let mut parts = key.splitn(3, '/');
-    let (Some(kind), Some(id)) = (parts.next(), parts.next()) else { return Ok(true) };
-    let Ok(id) = uuid::Uuid::parse_str(id) else { return Ok(true) };
+    let (Some(kind), Some(id)) = (parts.next(), parts.next()) else {
+        return Ok(true);
+    };
+    let Ok(id) = uuid::Uuid::parse_str(id) else {
+        return Ok(true);
+    };
     Ok(match kind {
         "models" => db.get_model(id).await?.is_some(),
         "datasets" => db.get_dataset(id).await?.is_some(),
@@ -82,7 +86,8 @@ pub fn spawn_sweeper(
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let cutoff = Utc::now() - chrono::Duration::from_std(min_age).unwrap_or(chrono::Duration::MAX);
+            let cutoff =
+                Utc::now() - chrono::Duration::from_std(min_age).unwrap_or(chrono::Duration::MAX);
             let db = db.clone();
             let result = sweep(&store, &["models", "datasets", "jobs"], cutoff, |key| {
                 let db = db.clone();
@@ -90,7 +95,11 @@ pub fn spawn_sweeper(
             })
             .await;
             match result {
-                Ok(report) => tracing::info!(examined = report.examined, deleted = report.deleted, "orphan sweep done"),
+                Ok(report) => tracing::info!(
+                    examined = report.examined,
+                    deleted = report.deleted,
+                    "orphan sweep done"
+                ),
                 Err(error) => tracing::warn!(%error, "orphan sweep failed"),
             }
         }

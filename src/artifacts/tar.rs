@@ -21,26 +21,43 @@ pub struct TarMember {
 
 /// Exact byte length of the archive of `members`, known before streaming (for `Content-Length`).
 pub fn tar_len(members: &[TarMember]) -> u64 {
-    members.iter().map(|m| BLOCK + m.bytes.div_ceil(BLOCK) * BLOCK).sum::<u64>() + 2 * BLOCK
+    members
+        .iter()
+        .map(|m| BLOCK + m.bytes.div_ceil(BLOCK) * BLOCK)
+        .sum::<u64>()
+        + 2 * BLOCK
 }
 
 /// Streams the archive of `members`, reading each object from `store` in turn.
 ///
 /// # Errors
 /// A rejection when a member path does not fit a ustar header (over 255 bytes).
-pub fn tar_stream(store: ArtifactStore, members: Vec<TarMember>) -> Result<BoxStream<'static, Result<Bytes>>> {
-    let headers = members.iter().map(header).collect::<std::result::Result<Vec<_>, _>>()?;
-    let parts = members.into_iter().zip(headers).map(move |(member, header)| {
-        let store = store.clone();
-        let padding = (member.bytes.div_ceil(BLOCK) * BLOCK - member.bytes) as usize;
-        let body = stream::once(async move { store.read(&member.key, None).await }).flat_map(|opened| match opened {
-            Ok(body) => body,
-            Err(error) => stream::once(async move { Err(error) }).boxed(),
+pub fn tar_stream(
+    store: ArtifactStore,
+    members: Vec<TarMember>,
+) -> Result<BoxStream<'static, Result<Bytes>>> {
+    let headers = members
+        .iter()
+        .map(header)
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let parts = members
+        .into_iter()
+        .zip(headers)
+        .map(move |(member, header)| {
+            let store = store.clone();
+            let padding = (member.bytes.div_ceil(BLOCK) * BLOCK - member.bytes) as usize;
+            let body = stream::once(async move { store.read(&member.key, None).await }).flat_map(
+                |opened| match opened {
+                    Ok(body) => body,
+                    Err(error) => stream::once(async move { Err(error) }).boxed(),
+                },
+            );
+            stream::once(async move { Ok(Bytes::from(header)) })
+                .chain(body)
+                .chain(stream::once(
+                    async move { Ok(Bytes::from(vec![0u8; padding])) },
+                ))
         });
-        stream::once(async move { Ok(Bytes::from(header)) })
-            .chain(body)
-            .chain(stream::once(async move { Ok(Bytes::from(vec![0u8; padding])) }))
-    });
     let end = stream::once(async { Ok(Bytes::from(vec![0u8; 2 * BLOCK as usize])) });
     Ok(stream::iter(parts).flatten().chain(end).boxed())
 }
@@ -53,9 +70,14 @@ fn header(member: &TarMember) -> std::result::Result<Vec<u8>, Rejection> {
         (&b""[..], path)
     } else {
         // Split at a '/' so the name fits 100 bytes and the prefix 155.
-        let split = member.path[..path.len().min(156)].rfind('/').filter(|&i| path.len() - i - 1 <= 100);
+        let split = member.path[..path.len().min(156)]
+            .rfind('/')
+            .filter(|&i| path.len() - i - 1 <= 100);
         let Some(i) = split else {
-            return Err(Rejection::new("name-too-long", format!("'{}' is too long for a tar member", member.path)));
+            return Err(Rejection::new(
+                "name-too-long",
+                format!("'{}' is too long for a tar member", member.path),
+            ));
         };
         (&path[..i], &path[i + 1..])
     };
@@ -101,21 +123,55 @@ mod tests {
             max_inflight_parts: 1,
         })
         .unwrap();
-        store.put_small("jobs/j/a", Bytes::from_static(b"hello")).await.unwrap();
-        store.put_small("jobs/j/b", Bytes::from(vec![7u8; 1000])).await.unwrap();
+        store
+            .put_small("jobs/j/a", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        store
+            .put_small("jobs/j/b", Bytes::from(vec![7u8; 1000]))
+            .await
+            .unwrap();
         let long = format!("{}/config.json", "d".repeat(120));
         let members = vec![
-            TarMember { path: "model/a.txt".into(), key: "jobs/j/a".into(), bytes: 5 },
-            TarMember { path: long.clone(), key: "jobs/j/b".into(), bytes: 1000 },
+            TarMember {
+                path: "model/a.txt".into(),
+                key: "jobs/j/a".into(),
+                bytes: 5,
+            },
+            TarMember {
+                path: long.clone(),
+                key: "jobs/j/b".into(),
+                bytes: 1000,
+            },
         ];
-        let bytes: Vec<Bytes> = tar_stream(store, members.clone()).unwrap().try_collect().await.unwrap();
+        let bytes: Vec<Bytes> = tar_stream(store, members.clone())
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
         let archive = bytes.concat();
         assert_eq!(archive.len() as u64, tar_len(&members));
         let path = dir.path().join("a.tar");
         std::fs::write(&path, &archive).unwrap();
-        let out = std::process::Command::new("tar").arg("-xf").arg(&path).arg("-C").arg(dir.path()).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(std::fs::read(dir.path().join("model/a.txt")).unwrap(), b"hello");
-        assert_eq!(std::fs::read(dir.path().join(long)).unwrap(), vec![7u8; 1000]);
+        let out = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&path)
+            .arg("-C")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("model/a.txt")).unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(long)).unwrap(),
+            vec![7u8; 1000]
+        );
     }
 }

@@ -30,7 +30,12 @@ pub struct ObjectWriter {
 
 impl ObjectWriter {
     pub(super) fn new(upload: WriteMultipart, max_inflight_parts: usize) -> Self {
-        Self { upload: Some(upload), hasher: Sha256::new(), bytes: 0, max_inflight_parts: max_inflight_parts.max(1) }
+        Self {
+            upload: Some(upload),
+            hasher: Sha256::new(),
+            bytes: 0,
+            max_inflight_parts: max_inflight_parts.max(1),
+        }
     }
 
     /// Bytes accepted so far.
@@ -60,7 +65,10 @@ impl ObjectWriter {
         let upload = self.upload.take().expect("writer used after finish");
         upload.finish().await?;
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        Ok(WrittenObject { bytes: self.bytes, sha256 })
+        Ok(WrittenObject {
+            bytes: self.bytes,
+            sha256,
+        })
     }
 
     /// Discards the upload; nothing becomes visible.
@@ -77,7 +85,9 @@ impl ObjectWriter {
 
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        let Some(upload) = self.upload.take() else { return };
+        let Some(upload) = self.upload.take() else {
+            return;
+        };
         // Dropped mid-upload (the request future was cancelled): abort off this stack frame.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {

@@ -47,14 +47,24 @@ impl CsvRows {
     }
 
     /// Signals the end of data, delivering a last record without a trailing newline.
-    pub(crate) fn finish<E>(mut self, on_record: impl FnMut(Record<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub(crate) fn finish<E>(
+        mut self,
+        on_record: impl FnMut(Record<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         self.run(&[], on_record)
     }
 
-    fn run<E>(&mut self, mut input: &[u8], mut on_record: impl FnMut(Record<'_>) -> Result<(), E>) -> Result<(), E> {
+    fn run<E>(
+        &mut self,
+        mut input: &[u8],
+        mut on_record: impl FnMut(Record<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         loop {
-            let (result, nin, nout, nend) =
-                self.reader.read_record(input, &mut self.out[self.out_len..], &mut self.ends[self.ends_len..]);
+            let (result, nin, nout, nend) = self.reader.read_record(
+                input,
+                &mut self.out[self.out_len..],
+                &mut self.ends[self.ends_len..],
+            );
             input = &input[nin..];
             self.out_len += nout;
             self.ends_len += nend;
@@ -108,7 +118,11 @@ mod tests {
         let mut out = Vec::new();
         let mut rows = CsvRows::new(1 << 20);
         let mut collect = |(line, fields): Record<'_>| -> Result<(), ()> {
-            let fields = fields.unwrap().iter().map(|f| String::from_utf8(f.to_vec()).unwrap()).collect();
+            let fields = fields
+                .unwrap()
+                .iter()
+                .map(|f| String::from_utf8(f.to_vec()).unwrap())
+                .collect();
             out.push((line, fields));
             Ok(())
         };
@@ -125,7 +139,10 @@ mod tests {
         for chunk in [1, 4, 100] {
             let got = records(input, chunk);
             assert_eq!(got.len(), 3, "chunk {chunk}");
-            assert_eq!(got[1], (2, vec!["a, \"quoted\"\nline".to_string(), "x".to_string()]));
+            assert_eq!(
+                got[1],
+                (2, vec!["a, \"quoted\"\nline".to_string(), "x".to_string()])
+            );
             assert_eq!(got[2], (4, vec!["plain".to_string(), "y".to_string()]));
         }
     }

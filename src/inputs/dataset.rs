@@ -83,7 +83,12 @@ pub struct DatasetOptions {
 impl DatasetOptions {
     /// Defaults for a format: fields `text` and `label`, strict.
     pub fn new(format: DatasetFormat) -> Self {
-        Self { format, text_field: "text".into(), label_field: "label".into(), strict: true }
+        Self {
+            format,
+            text_field: "text".into(),
+            label_field: "label".into(),
+            strict: true,
+        }
     }
 }
 
@@ -120,7 +125,10 @@ struct Row {
 impl Row {
     /// A row whose split is the given one, else the text's hash split.
     fn new(text: &str, label: Option<String>, split: Option<String>) -> Self {
-        Self { label, split: split.unwrap_or_else(|| hash_split(text).to_owned()) }
+        Self {
+            label,
+            split: split.unwrap_or_else(|| hash_split(text).to_owned()),
+        }
     }
 }
 
@@ -171,7 +179,10 @@ pub fn hash_split(text: &str) -> &'static str {
 
 enum Parser {
     Lines(LineSplitter),
-    Csv { rows: CsvRows, columns: Option<Columns> },
+    Csv {
+        rows: CsvRows,
+        columns: Option<Columns>,
+    },
 }
 
 /// Positions of the fields used, from the CSV header.
@@ -196,7 +207,10 @@ impl DatasetInspector {
     /// Starts reading a dataset with the given options.
     pub fn new(options: DatasetOptions) -> Self {
         let parser = match options.format {
-            DatasetFormat::Csv => Parser::Csv { rows: CsvRows::new(MAX_ROW_BYTES), columns: None },
+            DatasetFormat::Csv => Parser::Csv {
+                rows: CsvRows::new(MAX_ROW_BYTES),
+                columns: None,
+            },
             _ => Parser::Lines(LineSplitter::new(MAX_ROW_BYTES)),
         };
         let tally = Tally {
@@ -207,7 +221,13 @@ impl DatasetInspector {
             rejected: 0,
             examples: Vec::new(),
         };
-        Self { options, parser, tally, hasher: Sha256::new(), bytes: 0 }
+        Self {
+            options,
+            parser,
+            tally,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
     }
 
     /// Feeds the next bytes.
@@ -231,7 +251,13 @@ impl DatasetInspector {
     /// # Errors
     /// A [`Rejection`] for an empty file, zero usable rows, or fewer than two labels.
     pub fn finish(self) -> Checked<DatasetSummary> {
-        let Self { options, parser, mut tally, hasher, bytes } = self;
+        let Self {
+            options,
+            parser,
+            mut tally,
+            hasher,
+            bytes,
+        } = self;
         match parser {
             Parser::Lines(lines) => lines.finish(|line| on_line(&options, &mut tally, line))?,
             Parser::Csv { rows, mut columns } => {
@@ -242,8 +268,17 @@ impl DatasetInspector {
             return Err(Rejection::new(SLUG, "the file is empty"));
         }
         if tally.rows == 0 {
-            let first = tally.examples.first().map(|r| format!("; line {}: {}", r.line, r.reason));
-            return Err(Rejection::new(SLUG, format!("the dataset has no usable rows{}", first.unwrap_or_default())));
+            let first = tally
+                .examples
+                .first()
+                .map(|r| format!("; line {}: {}", r.line, r.reason));
+            return Err(Rejection::new(
+                SLUG,
+                format!(
+                    "the dataset has no usable rows{}",
+                    first.unwrap_or_default()
+                ),
+            ));
         }
         if options.format != DatasetFormat::Text && tally.labels.len() < 2 {
             let only = tally.labels.keys().next().cloned().unwrap_or_default();
@@ -298,7 +333,12 @@ fn json_row(options: &DatasetOptions, line: &str) -> Result<Option<Row>, String>
     let label = match object.get(&options.label_field) {
         Some(Value::String(s)) => s.clone(),
         Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-        Some(_) => return Err(format!("field `{}` is not a string or number", options.label_field)),
+        Some(_) => {
+            return Err(format!(
+                "field `{}` is not a string or number",
+                options.label_field
+            ))
+        }
         None => return Err(format!("field `{}` is missing", options.label_field)),
     };
     let split = match object.get("split") {
@@ -316,7 +356,10 @@ fn on_record(
     (line, fields): Record<'_>,
 ) -> Checked<()> {
     let Some(fields) = fields else {
-        return tally.record(line, Err(format!("the record is longer than {MAX_ROW_BYTES} bytes")));
+        return tally.record(
+            line,
+            Err(format!("the record is longer than {MAX_ROW_BYTES} bytes")),
+        );
     };
     let Some(cols) = *columns else {
         *columns = Some(header_columns(options, &fields)?);
@@ -334,7 +377,13 @@ fn header_columns(options: &DatasetOptions, fields: &[&[u8]]) -> Checked<Columns
         .map_err(|_| Rejection::new(SLUG, "line 1: the CSV header is not valid UTF-8"))?;
     let find = |name: &str| names.iter().position(|n| *n == name);
     let missing = |name: &str| {
-        Rejection::new(SLUG, format!("line 1: the CSV header has no column `{name}` (columns: {})", names.join(", ")))
+        Rejection::new(
+            SLUG,
+            format!(
+                "line 1: the CSV header has no column `{name}` (columns: {})",
+                names.join(", ")
+            ),
+        )
     };
     Ok(Columns {
         text: find(&options.text_field).ok_or_else(|| missing(&options.text_field))?,
@@ -349,7 +398,11 @@ fn csv_row(cols: Columns, fields: &[&[u8]]) -> Result<Option<Row>, String> {
         return Ok(None);
     }
     if fields.len() != cols.count {
-        return Err(format!("has {} fields but the header has {}", fields.len(), cols.count));
+        return Err(format!(
+            "has {} fields but the header has {}",
+            fields.len(),
+            cols.count
+        ));
     }
     let text = utf8(fields[cols.text])?;
     if text.is_empty() {

@@ -85,7 +85,8 @@ impl GgufInspector {
             return Ok(());
         }
         let room = MAX_HEADER_BYTES - self.prefix.len();
-        self.prefix.extend_from_slice(&chunk[..room.min(chunk.len())]);
+        self.prefix
+            .extend_from_slice(&chunk[..room.min(chunk.len())]);
         if self.prefix.len() >= 4 && &self.prefix[..4] != b"GGUF" {
             return Err(self.reject("does not start with the GGUF magic bytes"));
         }
@@ -93,9 +94,8 @@ impl GgufInspector {
             match Content::read(&mut Cursor::new(self.prefix.as_slice())) {
                 Ok(content) => self.keep(content),
                 Err(e) if self.prefix.len() == MAX_HEADER_BYTES => {
-                    return Err(self.reject(format!(
-                        "metadata and tensor table do not parse within {MAX_HEADER_BYTES} bytes: {e}"
-                    )))
+                    let why = format!("metadata and tensor table do not parse within {MAX_HEADER_BYTES} bytes: {e}");
+                    return Err(self.reject(why));
                 }
                 Err(_) => self.next_attempt = self.next_attempt.saturating_mul(2),
             }
@@ -117,8 +117,9 @@ impl GgufInspector {
             return Err(self.reject("the file is empty"));
         }
         if self.parsed.is_none() {
-            let content = Content::read(&mut Cursor::new(self.prefix.as_slice()))
-                .map_err(|e| self.reject(format!("metadata or tensor table does not parse: {e}")))?;
+            let content = Content::read(&mut Cursor::new(self.prefix.as_slice())).map_err(|e| {
+                self.reject(format!("metadata or tensor table does not parse: {e}"))
+            })?;
             self.keep(content);
         }
         let (content, _) = self.parsed.take().expect("parsed above");
@@ -133,13 +134,17 @@ fn summarize(content: &Content, file_len: u64) -> Result<GgufSummary, String> {
         let elements = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         if elements % block != 0 {
-            return Err(format!("tensor '{name}' has {elements} elements, not a multiple of its block size {block}"));
+            return Err(format!(
+                "tensor '{name}' has {elements} elements, not a multiple of its block size {block}"
+            ));
         }
         let bytes = (elements / block) as u64 * info.ggml_dtype.type_size() as u64;
         let start = content.tensor_data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(bytes));
         let (Some(start), Some(end)) = (start, end) else {
-            return Err(format!("tensor '{name}' has an offset too large to address"));
+            return Err(format!(
+                "tensor '{name}' has an offset too large to address"
+            ));
         };
         if end > file_len {
             return Err(format!(
@@ -157,7 +162,10 @@ fn summarize(content: &Content, file_len: u64) -> Result<GgufSummary, String> {
     tensors.sort_by_key(|t| (t.start, t.end));
     for pair in tensors.windows(2) {
         if pair[1].start < pair[0].end {
-            return Err(format!("tensors '{}' and '{}' overlap", pair[0].name, pair[1].name));
+            return Err(format!(
+                "tensors '{}' and '{}' overlap",
+                pair[0].name, pair[1].name
+            ));
         }
     }
     let architecture = match content.metadata.get("general.architecture") {
@@ -173,7 +181,12 @@ fn summarize(content: &Content, file_len: u64) -> Result<GgufSummary, String> {
         Some(Value::Array(tokens)) => Some(tokens.len()),
         _ => None,
     };
-    Ok(GgufSummary { architecture, integers, vocab_tokens, tensors })
+    Ok(GgufSummary {
+        architecture,
+        integers,
+        vocab_tokens,
+        tensors,
+    })
 }
 
 /// Any non-negative integer metadata value, whatever its stored width.
@@ -206,7 +219,10 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         gguf_file::write(
             &mut out,
-            &[("general.architecture", &arch), ("llama.block_count", &layers)],
+            &[
+                ("general.architecture", &arch),
+                ("llama.block_count", &layers),
+            ],
             &[("token_embd.weight", &q)],
         )
         .unwrap();
@@ -239,7 +255,13 @@ mod tests {
         let cut = inspect(&bytes[..end - 1]).unwrap_err();
         assert!(cut.message.contains("truncated"), "{cut}");
         let header_cut = inspect(&bytes[..40]).unwrap_err();
-        assert!(header_cut.message.contains("does not parse"), "{header_cut}");
-        assert!(inspect(b"PK\x03\x04rest").unwrap_err().message.contains("magic"));
+        assert!(
+            header_cut.message.contains("does not parse"),
+            "{header_cut}"
+        );
+        assert!(inspect(b"PK\x03\x04rest")
+            .unwrap_err()
+            .message
+            .contains("magic"));
     }
 }

@@ -17,7 +17,12 @@ pub(crate) struct LineSplitter {
 impl LineSplitter {
     /// A splitter that refuses lines longer than `max_len` bytes.
     pub(crate) fn new(max_len: usize) -> Self {
-        Self { partial: Vec::new(), line: 1, max_len, too_long: false }
+        Self {
+            partial: Vec::new(),
+            line: 1,
+            max_len,
+            too_long: false,
+        }
     }
 
     /// Feeds bytes; calls `on_line` for every line completed by them. Stops at the first error
@@ -37,7 +42,10 @@ impl LineSplitter {
     }
 
     /// Delivers a last line that had no trailing newline.
-    pub(crate) fn finish<E>(mut self, mut on_line: impl FnMut(Line<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub(crate) fn finish<E>(
+        mut self,
+        mut on_line: impl FnMut(Line<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         if !self.partial.is_empty() || self.too_long {
             self.emit(&mut on_line)?;
         }
@@ -107,6 +115,9 @@ mod tests {
     #[test]
     fn reports_overlong_lines_without_buffering_them() {
         let lines = split(b"short\nthis is far too long\nok\n", 3, 8);
-        assert_eq!(lines, vec![(1, Some("short".into())), (2, None), (3, Some("ok".into()))]);
+        assert_eq!(
+            lines,
+            vec![(1, Some("short".into())), (2, None), (3, Some("ok".into()))]
+        );
     }
 }

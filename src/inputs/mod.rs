@@ -7,8 +7,8 @@
 //! `tokenizer.json`) and the bounded header of a GGUF file are buffered. A failed check is a
 //! [`Rejection`]: a user error that the API answers with a 4xx, never a panic.
 
-pub mod dataset;
 mod csv_rows;
+pub mod dataset;
 pub mod gguf;
 mod lines;
 pub mod model;
@@ -35,12 +35,20 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection not tied to one file.
     pub fn new(slug: &'static str, message: impl Into<String>) -> Self {
-        Self { slug, file: None, message: message.into() }
+        Self {
+            slug,
+            file: None,
+            message: message.into(),
+        }
     }
 
     /// A rejection of one named file.
     pub fn in_file(slug: &'static str, file: &str, message: impl Into<String>) -> Self {
-        Self { slug, file: Some(file.to_owned()), message: message.into() }
+        Self {
+            slug,
+            file: Some(file.to_owned()),
+            message: message.into(),
+        }
     }
 }
 

@@ -99,7 +99,9 @@ pub fn check_file_name(name: &str) -> Checked<()> {
     let bad = name.is_empty()
         || name.len() > 255
         || name.contains(['\\', '\0'])
-        || name.split('/').any(|c| c.is_empty() || c == "." || c == "..");
+        || name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..");
     if bad {
         return Err(Rejection::new(
             "invalid-file-name",
@@ -121,7 +123,9 @@ impl ModelInspector {
     /// A [`Rejection`] for a bad or repeated name.
     pub fn start_file(&mut self, name: &str) -> Checked<()> {
         check_file_name(name)?;
-        if self.files.iter().any(|f| f.name == name) || self.open.as_ref().is_some_and(|f| f.name == name) {
+        if self.files.iter().any(|f| f.name == name)
+            || self.open.as_ref().is_some_and(|f| f.name == name)
+        {
             return Err(Rejection::in_file(SLUG, name, "appears twice"));
         }
         let at_root = !name.contains('/');
@@ -134,7 +138,12 @@ impl ModelInspector {
         } else {
             Checker::Other
         };
-        self.open = Some(OpenFile { name: name.to_owned(), hasher: Sha256::new(), bytes: 0, checker });
+        self.open = Some(OpenFile {
+            name: name.to_owned(),
+            hasher: Sha256::new(),
+            bytes: 0,
+            checker,
+        });
         Ok(())
     }
 
@@ -151,11 +160,13 @@ impl ModelInspector {
         match &mut file.checker {
             Checker::Safetensors(s) => s.feed(chunk),
             Checker::Gguf(g) => g.feed(chunk),
-            Checker::Json(buf) if buf.len() + chunk.len() > MAX_JSON_BYTES => Err(Rejection::in_file(
-                SLUG,
-                &file.name,
-                format!("is larger than the {MAX_JSON_BYTES}-byte limit for JSON files"),
-            )),
+            Checker::Json(buf) if buf.len() + chunk.len() > MAX_JSON_BYTES => {
+                Err(Rejection::in_file(
+                    SLUG,
+                    &file.name,
+                    format!("is larger than the {MAX_JSON_BYTES}-byte limit for JSON files"),
+                ))
+            }
             Checker::Json(buf) => {
                 buf.extend_from_slice(chunk);
                 Ok(())
@@ -180,15 +191,22 @@ impl ModelInspector {
             Checker::Safetensors(s) => self.shards.push((file.name.clone(), s.finish()?)),
             Checker::Gguf(g) => {
                 if self.gguf.is_some() {
-                    return Err(Rejection::in_file(SLUG, &file.name, "a model holds one GGUF file"));
+                    return Err(Rejection::in_file(
+                        SLUG,
+                        &file.name,
+                        "a model holds one GGUF file",
+                    ));
                 }
                 self.gguf = Some(g.finish()?);
             }
             Checker::Json(buf) => self.take_json(&file.name, &buf)?,
             Checker::Other => {}
         }
-        let record =
-            FileRecord { name: file.name, bytes: file.bytes, sha256: hex::encode(file.hasher.finalize()) };
+        let record = FileRecord {
+            name: file.name,
+            bytes: file.bytes,
+            sha256: hex::encode(file.hasher.finalize()),
+        };
         self.files.push(record.clone());
         Ok(record)
     }
@@ -201,10 +219,15 @@ impl ModelInspector {
             self.tokenizer_vocab = Some(tokenizer.get_vocab_size(true));
             return Ok(());
         }
-        let value: Value = serde_json::from_slice(buf)
-            .map_err(|e| Rejection::in_file("invalid-config", name, format!("is not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(buf).map_err(|e| {
+            Rejection::in_file("invalid-config", name, format!("is not valid JSON: {e}"))
+        })?;
         if !value.is_object() {
-            return Err(Rejection::in_file("invalid-config", name, "must be a JSON object"));
+            return Err(Rejection::in_file(
+                "invalid-config",
+                name,
+                "must be a JSON object",
+            ));
         }
         if name == INDEX_FILE {
             self.index = Some(value);
@@ -228,16 +251,29 @@ impl ModelInspector {
         } else {
             self.finish_safetensors()?
         };
-        Ok(ModelSummary { format, architecture, parameters, bytes, files: self.files })
+        Ok(ModelSummary {
+            format,
+            architecture,
+            parameters,
+            bytes,
+            files: self.files,
+        })
     }
 
     fn finish_gguf(&self) -> Checked<(ModelFormat, Architecture, u64)> {
         let gguf = self.gguf.as_ref().expect("caller checked");
         if !self.shards.is_empty() {
-            return Err(Rejection::new(SLUG, "a model is either GGUF or safetensors, not both"));
+            return Err(Rejection::new(
+                SLUG,
+                "a model is either GGUF or safetensors, not both",
+            ));
         }
         let architecture = model_config::check_gguf(gguf)?;
-        let rows = gguf.tensors.iter().find(|t| t.name == "token_embd.weight").map(|t| t.shape[0]);
+        let rows = gguf
+            .tensors
+            .iter()
+            .find(|t| t.name == "token_embd.weight")
+            .map(|t| t.shape[0]);
         self.check_tokenizer_fits(rows)?;
         let parameters = gguf.tensors.iter().map(|t| t.elements()).sum();
         Ok((ModelFormat::Gguf, architecture, parameters))
@@ -248,19 +284,30 @@ impl ModelInspector {
             return Err(Rejection::new(SLUG, "no files were sent"));
         }
         if self.shards.is_empty() {
-            return Err(Rejection::new(SLUG, "no *.safetensors or *.gguf weights file was sent"));
+            return Err(Rejection::new(
+                SLUG,
+                "no *.safetensors or *.gguf weights file was sent",
+            ));
         }
-        let config = self
-            .config
-            .as_ref()
-            .ok_or_else(|| Rejection::new(SLUG, "config.json is missing next to the safetensors files"))?;
+        let config = self.config.as_ref().ok_or_else(|| {
+            Rejection::new(SLUG, "config.json is missing next to the safetensors files")
+        })?;
         if self.tokenizer_vocab.is_none() {
             return Err(Rejection::new(SLUG, "tokenizer.json is missing"));
         }
         let shapes = self.merged_shapes()?;
         self.check_index(&shapes)?;
-        let architecture = model_config::check_hf(config, &shapes.iter().map(|(k, v)| (k.clone(), v.1.clone())).collect())?;
-        let rows = config.get("vocab_size").and_then(Value::as_u64).map(|v| v as usize);
+        let architecture = model_config::check_hf(
+            config,
+            &shapes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.1.clone()))
+                .collect(),
+        )?;
+        let rows = config
+            .get("vocab_size")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize);
         self.check_tokenizer_fits(rows)?;
         let parameters = self
             .shards
@@ -277,7 +324,9 @@ impl ModelInspector {
         let mut all = BTreeMap::new();
         for (file, summary) in &self.shards {
             for t in &summary.tensors {
-                if let Some((other, _)) = all.insert(t.name.clone(), (file.clone(), t.shape.clone())) {
+                if let Some((other, _)) =
+                    all.insert(t.name.clone(), (file.clone(), t.shape.clone()))
+                {
                     return Err(Rejection::in_file(
                         SLUG,
                         file,
@@ -291,9 +340,15 @@ impl ModelInspector {
 
     /// Every tensor the index maps must be in the shard it names.
     fn check_index(&self, shapes: &BTreeMap<String, (String, Vec<usize>)>) -> Checked<()> {
-        let Some(index) = &self.index else { return Ok(()) };
+        let Some(index) = &self.index else {
+            return Ok(());
+        };
         let Some(map) = index.get("weight_map").and_then(Value::as_object) else {
-            return Err(Rejection::in_file("invalid-config", INDEX_FILE, "has no `weight_map` object"));
+            return Err(Rejection::in_file(
+                "invalid-config",
+                INDEX_FILE,
+                "has no `weight_map` object",
+            ));
         };
         for (tensor, file) in map {
             let file = file.as_str().unwrap_or_default();

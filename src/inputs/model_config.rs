@@ -15,8 +15,10 @@ use super::gguf::GgufSummary;
 use super::{Checked, Rejection};
 
 /// The architectures the engine can load, with a word on each for error messages.
-pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] =
-    &[("bert", "BERT-style encoders"), ("llama", "Llama-style decoders")];
+pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
+    ("bert", "BERT-style encoders"),
+    ("llama", "Llama-style decoders"),
+];
 
 const MISMATCH: &str = "config-mismatch";
 
@@ -48,11 +50,16 @@ impl Architecture {
         } else if lower == "llama" || lower.starts_with("llamafor") || lower == "llamamodel" {
             Ok(Self::Llama)
         } else {
-            let supported: Vec<String> =
-                SUPPORTED_ARCHITECTURES.iter().map(|(n, what)| format!("{n} ({what})")).collect();
+            let supported: Vec<String> = SUPPORTED_ARCHITECTURES
+                .iter()
+                .map(|(n, what)| format!("{n} ({what})"))
+                .collect();
             Err(Rejection::new(
                 "unsupported-architecture",
-                format!("architecture '{name}' is not supported; supported: {}", supported.join(", ")),
+                format!(
+                    "architecture '{name}' is not supported; supported: {}",
+                    supported.join(", ")
+                ),
             ))
         }
     }
@@ -63,9 +70,15 @@ impl Architecture {
 /// # Errors
 /// A [`Rejection`] when neither names a supported architecture.
 pub fn architecture_of(config: &Value) -> Checked<Architecture> {
-    let named = config.get("model_type").and_then(Value::as_str).or_else(|| {
-        config.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str)
-    });
+    let named = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .or_else(|| {
+            config
+                .get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(Value::as_str)
+        });
     match named {
         Some(name) => Architecture::parse(name),
         None => Err(Rejection::in_file(
@@ -82,7 +95,10 @@ pub fn architecture_of(config: &Value) -> Checked<Architecture> {
 /// A [`Rejection`] naming the first tensor or field that disagrees.
 pub fn check_hf(config: &Value, tensors: &BTreeMap<String, Vec<usize>>) -> Checked<Architecture> {
     let arch = architecture_of(config)?;
-    let cfg = Fields { source: "config.json", get: &|k| config.get(k).and_then(Value::as_u64) };
+    let cfg = Fields {
+        source: "config.json",
+        get: &|k| config.get(k).and_then(Value::as_u64),
+    };
     match arch {
         Architecture::Bert => check_bert(&cfg, tensors)?,
         Architecture::Llama => check_llama(&cfg, tensors)?,
@@ -99,27 +115,56 @@ pub fn check_gguf(summary: &GgufSummary) -> Checked<Architecture> {
     if arch != Architecture::Llama {
         return Err(Rejection::new(
             "unsupported-architecture",
-            format!("architecture '{}' is supported from safetensors only, not from GGUF", arch.as_str()),
+            format!(
+                "architecture '{}' is supported from safetensors only, not from GGUF",
+                arch.as_str()
+            ),
         ));
     }
-    let tensors: BTreeMap<String, Vec<usize>> =
-        summary.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+    let tensors: BTreeMap<String, Vec<usize>> = summary
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.clone()))
+        .collect();
     let key = |k: &str| summary.integers.get(&format!("llama.{k}")).copied();
-    let hidden = require(key("embedding_length"), "llama.embedding_length", "GGUF metadata")?;
-    let heads = require(key("attention.head_count"), "llama.attention.head_count", "GGUF metadata")?;
+    let hidden = require(
+        key("embedding_length"),
+        "llama.embedding_length",
+        "GGUF metadata",
+    )?;
+    let heads = require(
+        key("attention.head_count"),
+        "llama.attention.head_count",
+        "GGUF metadata",
+    )?;
     let kv_heads = key("attention.head_count_kv").unwrap_or(heads);
-    let ff = require(key("feed_forward_length"), "llama.feed_forward_length", "GGUF metadata")?;
+    let ff = require(
+        key("feed_forward_length"),
+        "llama.feed_forward_length",
+        "GGUF metadata",
+    )?;
     let layers = require(key("block_count"), "llama.block_count", "GGUF metadata")?;
     let head_dim = key("attention.key_length").unwrap_or(hidden / heads.max(1));
     let vocab = key("vocab_size").or(summary.vocab_tokens.map(|n| n as u64));
-    let check = Shapes { tensors: &tensors, file: "GGUF" };
+    let check = Shapes {
+        tensors: &tensors,
+        file: "GGUF",
+    };
     if let Some(vocab) = vocab {
         check.expect("token_embd.weight", &[vocab, hidden], true)?;
     }
     check.layers("blk.", layers)?;
     for i in 0..layers {
-        check.expect(&format!("blk.{i}.attn_q.weight"), &[heads * head_dim, hidden], true)?;
-        check.expect(&format!("blk.{i}.attn_k.weight"), &[kv_heads * head_dim, hidden], true)?;
+        check.expect(
+            &format!("blk.{i}.attn_q.weight"),
+            &[heads * head_dim, hidden],
+            true,
+        )?;
+        check.expect(
+            &format!("blk.{i}.attn_k.weight"),
+            &[kv_heads * head_dim, hidden],
+            true,
+        )?;
         check.expect(&format!("blk.{i}.ffn_gate.weight"), &[ff, hidden], true)?;
         check.expect(&format!("blk.{i}.ffn_down.weight"), &[hidden, ff], true)?;
     }
@@ -140,7 +185,10 @@ impl Fields<'_> {
 
 fn require(value: Option<u64>, key: &str, source: &str) -> Checked<u64> {
     value.ok_or_else(|| {
-        Rejection::new("invalid-config", format!("{source} lacks the integer field `{key}`"))
+        Rejection::new(
+            "invalid-config",
+            format!("{source} lacks the integer field `{key}`"),
+        )
     })
 }
 
@@ -159,17 +207,41 @@ fn check_bert(cfg: &Fields<'_>, tensors: &BTreeMap<String, Vec<usize>>) -> Check
         ));
     }
     // Checkpoints saved from `BertFor…` heads prefix the encoder with `bert.`.
-    let p = if tensors.contains_key("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
-    let check = Shapes { tensors, file: "config.json" };
-    check.expect(&format!("{p}embeddings.word_embeddings.weight"), &[vocab, hidden], true)?;
-    check.expect(&format!("{p}embeddings.position_embeddings.weight"), &[positions, hidden], true)?;
+    let p = if tensors.contains_key("bert.embeddings.word_embeddings.weight") {
+        "bert."
+    } else {
+        ""
+    };
+    let check = Shapes {
+        tensors,
+        file: "config.json",
+    };
+    check.expect(
+        &format!("{p}embeddings.word_embeddings.weight"),
+        &[vocab, hidden],
+        true,
+    )?;
+    check.expect(
+        &format!("{p}embeddings.position_embeddings.weight"),
+        &[positions, hidden],
+        true,
+    )?;
     check.layers(&format!("{p}encoder.layer."), layers)?;
     for i in 0..layers {
         let l = format!("{p}encoder.layer.{i}");
-        for part in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+        for part in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ] {
             check.expect(&format!("{l}.{part}.weight"), &[hidden, hidden], true)?;
         }
-        check.expect(&format!("{l}.intermediate.dense.weight"), &[inter, hidden], true)?;
+        check.expect(
+            &format!("{l}.intermediate.dense.weight"),
+            &[inter, hidden],
+            true,
+        )?;
         check.expect(&format!("{l}.output.dense.weight"), &[hidden, inter], true)?;
     }
     Ok(())
@@ -183,19 +255,42 @@ fn check_llama(cfg: &Fields<'_>, tensors: &BTreeMap<String, Vec<usize>>) -> Chec
     let inter = cfg.required("intermediate_size")?;
     let kv_heads = (cfg.get)("num_key_value_heads").unwrap_or(heads);
     if heads == 0 {
-        return Err(Rejection::in_file(MISMATCH, "config.json", "num_attention_heads is 0"));
+        return Err(Rejection::in_file(
+            MISMATCH,
+            "config.json",
+            "num_attention_heads is 0",
+        ));
     }
     let head_dim = (cfg.get)("head_dim").unwrap_or(hidden / heads);
-    let check = Shapes { tensors, file: "config.json" };
+    let check = Shapes {
+        tensors,
+        file: "config.json",
+    };
     check.expect("model.embed_tokens.weight", &[vocab, hidden], true)?;
     check.expect("lm_head.weight", &[vocab, hidden], false)?;
     check.layers("model.layers.", layers)?;
     for i in 0..layers {
         let l = format!("model.layers.{i}");
-        check.expect(&format!("{l}.self_attn.q_proj.weight"), &[heads * head_dim, hidden], true)?;
-        check.expect(&format!("{l}.self_attn.k_proj.weight"), &[kv_heads * head_dim, hidden], true)?;
-        check.expect(&format!("{l}.self_attn.v_proj.weight"), &[kv_heads * head_dim, hidden], true)?;
-        check.expect(&format!("{l}.self_attn.o_proj.weight"), &[hidden, heads * head_dim], true)?;
+        check.expect(
+            &format!("{l}.self_attn.q_proj.weight"),
+            &[heads * head_dim, hidden],
+            true,
+        )?;
+        check.expect(
+            &format!("{l}.self_attn.k_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+            true,
+        )?;
+        check.expect(
+            &format!("{l}.self_attn.v_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+            true,
+        )?;
+        check.expect(
+            &format!("{l}.self_attn.o_proj.weight"),
+            &[hidden, heads * head_dim],
+            true,
+        )?;
         check.expect(&format!("{l}.mlp.gate_proj.weight"), &[inter, hidden], true)?;
         check.expect(&format!("{l}.mlp.up_proj.weight"), &[inter, hidden], true)?;
         check.expect(&format!("{l}.mlp.down_proj.weight"), &[hidden, inter], true)?;
@@ -217,7 +312,10 @@ impl Shapes<'_> {
             Some(actual) if *actual == expected => Ok(()),
             Some(actual) => Err(Rejection::new(
                 MISMATCH,
-                format!("tensor '{name}' has shape {actual:?} but {} implies {expected:?}", self.file),
+                format!(
+                    "tensor '{name}' has shape {actual:?} but {} implies {expected:?}",
+                    self.file
+                ),
             )),
             None if required => Err(Rejection::new(
                 MISMATCH,
@@ -237,7 +335,11 @@ impl Shapes<'_> {
         match found.iter().next_back() {
             Some(&last) if last + 1 > count => Err(Rejection::new(
                 MISMATCH,
-                format!("the tensors have {} layers but {} says {count}", last + 1, self.file),
+                format!(
+                    "the tensors have {} layers but {} says {count}",
+                    last + 1,
+                    self.file
+                ),
             )),
             _ => Ok(()),
         }
@@ -254,13 +356,28 @@ mod tests {
             "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 6});
         let mut t = BTreeMap::new();
         t.insert("embeddings.word_embeddings.weight".to_string(), vec![10, 4]);
-        t.insert("embeddings.position_embeddings.weight".to_string(), vec![6, 4]);
+        t.insert(
+            "embeddings.position_embeddings.weight".to_string(),
+            vec![6, 4],
+        );
         for part in ["query", "key", "value"] {
-            t.insert(format!("encoder.layer.0.attention.self.{part}.weight"), vec![4, 4]);
+            t.insert(
+                format!("encoder.layer.0.attention.self.{part}.weight"),
+                vec![4, 4],
+            );
         }
-        t.insert("encoder.layer.0.attention.output.dense.weight".to_string(), vec![4, 4]);
-        t.insert("encoder.layer.0.intermediate.dense.weight".to_string(), vec![8, 4]);
-        t.insert("encoder.layer.0.output.dense.weight".to_string(), vec![4, 8]);
+        t.insert(
+            "encoder.layer.0.attention.output.dense.weight".to_string(),
+            vec![4, 4],
+        );
+        t.insert(
+            "encoder.layer.0.intermediate.dense.weight".to_string(),
+            vec![8, 4],
+        );
+        t.insert(
+            "encoder.layer.0.output.dense.weight".to_string(),
+            vec![4, 8],
+        );
         (cfg, t)
     }
 
@@ -279,17 +396,27 @@ mod tests {
         assert!(err.message.contains("intermediate.dense.weight"), "{err}");
         let (mut cfg, tensors) = tiny_bert();
         cfg["num_hidden_layers"] = json!(2);
-        assert!(check_hf(&cfg, &tensors).unwrap_err().message.contains("missing"));
+        assert!(check_hf(&cfg, &tensors)
+            .unwrap_err()
+            .message
+            .contains("missing"));
         let (cfg, mut tensors) = tiny_bert();
         tensors.insert("encoder.layer.3.output.dense.weight".into(), vec![4, 8]);
-        assert!(check_hf(&cfg, &tensors).unwrap_err().message.contains("4 layers"));
+        assert!(check_hf(&cfg, &tensors)
+            .unwrap_err()
+            .message
+            .contains("4 layers"));
     }
 
     #[test]
     fn unsupported_architecture_names_it_and_the_supported_ones() {
         let err = check_hf(&json!({"model_type": "gpt2"}), &BTreeMap::new()).unwrap_err();
         assert_eq!(err.slug, "unsupported-architecture");
-        assert!(err.message.contains("'gpt2'") && err.message.contains("bert") && err.message.contains("llama"));
+        assert!(
+            err.message.contains("'gpt2'")
+                && err.message.contains("bert")
+                && err.message.contains("llama")
+        );
         let err = check_hf(&json!({"hidden_size": 4}), &BTreeMap::new()).unwrap_err();
         assert!(err.message.contains("model_type"));
     }

@@ -76,7 +76,10 @@ fn summarises_a_valid_folder() {
     assert_eq!(summary.format, ModelFormat::Safetensors);
     assert_eq!(summary.architecture, Architecture::Bert);
     assert_eq!(summary.parameters, 40 + 24 + 4 * 16 + 32 + 32);
-    assert_eq!(summary.bytes, files.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
+    assert_eq!(
+        summary.bytes,
+        files.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    );
     let config = &summary.files[0];
     assert_eq!(config.sha256, hex::encode(Sha256::digest(&files[0].1)));
 }
@@ -87,9 +90,18 @@ fn rejects_missing_parts() {
     let without = |name: &str| -> Vec<(&str, Vec<u8>)> {
         files.iter().filter(|(n, _)| *n != name).cloned().collect()
     };
-    assert!(inspect(&without("config.json")).unwrap_err().message.contains("config.json"));
-    assert!(inspect(&without("tokenizer.json")).unwrap_err().message.contains("tokenizer.json"));
-    assert!(inspect(&without("model.safetensors")).unwrap_err().message.contains("weights"));
+    assert!(inspect(&without("config.json"))
+        .unwrap_err()
+        .message
+        .contains("config.json"));
+    assert!(inspect(&without("tokenizer.json"))
+        .unwrap_err()
+        .message
+        .contains("tokenizer.json"));
+    assert!(inspect(&without("model.safetensors"))
+        .unwrap_err()
+        .message
+        .contains("weights"));
     assert!(inspect(&[]).unwrap_err().message.contains("no files"));
 }
 
@@ -105,7 +117,10 @@ fn rejects_bad_files_and_names() {
     files[3].1 = Vec::new();
     assert!(inspect(&files).unwrap_err().message.contains("empty"));
     for name in ["../x", "/etc/passwd", "a//b", "a\\b", ""] {
-        assert_eq!(ModelInspector::new().start_file(name).unwrap_err().slug, "invalid-file-name");
+        assert_eq!(
+            ModelInspector::new().start_file(name).unwrap_err().slug,
+            "invalid-file-name"
+        );
     }
 }
 
@@ -120,6 +135,12 @@ fn rejects_a_tokenizer_larger_than_the_embedding() {
 fn checks_the_index_against_the_shards() {
     let mut files = tiny_bert_files();
     let index = json!({"weight_map": {"embeddings.word_embeddings.weight": "other.safetensors"}});
-    files.push(("model.safetensors.index.json", serde_json::to_vec(&index).unwrap()));
-    assert!(inspect(&files).unwrap_err().message.contains("but it is in model.safetensors"));
+    files.push((
+        "model.safetensors.index.json",
+        serde_json::to_vec(&index).unwrap(),
+    ));
+    assert!(inspect(&files)
+        .unwrap_err()
+        .message
+        .contains("but it is in model.safetensors"));
 }

@@ -59,7 +59,10 @@ enum Stage {
     /// Collecting the JSON header of the given length.
     Header { len: u64, buf: Vec<u8> },
     /// Header parsed; counting data bytes.
-    Data { summary: SafetensorsSummary, header_len: u64 },
+    Data {
+        summary: SafetensorsSummary,
+        header_len: u64,
+    },
 }
 
 /// Push-based validator for one safetensors file.
@@ -72,7 +75,11 @@ pub struct SafetensorsInspector {
 impl SafetensorsInspector {
     /// Starts checking the file called `file` (used in messages).
     pub fn new(file: &str) -> Self {
-        Self { file: file.to_owned(), stage: Stage::Length(Vec::with_capacity(8)), received: 0 }
+        Self {
+            file: file.to_owned(),
+            stage: Stage::Length(Vec::with_capacity(8)),
+            received: 0,
+        }
     }
 
     fn reject(&self, message: impl Into<String>) -> Rejection {
@@ -98,7 +105,10 @@ impl SafetensorsInspector {
                                 "header length {len} is not between 1 and {MAX_HEADER_BYTES} bytes"
                             )));
                         }
-                        self.stage = Stage::Header { len, buf: Vec::new() };
+                        self.stage = Stage::Header {
+                            len,
+                            buf: Vec::new(),
+                        };
                     }
                 }
                 Stage::Header { len, buf } => {
@@ -109,7 +119,10 @@ impl SafetensorsInspector {
                     if buf.len() as u64 == *len {
                         let header_len = *len;
                         let summary = parse_header(buf).map_err(|m| self.reject(m))?;
-                        self.stage = Stage::Data { summary, header_len };
+                        self.stage = Stage::Data {
+                            summary,
+                            header_len,
+                        };
                     }
                 }
                 Stage::Data { .. } => break,
@@ -124,7 +137,10 @@ impl SafetensorsInspector {
     /// A [`Rejection`] when the file is empty or truncated, or a range points past its end.
     pub fn finish(self) -> Checked<SafetensorsSummary> {
         let (summary, header_len) = match self.stage {
-            Stage::Data { summary, header_len } => (summary, header_len),
+            Stage::Data {
+                summary,
+                header_len,
+            } => (summary, header_len),
             Stage::Length(_) if self.received == 0 => {
                 return Err(Rejection::in_file(SLUG, &self.file, "the file is empty"))
             }
@@ -132,7 +148,10 @@ impl SafetensorsInspector {
                 return Err(Rejection::in_file(
                     SLUG,
                     &self.file,
-                    format!("truncated: the file ends inside its header after {} bytes", self.received),
+                    format!(
+                        "truncated: the file ends inside its header after {} bytes",
+                        self.received
+                    ),
                 ))
             }
         };
@@ -152,7 +171,10 @@ impl SafetensorsInspector {
             return Err(Rejection::in_file(
                 SLUG,
                 &self.file,
-                format!("{} bytes after the last tensor are not described by the header", data_len - covered),
+                format!(
+                    "{} bytes after the last tensor are not described by the header",
+                    data_len - covered
+                ),
             ));
         }
         Ok(summary)
@@ -185,13 +207,20 @@ fn check_entry(name: String, entry: RawEntry) -> Result<TensorEntry, String> {
         .ok_or_else(|| format!("tensor '{name}' has unknown dtype '{}'", entry.dtype))?;
     let [start, end] = entry.data_offsets;
     if end < start {
-        return Err(format!("tensor '{name}' has data_offsets [{start}, {end}] that run backwards"));
+        return Err(format!(
+            "tensor '{name}' has data_offsets [{start}, {end}] that run backwards"
+        ));
     }
     let needed = entry
         .shape
         .iter()
         .try_fold(width, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| format!("tensor '{name}' has a shape {:?} too large to address", entry.shape))?;
+        .ok_or_else(|| {
+            format!(
+                "tensor '{name}' has a shape {:?} too large to address",
+                entry.shape
+            )
+        })?;
     if needed != end - start {
         return Err(format!(
             "tensor '{name}' ({} {:?}) needs {needed} bytes but its data_offsets [{start}, {end}] span {}",
@@ -203,9 +232,17 @@ fn check_entry(name: String, entry: RawEntry) -> Result<TensorEntry, String> {
     let shape = entry
         .shape
         .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("tensor '{name}' dimension {d} is too large")))
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| format!("tensor '{name}' dimension {d} is too large"))
+        })
         .collect::<Result<_, _>>()?;
-    Ok(TensorEntry { name, dtype: entry.dtype, shape, start, end })
+    Ok(TensorEntry {
+        name,
+        dtype: entry.dtype,
+        shape,
+        start,
+        end,
+    })
 }
 
 /// Sorts tensors by offset and refuses overlaps and holes between them.
@@ -257,7 +294,10 @@ mod tests {
         let header: serde_json::Map<String, serde_json::Value> = entries
             .iter()
             .map(|(n, d, s, o)| {
-                (n.to_string(), serde_json::json!({"dtype": d, "shape": s, "data_offsets": o}))
+                (
+                    n.to_string(),
+                    serde_json::json!({"dtype": d, "shape": s, "data_offsets": o}),
+                )
             })
             .collect();
         let header = serde_json::to_vec(&header).unwrap();
@@ -277,7 +317,10 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_file_in_any_chunking() {
-        let bytes = file(&[("a", "F32", &[2, 3], [0, 24]), ("b", "I64", &[2], [24, 40])], 40);
+        let bytes = file(
+            &[("a", "F32", &[2, 3], [0, 24]), ("b", "I64", &[2], [24, 40])],
+            40,
+        );
         for chunk in [1, 3, 8, 17, bytes.len()] {
             let summary = inspect(&bytes, chunk).unwrap();
             assert_eq!(summary.tensors.len(), 2);
@@ -299,25 +342,49 @@ mod tests {
     #[test]
     fn rejects_offsets_past_the_end_overlaps_and_holes() {
         let past_end = file(&[("a", "F32", &[4], [0, 16])], 8);
-        assert!(inspect(&past_end, 64).unwrap_err().message.contains("needs data bytes 0..16"));
-        let overlap = file(&[("a", "F32", &[4], [0, 16]), ("b", "F32", &[4], [8, 24])], 24);
-        assert!(inspect(&overlap, 64).unwrap_err().message.contains("overlap"));
+        assert!(inspect(&past_end, 64)
+            .unwrap_err()
+            .message
+            .contains("needs data bytes 0..16"));
+        let overlap = file(
+            &[("a", "F32", &[4], [0, 16]), ("b", "F32", &[4], [8, 24])],
+            24,
+        );
+        assert!(inspect(&overlap, 64)
+            .unwrap_err()
+            .message
+            .contains("overlap"));
         let hole = file(&[("a", "F32", &[1], [4, 8])], 8);
-        assert!(inspect(&hole, 64).unwrap_err().message.contains("not described"));
+        assert!(inspect(&hole, 64)
+            .unwrap_err()
+            .message
+            .contains("not described"));
         let trailing = file(&[("a", "F32", &[1], [0, 4])], 8);
-        assert!(inspect(&trailing, 64).unwrap_err().message.contains("after the last tensor"));
+        assert!(inspect(&trailing, 64)
+            .unwrap_err()
+            .message
+            .contains("after the last tensor"));
     }
 
     #[test]
     fn rejects_bad_header_contents() {
         let wrong_size = file(&[("a", "F16", &[4], [0, 16])], 16);
-        assert!(inspect(&wrong_size, 64).unwrap_err().message.contains("needs 8 bytes"));
+        assert!(inspect(&wrong_size, 64)
+            .unwrap_err()
+            .message
+            .contains("needs 8 bytes"));
         let bad_dtype = file(&[("a", "Q4", &[4], [0, 16])], 16);
-        assert!(inspect(&bad_dtype, 64).unwrap_err().message.contains("unknown dtype"));
+        assert!(inspect(&bad_dtype, 64)
+            .unwrap_err()
+            .message
+            .contains("unknown dtype"));
         let mut not_json = 4u64.to_le_bytes().to_vec();
         not_json.extend_from_slice(b"nope");
         assert!(inspect(&not_json, 64).unwrap_err().message.contains("JSON"));
         let huge = u64::MAX.to_le_bytes();
-        assert!(inspect(&huge, 64).unwrap_err().message.contains("header length"));
+        assert!(inspect(&huge, 64)
+            .unwrap_err()
+            .message
+            .contains("header length"));
     }
 }

@@ -34,7 +34,10 @@ pub fn shared() -> Option<PathBuf> {
     if dir.join("models").is_dir() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: shared test data not found at {} (set COMPRESSD_SHARED)", dir.display());
+        eprintln!(
+            "SKIPPED: shared test data not found at {} (set COMPRESSD_SHARED)",
+            dir.display()
+        );
         None
     }
 }
@@ -47,12 +50,17 @@ pub async fn start(overrides: &[(&str, Value)]) -> Server {
     let mut figment = Settings::figment(None)
         .expect("defaults")
         .merge(Serialized::default("data_dir", dir.path()))
-        .merge(Serialized::default("allowed_file_roots", vec![shared, dir.path().to_path_buf()]));
+        .merge(Serialized::default(
+            "allowed_file_roots",
+            vec![shared, dir.path().to_path_buf()],
+        ));
     for (key, value) in overrides {
         figment = figment.merge(Serialized::default(key, value));
     }
     let settings = Settings::from_figment(figment).expect("settings");
-    let store = SqliteStore::open_file(&dir.path().join("compressd.db"), 4).await.expect("sqlite");
+    let store = SqliteStore::open_file(&dir.path().join("compressd.db"), 4)
+        .await
+        .expect("sqlite");
     store.migrate().await.expect("migrate");
     let state = AppState {
         store: Arc::new(store),
@@ -61,11 +69,18 @@ pub async fn start(overrides: &[(&str, Value)]) -> Server {
         metrics: Arc::new(Metrics::new()),
         config: ApiConfig::from_settings(&settings),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let router = api::router(state.clone());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Server { base, state, dir, client: reqwest::Client::new() }
+    Server {
+        base,
+        state,
+        dir,
+        client: reqwest::Client::new(),
+    }
 }
 
 impl Server {
@@ -77,7 +92,12 @@ impl Server {
     }
 
     /// POSTs a multipart form of text parts then file parts streamed from disk.
-    pub async fn upload(&self, path: &str, texts: &[(&str, &str)], files: &[(&str, PathBuf)]) -> (u16, Value) {
+    pub async fn upload(
+        &self,
+        path: &str,
+        texts: &[(&str, &str)],
+        files: &[(&str, PathBuf)],
+    ) -> (u16, Value) {
         let mut form = reqwest::multipart::Form::new();
         for (name, value) in texts {
             form = form.text(name.to_string(), value.to_string());
@@ -86,52 +106,98 @@ impl Server {
             let handle = tokio::fs::File::open(file).await.expect("open upload");
             let len = handle.metadata().await.expect("metadata").len();
             let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(handle));
-            let part = reqwest::multipart::Part::stream_with_length(body, len).file_name(name.to_string());
+            let part =
+                reqwest::multipart::Part::stream_with_length(body, len).file_name(name.to_string());
             form = form.part("file", part);
         }
-        let response = self.client.post(format!("{}{path}", self.base)).multipart(form).send().await.expect("send");
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .expect("send");
         decode(response).await
     }
 
     /// POSTs in-memory files.
-    pub async fn upload_bytes(&self, path: &str, texts: &[(&str, &str)], files: &[(&str, Vec<u8>)]) -> (u16, Value) {
+    pub async fn upload_bytes(
+        &self,
+        path: &str,
+        texts: &[(&str, &str)],
+        files: &[(&str, Vec<u8>)],
+    ) -> (u16, Value) {
         let mut form = reqwest::multipart::Form::new();
         for (name, value) in texts {
             form = form.text(name.to_string(), value.to_string());
         }
         for (name, bytes) in files {
-            form = form.part("file", reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_string()));
+            form = form.part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_string()),
+            );
         }
-        let response = self.client.post(format!("{}{path}", self.base)).multipart(form).send().await.expect("send");
+        let response = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .expect("send");
         decode(response).await
     }
 
     /// POSTs JSON.
     pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
-        decode(self.client.post(format!("{}{path}", self.base)).json(body).send().await.expect("send")).await
+        decode(
+            self.client
+                .post(format!("{}{path}", self.base))
+                .json(body)
+                .send()
+                .await
+                .expect("send"),
+        )
+        .await
     }
 
     /// GETs JSON.
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        decode(self.client.get(format!("{}{path}", self.base)).send().await.expect("send")).await
+        decode(
+            self.client
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .expect("send"),
+        )
+        .await
     }
 
     /// DELETEs.
     pub async fn delete(&self, path: &str) -> (u16, Value) {
-        decode(self.client.delete(format!("{}{path}", self.base)).send().await.expect("send")).await
+        decode(
+            self.client
+                .delete(format!("{}{path}", self.base))
+                .send()
+                .await
+                .expect("send"),
+        )
+        .await
     }
 }
 
 async fn decode(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let bytes = response.bytes().await.expect("body");
-    let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     (status, body)
 }
 
 /// Regular files under `dir`, recursively.
 pub fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         if entry.path().is_dir() {
             walk(&entry.path(), out);
@@ -147,7 +213,15 @@ pub fn folder_files(dir: &Path) -> Vec<(String, PathBuf)> {
     walk(dir, &mut paths);
     let mut files: Vec<(String, PathBuf)> = paths
         .into_iter()
-        .map(|p| (p.strip_prefix(dir).expect("inside").to_string_lossy().into_owned(), p))
+        .map(|p| {
+            (
+                p.strip_prefix(dir)
+                    .expect("inside")
+                    .to_string_lossy()
+                    .into_owned(),
+                p,
+            )
+        })
         .filter(|(name, _)| !name.starts_with('.'))
         .collect();
     files.sort();
@@ -156,7 +230,10 @@ pub fn folder_files(dir: &Path) -> Vec<(String, PathBuf)> {
 
 /// The problem `type` slug of an error body.
 pub fn slug(body: &Value) -> &str {
-    body["type"].as_str().and_then(|t| t.rsplit(':').next()).unwrap_or("<none>")
+    body["type"]
+        .as_str()
+        .and_then(|t| t.rsplit(':').next())
+        .unwrap_or("<none>")
 }
 
 /// sha256 of a file, hex.

@@ -55,7 +55,14 @@ impl QuantizedLinear {
             }
         }
         let (matmul, kernel) = kernel_for(&weight, device)?;
-        Ok(Self { weight, matmul, kernel, bias, in_features, out_features })
+        Ok(Self {
+            weight,
+            matmul,
+            kernel,
+            bias,
+            in_features,
+            out_features,
+        })
     }
 
     /// Reads the dense `weight` (and `bias`) under `vb` and quantizes the weight with `scheme`.
@@ -63,19 +70,33 @@ impl QuantizedLinear {
     ///
     /// # Errors
     /// Fails when a tensor is missing or has the wrong shape.
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool, scheme: QuantScheme) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        scheme: QuantScheme,
+    ) -> Result<Self> {
         let dense = vb.get((out_features, in_features), "weight")?.detach();
-        let bias = if bias { Some(vb.get(out_features, "bias")?.detach()) } else { None };
-        let weight = match quantize(&dense, scheme).map_err(|e| candle_core::Error::Msg(e.to_string()))? {
-            Quantized::Weight(w) => w,
-            // F32 "blocks" of size 1 always fit; candle turns them into a plain matmul.
-            Quantized::Kept { .. } => {
-                let values = dense.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let q = gguf::quantize(&values, &[out_features, in_features], GgmlDType::F32)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                QuantizedWeight::Gguf(Arc::new(q))
-            }
+        let bias = if bias {
+            Some(vb.get(out_features, "bias")?.detach())
+        } else {
+            None
         };
+        let weight =
+            match quantize(&dense, scheme).map_err(|e| candle_core::Error::Msg(e.to_string()))? {
+                Quantized::Weight(w) => w,
+                // F32 "blocks" of size 1 always fit; candle turns them into a plain matmul.
+                Quantized::Kept { .. } => {
+                    let values = dense
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let q = gguf::quantize(&values, &[out_features, in_features], GgmlDType::F32)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    QuantizedWeight::Gguf(Arc::new(q))
+                }
+            };
         Self::new(weight, bias, vb.device())
     }
 
@@ -103,9 +124,15 @@ fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatMul, Ker
         Some((bytes, dtype)) => {
             let q: QTensor = gguf::qtensor_from_bytes(&bytes, &dims, dtype, device)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            Ok((QMatMul::from_arc(Arc::new(q))?, KernelPath::Quantized(dtype)))
+            Ok((
+                QMatMul::from_arc(Arc::new(q))?,
+                KernelPath::Quantized(dtype),
+            ))
         }
-        None => Ok((QMatMul::Tensor(weight.dequantize(device)?), KernelPath::Dequantized)),
+        None => Ok((
+            QMatMul::Tensor(weight.dequantize(device)?),
+            KernelPath::Dequantized,
+        )),
     }
 }
 
@@ -163,7 +190,16 @@ mod tests {
     use candle_core::Var;
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// The kernel output must equal an f32 matmul with the dequantized weight, up to the kernels'
@@ -177,17 +213,37 @@ mod tests {
         let weights = [
             QuantizedWeight::Int8(Int8Weight::quantize(&values, &[48, 256])),
             QuantizedWeight::Int4(Int4Weight::quantize(&values, &[48, 256], 64)),
-            QuantizedWeight::Gguf(Arc::new(gguf::quantize(&values, &[48, 256], GgmlDType::Q4K).unwrap())),
+            QuantizedWeight::Gguf(Arc::new(
+                gguf::quantize(&values, &[48, 256], GgmlDType::Q4K).unwrap(),
+            )),
         ];
         for weight in weights {
             let layer = QuantizedLinear::new(weight.clone(), None, &dev).unwrap();
-            assert!(matches!(layer.kernel(), KernelPath::Quantized(_)), "{:?}", weight.scheme());
+            assert!(
+                matches!(layer.kernel(), KernelPath::Quantized(_)),
+                "{:?}",
+                weight.scheme()
+            );
             let y = layer.forward(&x).unwrap();
             assert_eq!(y.dims(), &[2, 3, 48]);
-            let reference = x.broadcast_matmul(&weight.dequantize(&dev).unwrap().t().unwrap()).unwrap();
-            let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let reference = x
+                .broadcast_matmul(&weight.dequantize(&dev).unwrap().t().unwrap())
+                .unwrap();
+            let scale = reference
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let err = max_abs_diff(&y, &reference);
-            assert!(err < 0.02 * scale, "{:?}: {err} vs scale {scale}", weight.scheme());
+            assert!(
+                err < 0.02 * scale,
+                "{:?}: {err} vs scale {scale}",
+                weight.scheme()
+            );
         }
     }
 
@@ -202,7 +258,11 @@ mod tests {
         let x = Tensor::ones((1, 20), DType::F32, &dev).unwrap();
         let y = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
         let expected0: f32 = values[..20].iter().sum::<f32>() + 1.0;
-        assert!((y[0][0] - expected0).abs() < 0.05, "{} vs {expected0}", y[0][0]);
+        assert!(
+            (y[0][0] - expected0).abs() < 0.05,
+            "{} vs {expected0}",
+            y[0][0]
+        );
         let tracked = Var::from_tensor(&x).unwrap();
         let err = layer.forward(tracked.as_tensor()).unwrap_err();
         assert!(err.to_string().contains("inference-only"), "{err}");

@@ -5,7 +5,9 @@ use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, NumAssign};
 
 /// The float types our CPU kernels support (f32 for training, f64 for exact gradient checks).
-pub(crate) trait KernelFloat: Float + NumAssign + WithDType + Send + Sync + std::iter::Sum {
+pub(crate) trait KernelFloat:
+    Float + NumAssign + WithDType + Send + Sync + std::iter::Sum
+{
     /// The error function.
     fn erf(self) -> Self;
     /// Converts an `f64` constant.

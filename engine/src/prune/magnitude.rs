@@ -28,7 +28,10 @@ pub fn magnitude_masks(
     let mut scores = Vec::with_capacity(weights.len());
     for (name, w) in weights {
         let (rows, cols) = w.dims2().map_err(|_| {
-            EngineError::InvalidSetting(format!("{name}: only 2-D weights can be pruned, got {:?}", w.dims()))
+            EngineError::InvalidSetting(format!(
+                "{name}: only 2-D weights can be pruned, got {:?}",
+                w.dims()
+            ))
         })?;
         scores.push(layer_scores(name, w, previous)?);
         if let Pattern::NM { m, .. } = config.pattern {
@@ -59,7 +62,11 @@ pub fn magnitude_masks(
 
 /// |w| as f32, with weights masked by `previous` scored [`PRUNED_SCORE`].
 fn layer_scores(name: &str, w: &Tensor, previous: Option<&MaskSet>) -> Result<Vec<f32>> {
-    let mut scores = w.abs()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut scores = w
+        .abs()?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     if let Some(mask) = previous.and_then(|p| p.get(name)) {
         let mask = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         for (s, m) in scores.iter_mut().zip(mask) {
@@ -73,7 +80,11 @@ fn layer_scores(name: &str, w: &Tensor, previous: Option<&MaskSet>) -> Result<Ve
 
 /// Groups layers by the sparsity they must reach (overrides per layer; the rest pooled when the
 /// scope is global) and prunes each group's smallest scores.
-fn unstructured_keep(weights: &[(String, Tensor)], scores: &[Vec<f32>], config: &MagnitudeConfig) -> Result<Vec<Vec<bool>>> {
+fn unstructured_keep(
+    weights: &[(String, Tensor)],
+    scores: &[Vec<f32>],
+    config: &MagnitudeConfig,
+) -> Result<Vec<Vec<bool>>> {
     let overrides = config
         .overrides
         .iter()
@@ -113,7 +124,11 @@ fn prune_smallest(layers: &[&[f32]], sparsity: f64) -> Vec<Vec<bool>> {
     }
     let mut all: Vec<f32> = layers.iter().flat_map(|l| l.iter().copied()).collect();
     let (_, &mut threshold, _) = all.select_nth_unstable_by(to_prune - 1, f32::total_cmp);
-    let below = layers.iter().flat_map(|l| l.iter()).filter(|&&s| s < threshold).count();
+    let below = layers
+        .iter()
+        .flat_map(|l| l.iter())
+        .filter(|&&s| s < threshold)
+        .count();
     let mut ties_left = to_prune - below;
     for (layer, keep) in layers.iter().zip(out.iter_mut()) {
         for (&s, k) in layer.iter().zip(keep.iter_mut()) {
@@ -152,23 +167,50 @@ mod tests {
     use candle_core::Device;
 
     fn config(pattern: Pattern, scope: Scope, sparsity: f64) -> MagnitudeConfig {
-        MagnitudeConfig { pattern, scope, sparsity, overrides: vec![] }
+        MagnitudeConfig {
+            pattern,
+            scope,
+            sparsity,
+            overrides: vec![],
+        }
     }
 
     fn zeros_of(mask: &Tensor) -> usize {
-        mask.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|&&v| v == 0.0).count()
+        mask.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .filter(|&&v| v == 0.0)
+            .count()
     }
 
     #[test]
     fn global_threshold_prunes_the_smaller_layer_more() {
         let dev = Device::Cpu;
-        let small = Tensor::arange(1f32, 17., &dev).unwrap().reshape((4, 4)).unwrap();
+        let small = Tensor::arange(1f32, 17., &dev)
+            .unwrap()
+            .reshape((4, 4))
+            .unwrap();
         let large = (small.clone() * 100.0).unwrap();
-        let weights = vec![("a.weight".to_string(), small), ("b.weight".to_string(), large)];
-        let masks = magnitude_masks(&weights, &config(Pattern::Unstructured, Scope::Global, 0.5), None).unwrap();
+        let weights = vec![
+            ("a.weight".to_string(), small),
+            ("b.weight".to_string(), large),
+        ];
+        let masks = magnitude_masks(
+            &weights,
+            &config(Pattern::Unstructured, Scope::Global, 0.5),
+            None,
+        )
+        .unwrap();
         assert_eq!(zeros_of(masks.get("a.weight").unwrap()), 16);
         assert_eq!(zeros_of(masks.get("b.weight").unwrap()), 0);
-        let masks = magnitude_masks(&weights, &config(Pattern::Unstructured, Scope::PerLayer, 0.5), None).unwrap();
+        let masks = magnitude_masks(
+            &weights,
+            &config(Pattern::Unstructured, Scope::PerLayer, 0.5),
+            None,
+        )
+        .unwrap();
         assert_eq!(zeros_of(masks.get("a.weight").unwrap()), 8);
         assert_eq!(zeros_of(masks.get("b.weight").unwrap()), 8);
     }
@@ -177,7 +219,10 @@ mod tests {
     fn overrides_and_iterative_steps_are_monotone() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1., (8, 16), &dev).unwrap();
-        let weights = vec![("a.weight".to_string(), w.clone()), ("b.weight".to_string(), w)];
+        let weights = vec![
+            ("a.weight".to_string(), w.clone()),
+            ("b.weight".to_string(), w),
+        ];
         let mut cfg = config(Pattern::Unstructured, Scope::Global, 0.25);
         cfg.overrides = vec![("b.*".to_string(), 0.75)];
         let first = magnitude_masks(&weights, &cfg, None).unwrap();
@@ -186,18 +231,39 @@ mod tests {
         cfg.sparsity = 0.5;
         let second = magnitude_masks(&weights, &cfg, Some(&first)).unwrap();
         assert_eq!(zeros_of(second.get("a.weight").unwrap()), 64);
-        let (m1, m2) = (first.get("a.weight").unwrap(), second.get("a.weight").unwrap());
-        let still_kept_after_pruned = (m2 - m1).unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(still_kept_after_pruned, 0.0, "a weight pruned in step 1 came back");
+        let (m1, m2) = (
+            first.get("a.weight").unwrap(),
+            second.get("a.weight").unwrap(),
+        );
+        let still_kept_after_pruned = (m2 - m1)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            still_kept_after_pruned, 0.0,
+            "a weight pruned in step 1 came back"
+        );
     }
 
     #[test]
     fn two_four_keeps_two_largest_per_group_and_names_bad_layers() {
         let scores = [0.1f32, -3.0, 2.0, 0.5, 1.0, 1.0, 1.0, 1.0];
-        assert_eq!(nm_mask(&scores, 8, 2, 4), vec![false, false, true, true, true, true, false, false]);
+        assert_eq!(
+            nm_mask(&scores, 8, 2, 4),
+            vec![false, false, true, true, true, true, false, false]
+        );
         let w = Tensor::ones((2, 6), DType::F32, &Device::Cpu).unwrap();
-        let err = magnitude_masks(&[("odd.weight".into(), w)], &config(Pattern::NM { n: 2, m: 4 }, Scope::Global, 0.5), None)
-            .unwrap_err();
-        assert!(err.to_string().contains("odd.weight") && err.to_string().contains("multiple of 4"), "{err}");
+        let err = magnitude_masks(
+            &[("odd.weight".into(), w)],
+            &config(Pattern::NM { n: 2, m: 4 }, Scope::Global, 0.5),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("odd.weight") && err.to_string().contains("multiple of 4"),
+            "{err}"
+        );
     }
 }

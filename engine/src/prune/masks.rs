@@ -38,9 +38,9 @@ impl MaskSet {
     /// Fails when a masked parameter is missing or its shape differs from the mask.
     pub fn apply(&self, store: &ParamStore) -> Result<()> {
         for (name, mask) in &self.masks {
-            let param = store
-                .get(name)
-                .ok_or_else(|| EngineError::InvalidModel(format!("masked parameter {name} is missing")))?;
+            let param = store.get(name).ok_or_else(|| {
+                EngineError::InvalidModel(format!("masked parameter {name} is missing"))
+            })?;
             match param {
                 Param::Trainable(var) => {
                     let masked = var.as_tensor().mul(&mask.to_dtype(var.dtype())?)?;
@@ -88,14 +88,33 @@ pub fn sparsity_report(store: &ParamStore, names: &[String]) -> Result<SparsityR
             .get(name)
             .ok_or_else(|| EngineError::InvalidModel(format!("parameter {name} is missing")))?;
         let t = param.tensor();
-        let zeros = t.eq(0f64)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize;
+        let zeros = t
+            .eq(0f64)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as usize;
         let total = t.elem_count();
         zeros_all += zeros;
         total_all += total;
-        let sparsity = if total == 0 { 0.0 } else { zeros as f64 / total as f64 };
-        report.layers.insert(name.clone(), LayerSparsity { zeros, total, sparsity });
+        let sparsity = if total == 0 {
+            0.0
+        } else {
+            zeros as f64 / total as f64
+        };
+        report.layers.insert(
+            name.clone(),
+            LayerSparsity {
+                zeros,
+                total,
+                sparsity,
+            },
+        );
     }
-    report.overall = if total_all == 0 { 0.0 } else { zeros_all as f64 / total_all as f64 };
+    report.overall = if total_all == 0 {
+        0.0
+    } else {
+        zeros_all as f64 / total_all as f64
+    };
     Ok(report)
 }
 
@@ -109,7 +128,11 @@ pub fn verify_n_m(weight: &Tensor, n: usize, m: usize) -> Result<bool> {
     if m == 0 || cols % m != 0 {
         return Ok(false);
     }
-    let nonzero = weight.ne(0f64)?.to_dtype(DType::F32)?.reshape((rows, cols / m, m))?.sum(2)?;
+    let nonzero = weight
+        .ne(0f64)?
+        .to_dtype(DType::F32)?
+        .reshape((rows, cols / m, m))?
+        .sum(2)?;
     let most = nonzero.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(most as usize <= n)
 }
@@ -128,9 +151,15 @@ mod tests {
         store.insert("l.weight", Param::Trainable(var.clone()));
         store.insert("f.weight", Param::Frozen(w.clone()));
         let mask = Tensor::new(&[[0f32, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 1.0]], &dev).unwrap();
-        let masks = MaskSet::new(BTreeMap::from([("l.weight".to_string(), mask.clone()), ("f.weight".to_string(), mask)]));
+        let masks = MaskSet::new(BTreeMap::from([
+            ("l.weight".to_string(), mask.clone()),
+            ("f.weight".to_string(), mask),
+        ]));
         masks.apply(&store).unwrap();
-        assert_eq!(var.as_tensor().to_vec2::<f32>().unwrap()[0], vec![0.0, 0.0, 3.0, 4.0]);
+        assert_eq!(
+            var.as_tensor().to_vec2::<f32>().unwrap()[0],
+            vec![0.0, 0.0, 3.0, 4.0]
+        );
         let names = vec!["f.weight".to_string(), "l.weight".to_string()];
         let report = sparsity_report(&store, &names).unwrap();
         assert_eq!(report.layers["l.weight"].zeros, 4);

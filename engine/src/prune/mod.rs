@@ -115,7 +115,10 @@ pub fn select_targets<'a>(
         Some(user) => user.to_vec(),
         None => DEFAULT_EXCLUDE.iter().map(|g| g.to_string()).collect(),
     };
-    let matchers = globs.iter().map(|g| compile_glob(g)).collect::<Result<Vec<_>>>()?;
+    let matchers = globs
+        .iter()
+        .map(|g| compile_glob(g))
+        .collect::<Result<Vec<_>>>()?;
     let mut used = vec![false; matchers.len()];
     let mut names = Vec::new();
     for (name, shape) in params {
@@ -132,10 +135,18 @@ pub fn select_targets<'a>(
     }
     names.sort();
     let unmatched_globs = match exclude {
-        Some(_) => globs.into_iter().zip(used).filter(|(_, u)| !u).map(|(g, _)| g).collect(),
+        Some(_) => globs
+            .into_iter()
+            .zip(used)
+            .filter(|(_, u)| !u)
+            .map(|(g, _)| g)
+            .collect(),
         None => Vec::new(),
     };
-    Ok(Targets { names, unmatched_globs })
+    Ok(Targets {
+        names,
+        unmatched_globs,
+    })
 }
 
 /// Compiles a name glob (`*` crosses dots: `encoder.*.query` matches every layer).
@@ -156,7 +167,10 @@ mod tests {
     fn defaults_skip_embeddings_norms_heads_and_vectors() {
         let shapes: Vec<(String, Vec<usize>)> = vec![
             ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
-            ("encoder.layer.0.attention.self.query.weight".into(), vec![4, 4]),
+            (
+                "encoder.layer.0.attention.self.query.weight".into(),
+                vec![4, 4],
+            ),
             ("encoder.layer.0.attention.self.query.bias".into(), vec![4]),
             ("encoder.layer.0.output.LayerNorm.weight".into(), vec![4]),
             ("classifier.weight".into(), vec![2, 4]),
@@ -180,7 +194,12 @@ mod tests {
 
     #[test]
     fn sparsity_is_bounded() {
-        let config = |s| MagnitudeConfig { pattern: Pattern::Unstructured, scope: Scope::Global, sparsity: s, overrides: vec![] };
+        let config = |s| MagnitudeConfig {
+            pattern: Pattern::Unstructured,
+            scope: Scope::Global,
+            sparsity: s,
+            overrides: vec![],
+        };
         assert!(config(0.95).validate().is_ok());
         assert!(config(0.96).validate().is_err());
         assert!(config(-0.1).validate().is_err());

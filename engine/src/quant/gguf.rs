@@ -42,7 +42,13 @@ pub fn quantize_to_bytes(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Re
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("quantization thread panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(candle_core::Error::Msg(
+                        "quantization thread panicked".into(),
+                    ))
+                })
+            })
             .collect()
     });
     let mut out = Vec::with_capacity(rows * cols / block * dtype.type_size());
@@ -56,7 +62,12 @@ pub fn quantize_to_bytes(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Re
 ///
 /// # Errors
 /// Fails when the byte count does not match the shape, or the device cannot hold the tensor.
-pub fn qtensor_from_bytes(bytes: &[u8], dims: &[usize], dtype: GgmlDType, device: &Device) -> Result<QTensor> {
+pub fn qtensor_from_bytes(
+    bytes: &[u8],
+    dims: &[usize],
+    dtype: GgmlDType,
+    device: &Device,
+) -> Result<QTensor> {
     let elems: usize = dims.iter().product();
     let expected = elems / dtype.block_size() * dtype.type_size();
     if elems % dtype.block_size() != 0 || bytes.len() != expected {
@@ -84,10 +95,16 @@ mod tests {
     #[test]
     fn parallel_blocks_equal_candles_single_threaded_quantization() {
         // 256 rows × 256 columns = 65,536 values: large enough to be split across threads.
-        let values: Vec<f32> = (0..256 * 256).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0).collect();
+        let values: Vec<f32> = (0..256 * 256)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect();
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             let ours = quantize(&values, &[256, 256], dtype).unwrap();
-            let reference = QTensor::quantize(&Tensor::from_slice(&values, (256, 256), &Device::Cpu).unwrap(), dtype).unwrap();
+            let reference = QTensor::quantize(
+                &Tensor::from_slice(&values, (256, 256), &Device::Cpu).unwrap(),
+                dtype,
+            )
+            .unwrap();
             assert_eq!(ours.data().unwrap(), reference.data().unwrap(), "{dtype:?}");
         }
     }

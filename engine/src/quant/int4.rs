@@ -55,7 +55,13 @@ impl Int4Weight {
                 }
             });
         }
-        Self { dims: dims.to_vec(), group_size, packed, scales, zeros }
+        Self {
+            dims: dims.to_vec(),
+            group_size,
+            packed,
+            scales,
+            zeros,
+        }
     }
 
     /// The 4-bit value at flat index `i` (0..=15).
@@ -104,16 +110,26 @@ impl Int4Weight {
 }
 
 /// Quantizes consecutive groups of `xs` (whole rows, so whole groups).
-fn quantize_groups(xs: &[f32], packed: &mut [u8], scales: &mut [f16], zeros: &mut [u8], group_size: usize) {
+fn quantize_groups(
+    xs: &[f32],
+    packed: &mut [u8],
+    scales: &mut [f16],
+    zeros: &mut [u8],
+    group_size: usize,
+) {
     let groups = xs.chunks(group_size).zip(packed.chunks_mut(group_size / 2));
     for ((group, out), (scale, zero)) in groups.zip(scales.iter_mut().zip(zeros.iter_mut())) {
         // Including 0 in the range keeps pruned (zero) weights exactly zero.
-        let (lo, hi) = group
-            .iter()
-            .fold((0f32, 0f32), |(lo, hi), &x| (if x < lo { x } else { lo }, if x > hi { x } else { hi }));
+        let (lo, hi) = group.iter().fold((0f32, 0f32), |(lo, hi), &x| {
+            (if x < lo { x } else { lo }, if x > hi { x } else { hi })
+        });
         *scale = f16_at_least((hi - lo) / 15.0);
         let s = scale.to_f32();
-        let inv = if s > 0.0 && s.is_finite() { 1.0 / s } else { 0.0 };
+        let inv = if s > 0.0 && s.is_finite() {
+            1.0 / s
+        } else {
+            0.0
+        };
         let z = round_clamped(-lo * inv, 15.0).max(0.0);
         *zero = z as u8;
         for (byte, pair) in out.iter_mut().zip(group.chunks(2)) {
@@ -130,7 +146,9 @@ mod tests {
 
     #[test]
     fn groups_round_trip_within_half_a_step_and_zeros_stay_zero() {
-        let mut values: Vec<f32> = (0..128).map(|i| ((i * 53 % 97) as f32 - 40.0) / 30.0).collect();
+        let mut values: Vec<f32> = (0..128)
+            .map(|i| ((i * 53 % 97) as f32 - 40.0) / 30.0)
+            .collect();
         values[5] = 0.0;
         values[70] = 0.0;
         let w = Int4Weight::quantize(&values, &[2, 64], 32);

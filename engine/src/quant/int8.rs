@@ -42,7 +42,11 @@ impl Int8Weight {
                 }
             });
         }
-        Self { dims: dims.to_vec(), qweight, scales }
+        Self {
+            dims: dims.to_vec(),
+            qweight,
+            scales,
+        }
     }
 
     /// The dequantized values, row-major.
@@ -82,11 +86,21 @@ impl Int8Weight {
 
 /// Quantizes whole rows of `xs` into `qs`, writing one scale per row.
 fn quantize_rows(xs: &[f32], qs: &mut [i8], scales: &mut [f16], cols: usize) {
-    for ((row, qrow), scale) in xs.chunks(cols).zip(qs.chunks_mut(cols)).zip(scales.iter_mut()) {
+    for ((row, qrow), scale) in xs
+        .chunks(cols)
+        .zip(qs.chunks_mut(cols))
+        .zip(scales.iter_mut())
+    {
         // A compare-and-select maximum vectorizes; `f32::max`'s NaN rules keep it scalar.
-        let amax = row.iter().fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
+        let amax = row
+            .iter()
+            .fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
         *scale = f16_at_least(amax / 127.0);
-        let inv = if scale.to_f32() > 0.0 { 1.0 / scale.to_f32() } else { 0.0 };
+        let inv = if scale.to_f32() > 0.0 {
+            1.0 / scale.to_f32()
+        } else {
+            0.0
+        };
         for (q, &x) in qrow.iter_mut().zip(row) {
             *q = round_clamped(x * inv, 127.0) as i32 as i8;
         }
@@ -119,7 +133,9 @@ mod tests {
 
     #[test]
     fn rows_have_their_own_scale_and_error_is_half_a_step() {
-        let values: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 32.0) / 8.0).collect();
+        let values: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 32.0) / 8.0)
+            .collect();
         let mut scaled = values.clone();
         scaled[32..].iter_mut().for_each(|v| *v *= 0.01);
         let w = Int8Weight::quantize(&scaled, &[2, 32]);
@@ -140,7 +156,10 @@ mod tests {
         assert!(w.dequantize().iter().all(|&v| v == 0.0));
         let w = Int8Weight::quantize(&[f32::NAN, 1.0, f32::INFINITY, 2.0], &[1, 4]);
         assert_eq!(w.qweight.len(), 4);
-        assert!(w.to_q8_0_bytes().is_none(), "4 columns cannot form Q8_0 blocks");
+        assert!(
+            w.to_q8_0_bytes().is_none(),
+            "4 columns cannot form Q8_0 blocks"
+        );
     }
 
     #[test]

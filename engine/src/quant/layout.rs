@@ -67,7 +67,10 @@ pub fn quantized_entries(name: &str, dims: &[usize], scheme: QuantScheme) -> Vec
         shape,
     };
     match scheme {
-        QuantScheme::Int8 => vec![entry("qweight", "I8", vec![rows, cols], 1), entry("scales", "F16", vec![rows], 2)],
+        QuantScheme::Int8 => vec![
+            entry("qweight", "I8", vec![rows, cols], 1),
+            entry("scales", "F16", vec![rows], 2),
+        ],
         QuantScheme::Int4 { group_size } => {
             let groups = vec![rows, cols / group_size];
             vec![
@@ -114,12 +117,43 @@ fn f16_bytes(values: &[f16]) -> Vec<u8> {
 pub fn dense_bytes(tensor: &Tensor) -> Result<(&'static str, Vec<u8>)> {
     let t = tensor.flatten_all()?.to_device(&Device::Cpu)?;
     Ok(match t.dtype() {
-        DType::F16 => ("F16", t.to_vec1::<f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::BF16 => ("BF16", t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::I64 => ("I64", t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::U32 => ("U32", t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F16 => (
+            "F16",
+            t.to_vec1::<f16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            "BF16",
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::I64 => (
+            "I64",
+            t.to_vec1::<i64>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::U32 => (
+            "U32",
+            t.to_vec1::<u32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
         DType::U8 => ("U8", t.to_vec1::<u8>()?),
-        _ => ("F32", t.to_dtype(DType::F32)?.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        _ => (
+            "F32",
+            t.to_dtype(DType::F32)?
+                .to_vec1::<f32>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
     })
 }
 
@@ -127,27 +161,48 @@ pub fn dense_bytes(tensor: &Tensor) -> Result<(&'static str, Vec<u8>)> {
 ///
 /// # Errors
 /// Fails on a write error or duplicate names.
-pub fn save(path: &Path, tensors: &[(String, StoredTensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn save(
+    path: &Path,
+    tensors: &[(String, StoredTensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut plan = Vec::new();
     let mut data: Vec<Cow<'_, [u8]>> = Vec::new();
-    let mut quant = QuantMetadata { format: FORMAT.into(), tensors: BTreeMap::new() };
+    let mut quant = QuantMetadata {
+        format: FORMAT.into(),
+        tensors: BTreeMap::new(),
+    };
     for (name, tensor) in tensors {
         match tensor {
             StoredTensor::Dense(t) => {
                 let (dtype, bytes) = dense_bytes(t)?;
-                plan.push(EntryPlan { name: name.clone(), dtype: dtype.to_string(), shape: t.dims().to_vec(), bytes: bytes.len() });
+                plan.push(EntryPlan {
+                    name: name.clone(),
+                    dtype: dtype.to_string(),
+                    shape: t.dims().to_vec(),
+                    bytes: bytes.len(),
+                });
                 data.push(Cow::Owned(bytes));
             }
             StoredTensor::Quantized(w) => {
                 plan.extend(quantized_entries(name, &w.dims(), w.scheme()));
                 data.extend(quantized_bytes(w)?);
-                quant.tensors.insert(name.clone(), QuantEntry { scheme: w.scheme().to_string(), shape: w.dims() });
+                quant.tensors.insert(
+                    name.clone(),
+                    QuantEntry {
+                        scheme: w.scheme().to_string(),
+                        shape: w.dims(),
+                    },
+                );
             }
         }
     }
     let mut metadata = metadata.clone();
     if !quant.tensors.is_empty() {
-        metadata.insert(METADATA_KEY.into(), serde_json::to_string(&quant).map_err(|e| EngineError::json(path, e))?);
+        metadata.insert(
+            METADATA_KEY.into(),
+            serde_json::to_string(&quant).map_err(|e| EngineError::json(path, e))?,
+        );
     }
     let mut writer = SafetensorsWriter::create(path, plan, &metadata)?;
     for bytes in &data {
@@ -155,7 +210,6 @@ pub fn save(path: &Path, tensors: &[(String, StoredTensor)], metadata: &BTreeMap
     }
     writer.finish()
 }
-
 
 /// Loads every tensor of a file in this layout (dense tensors on `device`, quantized weights on
 /// the CPU, as kernels build their own device copies).
@@ -177,24 +231,44 @@ pub fn load(path: &Path, device: &Device) -> Result<Vec<(String, StoredTensor)>>
         let mut data = Vec::new();
         for plan in &planned {
             let raw = file.entries().get(&plan.name);
-            let raw = raw.filter(|r| r.data_offsets[1] - r.data_offsets[0] == plan.bytes).ok_or_else(|| {
-                EngineError::InvalidModel(format!("{}: {} is missing or has the wrong size", path.display(), plan.name))
-            })?;
+            let raw = raw
+                .filter(|r| r.data_offsets[1] - r.data_offsets[0] == plan.bytes)
+                .ok_or_else(|| {
+                    EngineError::InvalidModel(format!(
+                        "{}: {} is missing or has the wrong size",
+                        path.display(),
+                        plan.name
+                    ))
+                })?;
             data.push(file.bytes(raw));
             parts.insert(plan.name.clone());
         }
-        out.push((name.clone(), StoredTensor::Quantized(weight_from_parts(&entry.shape, scheme, &data)?)));
+        out.push((
+            name.clone(),
+            StoredTensor::Quantized(weight_from_parts(&entry.shape, scheme, &data)?),
+        ));
     }
     for name in file.entries().keys().filter(|n| !parts.contains(*n)) {
-        out.push((name.clone(), StoredTensor::Dense(file.tensor(name, device)?)));
+        out.push((
+            name.clone(),
+            StoredTensor::Dense(file.tensor(name, device)?),
+        ));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
 /// Rebuilds a quantized weight from its entries' bytes (sizes already checked).
-fn weight_from_parts(dims: &[usize], scheme: QuantScheme, data: &[&[u8]]) -> Result<QuantizedWeight> {
-    let f16s = |b: &[u8]| b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>();
+fn weight_from_parts(
+    dims: &[usize],
+    scheme: QuantScheme,
+    data: &[&[u8]],
+) -> Result<QuantizedWeight> {
+    let f16s = |b: &[u8]| {
+        b.chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]))
+            .collect::<Vec<_>>()
+    };
     Ok(match scheme {
         QuantScheme::Int8 => QuantizedWeight::Int8(Int8Weight {
             dims: dims.to_vec(),
@@ -208,8 +282,11 @@ fn weight_from_parts(dims: &[usize], scheme: QuantScheme, data: &[&[u8]]) -> Res
             scales: f16s(data[1]),
             zeros: data[2].to_vec(),
         }),
-        QuantScheme::Gguf(dtype) => {
-            QuantizedWeight::Gguf(Arc::new(gguf::qtensor_from_bytes(data[0], dims, dtype, &Device::Cpu)?))
-        }
+        QuantScheme::Gguf(dtype) => QuantizedWeight::Gguf(Arc::new(gguf::qtensor_from_bytes(
+            data[0],
+            dims,
+            dtype,
+            &Device::Cpu,
+        )?)),
     })
 }

@@ -162,7 +162,9 @@ impl QuantizedWeight {
     pub fn scheme(&self) -> QuantScheme {
         match self {
             Self::Int8(_) => QuantScheme::Int8,
-            Self::Int4(w) => QuantScheme::Int4 { group_size: w.group_size },
+            Self::Int4(w) => QuantScheme::Int4 {
+                group_size: w.group_size,
+            },
             Self::Gguf(q) => QuantScheme::Gguf(q.dtype()),
         }
     }
@@ -220,7 +222,10 @@ pub fn quantize(tensor: &Tensor, scheme: QuantScheme) -> Result<Quantized> {
     if let Some(reason) = scheme.unsupported_reason(&dims) {
         return Ok(Quantized::Kept { reason });
     }
-    let values = tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     quantize_values(&values, &dims, scheme)
 }
 
@@ -237,7 +242,9 @@ pub fn quantize_values(values: &[f32], dims: &[usize], scheme: QuantScheme) -> R
         QuantScheme::Int4 { group_size } => {
             QuantizedWeight::Int4(Int4Weight::quantize(values, dims, group_size))
         }
-        QuantScheme::Gguf(dtype) => QuantizedWeight::Gguf(Arc::new(gguf::quantize(values, dims, dtype)?)),
+        QuantScheme::Gguf(dtype) => {
+            QuantizedWeight::Gguf(Arc::new(gguf::quantize(values, dims, dtype)?))
+        }
     };
     Ok(Quantized::Weight(weight))
 }

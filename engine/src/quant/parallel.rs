@@ -9,7 +9,9 @@ const MIN_PARALLEL_ELEMS: usize = 1 << 16;
 
 /// How many rows each task gets so that `rows` rows of `cols` values are spread over the cores.
 pub(crate) fn rows_per_task(rows: usize, cols: usize) -> usize {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     if rows * cols < MIN_PARALLEL_ELEMS || threads == 1 {
         return rows.max(1);
     }

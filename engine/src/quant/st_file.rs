@@ -41,10 +41,17 @@ impl SafetensorsWriter {
     ///
     /// # Errors
     /// Fails when the file cannot be written or two entries share a name.
-    pub fn create(path: &Path, plan: Vec<EntryPlan>, metadata: &BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        plan: Vec<EntryPlan>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
-            header.insert("__metadata__".into(), serde_json::to_value(metadata).unwrap_or_default());
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).unwrap_or_default(),
+            );
         }
         let mut offset = 0usize;
         for entry in &plan {
@@ -52,7 +59,10 @@ impl SafetensorsWriter {
                 "dtype": entry.dtype, "shape": entry.shape, "data_offsets": [offset, offset + entry.bytes]
             });
             if header.insert(entry.name.clone(), info).is_some() {
-                return Err(EngineError::InvalidModel(format!("tensor {} is written twice", entry.name)));
+                return Err(EngineError::InvalidModel(format!(
+                    "tensor {} is written twice",
+                    entry.name
+                )));
             }
             offset += entry.bytes;
         }
@@ -61,9 +71,15 @@ impl SafetensorsWriter {
         json.resize(json.len().div_ceil(8) * 8, b' ');
         let file = File::create(path).map_err(|e| EngineError::io(path, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
-        out.write_all(&(json.len() as u64).to_le_bytes()).map_err(|e| EngineError::io(path, e))?;
+        out.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(|e| EngineError::io(path, e))?;
         out.write_all(&json).map_err(|e| EngineError::io(path, e))?;
-        Ok(Self { out, plan, next: 0, path: path.to_path_buf() })
+        Ok(Self {
+            out,
+            plan,
+            next: 0,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Writes the data of the next planned entry.
@@ -72,7 +88,9 @@ impl SafetensorsWriter {
     /// Fails on a write error or when `bytes` does not have the planned length.
     pub fn write_next(&mut self, bytes: &[u8]) -> Result<()> {
         let Some(entry) = self.plan.get(self.next) else {
-            return Err(EngineError::InvalidModel("more tensor data than planned".into()));
+            return Err(EngineError::InvalidModel(
+                "more tensor data than planned".into(),
+            ));
         };
         if entry.bytes != bytes.len() {
             return Err(EngineError::InvalidModel(format!(
@@ -82,7 +100,9 @@ impl SafetensorsWriter {
                 bytes.len()
             )));
         }
-        self.out.write_all(bytes).map_err(|e| EngineError::io(&self.path, e))?;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| EngineError::io(&self.path, e))?;
         self.next += 1;
         Ok(())
     }
@@ -93,7 +113,10 @@ impl SafetensorsWriter {
     /// Fails on a write error or a missing entry.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.plan.len() {
-            return Err(EngineError::InvalidModel(format!("{} planned tensors were not written", self.plan.len() - self.next)));
+            return Err(EngineError::InvalidModel(format!(
+                "{} planned tensors were not written",
+                self.plan.len() - self.next
+            )));
         }
         self.out.flush().map_err(|e| EngineError::io(&self.path, e))
     }
@@ -130,9 +153,15 @@ impl SafetensorsFile {
         // rely on the file not being truncated or rewritten while it is mapped.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
         let bad = |why: &str| EngineError::InvalidModel(format!("{}: {why}", path.display()));
-        let header_len = mmap.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-        let header_len = header_len.ok_or_else(|| bad("shorter than a safetensors header"))? as usize;
-        let data_start = header_len.checked_add(8).filter(|&s| s <= mmap.len()).ok_or_else(|| bad("header past the end"))?;
+        let header_len = mmap
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+        let header_len =
+            header_len.ok_or_else(|| bad("shorter than a safetensors header"))? as usize;
+        let data_start = header_len
+            .checked_add(8)
+            .filter(|&s| s <= mmap.len())
+            .ok_or_else(|| bad("header past the end"))?;
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&mmap[8..data_start]).map_err(|e| EngineError::json(path, e))?;
         let mut entries = BTreeMap::new();
@@ -142,14 +171,21 @@ impl SafetensorsFile {
                 metadata = serde_json::from_value(value).map_err(|e| EngineError::json(path, e))?;
                 continue;
             }
-            let entry: RawEntry = serde_json::from_value(value).map_err(|e| EngineError::json(path, e))?;
+            let entry: RawEntry =
+                serde_json::from_value(value).map_err(|e| EngineError::json(path, e))?;
             let [start, end] = entry.data_offsets;
             if start > end || data_start + end > mmap.len() {
                 return Err(bad(&format!("tensor {name} lies outside the file")));
             }
             entries.insert(name, entry);
         }
-        Ok(Self { mmap, data_start, entries, metadata, path: path.to_path_buf() })
+        Ok(Self {
+            mmap,
+            data_start,
+            entries,
+            metadata,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The file's path.
@@ -193,12 +229,23 @@ impl SafetensorsFile {
                 if head.is_empty() && tail.is_empty() {
                     return Ok(std::borrow::Cow::Borrowed(mid));
                 }
-                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
             }
-            "F16" => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            "BF16" => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            "F16" => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            "BF16" => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => {
-                return Err(EngineError::InvalidModel(format!("{name}: dtype {other} is not a float")));
+                return Err(EngineError::InvalidModel(format!(
+                    "{name}: dtype {other} is not a float"
+                )));
             }
         };
         Ok(std::borrow::Cow::Owned(values))
@@ -212,7 +259,10 @@ impl SafetensorsFile {
         let end = self.data_start + entry.data_offsets[1];
         // SAFETY: the map is read-only and file-backed, so dropped pages are re-read from the file on
         // the next access; no data is lost and no reference observes a change.
-        let _ = unsafe { self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        let _ = unsafe {
+            self.mmap
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
     }
 
     /// A dense entry as a candle tensor on `device`.
@@ -221,10 +271,9 @@ impl SafetensorsFile {
     /// Fails for an unknown name or a dtype candle does not have.
     pub fn tensor(&self, name: &str, device: &candle_core::Device) -> Result<candle_core::Tensor> {
         use candle_core::DType;
-        let entry = self
-            .entries
-            .get(name)
-            .ok_or_else(|| EngineError::InvalidModel(format!("{}: no tensor {name}", self.path.display())))?;
+        let entry = self.entries.get(name).ok_or_else(|| {
+            EngineError::InvalidModel(format!("{}: no tensor {name}", self.path.display()))
+        })?;
         let dtype = match entry.dtype.as_str() {
             "F32" => DType::F32,
             "F16" => DType::F16,
@@ -234,8 +283,17 @@ impl SafetensorsFile {
             "I32" => DType::I32,
             "U32" => DType::U32,
             "U8" => DType::U8,
-            other => return Err(EngineError::Unsupported(format!("{name}: dtype {other} has no candle tensor type"))),
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "{name}: dtype {other} has no candle tensor type"
+                )))
+            }
         };
-        Ok(candle_core::Tensor::from_raw_buffer(self.bytes(entry), dtype, &entry.shape, device)?)
+        Ok(candle_core::Tensor::from_raw_buffer(
+            self.bytes(entry),
+            dtype,
+            &entry.shape,
+            device,
+        )?)
     }
 }

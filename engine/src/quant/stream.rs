@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::layout::{quantized_bytes, quantized_entries, QuantEntry, QuantMetadata, FORMAT, METADATA_KEY};
+use super::layout::{
+    quantized_bytes, quantized_entries, QuantEntry, QuantMetadata, FORMAT, METADATA_KEY,
+};
 use super::st_file::{EntryPlan, RawEntry, SafetensorsFile, SafetensorsWriter};
 use super::{quantize_values, QuantScheme, Quantized};
 use crate::error::{EngineError, Result};
@@ -55,12 +57,19 @@ pub fn quantize_file(
     let file = SafetensorsFile::open(input)?;
     let mut report = StreamReport::default();
     let mut plan = Vec::new();
-    let mut quant = QuantMetadata { format: FORMAT.into(), tensors: BTreeMap::new() };
+    let mut quant = QuantMetadata {
+        format: FORMAT.into(),
+        tensors: BTreeMap::new(),
+    };
     let entries = file.entries_in_file_order();
     let mut to_quantize = Vec::with_capacity(entries.len());
     for (name, entry) in &entries {
-        let is_weight = matches!(entry.dtype.as_str(), "F32" | "F16" | "BF16") && entry.shape.len() >= 2;
-        let quantize = match (is_weight && select(name), scheme.unsupported_reason(&entry.shape)) {
+        let is_weight =
+            matches!(entry.dtype.as_str(), "F32" | "F16" | "BF16") && entry.shape.len() >= 2;
+        let quantize = match (
+            is_weight && select(name),
+            scheme.unsupported_reason(&entry.shape),
+        ) {
             (false, _) => false,
             (true, Some(reason)) => {
                 report.kept.push(((*name).clone(), reason));
@@ -70,17 +79,31 @@ pub fn quantize_file(
         };
         if quantize {
             plan.extend(quantized_entries(name, &entry.shape, scheme));
-            quant.tensors.insert((*name).clone(), QuantEntry { scheme: scheme.to_string(), shape: entry.shape.clone() });
+            quant.tensors.insert(
+                (*name).clone(),
+                QuantEntry {
+                    scheme: scheme.to_string(),
+                    shape: entry.shape.clone(),
+                },
+            );
         } else {
             let bytes = entry.data_offsets[1] - entry.data_offsets[0];
-            plan.push(EntryPlan { name: (*name).clone(), dtype: entry.dtype.clone(), shape: entry.shape.clone(), bytes });
+            plan.push(EntryPlan {
+                name: (*name).clone(),
+                dtype: entry.dtype.clone(),
+                shape: entry.shape.clone(),
+                bytes,
+            });
         }
         to_quantize.push(quantize);
         report.input_bytes += entry.data_offsets[1] - entry.data_offsets[0];
     }
     report.output_bytes = plan.iter().map(|p| p.bytes).sum();
     let mut metadata = file.metadata().clone();
-    metadata.insert(METADATA_KEY.into(), serde_json::to_string(&quant).map_err(|e| EngineError::json(output, e))?);
+    metadata.insert(
+        METADATA_KEY.into(),
+        serde_json::to_string(&quant).map_err(|e| EngineError::json(output, e))?,
+    );
     let mut writer = SafetensorsWriter::create(output, plan, &metadata)?;
     for ((name, entry), quantize) in entries.iter().zip(to_quantize) {
         if quantize {
@@ -106,7 +129,9 @@ fn write_quantized(
 ) -> Result<()> {
     let values = file.f32_values(name, entry)?;
     let Quantized::Weight(weight) = quantize_values(&values, &entry.shape, scheme)? else {
-        return Err(EngineError::InvalidModel(format!("{name}: planned for quantization but kept")));
+        return Err(EngineError::InvalidModel(format!(
+            "{name}: planned for quantization but kept"
+        )));
     };
     drop(values);
     for bytes in quantized_bytes(&weight)? {

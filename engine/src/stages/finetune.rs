@@ -72,7 +72,9 @@ pub struct FinetuneStage {
 impl FinetuneStage {
     /// Builds the stage from its spec.
     pub fn from_spec(spec: &FinetuneSpec) -> Self {
-        Self { settings: TrainSettings::from_finetune(spec) }
+        Self {
+            settings: TrainSettings::from_finetune(spec),
+        }
     }
 }
 
@@ -90,11 +92,18 @@ impl Stage for FinetuneStage {
         Ok(())
     }
 
-    fn run(&self, model: &mut WorkingModel, trainer: &dyn Trainer, ctx: &StageContext) -> Result<serde_json::Value> {
+    fn run(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value> {
         self.validate(model)?;
         let summary = trainer.train(model, &self.settings, ctx)?;
         for glob in &summary.unmatched_freeze_globs {
-            ctx.warn(format!("finetune: freeze glob {glob:?} matches no parameter"));
+            ctx.warn(format!(
+                "finetune: freeze glob {glob:?} matches no parameter"
+            ));
         }
         let report = serde_json::json!({ "settings": self.settings, "training": summary });
         Ok(report)

@@ -32,12 +32,22 @@ pub(super) fn evaluate(session: &Session, model: &WorkingModel) -> Result<ModelM
     let counts = parameter_counts(&model.store)?;
     let pad = session.encoder.pad_id();
     let device = &session.device;
-    let mut metrics =
-        ModelMetrics { parameters: counts.total, nonzero_parameters: counts.nonzero, ..ModelMetrics::default() };
+    let mut metrics = ModelMetrics {
+        parameters: counts.total,
+        nonzero_parameters: counts.nonzero,
+        ..ModelMetrics::default()
+    };
     let examples: Vec<Example> = match (&built, &session.data) {
         (BuiltModel::Classifier(m), TaskData::Classification(data)) => {
             let task = SequenceClassificationTask { model: m };
-            let scores = evaluate_classifier(&task, &data.test, EVAL_BATCH, pad, device, data.labels.len())?;
+            let scores = evaluate_classifier(
+                &task,
+                &data.test,
+                EVAL_BATCH,
+                pad,
+                device,
+                data.labels.len(),
+            )?;
             metrics.accuracy = Some(scores.accuracy);
             metrics.macro_f1 = Some(scores.macro_f1);
             data.test.clone()
@@ -46,9 +56,17 @@ pub(super) fn evaluate(session: &Session, model: &WorkingModel) -> Result<ModelM
             let task = CausalLmTask { model: m };
             let (_, perplexity) = evaluate_lm(&task, &corpus.validation, 4, pad, device)?;
             metrics.perplexity = Some(perplexity);
-            corpus.validation.iter().map(|e| truncated(e, LM_LATENCY_TOKENS)).collect()
+            corpus
+                .validation
+                .iter()
+                .map(|e| truncated(e, LM_LATENCY_TOKENS))
+                .collect()
         }
-        _ => return Err(crate::EngineError::InvalidSetting("the model does not fit the task".into())),
+        _ => {
+            return Err(crate::EngineError::InvalidSetting(
+                "the model does not fit the task".into(),
+            ))
+        }
     };
     let forward = |batch: &Batch| -> Result<()> {
         match &built {
@@ -62,7 +80,8 @@ pub(super) fn evaluate(session: &Session, model: &WorkingModel) -> Result<ModelM
         Ok(())
     };
     if let Some(one) = latency_batch(&examples, 1, pad, device)? {
-        metrics.latency_batch1_ms = Some(measure_latency(1, 1, RUNS_BATCH1, || forward(&one))?.p50_ms);
+        metrics.latency_batch1_ms =
+            Some(measure_latency(1, 1, RUNS_BATCH1, || forward(&one))?.p50_ms);
     }
     if let Some(many) = latency_batch(&examples, 32, pad, device)? {
         let report = measure_latency(32, 1, RUNS_BATCH32, || forward(&many))?;
@@ -73,7 +92,12 @@ pub(super) fn evaluate(session: &Session, model: &WorkingModel) -> Result<ModelM
 }
 
 /// The first `rows` examples as one batch (cycling when there are fewer), `None` with no examples.
-fn latency_batch(examples: &[Example], rows: usize, pad: u32, device: &Device) -> Result<Option<Batch>> {
+fn latency_batch(
+    examples: &[Example],
+    rows: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<Option<Batch>> {
     if examples.is_empty() {
         return Ok(None);
     }
@@ -82,5 +106,8 @@ fn latency_batch(examples: &[Example], rows: usize, pad: u32, device: &Device) -
 }
 
 fn truncated(example: &Example, tokens: usize) -> Example {
-    Example { input_ids: example.input_ids.iter().copied().take(tokens).collect(), label: example.label }
+    Example {
+        input_ids: example.input_ids.iter().copied().take(tokens).collect(),
+        label: example.label,
+    }
 }

@@ -34,7 +34,12 @@ pub trait Trainer {
     ///
     /// # Errors
     /// Whatever training fails with, [`crate::EngineError::Cancelled`] included.
-    fn train(&self, model: &mut WorkingModel, settings: &TrainSettings, ctx: &StageContext) -> Result<TrainSummary>;
+    fn train(
+        &self,
+        model: &mut WorkingModel,
+        settings: &TrainSettings,
+        ctx: &StageContext,
+    ) -> Result<TrainSummary>;
 }
 
 /// What a training run did.
@@ -65,7 +70,12 @@ pub trait Stage {
     ///
     /// # Errors
     /// Whatever the stage fails with, [`crate::EngineError::Cancelled`] included.
-    fn run(&self, model: &mut WorkingModel, trainer: &dyn Trainer, ctx: &StageContext) -> Result<serde_json::Value>;
+    fn run(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value>;
 }
 
 /// Builds the stage a spec describes.
@@ -77,6 +87,9 @@ pub fn build(spec: &StageSpec) -> Result<Box<dyn Stage>> {
         StageSpec::Finetune(s) => Ok(Box::new(FinetuneStage::from_spec(s))),
         StageSpec::Prune(s) => Ok(Box::new(PruneStage::from_spec(s)?)),
         StageSpec::Quantize(s) => Ok(Box::new(QuantizeStage::from_spec(s)?)),
-        other => Err(crate::EngineError::Unsupported(format!("stage `{}` is not implemented", other.type_name()))),
+        other => Err(crate::EngineError::Unsupported(format!(
+            "stage `{}` is not implemented",
+            other.type_name()
+        ))),
     }
 }

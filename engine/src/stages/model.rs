@@ -27,12 +27,22 @@ pub struct WorkingModel {
 impl WorkingModel {
     /// A dense, unpruned model.
     pub fn new(store: ParamStore, config: serde_json::Value) -> Self {
-        Self { store, config, plan: LinearPlan::default(), masks: None, quantized: None }
+        Self {
+            store,
+            config,
+            plan: LinearPlan::default(),
+            masks: None,
+            quantized: None,
+        }
     }
 
     /// Every parameter's name and shape, sorted by name.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        self.store.tensors().into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect()
+        self.store
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect()
     }
 
     /// Whether `name` is the weight of a linear layer (built through the linear factory) rather than
@@ -67,7 +77,11 @@ impl WorkingModel {
     ///
     /// # Errors
     /// Fails when a module path is not a valid glob.
-    pub fn set_quantized(&mut self, scheme: QuantScheme, weights: BTreeMap<String, QuantScheme>) -> Result<()> {
+    pub fn set_quantized(
+        &mut self,
+        scheme: QuantScheme,
+        weights: BTreeMap<String, QuantScheme>,
+    ) -> Result<()> {
         let mut plan = self.plan.clone();
         for (name, weight_scheme) in weights.iter().filter(|(n, _)| self.is_linear_weight(n)) {
             let module = name.strip_suffix(".weight").unwrap_or(name);

@@ -12,8 +12,8 @@ use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
 use crate::prune::{
-    magnitude_masks, select_targets, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet, Pattern, Scope,
-    SparsityReport,
+    magnitude_masks, select_targets, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet,
+    Pattern, Scope, SparsityReport,
 };
 use crate::spec::{PrunePattern, PruneScope, PruneSpec};
 
@@ -54,13 +54,21 @@ impl PruneStage {
             PrunePattern::TwoFour => Pattern::NM { n: 2, m: 4 },
         };
         if pattern != Pattern::Unstructured && spec.sparsity != 0.5 {
-            return Err(EngineError::InvalidSetting(format!("prune: 2:4 means sparsity 0.5, got {}", spec.sparsity)));
+            return Err(EngineError::InvalidSetting(format!(
+                "prune: 2:4 means sparsity 0.5, got {}",
+                spec.sparsity
+            )));
         }
         let scope = match spec.scope {
             PruneScope::Global => Scope::Global,
             PruneScope::Layer => Scope::PerLayer,
         };
-        let config = MagnitudeConfig { pattern, scope, sparsity: spec.sparsity, overrides: Vec::new() };
+        let config = MagnitudeConfig {
+            pattern,
+            scope,
+            sparsity: spec.sparsity,
+            overrides: Vec::new(),
+        };
         config.validate()?;
         Ok(Self {
             config,
@@ -83,15 +91,24 @@ impl PruneStage {
     /// The names to prune; unmatched user globs become warnings when `ctx` is given.
     fn targets(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<Vec<String>> {
         let shapes = model.weight_shapes();
-        let targets = select_targets(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), self.exclude.as_deref())?;
+        let targets = select_targets(
+            shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            self.exclude.as_deref(),
+        )?;
         if let Some(ctx) = ctx {
             for glob in &targets.unmatched_globs {
                 ctx.warn(format!("prune: exclude glob {glob:?} matches no parameter"));
             }
         }
-        let names: Vec<String> = targets.names.into_iter().filter(|n| model.is_linear_weight(n)).collect();
+        let names: Vec<String> = targets
+            .names
+            .into_iter()
+            .filter(|n| model.is_linear_weight(n))
+            .collect();
         if names.is_empty() {
-            return Err(EngineError::InvalidSetting("prune: no weight is left to prune after `exclude`".into()));
+            return Err(EngineError::InvalidSetting(
+                "prune: no weight is left to prune after `exclude`".into(),
+            ));
         }
         if let Pattern::NM { m, .. } = self.config.pattern {
             for (name, shape) in shapes.iter().filter(|(n, _)| names.contains(n)) {
@@ -122,27 +139,56 @@ impl Stage for PruneStage {
 
     fn validate(&self, model: &WorkingModel) -> Result<()> {
         if model.quantized().is_some() {
-            return Err(EngineError::InvalidSetting("prune: the model is already quantized; prune before quantizing".into()));
+            return Err(EngineError::InvalidSetting(
+                "prune: the model is already quantized; prune before quantizing".into(),
+            ));
         }
         self.targets(model, None).map(|_| ())
     }
 
-    fn run(&self, model: &mut WorkingModel, trainer: &dyn Trainer, ctx: &StageContext) -> Result<serde_json::Value> {
+    fn run(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value> {
         self.validate(model)?;
         let names = self.targets(model, Some(ctx))?;
         // N:M is a fixed pattern: one increment reaches it, recovery still follows.
-        let steps = if self.config.pattern == Pattern::Unstructured { self.steps } else { 1 };
+        let steps = if self.config.pattern == Pattern::Unstructured {
+            self.steps
+        } else {
+            1
+        };
         if steps != self.steps {
-            ctx.warn(format!("prune: 2:4 is applied in one step; `steps: {}` only repeats recovery once", self.steps));
+            ctx.warn(format!(
+                "prune: 2:4 is applied in one step; `steps: {}` only repeats recovery once",
+                self.steps
+            ));
         }
         for k in 1..=steps {
             ctx.check_cancel()?;
             let weights = names
                 .iter()
-                .map(|n| Ok((n.clone(), model.store.get(n).map(|p| p.tensor().clone()).ok_or_else(|| missing(n))?)))
+                .map(|n| {
+                    Ok((
+                        n.clone(),
+                        model
+                            .store
+                            .get(n)
+                            .map(|p| p.tensor().clone())
+                            .ok_or_else(|| missing(n))?,
+                    ))
+                })
                 .collect::<Result<Vec<_>>>()?;
-            let config = MagnitudeConfig { sparsity: self.step_sparsity(k), ..self.config.clone() };
-            let masks = merged(magnitude_masks(&weights, &config, model.masks())?, model.masks());
+            let config = MagnitudeConfig {
+                sparsity: self.step_sparsity(k),
+                ..self.config.clone()
+            };
+            let masks = merged(
+                magnitude_masks(&weights, &config, model.masks())?,
+                model.masks(),
+            );
             masks.apply(&model.store)?;
             model.set_masks(masks);
             if let Some(recover) = &self.recover {

@@ -46,7 +46,9 @@ impl QuantizeStage {
     /// Fails for quantization-aware training (not available yet) or a bad group size.
     pub fn from_spec(spec: &QuantizeSpec) -> Result<Self> {
         if spec.qat.is_some() {
-            return Err(EngineError::Unsupported("quantize: `qat` is not implemented; use post-training quantization".into()));
+            return Err(EngineError::Unsupported(
+                "quantize: `qat` is not implemented; use post-training quantization".into(),
+            ));
         }
         let name = match spec.scheme {
             SpecScheme::Int8 => "int8",
@@ -60,24 +62,45 @@ impl QuantizeStage {
             SpecScheme::Q4_0 => "q4_0",
         };
         let scheme = QuantScheme::parse(name, spec.group_size.map(|g| g as usize))?;
-        Ok(Self { scheme, exclude: spec.exclude.clone() })
+        Ok(Self {
+            scheme,
+            exclude: spec.exclude.clone(),
+        })
     }
 
     /// The weights this stage quantizes with their scheme (the stage's, or a fallback), and those
     /// it must keep in full precision, with reasons.
-    fn plan(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<(BTreeMap<String, QuantScheme>, BTreeMap<String, String>)> {
+    fn plan(
+        &self,
+        model: &WorkingModel,
+        ctx: Option<&StageContext>,
+    ) -> Result<(BTreeMap<String, QuantScheme>, BTreeMap<String, String>)> {
         let shapes = model.weight_shapes();
-        let exclude = self.exclude.clone().unwrap_or_else(|| QUANTIZE_DEFAULT_EXCLUDE.iter().map(|g| g.to_string()).collect());
-        let targets = select_targets(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), Some(&exclude))?;
+        let exclude = self.exclude.clone().unwrap_or_else(|| {
+            QUANTIZE_DEFAULT_EXCLUDE
+                .iter()
+                .map(|g| g.to_string())
+                .collect()
+        });
+        let targets = select_targets(
+            shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            Some(&exclude),
+        )?;
         if let (Some(ctx), Some(_)) = (ctx, &self.exclude) {
             for glob in &targets.unmatched_globs {
-                ctx.warn(format!("quantize: exclude glob {glob:?} matches no parameter"));
+                ctx.warn(format!(
+                    "quantize: exclude glob {glob:?} matches no parameter"
+                ));
             }
         }
         let mut chosen = BTreeMap::new();
         let mut kept = BTreeMap::new();
         for name in targets.names {
-            let dims = shapes.iter().find(|(n, _)| *n == name).map(|(_, s)| s.clone()).unwrap_or_default();
+            let dims = shapes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
             let Some(reason) = self.scheme.unsupported_reason(&dims) else {
                 chosen.insert(name, self.scheme);
                 continue;
@@ -98,11 +121,14 @@ impl QuantizeStage {
 
 /// Embedding tables are quantized too (they are most of a small model's size); norms and task
 /// heads are not.
-const QUANTIZE_DEFAULT_EXCLUDE: &[&str] = &["*norm*", "*LayerNorm*", "classifier*", "score*", "lm_head*"];
+const QUANTIZE_DEFAULT_EXCLUDE: &[&str] =
+    &["*norm*", "*LayerNorm*", "classifier*", "score*", "lm_head*"];
 
 /// The type llama.cpp falls back to when a k-quant's 256-wide super-blocks do not divide a row.
 fn fallback(scheme: QuantScheme) -> Option<QuantScheme> {
-    let QuantScheme::Gguf(dtype) = scheme else { return None };
+    let QuantScheme::Gguf(dtype) = scheme else {
+        return None;
+    };
     let to = match dtype {
         GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
         GgmlDType::Q4K => GgmlDType::Q5_0,
@@ -117,10 +143,17 @@ fn fallback(scheme: QuantScheme) -> Option<QuantScheme> {
 /// reads the store (embedding lookups, export) sees exactly the stored quantized weights.
 fn store_dequantized(model: &WorkingModel, chosen: &BTreeMap<String, QuantScheme>) -> Result<()> {
     for (name, scheme) in chosen {
-        let param = model.store.get(name).ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
+        let param = model
+            .store
+            .get(name)
+            .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
         let tensor = param.tensor();
-        let Quantized::Weight(weight) = quantize(tensor, *scheme)? else { continue };
-        let values = weight.dequantize(tensor.device())?.to_dtype(tensor.dtype())?;
+        let Quantized::Weight(weight) = quantize(tensor, *scheme)? else {
+            continue;
+        };
+        let values = weight
+            .dequantize(tensor.device())?
+            .to_dtype(tensor.dtype())?;
         model.store.insert(name.clone(), Param::Frozen(values));
     }
     Ok(())
@@ -133,12 +166,19 @@ impl Stage for QuantizeStage {
 
     fn validate(&self, model: &WorkingModel) -> Result<()> {
         if model.quantized().is_some() {
-            return Err(EngineError::InvalidSetting("quantize: the model is already quantized".into()));
+            return Err(EngineError::InvalidSetting(
+                "quantize: the model is already quantized".into(),
+            ));
         }
         self.plan(model, None).map(|_| ())
     }
 
-    fn run(&self, model: &mut WorkingModel, _trainer: &dyn Trainer, ctx: &StageContext) -> Result<serde_json::Value> {
+    fn run(
+        &self,
+        model: &mut WorkingModel,
+        _trainer: &dyn Trainer,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value> {
         self.validate(model)?;
         let (chosen, kept) = self.plan(model, Some(ctx))?;
         for (name, reason) in &kept {

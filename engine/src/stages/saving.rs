@@ -55,7 +55,15 @@ pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
         Some((QuantScheme::Int4 { .. }, _)) => GgmlDType::Q4_1,
         None => GgmlDType::F32,
     };
-    export_llama_gguf(path, &config, &model.store.tensors(), GgufExportOptions { weight_type, ..GgufExportOptions::default() })
+    export_llama_gguf(
+        path,
+        &config,
+        &model.store.tensors(),
+        GgufExportOptions {
+            weight_type,
+            ..GgufExportOptions::default()
+        },
+    )
 }
 
 /// Loads a folder written by [`save`] for a quantized model; quantized weights come back as their
@@ -65,8 +73,10 @@ pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
 /// A missing or malformed file.
 pub(super) fn load_quantized(dir: &Path, device: &Device) -> Result<WorkingModel> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::json(&config_path, e))?;
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| EngineError::json(&config_path, e))?;
     let store = ParamStore::new();
     for (name, tensor) in layout::load(&dir.join("model.safetensors"), device)? {
         let dense = match tensor {
@@ -82,14 +92,17 @@ pub(super) fn load_quantized(dir: &Path, device: &Device) -> Result<WorkingModel
 ///
 /// # Errors
 /// A named weight is missing or a scheme name is unknown.
-pub(super) fn restore(model: &mut WorkingModel, pruned: &[String], quantized: Option<&SavedQuantization>) -> Result<()> {
+pub(super) fn restore(
+    model: &mut WorkingModel,
+    pruned: &[String],
+    quantized: Option<&SavedQuantization>,
+) -> Result<()> {
     if !pruned.is_empty() {
         let mut masks = BTreeMap::new();
         for name in pruned {
-            let param = model
-                .store
-                .get(name)
-                .ok_or_else(|| EngineError::InvalidModel(format!("pruned weight {name} is missing")))?;
+            let param = model.store.get(name).ok_or_else(|| {
+                EngineError::InvalidModel(format!("pruned weight {name} is missing"))
+            })?;
             let t = param.tensor();
             masks.insert(name.clone(), t.ne(0f64)?.to_dtype(t.dtype())?);
         }
@@ -120,7 +133,10 @@ impl SavedQuantization {
     pub fn of(model: &WorkingModel) -> Option<Self> {
         model.quantized().map(|(scheme, weights)| Self {
             scheme: scheme.to_string(),
-            weights: weights.iter().map(|(n, s)| (n.clone(), s.to_string())).collect(),
+            weights: weights
+                .iter()
+                .map(|(n, s)| (n.clone(), s.to_string()))
+                .collect(),
         })
     }
 }

@@ -13,10 +13,12 @@ use std::sync::atomic::AtomicBool;
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use super::model::WorkingModel;
 use super::build;
+use super::model::WorkingModel;
 use super::saving::SavedQuantization;
-use crate::data::{epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder};
+use crate::data::{
+    epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
+};
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
 use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
@@ -76,11 +78,18 @@ impl Session {
         let tokenizer = tokenizer_path(&inputs.model)?;
         let (data, encoder) = match spec.task.task_type {
             TaskType::TextClassification => {
-                let length = spec.task.max_length.map_or(DEFAULT_CLASSIFICATION_LENGTH, |l| l as usize);
+                let length = spec
+                    .task
+                    .max_length
+                    .map_or(DEFAULT_CLASSIFICATION_LENGTH, |l| l as usize);
                 let encoder = TextEncoder::from_file(&tokenizer, length)?;
                 let data_spec = ClassificationSpec {
                     text_field: spec.task.text_field.clone(),
-                    label_field: spec.task.label_field.clone().unwrap_or_else(|| "label".into()),
+                    label_field: spec
+                        .task
+                        .label_field
+                        .clone()
+                        .unwrap_or_else(|| "label".into()),
                     ..ClassificationSpec::default()
                 };
                 let mut data = ClassificationData::load(&inputs.dataset, &data_spec, &encoder)?;
@@ -92,7 +101,10 @@ impl Session {
                 (TaskData::Classification(data), encoder)
             }
             TaskType::LanguageModeling => {
-                let length = spec.task.max_length.map_or(DEFAULT_LM_LENGTH, |l| l as usize);
+                let length = spec
+                    .task
+                    .max_length
+                    .map_or(DEFAULT_LM_LENGTH, |l| l as usize);
                 let encoder = TextEncoder::from_file(&tokenizer, length)?;
                 let data_spec = LmSpec {
                     seq_len: length,
@@ -100,7 +112,14 @@ impl Session {
                     max_eval_samples: spec.task.max_eval_samples.map(|n| n as usize),
                     ..LmSpec::default()
                 };
-                (TaskData::LanguageModeling(LmCorpus::load(&inputs.dataset, &data_spec, &encoder)?), encoder)
+                (
+                    TaskData::LanguageModeling(LmCorpus::load(
+                        &inputs.dataset,
+                        &data_spec,
+                        &encoder,
+                    )?),
+                    encoder,
+                )
             }
         };
         Ok(Self {
@@ -120,7 +139,11 @@ impl Session {
         let store = if trainable {
             model.store.clone()
         } else {
-            let frozen = model.store.tensors().into_iter().map(|(n, t)| (n, t.detach()));
+            let frozen = model
+                .store
+                .tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.detach()));
             ParamStore::from_tensors(frozen, |_| false)?
         };
         let vb = store.var_builder(DType::F32, &self.device);
@@ -143,7 +166,8 @@ impl Session {
         if let TaskData::Classification(data) = &self.data {
             let mut cfg: BertConfig = parse_config(&config)?;
             cfg.set_labels(&data.labels.id2label);
-            config = serde_json::to_value(&cfg).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+            config =
+                serde_json::to_value(&cfg).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
         }
         let store = checkpoint.into_store(|_| true)?;
         store.set_init_missing(Some(self.spec.seed));
@@ -178,7 +202,12 @@ impl Workbench for Session {
         Ok(model)
     }
 
-    fn run_stage(&mut self, model: &mut WorkingModel, spec: &StageSpec, ctx: &StageContext) -> Result<serde_json::Value> {
+    fn run_stage(
+        &mut self,
+        model: &mut WorkingModel,
+        spec: &StageSpec,
+        ctx: &StageContext,
+    ) -> Result<serde_json::Value> {
         let stage = build(spec)?;
         stage.validate(model)?;
         stage.run(model, &*self, ctx)
@@ -188,7 +217,9 @@ impl Workbench for Session {
         let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
         let quantized = SavedQuantization::of(model);
         super::saving::save(model, dir, self.tokenizer_dir.as_deref())?;
-        if self.spec.outputs.contains(&OutputFormat::Gguf) && self.spec.task.task_type == TaskType::LanguageModeling {
+        if self.spec.outputs.contains(&OutputFormat::Gguf)
+            && self.spec.task.task_type == TaskType::LanguageModeling
+        {
             super::saving::save_gguf(model, &dir.join("model.gguf"))?;
         }
         write_json(&dir.join(STATE_FILE), &SavedState { pruned, quantized })
@@ -217,37 +248,57 @@ pub fn run_job(
 
 /// Keeps `limit` examples chosen by a shuffle seeded with `seed` (all when `limit` is `None`).
 fn cap(examples: &mut Vec<Example>, limit: Option<u64>, seed: u64) {
-    let Some(limit) = limit.map(|l| l as usize).filter(|&l| l < examples.len()) else { return };
+    let Some(limit) = limit.map(|l| l as usize).filter(|&l| l < examples.len()) else {
+        return;
+    };
     let order = epoch_order(examples.len(), seed, 0);
-    let kept: Vec<Example> = order.into_iter().take(limit).map(|i| examples[i].clone()).collect();
+    let kept: Vec<Example> = order
+        .into_iter()
+        .take(limit)
+        .map(|i| examples[i].clone())
+        .collect();
     *examples = kept;
 }
 
 fn tokenizer_path(model: &Path) -> Result<PathBuf> {
-    let dir = if model.is_dir() { model } else { model.parent().unwrap_or(Path::new(".")) };
+    let dir = if model.is_dir() {
+        model
+    } else {
+        model.parent().unwrap_or(Path::new("."))
+    };
     let path = dir.join("tokenizer.json");
     if path.is_file() {
         Ok(path)
     } else {
-        Err(EngineError::InvalidModel(format!("no tokenizer.json next to {}", model.display())))
+        Err(EngineError::InvalidModel(format!(
+            "no tokenizer.json next to {}",
+            model.display()
+        )))
     }
 }
 
 fn check_family(checkpoint: &Checkpoint, task: TaskType) -> Result<()> {
     let family = checkpoint.model_type().unwrap_or("unknown");
     let fits = match task {
-        TaskType::TextClassification => matches!(family, "bert" | "roberta" | "distilbert" | "xlm-roberta"),
+        TaskType::TextClassification => {
+            matches!(family, "bert" | "roberta" | "distilbert" | "xlm-roberta")
+        }
         TaskType::LanguageModeling => matches!(family, "llama" | "mistral" | "qwen2" | "smollm"),
     };
     if fits {
         Ok(())
     } else {
-        Err(EngineError::Unsupported(format!("a {family} model cannot be used for {task:?}")))
+        Err(EngineError::Unsupported(format!(
+            "a {family} model cannot be used for {task:?}"
+        )))
     }
 }
 
-pub(super) fn parse_config<C: serde::de::DeserializeOwned>(config: &serde_json::Value) -> Result<C> {
-    serde_json::from_value(config.clone()).map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))
+pub(super) fn parse_config<C: serde::de::DeserializeOwned>(
+    config: &serde_json::Value,
+) -> Result<C> {
+    serde_json::from_value(config.clone())
+        .map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

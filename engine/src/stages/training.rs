@@ -17,8 +17,17 @@ use crate::train::{AdamW, AdamWConfig, ClipConfig, Decay, ParamGroupConfig, Sche
 const HEAD_GLOBS: &[&str] = &["classifier.*", "lm_head.*"];
 
 impl Trainer for Session {
-    fn train(&self, model: &mut WorkingModel, settings: &TrainSettings, ctx: &StageContext) -> Result<TrainSummary> {
-        let freeze = settings.freeze.iter().map(|g| compile_glob(g)).collect::<Result<Vec<_>>>()?;
+    fn train(
+        &self,
+        model: &mut WorkingModel,
+        settings: &TrainSettings,
+        ctx: &StageContext,
+    ) -> Result<TrainSummary> {
+        let freeze = settings
+            .freeze
+            .iter()
+            .map(|g| compile_glob(g))
+            .collect::<Result<Vec<_>>>()?;
         let names = model.store.names();
         let unmatched_freeze_globs = settings
             .freeze
@@ -36,7 +45,12 @@ impl Trainer for Session {
         if stop == StopReason::Cancelled {
             return Err(EngineError::Cancelled);
         }
-        Ok(TrainSummary { steps, final_loss, stopped_early: stop == StopReason::EarlyStopped, unmatched_freeze_globs })
+        Ok(TrainSummary {
+            steps,
+            final_loss,
+            stopped_early: stop == StopReason::EarlyStopped,
+            unmatched_freeze_globs,
+        })
     }
 }
 
@@ -58,22 +72,55 @@ impl Session {
                 groups: head_groups(settings.head_learning_rate),
                 ..AdamWConfig::default()
             },
-            schedule: ScheduleConfig { decay: Decay::Linear, warmup_steps: None, warmup_ratio: Some(settings.warmup_ratio) },
-            clip: ClipConfig { max_norm: settings.grad_clip_norm, max_value: None },
+            schedule: ScheduleConfig {
+                decay: Decay::Linear,
+                warmup_steps: None,
+                warmup_ratio: Some(settings.warmup_ratio),
+            },
+            clip: ClipConfig {
+                max_norm: settings.grad_clip_norm,
+                max_value: None,
+            },
             eval_each_epoch: settings.early_stopping_patience.is_some(),
             early_stopping: settings
                 .early_stopping_patience
-                .map(|patience| EarlyStopping { patience, min_delta: 0.0, higher_is_better }),
+                .map(|patience| EarlyStopping {
+                    patience,
+                    min_delta: 0.0,
+                    higher_is_better,
+                }),
             seed: self.spec.seed.wrapping_add(ctx.index as u64),
             ..TrainConfig::default()
         };
         let mut optimizer = AdamW::new(model.store.trainable_vars(), config.optimizer.clone())?;
-        let trainer = LoopTrainer::new(config, self.device.clone(), self.encoder.pad_id(), ctx.cancel)?;
+        let trainer = LoopTrainer::new(
+            config,
+            self.device.clone(),
+            self.encoder.pad_id(),
+            ctx.cancel,
+        )?;
         let (train, validation) = self.splits();
-        let mut hooks = StageHooks { session: self, built: &built, masks: model.masks(), store: model, validation, ctx };
+        let mut hooks = StageHooks {
+            session: self,
+            built: &built,
+            masks: model.masks(),
+            store: model,
+            validation,
+            ctx,
+        };
         let report = match &built {
-            BuiltModel::Classifier(m) => trainer.run(&SequenceClassificationTask { model: m }, &mut optimizer, train, &mut hooks)?,
-            BuiltModel::Decoder(m) => trainer.run(&CausalLmTask { model: m }, &mut optimizer, train, &mut hooks)?,
+            BuiltModel::Classifier(m) => trainer.run(
+                &SequenceClassificationTask { model: m },
+                &mut optimizer,
+                train,
+                &mut hooks,
+            )?,
+            BuiltModel::Decoder(m) => trainer.run(
+                &CausalLmTask { model: m },
+                &mut optimizer,
+                train,
+                &mut hooks,
+            )?,
         };
         Ok((report.steps, report.final_loss, report.stop_reason))
     }
@@ -88,7 +135,14 @@ impl Session {
 
 fn head_groups(head_lr: Option<f64>) -> Vec<ParamGroupConfig> {
     let Some(lr) = head_lr else { return Vec::new() };
-    HEAD_GLOBS.iter().map(|g| ParamGroupConfig { pattern: (*g).to_string(), lr, weight_decay: None }).collect()
+    HEAD_GLOBS
+        .iter()
+        .map(|g| ParamGroupConfig {
+            pattern: (*g).to_string(),
+            lr,
+            weight_decay: None,
+        })
+        .collect()
 }
 
 /// Masks after each step, progress events, and the validation metric for early stopping.
@@ -130,12 +184,14 @@ impl TrainHooks for StageHooks<'_> {
         let metric = match (self.built, &self.session.data) {
             (BuiltModel::Classifier(m), TaskData::Classification(d)) => {
                 let task = SequenceClassificationTask { model: m };
-                evaluate_classifier(&task, self.validation, 32, pad, device, d.labels.len())?.accuracy
+                evaluate_classifier(&task, self.validation, 32, pad, device, d.labels.len())?
+                    .accuracy
             }
-            (BuiltModel::Decoder(m), _) => evaluate_lm(&CausalLmTask { model: m }, self.validation, 4, pad, device)?.0,
+            (BuiltModel::Decoder(m), _) => {
+                evaluate_lm(&CausalLmTask { model: m }, self.validation, 4, pad, device)?.0
+            }
             _ => return Ok(None),
         };
         Ok(Some(metric))
     }
 }
-
