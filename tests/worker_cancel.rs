@@ -28,6 +28,7 @@ async fn a_running_job_is_cancelled_within_a_second() {
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(compressd::scheduler::run(
         Arc::clone(&store),
+        scheduler_support::local_artifacts(dir.path()),
         settings,
         SchedulerMetrics::default(),
         shutdown.clone(),

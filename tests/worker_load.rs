@@ -55,6 +55,7 @@ async fn drain(store: SharedStore, dir: &std::path::Path, workers: usize, jobs: 
     for _ in 0..workers {
         let ctx = Arc::new(WorkerContext::new(
             Arc::clone(&store),
+            scheduler_support::local_artifacts(dir),
             store.hub().clone(),
             settings(dir),
             metrics.clone(),

@@ -1,5 +1,6 @@
 //! The command line: `serve`, `worker`, `migrate`, `run`, `openapi`.
 
+pub mod progress;
 pub mod run;
 
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::ArtifactStore;
 use crate::error::{Error, Result};
 use crate::scheduler::{self, SchedulerMetrics, WorkerSettings};
 use crate::settings::Settings;
@@ -98,8 +100,10 @@ async fn worker(settings: &Settings) -> Result<()> {
         server::shutdown_signal().await;
         stop.cancel();
     });
+    let artifacts = ArtifactStore::from_settings(settings)?;
     scheduler::run(
         store,
+        artifacts,
         worker_settings,
         SchedulerMetrics::default(),
         shutdown,
@@ -120,6 +124,7 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
         let (store, metrics) = (state.store.clone(), state.metrics.scheduler.clone());
         Some(tokio::spawn(scheduler::run(
             store,
+            state.artifacts.clone(),
             worker_settings,
             metrics,
             shutdown.clone(),

@@ -12,6 +12,7 @@ use compressd_engine::pipeline::{Event, PipelineInputs};
 use compressd_engine::spec::{JobSpec, Violation};
 use compressd_engine::stages::run_job;
 
+use super::progress::ProgressView;
 use crate::error::{Error, Result};
 use crate::job_spec;
 
@@ -82,10 +83,8 @@ pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
     // No server, no cancel endpoint: Ctrl-C ends the process, and a rerun resumes from the
     // checkpoint the pipeline writes after every finished stage.
     let cancel = AtomicBool::new(false);
-    let progress = |event: Event| match serde_json::to_string(&event) {
-        Ok(line) => eprintln!("{line}"),
-        Err(e) => tracing::warn!(error = %e, "progress event not serializable"),
-    };
+    let view = ProgressView::for_stderr();
+    let progress = |event: Event| view.show(event);
     let result = run_job(spec, &inputs, Device::Cpu, out, &progress, &cancel)?;
     println!(
         "done: final model in {}, best in {}, acceptance met: {}",

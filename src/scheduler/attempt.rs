@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::forward::{is_lease_lost, Forwarder};
-use super::protocol::{ChildMessage, ExecInputs, ExecRequest};
+use super::protocol::{ChildMessage, ExecRequest, OutputFile};
+use super::publish::publish;
 use super::runner::{ChildCommand, ChildOutcome, RunningChild, StopReason};
 use super::WorkerContext;
 use crate::error::Result;
@@ -101,6 +102,14 @@ async fn supervise(
             }
         }
     };
+    let outcome = match outcome {
+        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result, outputs }))
+            if !outputs.is_empty() =>
+        {
+            Ok(publish_outputs(ctx, job, lease, result, &outputs).await)
+        }
+        other => other,
+    };
     keeper.abort();
     outcome.map_err(|e| crate::error::Error::io(&command.program, e))
 }
@@ -156,34 +165,13 @@ async fn wait_for_cancel_notice(notices: &mut broadcast::Receiver<Notice>, job_i
 
 /// The `compressd exec` command for `job`, with its inputs resolved to local paths.
 async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
-    let inputs = ExecInputs {
-        model: match job.model_id {
-            Some(id) => ctx
-                .store
-                .get_model(id)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|m| local_path(&m.uri)),
-            None => None,
-        },
-        dataset: match job.dataset_id {
-            Some(id) => ctx
-                .store
-                .get_dataset(id)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|d| local_path(&d.uri)),
-            None => None,
-        },
-    };
+    let inputs = super::inputs::resolve(ctx, job).await?;
     let request = ExecRequest {
         job_id: job.id,
         attempt: job.attempt,
         spec: job.spec.clone(),
         inputs,
-        work_dir: ctx.settings.work_dir.join(job.id.to_string()),
+        work_dir: work_dir(ctx, job),
     };
     let stdin =
         serde_json::to_vec(&request).map_err(|e| crate::error::Error::Corrupt(e.to_string()))?;
@@ -200,16 +188,51 @@ async fn child_command(ctx: &WorkerContext, job: &Job) -> Result<ChildCommand> {
     })
 }
 
-/// A local path for an input URI: `file://` URLs and plain absolute paths. Inputs in remote
-/// object storage are not fetched yet, so they resolve to nothing (the child then fails the job).
-fn local_path(uri: &str) -> Option<PathBuf> {
-    if let Ok(url) = url::Url::parse(uri) {
-        return (url.scheme() == "file")
-            .then(|| url.to_file_path().ok())
-            .flatten();
+/// The job's work folder on this machine; it outlives an attempt so the next one can resume.
+fn work_dir(ctx: &WorkerContext, job: &Job) -> PathBuf {
+    ctx.settings.work_dir.join(job.id.to_string())
+}
+
+/// Publishes a successful run's outputs while the lease is still kept alive, and turns the
+/// verdict into the one to record: the result gains the committed `artifacts`; a failed upload
+/// becomes a retryable failure, a lost lease a lost attempt.
+async fn publish_outputs(
+    ctx: &WorkerContext,
+    job: &Job,
+    lease: &Lease,
+    mut result: serde_json::Value,
+    outputs: &[OutputFile],
+) -> ChildOutcome {
+    match publish(ctx, lease, &work_dir(ctx, job), outputs).await {
+        Ok(artifacts) => {
+            if let Some(object) = result.as_object_mut() {
+                object.insert("artifacts".into(), artifacts.into());
+            }
+            ChildOutcome::Reported(ChildMessage::Succeeded {
+                result,
+                outputs: Vec::new(),
+            })
+        }
+        Err(error) if is_lease_lost(&error) => ChildOutcome::Stopped(StopReason::LeaseLost),
+        Err(error) => {
+            tracing::warn!(%error, "could not publish the job's outputs");
+            ChildOutcome::Reported(ChildMessage::Failed {
+                code: "publish_failed".into(),
+                message: format!("the outputs could not be stored: {error}"),
+                retryable: true,
+            })
+        }
     }
-    let path = PathBuf::from(uri);
-    path.is_absolute().then_some(path)
+}
+
+/// Removes a finished job's work folder: its outputs are in the artifact store now, and no
+/// attempt will resume from its checkpoints.
+async fn remove_work_dir(dir: PathBuf) {
+    match tokio::fs::remove_dir_all(&dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!(%error, dir = %dir.display(), "work folder left behind"),
+    }
 }
 
 /// Records how the attempt ended; returns a label for metrics: the job's new status, `lease_lost`
@@ -222,7 +245,7 @@ async fn record(
 ) -> &'static str {
     let backoff = retry_backoff(ctx.settings.retry_backoff, job.attempt + 1);
     let attempt_outcome = match outcome {
-        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result })) => {
+        Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result, .. })) => {
             AttemptOutcome::Succeeded { result }
         }
         Ok(ChildOutcome::Reported(ChildMessage::Failed {
@@ -287,6 +310,9 @@ async fn record(
     match ctx.store.finish_attempt(lease, attempt_outcome).await {
         Ok(status) => {
             tracing::info!(%status, "attempt finished");
+            if status.is_finished() {
+                remove_work_dir(work_dir(ctx, job)).await;
+            }
             status.as_str()
         }
         Err(error) if is_lease_lost(&error) => {

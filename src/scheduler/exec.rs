@@ -6,7 +6,7 @@
 //! can do no harm (and exits at its next message, when its stdout is gone).
 //!
 //! A dry run validates the spec, checks the inputs and plans each stage ([`super::plan`]). A real
-//! run goes through [`run_pipeline`], the single place where the engine's pipeline is called.
+//! run goes through [`super::engine_run`], the single place where the worker calls the engine.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -82,7 +82,7 @@ fn run_request(request: &ExecRequest, out: &mut impl Write) -> std::io::Result<C
     if spec.dry_run {
         dry_run(request, &spec, out)
     } else {
-        Ok(run_pipeline(request, &spec, out))
+        super::engine_run::run_pipeline(request, &spec, out)
     }
 }
 
@@ -130,7 +130,10 @@ fn dry_run(
     if resumed_from_step > 0 {
         result["plan"]["resumed_from_step"] = resumed_from_step.into();
     }
-    Ok(ChildMessage::Succeeded { result })
+    Ok(ChildMessage::Succeeded {
+        result,
+        outputs: Vec::new(),
+    })
 }
 
 /// The test hook's setting; always `None` in release builds.
@@ -171,19 +174,6 @@ fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::
         .write_line(out)?;
     }
     Ok(start)
-}
-
-/// Runs the job's pipeline on the engine. This is the one call site the engine's pipeline
-/// (`compressd_engine::stages::run_job`, already driven by `compressd run`) is to be wired into,
-/// together with fetching inputs and committing artifacts; until then every real run fails here,
-/// without retry, naming the first stage.
-fn run_pipeline(_request: &ExecRequest, spec: &JobSpec, _out: &mut impl Write) -> ChildMessage {
-    let stage = spec.pipeline.first().map_or("pipeline", |s| s.type_name());
-    failed(
-        "stage_not_implemented",
-        format!("stage `{stage}`: the worker does not run engine pipelines yet in this build; run the spec locally with `compressd run`"),
-        false,
-    )
 }
 
 #[cfg(test)]

@@ -10,15 +10,20 @@
 //! - [`worker`]: the claim loop (woken by queue notices, polling as fallback).
 //! - [`attempt`]: one claimed attempt: child, heartbeats, cancel, outcome; [`forward`]: its writes.
 //! - [`runner`]: spawning and stopping the child; [`protocol`]: what it says; [`exec`]: the child.
+//! - [`exec`]: the child's entry; [`engine_run`]: its real run on the engine.
+//! - [`inputs`]: a job's model and dataset as local paths; [`publish`]: its outputs as artifacts.
 //! - [`plan`]: what a dry run computes.
 //! - [`reaper`]: expired leases back to the queue, or failed after `max_attempts`.
 
 pub mod attempt;
+pub mod engine_run;
 pub mod exec;
 pub mod forward;
+pub mod inputs;
 pub mod metrics;
 pub mod plan;
 pub mod protocol;
+pub mod publish;
 pub mod reaper;
 pub mod runner;
 pub mod worker;
@@ -30,6 +35,7 @@ use std::time::Duration;
 pub use metrics::SchedulerMetrics;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::ArtifactStore;
 use crate::events::hub::EventHub;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -116,6 +122,8 @@ impl WorkerSettings {
 pub struct WorkerContext {
     /// The store.
     pub store: Arc<dyn Store>,
+    /// Where registered inputs are read from and job outputs are published to.
+    pub artifacts: ArtifactStore,
     /// The process's notification hub.
     pub hub: EventHub,
     /// Settings.
@@ -130,12 +138,14 @@ impl WorkerContext {
     /// A context with a fresh owner id.
     pub fn new(
         store: Arc<dyn Store>,
+        artifacts: ArtifactStore,
         hub: EventHub,
         settings: WorkerSettings,
         metrics: SchedulerMetrics,
     ) -> Self {
         Self {
             store,
+            artifacts,
             hub,
             settings,
             owner: new_owner_id(),
@@ -148,12 +158,13 @@ impl WorkerContext {
 /// stop (their jobs go back to the queue).
 pub async fn run(
     store: Arc<dyn Store>,
+    artifacts: ArtifactStore,
     settings: WorkerSettings,
     metrics: SchedulerMetrics,
     shutdown: CancellationToken,
 ) {
     let hub = store.hub().clone();
-    let ctx = Arc::new(WorkerContext::new(store, hub, settings, metrics));
+    let ctx = Arc::new(WorkerContext::new(store, artifacts, hub, settings, metrics));
     let reaper = tokio::spawn(reaper::run_reaper(Arc::clone(&ctx), shutdown.clone()));
     worker::run_worker(ctx, shutdown).await;
     // The reaper only stops on shutdown; a join error would mean it panicked, already logged.

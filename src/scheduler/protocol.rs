@@ -42,6 +42,20 @@ pub struct ExecInputs {
     pub dataset: Option<PathBuf>,
 }
 
+/// A file the child produced, to be published by the worker as one of the job's artifacts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputFile {
+    /// The artifact's name, unique within the job; `/` groups files of a folder (`model/…`).
+    pub name: String,
+    /// Where the file is, relative to the request's `work_dir`.
+    pub path: PathBuf,
+    /// `model`, `report`, `checkpoint` or `log`.
+    pub kind: String,
+    /// `safetensors`, `gguf`, `json`, `markdown`, `text`…
+    pub format: String,
+}
+
 /// One message from the child to its worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -92,10 +106,14 @@ pub enum ChildMessage {
         /// The stage's report (metrics, sizes, timings).
         report: serde_json::Value,
     },
-    /// The job succeeded; `result` becomes the job's result.
+    /// The job succeeded; `result` becomes the job's result once the worker has published
+    /// `outputs` as the job's artifacts.
     Succeeded {
         /// The job's result object.
         result: serde_json::Value,
+        /// Files of the work folder to publish as artifacts (none for a dry run).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        outputs: Vec<OutputFile>,
     },
     /// The job failed. `retryable` is false when the job itself is at fault (bad input, a
     /// stage that does not exist): running it again would fail the same way.
@@ -190,7 +208,8 @@ mod tests {
     #[test]
     fn only_succeeded_and_failed_are_terminal() {
         assert!(ChildMessage::Succeeded {
-            result: serde_json::json!({})
+            result: serde_json::json!({}),
+            outputs: Vec::new(),
         }
         .is_terminal());
         assert!(!ChildMessage::Log {

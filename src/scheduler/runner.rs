@@ -348,7 +348,8 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
         assert_eq!(
             outcome,
             ChildOutcome::Reported(ChildMessage::Succeeded {
-                result: serde_json::json!({"metrics": {}})
+                result: serde_json::json!({"metrics": {}}),
+                outputs: Vec::new(),
             })
         );
     }

@@ -198,10 +198,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Records an artifact of the leased attempt, fenced like every worker write: it is recorded
     /// only while (job, attempt, lease owner) still hold the running job, so a reclaimed or
     /// cancelled attempt never leaves a visible artifact. The artifact's job and attempt are the
-    /// lease's.
+    /// lease's. An artifact of the same name left by an earlier attempt (one that died while
+    /// publishing) is replaced: the job's artifacts are those of the attempt that last wrote them.
     ///
     /// # Errors
-    /// [`Error::LeaseLost`]; [`Error::Conflict`] when the job already has an artifact of that name.
+    /// [`Error::LeaseLost`]; [`Error::Conflict`] when this attempt already has an artifact of
+    /// that name.
     async fn commit_artifact(&self, lease: &Lease, artifact: &Artifact) -> Result<()>;
 
     /// How many jobs are in each status (statuses with none are left out).

@@ -100,6 +100,24 @@ pub struct JobResult {
     pub metrics: Value,
     /// Whether the acceptance bar was kept; `null` when the spec set none.
     pub acceptance_met: Option<bool>,
+    /// The stage whose model is kept as `best` (the last one that kept the contract), e.g.
+    /// `1-prune`, or `baseline`; absent for dry runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<String>,
+    /// The stage whose model is the final one.
+    #[serde(default, rename = "final", skip_serializing_if = "Option::is_none")]
+    pub final_stage: Option<String>,
+    /// The stage the contract is measured against (`baseline`, or the last leading fine-tune).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Per stage: `label`, `acceptance_met`, `wall_seconds`, `peak_memory_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub stages: Option<Value>,
+    /// The published artifacts: `name`, `kind`, `format`, `bytes`, `sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub artifacts: Option<Value>,
     /// A dry run's plan: per-stage time and peak-memory estimates; absent for real runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]

@@ -121,3 +121,15 @@ pub fn terminal_count(events: &[JobEvent]) -> usize {
 
 /// The store, shared.
 pub type SharedStore = Arc<dyn Store>;
+
+/// An artifact store in a folder under `dir` (what a worker publishes to and reads inputs from).
+pub fn local_artifacts(dir: &Path) -> compressd::artifacts::ArtifactStore {
+    compressd::artifacts::ArtifactStore::open(&compressd::artifacts::StoreConfig {
+        url: None,
+        default_dir: dir.join("artifacts"),
+        s3: compressd::artifacts::S3Config::default(),
+        part_size_bytes: compressd::artifacts::MIN_PART_SIZE,
+        max_inflight_parts: 2,
+    })
+    .unwrap()
+}

@@ -286,7 +286,10 @@ pub(super) async fn commit_artifact(
     let sql = format!(
         "WITH fence AS (SELECT id FROM jobs WHERE {FENCE} FOR UPDATE) \
          INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
-         SELECT id, $2, $4, $5, $6, $7, $8, $9, $10 FROM fence"
+         SELECT id, $2, $4, $5, $6, $7, $8, $9, $10 FROM fence \
+         ON CONFLICT (job_id, name) DO UPDATE SET attempt = EXCLUDED.attempt, kind = EXCLUDED.kind, \
+         format = EXCLUDED.format, bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256, uri = EXCLUDED.uri, \
+         created_at = EXCLUDED.created_at WHERE artifacts.attempt < EXCLUDED.attempt"
     );
     let done = sqlx::query(&sql)
         .bind(lease.job_id)
@@ -310,7 +313,22 @@ pub(super) async fn commit_artifact(
             })
         })?;
     if done.rows_affected() == 0 {
-        return Err(lease_lost(lease));
+        // Nothing written: either the lease is gone or this attempt already has the name.
+        let held = sqlx::query(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
+            .bind(lease.job_id)
+            .bind(lease.attempt)
+            .bind(&lease.owner)
+            .fetch_optional(pool)
+            .await?
+            .is_some();
+        return Err(if held {
+            Error::Conflict(format!(
+                "job {} already has an artifact named {}",
+                lease.job_id, artifact.name
+            ))
+        } else {
+            lease_lost(lease)
+        });
     }
     Ok(())
 }

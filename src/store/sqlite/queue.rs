@@ -301,7 +301,10 @@ pub(super) async fn commit_artifact(
 ) -> Result<()> {
     let sql = format!(
         "INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
-         SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE})"
+         SELECT ?1, ?2, ?4, ?5, ?6, ?7, ?8, ?9, ?10 WHERE EXISTS (SELECT 1 FROM jobs WHERE {FENCE}) \
+         ON CONFLICT (job_id, name) DO UPDATE SET attempt = excluded.attempt, kind = excluded.kind, \
+         format = excluded.format, bytes = excluded.bytes, sha256 = excluded.sha256, uri = excluded.uri, \
+         created_at = excluded.created_at WHERE artifacts.attempt < excluded.attempt"
     );
     let done = sqlx::query(&sql)
         .bind(lease.job_id.to_string())
@@ -325,7 +328,22 @@ pub(super) async fn commit_artifact(
             })
         })?;
     if done.rows_affected() == 0 {
-        return Err(lease_lost(lease));
+        // Nothing written: either the lease is gone or this attempt already has the name.
+        let held = sqlx::query(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
+            .bind(lease.job_id.to_string())
+            .bind(lease.attempt)
+            .bind(&lease.owner)
+            .fetch_optional(pool)
+            .await?
+            .is_some();
+        return Err(if held {
+            Error::Conflict(format!(
+                "job {} already has an artifact named {}",
+                lease.job_id, artifact.name
+            ))
+        } else {
+            lease_lost(lease)
+        });
     }
     Ok(())
 }

@@ -1,0 +1,119 @@
+//! Publishing a finished attempt's outputs as the job's artifacts.
+//!
+//! Each file of the child's `outputs` is streamed from the work folder into the artifact store
+//! under `jobs/{id}/attempt-{n}/{name}` (the upload becomes visible only once complete, see
+//! [`crate::artifacts::ObjectWriter`]) and then recorded with a fenced commit, so an attempt that
+//! lost its lease publishes nothing visible; its uploaded objects become orphans for the sweeper.
+
+use std::path::{Component, Path};
+
+use bytes::BytesMut;
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+use super::protocol::OutputFile;
+use super::WorkerContext;
+use crate::error::{Error, Result};
+use crate::store::{Artifact, Lease};
+
+/// Bytes read from a file per write to the store.
+const READ_CHUNK: usize = 8 << 20;
+
+/// Uploads and commits every output; returns the committed artifacts (name, kind, format, bytes,
+/// sha256) for the job's result.
+///
+/// # Errors
+/// [`Error::LeaseLost`] when the attempt no longer holds the job; I/O and store errors (another
+/// attempt may succeed).
+pub async fn publish(
+    ctx: &WorkerContext,
+    lease: &Lease,
+    work_dir: &Path,
+    outputs: &[OutputFile],
+) -> Result<Vec<serde_json::Value>> {
+    let mut published = Vec::with_capacity(outputs.len());
+    for output in outputs {
+        let path = inside(work_dir, &output.path)?;
+        let key = format!(
+            "jobs/{}/attempt-{}/{}",
+            lease.job_id, lease.attempt, output.name
+        );
+        let written = upload(ctx, &path, &key).await?;
+        let artifact = Artifact {
+            job_id: lease.job_id,
+            attempt: lease.attempt,
+            name: output.name.clone(),
+            kind: output.kind.clone(),
+            format: output.format.clone(),
+            bytes: i64::try_from(written.bytes).unwrap_or(i64::MAX),
+            sha256: written.sha256,
+            uri: key,
+            // Both databases keep microseconds.
+            created_at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
+        };
+        ctx.store.commit_artifact(lease, &artifact).await?;
+        published.push(json!({
+            "name": artifact.name,
+            "kind": artifact.kind,
+            "format": artifact.format,
+            "bytes": artifact.bytes,
+            "sha256": artifact.sha256,
+        }));
+    }
+    Ok(published)
+}
+
+/// `relative` under `work_dir`; the child names only files inside its work folder.
+fn inside(work_dir: &Path, relative: &Path) -> Result<std::path::PathBuf> {
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
+    if !plain {
+        return Err(Error::Corrupt(format!(
+            "the job's process named an output outside its work folder: {}",
+            relative.display()
+        )));
+    }
+    Ok(work_dir.join(relative))
+}
+
+async fn upload(ctx: &WorkerContext, path: &Path, key: &str) -> Result<crate::artifacts::WrittenObject> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::io(path, e))?;
+    let mut writer = ctx.artifacts.writer(key).await?;
+    loop {
+        let mut chunk = BytesMut::with_capacity(READ_CHUNK);
+        while chunk.len() < READ_CHUNK {
+            let read = file
+                .read_buf(&mut chunk)
+                .await
+                .map_err(|e| Error::io(path, e))?;
+            if read == 0 {
+                break;
+            }
+        }
+        if chunk.is_empty() {
+            break;
+        }
+        // A failed write drops the writer, which aborts the upload.
+        writer.write(chunk.freeze()).await?;
+    }
+    writer.finish().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_must_stay_inside_the_work_folder() {
+        let work = Path::new("/work/job");
+        assert_eq!(
+            inside(work, Path::new("final/model.safetensors")).unwrap(),
+            Path::new("/work/job/final/model.safetensors")
+        );
+        assert!(inside(work, Path::new("../other/secret")).is_err());
+        assert!(inside(work, Path::new("/etc/passwd")).is_err());
+    }
+}
