@@ -90,6 +90,11 @@ pub enum Error {
         limit: u64,
     },
 
+    /// A remote source of a referenced input (the Hugging Face Hub) failed or could not be
+    /// reached; the message says which and is safe to show.
+    #[error("{0}")]
+    Upstream(String),
+
     /// The client's request body broke off or was not well-formed multipart.
     #[error("the upload could not be read: {0}")]
     BadUpload(String),

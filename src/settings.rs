@@ -100,8 +100,20 @@ pub struct Settings {
     pub orphan_sweep_age_secs: u64,
     /// Seconds between orphan sweeps; 0 turns the sweeper off.
     pub orphan_sweep_interval_secs: u64,
-    /// Never contact the Hugging Face Hub for `hf://` references: serve them from the local cache only.
-    pub hf_offline: bool,
+    /// Never contact the Hugging Face Hub for `hf://` references: serve them from the local cache
+    /// only. Unset: `HF_HUB_OFFLINE`.
+    #[serde(default)]
+    pub hf_offline: Option<bool>,
+    /// Base URL of the Hugging Face Hub (or a mirror); unset: `HF_ENDPOINT`, else huggingface.co.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub hf_endpoint: Option<String>,
+    /// The Hugging Face cache folder; unset: `HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`.
+    #[serde(default)]
+    pub hf_cache_dir: Option<PathBuf>,
+    /// Token for private or gated repositories (redacted in logs); unset: `HF_TOKEN`, else the
+    /// cache's `token` file.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub hf_token: Option<String>,
 }
 
 /// Log line formats.
@@ -360,6 +372,9 @@ impl fmt::Debug for Settings {
                 &self.orphan_sweep_interval_secs,
             )
             .field("hf_offline", &self.hf_offline)
+            .field("hf_endpoint", &self.hf_endpoint)
+            .field("hf_cache_dir", &self.hf_cache_dir)
+            .field("hf_token", &self.hf_token.as_ref().map(|_| "***"))
             .finish()
     }
 }

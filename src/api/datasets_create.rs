@@ -1,7 +1,7 @@
 //! `POST /v1/datasets`: register a dataset by multipart upload — optional `name`, `format`
 //! (`jsonl|csv|text`, else inferred from the filename), `text_field`, `label_field` and `strict`
 //! parts, sent *before* the one `file` part so the file can be checked while it streams — or by
-//! JSON reference (`{"uri": "file://…" | "s3://…", …same options}`).
+//! JSON reference (`{"uri": "file://…" | "s3://…" | "hf://datasets/…", …same options}`).
 
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::LOCATION;
@@ -15,11 +15,13 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::datasets::DatasetView;
-use super::models_create::{body_kind, read_json, text_part, BodyKind};
+use super::models_create::{
+    about_uri, body_kind, read_json, resolve_reference, text_part, BodyKind,
+};
 use crate::api::error::{ApiError, Problem};
 use crate::api::state::AppState;
 use crate::artifacts::ingest::{ingest, Budget, PendingPrefix};
-use crate::artifacts::sources;
+use crate::artifacts::sources::InputKind;
 use crate::error::{Error, Result};
 use crate::inputs::model::check_file_name;
 use crate::inputs::{DatasetFormat, DatasetInspector, DatasetOptions, DatasetSummary, Rejection};
@@ -31,7 +33,10 @@ use crate::store::Dataset;
 pub struct DatasetReference {
     /// Display name; defaults to the file name.
     pub name: Option<String>,
-    /// `file:///…` (under `allowed_file_roots`) or `s3://bucket/key`: one file.
+    /// One file: `file:///…` (under `allowed_file_roots`), `s3://bucket/key`, or on the Hugging
+    /// Face Hub `hf://datasets/org/name[@revision][/path]` (a dataset repository; `hf://org/name/…`
+    /// reads a model repository). `path` names the file, or a folder holding exactly one
+    /// `.jsonl`, `.csv` or `.txt` file; without it the repository must hold exactly one.
     #[serde(default)]
     pub uri: String,
     /// `jsonl`, `csv` or `text`; inferred from the file name when absent.
@@ -53,7 +58,8 @@ pub struct DatasetReference {
         (status = 400, description = "Broken upload or malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over dataset_upload_max_bytes", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Neither multipart/form-data nor JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The dataset failed validation", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The dataset failed validation, or the reference names nothing usable (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Hugging Face Hub failed or could not be reached (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_dataset(
     State(state): State<AppState>,
@@ -66,7 +72,9 @@ pub async fn create_dataset(
             let multipart = Multipart::from_request(request, &state)
                 .await
                 .map_err(|e| ApiError::bad_request("bad-upload", e.body_text()))?;
-            read_upload(&state, id, multipart).await
+            read_upload(&state, id, multipart)
+                .await
+                .map_err(ApiError::from)
         }
         BodyKind::Json => {
             let reference: DatasetReference =
@@ -75,14 +83,14 @@ pub async fn create_dataset(
         }
     };
     let dataset = match received {
-        Ok(received) => commit(&state, id, received).await,
+        Ok(received) => commit(&state, id, received).await.map_err(ApiError::from),
         Err(error) => Err(error),
     };
     let dataset = match dataset {
         Ok(dataset) => dataset,
         Err(error) => {
             pending.discard().await;
-            return Err(error.into());
+            return Err(error);
         }
     };
     pending.keep();
@@ -161,29 +169,39 @@ fn parse_bool(raw: &str) -> Result<bool> {
     }
 }
 
-async fn read_reference(state: &AppState, id: Uuid, request: DatasetReference) -> Result<Received> {
-    let inputs = &state.config.inputs;
-    let reference = sources::parse_reference(&request.uri, &inputs.allowed_file_roots)?;
-    let files = sources::list_files(&reference, &inputs.allowed_file_roots, &inputs.store).await?;
+async fn read_reference(
+    state: &AppState,
+    id: Uuid,
+    request: DatasetReference,
+) -> std::result::Result<Received, ApiError> {
+    let files = resolve_reference(state, &request.uri, InputKind::Dataset)
+        .await
+        .map_err(about_uri)?;
     let [file] = files.as_slice() else {
-        return Err(Rejection::new(
+        let many = Rejection::new(
             "invalid-dataset",
             format!(
                 "{} holds {} files; a dataset is one file",
                 request.uri,
                 files.len()
             ),
-        )
-        .into());
+        );
+        return Err(about_uri(many.into()));
     };
+    let limit = state.config.inputs.dataset_upload_max_bytes;
+    // Refuse before downloading when the source already says the file is too large.
+    if file.size.is_some_and(|bytes| bytes > limit) {
+        let what = "dataset upload";
+        return Err(Error::TooLarge { what, limit }.into());
+    }
     let file_name = file
         .name
         .rsplit('/')
         .next()
         .unwrap_or(&file.name)
         .to_owned();
-    let (key, file_name, summary) =
-        store_file(state, id, &file_name, file.open().await?, &request).await?;
+    let source = file.open().await.map_err(about_uri)?;
+    let (key, file_name, summary) = store_file(state, id, &file_name, source, &request).await?;
     Ok(Received {
         request,
         key,

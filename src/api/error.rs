@@ -177,6 +177,15 @@ impl ApiError {
         }])
     }
 
+    /// The same error, naming the request field it is about (`/uri`) as its JSON pointer.
+    pub fn at_pointer(mut self, pointer: impl Into<String>) -> Self {
+        self.errors = vec![FieldError {
+            pointer: pointer.into(),
+            detail: self.detail.clone(),
+        }];
+        self
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -231,6 +240,12 @@ impl From<Error> for ApiError {
                 "body-too-large",
                 "Request body too large",
                 error.to_string(),
+            ),
+            Error::Upstream(detail) => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream-failed",
+                "A remote source failed",
+                detail,
             ),
             Error::BadUpload(detail) => {
                 Self::new(StatusCode::BAD_REQUEST, "bad-upload", "Bad upload", detail)

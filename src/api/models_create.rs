@@ -1,5 +1,5 @@
 //! `POST /v1/models`: register a model by multipart upload (parts `file`, repeatable, and an
-//! optional `name`) or by JSON reference (`{"name": …, "uri": "file://…" | "s3://…"}`).
+//! optional `name`) or by JSON reference (`{"name": …, "uri": "file://…" | "s3://…" | "hf://…"}`).
 //! Nothing is answered before the files are checked; a refused model leaves no files behind.
 
 use axum::extract::multipart::Field;
@@ -14,7 +14,7 @@ use super::models::ModelView;
 use super::models_register::ModelRegistration;
 use crate::api::error::{ApiError, Problem};
 use crate::api::state::AppState;
-use crate::artifacts::sources;
+use crate::artifacts::sources::{self, InputKind, SourceConfig, SourceFile};
 use crate::error::{Error, Result};
 use crate::inputs::Rejection;
 
@@ -27,7 +27,11 @@ const MAX_TEXT_PART: usize = 1024;
 pub struct ModelReference {
     /// Display name; defaults to the last part of the URI.
     pub name: Option<String>,
-    /// `file:///…` (under `allowed_file_roots`) or `s3://bucket/folder/`.
+    /// Where the model folder is: `file:///…` (under `allowed_file_roots`), `s3://bucket/folder/`,
+    /// or `hf://org/name[@revision][/path]` on the Hugging Face Hub (revision default `main`;
+    /// `path` a sub-folder or one `.gguf` file). From a Hub repository only the weights
+    /// (`*.safetensors` with their index, or the one `.gguf`) and the config and tokenizer files
+    /// beside them are downloaded.
     pub uri: String,
 }
 
@@ -39,7 +43,8 @@ pub struct ModelReference {
         (status = 400, description = "Broken upload or malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over model_upload_max_bytes", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Neither multipart/form-data nor JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The model failed validation", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The model failed validation, or the reference names nothing usable (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The Hugging Face Hub failed or could not be reached (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_model(
     State(state): State<AppState>,
@@ -54,20 +59,22 @@ pub async fn create_model(
             read_upload(&mut registration, multipart)
                 .await
                 .map(|name| (name, "upload".to_owned()))
+                .map_err(ApiError::from)
         }
         BodyKind::Json => {
             let reference: ModelReference =
                 read_json(request, state.config.json_body_limit_bytes).await?;
+            let name = reference.name.or_else(|| hf_name(&reference.uri));
             read_reference(&state, &mut registration, &reference.uri)
                 .await
-                .map(|()| (reference.name, reference.uri))
+                .map(|()| (name, reference.uri))
         }
     };
     let model = match received {
         Ok((name, source)) => registration.commit(&state, name, source).await?,
         Err(error) => {
             registration.abandon().await;
-            return Err(error.into());
+            return Err(error);
         }
     };
     let mut headers = HeaderMap::new();
@@ -194,12 +201,57 @@ async fn read_reference(
     state: &AppState,
     registration: &mut ModelRegistration,
     uri: &str,
-) -> Result<()> {
-    let inputs = &state.config.inputs;
-    let reference = sources::parse_reference(uri, &inputs.allowed_file_roots)?;
-    for file in sources::list_files(&reference, &inputs.allowed_file_roots, &inputs.store).await? {
-        let stream = file.open().await?;
+) -> std::result::Result<(), ApiError> {
+    let files = resolve_reference(state, uri, InputKind::Model)
+        .await
+        .map_err(about_uri)?;
+    let limit = state.config.inputs.model_upload_max_bytes;
+    // Refuse before downloading when the source already says the model is too large.
+    if files.iter().filter_map(|f| f.size).sum::<u64>() > limit {
+        let what = "model upload";
+        return Err(Error::TooLarge { what, limit }.into());
+    }
+    for file in files {
+        let stream = file.open().await.map_err(about_uri)?;
         registration.add_file(&file.name, stream).await?;
     }
     Ok(())
+}
+
+/// The default name of an `hf://` model: the repository's name without `@revision` (other
+/// sources take the last part of their URI when the record is committed).
+fn hf_name(uri: &str) -> Option<String> {
+    let reference = sources::hf::parse(uri).ok()?;
+    Some(reference.default_name())
+}
+
+/// The files a reference `uri` brings as a `kind` input.
+///
+/// # Errors
+/// As [`sources::parse_reference`] and [`sources::list_files`].
+pub(crate) async fn resolve_reference(
+    state: &AppState,
+    uri: &str,
+    kind: InputKind,
+) -> Result<Vec<SourceFile>> {
+    let inputs = &state.config.inputs;
+    let reference = sources::parse_reference(uri, &inputs.allowed_file_roots)?;
+    let config = SourceConfig {
+        allowed_roots: &inputs.allowed_file_roots,
+        store: &inputs.store,
+        hf: &inputs.hf,
+    };
+    sources::list_files(&reference, &config, kind).await
+}
+
+/// An error in reaching what a reference names, pointing at the request's `uri` field (an
+/// internal error keeps its generic answer).
+pub(crate) fn about_uri(error: Error) -> ApiError {
+    let error = ApiError::from(error);
+    let status = error.status();
+    if status.is_client_error() || status == StatusCode::BAD_GATEWAY {
+        error.at_pointer("/uri")
+    } else {
+        error
+    }
 }

@@ -43,6 +43,8 @@ pub struct InputsConfig {
     pub redirect_downloads: bool,
     /// Lifetime of presigned URLs.
     pub presigned_url_ttl: Duration,
+    /// How `hf://` references reach the Hugging Face Hub.
+    pub hf: crate::artifacts::sources::HfConfig,
 }
 
 impl InputsConfig {
@@ -55,6 +57,7 @@ impl InputsConfig {
             store: crate::artifacts::StoreConfig::from_settings(settings),
             redirect_downloads: settings.redirect_downloads,
             presigned_url_ttl: Duration::from_secs(settings.presigned_url_ttl_secs),
+            hf: crate::artifacts::sources::HfConfig::from_settings(settings),
         }
     }
 }

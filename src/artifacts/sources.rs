@@ -1,8 +1,14 @@
-//! Where referenced inputs come from: `file://` paths under the allowed roots, and `s3://`
-//! folders. A reference resolves to a list of files, each opened as a byte stream, so a
-//! referenced model goes through exactly the same checks and copy as an uploaded one.
+//! Where referenced inputs come from: `file://` paths under the allowed roots, `s3://`
+//! folders, and `hf://` repositories on the Hugging Face Hub ([`hf`]). A reference resolves to a
+//! list of files, each opened as a byte stream, so a referenced model goes through exactly the
+//! same checks and copy as an uploaded one.
+
+pub mod hf;
+mod hf_config;
+mod hf_select;
 
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
@@ -10,6 +16,9 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use super::{ArtifactStore, StoreConfig};
 use crate::error::{Error, Result};
 use crate::inputs::Rejection;
+
+pub use hf::{HfConfig, HfReference};
+pub use hf_select::InputKind;
 
 /// Most files one reference may bring (a model folder has a handful).
 const MAX_FILES: usize = 1000;
@@ -23,17 +32,41 @@ pub enum Reference {
     Local(PathBuf),
     /// An `s3://bucket/prefix` folder or object.
     S3(String),
+    /// A repository (and maybe a file or folder in it) on the Hugging Face Hub.
+    Hf(HfReference),
+}
+
+/// Where references may read from.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceConfig<'a> {
+    /// Folders `file://` references may point into.
+    pub allowed_roots: &'a [PathBuf],
+    /// Connection settings reused for `s3://` references.
+    pub store: &'a StoreConfig,
+    /// How `hf://` references reach the Hub and its cache.
+    pub hf: &'a HfConfig,
 }
 
 /// One file a reference brings, by its name inside the input.
 pub struct SourceFile {
+    /// Path inside the model folder (or the dataset's file name).
     pub name: String,
+    /// Bytes, when the source says before the file is read.
+    pub size: Option<u64>,
     location: Location,
 }
 
 enum Location {
     Local(PathBuf),
-    S3 { store: ArtifactStore, key: String },
+    S3 {
+        store: ArtifactStore,
+        key: String,
+    },
+    /// Fetched into the Hugging Face cache when opened, then read from there.
+    Hf {
+        snapshot: Arc<hf::HfSnapshot>,
+        path: String,
+    },
 }
 
 fn refuse(slug: &'static str, message: String) -> Error {
@@ -44,8 +77,12 @@ fn refuse(slug: &'static str, message: String) -> Error {
 ///
 /// # Errors
 /// [`Error::Rejected`]: `uri-not-allowed` for a `file://` outside `allowed_roots` or with `..`,
-/// `uri-not-found` for a path that does not exist, `invalid-uri` for other schemes.
+/// `uri-not-found` for a path that does not exist, `invalid-uri` for a malformed `hf://` or
+/// another scheme.
 pub fn parse_reference(uri: &str, allowed_roots: &[PathBuf]) -> Result<Reference> {
+    if uri.starts_with("hf://") {
+        return Ok(Reference::Hf(hf::parse(uri)?));
+    }
     if let Some(raw) = uri.strip_prefix("file://") {
         // `..` is refused outright, before any normalisation could hide it.
         if raw.split('/').any(|part| part == ".." || part == ".")
@@ -80,7 +117,7 @@ pub fn parse_reference(uri: &str, allowed_roots: &[PathBuf]) -> Result<Reference
     }
     Err(refuse(
         "invalid-uri",
-        format!("{uri} is not a file:// or s3:// URI"),
+        format!("{uri} is not a file://, s3:// or hf:// URI"),
     ))
 }
 
@@ -107,24 +144,27 @@ fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Re
     ))
 }
 
-/// Lists the files a reference brings, sorted by name.
+/// Lists the files a reference brings: everything under a `file://` or `s3://` location, sorted
+/// by name; for `hf://`, the files a `kind` input needs, small ones first.
 ///
 /// # Errors
-/// [`Error::Rejected`] when it holds no files or too many, or a symlink leads outside the
-/// allowed roots; [`Error::Io`] or the store's error when listing fails.
+/// [`Error::Rejected`] when it holds no files or too many, a symlink leads outside the
+/// allowed roots, or an `hf://` repository, revision or file does not exist; [`Error::Io`], the
+/// store's error or [`Error::Upstream`] when listing fails.
 pub async fn list_files(
     reference: &Reference,
-    allowed_roots: &[PathBuf],
-    s3: &StoreConfig,
+    config: &SourceConfig<'_>,
+    kind: InputKind,
 ) -> Result<Vec<SourceFile>> {
     let files = match reference {
         Reference::Local(path) => {
-            let (path, roots) = (path.clone(), allowed_roots.to_vec());
+            let (path, roots) = (path.clone(), config.allowed_roots.to_vec());
             tokio::task::spawn_blocking(move || local_files(&path, &roots))
                 .await
                 .map_err(|e| Error::BadUpload(format!("listing files failed: {e}")))??
         }
-        Reference::S3(uri) => s3_files(uri, s3).await?,
+        Reference::S3(uri) => s3_files(uri, config.store).await?,
+        Reference::Hf(reference) => hf_files(reference, config.hf, kind).await?,
     };
     if files.is_empty() {
         return Err(refuse(
@@ -149,6 +189,7 @@ fn local_files(path: &FsPath, allowed_roots: &[PathBuf]) -> Result<Vec<SourceFil
             .unwrap_or_default();
         return Ok(vec![SourceFile {
             name,
+            size: path.metadata().ok().map(|m| m.len()),
             location: Location::Local(path.to_path_buf()),
         }]);
     }
@@ -186,6 +227,7 @@ fn walk(base: &FsPath, dir: &FsPath, roots: &[PathBuf], out: &mut Vec<SourceFile
                 .join("/");
             out.push(SourceFile {
                 name,
+                size: real.metadata().ok().map(|m| m.len()),
                 location: Location::Local(real),
             });
         }
@@ -203,6 +245,7 @@ async fn s3_files(uri: &str, base: &StoreConfig) -> Result<Vec<SourceFile>> {
         .into_iter()
         .map(|o| SourceFile {
             name: o.key.clone(),
+            size: Some(o.bytes),
             location: Location::S3 {
                 store: store.clone(),
                 key: o.key,
@@ -211,27 +254,50 @@ async fn s3_files(uri: &str, base: &StoreConfig) -> Result<Vec<SourceFile>> {
         .collect())
 }
 
+async fn hf_files(
+    reference: &HfReference,
+    config: &HfConfig,
+    kind: InputKind,
+) -> Result<Vec<SourceFile>> {
+    let (snapshot, selected) = hf::resolve(reference, config, kind).await?;
+    let snapshot = Arc::new(snapshot);
+    Ok(selected
+        .into_iter()
+        .map(|file| SourceFile {
+            name: file.name,
+            size: file.size,
+            location: Location::Hf {
+                snapshot: snapshot.clone(),
+                path: file.path,
+            },
+        })
+        .collect())
+}
+
 impl SourceFile {
-    /// Opens the file as a stream of chunks.
+    /// Opens the file as a stream of chunks (an `hf://` file is downloaded into the Hugging
+    /// Face cache first, unless it is there already).
     ///
     /// # Errors
-    /// [`Error::Io`] or the store's error.
+    /// [`Error::Io`], the store's error, or for `hf://` a rejection or [`Error::Upstream`].
     pub async fn open(&self) -> Result<BoxStream<'static, Result<Bytes>>> {
         match &self.location {
-            Location::Local(path) => {
-                let file = tokio::fs::File::open(path)
-                    .await
-                    .map_err(|e| Error::io(path, e))?;
-                let path = path.clone();
-                Ok(
-                    tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
-                        .map_err(move |e| Error::io(&path, e))
-                        .boxed(),
-                )
-            }
+            Location::Local(path) => open_local(path.clone()).await,
             Location::S3 { store, key } => store.read(key, None).await,
+            Location::Hf { snapshot, path } => open_local(snapshot.fetch(path).await?).await,
         }
     }
+}
+
+async fn open_local(path: PathBuf) -> Result<BoxStream<'static, Result<Bytes>>> {
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(
+        tokio_util::io::ReaderStream::with_capacity(file, READ_CHUNK)
+            .map_err(move |e| Error::io(&path, e))
+            .boxed(),
+    )
 }
 
 #[cfg(test)]
@@ -298,13 +364,25 @@ mod tests {
             part_size_bytes: super::super::MIN_PART_SIZE,
             max_inflight_parts: 1,
         };
-        assert_eq!(
-            list_files(&reference, &roots, &config).await.unwrap().len(),
-            1
-        );
+        let hf = HfConfig {
+            endpoint: hf::DEFAULT_ENDPOINT.into(),
+            cache_dir: dir.path().join("hf"),
+            token: None,
+            offline: true,
+        };
+        let sources = SourceConfig {
+            allowed_roots: &roots,
+            store: &config,
+            hf: &hf,
+        };
+        let listed = list_files(&reference, &sources, InputKind::Model)
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].size, Some(2));
         std::os::unix::fs::symlink(dir.path().join("secret"), root.join("link")).unwrap();
         assert!(matches!(
-            list_files(&reference, &roots, &config).await,
+            list_files(&reference, &sources, InputKind::Model).await,
             Err(Error::Rejected(_))
         ));
     }

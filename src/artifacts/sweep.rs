@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::ArtifactStore;
 use crate::error::Result;
+use crate::store::JobStatus;
 
 /// What one sweep did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,7 +54,8 @@ where
 
 /// Whether the database still refers to the object at `key`: `models/{id}/…` and
 /// `datasets/{id}/…` belong to their rows; `jobs/{id}/…` objects to an artifact row with that
-/// `uri` (an attempt that never committed owns nothing). Unknown layouts are kept.
+/// `uri`, or to the attempt still running (it may yet commit them, however long it has run).
+/// An attempt that ended without committing owns nothing. Unknown layouts are kept.
 ///
 /// # Errors
 /// The database's error.
@@ -68,9 +70,23 @@ pub async fn is_referenced(db: &dyn crate::store::Store, key: &str) -> Result<bo
     Ok(match kind {
         "models" => db.get_model(id).await?.is_some(),
         "datasets" => db.get_dataset(id).await?.is_some(),
-        "jobs" => db.list_artifacts(id).await?.iter().any(|a| a.uri == key),
+        "jobs" => {
+            db.list_artifacts(id).await?.iter().any(|a| a.uri == key)
+                || db.get_job(id).await?.is_some_and(|job| {
+                    job.status == JobStatus::Running
+                        && key.starts_with(&format!("jobs/{id}/attempt-{}/", job.attempt))
+                })
+        }
         _ => true,
     })
+}
+
+/// The newest modification time an object may have to be swept now; `None` when `min_age`
+/// reaches before the calendar's start (nothing is old enough).
+pub fn cutoff(now: DateTime<Utc>, min_age: std::time::Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(min_age)
+        .ok()
+        .and_then(|age| now.checked_sub_signed(age))
 }
 
 /// Runs [`sweep`] over models, datasets and job outputs every `interval`, removing unreferenced
@@ -82,12 +98,15 @@ pub fn spawn_sweeper(
     interval: std::time::Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(interval);
+        // `interval` panics on zero; the setting's 0 means "off" and never gets here.
+        let mut ticks = tokio::time::interval(interval.max(std::time::Duration::from_secs(1)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let cutoff =
-                Utc::now() - chrono::Duration::from_std(min_age).unwrap_or(chrono::Duration::MAX);
+            // Subtracting an age past the calendar's start would panic the task for good.
+            let Some(cutoff) = cutoff(Utc::now(), min_age) else {
+                continue;
+            };
             let db = db.clone();
             let result = sweep(&store, &["models", "datasets", "jobs"], cutoff, |key| {
                 let db = db.clone();
