@@ -379,9 +379,16 @@ async fn commits_reach_the_hub(store: SharedStore, inputs: Inputs) {
 
 /// Artifact commits are fenced; a later attempt replaces what an earlier one (that died while
 /// publishing) left under the same name, and the same attempt cannot commit a name twice.
-async fn artifact_commits_are_fenced_and_later_attempts_replace(store: SharedStore, inputs: Inputs) {
+async fn artifact_commits_are_fenced_and_later_attempts_replace(
+    store: SharedStore,
+    inputs: Inputs,
+) {
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "artifacts"), 0, 3).await;
-    let first = store.claim_next("one", Duration::ZERO).await.unwrap().unwrap();
+    let first = store
+        .claim_next("one", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
     let artifact = |lease: &Lease, sha: &str| compressd::store::Artifact {
         job_id: lease.job_id,
         attempt: lease.attempt,
@@ -390,11 +397,17 @@ async fn artifact_commits_are_fenced_and_later_attempts_replace(store: SharedSto
         format: "safetensors".into(),
         bytes: 3,
         sha256: sha.repeat(64),
-        uri: format!("jobs/{}/attempt-{}/model/model.safetensors", lease.job_id, lease.attempt),
+        uri: format!(
+            "jobs/{}/attempt-{}/model/model.safetensors",
+            lease.job_id, lease.attempt
+        ),
         created_at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
     };
     let one = lease_of(&first, "one");
-    store.commit_artifact(&one, &artifact(&one, "a")).await.unwrap();
+    store
+        .commit_artifact(&one, &artifact(&one, "a"))
+        .await
+        .unwrap();
     assert!(matches!(
         store.commit_artifact(&one, &artifact(&one, "a")).await,
         Err(Error::Conflict(_))
@@ -402,9 +415,14 @@ async fn artifact_commits_are_fenced_and_later_attempts_replace(store: SharedSto
     tokio::time::sleep(Duration::from_millis(20)).await;
     store.reap_expired(100, Duration::ZERO).await.unwrap();
     let second = store.claim_next("two", LONG).await.unwrap().unwrap();
-    assert!(lost(store.commit_artifact(&one, &artifact(&one, "c")).await));
+    assert!(lost(
+        store.commit_artifact(&one, &artifact(&one, "c")).await
+    ));
     let two = lease_of(&second, "two");
-    store.commit_artifact(&two, &artifact(&two, "b")).await.unwrap();
+    store
+        .commit_artifact(&two, &artifact(&two, "b"))
+        .await
+        .unwrap();
     let listed = store.list_artifacts(job.id).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].attempt, &listed[0].sha256), (2, &"b".repeat(64)));

@@ -80,7 +80,12 @@ fn write_data(path: &Path) {
                 (false, 0) => "awful",
                 (false, _) => "bad",
             };
-            let text = format!("{} {} {key} {}", words[i % 6], words[(i / 6) % 6], words[(i / 36) % 6]);
+            let text = format!(
+                "{} {} {key} {}",
+                words[i % 6],
+                words[(i / 6) % 6],
+                words[(i / 36) % 6]
+            );
             let split = if i % 5 == 0 { "test" } else { "train" };
             let label = if positive { "pos" } else { "neg" };
             json!({"text": text, "label": label, "split": split}).to_string()
@@ -98,11 +103,14 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     let data = inputs.path().join("data.jsonl");
     write_data(&data);
 
-    let files: Vec<(&str, std::path::PathBuf)> = ["config.json", "model.safetensors", "tokenizer.json"]
-        .into_iter()
-        .map(|f| (f, model_dir.join(f)))
-        .collect();
-    let (status, model) = server.upload("/v1/models", &[("name", "tiny")], &files).await;
+    let files: Vec<(&str, std::path::PathBuf)> =
+        ["config.json", "model.safetensors", "tokenizer.json"]
+            .into_iter()
+            .map(|f| (f, model_dir.join(f)))
+            .collect();
+    let (status, model) = server
+        .upload("/v1/models", &[("name", "tiny")], &files)
+        .await;
     assert_eq!(status, 201, "{model}");
     let (status, dataset) = server
         .upload("/v1/datasets", &[], &[("data.jsonl", data.clone())])
@@ -154,8 +162,9 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     assert_eq!(stages("stage_started"), ["finetune", "prune", "quantize"]);
     assert_eq!(stages("stage_finished"), ["finetune", "prune", "quantize"]);
     assert!(
-        events.iter().any(|e| e.event_type == "metric"
-            && e.payload["name"] == "2-quantize.accuracy"),
+        events
+            .iter()
+            .any(|e| e.event_type == "metric" && e.payload["name"] == "2-quantize.accuracy"),
         "the quantized model's accuracy is reported as a metric"
     );
 
@@ -164,29 +173,57 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     assert_eq!(result["final"], "2-quantize", "{result:#}");
     assert!(result["acceptance_met"].is_boolean(), "{result:#}");
     let final_accuracy = result["metrics"]["final"]["accuracy"].as_f64().unwrap();
-    assert!(final_accuracy > 0.8, "the keyword task survives compression: {final_accuracy}");
-    let final_size = result["metrics"]["final"]["size_on_disk_bytes"].as_f64().unwrap();
-    let baseline_size = result["metrics"]["baseline"]["size_on_disk_bytes"].as_f64().unwrap();
-    assert!(final_size < baseline_size, "int8 is smaller: {final_size} vs {baseline_size}");
+    assert!(
+        final_accuracy > 0.8,
+        "the keyword task survives compression: {final_accuracy}"
+    );
+    let final_size = result["metrics"]["final"]["size_on_disk_bytes"]
+        .as_f64()
+        .unwrap();
+    let baseline_size = result["metrics"]["baseline"]["size_on_disk_bytes"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        final_size < baseline_size,
+        "int8 is smaller: {final_size} vs {baseline_size}"
+    );
 
     let (status, listing) = server.get(&format!("/v1/jobs/{job_id}/artifacts")).await;
     assert_eq!(status, 200);
     let artifacts = listing["artifacts"].as_array().unwrap();
-    let names: Vec<&str> = artifacts.iter().map(|a| a["name"].as_str().unwrap()).collect();
-    for expected in ["report.json", "report.md", "model/model.safetensors", "model/config.json"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+    let names: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "report.json",
+        "report.md",
+        "model/model.safetensors",
+        "model/config.json",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
     assert!(names.iter().any(|n| n.starts_with("best/")), "{names:?}");
-    assert_eq!(result["artifacts"].as_array().unwrap().len(), artifacts.len());
+    assert_eq!(
+        result["artifacts"].as_array().unwrap().len(),
+        artifacts.len()
+    );
 
     // Downloads match the listed digests; the report covers the three stages.
     for name in ["report.json", "model/model.safetensors"] {
         let listed = artifacts.iter().find(|a| a["name"] == name).unwrap();
         let bytes = download(&server, &job_id, name).await;
-        assert_eq!(hex::encode(Sha256::digest(&bytes)), listed["sha256"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            listed["sha256"].as_str().unwrap()
+        );
         assert_eq!(bytes.len() as u64, listed["bytes"].as_u64().unwrap());
     }
-    let report: Value = serde_json::from_slice(&download(&server, &job_id, "report.json").await).unwrap();
+    let report: Value =
+        serde_json::from_slice(&download(&server, &job_id, "report.json").await).unwrap();
     assert_eq!(report["stages"].as_array().unwrap().len(), 3);
 
     // The finished job's work folder is gone; its outputs live in the artifact store.
@@ -202,10 +239,16 @@ async fn wait_until_finished(
     loop {
         let (status, job) = server.get(&format!("/v1/jobs/{job_id}")).await;
         assert_eq!(status, 200, "{job}");
-        if ["succeeded", "failed", "cancelled"].contains(&job["status"].as_str().unwrap_or_default()) {
+        if ["succeeded", "failed", "cancelled"]
+            .contains(&job["status"].as_str().unwrap_or_default())
+        {
             return job;
         }
-        assert!(Instant::now() < deadline, "job still {} after {timeout:?}: {job:#}", job["status"]);
+        assert!(
+            Instant::now() < deadline,
+            "job still {} after {timeout:?}: {job:#}",
+            job["status"]
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

@@ -118,11 +118,10 @@ fn show_on_terminal(bar: &mut Option<ProgressBar>, event: Event) {
 
 fn training_bar(total_steps: u64) -> ProgressBar {
     let bar = ProgressBar::new(total_steps);
-    let style = ProgressStyle::with_template(
-        "  [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}  eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style =
+        ProgressStyle::with_template("  [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
     bar.set_style(style);
     bar
 }

@@ -347,7 +347,10 @@ fn metric_messages(label: &str, metrics: &ModelMetrics) -> Vec<ChildMessage> {
         ("latency_batch1_ms", metrics.latency_batch1_ms),
         ("latency_batch32_ms", metrics.latency_batch32_ms),
         ("throughput_per_s", metrics.throughput_per_s),
-        ("size_on_disk_bytes", Some(metrics.size_on_disk_bytes as f64)),
+        (
+            "size_on_disk_bytes",
+            Some(metrics.size_on_disk_bytes as f64),
+        ),
         ("parameters", Some(metrics.parameters as f64)),
         (
             "nonzero_parameters",
@@ -387,7 +390,11 @@ mod tests {
             })
         };
         let first = step(&mut translator, 1);
-        assert_eq!(first.len(), 3, "progress, loss and learning rate: {first:?}");
+        assert_eq!(
+            first.len(),
+            3,
+            "progress, loss and learning rate: {first:?}"
+        );
         let second = step(&mut translator, 2);
         assert_eq!(second.len(), 1, "only progress inside the interval");
         assert!(matches!(

@@ -124,14 +124,18 @@ async fn materialize(ctx: &WorkerContext, prefix: &str, cache: &Path) -> Result<
 async fn download_prefix(ctx: &WorkerContext, prefix: &str, dest: &Path) -> Result<()> {
     let objects = ctx.artifacts.list(prefix).await?;
     if objects.is_empty() {
-        return Err(Error::Corrupt(format!(
-            "no stored files under {prefix:?}"
-        )));
+        return Err(Error::Corrupt(format!("no stored files under {prefix:?}")));
     }
     for object in objects {
         let relative = object.key.strip_prefix(prefix).unwrap_or(&object.key);
-        if relative.split('/').any(|part| part.is_empty() || part == "..") {
-            return Err(Error::Corrupt(format!("unexpected stored key {:?}", object.key)));
+        if relative
+            .split('/')
+            .any(|part| part.is_empty() || part == "..")
+        {
+            return Err(Error::Corrupt(format!(
+                "unexpected stored key {:?}",
+                object.key
+            )));
         }
         let path = dest.join(relative);
         if let Some(folder) = path.parent() {
@@ -174,7 +178,10 @@ mod tests {
             local_uri("file:///data/model/"),
             Some(PathBuf::from("/data/model/"))
         );
-        assert_eq!(local_uri("/data/x.jsonl"), Some(PathBuf::from("/data/x.jsonl")));
+        assert_eq!(
+            local_uri("/data/x.jsonl"),
+            Some(PathBuf::from("/data/x.jsonl"))
+        );
         assert_eq!(local_uri("models/0190/"), None);
         assert_eq!(local_uri("s3://bucket/models/0190/"), None);
     }

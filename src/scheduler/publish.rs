@@ -77,7 +77,11 @@ fn inside(work_dir: &Path, relative: &Path) -> Result<std::path::PathBuf> {
     Ok(work_dir.join(relative))
 }
 
-async fn upload(ctx: &WorkerContext, path: &Path, key: &str) -> Result<crate::artifacts::WrittenObject> {
+async fn upload(
+    ctx: &WorkerContext,
+    path: &Path,
+    key: &str,
+) -> Result<crate::artifacts::WrittenObject> {
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(|e| Error::io(path, e))?;
