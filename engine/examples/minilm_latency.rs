@@ -1,6 +1,8 @@
 //! Inference latency of all-MiniLM-L6-v2 on CPU: our `BertModel` (frozen weights, so every op takes
 //! its gradient-free fused path) against candle-transformers' `BertModel`, on the same weights and
-//! the same tokenized BBC News texts. Before timing, it asserts that the two encoders agree.
+//! the same tokenized BBC News texts, and our model with every linear layer quantized to int8 (the
+//! integer kernel of `layers::int8_matmul`). Before timing, it asserts that the two f32 encoders
+//! agree and that the int8 encoder's mean-pooled embeddings stay close to f32's (cosine).
 //!
 //! ```text
 //! cargo run --release -p compressd-engine --example minilm_latency -- [--runs 20] [--warmup 3]
@@ -23,9 +25,10 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert as reference_bert;
-use compressd_engine::layers::LinearFactory;
+use compressd_engine::layers::{LinearFactory, LinearKind, LinearPlan};
 use compressd_engine::loading::{load_tokenizer, read_hf_folder};
-use compressd_engine::models::bert::{BertConfig, BertInput, BertModel};
+use compressd_engine::models::bert::{mean_pool, BertConfig, BertInput, BertModel};
+use compressd_engine::quant::QuantScheme;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 const MODEL_DIR: &str = "models/all-MiniLM-L6-v2";
@@ -37,6 +40,9 @@ const MAX_TOKENS: usize = 128;
 /// f32 math with differently ordered reductions, so agreement should be around 1e-5; 1e-3 leaves
 /// room for that while still catching any real divergence (a wrong mask, activation or eps).
 const MAX_ABS_DIFF: f32 = 1e-3;
+/// Smallest accepted cosine between a text's f32 and int8 mean-pooled embeddings. Per-channel int8
+/// weights and per-row int8 activations keep it near 0.999; a broken kernel lands far below.
+const MIN_INT8_COSINE: f32 = 0.99;
 
 struct Args {
     runs: usize,
@@ -164,6 +170,7 @@ fn tokenize(tokenizer: &Tokenizer, texts: &[&str], dev: &Device) -> Result<Input
 struct Encoders {
     ours: BertModel,
     reference: reference_bert::BertModel,
+    int8: BertModel,
 }
 
 impl Encoders {
@@ -185,16 +192,25 @@ impl Encoders {
             &config,
             &LinearFactory::default(),
         )?;
-        Ok(Self { ours, reference })
+        let int8_plan = LinearPlan::uniform(LinearKind::Quantized(QuantScheme::Int8));
+        let int8 = BertModel::load(
+            store.var_builder(DType::F32, dev),
+            &config,
+            &LinearFactory::new(int8_plan),
+        )?;
+        Ok(Self {
+            ours,
+            reference,
+            int8,
+        })
     }
 
     fn run_ours(&self, x: &Inputs) -> Result<Tensor> {
-        let input = BertInput {
-            input_ids: &x.input_ids,
-            token_type_ids: Some(&x.token_type_ids),
-            attention_mask: Some(&x.attention_mask),
-        };
-        Ok(self.ours.forward(input, None)?.last_hidden_state)
+        run(&self.ours, x)
+    }
+
+    fn run_int8(&self, x: &Inputs) -> Result<Tensor> {
+        run(&self.int8, x)
     }
 
     fn run_reference(&self, x: &Inputs) -> Result<Tensor> {
@@ -202,6 +218,25 @@ impl Encoders {
             .reference
             .forward(&x.input_ids, &x.token_type_ids, Some(&x.attention_mask))?)
     }
+}
+
+fn run(model: &BertModel, x: &Inputs) -> Result<Tensor> {
+    let input = BertInput {
+        input_ids: &x.input_ids,
+        token_type_ids: Some(&x.token_type_ids),
+        attention_mask: Some(&x.attention_mask),
+    };
+    Ok(model.forward(input, None)?.last_hidden_state)
+}
+
+/// Smallest cosine, over the rows of a batch, between f32 and int8 mean-pooled embeddings.
+fn int8_cosine(encoders: &Encoders, x: &Inputs) -> Result<f32> {
+    let f32_emb = mean_pool(&encoders.run_ours(x)?, &x.attention_mask)?;
+    let int8_emb = mean_pool(&encoders.run_int8(x)?, &x.attention_mask)?;
+    let dot = (&f32_emb * &int8_emb)?.sum(D::Minus1)?;
+    let norms =
+        (f32_emb.sqr()?.sum(D::Minus1)?.sqrt()? * int8_emb.sqr()?.sum(D::Minus1)?.sqrt()?)?;
+    Ok((dot / norms)?.min(0)?.to_scalar::<f32>()?)
 }
 
 /// Largest absolute difference between the two `(batch, seq, hidden)` outputs, over real tokens and
@@ -237,29 +272,46 @@ fn elapsed_ms(f: impl FnOnce() -> Result<Tensor>) -> Result<f64> {
     Ok(ms)
 }
 
-/// p50 milliseconds (ours, reference) over `args.runs` forward passes after `args.warmup`, cycling
-/// through `batches`. The two encoders alternate which goes first so both see the same load.
-fn time_case(encoders: &Encoders, batches: &[Inputs], args: &Args) -> Result<(f64, f64)> {
+/// p50 milliseconds of each encoder.
+struct Timings {
+    ours: f64,
+    reference: f64,
+    int8: f64,
+}
+
+/// p50 milliseconds over `args.runs` forward passes after `args.warmup`, cycling through `batches`.
+/// The encoders rotate which goes first so all see the same load.
+fn time_case(encoders: &Encoders, batches: &[Inputs], args: &Args) -> Result<Timings> {
+    type Run = fn(&Encoders, &Inputs) -> Result<Tensor>;
+    let runs: [Run; 3] = [
+        Encoders::run_ours,
+        Encoders::run_reference,
+        Encoders::run_int8,
+    ];
     for x in batches.iter().cycle().take(args.warmup) {
-        encoders.run_ours(x)?;
-        encoders.run_reference(x)?;
-    }
-    let (mut ours, mut reference) = (Vec::new(), Vec::new());
-    for (run, x) in batches.iter().cycle().take(args.runs).enumerate() {
-        if run % 2 == 0 {
-            ours.push(elapsed_ms(|| encoders.run_ours(x))?);
-            reference.push(elapsed_ms(|| encoders.run_reference(x))?);
-        } else {
-            reference.push(elapsed_ms(|| encoders.run_reference(x))?);
-            ours.push(elapsed_ms(|| encoders.run_ours(x))?);
+        for run in runs {
+            run(encoders, x)?;
         }
     }
-    Ok((median(ours), median(reference)))
+    let mut ms: [Vec<f64>; 3] = Default::default();
+    for (i, x) in batches.iter().cycle().take(args.runs).enumerate() {
+        for j in 0..3 {
+            let which = (i + j) % 3;
+            ms[which].push(elapsed_ms(|| runs[which](encoders, x))?);
+        }
+    }
+    let [ours, reference, int8] = ms.map(median);
+    Ok(Timings {
+        ours,
+        reference,
+        int8,
+    })
 }
 
 /// Checks that the encoders agree on every batch of a case, times it and prints one table row.
 fn report_case(encoders: &Encoders, name: &str, batches: &[Inputs], args: &Args) -> Result<()> {
     let mut worst = (0f32, 0f32);
+    let mut cosine = 1f32;
     for x in batches {
         let (real, all) = output_difference(encoders, x)?;
         ensure!(
@@ -267,20 +319,29 @@ fn report_case(encoders: &Encoders, name: &str, batches: &[Inputs], args: &Args)
             "{name}: outputs differ by {real} on real tokens"
         );
         worst = (worst.0.max(real), worst.1.max(all));
+        cosine = cosine.min(int8_cosine(encoders, x)?);
     }
+    ensure!(
+        cosine >= MIN_INT8_COSINE,
+        "{name}: int8 embeddings drift from f32 (cosine {cosine})"
+    );
     let seq_lens: Vec<usize> = batches
         .iter()
         .map(|x| Ok(x.shape()?.1))
         .collect::<Result<_>>()?;
     let (min_seq, max_seq) = (seq_lens.iter().min(), seq_lens.iter().max());
-    let (ours, reference) = time_case(encoders, batches, args)?;
+    let t = time_case(encoders, batches, args)?;
     println!(
-        "| {name} | {}–{} | {ours:.1} | {reference:.1} | {:.2}x | {:.1e} / {:.1e} |",
+        "| {name} | {}–{} | {:.1} | {:.1} | {:.2}x | {:.1e} / {:.1e} | {:.1} | {:.2}x | {cosine:.4} |",
         min_seq.unwrap_or(&0),
         max_seq.unwrap_or(&0),
-        ours / reference,
+        t.ours,
+        t.reference,
+        t.ours / t.reference,
         worst.0,
-        worst.1
+        worst.1,
+        t.int8,
+        t.int8 / t.ours,
     );
     Ok(())
 }
@@ -332,8 +393,11 @@ fn main() -> Result<()> {
         args.warmup,
         load_average()
     );
-    println!("| case | tokens per row | ours p50 (ms) | candle-transformers p50 (ms) | ours / candle | max abs diff (real tokens / all) |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| case | tokens per row | ours p50 (ms) | candle-transformers p50 (ms) | ours / candle \
+         | max abs diff (real tokens / all) | int8 p50 (ms) | int8 / ours f32 | min cos int8 vs f32 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, batches) in &cases {
         report_case(&encoders, name, batches, &args)?;
     }

@@ -7,6 +7,8 @@
 //! inference) add variants here; models do not change.
 
 mod dense;
+mod int8_avx2;
+pub mod int8_matmul;
 mod quantized;
 
 use std::fmt::Debug;

@@ -1,11 +1,13 @@
-//! The quantized linear layer: inference on real quantized kernels (candle's `QMatMul`).
+//! The quantized linear layer: inference on real quantized kernels.
 //!
-//! GGUF types run on their own blocks. int8 runs on Q8_0 blocks and int4 on Q4_1 blocks built from
-//! exactly the stored values (see [`crate::quant::int8`] and [`crate::quant::int4`]), so the latency
-//! measured is that of integer weights, not of a dequantized copy. When a weight's row length does
-//! not suit the kernel (int8 rows not a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of
-//! blocks, which candle's kernels do not take), the layer computes with the dequantized weight and
-//! says so through [`QuantizedLinear::kernel`].
+//! int8 on the CPU runs our integer kernel ([`super::int8_matmul`]): i8 weights with one scale per
+//! output channel against activations quantized to i8 per row, summed in i32. Elsewhere (CUDA), int8
+//! runs on candle's Q8_0 blocks built from exactly the stored values. GGUF types run on candle's
+//! `QMatMul` over their own blocks, and int4 on Q4_1 blocks built from exactly the stored values
+//! (see [`crate::quant::int8`] and [`crate::quant::int4`]), so the latency measured is that of integer
+//! weights, not of a dequantized copy. When a weight's row length does not suit candle's kernel
+//! (Q8_0 rows not a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of blocks), the layer
+//! computes with the dequantized weight and says so through [`QuantizedLinear::kernel`].
 //!
 //! Inference only: the kernels have no backward pass, so an input that carries a gradient is an
 //! error rather than a silently frozen layer.
@@ -16,12 +18,15 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::int8_matmul::{self, Int8Kernel, PackedInt8};
 use super::{LinearKind, LinearLayer};
 use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 
 /// How a [`QuantizedLinear`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
+    /// Our int8 × int8 → i32 kernel on the CPU (AVX2 or its portable fallback).
+    Int8(Int8Kernel),
     /// candle's quantized matmul on GGML blocks.
     Quantized(GgmlDType),
     /// An f32 matmul on the dequantized weight (the row length does not suit the kernel).
@@ -32,7 +37,7 @@ pub enum KernelPath {
 #[derive(Clone, Debug)]
 pub struct QuantizedLinear {
     weight: QuantizedWeight,
-    matmul: QMatMul,
+    compute: Compute,
     kernel: KernelPath,
     bias: Option<Tensor>,
     in_features: usize,
@@ -54,10 +59,10 @@ impl QuantizedLinear {
                 candle_core::bail!("bias of {} for a weight of {dims:?}", b.dims1()?);
             }
         }
-        let (matmul, kernel) = kernel_for(&weight, device)?;
+        let (compute, kernel) = kernel_for(&weight, device)?;
         Ok(Self {
             weight,
-            matmul,
+            compute,
             kernel,
             bias,
             in_features,
@@ -111,8 +116,32 @@ impl QuantizedLinear {
     }
 }
 
+/// The prepared weight of a [`QuantizedLinear`], in the form its kernel reads.
+#[derive(Clone, Debug)]
+enum Compute {
+    /// Packed for our int8 kernel.
+    Int8(Arc<PackedInt8>, Int8Kernel),
+    /// candle's quantized (or, as a fallback, plain) matmul.
+    Candle(QMatMul),
+}
+
 /// Picks the kernel for a weight and prepares its storage on `device`.
-fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatMul, KernelPath)> {
+fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(Compute, KernelPath)> {
+    if let (QuantizedWeight::Int8(w), Device::Cpu) = (weight, device) {
+        if let Some(packed) = PackedInt8::pack(w) {
+            let kernel = Int8Kernel::detect();
+            return Ok((
+                Compute::Int8(Arc::new(packed), kernel),
+                KernelPath::Int8(kernel),
+            ));
+        }
+    }
+    let (matmul, path) = candle_kernel_for(weight, device)?;
+    Ok((Compute::Candle(matmul), path))
+}
+
+/// candle's kernel for a weight: its quantized matmul when the row length suits it.
+fn candle_kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatMul, KernelPath)> {
     let dims = weight.dims();
     let blocks = match weight {
         QuantizedWeight::Int8(w) => w.to_q8_0_bytes().map(|b| (b, GgmlDType::Q8_0)),
@@ -154,7 +183,12 @@ impl LinearLayer for QuantizedLinear {
         }
         let in_dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = self.matmul.forward(&x)?;
+        let y = match &self.compute {
+            Compute::Int8(packed, kernel) => {
+                return int8_forward(&x, packed, self.bias.as_ref(), *kernel)?.to_dtype(in_dtype);
+            }
+            Compute::Candle(matmul) => matmul.forward(&x)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
             None => y,
@@ -181,6 +215,41 @@ impl LinearLayer for QuantizedLinear {
     fn kind(&self) -> LinearKind {
         LinearKind::Quantized(self.weight.scheme())
     }
+}
+
+/// Runs the int8 kernel on a contiguous f32 CPU tensor `(.., in_features)`.
+fn int8_forward(
+    x: &Tensor,
+    packed: &PackedInt8,
+    bias: Option<&Tensor>,
+    kernel: Int8Kernel,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.last() != Some(&packed.in_features()) {
+        candle_core::bail!(
+            "input of shape {dims:?} for a linear layer of {} inputs",
+            packed.in_features()
+        );
+    }
+    let bias = bias
+        .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+        .transpose()?;
+    let y = {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("the int8 kernel runs on the CPU only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the int8 kernel needs a contiguous input");
+        };
+        let values = &cpu.as_slice::<f32>()?[start..end];
+        int8_matmul::matmul(values, packed, bias.as_deref(), kernel)
+    };
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = packed.out_features();
+    }
+    Tensor::from_vec(y, out_dims, x.device())
 }
 
 #[cfg(test)]
@@ -220,7 +289,7 @@ mod tests {
         for weight in weights {
             let layer = QuantizedLinear::new(weight.clone(), None, &dev).unwrap();
             assert!(
-                matches!(layer.kernel(), KernelPath::Quantized(_)),
+                layer.kernel() != KernelPath::Dequantized,
                 "{:?}",
                 weight.scheme()
             );
@@ -250,21 +319,51 @@ mod tests {
     #[test]
     fn odd_rows_fall_back_and_gradients_are_refused() {
         let dev = Device::Cpu;
-        let values: Vec<f32> = (0..40).map(|i| i as f32 / 40.0).collect();
-        let weight = QuantizedWeight::Int8(Int8Weight::quantize(&values, &[2, 20]));
+        let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
         let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
-        let layer = QuantizedLinear::new(weight, Some(bias), &dev).unwrap();
+        // One Q4_1 block per row: candle's Q4_1 dot product needs an even number of blocks.
+        let q4_1 = gguf::quantize(&values, &[2, 32], GgmlDType::Q4_1).unwrap();
+        let layer = QuantizedLinear::new(
+            QuantizedWeight::Gguf(Arc::new(q4_1)),
+            Some(bias.clone()),
+            &dev,
+        )
+        .unwrap();
         assert_eq!(layer.kernel(), KernelPath::Dequantized);
-        let x = Tensor::ones((1, 20), DType::F32, &dev).unwrap();
+        let x = Tensor::ones((1, 32), DType::F32, &dev).unwrap();
         let y = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-        let expected0: f32 = values[..20].iter().sum::<f32>() + 1.0;
+        let expected0: f32 = values[..32].iter().sum::<f32>() + 1.0;
         assert!(
-            (y[0][0] - expected0).abs() < 0.05,
+            (y[0][0] - expected0).abs() < 0.2,
             "{} vs {expected0}",
             y[0][0]
         );
         let tracked = Var::from_tensor(&x).unwrap();
         let err = layer.forward(tracked.as_tensor()).unwrap_err();
         assert!(err.to_string().contains("inference-only"), "{err}");
+    }
+
+    /// Our int8 kernel takes any row length (20 is not a Q8_0 multiple) and checks the input width.
+    #[test]
+    fn int8_runs_on_the_integer_kernel_for_any_row_length() {
+        let dev = Device::Cpu;
+        let values: Vec<f32> = (0..40).map(|i| i as f32 / 40.0).collect();
+        let weight = QuantizedWeight::Int8(Int8Weight::quantize(&values, &[2, 20]));
+        let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
+        let layer = QuantizedLinear::new(weight, Some(bias), &dev).unwrap();
+        assert!(matches!(layer.kernel(), KernelPath::Int8(_)));
+        let x = Tensor::ones((3, 1, 20), DType::F32, &dev).unwrap();
+        let y = layer.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[3, 1, 2]);
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let expected = [
+            values[..20].iter().sum::<f32>() + 1.0,
+            values[20..].iter().sum::<f32>() - 1.0,
+        ];
+        for (got, want) in y.iter().zip(expected.iter().cycle()) {
+            assert!((got - want).abs() < 0.05, "{got} vs {want}");
+        }
+        let wrong = Tensor::ones((1, 21), DType::F32, &dev).unwrap();
+        assert!(layer.forward(&wrong).is_err());
     }
 }

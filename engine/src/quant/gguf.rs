@@ -1,14 +1,16 @@
-//! GGUF (llama.cpp) block types, quantized with candle's own block code, split across cores.
+//! GGUF (llama.cpp) block types, split across cores.
 //!
-//! candle's `QTensor::quantize` runs on one thread; rows are independent, so each core quantizes a
-//! contiguous range of whole rows into its own blocks and the block bytes are concatenated (blocks
-//! never straddle rows because the row length is a multiple of the block size).
+//! Q8_0 and Q4_K use our own quantizers ([`super::blocks`], byte-identical to candle's and much
+//! faster); the other types use candle's block code. Rows are independent and blocks never straddle
+//! rows (the row length is a multiple of the block size), so each core quantizes a contiguous range
+//! of whole rows straight into its part of the output buffer.
 
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 
+use super::blocks;
 use super::parallel::rows_per_task;
 use super::rows_cols;
 use crate::error::{EngineError, Result};
@@ -27,6 +29,22 @@ pub fn quantize(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<QTen
 /// # Errors
 /// Fails when the last dimension is not a multiple of the type's block size.
 pub fn quantize_to_bytes(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    quantize_into(values, dims, dtype, &mut out)?;
+    Ok(out)
+}
+
+/// Quantizes like [`quantize_to_bytes`] into `out` (resized), reusing its memory: the streaming
+/// path keeps one buffer for all tensors of a file.
+///
+/// # Errors
+/// Fails when the last dimension is not a multiple of the type's block size.
+pub fn quantize_into(
+    values: &[f32],
+    dims: &[usize],
+    dtype: GgmlDType,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let (rows, cols) = rows_cols(dims);
     let block = dtype.block_size();
     if cols == 0 || cols % block != 0 || values.len() != rows * cols {
@@ -34,11 +52,14 @@ pub fn quantize_to_bytes(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Re
             "cannot quantize shape {dims:?} to {dtype:?}: the last dimension must be a multiple of {block}"
         )));
     }
+    let row_bytes = cols / block * dtype.type_size();
     let per_task = rows_per_task(rows, cols);
-    let chunks: Vec<candle_core::Result<Vec<u8>>> = std::thread::scope(|s| {
+    out.resize(rows * row_bytes, 0);
+    let results: Vec<candle_core::Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = values
             .chunks(per_task * cols)
-            .map(|chunk| s.spawn(move || quantize_chunk(chunk, cols, dtype)))
+            .zip(out.chunks_mut(per_task * row_bytes))
+            .map(|(chunk, bytes)| s.spawn(move || quantize_chunk(chunk, cols, dtype, bytes)))
             .collect();
         handles
             .into_iter()
@@ -51,11 +72,10 @@ pub fn quantize_to_bytes(values: &[f32], dims: &[usize], dtype: GgmlDType) -> Re
             })
             .collect()
     });
-    let mut out = Vec::with_capacity(rows * cols / block * dtype.type_size());
-    for chunk in chunks {
-        out.extend_from_slice(&chunk?);
+    for result in results {
+        result?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Builds a `QTensor` on `device` from GGML block bytes.
@@ -80,11 +100,24 @@ pub fn qtensor_from_bytes(
     Ok(QTensor::new(storage, dims)?)
 }
 
-fn quantize_chunk(values: &[f32], cols: usize, dtype: GgmlDType) -> candle_core::Result<Vec<u8>> {
-    let mut blocks = dtype.cpu_zeros(values.len());
-    blocks.from_float(values);
-    let tensor = QTensor::new(QStorage::Cpu(blocks), (values.len() / cols, cols))?;
-    Ok(tensor.data()?.into_owned())
+/// Quantizes whole rows of `values` into `out` (exactly their block bytes).
+fn quantize_chunk(
+    values: &[f32],
+    cols: usize,
+    dtype: GgmlDType,
+    out: &mut [u8],
+) -> candle_core::Result<()> {
+    match dtype {
+        GgmlDType::Q8_0 => blocks::quantize_q8_0(values, out),
+        GgmlDType::Q4K => blocks::quantize_q4_k(values, out),
+        _ => {
+            let mut blocks = dtype.cpu_zeros(values.len());
+            blocks.from_float(values);
+            let tensor = QTensor::new(QStorage::Cpu(blocks), (values.len() / cols, cols))?;
+            out.copy_from_slice(&tensor.data()?);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,26 +27,32 @@ pub struct Int8Weight {
 impl Int8Weight {
     /// Quantizes row-major f32 values of shape `dims`.
     pub fn quantize(values: &[f32], dims: &[usize]) -> Self {
-        let (rows, cols) = rows_cols(dims);
+        let (rows, _) = rows_cols(dims);
         let mut qweight = vec![0i8; values.len()];
         let mut scales = vec![f16::ZERO; rows];
-        if cols > 0 {
-            let per_task = rows_per_task(rows, cols);
-            std::thread::scope(|s| {
-                let tasks = values
-                    .chunks(per_task * cols)
-                    .zip(qweight.chunks_mut(per_task * cols))
-                    .zip(scales.chunks_mut(per_task));
-                for ((xs, qs), sc) in tasks {
-                    s.spawn(move || quantize_rows(xs, qs, sc, cols));
-                }
-            });
-        }
+        quantize_parallel(values, dims, &mut qweight, &mut scales, |q| q as i8);
         Self {
             dims: dims.to_vec(),
             qweight,
             scales,
         }
+    }
+
+    /// Quantizes like [`Int8Weight::quantize`] but straight into the file layout's bytes (values as
+    /// two's-complement bytes, scales as little-endian f16), reusing the caller's buffers so that
+    /// streaming a large file does not allocate (and fault in) fresh memory for every tensor.
+    pub fn quantize_to_bytes(
+        values: &[f32],
+        dims: &[usize],
+        qbytes: &mut Vec<u8>,
+        scale_bytes: &mut Vec<u8>,
+    ) {
+        let (rows, _) = rows_cols(dims);
+        qbytes.resize(values.len(), 0);
+        let mut scales = vec![f16::ZERO; rows];
+        quantize_parallel(values, dims, qbytes, &mut scales, |q| q as i8 as u8);
+        scale_bytes.clear();
+        scale_bytes.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
     }
 
     /// The dequantized values, row-major.
@@ -84,8 +90,39 @@ impl Int8Weight {
     }
 }
 
+/// Quantizes rows of `values` into `qs` and `scales`, a contiguous range of rows per core; `store`
+/// turns a rounded value in [-127, 127] into the output element.
+fn quantize_parallel<Q: Send>(
+    values: &[f32],
+    dims: &[usize],
+    qs: &mut [Q],
+    scales: &mut [f16],
+    store: impl Fn(i32) -> Q + Copy + Send,
+) {
+    let (rows, cols) = rows_cols(dims);
+    if cols == 0 {
+        return;
+    }
+    let per_task = rows_per_task(rows, cols);
+    std::thread::scope(|s| {
+        let tasks = values
+            .chunks(per_task * cols)
+            .zip(qs.chunks_mut(per_task * cols))
+            .zip(scales.chunks_mut(per_task));
+        for ((xs, qs), sc) in tasks {
+            s.spawn(move || quantize_rows(xs, qs, sc, cols, store));
+        }
+    });
+}
+
 /// Quantizes whole rows of `xs` into `qs`, writing one scale per row.
-fn quantize_rows(xs: &[f32], qs: &mut [i8], scales: &mut [f16], cols: usize) {
+fn quantize_rows<Q>(
+    xs: &[f32],
+    qs: &mut [Q],
+    scales: &mut [f16],
+    cols: usize,
+    store: impl Fn(i32) -> Q,
+) {
     for ((row, qrow), scale) in xs
         .chunks(cols)
         .zip(qs.chunks_mut(cols))
@@ -102,7 +139,7 @@ fn quantize_rows(xs: &[f32], qs: &mut [i8], scales: &mut [f16], cols: usize) {
             0.0
         };
         for (q, &x) in qrow.iter_mut().zip(row) {
-            *q = round_clamped(x * inv, 127.0) as i32 as i8;
+            *q = store(round_clamped(x * inv, 127.0) as i32);
         }
     }
 }
@@ -159,6 +196,22 @@ mod tests {
         assert!(
             w.to_q8_0_bytes().is_none(),
             "4 columns cannot form Q8_0 blocks"
+        );
+    }
+
+    #[test]
+    fn byte_output_equals_the_weight_layout() {
+        let values: Vec<f32> = (0..96).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Int8Weight::quantize(&values, &[3, 32]);
+        let (mut q, mut s) = (vec![9u8; 5], Vec::new());
+        Int8Weight::quantize_to_bytes(&values, &[3, 32], &mut q, &mut s);
+        assert_eq!(q, w.qweight.iter().map(|&v| v as u8).collect::<Vec<_>>());
+        assert_eq!(
+            s,
+            w.scales
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<_>>()
         );
     }
 

@@ -12,6 +12,7 @@
 //! fail: [`quantize`] returns [`Quantized::Kept`] with the reason, and the caller keeps the tensor in
 //! higher precision and reports it.
 
+pub mod blocks;
 pub mod gguf;
 pub mod int4;
 pub mod int8;

@@ -1,8 +1,8 @@
 //! Streaming quantization of a safetensors file: tensor by tensor from a memory map to a new file.
 //!
 //! Only one tensor is resident at a time: its mapped pages (read in place when the data is aligned
-//! f32), a converted copy when it is f16/bf16, and its quantized output; pages are released after
-//! use. Peak resident memory is therefore about twice the largest tensor plus the program itself,
+//! f32), a converted copy when it is f16/bf16, and its quantized output (int8 and GGUF types write
+//! into buffers reused across tensors); pages are released after use. Peak resident memory is therefore about twice the largest tensor plus the program itself,
 //! whatever the file size.
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use super::layout::{
     quantized_bytes, quantized_entries, QuantEntry, QuantMetadata, FORMAT, METADATA_KEY,
 };
 use super::st_file::{EntryPlan, RawEntry, SafetensorsFile, SafetensorsWriter};
-use super::{quantize_values, QuantScheme, Quantized};
+use super::{gguf, quantize_values, Int8Weight, QuantScheme, Quantized};
 use crate::error::{EngineError, Result};
 
 /// What a streaming run did.
@@ -105,9 +105,10 @@ pub fn quantize_file(
         serde_json::to_string(&quant).map_err(|e| EngineError::json(output, e))?,
     );
     let mut writer = SafetensorsWriter::create(output, plan, &metadata)?;
+    let mut scratch = Scratch::default();
     for ((name, entry), quantize) in entries.iter().zip(to_quantize) {
         if quantize {
-            write_quantized(&file, &mut writer, name, entry, scheme)?;
+            write_quantized(&file, &mut writer, name, entry, scheme, &mut scratch)?;
             report.quantized.push((*name).clone());
             report.quantized_input_bytes += entry.data_offsets[1] - entry.data_offsets[0];
         } else {
@@ -120,14 +121,40 @@ pub fn quantize_file(
     Ok(report)
 }
 
+/// Output buffers reused from one tensor to the next, so streaming does not allocate (and have the
+/// kernel zero and fault in) fresh memory per tensor.
+#[derive(Default)]
+struct Scratch {
+    values: Vec<u8>,
+    scales: Vec<u8>,
+}
+
 fn write_quantized(
     file: &SafetensorsFile,
     writer: &mut SafetensorsWriter,
     name: &str,
     entry: &RawEntry,
     scheme: QuantScheme,
+    scratch: &mut Scratch,
 ) -> Result<()> {
     let values = file.f32_values(name, entry)?;
+    match scheme {
+        QuantScheme::Int8 => {
+            Int8Weight::quantize_to_bytes(
+                &values,
+                &entry.shape,
+                &mut scratch.values,
+                &mut scratch.scales,
+            );
+            writer.write_next(&scratch.values)?;
+            return writer.write_next(&scratch.scales);
+        }
+        QuantScheme::Gguf(dtype) => {
+            gguf::quantize_into(&values, &entry.shape, dtype, &mut scratch.values)?;
+            return writer.write_next(&scratch.values);
+        }
+        QuantScheme::Int4 { .. } => {}
+    }
     let Quantized::Weight(weight) = quantize_values(&values, &entry.shape, scheme)? else {
         return Err(EngineError::InvalidModel(format!(
             "{name}: planned for quantization but kept"

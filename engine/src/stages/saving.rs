@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use super::model::WorkingModel;
 use super::session::parse_config;
 use crate::error::{EngineError, Result};
-use crate::export::{export_hf_folder, export_llama_gguf, GgufExportOptions};
+use crate::export::{export_hf_folder, export_llama_gguf, tokenizer_metadata, GgufExportOptions};
 use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};
 use crate::prune::MaskSet;
@@ -44,10 +44,26 @@ pub(super) fn save(model: &WorkingModel, dir: &Path, tokenizer_dir: Option<&Path
 }
 
 /// Writes a Llama model as GGUF; quantized with the model's GGUF type when it has one, else f32.
+/// The tokenizer metadata is copied from `source` when it is a GGUF file, else rebuilt from the
+/// `tokenizer.json` in `tokenizer_dir` (see [`tokenizer_metadata`]); a tokenizer that cannot be
+/// rebuilt leaves the file without it, with a warning, since candle still loads such a file.
 ///
 /// # Errors
 /// A config that is not Llama's, or a write error.
-pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
+pub(super) fn save_gguf(
+    model: &WorkingModel,
+    path: &Path,
+    source: &Path,
+    tokenizer_dir: Option<&Path>,
+) -> Result<()> {
+    let tokenizer_json = tokenizer_dir
+        .map(|d| d.join("tokenizer.json"))
+        .filter(|p| p.is_file());
+    let extra_metadata =
+        tokenizer_metadata(source, tokenizer_json.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("GGUF export without tokenizer metadata: {e}");
+            Vec::new()
+        });
     let config: LlamaConfig = parse_config(&model.config)?;
     let weight_type = match model.quantized() {
         Some((QuantScheme::Gguf(dtype), _)) => dtype,
@@ -61,6 +77,7 @@ pub(super) fn save_gguf(model: &WorkingModel, path: &Path) -> Result<()> {
         &model.store.tensors(),
         GgufExportOptions {
             weight_type,
+            extra_metadata,
             ..GgufExportOptions::default()
         },
     )

@@ -220,7 +220,12 @@ impl Workbench for Session {
         if self.spec.outputs.contains(&OutputFormat::Gguf)
             && self.spec.task.task_type == TaskType::LanguageModeling
         {
-            super::saving::save_gguf(model, &dir.join("model.gguf"))?;
+            super::saving::save_gguf(
+                model,
+                &dir.join("model.gguf"),
+                &self.model_path,
+                self.tokenizer_dir.as_deref(),
+            )?;
         }
         write_json(&dir.join(STATE_FILE), &SavedState { pruned, quantized })
     }
