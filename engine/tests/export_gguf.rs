@@ -289,3 +289,42 @@ fn smollm2_tokenizer_json_rebuilds_its_gguf_vocabulary() -> Result<()> {
     }
     Ok(())
 }
+
+/// With per-tensor types (a quantize stage's plan), each weight keeps its own type and weights the
+/// plan does not name stay F32, instead of one type for all.
+#[test]
+fn per_tensor_types_are_kept_in_the_export() -> Result<()> {
+    let dev = Device::Cpu;
+    let cfg = tiny_config();
+    let store = ParamStore::new();
+    store.set_init_missing(Some(5));
+    LlamaForCausalLm::load(
+        store.var_builder(DType::F32, &dev),
+        &cfg,
+        &LinearFactory::default(),
+    )?;
+    let mut types = std::collections::BTreeMap::new();
+    types.insert(
+        "model.layers.0.mlp.down_proj.weight".to_string(),
+        GgmlDType::Q8_0,
+    );
+    types.insert(
+        "model.layers.0.self_attn.q_proj.weight".to_string(),
+        GgmlDType::Q4_0,
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("planned.gguf");
+    let options = GgufExportOptions {
+        weight_type: GgmlDType::Q4K,
+        tensor_types: Some(types),
+        ..Default::default()
+    };
+    export_llama_gguf(&path, &cfg, &store.tensors(), options)?;
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&path)?)?;
+    let type_of = |name: &str| content.tensor_infos[name].ggml_dtype;
+    assert_eq!(type_of("blk.0.ffn_down.weight"), GgmlDType::Q8_0);
+    assert_eq!(type_of("blk.0.attn_q.weight"), GgmlDType::Q4_0);
+    assert_eq!(type_of("blk.1.ffn_down.weight"), GgmlDType::F32);
+    assert_eq!(type_of("token_embd.weight"), GgmlDType::F32);
+    Ok(())
+}

@@ -21,6 +21,10 @@ pub struct GgufExportOptions {
     pub weight_type: GgmlDType,
     /// A name recorded as `general.name`.
     pub name: String,
+    /// Per-tensor types (Hugging Face names), e.g. a quantize stage's plan with its fallbacks for
+    /// rows the main type's blocks do not divide. When given, a weight it does not name (excluded
+    /// from quantization) is stored as F32 and `weight_type` is not used.
+    pub tensor_types: Option<std::collections::BTreeMap<String, GgmlDType>>,
     /// More metadata to write as is, typically the source model's `tokenizer.ggml.*` entries (see
     /// `loading::gguf::read_gguf_metadata`), without which llama.cpp cannot tokenize.
     pub extra_metadata: Vec<(String, Value)>,
@@ -30,6 +34,7 @@ impl Default for GgufExportOptions {
     fn default() -> Self {
         Self {
             weight_type: GgmlDType::F32,
+            tensor_types: None,
             name: "compressd".into(),
             extra_metadata: Vec::new(),
         }
@@ -60,10 +65,11 @@ pub fn export_llama_gguf(
             Some("k_proj") => permute_rows(tensor, config.kv_heads())?,
             _ => tensor.clone(),
         };
-        qtensors.push((
-            gguf,
-            quantize(&tensor.to_dtype(DType::F32)?, options.weight_type)?,
-        ));
+        let dtype = match &options.tensor_types {
+            Some(types) => types.get(name).copied().unwrap_or(GgmlDType::F32),
+            None => options.weight_type,
+        };
+        qtensors.push((gguf, quantize(&tensor.to_dtype(DType::F32)?, dtype)?));
     }
     let mut metadata = llama_metadata(config, head_dim, &options.name);
     metadata.extend(options.extra_metadata.iter().cloned());

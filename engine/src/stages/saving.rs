@@ -65,18 +65,24 @@ pub(super) fn save_gguf(
             Vec::new()
         });
     let config: LlamaConfig = parse_config(&model.config)?;
-    let weight_type = match model.quantized() {
-        Some((QuantScheme::Gguf(dtype), _)) => dtype,
-        Some((QuantScheme::Int8, _)) => GgmlDType::Q8_0,
-        Some((QuantScheme::Int4 { .. }, _)) => GgmlDType::Q4_1,
-        None => GgmlDType::F32,
+    // Each quantized weight keeps the type the quantize stage chose for it (fallbacks included);
+    // int8 and int4 have no GGUF twin, so they map to the nearest GGUF block types.
+    let gguf_type = |scheme: QuantScheme| match scheme {
+        QuantScheme::Gguf(dtype) => dtype,
+        QuantScheme::Int8 => GgmlDType::Q8_0,
+        QuantScheme::Int4 { .. } => GgmlDType::Q4_1,
     };
+    let tensor_types = model.quantized().map(|(_, plan)| {
+        plan.iter()
+            .map(|(name, scheme)| (name.clone(), gguf_type(*scheme)))
+            .collect()
+    });
     export_llama_gguf(
         path,
         &config,
         &model.store.tensors(),
         GgufExportOptions {
-            weight_type,
+            tensor_types,
             extra_metadata,
             ..GgufExportOptions::default()
         },
