@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! cargo run --release -p compressd-engine --example finetune_bbc -- \
-//!   [--epochs 1] [--max-length 128] [--batch-size 16] [--max-train-samples N] [--time-budget-s S]
+//!   [--epochs 3] [--max-length 128] [--batch-size 16] [--max-train-samples N] [--time-budget-s S]
+//! # the defaults are the settings that met the 0.97 target (BENCHMARKS.md)
 //! # or, reusing the dev build's opt-level-3 dependencies and optimising only the engine:
 //! cargo --config 'profile.dev.package.compressd-engine.opt-level=3' \
 //!   --config 'profile.dev.package.compressd-engine.debug-assertions=false' \
@@ -44,7 +45,7 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
-        epochs: 1,
+        epochs: 3,
         max_length: 128,
         batch_size: 16,
         max_train_samples: None,

@@ -79,6 +79,25 @@ mod tests {
         assert_eq!(device_name(&Device::Cpu), "cpu");
     }
 
+    /// With the feature, a CUDA name either opens a device or fails with an error naming it (no GPU,
+    /// no driver, or an ordinal the machine lacks) — never a panic.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_with_feature_opens_or_names_the_device() {
+        match parse_device("cuda:0") {
+            Ok(dev) => {
+                assert!(dev.is_cuda());
+                assert_eq!(device_name(&dev), "cuda:0");
+            }
+            Err(err) => {
+                assert!(matches!(err, EngineError::InvalidSetting(_)), "{err}");
+                assert!(err.to_string().contains("cuda:0"), "{err}");
+            }
+        }
+        let err = parse_device("cuda:999").unwrap_err();
+        assert!(err.to_string().contains("cuda:999"), "{err}");
+    }
+
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_feature_is_a_clear_error() {
