@@ -3,105 +3,25 @@
 //! events recorded, and the outputs published as artifacts that download with their sha256.
 
 mod api_models_support;
+#[path = "../engine/tests/tiny_task/mod.rs"]
+mod tiny_task;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
 use compressd::scheduler::{SchedulerMetrics, WorkerSettings};
-use compressd_engine::export::export_hf_folder;
-use compressd_engine::layers::LinearFactory;
-use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
-use compressd_engine::params::ParamStore;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-
-const TOKENIZER: &str = r#"{
-  "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-  "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "Whitespace"},
-  "post_processor": {"type": "TemplateProcessing",
-    "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-               {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
-    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-    "special_tokens": {"[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
-                       "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}}},
-  "decoder": null,
-  "model": {"type": "WordLevel", "unk_token": "[UNK]",
-    "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "bad": 5, "movie": 6,
-              "great": 7, "awful": 8, "film": 9, "the": 10, "a": 11, "plot": 12, "was": 13}}
-}"#;
-
-/// A random 2-layer BERT encoder (hidden 32, no task head) as a Hugging Face folder.
-fn write_model(dir: &Path) {
-    let config = json!({
-        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": 14, "hidden_size": 32,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-        "max_position_embeddings": 32, "type_vocab_size": 2, "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0
-    });
-    let cfg: BertConfig = serde_json::from_value(config.clone()).unwrap();
-    let store = ParamStore::new();
-    store.set_init_missing(Some(3));
-    BertForSequenceClassification::load(
-        store.var_builder(DType::F32, &Device::Cpu),
-        &cfg,
-        &LinearFactory::default(),
-    )
-    .unwrap();
-    let tensors: Vec<(String, Tensor)> = store
-        .tensors()
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with("classifier"))
-        .map(|(name, t)| {
-            let random = t.rank() == 2 && !name.contains("embeddings");
-            let t = if random {
-                Tensor::randn(0f32, 0.2, t.dims(), &Device::Cpu).unwrap()
-            } else {
-                t
-            };
-            (name, t)
-        })
-        .collect();
-    export_hf_folder(dir, &config, &tensors, None).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), TOKENIZER).unwrap();
-}
-
-/// Rows of filler words, positive when they hold "good" or "great"; a `split` field for test rows.
-fn write_data(path: &Path) {
-    let words = ["movie", "film", "the", "a", "plot", "was"];
-    let lines: Vec<String> = (0..240usize)
-        .map(|i| {
-            let positive = i % 2 == 0;
-            let key = match (positive, i % 3) {
-                (true, 0) => "great",
-                (true, _) => "good",
-                (false, 0) => "awful",
-                (false, _) => "bad",
-            };
-            let text = format!(
-                "{} {} {key} {}",
-                words[i % 6],
-                words[(i / 6) % 6],
-                words[(i / 36) % 6]
-            );
-            let split = if i % 5 == 0 { "test" } else { "train" };
-            let label = if positive { "pos" } else { "neg" };
-            json!({"text": text, "label": label, "split": split}).to_string()
-        })
-        .collect();
-    std::fs::write(path, lines.join("\n")).unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     let server = api_models_support::start(&[]).await;
     let inputs = tempfile::tempdir().unwrap();
     let model_dir = inputs.path().join("model");
-    write_model(&model_dir);
+    tiny_task::write_model(&model_dir).unwrap();
     let data = inputs.path().join("data.jsonl");
-    write_data(&data);
+    tiny_task::write_data(&data).unwrap();
 
     let files: Vec<(&str, std::path::PathBuf)> =
         ["config.json", "model.safetensors", "tokenizer.json"]

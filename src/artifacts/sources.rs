@@ -289,7 +289,8 @@ impl SourceFile {
     }
 }
 
-async fn open_local(path: PathBuf) -> Result<BoxStream<'static, Result<Bytes>>> {
+/// Streams a local file in chunks of [`READ_CHUNK`] bytes.
+pub(crate) async fn open_local(path: PathBuf) -> Result<BoxStream<'static, Result<Bytes>>> {
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| Error::io(&path, e))?;

@@ -7,17 +7,14 @@
 
 use std::path::{Component, Path};
 
-use bytes::BytesMut;
+use futures::StreamExt;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
 
 use super::protocol::OutputFile;
 use super::WorkerContext;
+use crate::artifacts::sources::open_local;
 use crate::error::{Error, Result};
 use crate::store::{Artifact, Lease};
-
-/// Bytes read from a file per write to the store.
-const READ_CHUNK: usize = 8 << 20;
 
 /// Uploads and commits every output; returns the committed artifacts (name, kind, format, bytes,
 /// sha256) for the job's result.
@@ -82,26 +79,11 @@ async fn upload(
     path: &Path,
     key: &str,
 ) -> Result<crate::artifacts::WrittenObject> {
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| Error::io(path, e))?;
+    let mut chunks = open_local(path.to_path_buf()).await?;
     let mut writer = ctx.artifacts.writer(key).await?;
-    loop {
-        let mut chunk = BytesMut::with_capacity(READ_CHUNK);
-        while chunk.len() < READ_CHUNK {
-            let read = file
-                .read_buf(&mut chunk)
-                .await
-                .map_err(|e| Error::io(path, e))?;
-            if read == 0 {
-                break;
-            }
-        }
-        if chunk.is_empty() {
-            break;
-        }
-        // A failed write drops the writer, which aborts the upload.
-        writer.write(chunk.freeze()).await?;
+    while let Some(chunk) = chunks.next().await {
+        // A failed read or write drops the writer, which aborts the upload.
+        writer.write(chunk?).await?;
     }
     writer.finish().await
 }
