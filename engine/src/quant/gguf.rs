@@ -1,7 +1,7 @@
 //! GGUF (llama.cpp) block types, split across cores.
 //!
 //! Q8_0 and Q4_K use our own quantizers ([`super::blocks`], byte-identical to candle's and much
-//! faster); the other types use candle's block code. Rows are independent and blocks never straddle
+//! faster), Q4_1 our grid search ([`super::grid_search`]); the other types use candle's block code. Rows are independent and blocks never straddle
 //! rows (the row length is a multiple of the block size), so each core quantizes a contiguous range
 //! of whole rows straight into its part of the output buffer.
 
@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::Device;
 
 use super::blocks;
+use super::grid_search;
 use super::parallel::rows_per_task;
 use super::rows_cols;
 use crate::error::{EngineError, Result};
@@ -110,6 +111,7 @@ fn quantize_chunk(
     match dtype {
         GgmlDType::Q8_0 => blocks::quantize_q8_0(values, out),
         GgmlDType::Q4K => blocks::quantize_q4_k(values, out),
+        GgmlDType::Q4_1 => grid_search::quantize_q4_1(values, out),
         _ => {
             let mut blocks = dtype.cpu_zeros(values.len());
             blocks.from_float(values);

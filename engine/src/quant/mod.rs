@@ -14,6 +14,7 @@
 
 pub mod blocks;
 pub mod gguf;
+pub mod grid_search;
 pub mod int4;
 pub mod int8;
 pub mod layout;

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::{Stage, Trainer, WorkingModel};
@@ -32,8 +33,9 @@ pub struct QuantizeReport {
     pub scheme: String,
     /// Weights quantized.
     pub quantized: Vec<String>,
-    /// Weights the scheme could not take, with the reason (kept in full precision, or stored with
-    /// the fallback type the reason names).
+    /// Weights not stored with the stage's scheme, with the reason: kept in full precision, or
+    /// stored with the type the reason names (a fallback where the scheme's blocks do not divide
+    /// the rows, or the output matrix's type).
     pub kept_full_precision: BTreeMap<String, String>,
     /// Scalars in quantized weights.
     pub quantized_parameters: usize,
@@ -68,13 +70,15 @@ impl QuantizeStage {
         })
     }
 
-    /// The weights this stage quantizes with their scheme (the stage's, or a fallback), and those
-    /// it must keep in full precision, with reasons.
+    /// The weights this stage quantizes, each with its candidate schemes (the stage's, a fallback,
+    /// or the output matrix's type; several candidates are decided by measured error when the
+    /// weight is quantized), and the notes for weights not stored with the stage's scheme (kept in
+    /// full precision, or stored with the type the note names).
     fn plan(
         &self,
         model: &WorkingModel,
         ctx: Option<&StageContext>,
-    ) -> Result<(BTreeMap<String, QuantScheme>, BTreeMap<String, String>)> {
+    ) -> Result<(BTreeMap<String, Vec<QuantScheme>>, BTreeMap<String, String>)> {
         let shapes = model.weight_shapes();
         let exclude = self.exclude.clone().unwrap_or_else(|| {
             QUANTIZE_DEFAULT_EXCLUDE
@@ -93,29 +97,52 @@ impl QuantizeStage {
                 ));
             }
         }
+        let output = output_matrix(&shapes);
         let mut chosen = BTreeMap::new();
-        let mut kept = BTreeMap::new();
+        let mut notes = BTreeMap::new();
         for name in targets.names {
             let dims = shapes
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map(|(_, s)| s.clone())
                 .unwrap_or_default();
+            if output.as_deref() == Some(name.as_str()) {
+                if let Some(to) = output_scheme(self.scheme, &dims) {
+                    notes.insert(
+                        name.clone(),
+                        format!(
+                            "the output matrix is stored as {to}, as llama.cpp does under every \
+                             type but q8_0: the logits are the most sensitive to its error"
+                        ),
+                    );
+                    chosen.insert(name, vec![to]);
+                    continue;
+                }
+            }
             let Some(reason) = self.scheme.unsupported_reason(&dims) else {
-                chosen.insert(name, self.scheme);
+                chosen.insert(name, vec![self.scheme]);
                 continue;
             };
-            match fallback(self.scheme).filter(|f| f.unsupported_reason(&dims).is_none()) {
-                Some(f) => {
-                    kept.insert(name.clone(), format!("{reason}; stored as {f} instead"));
-                    chosen.insert(name, f);
+            let usable: Vec<QuantScheme> = fallbacks(self.scheme)
+                .into_iter()
+                .filter(|f| f.unsupported_reason(&dims).is_none())
+                .collect();
+            match usable.as_slice() {
+                [] => {
+                    notes.insert(name, reason);
                 }
-                None => {
-                    kept.insert(name, reason);
+                [only] => {
+                    notes.insert(name.clone(), format!("{reason}; stored as {only} instead"));
+                    chosen.insert(name, usable);
+                }
+                _ => {
+                    // `run` adds which of the candidates was chosen.
+                    notes.insert(name.clone(), reason);
+                    chosen.insert(name, usable);
                 }
             }
         }
-        Ok((chosen, kept))
+        Ok((chosen, notes))
     }
 }
 
@@ -124,39 +151,100 @@ impl QuantizeStage {
 const QUANTIZE_DEFAULT_EXCLUDE: &[&str] =
     &["*norm*", "*LayerNorm*", "classifier*", "score*", "lm_head*"];
 
-/// The type llama.cpp falls back to when a k-quant's 256-wide super-blocks do not divide a row.
-fn fallback(scheme: QuantScheme) -> Option<QuantScheme> {
+/// The types to store a weight in when a k-quant's 256-wide super-blocks do not divide its rows,
+/// in order of preference on a tie (smallest first).
+///
+/// llama.cpp falls back to a single type (q5_0 for q4_k). For q4_k we also try q4_1, which is
+/// smaller (5.0 bits per weight against 5.5), and keep whichever has the smaller squared error: on
+/// ordinary weights that is q5_0, as in llama.cpp; on weights that already sit on a Q4_1 grid (a
+/// Q4_1 GGUF dequantized for the pipeline) q4_1 finds the grid again with no error at all
+/// ([`crate::quant::grid_search`]), where q5_0 would add a second rounding on top of the first.
+fn fallbacks(scheme: QuantScheme) -> Vec<QuantScheme> {
+    let QuantScheme::Gguf(dtype) = scheme else {
+        return Vec::new();
+    };
+    let to: &[GgmlDType] = match dtype {
+        GgmlDType::Q2K | GgmlDType::Q3K => &[GgmlDType::Q4_0],
+        GgmlDType::Q4K => &[GgmlDType::Q4_1, GgmlDType::Q5_0],
+        GgmlDType::Q5K => &[GgmlDType::Q5_1],
+        GgmlDType::Q6K => &[GgmlDType::Q8_0],
+        _ => &[],
+    };
+    to.iter().map(|&d| QuantScheme::Gguf(d)).collect()
+}
+
+/// The weight that projects hidden states to the vocabulary: `lm_head.weight`, or the token
+/// embedding of a Llama-style model that ties the two (it has no `lm_head.weight`).
+fn output_matrix(shapes: &[(String, Vec<usize>)]) -> Option<String> {
+    let has = |name: &str| shapes.iter().any(|(n, _)| n == name);
+    if has(LM_HEAD) {
+        Some(LM_HEAD.to_owned())
+    } else {
+        has(TIED_EMBEDDING).then(|| TIED_EMBEDDING.to_owned())
+    }
+}
+
+const LM_HEAD: &str = "lm_head.weight";
+const TIED_EMBEDDING: &str = "model.embed_tokens.weight";
+
+/// llama.cpp's type for the output matrix under a GGUF scheme: q6_k, or q8_0 where 256-wide
+/// super-blocks do not divide its rows; none (the stage's own type) under q8_0, and for int8/int4.
+fn output_scheme(scheme: QuantScheme, dims: &[usize]) -> Option<QuantScheme> {
     let QuantScheme::Gguf(dtype) = scheme else {
         return None;
     };
-    let to = match dtype {
-        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
-        GgmlDType::Q4K => GgmlDType::Q5_0,
-        GgmlDType::Q5K => GgmlDType::Q5_1,
-        GgmlDType::Q6K => GgmlDType::Q8_0,
-        _ => return None,
-    };
-    Some(QuantScheme::Gguf(to))
+    if dtype == GgmlDType::Q8_0 {
+        return None;
+    }
+    let q6_k = QuantScheme::Gguf(GgmlDType::Q6K);
+    let q8_0 = QuantScheme::Gguf(GgmlDType::Q8_0);
+    [q6_k, q8_0]
+        .into_iter()
+        .find(|s| s.unsupported_reason(dims).is_none())
 }
 
-/// Replaces each chosen weight's values by its quantized-then-dequantized values, so whatever
-/// reads the store (embedding lookups, export) sees exactly the stored quantized weights.
-fn store_dequantized(model: &WorkingModel, chosen: &BTreeMap<String, QuantScheme>) -> Result<()> {
-    for (name, scheme) in chosen {
+/// Quantizes each planned weight with the candidate of least squared error (the first on a tie)
+/// and replaces its values by the quantized-then-dequantized ones, so whatever reads the store
+/// (embedding lookups, export) sees exactly the stored quantized weights. Returns each weight's
+/// scheme.
+fn store_quantized(
+    model: &WorkingModel,
+    candidates: &BTreeMap<String, Vec<QuantScheme>>,
+) -> Result<BTreeMap<String, QuantScheme>> {
+    let mut chosen = BTreeMap::new();
+    for (name, schemes) in candidates {
         let param = model
             .store
             .get(name)
             .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
         let tensor = param.tensor();
-        let Quantized::Weight(weight) = quantize(tensor, *scheme)? else {
-            continue;
-        };
-        let values = weight
-            .dequantize(tensor.device())?
-            .to_dtype(tensor.dtype())?;
-        model.store.insert(name.clone(), Param::Frozen(values));
+        let original = tensor.to_dtype(DType::F32)?;
+        let mut best: Option<(f64, QuantScheme, Tensor)> = None;
+        for &scheme in schemes {
+            let Quantized::Weight(weight) = quantize(tensor, scheme)? else {
+                continue;
+            };
+            let values = weight.dequantize(tensor.device())?;
+            let error = if schemes.len() > 1 {
+                (&values - &original)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?
+            } else {
+                0.0
+            };
+            if best.as_ref().map_or(true, |(e, _, _)| error < *e) {
+                best = Some((error, scheme, values));
+            }
+        }
+        if let Some((_, scheme, values)) = best {
+            let values = values.to_dtype(tensor.dtype())?;
+            model.store.insert(name.clone(), Param::Frozen(values));
+            chosen.insert(name.clone(), scheme);
+        }
     }
-    Ok(())
+    Ok(chosen)
 }
 
 impl Stage for QuantizeStage {
@@ -180,7 +268,18 @@ impl Stage for QuantizeStage {
         ctx: &StageContext,
     ) -> Result<serde_json::Value> {
         self.validate(model)?;
-        let (chosen, kept) = self.plan(model, Some(ctx))?;
+        let (candidates, mut kept) = self.plan(model, Some(ctx))?;
+        let chosen = store_quantized(model, &candidates)?;
+        for (name, scheme) in &chosen {
+            let tried = candidates.get(name).map_or(&[][..], Vec::as_slice);
+            if let (Some(note), true) = (kept.get_mut(name), tried.len() > 1) {
+                let tried: Vec<String> = tried.iter().map(ToString::to_string).collect();
+                note.push_str(&format!(
+                    "; stored as {scheme} instead, the one of {} with the least squared error",
+                    tried.join(", ")
+                ));
+            }
+        }
         for (name, reason) in &kept {
             ctx.warn(format!("quantize: {name}: {reason}"));
         }
@@ -190,7 +289,6 @@ impl Stage for QuantizeStage {
             .filter(|(n, _)| chosen.contains_key(n))
             .map(|(_, s)| s.iter().product::<usize>())
             .sum();
-        store_dequantized(model, &chosen)?;
         let quantized: Vec<String> = chosen.keys().cloned().collect();
         model.set_quantized(self.scheme, chosen)?;
         let report = QuantizeReport {
@@ -200,5 +298,72 @@ impl Stage for QuantizeStage {
             quantized_parameters,
         };
         serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamStore;
+    use candle_core::Device;
+
+    fn q(dtype: GgmlDType) -> QuantScheme {
+        QuantScheme::Gguf(dtype)
+    }
+
+    #[test]
+    fn the_output_matrix_follows_llama_cpp() {
+        let tied = vec![("model.embed_tokens.weight".to_owned(), vec![100, 576])];
+        assert_eq!(output_matrix(&tied).as_deref(), Some(TIED_EMBEDDING));
+        let untied = vec![
+            ("model.embed_tokens.weight".to_owned(), vec![100, 576]),
+            ("lm_head.weight".to_owned(), vec![100, 576]),
+        ];
+        assert_eq!(output_matrix(&untied).as_deref(), Some(LM_HEAD));
+        let bert = vec![(
+            "bert.embeddings.word_embeddings.weight".to_owned(),
+            vec![100, 64],
+        )];
+        assert_eq!(output_matrix(&bert), None);
+        let q4_k = q(GgmlDType::Q4K);
+        assert_eq!(output_scheme(q4_k, &[100, 512]), Some(q(GgmlDType::Q6K)));
+        assert_eq!(output_scheme(q4_k, &[100, 576]), Some(q(GgmlDType::Q8_0)));
+        assert_eq!(output_scheme(q(GgmlDType::Q8_0), &[100, 576]), None);
+        assert_eq!(output_scheme(QuantScheme::Int8, &[100, 576]), None);
+        assert_eq!(output_scheme(q4_k, &[100, 48]), None, "no type fits 48");
+    }
+
+    #[test]
+    fn the_q4_k_fallback_is_the_candidate_with_least_error() -> Result<()> {
+        let device = Device::Cpu;
+        // A weight already on a Q4_1 grid (levels 3..=12 of d = 0.01 from -0.05) and an ordinary one.
+        let grid: Vec<f32> = (0..64 * 64)
+            .map(|i| (3 + (i * 7919) % 10) as f32 * 0.01 - 0.05)
+            .collect();
+        let ordinary: Vec<f32> = (0..64 * 64)
+            .map(|i| (((i * 7919) % 1000) as f32 / 1000.0 - 0.5).powi(3))
+            .collect();
+        let store = ParamStore::from_tensors(
+            [
+                (
+                    "grid.weight".to_owned(),
+                    Tensor::from_vec(grid, (64, 64), &device)?,
+                ),
+                (
+                    "plain.weight".to_owned(),
+                    Tensor::from_vec(ordinary, (64, 64), &device)?,
+                ),
+            ],
+            |_| false,
+        )?;
+        let model = WorkingModel::new(store, serde_json::json!({}));
+        let candidates: BTreeMap<String, Vec<QuantScheme>> = ["grid.weight", "plain.weight"]
+            .iter()
+            .map(|n| (n.to_string(), fallbacks(q(GgmlDType::Q4K))))
+            .collect();
+        let chosen = store_quantized(&model, &candidates)?;
+        assert_eq!(chosen["grid.weight"], q(GgmlDType::Q4_1));
+        assert_eq!(chosen["plain.weight"], q(GgmlDType::Q5_0));
+        Ok(())
     }
 }
