@@ -72,7 +72,10 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
     let model = shared.join(MODEL);
     let device = Device::Cpu;
-    let tokenizer = model.parent().context("model folder")?.join("tokenizer.json");
+    let tokenizer = model
+        .parent()
+        .context("model folder")?
+        .join("tokenizer.json");
     let encoder = TextEncoder::from_file(&tokenizer, 128)?;
     let spec = LmSpec {
         seq_len: 128,

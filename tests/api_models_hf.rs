@@ -258,6 +258,11 @@ async fn registers_a_model_by_hf_reference_then_again_offline_from_the_cache() {
         (&model["name"], &model["source"], &model["architecture"]),
         (&json!("tiny-bert"), &json!(uri), &json!("bert"))
     );
+    assert_eq!(model["source_revision"], COMMIT, "`main` is pinned");
+    let (_, listed) = server
+        .get(&format!("/v1/models/{}", model["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(listed["source_revision"], COMMIT, "the record keeps it");
     let repo = tiny_bert();
     let files = model["files"].as_array().unwrap();
     let names: Vec<&str> = files.iter().map(|f| f["name"].as_str().unwrap()).collect();
@@ -281,6 +286,10 @@ async fn registers_a_model_by_hf_reference_then_again_offline_from_the_cache() {
     let (status, again) = offline.post_json("/v1/models", &json!({"uri": uri})).await;
     assert_eq!(status, 201, "{again}");
     assert_eq!(again["sha256"], model["sha256"]);
+    assert_eq!(
+        again["source_revision"], COMMIT,
+        "the cache remembers the commit"
+    );
     assert_eq!(hub.downloaded().len(), 3, "offline fetched nothing");
 }
 
@@ -362,6 +371,7 @@ async fn registers_a_dataset_file_from_a_dataset_repo() {
     assert_eq!(dataset["format"], "jsonl");
     let bytes = &news_dataset()["data/train.jsonl"];
     assert_eq!(dataset["sha256"], sha256(bytes));
+    assert_eq!(dataset["source_revision"], COMMIT);
     assert_eq!(hub.downloaded(), ["datasets/org/news/data/train.jsonl"]);
 
     let (status, body) = server

@@ -43,6 +43,10 @@ pub struct DatasetView {
     pub sha256: String,
     /// `upload`, or the URI it was registered from.
     pub source: String,
+    /// The commit an `hf://` reference's revision resolved to when it was registered: register
+    /// `…@<this>` to fetch exactly the same files again. Absent for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_revision: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -66,6 +70,10 @@ impl From<Dataset> for DatasetView {
             text_field: text("text_field"),
             label_field: text("label_field"),
             source: text("source"),
+            source_revision: meta
+                .get("source_revision")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             id: d.id,
             name: d.name,
             format: d.format,

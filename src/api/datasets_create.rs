@@ -107,6 +107,8 @@ struct Received {
     key: String,
     file_name: String,
     summary: DatasetSummary,
+    /// The commit an `hf://` reference resolved to.
+    source_revision: Option<String>,
 }
 
 async fn read_upload(state: &AppState, id: Uuid, mut multipart: Multipart) -> Result<Received> {
@@ -154,6 +156,7 @@ async fn read_upload(state: &AppState, id: Uuid, mut multipart: Multipart) -> Re
         key,
         file_name,
         summary,
+        source_revision: None,
     })
 }
 
@@ -200,6 +203,7 @@ async fn read_reference(
         .next()
         .unwrap_or(&file.name)
         .to_owned();
+    let source_revision = file.revision().map(str::to_owned);
     let source = file.open().await.map_err(about_uri)?;
     let (key, file_name, summary) = store_file(state, id, &file_name, source, &request).await?;
     Ok(Received {
@@ -207,6 +211,7 @@ async fn read_reference(
         key,
         file_name,
         summary,
+        source_revision,
     })
 }
 
@@ -260,6 +265,7 @@ async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Datase
         key,
         file_name,
         summary,
+        source_revision,
     } = received;
     let format = summary.format.as_str().to_owned();
     let defaults = DatasetOptions::new(summary.format);
@@ -282,6 +288,7 @@ async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Datase
             "text_field": request.text_field.unwrap_or(defaults.text_field),
             "label_field": request.label_field.unwrap_or(defaults.label_field),
             "source": request.uri,
+            "source_revision": source_revision,
         }),
         // Both databases keep microseconds; answer with what a later GET will read back.
         created_at: state.clock.now().trunc_subsecs(6),

@@ -38,6 +38,10 @@ pub struct ModelView {
     pub files: Vec<FileRecord>,
     /// `upload`, or the URI it was registered from.
     pub source: String,
+    /// The commit an `hf://` reference's revision resolved to when it was registered: register
+    /// `…@<this>` to fetch exactly the same files again. Absent for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_revision: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -58,6 +62,10 @@ impl From<Model> for ModelView {
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or_default()
                 .to_owned(),
+            source_revision: meta
+                .get("source_revision")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned),
             id: model.id,
             name: model.name,
             architecture: model.architecture,

@@ -58,7 +58,7 @@ pub async fn create_model(
                 .map_err(|e| ApiError::bad_request("bad-upload", e.body_text()))?;
             read_upload(&mut registration, multipart)
                 .await
-                .map(|name| (name, "upload".to_owned()))
+                .map(|name| (name, "upload".to_owned(), None))
                 .map_err(ApiError::from)
         }
         BodyKind::Json => {
@@ -67,11 +67,11 @@ pub async fn create_model(
             let name = reference.name.or_else(|| hf_name(&reference.uri));
             read_reference(&state, &mut registration, &reference.uri)
                 .await
-                .map(|()| (name, reference.uri))
+                .map(|revision| (name, reference.uri, revision))
         }
     };
     let model = match received {
-        Ok((name, source)) => registration.commit(&state, name, source).await?,
+        Ok((name, source, revision)) => registration.commit(&state, name, source, revision).await?,
         Err(error) => {
             registration.abandon().await;
             return Err(error);
@@ -201,7 +201,7 @@ async fn read_reference(
     state: &AppState,
     registration: &mut ModelRegistration,
     uri: &str,
-) -> std::result::Result<(), ApiError> {
+) -> std::result::Result<Option<String>, ApiError> {
     let files = resolve_reference(state, uri, InputKind::Model)
         .await
         .map_err(about_uri)?;
@@ -211,11 +211,12 @@ async fn read_reference(
         let what = "model upload";
         return Err(Error::TooLarge { what, limit }.into());
     }
+    let revision = files.iter().find_map(|f| f.revision()).map(str::to_owned);
     for file in files {
         let stream = file.open().await.map_err(about_uri)?;
         registration.add_file(&file.name, stream).await?;
     }
-    Ok(())
+    Ok(revision)
 }
 
 /// The default name of an `hf://` model: the repository's name without `@revision` (other

@@ -82,6 +82,7 @@ impl ModelRegistration {
         state: &AppState,
         name: Option<String>,
         source: String,
+        source_revision: Option<String>,
     ) -> Result<Model> {
         let Self {
             id,
@@ -108,7 +109,10 @@ impl ModelRegistration {
             uri: prefix,
             bytes: i64::try_from(summary.bytes).unwrap_or(i64::MAX),
             sha256: manifest_sha256(&summary.files),
-            metadata: json!({"parameters": summary.parameters, "files": summary.files, "source": source}),
+            metadata: json!({
+                "parameters": summary.parameters, "files": summary.files, "source": source,
+                "source_revision": source_revision,
+            }),
             // Both databases keep microseconds; answer with what a later GET will read back.
             created_at: state.clock.now().trunc_subsecs(6),
         };

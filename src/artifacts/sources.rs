@@ -275,6 +275,14 @@ async fn hf_files(
 }
 
 impl SourceFile {
+    /// The commit an `hf://` reference resolved to (a branch or tag pinned), for the record.
+    pub fn revision(&self) -> Option<&str> {
+        match &self.location {
+            Location::Hf { snapshot, .. } => Some(snapshot.commit()),
+            Location::Local(_) | Location::S3 { .. } => None,
+        }
+    }
+
     /// Opens the file as a stream of chunks (an `hf://` file is downloaded into the Hugging
     /// Face cache first, unless it is there already).
     ///

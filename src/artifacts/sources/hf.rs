@@ -399,6 +399,11 @@ fn walk(dir: &Path, prefix: &str, out: &mut Vec<RepoFile>) {
 }
 
 impl HfSnapshot {
+    /// The commit the reference's revision named when it was resolved.
+    pub fn commit(&self) -> &str {
+        &self.commit
+    }
+
     /// The local copy of `path`: from the cache when it is there, else downloaded into it.
     ///
     /// # Errors
