@@ -2,7 +2,9 @@
 //!
 //! Open loop: requests are sent on a fixed schedule whether or not earlier ones have finished, and
 //! latency is measured from each request's scheduled time, so a slow server cannot hide its queueing
-//! (no coordinated omission). The server runs in this process on a port-0 listener, over SQLite in
+//! (no coordinated omission). The first `--warmup` seconds (default 2) run at the same rate but are
+//! not counted: they open the HTTP and database connections a running service already holds.
+//! The server runs in this process on a port-0 listener, over SQLite in
 //! a temp dir or over PostgreSQL (a throwaway cluster, as in the tests, or
 //! `COMPRESSD_TEST_DATABASE_URL`).
 //!
@@ -31,6 +33,7 @@ struct Options {
     backend: String,
     rate: u32,
     seconds: u32,
+    warmup: u32,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -38,6 +41,7 @@ fn options() -> anyhow::Result<Options> {
         backend: "sqlite".into(),
         rate: 500,
         seconds: 20,
+        warmup: 2,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -46,6 +50,9 @@ fn options() -> anyhow::Result<Options> {
             "--rate" => options.rate = args.next().context("--rate needs a value")?.parse()?,
             "--seconds" => {
                 options.seconds = args.next().context("--seconds needs a value")?.parse()?
+            }
+            "--warmup" => {
+                options.warmup = args.next().context("--warmup needs a value")?.parse()?
             }
             "--bench" => {} // cargo bench passes this to harness=false targets
             other => bail!("unknown argument {other}"),
@@ -134,11 +141,14 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(256)
         .build()?;
     let total = options.rate * options.seconds;
+    let warmup = options.rate * options.warmup;
     let period = Duration::from_secs_f64(1.0 / f64::from(options.rate));
-    let started = Instant::now();
+    let origin = Instant::now();
+    let started = origin + period * warmup;
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let scheduled = started + period * i;
+    for i in 0..warmup + total {
+        let scheduled = origin + period * i;
+        let counted = i >= warmup;
         tokio::time::sleep_until(scheduled.into()).await;
         let (client, url, body) = (client.clone(), url.clone(), body.clone());
         tasks.spawn(async move {
@@ -149,15 +159,17 @@ async fn main() -> anyhow::Result<()> {
                 .send()
                 .await;
             let ok = matches!(&response, Ok(r) if r.status() == 201);
-            (scheduled.elapsed(), ok)
+            (scheduled.elapsed(), ok, counted)
         });
     }
     let mut latencies = Vec::with_capacity(total as usize);
     let mut errors = 0u32;
     while let Some(joined) = tasks.join_next().await {
-        let (latency, ok) = joined?;
-        latencies.push(latency);
-        errors += u32::from(!ok);
+        let (latency, ok, counted) = joined?;
+        if counted {
+            latencies.push(latency);
+            errors += u32::from(!ok);
+        }
     }
     let elapsed = started.elapsed();
     let _ = stop.send(());
@@ -166,10 +178,11 @@ async fn main() -> anyhow::Result<()> {
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
-        "backend={} rate={}/s seconds={} requests={} errors={} throughput={:.0}/s p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
+        "backend={} rate={}/s seconds={} (after {} s warm-up) requests={} errors={} throughput={:.0}/s p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
         options.backend,
         options.rate,
         options.seconds,
+        options.warmup,
         total,
         errors,
         f64::from(total) / elapsed.as_secs_f64(),
