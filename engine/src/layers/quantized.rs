@@ -5,7 +5,8 @@
 //! runs on candle's Q8_0 blocks built from exactly the stored values. GGUF types run on candle's
 //! `QMatMul` over their own blocks, and int4 on Q4_1 blocks built from exactly the stored values
 //! (see [`crate::quant::int8`] and [`crate::quant::int4`]), so the latency measured is that of integer
-//! weights, not of a dequantized copy. When a weight's row length does not suit candle's kernel
+//! weights, not of a dequantized copy. Q4_1 blocks (int4 and the q4_1 type) run on our own kernel on
+//! the CPU ([`super::q4_1_matmul`]), because candle's is scalar code. When a weight's row length does not suit candle's kernel
 //! (Q8_0 rows not a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of blocks), the layer
 //! computes with the dequantized weight and says so through [`QuantizedLinear::kernel`].
 //!
@@ -19,6 +20,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::int8_matmul::{self, Int8Kernel, PackedInt8};
+use super::q4_1_matmul::{self, PackedQ4_1};
 use super::{LinearKind, LinearLayer};
 use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 
@@ -27,6 +29,8 @@ use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 pub enum KernelPath {
     /// Our int8 × int8 → i32 kernel on the CPU (AVX2 or its portable fallback).
     Int8(Int8Kernel),
+    /// Our Q4_1 × 8-bit block kernel on the CPU (AVX2 or its portable fallback).
+    Q4_1(Int8Kernel),
     /// candle's quantized matmul on GGML blocks.
     Quantized(GgmlDType),
     /// An f32 matmul on the dequantized weight (the row length does not suit the kernel).
@@ -121,6 +125,8 @@ impl QuantizedLinear {
 enum Compute {
     /// Packed for our int8 kernel.
     Int8(Arc<PackedInt8>, Int8Kernel),
+    /// Unpacked for our Q4_1 kernel.
+    Q4_1(Arc<PackedQ4_1>, Int8Kernel),
     /// candle's quantized (or, as a fallback, plain) matmul.
     Candle(QMatMul),
 }
@@ -133,6 +139,24 @@ fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(Compute, Ker
             return Ok((
                 Compute::Int8(Arc::new(packed), kernel),
                 KernelPath::Int8(kernel),
+            ));
+        }
+    }
+    if let Device::Cpu = device {
+        let q4_1_bytes = match weight {
+            QuantizedWeight::Int4(w) => Some(w.to_q4_1_bytes()),
+            QuantizedWeight::Gguf(q) if q.dtype() == GgmlDType::Q4_1 => {
+                Some(q.data()?.into_owned())
+            }
+            _ => None,
+        };
+        let dims = weight.dims();
+        let packed = q4_1_bytes.and_then(|b| PackedQ4_1::from_ggml(&b, dims[0], dims[1]));
+        if let Some(packed) = packed {
+            let kernel = Int8Kernel::detect();
+            return Ok((
+                Compute::Q4_1(Arc::new(packed), kernel),
+                KernelPath::Q4_1(kernel),
             ));
         }
     }
@@ -185,7 +209,18 @@ impl LinearLayer for QuantizedLinear {
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let y = match &self.compute {
             Compute::Int8(packed, kernel) => {
-                return int8_forward(&x, packed, self.bias.as_ref(), *kernel)?.to_dtype(in_dtype);
+                let shape = (packed.in_features(), packed.out_features());
+                return cpu_forward(&x, shape, self.bias.as_ref(), |values, bias| {
+                    int8_matmul::matmul(values, packed, bias, *kernel)
+                })?
+                .to_dtype(in_dtype);
+            }
+            Compute::Q4_1(packed, kernel) => {
+                let shape = (packed.in_features(), packed.out_features());
+                return cpu_forward(&x, shape, self.bias.as_ref(), |values, bias| {
+                    q4_1_matmul::matmul(values, packed, bias, *kernel)
+                })?
+                .to_dtype(in_dtype);
             }
             Compute::Candle(matmul) => matmul.forward(&x)?,
         };
@@ -217,19 +252,17 @@ impl LinearLayer for QuantizedLinear {
     }
 }
 
-/// Runs the int8 kernel on a contiguous f32 CPU tensor `(.., in_features)`.
-fn int8_forward(
+/// Runs one of our CPU kernels (`run(x values, bias)`) on a contiguous f32 CPU tensor
+/// `(.., in_features)`, giving `(.., out_features)`.
+fn cpu_forward(
     x: &Tensor,
-    packed: &PackedInt8,
+    (in_features, out_features): (usize, usize),
     bias: Option<&Tensor>,
-    kernel: Int8Kernel,
+    run: impl FnOnce(&[f32], Option<&[f32]>) -> Vec<f32>,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.last() != Some(&packed.in_features()) {
-        candle_core::bail!(
-            "input of shape {dims:?} for a linear layer of {} inputs",
-            packed.in_features()
-        );
+    if dims.last() != Some(&in_features) {
+        candle_core::bail!("input of shape {dims:?} for a linear layer of {in_features} inputs");
     }
     let bias = bias
         .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
@@ -237,17 +270,17 @@ fn int8_forward(
     let y = {
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
-            candle_core::bail!("the int8 kernel runs on the CPU only");
+            candle_core::bail!("our integer kernels run on the CPU only");
         };
         let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("the int8 kernel needs a contiguous input");
+            candle_core::bail!("our integer kernels need a contiguous input");
         };
         let values = &cpu.as_slice::<f32>()?[start..end];
-        int8_matmul::matmul(values, packed, bias.as_deref(), kernel)
+        run(values, bias.as_deref())
     };
     let mut out_dims = dims.to_vec();
     if let Some(last) = out_dims.last_mut() {
-        *last = packed.out_features();
+        *last = out_features;
     }
     Tensor::from_vec(y, out_dims, x.device())
 }
@@ -321,23 +354,29 @@ mod tests {
         let dev = Device::Cpu;
         let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
         let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
-        // One Q4_1 block per row: candle's Q4_1 dot product needs an even number of blocks.
-        let q4_1 = gguf::quantize(&values, &[2, 32], GgmlDType::Q4_1).unwrap();
-        let layer = QuantizedLinear::new(
-            QuantizedWeight::Gguf(Arc::new(q4_1)),
-            Some(bias.clone()),
-            &dev,
-        )
-        .unwrap();
-        assert_eq!(layer.kernel(), KernelPath::Dequantized);
+        // One Q5_0 block per row: candle's Q5_0 dot product needs an even number of blocks. Q4_1
+        // runs on our own kernel, which takes any number.
         let x = Tensor::ones((1, 32), DType::F32, &dev).unwrap();
-        let y = layer.forward(&x).unwrap().to_vec2::<f32>().unwrap();
         let expected0: f32 = values[..32].iter().sum::<f32>() + 1.0;
-        assert!(
-            (y[0][0] - expected0).abs() < 0.2,
-            "{} vs {expected0}",
-            y[0][0]
-        );
+        let mut layer = None;
+        for (dtype, path) in [
+            (GgmlDType::Q5_0, KernelPath::Dequantized),
+            (GgmlDType::Q4_1, KernelPath::Q4_1(Int8Kernel::detect())),
+        ] {
+            let q = gguf::quantize(&values, &[2, 32], dtype).unwrap();
+            let built =
+                QuantizedLinear::new(QuantizedWeight::Gguf(Arc::new(q)), Some(bias.clone()), &dev)
+                    .unwrap();
+            assert_eq!(built.kernel(), path);
+            let y = built.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+            assert!(
+                (y[0][0] - expected0).abs() < 0.2,
+                "{dtype:?}: {} vs {expected0}",
+                y[0][0]
+            );
+            layer = Some(built);
+        }
+        let layer = layer.unwrap();
         let tracked = Var::from_tensor(&x).unwrap();
         let err = layer.forward(tracked.as_tensor()).unwrap_err();
         assert!(err.to_string().contains("inference-only"), "{err}");
