@@ -11,13 +11,14 @@
 #[path = "acceptance_support/mod.rs"]
 mod support;
 
+#[path = "../engine/tests/gguf_generation/mod.rs"]
+mod gguf_generation;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use gguf_generation::check_paris;
 use serde_json::{json, Value};
 use support::{enabled, event_types, has_stage_event, Service};
 
@@ -29,10 +30,6 @@ const EVAL_SEQUENCES: u64 = 8;
 /// The longest a job may take before the test gives up: a guard against a hung job, sized for a
 /// heavily loaded 2-core machine (see the timings above).
 const JOB_TIMEOUT: Duration = Duration::from_secs(150 * 60);
-/// `golden.json`'s prompt ("The capital of France is") and the original model's top next token
-/// there (" Paris", 2.5 logits ahead of the runner-up, so a faithful quantization keeps it).
-const PROMPT_IDS: [u32; 5] = [504, 3575, 282, 4649, 314];
-const PARIS: u32 = 7042;
 /// Tokens generated from the downloaded GGUF.
 const GENERATED_TOKENS: usize = 6;
 
@@ -131,44 +128,6 @@ async fn quantize(
     Ok(out.join("model/model.gguf"))
 }
 
-/// Greedy generation with candle-transformers' quantized Llama reading the downloaded GGUF.
-fn generate(gguf: &Path, prompt: &[u32], count: usize) -> Result<Vec<u32>> {
-    let mut file = std::fs::File::open(gguf)?;
-    let content = gguf_file::Content::read(&mut file)?;
-    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-    let mut tokens = prompt.to_vec();
-    for _ in 0..count {
-        let position = if tokens.len() == prompt.len() {
-            0
-        } else {
-            tokens.len() - 1
-        };
-        let input = Tensor::new(&tokens[position..], &Device::Cpu)?.unsqueeze(0)?;
-        let logits: Vec<f32> = model.forward(&input, position)?.squeeze(0)?.to_vec1()?;
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(id, _)| id as u32)
-            .context("empty logits")?;
-        tokens.push(next);
-    }
-    Ok(tokens[prompt.len()..].to_vec())
-}
-
-fn check_generation(gguf: &Path, shared: &Path, scheme: &str) -> Result<()> {
-    let generated = generate(gguf, &PROMPT_IDS, GENERATED_TOKENS)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(shared.join(MODEL_DIR).join("tokenizer.json"))
-        .map_err(anyhow::Error::msg)?;
-    let text = tokenizer
-        .decode(&generated, false)
-        .map_err(anyhow::Error::msg)?;
-    eprintln!("{scheme}: \"The capital of France is\" -> {text:?}");
-    assert_eq!(generated.len(), GENERATED_TOKENS);
-    assert_eq!(generated[0], PARIS, "{scheme}: {text:?} {generated:?}");
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smollm_q8_0_and_q4_k_keep_perplexity_and_generate() -> Result<()> {
     let Some(shared) = enabled(&[MODEL_DIR, DATASET]) else {
@@ -183,7 +142,8 @@ async fn smollm_q8_0_and_q4_k_keep_perplexity_and_generate() -> Result<()> {
     for (scheme, bounds) in [("q8_0", (0.01, 3.5)), ("q4_k", (0.06, 5.0))] {
         let out = tempfile::tempdir()?;
         let gguf = quantize(&service, &inputs, scheme, bounds, out.path()).await?;
-        check_generation(&gguf, &shared, scheme)?;
+        let tokenizer = shared.join(MODEL_DIR).join("tokenizer.json");
+        check_paris(&gguf, &tokenizer, GENERATED_TOKENS, scheme)?;
     }
     Ok(())
 }

@@ -7,13 +7,15 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{Context, Result};
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use anyhow::Result;
+use candle_core::Device;
 use compressd_engine::pipeline::PipelineInputs;
 use compressd_engine::spec::JobSpec;
 use compressd_engine::stages::run_job;
+use gguf_generation::check_paris;
+
+#[path = "gguf_generation/mod.rs"]
+mod gguf_generation;
 
 fn shared() -> Option<PathBuf> {
     let dir = std::env::var_os("COMPRESSD_SHARED")
@@ -66,51 +68,6 @@ fn perplexities(
     Ok((before, after, result.final_dir, out))
 }
 
-/// `golden.json`'s prompt and the top next token of the original model there (" Paris", 2.5 logits
-/// ahead of the runner-up, so a faithful quantization keeps it).
-const PROMPT_IDS: [u32; 5] = [504, 3575, 282, 4649, 314];
-const PARIS: u32 = 7042;
-
-/// Greedy generation of `count` tokens after `prompt` with candle-transformers' quantized Llama
-/// reading our GGUF: proof that the file is a usable llama.cpp-style model, not just parseable.
-fn generate(gguf: &std::path::Path, prompt: &[u32], count: usize) -> Result<Vec<u32>> {
-    let mut file = std::fs::File::open(gguf)?;
-    let content = gguf_file::Content::read(&mut file)?;
-    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
-    let mut tokens = prompt.to_vec();
-    for _ in 0..count {
-        let position = if tokens.len() == prompt.len() {
-            0
-        } else {
-            tokens.len() - 1
-        };
-        let input = Tensor::new(&tokens[position..], &Device::Cpu)?.unsqueeze(0)?;
-        let logits: Vec<f32> = model.forward(&input, position)?.squeeze(0)?.to_vec1()?;
-        let next = logits
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(id, _)| id as u32)
-            .context("empty logits")?;
-        tokens.push(next);
-    }
-    Ok(tokens[prompt.len()..].to_vec())
-}
-
-/// Loads the exported GGUF, generates a few tokens and checks the first is " Paris".
-fn check_generation(final_dir: &std::path::Path, scheme: &str) -> Result<()> {
-    let generated = generate(&final_dir.join("model.gguf"), &PROMPT_IDS, 6)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(final_dir.join("tokenizer.json"))
-        .map_err(anyhow::Error::msg)?;
-    let text = tokenizer
-        .decode(&generated, false)
-        .map_err(anyhow::Error::msg)?;
-    eprintln!("{scheme}: \"The capital of France is\" -> {text:?} {generated:?}");
-    assert_eq!(generated.len(), 6);
-    assert_eq!(generated[0], PARIS, "{scheme} first token: {text:?}");
-    Ok(())
-}
-
 #[test]
 fn smollm_q8_0_and_q4_k_keep_perplexity() -> Result<()> {
     // Minutes of CPU per scheme (88 minutes for both at load 7-15 on 2 cores, 13 idle in a release
@@ -130,9 +87,19 @@ fn smollm_q8_0_and_q4_k_keep_perplexity() -> Result<()> {
     let mut file = std::fs::File::open(final_dir.join("model.gguf"))?;
     let gguf = candle_core::quantized::gguf_file::Content::read(&mut file)?;
     assert!(gguf.tensor_infos.contains_key("blk.0.attn_q.weight"));
-    check_generation(&final_dir, "q8_0")?;
+    check_paris(
+        &final_dir.join("model.gguf"),
+        &final_dir.join("tokenizer.json"),
+        6,
+        "q8_0",
+    )?;
     let (base, q4, final_dir, _keep) = perplexities(&shared, "q4_k")?;
     assert!(q4 <= base * 1.06, "q4_k: {q4} vs {base}");
-    check_generation(&final_dir, "q4_k")?;
+    check_paris(
+        &final_dir.join("model.gguf"),
+        &final_dir.join("tokenizer.json"),
+        6,
+        "q4_k",
+    )?;
     Ok(())
 }

@@ -279,37 +279,11 @@ fn row_block(
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1) (xorshift), so the test needs no tensor library.
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..count)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::layers::kernel_tests::{reference_product, values};
 
-    /// `x · deq(W)ᵀ + b` in f64 with the stored (dequantized) weight: what the kernel approximates.
     fn reference(x: &[f32], w: &Int8Weight, bias: &[f32]) -> Vec<f32> {
         let [n, k] = w.dims[..] else { unreachable!() };
-        let deq = w.dequantize();
-        x.chunks(k)
-            .flat_map(|row| {
-                (0..n)
-                    .map(|c| {
-                        let dot: f64 = row
-                            .iter()
-                            .zip(&deq[c * k..(c + 1) * k])
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                            .sum();
-                        (dot + f64::from(bias[c])) as f32
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        reference_product(x, &w.dequantize(), n, k, bias)
     }
 
     /// Shapes with odd inputs, partial panels and partial row blocks, on both parallel splits.

@@ -9,6 +9,8 @@
 mod dense;
 mod int8_avx2;
 pub mod int8_matmul;
+#[cfg(test)]
+mod kernel_tests;
 mod q4_1_avx2;
 pub mod q4_1_matmul;
 mod quantized;

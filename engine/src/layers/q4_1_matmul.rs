@@ -227,34 +227,7 @@ mod tests {
     use crate::quant::gguf;
     use candle_core::quantized::GgmlDType;
 
-    /// Deterministic values in [-1, 1) (xorshift).
-    fn values(count: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..count)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    /// `x · deq(W)ᵀ + b` in f64: what the kernel approximates (only `x` is rounded further).
-    fn reference(x: &[f32], deq: &[f32], n: usize, k: usize, bias: &[f32]) -> Vec<f32> {
-        x.chunks(k)
-            .flat_map(|row| {
-                (0..n).map(move |c| {
-                    let dot: f64 = row
-                        .iter()
-                        .zip(&deq[c * k..(c + 1) * k])
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum();
-                    (dot + f64::from(bias[c])) as f32
-                })
-            })
-            .collect()
-    }
+    use crate::layers::kernel_tests::{reference_product as reference, values};
 
     #[test]
     fn kernels_match_the_dequantized_product_and_each_other() {
