@@ -107,7 +107,8 @@ impl QuantizeStage {
                 .map(|(_, s)| s.clone())
                 .unwrap_or_default();
             if output.as_deref() == Some(name.as_str()) {
-                if let Some(to) = output_scheme(self.scheme, &dims) {
+                let to = output_scheme(self.scheme, &dims).filter(|to| *to != self.scheme);
+                if let Some(to) = to {
                     notes.insert(
                         name.clone(),
                         format!(
@@ -329,8 +330,63 @@ mod tests {
         assert_eq!(output_scheme(q4_k, &[100, 512]), Some(q(GgmlDType::Q6K)));
         assert_eq!(output_scheme(q4_k, &[100, 576]), Some(q(GgmlDType::Q8_0)));
         assert_eq!(output_scheme(q(GgmlDType::Q8_0), &[100, 576]), None);
+        assert_eq!(
+            output_scheme(q(GgmlDType::Q6K), &[100, 512]),
+            Some(q(GgmlDType::Q6K))
+        );
         assert_eq!(output_scheme(QuantScheme::Int8, &[100, 576]), None);
         assert_eq!(output_scheme(q4_k, &[100, 48]), None, "no type fits 48");
+    }
+
+    #[test]
+    fn the_plan_notes_only_weights_not_stored_with_the_stage_scheme() -> Result<()> {
+        let device = Device::Cpu;
+        let zeros = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, &device);
+        let store = ParamStore::from_tensors(
+            [
+                ("model.embed_tokens.weight".to_owned(), zeros(16, 512)?),
+                (
+                    "model.layers.0.mlp.up_proj.weight".to_owned(),
+                    zeros(8, 512)?,
+                ),
+                (
+                    "model.layers.0.mlp.down_proj.weight".to_owned(),
+                    zeros(8, 96)?,
+                ),
+            ],
+            |_| false,
+        )?;
+        let model = WorkingModel::new(store, serde_json::json!({}));
+        let plan = |dtype| {
+            let stage = QuantizeStage {
+                scheme: q(dtype),
+                exclude: None,
+            };
+            stage.plan(&model, None)
+        };
+        let (chosen, notes) = plan(GgmlDType::Q4K)?;
+        assert_eq!(chosen["model.embed_tokens.weight"], [q(GgmlDType::Q6K)]);
+        assert_eq!(
+            chosen["model.layers.0.mlp.up_proj.weight"],
+            [q(GgmlDType::Q4K)]
+        );
+        let fallbacks = [q(GgmlDType::Q4_1), q(GgmlDType::Q5_0)];
+        assert_eq!(chosen["model.layers.0.mlp.down_proj.weight"], fallbacks);
+        let noted: Vec<&str> = notes.keys().map(String::as_str).collect();
+        assert_eq!(
+            noted,
+            [
+                "model.embed_tokens.weight",
+                "model.layers.0.mlp.down_proj.weight"
+            ]
+        );
+        let (chosen, notes) = plan(GgmlDType::Q6K)?;
+        assert_eq!(chosen["model.embed_tokens.weight"], [q(GgmlDType::Q6K)]);
+        assert!(
+            !notes.contains_key("model.embed_tokens.weight"),
+            "q6_k is the stage's own type: {notes:?}"
+        );
+        Ok(())
     }
 
     #[test]
