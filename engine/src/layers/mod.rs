@@ -6,13 +6,13 @@
 //! [`LinearKind`] that path gets. Compression stages (masked pruning, LoRA, fake-quant, quantized
 //! inference) add variants here; models do not change.
 
+mod block_avx2;
+pub mod block_matmul;
 mod dense;
 mod int8_avx2;
 pub mod int8_matmul;
 #[cfg(test)]
 mod kernel_tests;
-mod q4_1_avx2;
-pub mod q4_1_matmul;
 mod quantized;
 
 use std::fmt::Debug;

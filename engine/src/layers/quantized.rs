@@ -5,10 +5,11 @@
 //! runs on candle's Q8_0 blocks built from exactly the stored values. GGUF types run on candle's
 //! `QMatMul` over their own blocks, and int4 on Q4_1 blocks built from exactly the stored values
 //! (see [`crate::quant::int8`] and [`crate::quant::int4`]), so the latency measured is that of integer
-//! weights, not of a dequantized copy. Q4_1 blocks (int4 and the q4_1 type) run on our own kernel on
-//! the CPU ([`super::q4_1_matmul`]), because candle's is scalar code. When a weight's row length does not suit candle's kernel
-//! (Q8_0 rows not a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of blocks), the layer
-//! computes with the dequantized weight and says so through [`QuantizedLinear::kernel`].
+//! weights, not of a dequantized copy. On the CPU the 32-value block types (q4_0, q4_1, q5_0, q5_1,
+//! q8_0, and int4 as Q4_1) run on our own kernel ([`super::block_matmul`]): candle's is scalar code
+//! for most of them. When a weight's row length does not suit candle's kernel (on CUDA: Q8_0 rows not
+//! a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of blocks), the layer computes with the
+//! dequantized weight and says so through [`QuantizedLinear::kernel`].
 //!
 //! Inference only: the kernels have no backward pass, so an input that carries a gradient is an
 //! error rather than a silently frozen layer.
@@ -19,8 +20,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::block_matmul::{self, PackedBlocks};
 use super::int8_matmul::{self, Int8Kernel, PackedInt8};
-use super::q4_1_matmul::{self, PackedQ4_1};
 use super::{LinearKind, LinearLayer};
 use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 
@@ -29,8 +30,9 @@ use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 pub enum KernelPath {
     /// Our int8 × int8 → i32 kernel on the CPU (AVX2 or its portable fallback).
     Int8(Int8Kernel),
-    /// Our Q4_1 × 8-bit block kernel on the CPU (AVX2 or its portable fallback).
-    Q4_1(Int8Kernel),
+    /// Our kernel for 32-value GGML blocks × 8-bit activation blocks on the CPU (AVX2 or its
+    /// portable fallback), with the blocks' type.
+    Blocks(GgmlDType, Int8Kernel),
     /// candle's quantized matmul on GGML blocks.
     Quantized(GgmlDType),
     /// An f32 matmul on the dequantized weight (the row length does not suit the kernel).
@@ -125,8 +127,8 @@ impl QuantizedLinear {
 enum Compute {
     /// Packed for our int8 kernel.
     Int8(Arc<PackedInt8>, Int8Kernel),
-    /// Unpacked for our Q4_1 kernel.
-    Q4_1(Arc<PackedQ4_1>, Int8Kernel),
+    /// Unpacked for our block kernel.
+    Blocks(Arc<PackedBlocks>, Int8Kernel),
     /// candle's quantized (or, as a fallback, plain) matmul.
     Candle(QMatMul),
 }
@@ -143,21 +145,20 @@ fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(Compute, Ker
         }
     }
     if let Device::Cpu = device {
-        let q4_1_bytes = match weight {
-            QuantizedWeight::Int4(w) => Some(w.to_q4_1_bytes()),
-            QuantizedWeight::Gguf(q) if q.dtype() == GgmlDType::Q4_1 => {
-                Some(q.data()?.into_owned())
+        let blocks = match weight {
+            QuantizedWeight::Int4(w) => Some((w.to_q4_1_bytes(), GgmlDType::Q4_1)),
+            QuantizedWeight::Gguf(q) if PackedBlocks::supports(q.dtype()) => {
+                Some((q.data()?.into_owned(), q.dtype()))
             }
             _ => None,
         };
         let dims = weight.dims();
-        let packed = q4_1_bytes.and_then(|b| PackedQ4_1::from_ggml(&b, dims[0], dims[1]));
+        let packed = blocks
+            .and_then(|(bytes, dtype)| PackedBlocks::from_ggml(&bytes, dtype, dims[0], dims[1]));
         if let Some(packed) = packed {
             let kernel = Int8Kernel::detect();
-            return Ok((
-                Compute::Q4_1(Arc::new(packed), kernel),
-                KernelPath::Q4_1(kernel),
-            ));
+            let path = KernelPath::Blocks(packed.dtype(), kernel);
+            return Ok((Compute::Blocks(Arc::new(packed), kernel), path));
         }
     }
     let (matmul, path) = candle_kernel_for(weight, device)?;
@@ -215,10 +216,10 @@ impl LinearLayer for QuantizedLinear {
                 })?
                 .to_dtype(in_dtype);
             }
-            Compute::Q4_1(packed, kernel) => {
+            Compute::Blocks(packed, kernel) => {
                 let shape = (packed.in_features(), packed.out_features());
                 return cpu_forward(&x, shape, self.bias.as_ref(), |values, bias| {
-                    q4_1_matmul::matmul(values, packed, bias, *kernel)
+                    block_matmul::matmul(values, packed, bias, *kernel)
                 })?
                 .to_dtype(in_dtype);
             }
@@ -350,18 +351,24 @@ mod tests {
     }
 
     #[test]
-    fn odd_rows_fall_back_and_gradients_are_refused() {
+    fn one_block_rows_run_on_our_kernel_and_gradients_are_refused() {
         let dev = Device::Cpu;
         let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
         let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
-        // One Q5_0 block per row: candle's Q5_0 dot product needs an even number of blocks. Q4_1
-        // runs on our own kernel, which takes any number.
+        // One block per row: candle's Q4_1/Q5_0 dot products need an even number of blocks, ours
+        // takes any number.
         let x = Tensor::ones((1, 32), DType::F32, &dev).unwrap();
         let expected0: f32 = values[..32].iter().sum::<f32>() + 1.0;
         let mut layer = None;
         for (dtype, path) in [
-            (GgmlDType::Q5_0, KernelPath::Dequantized),
-            (GgmlDType::Q4_1, KernelPath::Q4_1(Int8Kernel::detect())),
+            (
+                GgmlDType::Q5_0,
+                KernelPath::Blocks(GgmlDType::Q5_0, Int8Kernel::detect()),
+            ),
+            (
+                GgmlDType::Q4_1,
+                KernelPath::Blocks(GgmlDType::Q4_1, Int8Kernel::detect()),
+            ),
         ] {
             let q = gguf::quantize(&values, &[2, 32], dtype).unwrap();
             let built =
