@@ -45,7 +45,7 @@ fn best_of(weight: &Tensor, types: &str) -> Result<(Tensor, String, usize)> {
             .sum_all()?
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?;
-        if best.as_ref().map_or(true, |b| error < b.0) {
+        if best.as_ref().is_none_or(|b| error < b.0) {
             best = Some((error, values, scheme.to_string(), q.storage_bytes()));
         }
     }

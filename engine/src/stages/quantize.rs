@@ -74,11 +74,7 @@ impl QuantizeStage {
     /// or the output matrix's type; several candidates are decided by measured error when the
     /// weight is quantized), and the notes for weights not stored with the stage's scheme (kept in
     /// full precision, or stored with the type the note names).
-    fn plan(
-        &self,
-        model: &WorkingModel,
-        ctx: Option<&StageContext>,
-    ) -> Result<(BTreeMap<String, Vec<QuantScheme>>, BTreeMap<String, String>)> {
+    fn plan(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<Plan> {
         let shapes = model.weight_shapes();
         let exclude = self.exclude.clone().unwrap_or_else(|| {
             QUANTIZE_DEFAULT_EXCLUDE
@@ -146,6 +142,10 @@ impl QuantizeStage {
         Ok((chosen, notes))
     }
 }
+
+/// Each weight to quantize with its candidate schemes, and the notes on weights not stored with
+/// the stage's scheme.
+type Plan = (BTreeMap<String, Vec<QuantScheme>>, BTreeMap<String, String>);
 
 /// Embedding tables are quantized too (they are most of a small model's size); norms and task
 /// heads are not.
@@ -235,7 +235,7 @@ fn store_quantized(
             } else {
                 0.0
             };
-            if best.as_ref().map_or(true, |(e, _, _)| error < *e) {
+            if best.as_ref().is_none_or(|(e, _, _)| error < *e) {
                 best = Some((error, scheme, values));
             }
         }
