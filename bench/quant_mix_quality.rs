@@ -24,34 +24,23 @@ use compressd_engine::layers::{LinearFactory, LinearKind, LinearPlan};
 use compressd_engine::loading::read_gguf;
 use compressd_engine::models::llama::{LlamaConfig, LlamaForCausalLm};
 use compressd_engine::params::Param;
-use compressd_engine::quant::{quantize, QuantScheme, Quantized};
+use compressd_engine::quant::{quantize_least_error, QuantScheme};
 use compressd_engine::task::{evaluate_lm, CausalLmTask};
 
 const MODEL: &str = "models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf";
 const TEXT: &str = "data/shakespeare/shakespeare_plays.txt";
 
-/// The weight's quantized-then-dequantized values under the candidate of least squared error, its
-/// type's name and its storage bytes.
+/// The weight's quantized-then-dequantized values under the candidate of least squared error (the
+/// quantize stage's own choice), its type's name and its storage bytes.
 fn best_of(weight: &Tensor, types: &str) -> Result<(Tensor, String, usize)> {
-    let mut best: Option<(f64, Tensor, String, usize)> = None;
-    for name in types.split('|') {
-        let scheme = QuantScheme::parse(name, None)?;
-        let Quantized::Weight(q) = quantize(weight, scheme)? else {
-            continue;
-        };
-        let values = q.dequantize(weight.device())?;
-        let error = (&values - weight)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        if best.as_ref().is_none_or(|b| error < b.0) {
-            best = Some((error, values, scheme.to_string(), q.storage_bytes()));
-        }
-    }
-    let (_, values, name, bytes) =
-        best.with_context(|| format!("none of {types} fits shape {:?}", weight.dims()))?;
-    Ok((values, name, bytes))
+    let schemes = types
+        .split('|')
+        .map(|name| QuantScheme::parse(name, None))
+        .collect::<compressd_engine::Result<Vec<_>>>()?;
+    let best = quantize_least_error(weight, &schemes)?
+        .with_context(|| format!("none of {types} fits shape {:?}", weight.dims()))?;
+    let name = best.weight.scheme().to_string();
+    Ok((best.values, name, best.weight.storage_bytes()))
 }
 
 fn main() -> Result<()> {

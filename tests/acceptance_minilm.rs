@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use support::{enabled, event_types, folder_bytes, folder_files, has_stage_event, Service};
+use support::{enabled, folder_bytes, folder_files, Service};
 
 const MODEL: &str = "models/all-MiniLM-L6-v2";
 const DATASET: &str = "data/bbc_news/bbc_news.jsonl";
@@ -71,26 +71,9 @@ fn job_spec(model: &str, dataset: &str, name: &str, prune: Value, max_drop: f64)
 /// Runs `spec` through the service and checks what every run must show; returns the report.
 async fn run_job(service: &Service, spec: &Value, out: &Path) -> Result<Value> {
     let started = Instant::now();
-    let job = service.post_json("/v1/jobs", spec).await?;
-    let id = job["id"].as_str().context("job id")?.to_owned();
-    let frames = service.follow_events(&id, JOB_TIMEOUT).await?;
+    let (job, _) = service.run_to_success(spec, &STAGES, JOB_TIMEOUT).await?;
     let wall = started.elapsed();
-    let types = event_types(&frames);
-    let job = service.get_json(&format!("/v1/jobs/{id}")).await?;
-    assert_eq!(job["status"], "succeeded", "{job}\n{}", service.log_tail());
-    assert_eq!(
-        types.last().map(String::as_str),
-        Some("succeeded"),
-        "{types:?}"
-    );
-    for (index, stage) in STAGES.iter().enumerate() {
-        for kind in ["stage_started", "stage_finished"] {
-            assert!(
-                has_stage_event(&frames, kind, stage, index),
-                "no {kind} for {index}-{stage}: {types:?}"
-            );
-        }
-    }
+    let id = job["id"].as_str().context("job id")?.to_owned();
     let artifacts = service.download_all(&id, out).await?;
     let names: Vec<&str> = artifacts
         .iter()

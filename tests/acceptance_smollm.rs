@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use gguf_generation::check_paris;
 use serde_json::{json, Value};
-use support::{enabled, event_types, has_stage_event, Service};
+use support::{enabled, Service};
 
 const MODEL_DIR: &str = "models/SmolLM2-135M-Instruct-Q4_1";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -73,23 +73,10 @@ async fn quantize(
 ) -> Result<std::path::PathBuf> {
     let started = Instant::now();
     let spec = job_spec(&inputs.0, &inputs.1, scheme, max_relative_drop);
-    let job = service.post_json("/v1/jobs", &spec).await?;
+    let (job, _) = service
+        .run_to_success(&spec, &["quantize"], JOB_TIMEOUT)
+        .await?;
     let id = job["id"].as_str().context("job id")?.to_owned();
-    let frames = service.follow_events(&id, JOB_TIMEOUT).await?;
-    let types = event_types(&frames);
-    let job = service.get_json(&format!("/v1/jobs/{id}")).await?;
-    assert_eq!(job["status"], "succeeded", "{job}\n{}", service.log_tail());
-    assert_eq!(
-        types.last().map(String::as_str),
-        Some("succeeded"),
-        "{types:?}"
-    );
-    for kind in ["stage_started", "stage_finished"] {
-        assert!(
-            has_stage_event(&frames, kind, "quantize", 0),
-            "{kind}: {types:?}"
-        );
-    }
     let artifacts = service.download_all(&id, out).await?;
     let gguf = artifacts
         .iter()

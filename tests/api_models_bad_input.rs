@@ -83,16 +83,7 @@ async fn refused(
         body["detail"].as_str().unwrap().contains(word),
         "{word} not in {body}"
     );
-    assert_nothing_left(server).await;
-}
-
-async fn assert_nothing_left(server: &Server) {
-    assert!(
-        server.stored_files().is_empty(),
-        "left behind: {:?}",
-        server.stored_files()
-    );
-    assert_eq!(server.get("/v1/models").await.1["models"], json!([]));
+    server.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -178,7 +169,7 @@ async fn bad_files_are_refused_with_422_and_leave_nothing() {
         detail.contains("gpt2") && detail.contains("bert") && detail.contains("llama"),
         "{detail}"
     );
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
     refused(
         &server,
         &[("../escape.json", b"{}".to_vec())],
@@ -216,7 +207,7 @@ async fn file_references_outside_the_roots_or_with_dotdot_are_refused() {
         (422, "invalid-request", Some("/extra")),
         "{body}"
     );
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -231,7 +222,7 @@ async fn an_upload_over_the_limit_is_413_and_leaves_no_partial_object() {
         .upload_bytes("/v1/models", &[], &[("weights.bin", big)])
         .await;
     assert_eq!(status, 413, "{body}");
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -262,5 +253,5 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 }

@@ -237,15 +237,6 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-async fn assert_nothing_left(server: &Server) {
-    assert!(
-        server.stored_files().is_empty(),
-        "left behind: {:?}",
-        server.stored_files()
-    );
-    assert_eq!(server.get("/v1/models").await.1["models"], json!([]));
-}
-
 #[tokio::test]
 async fn registers_a_model_by_hf_reference_then_again_offline_from_the_cache() {
     let (endpoint, hub) = MockHub::start(&[]).await;
@@ -313,7 +304,7 @@ async fn an_unknown_repo_or_revision_is_a_4xx_naming_uri_and_leaves_nothing() {
         .post_json("/v1/models", &json!({"uri": "hf://org/a b"}))
         .await;
     assert_eq!((status, slug(&body)), (422, "invalid-uri"), "{body}");
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -332,7 +323,7 @@ async fn offline_with_an_empty_cache_is_a_clear_error_without_network() {
         "{body}"
     );
     assert!(hub.downloaded().is_empty());
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -348,7 +339,7 @@ async fn a_hub_failure_midway_is_502_and_leaves_nothing_behind() {
     assert_eq!(slug(&body), "upstream-failed", "{body}");
     assert_eq!(body["pointer"], "/uri");
     assert!(hub.downloaded().len() >= 3, "{:?}", hub.downloaded());
-    assert_nothing_left(&server).await;
+    server.assert_nothing_left().await;
 
     let unreachable = hf_server("http://127.0.0.1:9", cache.path(), false).await;
     let (status, body) = unreachable

@@ -25,3 +25,6 @@ pub mod report;
 pub mod stages;
 pub mod task;
 pub mod train;
+
+#[cfg(test)]
+mod test_values;

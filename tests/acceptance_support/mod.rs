@@ -224,6 +224,40 @@ impl Service {
         }
     }
 
+    /// Posts the job `spec`, follows its events to the end and checks what every successful
+    /// pipeline shows: the job succeeded, its stream ends in `succeeded`, and each of `stages`
+    /// (pipeline order) started and finished. Returns the job's final record and its events.
+    ///
+    /// # Errors
+    /// When the job cannot be posted or its stream does not end within `timeout`.
+    pub async fn run_to_success(
+        &self,
+        spec: &Value,
+        stages: &[&str],
+        timeout: Duration,
+    ) -> Result<(Value, Vec<Frame>)> {
+        let job = self.post_json("/v1/jobs", spec).await?;
+        let id = job["id"].as_str().context("job id")?.to_owned();
+        let frames = self.follow_events(&id, timeout).await?;
+        let types = event_types(&frames);
+        let job = self.get_json(&format!("/v1/jobs/{id}")).await?;
+        assert_eq!(job["status"], "succeeded", "{job}\n{}", self.log_tail());
+        assert_eq!(
+            types.last().map(String::as_str),
+            Some("succeeded"),
+            "{types:?}"
+        );
+        for (index, stage) in stages.iter().enumerate() {
+            for kind in ["stage_started", "stage_finished"] {
+                assert!(
+                    has_stage_event(&frames, kind, stage, index),
+                    "no {kind} for {index}-{stage}: {types:?}"
+                );
+            }
+        }
+        Ok((job, frames))
+    }
+
     /// Downloads every artifact of `job`, checking each body against the listing's size and
     /// sha256, and returns the listing.
     ///

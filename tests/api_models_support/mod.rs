@@ -91,6 +91,19 @@ impl Server {
         out
     }
 
+    /// Asserts that a refused registration left no file and no model record behind.
+    pub async fn assert_nothing_left(&self) {
+        assert!(
+            self.stored_files().is_empty(),
+            "left behind: {:?}",
+            self.stored_files()
+        );
+        assert_eq!(
+            self.get("/v1/models").await.1["models"],
+            Value::Array(Vec::new())
+        );
+    }
+
     /// POSTs a multipart form of text parts then file parts streamed from disk.
     pub async fn upload(
         &self,

@@ -175,15 +175,8 @@ impl QuantizedBlocks {
             .zip(scales.iter_mut())
             .zip(scaled_sums.iter_mut())
         {
-            let amax = block
-                .iter()
-                .fold(0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
-            *scale = amax / 127.0;
-            let inv = if amax > 0.0 && amax.is_finite() {
-                127.0 / amax
-            } else {
-                0.0
-            };
+            let (step, inv) = crate::quant::int8::symmetric_scale(block);
+            *scale = step;
             let mut sum = 0i32;
             for (q, &v) in out.iter_mut().zip(block) {
                 *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i8;

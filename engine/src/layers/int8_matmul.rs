@@ -99,16 +99,8 @@ impl QuantizedRows {
             .zip(values.chunks_mut(k_pad))
             .zip(scales.iter_mut())
         {
-            // Compare-and-select keeps this loop vectorized (`f32::max` handles NaN and does not).
-            let amax = row
-                .iter()
-                .fold(0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
-            *scale = amax / 127.0;
-            let inv = if amax > 0.0 && amax.is_finite() {
-                127.0 / amax
-            } else {
-                0.0
-            };
+            let (step, inv) = crate::quant::int8::symmetric_scale(row);
+            *scale = step;
             for (q, &v) in out.iter_mut().zip(row) {
                 *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i16;
             }

@@ -1,17 +1,6 @@
-//! What the tests of our CPU kernels ([`super::int8_matmul`], [`super::q4_1_matmul`]) share.
+//! What the tests of our CPU kernels ([`super::int8_matmul`], [`super::block_matmul`]) share.
 
-/// Deterministic values in [-1, 1) (xorshift), so the tests need no tensor library.
-pub(super) fn values(count: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..count)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
-}
+pub(super) use crate::test_values::values;
 
 /// `x · Wᵀ + b` in f64 for the dequantized weight `w` (`n × k`): what a kernel approximates (it
 /// only rounds `x` further).

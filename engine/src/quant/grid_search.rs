@@ -144,15 +144,11 @@ mod tests {
         a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
     }
 
+    /// Values in [-0.5, 0.5).
     fn noise(count: usize) -> Vec<f32> {
-        let mut s = 0x9E37_79B9_7F4A_7C15u64;
-        (0..count)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
+        crate::test_values::values(count, 1)
+            .into_iter()
+            .map(|v| v / 2.0)
             .collect()
     }
 

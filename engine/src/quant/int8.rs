@@ -154,6 +154,23 @@ pub(crate) fn f16_at_least(x: f32) -> f16 {
     }
 }
 
+/// The scale (`max |x| / 127`) and its inverse for quantizing `xs` to symmetric i8, as the
+/// inference kernels do with activations at run time; the inverse is 0 for an all-zero or
+/// non-finite `xs`, which then quantizes to zeros.
+#[inline]
+pub(crate) fn symmetric_scale(xs: &[f32]) -> (f32, f32) {
+    // Compare-and-select keeps this loop vectorized (`f32::max` handles NaN and does not).
+    let amax = xs
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
+    let inverse = if amax > 0.0 && amax.is_finite() {
+        127.0 / amax
+    } else {
+        0.0
+    };
+    (amax / 127.0, inverse)
+}
+
 /// Rounds to nearest (ties to even) after clamping to `[-limit, limit]`.
 ///
 /// Adding and subtracting 1.5·2²³ rounds in plain SSE2 code, which vectorizes; `f32::round` would be

@@ -231,6 +231,51 @@ pub fn quantize(tensor: &Tensor, scheme: QuantScheme) -> Result<Quantized> {
     quantize_values(&values, &dims, scheme)
 }
 
+/// A tensor quantized with the scheme, among several, whose dequantized values are closest to it.
+#[derive(Clone, Debug)]
+pub struct BestQuantization {
+    /// The quantized weight (its scheme is the one chosen).
+    pub weight: QuantizedWeight,
+    /// Its dequantized values, in the tensor's dtype and on its device.
+    pub values: Tensor,
+}
+
+/// Quantizes `tensor` with each of `schemes` and keeps the one with the least squared error (the
+/// first on a tie; with a single scheme no error is computed). `None` when no scheme takes the
+/// tensor's shape.
+///
+/// # Errors
+/// Fails only on a tensor that cannot be read as f32.
+pub fn quantize_least_error(
+    tensor: &Tensor,
+    schemes: &[QuantScheme],
+) -> Result<Option<BestQuantization>> {
+    let original = match schemes {
+        [_, _, ..] => Some(tensor.to_dtype(DType::F32)?),
+        _ => None,
+    };
+    let mut best: Option<(f64, BestQuantization)> = None;
+    for &scheme in schemes {
+        let Quantized::Weight(weight) = quantize(tensor, scheme)? else {
+            continue;
+        };
+        let values = weight.dequantize(tensor.device())?;
+        let error = match &original {
+            Some(original) => (&values - original)?
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?,
+            None => 0.0,
+        };
+        if best.as_ref().is_none_or(|(e, _)| error < *e) {
+            let values = values.to_dtype(tensor.dtype())?;
+            best = Some((error, BestQuantization { weight, values }));
+        }
+    }
+    Ok(best.map(|(_, b)| b))
+}
+
 /// Quantizes row-major f32 values of shape `dims` (the streaming path calls this on mapped data).
 ///
 /// # Errors

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::{Stage, Trainer, WorkingModel};
@@ -16,7 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::select_targets;
-use crate::quant::{quantize, QuantScheme, Quantized};
+use crate::quant::{quantize_least_error, QuantScheme};
 use crate::spec::{QuantScheme as SpecScheme, QuantizeSpec};
 
 /// The stage, built from its spec.
@@ -218,31 +217,9 @@ fn store_quantized(
             .store
             .get(name)
             .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
-        let tensor = param.tensor();
-        let original = tensor.to_dtype(DType::F32)?;
-        let mut best: Option<(f64, QuantScheme, Tensor)> = None;
-        for &scheme in schemes {
-            let Quantized::Weight(weight) = quantize(tensor, scheme)? else {
-                continue;
-            };
-            let values = weight.dequantize(tensor.device())?;
-            let error = if schemes.len() > 1 {
-                (&values - &original)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?
-            } else {
-                0.0
-            };
-            if best.as_ref().is_none_or(|(e, _, _)| error < *e) {
-                best = Some((error, scheme, values));
-            }
-        }
-        if let Some((_, scheme, values)) = best {
-            let values = values.to_dtype(tensor.dtype())?;
-            model.store.insert(name.clone(), Param::Frozen(values));
-            chosen.insert(name.clone(), scheme);
+        if let Some(best) = quantize_least_error(param.tensor(), schemes)? {
+            chosen.insert(name.clone(), best.weight.scheme());
+            model.store.insert(name.clone(), Param::Frozen(best.values));
         }
     }
     Ok(chosen)
@@ -306,7 +283,7 @@ impl Stage for QuantizeStage {
 mod tests {
     use super::*;
     use crate::params::ParamStore;
-    use candle_core::Device;
+    use candle_core::{DType, Device, Tensor};
 
     fn q(dtype: GgmlDType) -> QuantScheme {
         QuantScheme::Gguf(dtype)
