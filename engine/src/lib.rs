@@ -26,5 +26,7 @@ pub mod stages;
 pub mod task;
 pub mod train;
 
+pub mod family;
+pub mod objective;
 #[cfg(test)]
 mod test_values;

@@ -110,6 +110,32 @@ impl ParamStore {
             .collect()
     }
 
+    /// An independent copy: trainable parameters get new variables holding copies of their
+    /// values, so training either store never changes the other (a teacher beside its student).
+    /// Frozen tensors are shared: candle tensors are immutable and only variables change in place.
+    ///
+    /// # Errors
+    /// Fails when a variable's values cannot be copied.
+    pub fn deep_clone(&self) -> candle_core::Result<Self> {
+        let params = self
+            .read()
+            .iter()
+            .map(|(name, param)| {
+                let copy = match param {
+                    Param::Trainable(var) => {
+                        Param::Trainable(Var::from_tensor(&var.as_tensor().copy()?)?)
+                    }
+                    Param::Frozen(tensor) => Param::Frozen(tensor.clone()),
+                };
+                Ok((name.clone(), copy))
+            })
+            .collect::<candle_core::Result<BTreeMap<_, _>>>()?;
+        Ok(Self {
+            inner: Arc::new(RwLock::new(params)),
+            init_rng: Arc::new(Mutex::new(None)),
+        })
+    }
+
     /// All parameters as tensors (current values), in sorted name order; used for export.
     pub fn tensors(&self) -> Vec<(String, Tensor)> {
         self.read()
@@ -318,5 +344,34 @@ mod tests {
         assert_eq!(a, b, "same seed, same values");
         let std = (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
         assert!((0.015..0.025).contains(&std), "std {std}");
+    }
+
+    #[test]
+    fn a_deep_clone_does_not_see_the_originals_updates() {
+        let dev = Device::Cpu;
+        let t = Tensor::ones((2, 2), DType::F32, &dev).unwrap();
+        let store = ParamStore::from_tensors(
+            [("w".to_string(), t.clone()), ("frozen".to_string(), t)],
+            |n| n == "w",
+        )
+        .unwrap();
+        let shallow = store.clone();
+        let deep = store.deep_clone().unwrap();
+        let (_, var) = store.trainable_vars().remove(0);
+        var.set(&Tensor::zeros((2, 2), DType::F32, &dev).unwrap())
+            .unwrap();
+        let sum = |s: &ParamStore, n: &str| {
+            s.get(n)
+                .unwrap()
+                .tensor()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert_eq!(sum(&shallow, "w"), 0.0, "a plain clone shares the variable");
+        assert_eq!(sum(&deep, "w"), 4.0, "a deep clone keeps its own values");
+        assert!(deep.get("w").unwrap().is_trainable());
+        assert_eq!(sum(&deep, "frozen"), 4.0);
     }
 }

@@ -7,12 +7,14 @@
 //! baseline/model/            the input model as loaded (its size is the baseline size)
 //! stages/<i>-<type>/model/   the model after stage i (never deleted)
 //! stages/<i>-<type>/stage.json   the stage's own report (sparsity per layer, kept tensors...)
+//! stages/<i>-<type>/work/    training checkpoints of the stage in progress (removed when it ends)
 //! best/                      the model of the last stage that met the contract (baseline if none)
 //! final/                     the model of the last stage
 //! report.json, report.md     see [`crate::report`]
 //! ```
-//! A run that finds `state.json` for the same spec resumes after the last finished stage (a
-//! reclaimed job loses at most the stage in progress). `acceptance` compares each stage with the
+//! A run that finds `state.json` for the same spec resumes after the last finished stage, and
+//! inside the stage in progress from its trainer's last checkpoint (a reclaimed job loses at most
+//! the steps since that checkpoint). `acceptance` compares each stage with the
 //! reference: the baseline, or — when the pipeline starts with fine-tuning, whose input has an
 //! untrained head — the last leading `finetune` stage; stages before the reference are not judged.
 
@@ -94,6 +96,10 @@ pub struct StageContext<'a> {
     pub progress: ProgressFn<'a>,
     /// Set when the job must stop; stages poll it between steps.
     pub cancel: &'a AtomicBool,
+    /// A folder for the stage's resumable work (training checkpoints), kept until the stage
+    /// finishes, so a reclaimed job resumes inside a long stage instead of at its start. `None`
+    /// runs without checkpoints.
+    pub work_dir: Option<PathBuf>,
 }
 
 impl StageContext<'_> {
@@ -238,15 +244,18 @@ pub fn run<W: Workbench>(
             index: Some(index),
             stage: stage.type_name().into(),
         });
+        let label = format!("{index}-{}", stage.type_name());
+        let dir = out_dir.join("stages").join(&label);
+        let work_dir = dir.join("work");
         let ctx = StageContext {
             index,
             seed: spec.seed,
             progress,
             cancel,
+            work_dir: Some(work_dir.clone()),
         };
-        let details = bench.run_stage(&mut model, stage, &ctx)?;
-        let label = format!("{index}-{}", stage.type_name());
-        let dir = out_dir.join("stages").join(&label);
+        let span = tracing::info_span!("engine.stage", index, stage = stage.type_name());
+        let details = span.in_scope(|| bench.run_stage(&mut model, stage, &ctx))?;
         let (mut record, wall_s) = measure(bench, &model, dir.clone(), &label, started, progress)?;
         write_json(&dir.join("stage.json"), &details)?;
         record.details = details;
@@ -270,6 +279,10 @@ pub fn run<W: Workbench>(
         });
         state.stages.push(record);
         state.save(out_dir)?;
+        // Checkpoints are only for resuming the stage, which has now finished.
+        if work_dir.exists() {
+            std::fs::remove_dir_all(&work_dir).map_err(|e| EngineError::io(&work_dir, e))?;
+        }
     }
     finish(spec, inputs, out_dir, state, reference)
 }
@@ -283,6 +296,7 @@ fn measure<W: Workbench>(
     started: Instant,
     progress: ProgressFn,
 ) -> Result<(StageRecord, f64)> {
+    let _span = tracing::info_span!("engine.measure", label).entered();
     let model_dir = dir.join("model");
     if model_dir.exists() {
         // A stage interrupted after saving: its output is redone from the previous checkpoint.

@@ -1,5 +1,5 @@
-//! Adapters between the model families and the trainer: losses for a [`Batch`] and evaluation
-//! loops over examples.
+//! Adapters between models and the trainer: the task losses for a [`Batch`], the trainer's view
+//! of any [`TaskModel`] ([`ModelTask`]), and evaluation loops over examples.
 //!
 //! Classification uses cross-entropy on the head's logits. Causal language modelling predicts token
 //! `t + 1` from positions `..= t` (labels shifted by one), and padding positions are masked out of
@@ -12,8 +12,78 @@ use crate::eval::{classification_metrics, perplexity, ClassificationMetrics};
 use crate::models::bert::{BertForSequenceClassification, BertInput};
 use crate::models::common::DropoutRng;
 use crate::models::llama::LlamaForCausalLm;
+use crate::models::{Outputs, TaskModel, TaskOutput};
+use crate::spec::TaskType;
 use crate::train::TrainTask;
 use crate::{EngineError, Result};
+
+/// The task's own loss of a forward pass: cross-entropy of the class logits for classification,
+/// mean next-token NLL over unpadded targets for language modelling.
+///
+/// # Errors
+/// Shape mismatches between the logits and the batch's labels.
+pub fn task_loss(task: TaskType, out: &TaskOutput, batch: &Batch) -> candle_core::Result<Tensor> {
+    match task {
+        TaskType::TextClassification => candle_nn::loss::cross_entropy(&out.logits, &batch.labels),
+        TaskType::LanguageModeling => {
+            let (sum, count) = shifted_nll(&out.logits, &batch.labels, &batch.attention_mask)?;
+            sum.broadcast_div(&count.clamp(1f32, f32::MAX)?)
+        }
+    }
+}
+
+/// Trains any [`TaskModel`] on its task loss.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelTask<'m> {
+    /// The model being trained.
+    pub model: &'m dyn TaskModel,
+}
+
+impl TrainTask for ModelTask<'_> {
+    fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<Tensor> {
+        let out = self.model.forward(batch, Outputs::LOGITS, dropout)?;
+        self.model.task_loss(&out, batch)
+    }
+}
+
+/// Task metrics of a model on examples: accuracy and macro-F1 for classification, mean NLL and
+/// perplexity for language modelling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskScores {
+    /// Classification metrics.
+    Classification(ClassificationMetrics),
+    /// `(mean NLL, perplexity)`.
+    LanguageModeling(f64, f64),
+}
+
+/// Evaluates `model` on `examples` (no dropout) with the metric of its task.
+///
+/// # Errors
+/// No examples, examples without labels (classification), or a forward failure.
+pub fn evaluate_model(
+    model: &dyn TaskModel,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+    num_labels: usize,
+) -> Result<TaskScores> {
+    match model.task() {
+        TaskType::TextClassification => {
+            let logits = |batch: &Batch| Ok(model.forward(batch, Outputs::LOGITS, None)?.logits);
+            classify(logits, examples, batch_size, pad_id, device, num_labels)
+                .map(TaskScores::Classification)
+        }
+        TaskType::LanguageModeling => {
+            let nll = |batch: &Batch| {
+                let out = model.forward(batch, Outputs::LOGITS, None)?;
+                shifted_nll(&out.logits, &batch.labels, &batch.attention_mask)
+            };
+            let (mean, ppl) = mean_nll(nll, examples, batch_size, pad_id, device)?;
+            Ok(TaskScores::LanguageModeling(mean, ppl))
+        }
+    }
+}
 
 /// Trains a BERT-style classifier with cross-entropy.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +116,7 @@ impl SequenceClassificationTask<'_> {
 
 impl TrainTask for SequenceClassificationTask<'_> {
     fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<Tensor> {
-        candle_nn::loss::cross_entropy(&self.logits(batch, dropout)?, &batch.labels)
+        ModelTask { model: self.model }.loss(batch, dropout)
     }
 }
 
@@ -77,8 +147,7 @@ impl CausalLmTask<'_> {
 
 impl TrainTask for CausalLmTask<'_> {
     fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> candle_core::Result<Tensor> {
-        let (sum, count) = self.nll_sum(batch, dropout)?;
-        sum.broadcast_div(&count.clamp(1f32, f32::MAX)?)
+        ModelTask { model: self.model }.loss(batch, dropout)
     }
 }
 
@@ -116,11 +185,24 @@ pub fn evaluate_classifier(
     device: &Device,
     num_labels: usize,
 ) -> Result<ClassificationMetrics> {
+    let logits = |batch: &Batch| task.logits(batch, None);
+    classify(logits, examples, batch_size, pad_id, device, num_labels)
+}
+
+/// Predicts every example's class with `logits` and scores the predictions.
+fn classify(
+    logits: impl Fn(&Batch) -> candle_core::Result<Tensor>,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+    num_labels: usize,
+) -> Result<ClassificationMetrics> {
     let mut predictions = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = Batch::collate(&refs, pad_id, device)?;
-        let logits = task.logits(&batch, None)?;
+        let logits = logits(&batch)?;
         predictions.extend(
             logits
                 .argmax(D::Minus1)?
@@ -149,11 +231,29 @@ pub fn evaluate_lm(
     pad_id: u32,
     device: &Device,
 ) -> Result<(f64, f64)> {
+    mean_nll(
+        |b| task.nll_sum(b, None),
+        examples,
+        batch_size,
+        pad_id,
+        device,
+    )
+}
+
+/// Mean next-token NLL (and perplexity) over every example, `nll_sum` giving a batch's summed NLL
+/// and target count.
+fn mean_nll(
+    nll_sum: impl Fn(&Batch) -> candle_core::Result<(Tensor, Tensor)>,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<(f64, f64)> {
     let (mut nll, mut tokens) = (0f64, 0f64);
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = Batch::collate(&refs, pad_id, device)?;
-        let (sum, count) = task.nll_sum(&batch, None)?;
+        let (sum, count) = nll_sum(&batch)?;
         nll += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         tokens += count.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     }

@@ -6,21 +6,26 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use compressd_engine::objective::Objective;
 use compressd_engine::params::{Param, ParamStore};
 use compressd_engine::pipeline::{Event, StageContext};
 use compressd_engine::prune::verify_n_m;
 use compressd_engine::spec::StageSpec;
-use compressd_engine::stages::{build, TrainSettings, TrainSummary, Trainer, WorkingModel};
+use compressd_engine::stages::{
+    build, TrainRequest, TrainSettings, TrainSummary, Trainer, WorkingModel,
+};
+use compressd_engine::train::GradientObserver;
 
 struct NudgingTrainer {
     runs: Mutex<u32>,
 }
 
 impl Trainer for NudgingTrainer {
-    fn train(
+    fn train_with(
         &self,
         model: &mut WorkingModel,
         _s: &TrainSettings,
+        _request: TrainRequest<'_>,
         _ctx: &StageContext,
     ) -> compressd_engine::Result<TrainSummary> {
         *self.runs.lock().unwrap() += 1;
@@ -34,6 +39,18 @@ impl Trainer for NudgingTrainer {
             steps: 1,
             ..Default::default()
         })
+    }
+
+    fn observe_gradients(
+        &self,
+        _model: &WorkingModel,
+        _batches: usize,
+        _batch_size: usize,
+        _objective: Option<&dyn Objective>,
+        _observer: &mut dyn GradientObserver,
+    ) -> compressd_engine::Result<usize> {
+        // The stages under test never score by gradients.
+        Ok(0)
     }
 }
 
@@ -93,6 +110,7 @@ fn run_stage(
     let sink = |e: Event| events.lock().unwrap().push(e);
     let cancel = AtomicBool::new(false);
     let ctx = StageContext {
+        work_dir: None,
         index: 0,
         seed: 1,
         progress: &sink,

@@ -1,109 +1,87 @@
-//! Does a model's configuration name an architecture the engine can run, and do its
-//! hyper-parameters agree with the tensors actually in the files?
+//! Does a model's configuration name a family the engine can run, and do its hyper-parameters
+//! agree with the tensors actually in the files?
 //!
-//! Checked shapes follow the Hugging Face reference implementations: BERT
-//! (`transformers/models/bert/modeling_bert.py`) and Llama (`models/llama/modeling_llama.py`),
-//! and llama.cpp's tensor names for GGUF. Only the tensors whose shapes the config determines are
-//! checked; norms and biases follow from them.
+//! Hugging Face folders are checked by the engine's own family code
+//! (`compressd_engine::family::check_checkpoint`), so the service and the engine share one list of
+//! families and one notion of a consistent checkpoint. GGUF files are checked here against
+//! llama.cpp's tensor names, which only the GGUF reader knows.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
+use compressd_engine::family::{
+    check_checkpoint, family_from_config, CheckpointProblem, ModelFamily,
+};
 use serde::Serialize;
 use serde_json::Value;
 
 use super::gguf::GgufSummary;
 use super::{Checked, Rejection};
 
-/// The architectures the engine can load, with a word on each for error messages.
-pub const SUPPORTED_ARCHITECTURES: &[(&str, &str)] = &[
-    ("bert", "BERT-style encoders"),
-    ("llama", "Llama-style decoders"),
-];
-
 const MISMATCH: &str = "config-mismatch";
 
-/// A supported architecture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Architecture {
-    Bert,
-    Llama,
-}
+/// A model family the engine can run (see `compressd_engine::family`, which owns the list).
+#[derive(Clone, Copy)]
+pub struct Architecture(&'static dyn ModelFamily);
 
 impl Architecture {
     /// Name as in `config.json`'s `model_type`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Bert => "bert",
-            Self::Llama => "llama",
-        }
+        self.0.name()
     }
 
-    /// Maps a `model_type` (or a class name in `architectures`) to a supported architecture.
+    /// Maps a `model_type` (or a class name in `architectures`) to a supported family.
     ///
     /// # Errors
     /// An `unsupported-architecture` [`Rejection`] naming it and the supported ones.
     pub fn parse(name: &str) -> Checked<Self> {
-        let lower = name.to_ascii_lowercase();
-        if lower == "bert" || lower.starts_with("bertfor") || lower == "bertmodel" {
-            Ok(Self::Bert)
-        } else if lower == "llama" || lower.starts_with("llamafor") || lower == "llamamodel" {
-            Ok(Self::Llama)
-        } else {
-            let supported: Vec<String> = SUPPORTED_ARCHITECTURES
-                .iter()
-                .map(|(n, what)| format!("{n} ({what})"))
-                .collect();
-            Err(Rejection::new(
-                "unsupported-architecture",
-                format!(
-                    "architecture '{name}' is not supported; supported: {}",
-                    supported.join(", ")
-                ),
-            ))
+        family_from_config(&serde_json::json!({ "model_type": name.to_ascii_lowercase() }))
+            .or_else(|_| family_from_config(&serde_json::json!({ "architectures": [name] })))
+            .map(Self)
+            .map_err(rejection)
+    }
+}
+
+impl PartialEq for Architecture {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Architecture {}
+
+impl fmt::Debug for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Architecture {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// The service's problem for an engine check's finding.
+fn rejection(problem: CheckpointProblem) -> Rejection {
+    match problem {
+        CheckpointProblem::Unsupported(m) => Rejection::new("unsupported-architecture", m),
+        CheckpointProblem::InvalidConfig(m) => {
+            Rejection::in_file("invalid-config", "config.json", m)
         }
+        CheckpointProblem::Mismatch(m) => Rejection::new(MISMATCH, m),
     }
 }
 
-/// Reads the architecture from `config.json` (`model_type`, else the first `architectures` entry).
-///
-/// # Errors
-/// A [`Rejection`] when neither names a supported architecture.
-pub fn architecture_of(config: &Value) -> Checked<Architecture> {
-    let named = config
-        .get("model_type")
-        .and_then(Value::as_str)
-        .or_else(|| {
-            config
-                .get("architectures")
-                .and_then(|a| a.get(0))
-                .and_then(Value::as_str)
-        });
-    match named {
-        Some(name) => Architecture::parse(name),
-        None => Err(Rejection::in_file(
-            "invalid-config",
-            "config.json",
-            "names no architecture: it has neither `model_type` nor `architectures`",
-        )),
-    }
-}
-
-/// Checks a Hugging Face folder's `config.json` against its tensors (name → shape).
+/// Checks a Hugging Face folder's `config.json` against its tensors (name → shape) with the
+/// engine's family checks, so the service and the engine agree on what loads.
 ///
 /// # Errors
 /// A [`Rejection`] naming the first tensor or field that disagrees.
 pub fn check_hf(config: &Value, tensors: &BTreeMap<String, Vec<usize>>) -> Checked<Architecture> {
-    let arch = architecture_of(config)?;
-    let cfg = Fields {
-        source: "config.json",
-        get: &|k| config.get(k).and_then(Value::as_u64),
-    };
-    match arch {
-        Architecture::Bert => check_bert(&cfg, tensors)?,
-        Architecture::Llama => check_llama(&cfg, tensors)?,
-    }
-    Ok(arch)
+    check_checkpoint(config, tensors)
+        .map(Architecture)
+        .map_err(rejection)
 }
 
 /// Checks a GGUF file's metadata against its tensor table.
@@ -112,7 +90,8 @@ pub fn check_hf(config: &Value, tensors: &BTreeMap<String, Vec<usize>>) -> Check
 /// A [`Rejection`] for an unsupported architecture or disagreeing shapes.
 pub fn check_gguf(summary: &GgufSummary) -> Checked<Architecture> {
     let arch = Architecture::parse(&summary.architecture)?;
-    if arch != Architecture::Llama {
+    // GGUF names follow llama.cpp's Llama layout; the engine reads no other family from GGUF.
+    if arch.as_str() != "llama" {
         return Err(Rejection::new(
             "unsupported-architecture",
             format!(
@@ -171,18 +150,6 @@ pub fn check_gguf(summary: &GgufSummary) -> Checked<Architecture> {
     Ok(arch)
 }
 
-/// Integer hyper-parameters by name, from `config.json` or GGUF metadata.
-struct Fields<'a> {
-    source: &'a str,
-    get: &'a dyn Fn(&str) -> Option<u64>,
-}
-
-impl Fields<'_> {
-    fn required(&self, key: &str) -> Checked<u64> {
-        require((self.get)(key), key, self.source)
-    }
-}
-
 fn require(value: Option<u64>, key: &str, source: &str) -> Checked<u64> {
     value.ok_or_else(|| {
         Rejection::new(
@@ -190,112 +157,6 @@ fn require(value: Option<u64>, key: &str, source: &str) -> Checked<u64> {
             format!("{source} lacks the integer field `{key}`"),
         )
     })
-}
-
-fn check_bert(cfg: &Fields<'_>, tensors: &BTreeMap<String, Vec<usize>>) -> Checked<()> {
-    let vocab = cfg.required("vocab_size")?;
-    let hidden = cfg.required("hidden_size")?;
-    let layers = cfg.required("num_hidden_layers")?;
-    let heads = cfg.required("num_attention_heads")?;
-    let inter = cfg.required("intermediate_size")?;
-    let positions = cfg.required("max_position_embeddings")?;
-    if heads == 0 || hidden % heads != 0 {
-        return Err(Rejection::in_file(
-            MISMATCH,
-            "config.json",
-            format!("hidden_size {hidden} is not divisible by num_attention_heads {heads}"),
-        ));
-    }
-    // Checkpoints saved from `BertFor…` heads prefix the encoder with `bert.`.
-    let p = if tensors.contains_key("bert.embeddings.word_embeddings.weight") {
-        "bert."
-    } else {
-        ""
-    };
-    let check = Shapes {
-        tensors,
-        file: "config.json",
-    };
-    check.expect(
-        &format!("{p}embeddings.word_embeddings.weight"),
-        &[vocab, hidden],
-        true,
-    )?;
-    check.expect(
-        &format!("{p}embeddings.position_embeddings.weight"),
-        &[positions, hidden],
-        true,
-    )?;
-    check.layers(&format!("{p}encoder.layer."), layers)?;
-    for i in 0..layers {
-        let l = format!("{p}encoder.layer.{i}");
-        for part in [
-            "attention.self.query",
-            "attention.self.key",
-            "attention.self.value",
-            "attention.output.dense",
-        ] {
-            check.expect(&format!("{l}.{part}.weight"), &[hidden, hidden], true)?;
-        }
-        check.expect(
-            &format!("{l}.intermediate.dense.weight"),
-            &[inter, hidden],
-            true,
-        )?;
-        check.expect(&format!("{l}.output.dense.weight"), &[hidden, inter], true)?;
-    }
-    Ok(())
-}
-
-fn check_llama(cfg: &Fields<'_>, tensors: &BTreeMap<String, Vec<usize>>) -> Checked<()> {
-    let vocab = cfg.required("vocab_size")?;
-    let hidden = cfg.required("hidden_size")?;
-    let layers = cfg.required("num_hidden_layers")?;
-    let heads = cfg.required("num_attention_heads")?;
-    let inter = cfg.required("intermediate_size")?;
-    let kv_heads = (cfg.get)("num_key_value_heads").unwrap_or(heads);
-    if heads == 0 {
-        return Err(Rejection::in_file(
-            MISMATCH,
-            "config.json",
-            "num_attention_heads is 0",
-        ));
-    }
-    let head_dim = (cfg.get)("head_dim").unwrap_or(hidden / heads);
-    let check = Shapes {
-        tensors,
-        file: "config.json",
-    };
-    check.expect("model.embed_tokens.weight", &[vocab, hidden], true)?;
-    check.expect("lm_head.weight", &[vocab, hidden], false)?;
-    check.layers("model.layers.", layers)?;
-    for i in 0..layers {
-        let l = format!("model.layers.{i}");
-        check.expect(
-            &format!("{l}.self_attn.q_proj.weight"),
-            &[heads * head_dim, hidden],
-            true,
-        )?;
-        check.expect(
-            &format!("{l}.self_attn.k_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-            true,
-        )?;
-        check.expect(
-            &format!("{l}.self_attn.v_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-            true,
-        )?;
-        check.expect(
-            &format!("{l}.self_attn.o_proj.weight"),
-            &[hidden, heads * head_dim],
-            true,
-        )?;
-        check.expect(&format!("{l}.mlp.gate_proj.weight"), &[inter, hidden], true)?;
-        check.expect(&format!("{l}.mlp.up_proj.weight"), &[inter, hidden], true)?;
-        check.expect(&format!("{l}.mlp.down_proj.weight"), &[hidden, inter], true)?;
-    }
-    Ok(())
 }
 
 /// Compares tensors against the shapes the configuration implies.
@@ -384,7 +245,13 @@ mod tests {
     #[test]
     fn accepts_agreeing_bert() {
         let (cfg, tensors) = tiny_bert();
-        assert_eq!(check_hf(&cfg, &tensors).unwrap(), Architecture::Bert);
+        assert_eq!(check_hf(&cfg, &tensors).unwrap().as_str(), "bert");
+        let by_class = json!({"architectures": ["BertForSequenceClassification"]});
+        assert_eq!(
+            Architecture::parse("BertForSequenceClassification").unwrap(),
+            check_hf(&cfg, &tensors).unwrap()
+        );
+        assert!(check_hf(&by_class, &tensors).is_err(), "fields missing");
     }
 
     #[test]
@@ -419,5 +286,10 @@ mod tests {
         );
         let err = check_hf(&json!({"hidden_size": 4}), &BTreeMap::new()).unwrap_err();
         assert!(err.message.contains("model_type"));
+        let (mut cfg, tensors) = tiny_bert();
+        cfg["num_attention_heads"] = json!(3);
+        let err = check_hf(&cfg, &tensors).unwrap_err();
+        assert_eq!(err.slug, "invalid-config");
+        assert!(err.message.contains("num_attention_heads"), "{err}");
     }
 }

@@ -122,8 +122,12 @@ impl LinearFactory {
     /// Builds the layer at the module path of `vb` (its prefix, e.g.
     /// `encoder.layer.0.attention.self.query`), reading `weight` and, if `bias`, `bias` under it.
     ///
+    /// `in_features` and `out_features` are the widths the config implies; a stored weight's own
+    /// shape wins over them, so a physically shrunk layer (fewer heads or FFN neurons) loads. They
+    /// size only a weight the store has to create. Models check that neighbouring layers agree.
+    ///
     /// # Errors
-    /// Fails when the weights are missing or have the wrong shape.
+    /// Fails when the weights are missing, a weight is not 2-D, or a bias does not match it.
     pub fn build(
         &self,
         vb: VarBuilder,
@@ -131,6 +135,18 @@ impl LinearFactory {
         out_features: usize,
         bias: bool,
     ) -> Result<Arc<dyn LinearLayer>> {
+        let (out_features, in_features) = if vb.contains_tensor("weight") {
+            let stored = vb.get_unchecked("weight")?;
+            stored.dims2().map_err(|_| {
+                candle_core::Error::Msg(format!(
+                    "{}.weight has shape {:?}; a linear weight is 2-D",
+                    vb.prefix(),
+                    stored.dims()
+                ))
+            })?
+        } else {
+            (out_features, in_features)
+        };
         match self.plan.kind_for(&vb.prefix()) {
             LinearKind::Dense => Ok(Arc::new(DenseLinear::load(
                 vb,

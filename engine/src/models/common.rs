@@ -213,3 +213,22 @@ pub fn padding_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
     let bias = ((keep - 1.0)? * -mask_value(dtype))?;
     bias.to_dtype(dtype)?.reshape((b, 1, 1, s))
 }
+
+/// Checks that the layer at `path` takes `expected` inputs: with widths read from the stored
+/// tensors, a checkpoint whose tensors disagree with each other is refused naming the tensor.
+///
+/// # Errors
+/// A message naming `path.weight`, its input width and the expected one.
+pub fn expect_in_features(
+    layer: &dyn crate::layers::LinearLayer,
+    path: &str,
+    expected: usize,
+) -> Result<()> {
+    if layer.in_features() != expected {
+        candle_core::bail!(
+            "{path}.weight has {} columns, but its input is {expected} wide",
+            layer.in_features()
+        );
+    }
+    Ok(())
+}

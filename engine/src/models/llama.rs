@@ -14,8 +14,10 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    dropout, mask_value, padding_bias, Activation, DropoutRng, Embedding, RmsNorm,
+    dropout, expect_in_features, mask_value, padding_bias, Activation, DropoutRng, Embedding,
+    RmsNorm,
 };
+use super::Outputs;
 use crate::layers::{LinearFactory, LinearLayer};
 use crate::ops;
 
@@ -134,16 +136,51 @@ struct LlamaAttention {
 }
 
 impl LlamaAttention {
+    /// Reads the projections; query and key/value head counts come from their stored widths (a
+    /// layer whose heads were pruned away has fewer), the head size from the config.
     fn load(vb: VarBuilder, cfg: &LlamaConfig, linears: &LinearFactory) -> Result<Self> {
         let (h, hd, kv) = (cfg.hidden_size, cfg.head_dim()?, cfg.kv_heads());
         let bias = cfg.attention_bias;
+        let prefix = vb.prefix();
+        let q_proj = linears.build(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?;
+        let k_proj = linears.build(vb.pp("k_proj"), h, kv * hd, bias)?;
+        let v_proj = linears.build(vb.pp("v_proj"), h, k_proj.out_features(), bias)?;
+        let (q_width, kv_width) = (q_proj.out_features(), k_proj.out_features());
+        for (name, width) in [("q_proj", q_width), ("k_proj", kv_width)] {
+            if width == 0 || width % hd != 0 {
+                candle_core::bail!(
+                    "{prefix}.{name}.weight has {width} rows, not a whole number of {hd}-wide heads"
+                );
+            }
+        }
+        if v_proj.out_features() != kv_width {
+            candle_core::bail!(
+                "{prefix}.v_proj.weight has {} rows but {prefix}.k_proj.weight has {kv_width}",
+                v_proj.out_features()
+            );
+        }
+        let (num_heads, num_kv_heads) = (q_width / hd, kv_width / hd);
+        if num_heads % num_kv_heads != 0 {
+            candle_core::bail!(
+                "{prefix}: {num_heads} query heads cannot share {num_kv_heads} key/value heads"
+            );
+        }
+        let o_proj = linears.build(vb.pp("o_proj"), q_width, h, bias)?;
+        for (name, layer) in [
+            ("q_proj", &q_proj),
+            ("k_proj", &k_proj),
+            ("v_proj", &v_proj),
+        ] {
+            expect_in_features(&**layer, &format!("{prefix}.{name}"), h)?;
+        }
+        expect_in_features(&*o_proj, &format!("{prefix}.o_proj"), q_width)?;
         Ok(Self {
-            q_proj: linears.build(vb.pp("q_proj"), h, cfg.num_attention_heads * hd, bias)?,
-            k_proj: linears.build(vb.pp("k_proj"), h, kv * hd, bias)?,
-            v_proj: linears.build(vb.pp("v_proj"), h, kv * hd, bias)?,
-            o_proj: linears.build(vb.pp("o_proj"), cfg.num_attention_heads * hd, h, bias)?,
-            num_heads: cfg.num_attention_heads,
-            num_kv_heads: kv,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            num_heads,
+            num_kv_heads,
             head_dim: hd,
             dropout: cfg.attention_dropout,
         })
@@ -169,13 +206,15 @@ impl LlamaAttention {
             .reshape((b, kv * groups, s, d))
     }
 
+    /// The attention output, and the attention probabilities when `keep_probs`.
     fn forward(
         &self,
         x: &Tensor,
         rotary: &Rotary,
         bias: &Tensor,
         rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
+        keep_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         let q = rotary.apply(&self.split_heads(&self.q_proj.forward(x)?, self.num_heads)?)?;
         let k = rotary.apply(&self.split_heads(&self.k_proj.forward(x)?, self.num_kv_heads)?)?;
@@ -183,13 +222,15 @@ impl LlamaAttention {
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let q = (q * (self.head_dim as f64).powf(-0.5))?;
         let scores = q.contiguous()?.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let probs = dropout(&ops::softmax_last_dim(&scores)?, self.dropout, rng)?;
+        let probs = ops::softmax_last_dim(&scores)?;
+        let kept = keep_probs.then(|| probs.clone());
+        let probs = dropout(&probs, self.dropout, rng)?;
         let out = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((
             b,
             s,
             self.num_heads * self.head_dim,
         ))?;
-        self.o_proj.forward(&out)
+        Ok((self.o_proj.forward(&out)?, kept))
     }
 }
 
@@ -202,12 +243,27 @@ struct LlamaMlp {
 }
 
 impl LlamaMlp {
+    /// Reads the projections; the FFN width comes from the stored `gate_proj` (pruned neurons).
     fn load(vb: VarBuilder, cfg: &LlamaConfig, linears: &LinearFactory) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let prefix = vb.prefix();
+        let gate_proj = linears.build(vb.pp("gate_proj"), h, i, false)?;
+        let width = gate_proj.out_features();
+        let up_proj = linears.build(vb.pp("up_proj"), h, width, false)?;
+        if up_proj.out_features() != width {
+            candle_core::bail!(
+                "{prefix}.up_proj.weight has {} rows but {prefix}.gate_proj.weight has {width}",
+                up_proj.out_features()
+            );
+        }
+        let down_proj = linears.build(vb.pp("down_proj"), width, h, false)?;
+        expect_in_features(&*gate_proj, &format!("{prefix}.gate_proj"), h)?;
+        expect_in_features(&*up_proj, &format!("{prefix}.up_proj"), h)?;
+        expect_in_features(&*down_proj, &format!("{prefix}.down_proj"), width)?;
         Ok(Self {
-            gate_proj: linears.build(vb.pp("gate_proj"), h, i, false)?,
-            up_proj: linears.build(vb.pp("up_proj"), h, i, false)?,
-            down_proj: linears.build(vb.pp("down_proj"), i, h, false)?,
+            gate_proj,
+            up_proj,
+            down_proj,
             activation: cfg.hidden_act,
         })
     }
@@ -250,15 +306,17 @@ impl LlamaBlock {
         rotary: &Rotary,
         bias: &Tensor,
         rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
-        let attended =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rotary, bias, rng)?;
+        keep_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let normed = self.input_layernorm.forward(x)?;
+        let (attended, probs) = self
+            .self_attn
+            .forward(&normed, rotary, bias, rng, keep_probs)?;
         let x = (x + attended)?;
         let mlp = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        x + mlp
+        Ok(((x + mlp)?, probs))
     }
 }
 
@@ -270,6 +328,9 @@ pub struct CausalLmOutput {
     /// The embeddings followed by every block's output (`num_hidden_layers + 1` tensors, before the
     /// final norm).
     pub hidden_states: Vec<Tensor>,
+    /// Each block's attention probabilities `(batch, heads, seq, seq)` when asked for
+    /// ([`Outputs::attentions`]), else empty.
+    pub attentions: Vec<Tensor>,
 }
 
 /// A Llama-style causal language model.
@@ -330,6 +391,25 @@ impl LlamaForCausalLm {
         attention_mask: Option<&Tensor>,
         rng: Option<&DropoutRng>,
     ) -> Result<CausalLmOutput> {
+        self.forward_with(input_ids, attention_mask, Outputs::default(), rng)
+    }
+
+    /// The number of decoder blocks.
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Runs the decoder, also returning the optional outputs `want` asks for.
+    ///
+    /// # Errors
+    /// As [`LlamaForCausalLm::forward`].
+    pub fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        want: Outputs,
+        rng: Option<&DropoutRng>,
+    ) -> Result<CausalLmOutput> {
         let (_, seq) = input_ids.dims2()?;
         if seq > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -340,15 +420,19 @@ impl LlamaForCausalLm {
         let mut x = self.embed_tokens.forward(input_ids)?;
         let bias = attention_bias(seq, attention_mask, x.dtype(), x.device())?;
         let mut hidden_states = Vec::with_capacity(self.blocks.len() + 1);
+        let mut attentions = Vec::new();
         hidden_states.push(x.clone());
         for block in &self.blocks {
-            x = block.forward(&x, &self.rotary, &bias, rng)?;
+            let (next, probs) = block.forward(&x, &self.rotary, &bias, rng, want.attentions)?;
+            x = next;
             hidden_states.push(x.clone());
+            attentions.extend(probs);
         }
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(CausalLmOutput {
             logits,
             hidden_states,
+            attentions,
         })
     }
 }

@@ -8,15 +8,15 @@
 use candle_core::Device;
 
 use super::model::WorkingModel;
-use super::session::{BuiltModel, Session, TaskData};
+use super::session::{Session, TaskData};
+use super::training::eval_batch_size;
 use crate::data::{Batch, Example};
 use crate::error::Result;
 use crate::eval::{measure_latency, parameter_counts};
+use crate::models::Outputs;
 use crate::report::ModelMetrics;
-use crate::task::{evaluate_classifier, evaluate_lm, CausalLmTask, SequenceClassificationTask};
+use crate::task::{evaluate_model, TaskScores};
 
-/// Rows per evaluation batch.
-const EVAL_BATCH: usize = 32;
 /// Tokens of each language-model example used for latency.
 const LM_LATENCY_TOKENS: usize = 64;
 /// Timed runs at batch 1 and batch 32 (after one warm-up each).
@@ -37,53 +37,35 @@ pub(super) fn evaluate(session: &Session, model: &WorkingModel) -> Result<ModelM
         nonzero_parameters: counts.nonzero,
         ..ModelMetrics::default()
     };
-    let examples: Vec<Example> = match (&built, &session.data) {
-        (BuiltModel::Classifier(m), TaskData::Classification(data)) => {
-            let task = SequenceClassificationTask { model: m };
-            let scores = evaluate_classifier(
-                &task,
-                &data.test,
-                EVAL_BATCH,
-                pad,
-                device,
-                data.labels.len(),
-            )?;
-            metrics.accuracy = Some(scores.accuracy);
-            metrics.macro_f1 = Some(scores.macro_f1);
-            data.test.clone()
-        }
-        (BuiltModel::Decoder(m), TaskData::LanguageModeling(corpus)) => {
-            let task = CausalLmTask { model: m };
-            let (_, perplexity) = evaluate_lm(&task, &corpus.validation, 4, pad, device)?;
-            metrics.perplexity = Some(perplexity);
+    let (scored, latency_rows): (&[Example], Vec<Example>) = match &session.data {
+        TaskData::Classification(data) => (&data.test, data.test.clone()),
+        TaskData::LanguageModeling(corpus) => (
+            &corpus.validation,
             corpus
                 .validation
                 .iter()
                 .map(|e| truncated(e, LM_LATENCY_TOKENS))
-                .collect()
-        }
-        _ => {
-            return Err(crate::EngineError::InvalidSetting(
-                "the model does not fit the task".into(),
-            ))
-        }
+                .collect(),
+        ),
     };
-    let forward = |batch: &Batch| -> Result<()> {
-        match &built {
-            BuiltModel::Classifier(m) => {
-                SequenceClassificationTask { model: m }.logits(batch, None)?;
-            }
-            BuiltModel::Decoder(m) => {
-                m.forward(&batch.input_ids, Some(&batch.attention_mask), None)?;
-            }
+    let batch_size = eval_batch_size(built.task());
+    let labels = session.labels().len();
+    match evaluate_model(&*built, scored, batch_size, pad, device, labels)? {
+        TaskScores::Classification(scores) => {
+            metrics.accuracy = Some(scores.accuracy);
+            metrics.macro_f1 = Some(scores.macro_f1);
         }
+        TaskScores::LanguageModeling(_, perplexity) => metrics.perplexity = Some(perplexity),
+    }
+    let forward = |batch: &Batch| -> Result<()> {
+        built.forward(batch, Outputs::LOGITS, None)?;
         Ok(())
     };
-    if let Some(one) = latency_batch(&examples, 1, pad, device)? {
+    if let Some(one) = latency_batch(&latency_rows, 1, pad, device)? {
         metrics.latency_batch1_ms =
             Some(measure_latency(1, 1, RUNS_BATCH1, || forward(&one))?.p50_ms);
     }
-    if let Some(many) = latency_batch(&examples, 32, pad, device)? {
+    if let Some(many) = latency_batch(&latency_rows, 32, pad, device)? {
         let report = measure_latency(32, 1, RUNS_BATCH32, || forward(&many))?;
         metrics.latency_batch32_ms = Some(report.p50_ms);
         metrics.throughput_per_s = Some(report.throughput_per_s);

@@ -22,24 +22,70 @@ pub use session::{run_job, Session};
 use serde::Serialize;
 
 use crate::error::Result;
+use crate::objective::Objective;
 use crate::pipeline::StageContext;
 use crate::spec::StageSpec;
+use crate::train::GradientObserver;
 
 /// Training on the job's task, shared by fine-tuning and pruning recovery (and later QAT and
-/// distillation). The implementation owns the data and the task; stages only say how to train.
+/// distillation). The implementation owns the data and the task; stages only say how to train and,
+/// through a [`TrainRequest`], on which objective, beside which frozen models.
 pub trait Trainer {
-    /// Trains `model` in place. Masks recorded in the model are re-applied after every optimizer
-    /// step, so pruned weights stay zero. Progress goes to `ctx.progress`; `ctx.cancel` is polled
-    /// between steps.
+    /// Trains `model` on the task loss; see [`Trainer::train_with`].
     ///
     /// # Errors
-    /// Whatever training fails with, [`crate::EngineError::Cancelled`] included.
+    /// As [`Trainer::train_with`].
     fn train(
         &self,
         model: &mut WorkingModel,
         settings: &TrainSettings,
         ctx: &StageContext,
+    ) -> Result<TrainSummary> {
+        self.train_with(model, settings, TrainRequest::default(), ctx)
+    }
+
+    /// Trains `model` in place on `request`'s objective. Masks recorded in the model are
+    /// re-applied after every optimizer step, so pruned weights stay zero. Progress goes to
+    /// `ctx.progress`; `ctx.cancel` is polled between steps.
+    ///
+    /// # Errors
+    /// Whatever training fails with, [`crate::EngineError::Cancelled`] included; an objective that
+    /// reads more frozen models than the request gives.
+    fn train_with(
+        &self,
+        model: &mut WorkingModel,
+        settings: &TrainSettings,
+        request: TrainRequest<'_>,
+        ctx: &StageContext,
     ) -> Result<TrainSummary>;
+
+    /// Runs up to `batches` batches of `batch_size` training rows forward and backward through
+    /// `model` on `objective` (the task loss when `None`) without updating anything, handing each
+    /// batch's gradients to `observer`: calibration for gradient-based importance. Returns the
+    /// number of batches run.
+    ///
+    /// # Errors
+    /// A forward or backward failure, or the observer's error.
+    fn observe_gradients(
+        &self,
+        model: &WorkingModel,
+        batches: usize,
+        batch_size: usize,
+        objective: Option<&dyn Objective>,
+        observer: &mut dyn GradientObserver,
+    ) -> Result<usize>;
+}
+
+/// What a training run optimises beyond the task loss.
+#[derive(Default)]
+pub struct TrainRequest<'a> {
+    /// The loss; `None` means the model's task loss.
+    pub objective: Option<&'a dyn Objective>,
+    /// Frozen models run beside the trained one on every batch (teachers), in the order the
+    /// objective reads their outputs.
+    pub frozen: Vec<&'a WorkingModel>,
+    /// Sees every micro-batch's gradients.
+    pub gradients: Option<&'a mut dyn GradientObserver>,
 }
 
 /// What a training run did.

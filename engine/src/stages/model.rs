@@ -3,13 +3,17 @@
 use std::collections::BTreeMap;
 
 use crate::error::Result;
+use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{LinearKind, LinearPlan};
 use crate::params::ParamStore;
 use crate::prune::MaskSet;
 use crate::quant::QuantScheme;
 
 /// A model between stages.
-#[derive(Clone, Debug)]
+///
+/// Not `Clone`: a clone would share the parameter store, so training one copy would change the
+/// other. [`WorkingModel::deep_clone`] makes an independent copy (a teacher beside its student).
+#[derive(Debug)]
 pub struct WorkingModel {
     /// The parameters (dense values; quantized layers are quantized from them when built).
     pub store: ParamStore,
@@ -34,6 +38,36 @@ impl WorkingModel {
             masks: None,
             quantized: None,
         }
+    }
+
+    /// An independent copy: parameters, plan, masks and quantization state.
+    ///
+    /// # Errors
+    /// Fails when a parameter cannot be copied.
+    pub fn deep_clone(&self) -> Result<Self> {
+        Ok(Self {
+            store: self.store.deep_clone()?,
+            config: self.config.clone(),
+            plan: self.plan.clone(),
+            masks: self.masks.clone(),
+            quantized: self.quantized.clone(),
+        })
+    }
+
+    /// The model's family, from its config's `model_type`.
+    ///
+    /// # Errors
+    /// A config whose `model_type` no family loads.
+    pub fn family(&self) -> Result<&'static dyn ModelFamily> {
+        family_of(&self.config)
+    }
+
+    /// What each parameter is (see [`ModuleMap`]).
+    ///
+    /// # Errors
+    /// As [`WorkingModel::family`], or an invalid config.
+    pub fn modules(&self) -> Result<ModuleMap> {
+        self.family()?.modules(&self.config, &self.store.names())
     }
 
     /// Every parameter's name and shape, sorted by name.

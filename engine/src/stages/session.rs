@@ -1,7 +1,7 @@
 //! The real [`Workbench`]: a job's model, data and device, for [`crate::pipeline::run`].
 //!
-//! Text classification runs BERT-style encoders with a sequence-classification head (created,
-//! seeded, when the input model has none); language modelling runs Llama-style decoders. The model
+//! The model's family ([`crate::family`]) builds it for the job's task: text classification gets a
+//! sequence-classification head (created, seeded, when the input model has none). The model
 //! is saved after each stage as a Hugging Face folder (dense) or in the quantized safetensors layout
 //! ([`crate::quant::layout`]), plus `compressd.json` saying which weights are pruned or quantized so a
 //! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
@@ -20,10 +20,10 @@ use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
 };
 use crate::error::{EngineError, Result};
+use crate::family::family_for_task;
 use crate::layers::LinearFactory;
 use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
-use crate::models::bert::{BertConfig, BertForSequenceClassification};
-use crate::models::llama::{LlamaConfig, LlamaForCausalLm};
+use crate::models::TaskModel;
 use crate::params::ParamStore;
 use crate::pipeline::{self, PipelineInputs, PipelineResult, ProgressFn, StageContext, Workbench};
 use crate::report::ModelMetrics;
@@ -44,14 +44,6 @@ pub(super) enum TaskData {
     LanguageModeling(LmCorpus),
 }
 
-/// A model built for a forward pass.
-pub(super) enum BuiltModel {
-    /// BERT-style classifier.
-    Classifier(BertForSequenceClassification),
-    /// Llama-style decoder.
-    Decoder(LlamaForCausalLm),
-}
-
 /// Which weights are pruned or quantized, saved next to the model.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct SavedState {
@@ -67,6 +59,8 @@ pub struct Session {
     pub(super) encoder: TextEncoder,
     model_path: PathBuf,
     tokenizer_dir: Option<PathBuf>,
+    /// Training runs started in the current stage: each gets its own checkpoint folder.
+    pub(super) train_runs: std::cell::Cell<usize>,
 }
 
 impl Session {
@@ -129,13 +123,18 @@ impl Session {
             encoder,
             model_path: inputs.model.clone(),
             tokenizer_dir: tokenizer.parent().map(Path::to_path_buf),
+            train_runs: std::cell::Cell::new(0),
         })
     }
 
     /// Builds the model for a forward pass with the model's linear plan. `trainable` keeps the
     /// store's variables (training); otherwise a detached, frozen view is used, which quantized
     /// layers require and which skips gradient bookkeeping.
-    pub(super) fn build_model(&self, model: &WorkingModel, trainable: bool) -> Result<BuiltModel> {
+    pub(super) fn build_model(
+        &self,
+        model: &WorkingModel,
+        trainable: bool,
+    ) -> Result<Box<dyn TaskModel>> {
         let store = if trainable {
             model.store.clone()
         } else {
@@ -146,29 +145,33 @@ impl Session {
                 .map(|(n, t)| (n, t.detach()));
             ParamStore::from_tensors(frozen, |_| false)?
         };
-        let vb = store.var_builder(DType::F32, &self.device);
         let factory = LinearFactory::new(model.plan().clone());
-        Ok(match self.spec.task.task_type {
-            TaskType::TextClassification => {
-                let cfg: BertConfig = parse_config(&model.config)?;
-                BuiltModel::Classifier(BertForSequenceClassification::load(vb, &cfg, &factory)?)
-            }
-            TaskType::LanguageModeling => {
-                let cfg: LlamaConfig = parse_config(&model.config)?;
-                BuiltModel::Decoder(LlamaForCausalLm::load(vb, &cfg, &factory)?)
-            }
-        })
+        let task = self.spec.task.task_type;
+        family_for_task(&model.config, task)?.build(
+            &store,
+            &model.config,
+            task,
+            &factory,
+            &self.device,
+        )
+    }
+
+    /// The class names of a classification task (empty otherwise).
+    pub(super) fn labels(&self) -> &[String] {
+        match &self.data {
+            TaskData::Classification(data) => &data.labels.id2label,
+            TaskData::LanguageModeling(_) => &[],
+        }
     }
 
     /// A model from a checkpoint: labels set for classification, a missing head created (seeded).
     fn from_checkpoint(&self, checkpoint: Checkpoint) -> Result<WorkingModel> {
-        let mut config = checkpoint.config.clone();
-        if let TaskData::Classification(data) = &self.data {
-            let mut cfg: BertConfig = parse_config(&config)?;
-            cfg.set_labels(&data.labels.id2label);
-            config =
-                serde_json::to_value(&cfg).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
-        }
+        let task = self.spec.task.task_type;
+        let config = family_for_task(&checkpoint.config, task)?.config_for_task(
+            &checkpoint.config,
+            task,
+            self.labels(),
+        )?;
         let store = checkpoint.into_store(|_| true)?;
         store.set_init_missing(Some(self.spec.seed));
         let model = WorkingModel::new(store, config);
@@ -188,7 +191,6 @@ impl Workbench for Session {
         } else {
             read_gguf(&self.model_path, DType::F32, &self.device)?
         };
-        check_family(&checkpoint, self.spec.task.task_type)?;
         self.from_checkpoint(checkpoint)
     }
 
@@ -210,6 +212,7 @@ impl Workbench for Session {
     ) -> Result<serde_json::Value> {
         let stage = build(spec)?;
         stage.validate(model)?;
+        self.train_runs.set(0);
         stage.run(model, &*self, ctx)
     }
 
@@ -278,23 +281,6 @@ fn tokenizer_path(model: &Path) -> Result<PathBuf> {
         Err(EngineError::InvalidModel(format!(
             "no tokenizer.json next to {}",
             model.display()
-        )))
-    }
-}
-
-fn check_family(checkpoint: &Checkpoint, task: TaskType) -> Result<()> {
-    let family = checkpoint.model_type().unwrap_or("unknown");
-    let fits = match task {
-        TaskType::TextClassification => {
-            matches!(family, "bert" | "roberta" | "distilbert" | "xlm-roberta")
-        }
-        TaskType::LanguageModeling => matches!(family, "llama" | "mistral" | "qwen2" | "smollm"),
-    };
-    if fits {
-        Ok(())
-    } else {
-        Err(EngineError::Unsupported(format!(
-            "a {family} model cannot be used for {task:?}"
         )))
     }
 }

@@ -1,26 +1,39 @@
-//! The [`Trainer`] of a [`Session`]: the engine's trainer on the job's task, with pruning masks
-//! re-applied after every optimizer step and progress forwarded as pipeline events.
+//! The [`Trainer`] of a [`Session`]: the engine's trainer on the job's data with the request's
+//! objective and frozen models, pruning masks re-applied after every optimizer step and progress
+//! forwarded as pipeline events.
+
+use candle_core::backprop::GradStore;
+use candle_core::Var;
 
 use super::model::WorkingModel;
-use super::session::{BuiltModel, Session, TaskData};
-use super::{TrainSettings, TrainSummary, Trainer};
-use crate::data::Example;
+use super::session::{Session, TaskData};
+use super::{TrainRequest, TrainSettings, TrainSummary, Trainer};
+use crate::data::{Batch, Example};
 use crate::error::{EngineError, Result};
+use crate::family::ModuleRole;
+use crate::models::TaskModel;
+use crate::objective::{Objective, ObjectiveTask, TaskLoss};
 use crate::pipeline::{Event, StageContext};
 use crate::prune::{compile_glob, MaskSet};
-use crate::task::{evaluate_classifier, evaluate_lm, CausalLmTask, SequenceClassificationTask};
+use crate::spec::TaskType;
+use crate::task::{evaluate_model, TaskScores};
 use crate::train::hooks::{EarlyStopping, Progress, TrainHooks};
 use crate::train::trainer::{StopReason, TrainConfig, Trainer as LoopTrainer};
-use crate::train::{AdamW, AdamWConfig, ClipConfig, Decay, ParamGroupConfig, ScheduleConfig};
+use crate::train::{
+    AdamW, AdamWConfig, ClipConfig, Decay, GradientObserver, ParamGroupConfig, ScheduleConfig,
+    TrainTask,
+};
 
-/// Parameter globs of the task heads, trained at `head_learning_rate`.
-const HEAD_GLOBS: &[&str] = &["classifier.*", "lm_head.*"];
+/// How often a stage's training writes a checkpoint to resume from: a crashed or reclaimed job
+/// loses at most this much training. A MiniLM checkpoint (weights and AdamW moments) is ~270 MB.
+const CHECKPOINT_EVERY_SECS: f64 = 300.0;
 
 impl Trainer for Session {
-    fn train(
+    fn train_with(
         &self,
         model: &mut WorkingModel,
         settings: &TrainSettings,
+        request: TrainRequest<'_>,
         ctx: &StageContext,
     ) -> Result<TrainSummary> {
         let freeze = settings
@@ -38,7 +51,7 @@ impl Trainer for Session {
             .collect();
         let is_frozen = |name: &str| freeze.iter().any(|m| m.is_match(name));
         model.store.set_trainable(is_frozen, false)?;
-        let outcome = self.train_unfrozen(model, settings, ctx);
+        let outcome = self.train_unfrozen(model, settings, request, ctx);
         // Frozen weights become variables again so a later stage can train them.
         model.store.set_trainable(is_frozen, true)?;
         let (steps, final_loss, stop) = outcome?;
@@ -52,6 +65,33 @@ impl Trainer for Session {
             unmatched_freeze_globs,
         })
     }
+
+    fn observe_gradients(
+        &self,
+        model: &WorkingModel,
+        batches: usize,
+        batch_size: usize,
+        objective: Option<&dyn Objective>,
+        observer: &mut dyn GradientObserver,
+    ) -> Result<usize> {
+        let built = self.build_model(model, true)?;
+        let task = ObjectiveTask {
+            model: &*built,
+            frozen: Vec::new(),
+            objective: objective.unwrap_or(&TaskLoss),
+        };
+        let vars = model.store.trainable_vars();
+        let (train, _) = self.splits();
+        let mut seen = 0;
+        for chunk in train.chunks(batch_size.max(1)).take(batches) {
+            let refs: Vec<&Example> = chunk.iter().collect();
+            let batch = Batch::collate(&refs, self.encoder.pad_id(), &self.device)?;
+            let grads = task.loss(&batch, None)?.backward()?;
+            observer.observe(&vars, &grads)?;
+            seen += 1;
+        }
+        Ok(seen)
+    }
 }
 
 impl Session {
@@ -59,17 +99,35 @@ impl Session {
         &self,
         model: &WorkingModel,
         settings: &TrainSettings,
+        request: TrainRequest<'_>,
         ctx: &StageContext,
     ) -> Result<(u64, Option<f64>, StopReason)> {
+        let objective = request.objective.unwrap_or(&TaskLoss);
+        if objective.frozen_models() > request.frozen.len() {
+            return Err(EngineError::InvalidSetting(format!(
+                "objective {} reads {} frozen models, {} given",
+                objective.name(),
+                objective.frozen_models(),
+                request.frozen.len()
+            )));
+        }
         let built = self.build_model(model, true)?;
+        let frozen = request
+            .frozen
+            .iter()
+            .map(|m| self.build_model(m, false))
+            .collect::<Result<Vec<_>>>()?;
         let higher_is_better = matches!(self.data, TaskData::Classification(_));
+        // Runs are numbered in the order the stage starts them, which a re-run repeats.
+        let run = self.train_runs.get();
+        self.train_runs.set(run + 1);
         let config = TrainConfig {
             epochs: u64::from(settings.epochs),
             batch_size: settings.batch_size as usize,
             optimizer: AdamWConfig {
                 lr: settings.learning_rate,
                 weight_decay: settings.weight_decay,
-                groups: head_groups(settings.head_learning_rate),
+                groups: head_groups(model, settings.head_learning_rate)?,
                 ..AdamWConfig::default()
             },
             schedule: ScheduleConfig {
@@ -90,9 +148,16 @@ impl Session {
                     higher_is_better,
                 }),
             seed: self.spec.seed.wrapping_add(ctx.index as u64),
+            checkpoint_dir: ctx
+                .work_dir
+                .as_ref()
+                .map(|dir| dir.join(format!("train-{run}"))),
+            checkpoint_every_secs: Some(CHECKPOINT_EVERY_SECS),
             ..TrainConfig::default()
         };
-        let mut optimizer = AdamW::new(model.store.trainable_vars(), config.optimizer.clone())?;
+        let mut vars = model.store.trainable_vars();
+        vars.extend(objective.trainable());
+        let mut optimizer = AdamW::new(vars, config.optimizer.clone())?;
         let trainer = LoopTrainer::new(
             config,
             self.device.clone(),
@@ -102,30 +167,23 @@ impl Session {
         let (train, validation) = self.splits();
         let mut hooks = StageHooks {
             session: self,
-            built: &built,
+            built: &*built,
             masks: model.masks(),
             store: model,
             validation,
+            gradients: request.gradients,
             ctx,
         };
-        let report = match &built {
-            BuiltModel::Classifier(m) => trainer.run(
-                &SequenceClassificationTask { model: m },
-                &mut optimizer,
-                train,
-                &mut hooks,
-            )?,
-            BuiltModel::Decoder(m) => trainer.run(
-                &CausalLmTask { model: m },
-                &mut optimizer,
-                train,
-                &mut hooks,
-            )?,
+        let task = ObjectiveTask {
+            model: &*built,
+            frozen: frozen.iter().map(|m| &**m).collect(),
+            objective,
         };
+        let report = trainer.run(&task, &mut optimizer, train, &mut hooks)?;
         Ok((report.steps, report.final_loss, report.stop_reason))
     }
 
-    fn splits(&self) -> (&[Example], &[Example]) {
+    pub(super) fn splits(&self) -> (&[Example], &[Example]) {
         match &self.data {
             TaskData::Classification(d) => (&d.train, &d.validation),
             TaskData::LanguageModeling(c) => (&c.train, &c.validation),
@@ -133,29 +191,44 @@ impl Session {
     }
 }
 
-fn head_groups(head_lr: Option<f64>) -> Vec<ParamGroupConfig> {
-    let Some(lr) = head_lr else { return Vec::new() };
-    HEAD_GLOBS
-        .iter()
-        .map(|g| ParamGroupConfig {
-            pattern: (*g).to_string(),
+/// Rows per evaluation batch: language-model rows are long sequences.
+pub(super) fn eval_batch_size(task: TaskType) -> usize {
+    match task {
+        TaskType::TextClassification => 32,
+        TaskType::LanguageModeling => 4,
+    }
+}
+
+/// The task head's parameters trained at `head_learning_rate`: every module the family maps as
+/// the task head.
+fn head_groups(model: &WorkingModel, head_lr: Option<f64>) -> Result<Vec<ParamGroupConfig>> {
+    let Some(lr) = head_lr else {
+        return Ok(Vec::new());
+    };
+    Ok(model
+        .modules()?
+        .with_role(ModuleRole::TaskHead)
+        .map(|m| ParamGroupConfig {
+            pattern: format!("{}.*", m.path),
             lr,
             weight_decay: None,
         })
-        .collect()
+        .collect())
 }
 
-/// Masks after each step, progress events, and the validation metric for early stopping.
-struct StageHooks<'a> {
+/// Masks after each step, progress events, gradients to the request's observer, and the
+/// validation metric for early stopping.
+struct StageHooks<'a, 'g> {
     session: &'a Session,
-    built: &'a BuiltModel,
+    built: &'a dyn TaskModel,
     masks: Option<&'a MaskSet>,
     store: &'a WorkingModel,
     validation: &'a [Example],
+    gradients: Option<&'g mut (dyn GradientObserver + 'g)>,
     ctx: &'a StageContext<'a>,
 }
 
-impl TrainHooks for StageHooks<'_> {
+impl TrainHooks for StageHooks<'_, '_> {
     fn on_progress(&mut self, p: &Progress) {
         (self.ctx.progress)(Event::Progress {
             index: self.ctx.index,
@@ -166,6 +239,13 @@ impl TrainHooks for StageHooks<'_> {
             samples_per_s: Some(p.samples_per_sec),
             eta_s: Some(p.eta_seconds),
         });
+    }
+
+    fn after_backward(&mut self, vars: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        match self.gradients.as_mut() {
+            Some(observer) => observer.observe(vars, grads),
+            None => Ok(()),
+        }
     }
 
     fn after_optimizer_step(&mut self, _step: u64) -> Result<()> {
@@ -179,19 +259,19 @@ impl TrainHooks for StageHooks<'_> {
         if self.validation.is_empty() {
             return Ok(None);
         }
-        let pad = self.session.encoder.pad_id();
-        let device = &self.session.device;
-        let metric = match (self.built, &self.session.data) {
-            (BuiltModel::Classifier(m), TaskData::Classification(d)) => {
-                let task = SequenceClassificationTask { model: m };
-                evaluate_classifier(&task, self.validation, 32, pad, device, d.labels.len())?
-                    .accuracy
-            }
-            (BuiltModel::Decoder(m), _) => {
-                evaluate_lm(&CausalLmTask { model: m }, self.validation, 4, pad, device)?.0
-            }
-            _ => return Ok(None),
-        };
-        Ok(Some(metric))
+        let session = self.session;
+        let batch = eval_batch_size(self.built.task());
+        let scores = evaluate_model(
+            self.built,
+            self.validation,
+            batch,
+            session.encoder.pad_id(),
+            &session.device,
+            session.labels().len(),
+        )?;
+        Ok(Some(match scores {
+            TaskScores::Classification(m) => m.accuracy,
+            TaskScores::LanguageModeling(nll, _) => nll,
+        }))
     }
 }

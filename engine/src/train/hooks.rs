@@ -56,6 +56,20 @@ pub trait TrainHooks {
         Ok(())
     }
 
+    /// Called after each micro-batch's backward pass with the trained variables and their
+    /// gradients, before accumulation and clipping: a stage can accumulate per-parameter scores
+    /// here (first-order Taylor importance `|w · ∂L/∂w|`).
+    ///
+    /// # Errors
+    /// An error stops training and is returned by the trainer.
+    fn after_backward(
+        &mut self,
+        _vars: &[(String, candle_core::Var)],
+        _grads: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// Computes the validation metric (for early stopping), or `None` when there is nothing to
     /// validate on.
     ///
@@ -64,6 +78,20 @@ pub trait TrainHooks {
     fn validate(&mut self, _step: u64) -> Result<Option<f64>> {
         Ok(None)
     }
+}
+
+/// Sees the gradients of every micro-batch of a training or scoring pass (see
+/// [`TrainHooks::after_backward`]), e.g. to accumulate Taylor importance for structured pruning.
+pub trait GradientObserver {
+    /// Called with the trained variables and one micro-batch's gradients.
+    ///
+    /// # Errors
+    /// An error stops the pass and is returned by it.
+    fn observe(
+        &mut self,
+        vars: &[(String, candle_core::Var)],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<()>;
 }
 
 /// Hooks that do nothing (no validation, no reporting).

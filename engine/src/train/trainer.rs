@@ -6,6 +6,7 @@
 //! polled before every step; a cancelled run saves a checkpoint (when a folder is configured) so it
 //! can be resumed.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -56,6 +57,9 @@ pub struct TrainConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every this many optimizer steps (and always on cancellation).
     pub checkpoint_every_steps: Option<u64>,
+    /// Checkpoint after the first step that ends at least this many seconds after the last
+    /// checkpoint (or the start): bounds the work a crash loses whatever the step time.
+    pub checkpoint_every_secs: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +81,7 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_dir: None,
             checkpoint_every_steps: None,
+            checkpoint_every_secs: None,
         }
     }
 }
@@ -95,6 +100,14 @@ impl TrainConfig {
         if self.epochs == 0 && self.max_steps.is_none() {
             return Err(EngineError::InvalidSetting(
                 "epochs must be at least 1".into(),
+            ));
+        }
+        if self
+            .checkpoint_every_secs
+            .is_some_and(|s| !(s.is_finite() && s > 0.0))
+        {
+            return Err(EngineError::InvalidSetting(
+                "checkpoint_every_secs must be a positive number".into(),
             ));
         }
         if self.eval_every_steps == Some(0) || self.checkpoint_every_steps == Some(0) {
@@ -162,6 +175,8 @@ pub struct Trainer<'a> {
     device: Device,
     pad_id: u32,
     cancel: &'a AtomicBool,
+    /// When the last checkpoint was written (or the trainer made), for `checkpoint_every_secs`.
+    last_checkpoint: Cell<Instant>,
 }
 
 impl<'a> Trainer<'a> {
@@ -182,6 +197,7 @@ impl<'a> Trainer<'a> {
             device,
             pad_id,
             cancel,
+            last_checkpoint: Cell::new(Instant::now()),
         })
     }
 
@@ -341,6 +357,7 @@ impl Trainer<'_> {
             let loss = task.loss(&batch, Some(&dropout))?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let grads = loss.backward()?;
+            hooks.after_backward(ctx.vars, &grads)?;
             if accumulate {
                 ctx.accumulator.add(ctx.vars, &grads)?;
             } else {
@@ -379,12 +396,15 @@ impl Trainer<'_> {
             .is_some_and(|n| state.step % n == 0)
             || (epoch_done && self.cfg.eval_each_epoch);
         let stop = eval_due && self.validate(state, hooks)?;
-        if stop
-            || self
-                .cfg
-                .checkpoint_every_steps
-                .is_some_and(|n| state.step % n == 0)
-        {
+        let steps_due = self
+            .cfg
+            .checkpoint_every_steps
+            .is_some_and(|n| state.step % n == 0);
+        let time_due = self
+            .cfg
+            .checkpoint_every_secs
+            .is_some_and(|s| self.last_checkpoint.get().elapsed().as_secs_f64() >= s);
+        if stop || steps_due || time_due {
             self.save_checkpoint(optimizer, state)?;
         }
         Ok(stop)
@@ -412,6 +432,7 @@ impl Trainer<'_> {
     }
 
     fn save_checkpoint(&self, optimizer: &AdamW, state: &TrainState) -> Result<()> {
+        self.last_checkpoint.set(Instant::now());
         match &self.cfg.checkpoint_dir {
             Some(dir) => checkpoint::save(dir, optimizer, state),
             None => Ok(()),

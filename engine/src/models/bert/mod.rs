@@ -4,107 +4,21 @@
 //! `models/bert.rs`; parameter names equal the Hugging Face checkpoint names, with or without the
 //! `bert.` prefix that `BertFor*` checkpoints carry.
 
-use std::collections::BTreeMap;
+mod config;
+
 use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
-use serde::{Deserialize, Serialize};
 
-use super::common::{dropout, padding_bias, Activation, DropoutRng, Embedding, LayerNorm};
+pub use config::BertConfig;
+
+use super::common::{
+    dropout, expect_in_features, padding_bias, Activation, DropoutRng, Embedding, LayerNorm,
+};
+use super::Outputs;
 use crate::layers::{LinearFactory, LinearLayer};
 use crate::ops;
-
-fn default_type_vocab_size() -> usize {
-    2
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-12
-}
-fn default_dropout() -> f64 {
-    0.1
-}
-fn default_activation() -> Activation {
-    Activation::Gelu
-}
-
-/// A BERT configuration, with Hugging Face `config.json` field names.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BertConfig {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub intermediate_size: usize,
-    #[serde(default = "default_activation")]
-    pub hidden_act: Activation,
-    pub max_position_embeddings: usize,
-    #[serde(default = "default_type_vocab_size")]
-    pub type_vocab_size: usize,
-    #[serde(default = "default_layer_norm_eps")]
-    pub layer_norm_eps: f64,
-    #[serde(default = "default_dropout")]
-    pub hidden_dropout_prob: f64,
-    #[serde(default = "default_dropout")]
-    pub attention_probs_dropout_prob: f64,
-    /// Dropout before the classifier; `hidden_dropout_prob` when absent (as Hugging Face).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub classifier_dropout: Option<f64>,
-    /// Class names by index, as strings (`"0": "business"`), for classification heads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id2label: Option<BTreeMap<String, String>>,
-    /// The inverse of `id2label`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub label2id: Option<BTreeMap<String, usize>>,
-    /// Every other field of `config.json`, kept so an export writes it back unchanged.
-    #[serde(flatten)]
-    pub extra: BTreeMap<String, serde_json::Value>,
-}
-
-impl BertConfig {
-    /// The number of classes of a classification head (`id2label`'s size; 2 when absent, as
-    /// Hugging Face).
-    pub fn num_labels(&self) -> usize {
-        self.id2label.as_ref().map_or(2, BTreeMap::len)
-    }
-
-    /// Sets `id2label`/`label2id` from class names in index order.
-    pub fn set_labels(&mut self, labels: &[String]) {
-        self.id2label = Some(
-            labels
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (i.to_string(), l.clone()))
-                .collect(),
-        );
-        self.label2id = Some(
-            labels
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (l.clone(), i))
-                .collect(),
-        );
-    }
-
-    /// Class names in index order, when `id2label` is set and its keys are `0..n`.
-    pub fn labels(&self) -> Option<Vec<String>> {
-        let map = self.id2label.as_ref()?;
-        (0..map.len())
-            .map(|i| map.get(&i.to_string()).cloned())
-            .collect()
-    }
-
-    fn head_dim(&self) -> Result<usize> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
-            candle_core::bail!(
-                "hidden_size {} is not a multiple of num_attention_heads {}",
-                self.hidden_size,
-                self.num_attention_heads
-            );
-        }
-        Ok(self.hidden_size / self.num_attention_heads)
-    }
-}
 
 /// The inputs of one forward pass.
 #[derive(Clone, Copy, Debug)]
@@ -125,6 +39,9 @@ pub struct BertOutput {
     /// The embeddings' output followed by every layer's output (`num_hidden_layers + 1` tensors), as
     /// Hugging Face's `output_hidden_states`; used by distillation.
     pub hidden_states: Vec<Tensor>,
+    /// Each layer's attention probabilities `(batch, heads, seq, seq)` when asked for
+    /// ([`Outputs::attentions`]), else empty.
+    pub attentions: Vec<Tensor>,
 }
 
 #[derive(Clone, Debug)]
@@ -197,16 +114,47 @@ struct BertSelfAttention {
 }
 
 impl BertSelfAttention {
+    /// Reads the projections; the head count comes from their stored width (a layer whose heads
+    /// were pruned away has fewer), the head size from the config.
     fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
         let h = cfg.hidden_size;
+        let head_dim = cfg.head_dim()?;
+        let query = linears.build(vb.pp("query"), h, h, true)?;
+        let width = query.out_features();
+        if width % head_dim != 0 {
+            candle_core::bail!(
+                "{}.query.weight has {width} rows, not a whole number of {head_dim}-wide heads",
+                vb.prefix()
+            );
+        }
+        let key = linears.build(vb.pp("key"), h, width, true)?;
+        let value = linears.build(vb.pp("value"), h, width, true)?;
+        for (name, layer) in [("query", &query), ("key", &key), ("value", &value)] {
+            expect_in_features(&**layer, &format!("{}.{name}", vb.prefix()), h)?;
+        }
+        for (name, layer) in [("key", &key), ("value", &value)] {
+            if layer.out_features() != width {
+                candle_core::bail!(
+                    "{}.{name}.weight has {} rows but {}.query.weight has {width}",
+                    vb.prefix(),
+                    layer.out_features(),
+                    vb.prefix()
+                );
+            }
+        }
         Ok(Self {
-            query: linears.build(vb.pp("query"), h, h, true)?,
-            key: linears.build(vb.pp("key"), h, h, true)?,
-            value: linears.build(vb.pp("value"), h, h, true)?,
-            num_heads: cfg.num_attention_heads,
-            head_dim: cfg.head_dim()?,
+            query,
+            key,
+            value,
+            num_heads: width / head_dim,
+            head_dim,
             dropout: cfg.attention_probs_dropout_prob,
         })
+    }
+
+    /// Width of the attention output (`heads × head size`).
+    fn width(&self) -> usize {
+        self.num_heads * self.head_dim
     }
 
     /// `(batch, seq, hidden)` → `(batch, heads, seq, head_dim)`.
@@ -217,13 +165,15 @@ impl BertSelfAttention {
             .contiguous()
     }
 
+    /// The attended values `(batch, seq, width)`, and the attention probabilities when `keep_probs`.
     fn forward(
         &self,
         x: &Tensor,
         bias: Option<&Tensor>,
         rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
+        keep_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, s, _) = x.dims3()?;
         // Scaling q before the product touches seq·head_dim values instead of seq².
         let q = (self.split_heads(&self.query.forward(x)?)? * (self.head_dim as f64).powf(-0.5))?;
         let k = self.split_heads(&self.key.forward(x)?)?;
@@ -233,8 +183,14 @@ impl BertSelfAttention {
             Some(bias) => scores.broadcast_add(bias)?,
             None => scores,
         };
-        let probs = dropout(&ops::softmax_last_dim(&scores)?, self.dropout, rng)?;
-        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))
+        let probs = ops::softmax_last_dim(&scores)?;
+        let kept = keep_probs.then(|| probs.clone());
+        let probs = dropout(&probs, self.dropout, rng)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, s, self.width()))?;
+        Ok((out, kept))
     }
 }
 
@@ -253,8 +209,10 @@ impl BertResidualOutput {
         in_dim: usize,
         linears: &LinearFactory,
     ) -> Result<Self> {
+        let dense = linears.build(vb.pp("dense"), in_dim, cfg.hidden_size, true)?;
+        expect_in_features(&*dense, &format!("{}.dense", vb.prefix()), in_dim)?;
         Ok(Self {
-            dense: linears.build(vb.pp("dense"), in_dim, cfg.hidden_size, true)?,
+            dense,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob,
         })
@@ -276,23 +234,28 @@ struct BertLayer {
 }
 
 impl BertLayer {
+    /// Reads one layer; attention and FFN widths come from the stored tensors (see
+    /// [`LinearFactory::build`]), so layers shrunk by structured pruning load.
     fn load(vb: VarBuilder, cfg: &BertConfig, linears: &LinearFactory) -> Result<Self> {
+        let attention = BertSelfAttention::load(vb.pp("attention.self"), cfg, linears)?;
+        let attention_output =
+            BertResidualOutput::load(vb.pp("attention.output"), cfg, attention.width(), linears)?;
+        let intermediate = linears.build(
+            vb.pp("intermediate.dense"),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            true,
+        )?;
+        let intermediate_path = format!("{}.intermediate.dense", vb.prefix());
+        expect_in_features(&*intermediate, &intermediate_path, cfg.hidden_size)?;
+        let output =
+            BertResidualOutput::load(vb.pp("output"), cfg, intermediate.out_features(), linears)?;
         Ok(Self {
-            attention: BertSelfAttention::load(vb.pp("attention.self"), cfg, linears)?,
-            attention_output: BertResidualOutput::load(
-                vb.pp("attention.output"),
-                cfg,
-                cfg.hidden_size,
-                linears,
-            )?,
-            intermediate: linears.build(
-                vb.pp("intermediate.dense"),
-                cfg.hidden_size,
-                cfg.intermediate_size,
-                true,
-            )?,
+            attention,
+            attention_output,
+            intermediate,
             activation: cfg.hidden_act,
-            output: BertResidualOutput::load(vb.pp("output"), cfg, cfg.intermediate_size, linears)?,
+            output,
         })
     }
 
@@ -301,11 +264,12 @@ impl BertLayer {
         x: &Tensor,
         bias: Option<&Tensor>,
         rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
-        let attended = self.attention.forward(x, bias, rng)?;
+        keep_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (attended, probs) = self.attention.forward(x, bias, rng, keep_probs)?;
         let x = self.attention_output.forward(&attended, x, rng)?;
         let inner = self.activation.forward(&self.intermediate.forward(&x)?)?;
-        self.output.forward(&inner, &x, rng)
+        Ok((self.output.forward(&inner, &x, rng)?, probs))
     }
 }
 
@@ -339,11 +303,29 @@ impl BertModel {
         &self.config
     }
 
+    /// The number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Encodes a batch; dropout is active when `rng` is given.
     ///
     /// # Errors
     /// Fails on inconsistent shapes, out-of-range ids or sequences longer than the position table.
     pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<BertOutput> {
+        self.forward_with(input, Outputs::default(), rng)
+    }
+
+    /// Encodes a batch, also returning the optional outputs `want` asks for.
+    ///
+    /// # Errors
+    /// As [`BertModel::forward`].
+    pub fn forward_with(
+        &self,
+        input: BertInput,
+        want: Outputs,
+        rng: Option<&DropoutRng>,
+    ) -> Result<BertOutput> {
         let mut x = self
             .embeddings
             .forward(input.input_ids, input.token_type_ids, rng)?;
@@ -352,14 +334,18 @@ impl BertModel {
             .map(|m| padding_bias(m, x.dtype()))
             .transpose()?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
+        let mut attentions = Vec::new();
         hidden_states.push(x.clone());
         for layer in &self.layers {
-            x = layer.forward(&x, bias.as_ref(), rng)?;
+            let (next, probs) = layer.forward(&x, bias.as_ref(), rng, want.attentions)?;
+            x = next;
             hidden_states.push(x.clone());
+            attentions.extend(probs);
         }
         Ok(BertOutput {
             last_hidden_state: x,
             hidden_states,
+            attentions,
         })
     }
 }
@@ -414,6 +400,8 @@ pub struct ClassifierOutput {
     pub logits: Tensor,
     /// See [`BertOutput::hidden_states`].
     pub hidden_states: Vec<Tensor>,
+    /// See [`BertOutput::attentions`].
+    pub attentions: Vec<Tensor>,
 }
 
 impl BertForSequenceClassification {
@@ -449,7 +437,20 @@ impl BertForSequenceClassification {
     /// # Errors
     /// As [`BertModel::forward`].
     pub fn forward(&self, input: BertInput, rng: Option<&DropoutRng>) -> Result<ClassifierOutput> {
-        let out = self.bert.forward(input, rng)?;
+        self.forward_with(input, Outputs::default(), rng)
+    }
+
+    /// Classifies a batch, also returning the optional outputs `want` asks for.
+    ///
+    /// # Errors
+    /// As [`BertModel::forward`].
+    pub fn forward_with(
+        &self,
+        input: BertInput,
+        want: Outputs,
+        rng: Option<&DropoutRng>,
+    ) -> Result<ClassifierOutput> {
+        let out = self.bert.forward_with(input, want, rng)?;
         let pooled = self
             .pooler
             .forward(&cls_pool(&out.last_hidden_state)?)?
@@ -460,6 +461,7 @@ impl BertForSequenceClassification {
         Ok(ClassifierOutput {
             logits,
             hidden_states: out.hidden_states,
+            attentions: out.attentions,
         })
     }
 }

@@ -1,0 +1,175 @@
+//! Training objectives: what the trainer minimises, computed from the outputs of the model being
+//! trained and of any frozen models run beside it (teachers).
+//!
+//! The task loss is one objective ([`TaskLoss`]); a weighted sum of objectives is another
+//! ([`WeightedSum`]); distillation losses are more. An objective may own trainable parameters
+//! (a projection between a student's and a teacher's hidden widths): the trainer optimises them
+//! with the model's.
+
+use candle_core::{Result, Tensor, Var};
+
+use crate::data::Batch;
+use crate::models::common::DropoutRng;
+use crate::models::{Outputs, TaskModel, TaskOutput};
+use crate::train::TrainTask;
+
+/// What an objective sees for one batch.
+#[derive(Clone, Copy, Debug)]
+pub struct ObjectiveInput<'a> {
+    /// The batch.
+    pub batch: &'a Batch,
+    /// The trained model, for its task loss.
+    pub model: &'a dyn TaskModel,
+    /// The trained model's outputs (with dropout in training).
+    pub output: &'a TaskOutput,
+    /// Each frozen model's outputs on the same batch, without dropout, in the order given to the
+    /// trainer.
+    pub frozen: &'a [TaskOutput],
+}
+
+/// A loss to minimise.
+pub trait Objective: Send + Sync {
+    /// A short name for reports (`task`, `0.5·task + 0.5·kl`).
+    fn name(&self) -> String;
+
+    /// The optional outputs the trained model's forward pass must return.
+    fn model_outputs(&self) -> Outputs {
+        Outputs::LOGITS
+    }
+
+    /// The optional outputs each frozen model's forward pass must return.
+    fn frozen_outputs(&self) -> Outputs {
+        Outputs::LOGITS
+    }
+
+    /// How many frozen models the objective reads (checked before training starts).
+    fn frozen_models(&self) -> usize {
+        0
+    }
+
+    /// The scalar loss of one batch.
+    ///
+    /// # Errors
+    /// Shape mismatches between the outputs, or missing frozen outputs.
+    fn loss(&self, input: &ObjectiveInput<'_>) -> Result<Tensor>;
+
+    /// Parameters the objective owns and the trainer optimises with the model's, by name.
+    fn trainable(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+}
+
+/// The model's own task loss (cross-entropy or next-token NLL).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaskLoss;
+
+impl Objective for TaskLoss {
+    fn name(&self) -> String {
+        "task".into()
+    }
+
+    fn loss(&self, input: &ObjectiveInput<'_>) -> Result<Tensor> {
+        input.model.task_loss(input.output, input.batch)
+    }
+}
+
+/// `Σ weight · objective`.
+pub struct WeightedSum {
+    terms: Vec<(f64, Box<dyn Objective>)>,
+}
+
+impl WeightedSum {
+    /// The sum of `terms`.
+    pub fn new(terms: Vec<(f64, Box<dyn Objective>)>) -> Self {
+        Self { terms }
+    }
+}
+
+impl Objective for WeightedSum {
+    fn name(&self) -> String {
+        self.terms
+            .iter()
+            .map(|(w, o)| format!("{w}·{}", o.name()))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    fn model_outputs(&self) -> Outputs {
+        self.terms
+            .iter()
+            .fold(Outputs::LOGITS, |acc, (_, o)| acc.union(o.model_outputs()))
+    }
+
+    fn frozen_outputs(&self) -> Outputs {
+        self.terms
+            .iter()
+            .fold(Outputs::LOGITS, |acc, (_, o)| acc.union(o.frozen_outputs()))
+    }
+
+    fn frozen_models(&self) -> usize {
+        self.terms
+            .iter()
+            .map(|(_, o)| o.frozen_models())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn loss(&self, input: &ObjectiveInput<'_>) -> Result<Tensor> {
+        let mut total: Option<Tensor> = None;
+        for (weight, objective) in &self.terms {
+            let term = (objective.loss(input)? * *weight)?;
+            total = Some(match total {
+                Some(sum) => (sum + term)?,
+                None => term,
+            });
+        }
+        total.ok_or_else(|| candle_core::Error::Msg("a weighted sum of no objectives".into()))
+    }
+
+    fn trainable(&self) -> Vec<(String, Var)> {
+        self.terms.iter().flat_map(|(_, o)| o.trainable()).collect()
+    }
+}
+
+/// The trainer's view of an objective: runs the trained model (with dropout) and the frozen models
+/// (without) on each batch and hands their outputs to the objective.
+pub struct ObjectiveTask<'a> {
+    /// The model being trained.
+    pub model: &'a dyn TaskModel,
+    /// Frozen models run beside it.
+    pub frozen: Vec<&'a dyn TaskModel>,
+    /// The loss.
+    pub objective: &'a dyn Objective,
+}
+
+impl TrainTask for ObjectiveTask<'_> {
+    fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        let output = self
+            .model
+            .forward(batch, self.objective.model_outputs(), dropout)?;
+        let want = self.objective.frozen_outputs();
+        let frozen = self
+            .frozen
+            .iter()
+            .map(|m| m.forward(batch, want, None).map(detached))
+            .collect::<Result<Vec<_>>>()?;
+        self.objective.loss(&ObjectiveInput {
+            batch,
+            model: self.model,
+            output: &output,
+            frozen: &frozen,
+        })
+    }
+}
+
+/// Cuts a frozen model's outputs from the graph, so backward never walks into it.
+fn detached(out: TaskOutput) -> TaskOutput {
+    TaskOutput {
+        logits: out.logits.detach(),
+        hidden_states: out.hidden_states.iter().map(Tensor::detach).collect(),
+        attentions: out.attentions.iter().map(Tensor::detach).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
