@@ -16,7 +16,8 @@
 //! inside the stage in progress from its trainer's last checkpoint (a reclaimed job loses at most
 //! the steps since that checkpoint). `acceptance` compares each stage with the
 //! reference: the baseline, or — when the pipeline starts with fine-tuning, whose input has an
-//! untrained head — the last leading `finetune` stage; stages before the reference are not judged.
+//! untrained head — the last leading stage that fits the model to the task (`finetune`); stages
+//! before the reference are not judged.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -393,13 +394,10 @@ fn finish(
     })
 }
 
-/// The index of the last `finetune` stage before the first other stage, if the pipeline starts
-/// with fine-tuning.
+/// The index of the last stage that fits the model to the task (`finetune`) before the first
+/// other stage, if the pipeline starts with such stages.
 fn reference_index(pipeline: &[StageSpec]) -> Option<usize> {
-    let leading = pipeline
-        .iter()
-        .take_while(|s| matches!(s, StageSpec::Finetune(_)))
-        .count();
+    let leading = pipeline.iter().take_while(|s| s.fits_task()).count();
     leading.checked_sub(1)
 }
 

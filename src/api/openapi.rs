@@ -1,9 +1,15 @@
 //! The OpenAPI 3.1 contract, generated from the handlers' annotations.
 //!
+//! The job spec's schema is not annotated here: it is generated from the engine's Rust types and
+//! its stage registry ([`Registry::job_spec_schema`]) and merged in as the `JobSpec` component
+//! (with its parts beside it), the body of `POST /v1/jobs` and the `spec` of a job view.
+//!
 //! `openapi.yaml` at the repository root is this document; a test fails when they differ
 //! (regenerate with `cargo run -- openapi > openapi.yaml`).
 
 use axum::Json;
+use compressd_engine::spec::Registry;
+use serde_yaml::{Mapping, Value};
 use utoipa::OpenApi;
 
 use super::artifacts::{ArtifactList, ArtifactView};
@@ -56,19 +62,101 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
 )]
 pub struct ApiDoc;
 
-/// The document.
-pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+/// Where the job spec schema's parts go in the document.
+const SCHEMAS_PATH: &str = "/components/schemas";
+
+/// The job spec's component name.
+const JOB_SPEC: &str = "JobSpec";
+
+/// The document, with the job spec schema of the engine's stage registry.
+pub fn document() -> serde_json::Value {
+    document_for(Registry::standard())
+}
+
+/// The document with the job spec schema of `registry` (a registry with an extra stage shows it).
+pub fn document_for(registry: &Registry) -> serde_json::Value {
+    // YAML values keep key order, JSON ones here do not; either serializes to the same JSON.
+    serde_json::to_value(ordered_document(registry)).unwrap_or_default()
 }
 
 /// The document as YAML, as stored in `openapi.yaml`.
 pub fn yaml() -> String {
     // The document is plain data; serializing it cannot fail.
-    serde_yaml::to_string(&document()).expect("OpenAPI document serializes")
+    serde_yaml::to_string(&ordered_document(Registry::standard()))
+        .expect("OpenAPI document serializes")
+}
+
+/// The annotated document in utoipa's key order, with the job spec schema merged in.
+fn ordered_document(registry: &Registry) -> Value {
+    let mut document = serde_yaml::to_value(ApiDoc::openapi()).unwrap_or_default();
+    let mut spec = registry.job_spec_schema(SCHEMAS_PATH);
+    let parts = spec
+        .as_object_mut()
+        .and_then(|root| {
+            root.remove("$schema");
+            root.remove("components")
+        })
+        .and_then(|mut components| components.get_mut("schemas").map(serde_json::Value::take))
+        .unwrap_or_default();
+    let schemas = entry(entry(&mut document, "components"), "schemas");
+    if let (Value::Mapping(schemas), serde_json::Value::Object(parts)) = (schemas, parts) {
+        for (name, schema) in parts {
+            schemas.insert(Value::from(name), yaml_of(schema));
+        }
+        schemas.insert(Value::from(JOB_SPEC), yaml_of(spec));
+    }
+    let reference = format!("#{SCHEMAS_PATH}/{JOB_SPEC}");
+    let body = [
+        "paths",
+        "/v1/jobs",
+        "post",
+        "requestBody",
+        "content",
+        "application/json",
+    ];
+    if let Some(body) = walk(&mut document, &body) {
+        body["schema"] = yaml_of(serde_json::json!({ "$ref": reference }));
+    }
+    if let Some(view) = walk(
+        &mut document,
+        &["components", "schemas", "JobView", "properties"],
+    ) {
+        view["spec"] = yaml_of(serde_json::json!({
+            "$ref": reference,
+            "description": "The spec as accepted, with every default filled in."
+        }));
+    }
+    document
+}
+
+/// The mapping under `key` in `value`, made (and `value` made a mapping) where missing.
+fn entry<'a>(value: &'a mut Value, key: &str) -> &'a mut Value {
+    if !value.is_mapping() {
+        *value = Value::Mapping(Mapping::new());
+    }
+    match value {
+        Value::Mapping(map) => map
+            .entry(Value::from(key))
+            .or_insert_with(|| Value::Mapping(Mapping::new())),
+        other => other,
+    }
+}
+
+/// The mapping at `path`, if every step exists and is a mapping.
+fn walk<'a>(value: &'a mut Value, path: &[&str]) -> Option<&'a mut Value> {
+    let mut at = value;
+    for key in path {
+        at = at.get_mut(*key)?;
+    }
+    at.is_mapping().then_some(at)
+}
+
+fn yaml_of(json: serde_json::Value) -> Value {
+    serde_yaml::to_value(json).unwrap_or_default()
 }
 
 /// This API's OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document", body = Object)))]
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+pub async fn openapi_json() -> Json<serde_json::Value> {
     Json(document())
 }

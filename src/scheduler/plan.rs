@@ -2,27 +2,15 @@
 //! memory, without loading a tensor.
 //!
 //! The estimates are coarse on purpose (order of magnitude, for "will this fit, and is it minutes
-//! or hours"): parameters are counted from file sizes, training cost is the usual 6 × parameters ×
-//! tokens floating-point operations, inference 2 ×, on an assumed sustained CPU throughput. The
-//! engine can replace them with measured numbers once its stages exist.
+//! or hours"). This module fills in the [`Workload`] (parameters counted from file sizes, rows
+//! from the dataset); each stage prices itself from it ([`compressd_engine::spec::StageKind`]).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 
-use compressd_engine::spec::{JobSpec, StageSpec};
+use compressd_engine::spec::{JobSpec, Workload};
 use serde::Serialize;
-
-/// Sustained floating-point throughput assumed for estimates (a few CPU cores, f32).
-const ASSUMED_FLOPS_PER_SECOND: f64 = 2.0e10;
-/// Tokens per example when the spec leaves `max_length` to the model (BERT-style default).
-const DEFAULT_TOKENS_PER_EXAMPLE: f64 = 128.0;
-/// Share of rows in the training split (the rest is the test split).
-const TRAIN_SHARE: f64 = 0.8;
-/// Bytes of training state per parameter: weights, gradients and two AdamW moments, in f32.
-const TRAINING_BYTES_PER_PARAM: f64 = 16.0;
-/// Bytes of inference state per parameter (f32 weights plus a working copy).
-const INFERENCE_BYTES_PER_PARAM: f64 = 8.0;
 
 /// Why a plan could not be made; always the job's own fault (no retry helps).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,11 +66,18 @@ pub fn plan(
     })?;
     let params = estimate_parameters(model)?;
     let rows = count_rows(dataset)?;
-    let work = Workload::new(spec, params, rows);
+    let work = Workload::new(&spec.task, params, rows);
     let stages: Vec<StagePlan> = spec
         .pipeline
         .iter()
-        .map(|stage| work.stage(stage))
+        .map(|stage| {
+            let estimate = stage.estimate(&work);
+            StagePlan {
+                stage: stage.type_name().to_owned(),
+                estimated_seconds: estimate.seconds,
+                estimated_peak_bytes: estimate.peak_bytes as u64,
+            }
+        })
         .collect();
     Ok(Plan {
         estimated_parameters: params as u64,
@@ -147,77 +142,6 @@ fn count_rows(dataset: &Path) -> Result<u64, PlanError> {
         line.clear();
     }
     Ok(rows)
-}
-
-/// The numbers every stage estimate is built from.
-struct Workload {
-    params: f64,
-    train_tokens: f64,
-    eval_tokens: f64,
-}
-
-impl Workload {
-    fn new(spec: &JobSpec, params: f64, rows: u64) -> Self {
-        let tokens = spec
-            .task
-            .max_length
-            .map_or(DEFAULT_TOKENS_PER_EXAMPLE, f64::from);
-        let cap = |n: f64, limit: Option<u64>| limit.map_or(n, |l| n.min(l as f64));
-        let train = cap(rows as f64 * TRAIN_SHARE, spec.task.max_train_samples);
-        let eval = cap(
-            rows as f64 * (1.0 - TRAIN_SHARE),
-            spec.task.max_eval_samples,
-        );
-        Self {
-            params,
-            train_tokens: train * tokens,
-            eval_tokens: eval * tokens,
-        }
-    }
-
-    /// Training epochs: 6 flops per parameter per token, plus one evaluation per epoch.
-    fn training_seconds(&self, epochs: f64) -> f64 {
-        let flops =
-            epochs * (6.0 * self.params * self.train_tokens + 2.0 * self.params * self.eval_tokens);
-        flops / ASSUMED_FLOPS_PER_SECOND
-    }
-
-    fn evaluation_seconds(&self) -> f64 {
-        2.0 * self.params * self.eval_tokens / ASSUMED_FLOPS_PER_SECOND
-    }
-
-    fn stage(&self, stage: &StageSpec) -> StagePlan {
-        let training_peak = self.params * TRAINING_BYTES_PER_PARAM;
-        let inference_peak = self.params * INFERENCE_BYTES_PER_PARAM;
-        let (seconds, peak) = match stage {
-            StageSpec::Finetune(s) => (self.training_seconds(f64::from(s.epochs)), training_peak),
-            StageSpec::Prune(s) => {
-                let recover_epochs = s.recover.as_ref().map_or(0.0, |r| f64::from(r.epochs));
-                let steps = f64::from(s.steps.max(1));
-                let seconds =
-                    steps * self.evaluation_seconds() + self.training_seconds(recover_epochs);
-                (
-                    seconds,
-                    if recover_epochs > 0.0 {
-                        training_peak
-                    } else {
-                        inference_peak
-                    },
-                )
-            }
-            StageSpec::Quantize(_) => (self.evaluation_seconds(), inference_peak),
-            // A distillation step runs the teacher forward too: about 8 flops per parameter per token.
-            StageSpec::Distill(s) => (
-                self.training_seconds(f64::from(s.epochs)) * 8.0 / 6.0,
-                training_peak * 1.5,
-            ),
-        };
-        StagePlan {
-            stage: stage.type_name().to_owned(),
-            estimated_seconds: seconds,
-            estimated_peak_bytes: peak as u64,
-        }
-    }
 }
 
 #[cfg(test)]

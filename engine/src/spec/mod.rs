@@ -5,35 +5,58 @@
 //! shows the settings the job really runs with; [`JobSpec::validate`] then checks ranges and
 //! cross-field rules and returns every problem with the JSON pointer of the offending field.
 
-mod stages;
+//!
+//! The stages themselves live one per file under [`crate::stages`]; [`crate::stages::STAGES`]
+//! registers them, and everything here that lists stages derives from it.
+
+mod check;
+mod estimate;
+mod model_state;
+mod registry;
+mod stage;
 mod validate;
 
-pub use stages::{
-    DistillSpec, EarlyStopping, FinetuneSpec, GradClip, PruneMethod, PrunePattern, PruneScope,
-    PruneSpec, QuantScheme, QuantizeSpec, Recover, StageSpec, STAGE_TYPES,
-};
+pub use check::{Checker, MAX_BATCH_SIZE, MAX_EPOCHS};
+pub use estimate::{Estimate, Workload};
+pub use model_state::{ModelState, Precondition};
+pub use registry::{Registry, StageDescriptor};
+pub use stage::{StageKind, StageSpec};
 
+pub use crate::stages::distill::DistillSpec;
+pub use crate::stages::finetune::{EarlyStopping, FinetuneSpec, GradClip, Recover};
+pub use crate::stages::prune::{PruneMethod, PrunePattern, PruneScope, PruneSpec};
+pub use crate::stages::quantize::spec::{QuantScheme, QuantizeSpec};
+
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::stages::STAGES;
+
+/// The `type` names of every registered stage, in pipeline order of usual use.
+pub const STAGE_TYPES: &[&str] =
+    &registry::type_names::<{ registry::count(STAGES, false) }>(STAGES, false);
 
 /// The stage types whose engine exists. Others parse (the schema knows them) but are rejected by
 /// [`JobSpec::validate`], so a job is refused up front rather than accepted and failed later.
-/// Engine work that lands a stage adds it here.
-pub const IMPLEMENTED_STAGES: &[&str] = &["finetune", "prune", "quantize"];
+pub const IMPLEMENTED_STAGES: &[&str] =
+    &registry::type_names::<{ registry::count(STAGES, true) }>(STAGES, true);
 
 /// The most stages one pipeline may have.
 pub const MAX_STAGES: usize = 16;
 
 /// A complete job description.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// A human label for the job (1 to 128 characters).
+    #[schemars(length(min = 1, max = 128))]
     pub name: String,
     /// The input model: a registered model id (API) or a local folder or file (`compressd run`).
     pub model: String,
     /// What the model is trained and evaluated on.
     pub task: TaskSpec,
-    /// The stages, run in order (1 to [`MAX_STAGES`]).
+    /// The stages, run in order (1 to 16).
+    #[schemars(length(min = 1, max = MAX_STAGES))]
     pub pipeline: Vec<StageSpec>,
     /// The quality bar the compressed model must keep; `null` means no bar.
     #[serde(default)]
@@ -49,11 +72,12 @@ pub struct JobSpec {
     pub dry_run: bool,
     /// Scheduling priority, higher first, in `-100..=100`.
     #[serde(default)]
+    #[schemars(range(min = -100, max = 100))]
     pub priority: i32,
 }
 
 /// The task the model is trained and measured on.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     /// The kind of task.
@@ -69,17 +93,20 @@ pub struct TaskSpec {
     pub label_field: Option<String>,
     /// Tokens per example; `null` means the model's limit.
     #[serde(default)]
+    #[schemars(range(min = 1, max = 131_072))]
     pub max_length: Option<u32>,
     /// Cap on training examples (the first ones after the seeded shuffle); `null` means all.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_train_samples: Option<u64>,
     /// Cap on evaluation examples; `null` means all.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     pub max_eval_samples: Option<u64>,
 }
 
 /// Task kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskType {
     /// Labelled rows of text; the model gets a classification head.
@@ -89,21 +116,23 @@ pub enum TaskType {
 }
 
 /// How much quality the compressed model may lose against the input model.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Acceptance {
     /// The metric compared before and after.
     pub metric: Metric,
     /// Largest absolute loss allowed (accuracy 0.90 → 0.89 is a drop of 0.01).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub max_drop: Option<f64>,
     /// Largest loss allowed relative to the baseline (0.02 = 2 %).
     #[serde(default)]
+    #[schemars(range(min = 0))]
     pub max_relative_drop: Option<f64>,
 }
 
 /// Quality metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     /// Share of correctly classified examples (classification).
@@ -115,7 +144,7 @@ pub enum Metric {
 }
 
 /// Export formats.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputFormat {
     /// A Hugging Face style folder with `model.safetensors` and `config.json`.
@@ -142,11 +171,17 @@ impl JobSpec {
         }
     }
 
-    /// Checks ranges and cross-field rules, and that every stage is implemented.
+    /// Checks ranges and cross-field rules, that every stage is implemented, and each stage's
+    /// preconditions on the model it receives, starting from the input model of the task.
     ///
     /// Returns every problem found, in document order; an empty list means the spec is valid.
     pub fn validate(&self) -> Vec<Violation> {
-        validate::validate(self)
+        self.validate_from(&ModelState::input(self.task.task_type))
+    }
+
+    /// As [`JobSpec::validate`], with what is known of the input model (its family, say).
+    pub fn validate_from(&self, input: &ModelState) -> Vec<Violation> {
+        validate::validate(self, input)
     }
 }
 

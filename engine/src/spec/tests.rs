@@ -36,15 +36,15 @@ fn the_issue_example_parses_with_defaults_filled() {
     let spec = parse(example());
     assert_eq!(spec.seed, 42);
     assert_eq!(spec.priority, 0);
-    let StageSpec::Finetune(ft) = &spec.pipeline[0] else {
-        panic!("first stage is finetune")
-    };
+    let ft = spec.pipeline[0]
+        .get::<FinetuneSpec>()
+        .expect("first stage is finetune");
     assert_eq!(ft.epochs, 2);
     assert_eq!(ft.batch_size, 16);
     assert_eq!(ft.head_learning_rate, Some(1e-3));
-    let StageSpec::Prune(prune) = &spec.pipeline[1] else {
-        panic!("second stage is prune")
-    };
+    let prune = spec.pipeline[1]
+        .get::<PruneSpec>()
+        .expect("second stage is prune");
     assert_eq!(prune.recover.as_ref().map(|r| r.learning_rate), Some(5e-5));
     let stored = serde_json::to_value(&spec).unwrap();
     assert_eq!(stored["pipeline"][0]["weight_decay"], json!(0.01));

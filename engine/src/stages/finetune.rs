@@ -1,11 +1,166 @@
 //! The `finetune` stage: full fine-tuning on the job's task through the shared [`Trainer`].
+//!
+//! Its spec (and the `recover` fine-tune other stages embed), checks, preconditions and dry-run
+//! estimate are here too; [`super::STAGES`] registers it.
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
-use crate::spec::{FinetuneSpec, Recover};
+use crate::spec::{
+    Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
+};
+
+/// Settings of a fine-tuning stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// Passes over the training split.
+    #[serde(default = "default_finetune_epochs")]
+    #[schemars(range(min = 1, max = MAX_EPOCHS))]
+    pub epochs: u32,
+    /// Peak learning rate of the model body (AdamW).
+    #[serde(default = "default_learning_rate")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub learning_rate: f64,
+    /// Learning rate of the freshly initialised task head; `null` means the body's rate.
+    #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub head_learning_rate: Option<f64>,
+    /// Examples per optimizer step.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
+    pub batch_size: u32,
+    /// AdamW decoupled weight decay (not applied to biases and norms).
+    #[serde(default = "default_weight_decay")]
+    #[schemars(range(min = 0, max = 1))]
+    pub weight_decay: f64,
+    /// Share of the steps spent warming the learning rate up linearly from zero.
+    #[serde(default = "default_warmup_ratio")]
+    #[schemars(extend("minimum" = 0, "exclusiveMaximum" = 1))]
+    pub warmup_ratio: f64,
+    /// Globs over parameter names (`embeddings.*`) that stay frozen.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Gradient clipping by global norm; `null` disables it.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<GradClip>,
+    /// Stop when the validation metric has not improved for `patience` evaluations; `null` disables it.
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// Clip gradients so their global L2 norm is at most `max_norm`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GradClip {
+    /// The largest global gradient norm let through.
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub max_norm: f64,
+}
+
+/// Early stopping on the validation metric.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// Evaluations without improvement tolerated before stopping.
+    #[schemars(range(min = 1, max = MAX_EPOCHS))]
+    pub patience: u32,
+}
+
+/// A short fine-tune inside another stage (after a pruning increment, or quantization-aware).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Recover {
+    /// Passes over the training split per recovery.
+    #[serde(default = "default_recover_epochs")]
+    #[schemars(range(min = 1, max = MAX_EPOCHS))]
+    pub epochs: u32,
+    /// Learning rate of the recovery fine-tune.
+    #[serde(default = "default_learning_rate")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub learning_rate: f64,
+}
+
+impl Recover {
+    /// Checks the recovery settings under `at`.
+    pub fn check(&self, c: &mut Checker, at: &str) {
+        c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
+        c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
+    }
+}
+
+pub(crate) fn default_finetune_epochs() -> u32 {
+    3
+}
+fn default_recover_epochs() -> u32 {
+    1
+}
+pub(crate) fn default_learning_rate() -> f64 {
+    5e-5
+}
+pub(crate) fn default_batch_size() -> u32 {
+    16
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_warmup_ratio() -> f64 {
+    0.1
+}
+fn default_grad_clip() -> Option<GradClip> {
+    Some(GradClip { max_norm: 1.0 })
+}
+
+impl StageKind for FinetuneSpec {
+    const TYPE: &'static str = "finetune";
+
+    fn check(&self, c: &mut Checker, at: &str) {
+        c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
+        c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
+        if let Some(rate) = self.head_learning_rate {
+            c.learning_rate(rate, &format!("{at}/head_learning_rate"));
+        }
+        c.range_u32(
+            self.batch_size,
+            1,
+            MAX_BATCH_SIZE,
+            &format!("{at}/batch_size"),
+        );
+        c.unit_interval(self.weight_decay, &format!("{at}/weight_decay"), false);
+        c.unit_interval(self.warmup_ratio, &format!("{at}/warmup_ratio"), true);
+        c.globs(&self.freeze, &format!("{at}/freeze"));
+        if let Some(clip) = &self.grad_clip {
+            c.check(
+                clip.max_norm > 0.0,
+                &format!("{at}/grad_clip/max_norm"),
+                || format!("must be positive, got {}", clip.max_norm),
+            );
+        }
+        if let Some(stop) = &self.early_stopping {
+            let pointer = format!("{at}/early_stopping/patience");
+            c.range_u32(stop.patience, 1, MAX_EPOCHS, &pointer);
+        }
+    }
+
+    fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
+        model.require_full_precision(Self::TYPE)
+    }
+
+    fn fits_task(&self) -> bool {
+        true
+    }
+
+    fn estimate(&self, work: &Workload) -> Estimate {
+        work.training(f64::from(self.epochs))
+    }
+
+    fn build(&self) -> Result<Box<dyn Stage>> {
+        Ok(Box::new(FinetuneStage::from_spec(self)))
+    }
+}
 
 /// How to train: the settings of a `finetune` stage, or of a `recover` fine-tune with defaults.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -3,7 +3,11 @@
 //! A stage transforms a [`WorkingModel`] in place and returns its own report as JSON; the pipeline
 //! ([`crate::pipeline`]) saves, measures and judges the result. Fine-tuning and pruning recovery
 //! share the trainer through [`Trainer`], so the stages themselves hold no training loop.
+//!
+//! Each stage file also holds its spec type, checks, preconditions and dry-run estimate
+//! ([`crate::spec::StageKind`]); [`STAGES`] registers them, one line per stage.
 
+pub mod distill;
 pub mod finetune;
 mod measure;
 mod model;
@@ -24,8 +28,17 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::objective::Objective;
 use crate::pipeline::StageContext;
-use crate::spec::StageSpec;
+use crate::spec::{StageDescriptor, StageSpec};
 use crate::train::GradientObserver;
+
+/// Every stage the job spec knows, in pipeline order of usual use. One line adds a stage: its
+/// parsing, checks, preconditions, dry-run estimate, JSON Schema and run all come from its file.
+pub const STAGES: &[StageDescriptor] = &[
+    StageDescriptor::of::<finetune::FinetuneSpec>(),
+    StageDescriptor::of::<prune::PruneSpec>(),
+    StageDescriptor::of::<quantize::QuantizeSpec>(),
+    StageDescriptor::of::<distill::DistillSpec>(),
+];
 
 /// Training on the job's task, shared by fine-tuning and pruning recovery (and later QAT and
 /// distillation). The implementation owns the data and the task; stages only say how to train and,
@@ -129,13 +142,5 @@ pub trait Stage {
 /// # Errors
 /// [`crate::EngineError::Unsupported`] for a stage or option the engine does not implement.
 pub fn build(spec: &StageSpec) -> Result<Box<dyn Stage>> {
-    match spec {
-        StageSpec::Finetune(s) => Ok(Box::new(FinetuneStage::from_spec(s))),
-        StageSpec::Prune(s) => Ok(Box::new(PruneStage::from_spec(s)?)),
-        StageSpec::Quantize(s) => Ok(Box::new(QuantizeStage::from_spec(s)?)),
-        other => Err(crate::EngineError::Unsupported(format!(
-            "stage `{}` is not implemented",
-            other.type_name()
-        ))),
-    }
+    spec.build()
 }

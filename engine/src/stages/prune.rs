@@ -5,9 +5,12 @@
 //! — the seed practice is 10% per step. Each increment's masks include the earlier ones, and the
 //! masks stay applied during recovery (the trainer re-applies them after every optimizer step). The
 //! report gives the achieved sparsity per layer and overall and, for 2:4, verifies the pattern.
+//! The stage's spec, checks, preconditions and dry-run estimate are here too.
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
+use super::finetune::Recover;
 use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
@@ -15,7 +18,128 @@ use crate::prune::{
     magnitude_masks, select_targets, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet,
     Pattern, Scope, SparsityReport,
 };
-use crate::spec::{PrunePattern, PruneScope, PruneSpec};
+use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
+
+/// Above this, magnitude pruning leaves too little of a layer to recover.
+const MAX_SPARSITY: f64 = 0.95;
+/// Most pruning increments one stage may take.
+const MAX_PRUNE_STEPS: u32 = 100;
+
+/// Settings of a pruning stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneSpec {
+    /// How weights are scored for removal.
+    #[serde(default)]
+    pub method: PruneMethod,
+    /// Share of prunable weights set to zero at the end of the stage, in `(0, 0.95]`.
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = MAX_SPARSITY))]
+    pub sparsity: f64,
+    /// Which weights may be removed together.
+    #[serde(default)]
+    pub pattern: PrunePattern,
+    /// Whether the threshold is shared by all layers or set per layer.
+    #[serde(default)]
+    pub scope: PruneScope,
+    /// Number of equal pruning increments that reach `sparsity` (iterative pruning).
+    #[serde(default = "default_prune_steps")]
+    #[schemars(range(min = 1, max = MAX_PRUNE_STEPS))]
+    pub steps: u32,
+    /// Globs over parameter names never pruned; `null` means embeddings, norms and the task head.
+    #[serde(default)]
+    pub exclude: Option<Vec<String>>,
+    /// A short fine-tune after each increment to recover accuracy; `null` skips it.
+    #[serde(default)]
+    pub recover: Option<Recover>,
+}
+
+/// Weight scoring for pruning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneMethod {
+    /// Smallest absolute value first.
+    #[default]
+    Magnitude,
+}
+
+/// Sparsity pattern.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PrunePattern {
+    /// Any weight may be removed.
+    #[default]
+    #[serde(rename = "unstructured")]
+    Unstructured,
+    /// Two of every four consecutive input weights are removed (sparsity must be 0.5).
+    #[serde(rename = "2:4")]
+    TwoFour,
+}
+
+/// Threshold scope for pruning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneScope {
+    /// One magnitude threshold over all prunable layers.
+    #[default]
+    Global,
+    /// Each layer reaches `sparsity` on its own.
+    Layer,
+}
+
+fn default_prune_steps() -> u32 {
+    1
+}
+
+impl StageKind for PruneSpec {
+    const TYPE: &'static str = "prune";
+
+    fn check(&self, c: &mut Checker, at: &str) {
+        let sparsity_at = format!("{at}/sparsity");
+        c.check(
+            self.sparsity > 0.0 && self.sparsity <= MAX_SPARSITY,
+            &sparsity_at,
+            || format!("must be in (0, {MAX_SPARSITY}], got {}", self.sparsity),
+        );
+        if self.pattern == PrunePattern::TwoFour {
+            c.check(self.sparsity == 0.5, &sparsity_at, || {
+                format!("must be 0.5 with pattern 2:4, got {}", self.sparsity)
+            });
+        }
+        c.range_u32(self.steps, 1, MAX_PRUNE_STEPS, &format!("{at}/steps"));
+        if let Some(exclude) = &self.exclude {
+            c.globs(exclude, &format!("{at}/exclude"));
+        }
+        if let Some(recover) = &self.recover {
+            recover.check(c, &format!("{at}/recover"));
+        }
+    }
+
+    fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
+        model.require_full_precision(Self::TYPE)
+    }
+
+    fn transform(&self, model: &mut ModelState, _index: usize) {
+        model.pruned = true;
+    }
+
+    /// One evaluation-sized pass per increment (scoring), plus the recovery fine-tunes; memory
+    /// of training only when it recovers.
+    fn estimate(&self, work: &Workload) -> Estimate {
+        let recover_epochs = self.recover.as_ref().map_or(0.0, |r| f64::from(r.epochs));
+        let steps = f64::from(self.steps.max(1));
+        Estimate {
+            seconds: steps * work.evaluation_seconds() + work.training_seconds(recover_epochs),
+            peak_bytes: if recover_epochs > 0.0 {
+                work.training_peak_bytes()
+            } else {
+                work.inference_peak_bytes()
+            },
+        }
+    }
+
+    fn build(&self) -> Result<Box<dyn Stage>> {
+        Ok(Box::new(PruneStage::from_spec(self)?))
+    }
+}
 
 /// The stage, built from its spec.
 #[derive(Clone, Debug)]

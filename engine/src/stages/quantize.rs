@@ -4,11 +4,16 @@
 //! row length the scheme takes) and records it in the model's linear plan, so every later build of
 //! the model runs those layers on quantized kernels ([`crate::layers::QuantizedLinear`]). Weights the
 //! scheme cannot take stay in full precision and are listed in the stage report, with a warning.
+//! The stage's spec, checks, preconditions and dry-run estimate are in [`spec`].
+
+pub mod spec;
 
 use std::collections::BTreeMap;
 
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
+
+pub use spec::QuantizeSpec;
 
 use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
@@ -16,7 +21,6 @@ use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::select_targets;
 use crate::quant::{quantize_least_error, QuantScheme};
-use crate::spec::{QuantScheme as SpecScheme, QuantizeSpec};
 
 /// The stage, built from its spec.
 #[derive(Clone, Debug)]
@@ -51,18 +55,7 @@ impl QuantizeStage {
                 "quantize: `qat` is not implemented; use post-training quantization".into(),
             ));
         }
-        let name = match spec.scheme {
-            SpecScheme::Int8 => "int8",
-            SpecScheme::Int4 => "int4",
-            SpecScheme::Q8_0 => "q8_0",
-            SpecScheme::Q6K => "q6_k",
-            SpecScheme::Q5K => "q5_k",
-            SpecScheme::Q5_0 => "q5_0",
-            SpecScheme::Q4K => "q4_k",
-            SpecScheme::Q4_1 => "q4_1",
-            SpecScheme::Q4_0 => "q4_0",
-        };
-        let scheme = QuantScheme::parse(name, spec.group_size.map(|g| g as usize))?;
+        let scheme = QuantScheme::parse(&spec.scheme.name(), spec.group_size.map(|g| g as usize))?;
         Ok(Self {
             scheme,
             exclude: spec.exclude.clone(),

@@ -1,0 +1,58 @@
+//! What a stage may assume about the model it receives: a small summary checked and transformed
+//! stage by stage at submission time, so a pipeline whose order cannot work is refused before any
+//! training (replacing global ordering rules such as "nothing after quantize").
+
+use super::TaskType;
+
+/// The model as it enters a stage, as far as the spec (and, at submission, the registered model)
+/// tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelState {
+    /// The task the model is trained and measured on.
+    pub task: TaskType,
+    /// The model's `model_type` (`bert`, `llama`), when known; `None` when only the spec is checked.
+    pub family: Option<String>,
+    /// The pipeline index of the stage that quantized the weights (post-training); `None` while
+    /// they are in full precision.
+    pub quantized_at: Option<usize>,
+    /// Whether a stage has pruned weights (masks stay applied from then on).
+    pub pruned: bool,
+}
+
+/// A precondition the incoming model fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Precondition {
+    /// The precondition's short name, e.g. `full-precision weights`.
+    pub name: &'static str,
+    /// What is wrong and how to fix it, for a person.
+    pub message: String,
+}
+
+impl ModelState {
+    /// The input model of a job for `task`: full precision, not pruned, family unknown.
+    pub fn input(task: TaskType) -> Self {
+        Self {
+            task,
+            family: None,
+            quantized_at: None,
+            pruned: false,
+        }
+    }
+
+    /// The precondition of every stage that trains, prunes or quantizes: weights in full precision.
+    ///
+    /// # Errors
+    /// The failed precondition, naming the `quantize` stage that must move after `stage_type`.
+    pub fn require_full_precision(&self, stage_type: &str) -> Result<(), Precondition> {
+        match self.quantized_at {
+            None => Ok(()),
+            Some(q) => Err(Precondition {
+                name: "full-precision weights",
+                message: format!(
+                    "`{stage_type}` cannot follow the post-training `quantize` at /pipeline/{q}: \
+                     quantized weights cannot be trained, pruned or re-quantized; move it before"
+                ),
+            }),
+        }
+    }
+}
