@@ -86,10 +86,10 @@ fn model(width: usize) -> Result<WorkingModel> {
         )?;
     }
     add("classifier.weight", &[5, 64])?;
-    Ok(WorkingModel::new(
-        store,
-        serde_json::json!({"model_type": "bert"}),
-    ))
+    let config = serde_json::json!({"model_type": "bert", "vocab_size": 50, "hidden_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": width,
+        "max_position_embeddings": 32, "id2label": {"0": "a", "1": "b", "2": "c", "3": "d", "4": "e"}});
+    Ok(WorkingModel::new(store, config))
 }
 
 fn stage(json: serde_json::Value) -> StageSpec {

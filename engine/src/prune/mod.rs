@@ -16,21 +16,28 @@ pub use masks::{sparsity_report, verify_n_m, LayerSparsity, MaskSet, SparsityRep
 use globset::{Glob, GlobMatcher};
 
 use crate::error::{EngineError, Result};
+use crate::family::{ModuleMap, ModuleRole};
 
 /// The highest sparsity accepted for unstructured pruning.
 pub const MAX_SPARSITY: f64 = 0.95;
 
-/// Name globs excluded from pruning and quantization when a spec gives none: embeddings, norms and
-/// the task heads of both model families.
-pub const DEFAULT_EXCLUDE: &[&str] = &[
-    "*embed*",
-    "*norm*",
-    "*LayerNorm*",
-    "classifier*",
-    "score*",
-    "lm_head*",
-    "pooler*",
+/// The module roles pruning leaves alone when a spec gives no `exclude`: embeddings, norms, the
+/// pooler and the task head.
+pub const DEFAULT_EXCLUDED_ROLES: &[ModuleRole] = &[
+    ModuleRole::Embedding,
+    ModuleRole::Norm,
+    ModuleRole::Pooler,
+    ModuleRole::TaskHead,
 ];
+
+/// Which weights a stage leaves alone.
+#[derive(Clone, Copy, Debug)]
+pub enum Exclusion<'a> {
+    /// The user's name globs.
+    Globs(&'a [String]),
+    /// The stage's default: weights of these roles in the model's module map.
+    Roles(&'a ModuleMap, &'a [ModuleRole]),
+}
 
 /// Which weights may be removed together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,20 +107,24 @@ pub struct Targets {
     pub unmatched_globs: Vec<String>,
 }
 
-/// Picks the 2-D `*.weight` parameters not matched by `exclude` (or [`DEFAULT_EXCLUDE`] when `None`).
+/// Picks the 2-D `*.weight` parameters not excluded by `exclude`.
 ///
 /// `params` are `(name, shape)` pairs. A user glob that matches no parameter at all is reported in
-/// [`Targets::unmatched_globs`] (the defaults are not: a model need not have every kind of layer).
+/// [`Targets::unmatched_globs`].
 ///
 /// # Errors
 /// Fails when a glob is invalid.
 pub fn select_targets<'a>(
     params: impl IntoIterator<Item = (&'a str, &'a [usize])>,
-    exclude: Option<&[String]>,
+    exclude: Exclusion<'_>,
 ) -> Result<Targets> {
     let globs: Vec<String> = match exclude {
-        Some(user) => user.to_vec(),
-        None => DEFAULT_EXCLUDE.iter().map(|g| g.to_string()).collect(),
+        Exclusion::Globs(user) => user.to_vec(),
+        Exclusion::Roles(..) => Vec::new(),
+    };
+    let by_role = |name: &str| match exclude {
+        Exclusion::Roles(map, roles) => map.role_of(name).is_some_and(|r| roles.contains(&r)),
+        Exclusion::Globs(_) => false,
     };
     let matchers = globs
         .iter()
@@ -122,7 +133,7 @@ pub fn select_targets<'a>(
     let mut used = vec![false; matchers.len()];
     let mut names = Vec::new();
     for (name, shape) in params {
-        let mut excluded = false;
+        let mut excluded = by_role(name);
         for (matcher, used) in matchers.iter().zip(used.iter_mut()) {
             if matcher.is_match(name) {
                 *used = true;
@@ -134,15 +145,12 @@ pub fn select_targets<'a>(
         }
     }
     names.sort();
-    let unmatched_globs = match exclude {
-        Some(_) => globs
-            .into_iter()
-            .zip(used)
-            .filter(|(_, u)| !u)
-            .map(|(g, _)| g)
-            .collect(),
-        None => Vec::new(),
-    };
+    let unmatched_globs = globs
+        .into_iter()
+        .zip(used)
+        .filter(|(_, u)| !u)
+        .map(|(g, _)| g)
+        .collect();
     Ok(Targets {
         names,
         unmatched_globs,
@@ -165,6 +173,7 @@ mod tests {
 
     #[test]
     fn defaults_skip_embeddings_norms_heads_and_vectors() {
+        use crate::family::{BertFamily, ModelFamily};
         let shapes: Vec<(String, Vec<usize>)> = vec![
             ("embeddings.word_embeddings.weight".into(), vec![10, 4]),
             (
@@ -173,10 +182,16 @@ mod tests {
             ),
             ("encoder.layer.0.attention.self.query.bias".into(), vec![4]),
             ("encoder.layer.0.output.LayerNorm.weight".into(), vec![4]),
+            ("pooler.dense.weight".into(), vec![4, 4]),
             ("classifier.weight".into(), vec![2, 4]),
         ];
+        let config = serde_json::json!({"model_type": "bert", "vocab_size": 10, "hidden_size": 4,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8,
+            "max_position_embeddings": 6});
+        let names: Vec<String> = shapes.iter().map(|(n, _)| n.clone()).collect();
+        let map = BertFamily.modules(&config, &names).unwrap();
         let params = shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
-        let t = select_targets(params, None).unwrap();
+        let t = select_targets(params, Exclusion::Roles(&map, DEFAULT_EXCLUDED_ROLES)).unwrap();
         assert_eq!(t.names, vec!["encoder.layer.0.attention.self.query.weight"]);
         assert!(t.unmatched_globs.is_empty());
     }
@@ -186,10 +201,10 @@ mod tests {
         let shape = [4usize, 4];
         let params = [("a.weight", &shape[..]), ("b.weight", &shape[..])];
         let exclude = vec!["a.*".to_string(), "nothing.here.*".to_string()];
-        let t = select_targets(params, Some(&exclude)).unwrap();
+        let t = select_targets(params, Exclusion::Globs(&exclude)).unwrap();
         assert_eq!(t.names, vec!["b.weight"]);
         assert_eq!(t.unmatched_globs, vec!["nothing.here.*"]);
-        assert!(select_targets(params, Some(&["a[".to_string()])).is_err());
+        assert!(select_targets(params, Exclusion::Globs(&["a[".to_string()])).is_err());
     }
 
     #[test]

@@ -79,12 +79,6 @@ impl WorkingModel {
             .collect()
     }
 
-    /// Whether `name` is the weight of a linear layer (built through the linear factory) rather than
-    /// an embedding table: the models' only 2-D weights that are not linear are embeddings.
-    pub fn is_linear_weight(&self, name: &str) -> bool {
-        name.ends_with(".weight") && !name.contains("embed")
-    }
-
     /// The linear plan models are built with.
     pub fn plan(&self) -> &LinearPlan {
         &self.plan
@@ -117,7 +111,8 @@ impl WorkingModel {
         weights: BTreeMap<String, QuantScheme>,
     ) -> Result<()> {
         let mut plan = self.plan.clone();
-        for (name, weight_scheme) in weights.iter().filter(|(n, _)| self.is_linear_weight(n)) {
+        let map = self.modules()?;
+        for (name, weight_scheme) in weights.iter().filter(|(n, _)| map.is_linear_weight(n)) {
             let module = name.strip_suffix(".weight").unwrap_or(name);
             plan = plan.with_rule(&escape_glob(module), LinearKind::Quantized(*weight_scheme))?;
         }

@@ -15,7 +15,7 @@ use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
 use crate::prune::{
-    magnitude_masks, select_targets, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet,
+    magnitude_masks, select_targets, Exclusion, DEFAULT_EXCLUDED_ROLES, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet,
     Pattern, Scope, SparsityReport,
 };
 use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
@@ -215,9 +215,14 @@ impl PruneStage {
     /// The names to prune; unmatched user globs become warnings when `ctx` is given.
     fn targets(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<Vec<String>> {
         let shapes = model.weight_shapes();
+        let map = model.modules()?;
+        let exclusion = match self.exclude.as_deref() {
+            Some(globs) => Exclusion::Globs(globs),
+            None => Exclusion::Roles(&map, DEFAULT_EXCLUDED_ROLES),
+        };
         let targets = select_targets(
             shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-            self.exclude.as_deref(),
+            exclusion,
         )?;
         if let Some(ctx) = ctx {
             for glob in &targets.unmatched_globs {
@@ -227,7 +232,7 @@ impl PruneStage {
         let names: Vec<String> = targets
             .names
             .into_iter()
-            .filter(|n| model.is_linear_weight(n))
+            .filter(|n| map.is_linear_weight(n))
             .collect();
         if names.is_empty() {
             return Err(EngineError::InvalidSetting(

@@ -19,7 +19,8 @@ use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::params::Param;
 use crate::pipeline::StageContext;
-use crate::prune::select_targets;
+use crate::family::ModuleRole;
+use crate::prune::{select_targets, Exclusion};
 use crate::quant::{quantize_least_error, QuantScheme};
 
 /// The stage, built from its spec.
@@ -68,15 +69,14 @@ impl QuantizeStage {
     /// full precision, or stored with the type the note names).
     fn plan(&self, model: &WorkingModel, ctx: Option<&StageContext>) -> Result<Plan> {
         let shapes = model.weight_shapes();
-        let exclude = self.exclude.clone().unwrap_or_else(|| {
-            QUANTIZE_DEFAULT_EXCLUDE
-                .iter()
-                .map(|g| g.to_string())
-                .collect()
-        });
+        let map = model.modules()?;
+        let exclusion = match self.exclude.as_deref() {
+            Some(globs) => Exclusion::Globs(globs),
+            None => Exclusion::Roles(&map, DEFAULT_EXCLUDED_ROLES),
+        };
         let targets = select_targets(
             shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-            Some(&exclude),
+            exclusion,
         )?;
         if let (Some(ctx), Some(_)) = (ctx, &self.exclude) {
             for glob in &targets.unmatched_globs {
@@ -85,7 +85,7 @@ impl QuantizeStage {
                 ));
             }
         }
-        let output = output_matrix(&shapes);
+        let output = map.output_matrix.clone();
         let mut chosen = BTreeMap::new();
         let mut notes = BTreeMap::new();
         for name in targets.names {
@@ -139,10 +139,9 @@ impl QuantizeStage {
 /// the stage's scheme.
 type Plan = (BTreeMap<String, Vec<QuantScheme>>, BTreeMap<String, String>);
 
-/// Embedding tables are quantized too (they are most of a small model's size); norms and task
-/// heads are not.
-const QUANTIZE_DEFAULT_EXCLUDE: &[&str] =
-    &["*norm*", "*LayerNorm*", "classifier*", "score*", "lm_head*"];
+/// The module roles quantization leaves alone when a spec gives no `exclude`: norms and the task
+/// head. Embedding tables are quantized too: they are most of a small model's size.
+const DEFAULT_EXCLUDED_ROLES: &[ModuleRole] = &[ModuleRole::Norm, ModuleRole::TaskHead];
 
 /// The types to store a weight in when a k-quant's 256-wide super-blocks do not divide its rows,
 /// in order of preference on a tie (smallest first).
@@ -165,20 +164,6 @@ fn fallbacks(scheme: QuantScheme) -> Vec<QuantScheme> {
     };
     to.iter().map(|&d| QuantScheme::Gguf(d)).collect()
 }
-
-/// The weight that projects hidden states to the vocabulary: `lm_head.weight`, or the token
-/// embedding of a Llama-style model that ties the two (it has no `lm_head.weight`).
-fn output_matrix(shapes: &[(String, Vec<usize>)]) -> Option<String> {
-    let has = |name: &str| shapes.iter().any(|(n, _)| n == name);
-    if has(LM_HEAD) {
-        Some(LM_HEAD.to_owned())
-    } else {
-        has(TIED_EMBEDDING).then(|| TIED_EMBEDDING.to_owned())
-    }
-}
-
-const LM_HEAD: &str = "lm_head.weight";
-const TIED_EMBEDDING: &str = "model.embed_tokens.weight";
 
 /// llama.cpp's type for the output matrix under a GGUF scheme: q6_k, or q8_0 where 256-wide
 /// super-blocks do not divide its rows; none (the stage's own type) under q8_0, and for int8/int4.
@@ -284,18 +269,6 @@ mod tests {
 
     #[test]
     fn the_output_matrix_follows_llama_cpp() {
-        let tied = vec![("model.embed_tokens.weight".to_owned(), vec![100, 576])];
-        assert_eq!(output_matrix(&tied).as_deref(), Some(TIED_EMBEDDING));
-        let untied = vec![
-            ("model.embed_tokens.weight".to_owned(), vec![100, 576]),
-            ("lm_head.weight".to_owned(), vec![100, 576]),
-        ];
-        assert_eq!(output_matrix(&untied).as_deref(), Some(LM_HEAD));
-        let bert = vec![(
-            "bert.embeddings.word_embeddings.weight".to_owned(),
-            vec![100, 64],
-        )];
-        assert_eq!(output_matrix(&bert), None);
         let q4_k = q(GgmlDType::Q4K);
         assert_eq!(output_scheme(q4_k, &[100, 512]), Some(q(GgmlDType::Q6K)));
         assert_eq!(output_scheme(q4_k, &[100, 576]), Some(q(GgmlDType::Q8_0)));
@@ -326,7 +299,10 @@ mod tests {
             ],
             |_| false,
         )?;
-        let model = WorkingModel::new(store, serde_json::json!({}));
+        let config = serde_json::json!({"model_type": "llama", "vocab_size": 16,
+            "hidden_size": 512, "num_hidden_layers": 1, "num_attention_heads": 8,
+            "intermediate_size": 8, "max_position_embeddings": 32, "tie_word_embeddings": true});
+        let model = WorkingModel::new(store, config);
         let plan = |dtype| {
             let stage = QuantizeStage {
                 scheme: q(dtype),
