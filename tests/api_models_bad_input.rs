@@ -166,9 +166,7 @@ async fn bad_files_are_refused_with_422_and_leave_nothing() {
     );
     let detail = body["detail"].as_str().unwrap();
     assert!(
-        detail.contains("model_type 'gpt2'")
-            && detail.contains("bert")
-            && detail.contains("llama"),
+        detail.contains("model_type 'gpt2'") && detail.contains("bert") && detail.contains("llama"),
         "{detail}"
     );
     server.assert_nothing_left().await;

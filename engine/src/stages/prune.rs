@@ -15,8 +15,8 @@ use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
 use crate::prune::{
-    magnitude_masks, select_targets, Exclusion, DEFAULT_EXCLUDED_ROLES, sparsity_report, verify_n_m, MagnitudeConfig, MaskSet,
-    Pattern, Scope, SparsityReport,
+    magnitude_masks, select_targets, sparsity_report, verify_n_m, Exclusion, MagnitudeConfig,
+    MaskSet, Pattern, Scope, SparsityReport, DEFAULT_EXCLUDED_ROLES,
 };
 use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
 

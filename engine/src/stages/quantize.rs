@@ -17,9 +17,9 @@ pub use spec::QuantizeSpec;
 
 use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
+use crate::family::ModuleRole;
 use crate::params::Param;
 use crate::pipeline::StageContext;
-use crate::family::ModuleRole;
 use crate::prune::{select_targets, Exclusion};
 use crate::quant::{quantize_least_error, QuantScheme};
 
