@@ -12,6 +12,11 @@ use compressd_engine::spec::Registry;
 use serde_yaml::{Mapping, Value};
 use utoipa::OpenApi;
 
+#[cfg(test)]
+mod noop_stage;
+#[cfg(test)]
+mod tests;
+
 use super::artifacts::{ArtifactList, ArtifactView};
 use super::datasets::{DatasetList, DatasetView};
 use super::datasets_create::DatasetReference;
