@@ -12,6 +12,11 @@ use compressd_engine::spec::Registry;
 use serde_yaml::{Mapping, Value};
 use utoipa::OpenApi;
 
+#[cfg(test)]
+mod noop_stage;
+#[cfg(test)]
+mod tests;
+
 use super::artifacts::{ArtifactList, ArtifactView};
 use super::datasets::{DatasetList, DatasetView};
 use super::datasets_create::DatasetReference;
@@ -82,8 +87,30 @@ pub fn document_for(registry: &Registry) -> serde_json::Value {
 /// The document as YAML, as stored in `openapi.yaml`.
 pub fn yaml() -> String {
     // The document is plain data; serializing it cannot fail.
-    serde_yaml::to_string(&ordered_document(Registry::standard()))
-        .expect("OpenAPI document serializes")
+    let yaml = serde_yaml::to_string(&ordered_document(Registry::standard()))
+        .expect("OpenAPI document serializes");
+    yaml.lines()
+        .map(quote_sexagesimal)
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// Quotes a plain scalar such as `2:4` (the 2:4 pruning pattern) at the end of a line: YAML 1.2
+/// (serde_yaml) reads it as a string, but YAML 1.1 readers (PyYAML, SnakeYAML) read a base-60
+/// integer.
+fn quote_sexagesimal(line: &str) -> String {
+    let Some((head, value)) = line.rsplit_once(' ') else {
+        return line.to_owned();
+    };
+    let numeric_parts = value
+        .split(':')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if value.contains(':') && numeric_parts && (head.ends_with(':') || head.ends_with('-')) {
+        format!("{head} '{value}'")
+    } else {
+        line.to_owned()
+    }
 }
 
 /// The annotated document in utoipa's key order, with the job spec schema merged in.

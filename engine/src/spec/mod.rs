@@ -4,7 +4,6 @@
 //! `compressd run` (where they are local paths). Parsing fills every default, so a stored spec
 //! shows the settings the job really runs with; [`JobSpec::validate`] then checks ranges and
 //! cross-field rules and returns every problem with the JSON pointer of the offending field.
-
 //!
 //! The stages themselves live one per file under [`crate::stages`]; [`crate::stages::STAGES`]
 //! registers them, and everything here that lists stages derives from it.

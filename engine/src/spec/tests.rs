@@ -168,3 +168,81 @@ fn a_stage_body_deserializes_by_type() {
         "{err}"
     );
 }
+
+#[test]
+fn the_stage_lists_derive_from_the_registry() {
+    let registry = Registry::standard();
+    let types: Vec<&str> = registry.stages().iter().map(|s| s.type_name).collect();
+    assert_eq!(types, STAGE_TYPES);
+    let implemented: Vec<&str> = registry
+        .stages()
+        .iter()
+        .filter(|s| s.implemented)
+        .map(|s| s.type_name)
+        .collect();
+    assert_eq!(implemented, IMPLEMENTED_STAGES);
+    assert_eq!(IMPLEMENTED_STAGES, ["finetune", "prune", "quantize"]);
+}
+
+#[test]
+fn preconditions_walk_the_pipeline_from_the_input_model() {
+    let spec = parse(example());
+    let mut model = ModelState::input(TaskType::TextClassification);
+    for (i, stage) in spec.pipeline.iter().enumerate() {
+        assert_eq!(stage.preconditions(&model), Ok(()));
+        stage.transform(&mut model, i);
+    }
+    assert!(model.pruned);
+    assert_eq!(model.quantized_at, Some(2));
+    let failed = spec.pipeline[0].preconditions(&model).unwrap_err();
+    assert_eq!(failed.name, "full-precision weights");
+    assert_eq!(
+        failed.message,
+        "`finetune` cannot follow the post-training `quantize` at /pipeline/2: quantized weights \
+         cannot be trained, pruned or re-quantized; move it before"
+    );
+}
+
+#[test]
+fn a_stage_serializes_with_its_type_first_and_compares_by_value() {
+    let spec = parse(example());
+    let text = serde_json::to_string(&spec.pipeline[2]).unwrap();
+    assert!(text.starts_with(r#"{"type":"quantize","#), "{text}");
+    assert_eq!(spec.pipeline[2].clone(), spec.pipeline[2]);
+    assert_ne!(spec.pipeline[0], spec.pipeline[1]);
+    assert!(spec.pipeline[2].get::<FinetuneSpec>().is_none());
+    assert_eq!(
+        spec.pipeline[2]
+            .get::<QuantizeSpec>()
+            .map(|q| q.scheme.name()),
+        Some("int8".to_owned())
+    );
+}
+
+#[test]
+fn the_json_schema_lists_every_stage_with_its_tag() {
+    let schema = Registry::standard().job_spec_schema("/$defs");
+    assert_eq!(schema["title"], json!("JobSpec"));
+    let kinds = schema["$defs"]["StageSpec"]["oneOf"].as_array().unwrap();
+    let tags: Vec<&str> = kinds
+        .iter()
+        .map(|k| k["properties"]["type"]["const"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, STAGE_TYPES);
+    for kind in kinds {
+        assert_eq!(kind["required"][0], json!("type"));
+        assert_eq!(kind["additionalProperties"], json!(false));
+    }
+    let schemes = schema["$defs"]["QuantScheme"]["oneOf"].as_array().unwrap();
+    assert!(schemes.iter().any(|s| s["const"] == json!("q4_k")));
+}
+
+#[test]
+fn not_implemented_stages_parse_but_do_not_build() {
+    let stage = StageSpec::deserialize_typed("distill", &json!({})).unwrap();
+    assert!(!stage.implemented());
+    let Err(err) = stage.build() else {
+        panic!("distill builds")
+    };
+    assert!(err.to_string().contains("not implemented"), "{err}");
+}
