@@ -2,7 +2,8 @@
 //!
 //! Text classification runs BERT-style encoders with a sequence-classification head (created,
 //! seeded, when the input model has none); language modelling runs Llama-style decoders. The model
-//! is saved after each stage as a Hugging Face folder (dense) or in the quantized safetensors layout
+//! is saved after each stage as a Hugging Face folder in transformers' layout for its family (dense;
+//! see [`crate::export::HfArchitecture`]) or in the quantized safetensors layout
 //! ([`crate::quant::layout`]), plus `compressd.json` saying which weights are pruned or quantized so a
 //! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
 //! `model.gguf` when the spec asks for GGUF output.
@@ -15,13 +16,14 @@ use serde::{Deserialize, Serialize};
 
 use super::build;
 use super::model::WorkingModel;
-use super::saving::SavedQuantization;
+use super::saving::{self, SavedQuantization};
 use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
 };
 use crate::error::{EngineError, Result};
+use crate::export::HfArchitecture;
 use crate::layers::LinearFactory;
-use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
+use crate::loading::{read_gguf, Checkpoint};
 use crate::models::bert::{BertConfig, BertForSequenceClassification};
 use crate::models::llama::{LlamaConfig, LlamaForCausalLm};
 use crate::params::ParamStore;
@@ -160,6 +162,11 @@ impl Session {
         })
     }
 
+    /// The transformers class the job's models are saved as.
+    fn architecture(&self) -> HfArchitecture {
+        saving::architecture(self.spec.task.task_type)
+    }
+
     /// A model from a checkpoint: labels set for classification, a missing head created (seeded).
     fn from_checkpoint(&self, checkpoint: Checkpoint) -> Result<WorkingModel> {
         let mut config = checkpoint.config.clone();
@@ -184,7 +191,9 @@ impl Workbench for Session {
 
     fn load_input(&mut self) -> Result<WorkingModel> {
         let checkpoint = if self.model_path.is_dir() {
-            read_hf_folder(&self.model_path, DType::F32, &self.device)?
+            // Under the engine's names, so an input in transformers' layout and the folders this
+            // job saves (read back on resume) name every weight alike.
+            saving::read_dense(&self.model_path, &self.device, self.architecture())?
         } else {
             read_gguf(&self.model_path, DType::F32, &self.device)?
         };
@@ -194,11 +203,12 @@ impl Workbench for Session {
 
     fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
         let state: SavedState = read_json(&dir.join(STATE_FILE))?;
+        let arch = self.architecture();
         let mut model = match &state.quantized {
-            Some(_) => super::saving::load_quantized(dir, &self.device)?,
-            None => self.from_checkpoint(read_hf_folder(dir, DType::F32, &self.device)?)?,
+            Some(_) => saving::load_quantized(dir, &self.device, arch)?,
+            None => self.from_checkpoint(saving::read_dense(dir, &self.device, arch)?)?,
         };
-        super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
+        saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
         Ok(model)
     }
 
@@ -216,11 +226,16 @@ impl Workbench for Session {
     fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
         let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
         let quantized = SavedQuantization::of(model);
-        super::saving::save(model, dir, self.tokenizer_dir.as_deref())?;
+        saving::save(
+            model,
+            dir,
+            self.tokenizer_dir.as_deref(),
+            self.architecture(),
+        )?;
         if self.spec.outputs.contains(&OutputFormat::Gguf)
             && self.spec.task.task_type == TaskType::LanguageModeling
         {
-            super::saving::save_gguf(
+            saving::save_gguf(
                 model,
                 &dir.join("model.gguf"),
                 &self.model_path,
