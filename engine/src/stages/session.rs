@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::build;
 use super::model::WorkingModel;
-use super::saving::{self, SavedQuantization};
+use super::saving::SavedQuantization;
 use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
 };
@@ -164,7 +164,7 @@ impl Session {
 
     /// The transformers class the job's models are saved as.
     fn architecture(&self) -> HfArchitecture {
-        saving::architecture(self.spec.task.task_type)
+        super::saving::architecture(self.spec.task.task_type)
     }
 
     /// A model from a checkpoint: labels set for classification, a missing head created (seeded).
@@ -193,7 +193,7 @@ impl Workbench for Session {
         let checkpoint = if self.model_path.is_dir() {
             // Under the engine's names, so an input in transformers' layout and the folders this
             // job saves (read back on resume) name every weight alike.
-            saving::read_dense(&self.model_path, &self.device, self.architecture())?
+            super::saving::read_dense(&self.model_path, &self.device, self.architecture())?
         } else {
             read_gguf(&self.model_path, DType::F32, &self.device)?
         };
@@ -205,10 +205,10 @@ impl Workbench for Session {
         let state: SavedState = read_json(&dir.join(STATE_FILE))?;
         let arch = self.architecture();
         let mut model = match &state.quantized {
-            Some(_) => saving::load_quantized(dir, &self.device, arch)?,
-            None => self.from_checkpoint(saving::read_dense(dir, &self.device, arch)?)?,
+            Some(_) => super::saving::load_quantized(dir, &self.device, arch)?,
+            None => self.from_checkpoint(super::saving::read_dense(dir, &self.device, arch)?)?,
         };
-        saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
+        super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
         Ok(model)
     }
 
@@ -226,7 +226,7 @@ impl Workbench for Session {
     fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
         let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
         let quantized = SavedQuantization::of(model);
-        saving::save(
+        super::saving::save(
             model,
             dir,
             self.tokenizer_dir.as_deref(),
@@ -235,7 +235,7 @@ impl Workbench for Session {
         if self.spec.outputs.contains(&OutputFormat::Gguf)
             && self.spec.task.task_type == TaskType::LanguageModeling
         {
-            saving::save_gguf(
+            super::saving::save_gguf(
                 model,
                 &dir.join("model.gguf"),
                 &self.model_path,
