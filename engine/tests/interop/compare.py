@@ -33,6 +33,9 @@ from transformers import (  # noqa: E402
     AutoTokenizer,
 )
 
+# transformers 5 renamed `torch_dtype` to `dtype` (the old name still works, with a warning).
+DTYPE_ARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+
 LOADERS = {
     "sequence_classification": AutoModelForSequenceClassification,
     "causal_lm": AutoModelForCausalLM,
@@ -44,8 +47,8 @@ def load(model_dir, task):
     model, info = LOADERS[task].from_pretrained(
         model_dir,
         output_loading_info=True,
-        torch_dtype=torch.float32,
         attn_implementation="eager",
+        **{DTYPE_ARG: torch.float32},
     )
     model.eval()
     keys = {
