@@ -262,6 +262,7 @@ fn tiny_llama_job_loads_in_transformers() -> Result<()> {
     Ok(())
 }
 
+/// `../shared` (or `COMPRESSD_SHARED`) when it holds the real models and data.
 fn shared() -> Option<PathBuf> {
     let dir = std::env::var_os("COMPRESSD_SHARED")
         .map(PathBuf::from)
@@ -330,5 +331,43 @@ fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
         tokens >= 0.99,
         "tokenizations agree on {tokens} of the rows"
     );
+    Ok(())
+}
+
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test export_interop -- --ignored smollm2"]
+fn smollm2_job_loads_in_transformers() -> Result<()> {
+    let shared = shared().ok_or_else(|| {
+        anyhow::anyhow!("../shared with SmolLM2 and Shakespeare is not here (set COMPRESSD_SHARED)")
+    })?;
+    // The Q4_1 GGUF, dequantized, lightly pruned (a dense stage): the saved folder carries the
+    // GGUF's q/k rows in transformers' rotary order and its tied embeddings.
+    let model = shared.join("models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dataset = shared.join("data/shakespeare/shakespeare_plays.txt");
+    let spec = json!({
+        "name": "smollm2-export", "model": model,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 64,
+                 "max_train_samples": 1, "max_eval_samples": 2},
+        "pipeline": [{"type": "prune", "sparsity": 0.1, "steps": 1}],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 1.0}
+    });
+    let job = Job::run(spec, model, dataset.clone(), tempfile::tempdir()?)?;
+    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 64)?;
+    let text = std::fs::read_to_string(&dataset)?;
+    let head: String = text.chars().skip(10_000).take(4_000).collect();
+    let ids = encoder.encode_corpus(&head)?;
+    // Three rows of 32 positions: each position's logits span the 49,152-token vocabulary.
+    let rows: Vec<Vec<u32>> = ids.chunks_exact(32).take(3).map(<[u32]>::to_vec).collect();
+    let logits = lm_logits(&job.reload_final()?, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "causal_lm",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "LlamaForCausalLM", 0.99);
+    assert_eq!(result["predictions"], 3 * 32);
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-2, "logits differ by {diff}");
     Ok(())
 }
