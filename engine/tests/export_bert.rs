@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use compressd_engine::export::export_bert_folder;
+use compressd_engine::export::{export_transformers_folder, HfArchitecture};
 use compressd_engine::layers::LinearFactory;
 use compressd_engine::loading::read_hf_folder;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
@@ -36,7 +36,13 @@ fn exported_bert_loads_in_candle_transformers_and_back() -> Result<()> {
         &LinearFactory::default(),
     )?;
     let dir = tempfile::tempdir()?;
-    export_bert_folder(dir.path(), &cfg, store.tensors(), None)?;
+    export_transformers_folder(
+        dir.path(),
+        HfArchitecture::BertForSequenceClassification,
+        &serde_json::to_value(&cfg)?,
+        store.tensors(),
+        None,
+    )?;
 
     let input_ids = Tensor::new(&[[2u32, 14, 7, 33, 9], [5, 1, 0, 0, 0]], &dev)?;
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 0, 0, 0]], &dev)?;

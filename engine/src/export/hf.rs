@@ -1,14 +1,15 @@
 //! Hugging Face folders: `config.json`, `model.safetensors` and the tokenizer files, loadable by
-//! transformers' `from_pretrained` and by candle-transformers.
+//! transformers' `from_pretrained` and by candle-transformers when written with the family's names
+//! ([`export_transformers_folder`]).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::transformers::HfArchitecture;
 use crate::error::{EngineError, Result};
-use crate::models::bert::BertConfig;
 
 /// Tokenizer and vocabulary files copied next to the weights when present in the source folder.
 const TOKENIZER_FILES: &[&str] = &[
@@ -52,55 +53,19 @@ pub fn export_hf_folder(
     Ok(())
 }
 
-/// Renames a BERT classifier's tensors to the layout of transformers' `BertForSequenceClassification`:
-/// encoder and pooler under `bert.`, the head as `classifier.*`. (Loading a checkpoint whose encoder
-/// lacks the prefix makes transformers prefix every key, the head's too, and re-initialise the head.)
-pub fn bert_classifier_tensor_names(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    tensors
-        .into_iter()
-        .map(|(name, t)| {
-            if name.starts_with("bert.") || name.starts_with("classifier.") {
-                (name, t)
-            } else {
-                (format!("bert.{name}"), t)
-            }
-        })
-        .collect()
-}
-
-/// Exports a BERT sequence classifier: the config gains the fields transformers and
-/// candle-transformers require (`model_type`, `architectures`, `id2label`/`label2id`, defaults for
-/// `initializer_range` and `pad_token_id`), the tensors get `BertForSequenceClassification` names.
+/// Writes a dense model as a folder transformers loads as `arch` (see [`HfArchitecture`]): the
+/// config with the class's fields, the tensors (engine names) under transformers' names, and the
+/// tokenizer files found in `tokenizer_dir`.
 ///
 /// # Errors
-/// Fails on I/O errors.
-pub fn export_bert_folder(
+/// Fails when `config` is not a config of the family, or on I/O errors.
+pub fn export_transformers_folder(
     dir: &Path,
-    config: &BertConfig,
+    arch: HfArchitecture,
+    config: &Value,
     tensors: Vec<(String, Tensor)>,
     tokenizer_dir: Option<&Path>,
 ) -> Result<()> {
-    let mut json =
-        serde_json::to_value(config).map_err(|e| EngineError::json(dir.join("config.json"), e))?;
-    let defaults = json!({
-        "model_type": "bert",
-        "initializer_range": 0.02,
-        "pad_token_id": 0,
-        "position_embedding_type": "absolute",
-    });
-    if let (Some(obj), Some(defaults)) = (json.as_object_mut(), defaults.as_object()) {
-        for (key, value) in defaults {
-            obj.entry(key.clone()).or_insert_with(|| value.clone());
-        }
-        obj.insert(
-            "architectures".into(),
-            json!(["BertForSequenceClassification"]),
-        );
-    }
-    export_hf_folder(
-        dir,
-        &json,
-        &bert_classifier_tensor_names(tensors),
-        tokenizer_dir,
-    )
+    let config = arch.export_config(config)?;
+    export_hf_folder(dir, &config, &arch.export_names(tensors), tokenizer_dir)
 }

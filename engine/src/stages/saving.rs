@@ -1,4 +1,8 @@
 //! Saving a [`WorkingModel`] after a stage and loading it back to resume.
+//!
+//! Saved folders use transformers' config and tensor names for the job's family
+//! ([`HfArchitecture`]), so a dense one loads with `AutoModelForSequenceClassification` or
+//! `AutoModelForCausalLM`; reading one back maps the names to the engine's again.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -9,25 +13,51 @@ use candle_core::{DType, Device};
 use super::model::WorkingModel;
 use super::session::parse_config;
 use crate::error::{EngineError, Result};
-use crate::export::{export_hf_folder, export_llama_gguf, tokenizer_metadata, GgufExportOptions};
+use crate::export::{
+    export_hf_folder, export_llama_gguf, export_transformers_folder, tokenizer_metadata,
+    GgufExportOptions, HfArchitecture,
+};
+use crate::family::family_for_task;
+use crate::loading::{read_hf_folder, Checkpoint};
 use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};
 use crate::prune::MaskSet;
 use crate::quant::layout::{self, StoredTensor};
 use crate::quant::{quantize, QuantScheme, Quantized};
+use crate::spec::TaskType;
 
-/// Writes `config.json`, the tokenizer files and `model.safetensors` (quantized weights in the
-/// layout of [`crate::quant::layout`]) into `dir`.
+/// The transformers class a model with `config` is saved as for `task`: its family's
+/// ([`crate::family::ModelFamily::hf_architecture`]).
 ///
 /// # Errors
-/// I/O errors, or a weight that cannot be read.
-pub(super) fn save(model: &WorkingModel, dir: &Path, tokenizer_dir: Option<&Path>) -> Result<()> {
+/// A config whose family is unknown or cannot do `task`, or a class with no export naming.
+pub(super) fn architecture(config: &serde_json::Value, task: TaskType) -> Result<HfArchitecture> {
+    let family = family_for_task(config, task)?;
+    let class = family.hf_architecture(task);
+    HfArchitecture::from_class_name(class)
+        .ok_or_else(|| EngineError::Unsupported(format!("no transformers export for {class}")))
+}
+
+/// Writes `config.json`, the tokenizer files and `model.safetensors` into `dir`, with the config and
+/// tensor names of `arch` ([`HfArchitecture`]). A dense model's folder loads in transformers as
+/// that class; a quantized one keeps its weights in the layout of [`crate::quant::layout`] (under the
+/// same names), which only the engine reads.
+///
+/// # Errors
+/// I/O errors, a config that is not the family's, or a weight that cannot be read.
+pub(super) fn save(
+    model: &WorkingModel,
+    dir: &Path,
+    tokenizer_dir: Option<&Path>,
+    task: TaskType,
+) -> Result<()> {
+    let arch = architecture(&model.config, task)?;
     let tensors = model.store.tensors();
     // The HF writer also copies the tokenizer files; a quantized model then replaces its weights.
     let Some((_, schemes)) = model.quantized() else {
-        return export_hf_folder(dir, &model.config, &tensors, tokenizer_dir);
+        return export_transformers_folder(dir, arch, &model.config, tensors, tokenizer_dir);
     };
-    export_hf_folder(dir, &model.config, &[], tokenizer_dir)?;
+    export_hf_folder(dir, &arch.export_config(&model.config)?, &[], tokenizer_dir)?;
     let mut stored = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         let entry = match schemes.get(&name) {
@@ -37,10 +67,22 @@ pub(super) fn save(model: &WorkingModel, dir: &Path, tokenizer_dir: Option<&Path
             },
             None => StoredTensor::Dense(tensor),
         };
-        stored.push((name, entry));
+        stored.push((arch.export_name(&name), entry));
     }
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     layout::save(&dir.join("model.safetensors"), &stored, &metadata)
+}
+
+/// Reads a model folder (an input or one written by [`save`] for a dense model) with its tensors
+/// under the engine's names for its family's class for `task`.
+///
+/// # Errors
+/// A missing or malformed file, or a family that cannot do `task`.
+pub(super) fn read_dense(dir: &Path, device: &Device, task: TaskType) -> Result<Checkpoint> {
+    let mut checkpoint = read_hf_folder(dir, DType::F32, device)?;
+    let arch = architecture(&checkpoint.config, task)?;
+    checkpoint.tensors = arch.import_names(std::mem::take(&mut checkpoint.tensors));
+    Ok(checkpoint)
 }
 
 /// Writes a Llama model as GGUF; quantized with the model's GGUF type when it has one, else f32.
@@ -89,24 +131,26 @@ pub(super) fn save_gguf(
     )
 }
 
-/// Loads a folder written by [`save`] for a quantized model; quantized weights come back as their
-/// dequantized values (the kernels re-quantize them when the model is built).
+/// Loads a folder written by [`save`] for a quantized model, tensors under the engine's names for
+/// `arch`; quantized weights come back as their dequantized values (the kernels re-quantize them
+/// when the model is built).
 ///
 /// # Errors
 /// A missing or malformed file.
-pub(super) fn load_quantized(dir: &Path, device: &Device) -> Result<WorkingModel> {
+pub(super) fn load_quantized(dir: &Path, device: &Device, task: TaskType) -> Result<WorkingModel> {
     let config_path = dir.join("config.json");
     let text =
         std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| EngineError::json(&config_path, e))?;
+    let arch = architecture(&config, task)?;
     let store = ParamStore::new();
     for (name, tensor) in layout::load(&dir.join("model.safetensors"), device)? {
         let dense = match tensor {
             StoredTensor::Dense(t) => t.to_dtype(DType::F32)?,
             StoredTensor::Quantized(w) => w.dequantize(device)?,
         };
-        store.insert(name, Param::Frozen(dense));
+        store.insert(arch.import_name(&name), Param::Frozen(dense));
     }
     Ok(WorkingModel::new(store, config))
 }

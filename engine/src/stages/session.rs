@@ -2,7 +2,8 @@
 //!
 //! The model's family ([`crate::family`]) builds it for the job's task: text classification gets a
 //! sequence-classification head (created, seeded, when the input model has none). The model
-//! is saved after each stage as a Hugging Face folder (dense) or in the quantized safetensors layout
+//! is saved after each stage as a Hugging Face folder in transformers' layout for its family (dense;
+//! see [`crate::export::HfArchitecture`]) or in the quantized safetensors layout
 //! ([`crate::quant::layout`]), plus `compressd.json` saying which weights are pruned or quantized so a
 //! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
 //! `model.gguf` when the spec asks for GGUF output.
@@ -22,7 +23,7 @@ use crate::data::{
 use crate::error::{EngineError, Result};
 use crate::family::family_for_task;
 use crate::layers::LinearFactory;
-use crate::loading::{read_gguf, read_hf_folder, Checkpoint};
+use crate::loading::{read_gguf, Checkpoint};
 use crate::models::TaskModel;
 use crate::params::ParamStore;
 use crate::pipeline::{self, PipelineInputs, PipelineResult, ProgressFn, StageContext, Workbench};
@@ -187,7 +188,9 @@ impl Workbench for Session {
 
     fn load_input(&mut self) -> Result<WorkingModel> {
         let checkpoint = if self.model_path.is_dir() {
-            read_hf_folder(&self.model_path, DType::F32, &self.device)?
+            // Under the engine's names, so an input in transformers' layout and the folders this
+            // job saves (read back on resume) name every weight alike.
+            super::saving::read_dense(&self.model_path, &self.device, self.spec.task.task_type)?
         } else {
             read_gguf(&self.model_path, DType::F32, &self.device)?
         };
@@ -196,9 +199,10 @@ impl Workbench for Session {
 
     fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
         let state: SavedState = read_json(&dir.join(STATE_FILE))?;
+        let task = self.spec.task.task_type;
         let mut model = match &state.quantized {
-            Some(_) => super::saving::load_quantized(dir, &self.device)?,
-            None => self.from_checkpoint(read_hf_folder(dir, DType::F32, &self.device)?)?,
+            Some(_) => super::saving::load_quantized(dir, &self.device, task)?,
+            None => self.from_checkpoint(super::saving::read_dense(dir, &self.device, task)?)?,
         };
         super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
         Ok(model)
@@ -219,7 +223,12 @@ impl Workbench for Session {
     fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
         let pruned = model.masks().map(|m| m.names()).unwrap_or_default();
         let quantized = SavedQuantization::of(model);
-        super::saving::save(model, dir, self.tokenizer_dir.as_deref())?;
+        super::saving::save(
+            model,
+            dir,
+            self.tokenizer_dir.as_deref(),
+            self.spec.task.task_type,
+        )?;
         if self.spec.outputs.contains(&OutputFormat::Gguf)
             && self.spec.task.task_type == TaskType::LanguageModeling
         {

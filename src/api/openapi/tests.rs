@@ -146,7 +146,10 @@ fn a_stage_added_by_one_registry_line_is_in_the_schema_the_estimate_and_the_chec
 #[test]
 fn the_yaml_reads_back_as_the_served_document() {
     let yaml = super::yaml();
-    assert!(yaml.contains("const: '2:4'"), "2:4 is quoted for YAML 1.1 readers");
+    assert!(
+        yaml.contains("const: '2:4'"),
+        "2:4 is quoted for YAML 1.1 readers"
+    );
     let read: Value = serde_yaml::from_str(&yaml).unwrap();
     assert_eq!(read, document());
 }
