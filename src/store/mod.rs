@@ -9,6 +9,7 @@
 
 pub(crate) mod lease;
 mod postgres;
+mod shared;
 mod sqlite;
 mod types;
 
