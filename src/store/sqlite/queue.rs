@@ -22,8 +22,8 @@ use crate::store::shared::{
     artifact_exists, artifact_refused, lease_expired, lease_lost, status_count,
 };
 use crate::store::{
-    Artifact, AttemptOutcome, Job, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped,
-    EVENT_STATUS,
+    Artifact, AttemptOutcome, Job, JobEvent, JobProgress, JobStatus, Lease, LeaseState, NewEvent,
+    Reaped, EVENT_STATUS,
 };
 
 /// The fence every worker write is conditioned on; `?1` job id, `?2` attempt, `?3` owner.
@@ -73,24 +73,21 @@ pub(super) async fn claim_next(
     Ok(Some(job))
 }
 
+/// Records an event of `job`'s current attempt, stamped now, inside the caller's transaction.
 async fn insert_event(
     tx: &mut Transaction<'_, Sqlite>,
     job: &Job,
     event_type: &str,
     payload: &Value,
 ) -> Result<JobEvent> {
-    let sql = format!(
-        "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}"
-    );
-    let row = sqlx::query(&sql)
-        .bind(job.id.to_string())
-        .bind(job.attempt)
-        .bind(event_type)
-        .bind(json_text(payload))
-        .bind(to_text(Utc::now()))
-        .fetch_one(&mut **tx)
-        .await?;
-    event_from_row(&row)
+    let event = NewEvent {
+        job_id: job.id,
+        attempt: job.attempt,
+        event_type: event_type.into(),
+        payload: payload.clone(),
+        created_at: Utc::now(),
+    };
+    super::insert_event(&mut **tx, &event).await
 }
 
 pub(super) async fn heartbeat(
