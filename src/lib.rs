@@ -4,6 +4,8 @@
 //! HTTP API, the CLI and (later) the scheduler. The binary in `main.rs` only parses arguments,
 //! loads settings, starts logging and dispatches to [`cli`].
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod artifacts;
 pub mod cli;

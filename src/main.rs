@@ -1,5 +1,7 @@
 //! The `compressd` binary: parse arguments, load settings, start logging, dispatch.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,6 +23,11 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings);
+    if matches!(cli.command, Command::Exec { .. } | Command::Run { .. }) {
+        // The engine runs in this process: keep its training buffers in the heap between steps,
+        // as the benchmarks do (see `compressd_engine::perf`).
+        compressd_engine::perf::tune_allocator();
+    }
     if let Command::Exec { job } = cli.command {
         // A job's child process: stdout carries only protocol messages; logs go to stderr.
         tracing::debug!(%job, "running one job for a worker");

@@ -68,6 +68,9 @@ impl fmt::Debug for ArtifactStore {
     }
 }
 
+/// An opened store: the object store, its URL signer (S3 only), the key prefix and the backend.
+type Opened = (Arc<dyn ObjectStore>, Option<Arc<AmazonS3>>, Path, Backend);
+
 impl ArtifactStore {
     /// The store the service settings name.
     ///
@@ -112,7 +115,7 @@ impl ArtifactStore {
         })
     }
 
-    fn local(dir: &FsPath) -> Result<(Arc<dyn ObjectStore>, Option<Arc<AmazonS3>>, Path, Backend)> {
+    fn local(dir: &FsPath) -> Result<Opened> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         let store = LocalFileSystem::new_with_prefix(&dir)?;

@@ -63,6 +63,7 @@ fn check_local_inputs(spec: &JobSpec, spec_path: &Path) -> Result<()> {
 ///
 /// # Errors
 /// [`Error::Engine`] when a stage fails.
+#[tracing::instrument(name = "job.run", skip_all, fields(name = %spec.name, stages = spec.pipeline.len()))]
 pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
     let normalized =
         serde_json::to_string_pretty(spec).map_err(|e| Error::Corrupt(e.to_string()))?;

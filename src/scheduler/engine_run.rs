@@ -29,6 +29,7 @@ use super::protocol::{ChildMessage, ExecRequest, OutputFile};
 const TRAIN_METRIC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Runs the pipeline of `spec` and returns the verdict; `Err` only when `out` broke.
+#[tracing::instrument(name = "job.pipeline", skip_all, fields(job_id = %request.job_id, attempt = request.attempt, stages = spec.pipeline.len()))]
 pub fn run_pipeline(
     request: &ExecRequest,
     spec: &JobSpec,
@@ -57,8 +58,11 @@ pub fn run_pipeline(
     let stages = spec.pipeline.len();
     let cancel = AtomicBool::new(false);
     let (events, received) = mpsc::channel::<Event>();
+    // The engine's own spans (`engine.*`) nest under this job's on its thread too.
+    let span = tracing::Span::current();
     let outcome = std::thread::scope(|scope| {
         let engine = scope.spawn(|| {
+            let _entered = span.enter();
             let progress = move |event: Event| {
                 // The receiver only goes away once the run is over.
                 let _ = events.send(event);

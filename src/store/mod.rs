@@ -1,7 +1,7 @@
 //! Storage: one trait, [`Store`], with a PostgreSQL and an SQLite backend.
 //!
 //! Handlers and workers call its coarse methods and never see SQL (STYLE rule 4). Both backends pass
-//! the same contract suite (`tests/store_contract.rs`). Rows made by callers carry ids and times from
+//! the same contract suite (`tests/store/contract.rs`). Rows made by callers carry ids and times from
 //! the caller's [`crate::clock::Clock`], so tests are deterministic.
 //!
 //! Worker-side methods (claim, heartbeat, fenced writes, reaping) are added by the scheduler work;
@@ -9,6 +9,7 @@
 
 pub(crate) mod lease;
 mod postgres;
+mod shared;
 mod sqlite;
 mod types;
 

@@ -1,22 +1,27 @@
 //! The PostgreSQL backend of [`Store`].
 
 mod queue;
+mod rows;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::json;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::types::Json;
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Row;
+use tracing::field::Empty;
 use uuid::Uuid;
 
+use super::shared::{
+    artifact_from_row, artifact_insert_error, cancel_event, dataset_from_row, event_from_row,
+    job_from_row, job_not_found, job_refused, missing_job, model_from_row, queued_event,
+    record_claim, replay, ARTIFACT_COLUMNS, DATASET_COLUMNS, DELETE_ACTION, EVENT_COLUMNS,
+    JOB_COLUMNS, MODEL_COLUMNS,
+};
 use super::{
     clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent,
-    JobFilter, Model, NewEvent, NewJob, Page, Store, EVENT_CANCELLED, EVENT_CANCEL_REQUESTED,
-    EVENT_QUEUED,
+    JobFilter, Model, NewEvent, NewJob, Page, Store,
 };
 use super::{AttemptOutcome, JobProgress, JobStatus, Lease, LeaseState, Reaped};
 use crate::error::{Error, Result};
@@ -28,16 +33,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 /// How long a request waits for a free pooled connection before failing.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-
-const JOB_COLUMNS: &str = "id, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
-    lease_owner, lease_expires_at, cancel_requested, idempotency_key, progress, result, error, created_at, \
-    started_at, finished_at, updated_at";
-const MODEL_COLUMNS: &str =
-    "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
-const DATASET_COLUMNS: &str = "id, name, format, uri, bytes, sha256, rows, metadata, created_at";
-const ARTIFACT_COLUMNS: &str =
-    "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
-const EVENT_COLUMNS: &str = "seq, job_id, attempt, type, payload, created_at";
 
 /// A [`Store`] on PostgreSQL.
 #[derive(Clone, Debug)]
@@ -74,86 +69,6 @@ impl PgStore {
     }
 }
 
-fn job_from_row(row: &PgRow) -> Result<Job> {
-    let status: String = row.try_get("status")?;
-    Ok(Job {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        status: status.parse()?,
-        spec: row.try_get("spec")?,
-        model_id: row.try_get("model_id")?,
-        dataset_id: row.try_get("dataset_id")?,
-        priority: row.try_get("priority")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        run_after: row.try_get("run_after")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        cancel_requested: row.try_get("cancel_requested")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        progress: row.try_get::<Option<Json<_>>, _>("progress")?.map(|j| j.0),
-        result: row.try_get::<Option<Json<_>>, _>("result")?.map(|j| j.0),
-        error: row.try_get::<Option<Json<_>>, _>("error")?.map(|j| j.0),
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        updated_at: row.try_get("updated_at")?,
-    })
-}
-
-fn model_from_row(row: &PgRow) -> Result<Model> {
-    Ok(Model {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        architecture: row.try_get("architecture")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        metadata: row.try_get("metadata")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn dataset_from_row(row: &PgRow) -> Result<Dataset> {
-    Ok(Dataset {
-        id: row.try_get("id")?,
-        name: row.try_get("name")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        rows: row.try_get("rows")?,
-        metadata: row.try_get("metadata")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn artifact_from_row(row: &PgRow) -> Result<Artifact> {
-    Ok(Artifact {
-        job_id: row.try_get("job_id")?,
-        attempt: row.try_get("attempt")?,
-        name: row.try_get("name")?,
-        kind: row.try_get("kind")?,
-        format: row.try_get("format")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        uri: row.try_get("uri")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
-fn event_from_row(row: &PgRow) -> Result<JobEvent> {
-    Ok(JobEvent {
-        seq: row.try_get("seq")?,
-        job_id: row.try_get("job_id")?,
-        attempt: row.try_get("attempt")?,
-        event_type: row.try_get("type")?,
-        payload: row.try_get("payload")?,
-        created_at: row.try_get("created_at")?,
-    })
-}
-
 /// Inserts an event inside the caller's transaction or on the pool.
 async fn insert_event<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,
@@ -170,13 +85,7 @@ async fn insert_event<'e, E: sqlx::PgExecutor<'e>>(
         .bind(event.created_at)
         .fetch_one(executor)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound {
-                kind: "job",
-                id: event.job_id.to_string(),
-            },
-            _ => Error::Database(e),
-        })?;
+        .map_err(|e| missing_job(e, event.job_id))?;
     event_from_row(&row)
 }
 
@@ -186,16 +95,19 @@ impl Store for PgStore {
         Backend::Postgres
     }
 
+    #[tracing::instrument(name = "db.migrate", skip_all)]
     async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(name = "db.ping", skip_all)]
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(name = "db.create_job", skip_all, fields(job_id = %job.id))]
     async fn create_job(&self, job: NewJob) -> Result<Created> {
         let mut tx = self.pool.begin().await?;
         let (key, hash) = job
@@ -232,14 +144,7 @@ impl Store for PgStore {
             })?;
         if let Some(row) = inserted {
             let created = job_from_row(&row)?;
-            let event = NewEvent {
-                job_id: created.id,
-                attempt: 0,
-                event_type: EVENT_QUEUED.into(),
-                payload: json!({"priority": created.priority}),
-                created_at: job.created_at,
-            };
-            insert_event(&mut *tx, &event).await?;
+            insert_event(&mut *tx, &queued_event(&created, job.created_at)).await?;
             tx.commit().await?;
             return Ok(Created::New(created));
         }
@@ -249,13 +154,10 @@ impl Store for PgStore {
             format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = $1");
         let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *tx).await?;
         let stored_hash: Option<String> = row.try_get("request_hash")?;
-        if stored_hash.as_deref() == Some(hash.as_str()) {
-            Ok(Created::Existing(job_from_row(&row)?))
-        } else {
-            Err(Error::IdempotencyConflict { key })
-        }
+        replay(stored_hash.as_deref(), key, &hash, job_from_row(&row)?)
     }
 
+    #[tracing::instrument(name = "db.get_job", skip_all, fields(job_id = %id))]
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -265,6 +167,7 @@ impl Store for PgStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_jobs", skip_all)]
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id < $2) \
@@ -279,6 +182,7 @@ impl Store for PgStore {
         rows.iter().map(job_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.request_cancel", skip_all, fields(job_id = %id))]
     async fn request_cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<Job> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
@@ -295,36 +199,15 @@ impl Store for PgStore {
             .await?
         else {
             drop(tx);
-            return Err(match self.get_job(id).await? {
-                None => Error::NotFound {
-                    kind: "job",
-                    id: id.to_string(),
-                },
-                Some(job) => Error::JobState {
-                    id,
-                    status: job.status.to_string(),
-                    action: "cancel",
-                },
-            });
+            return Err(job_refused(id, self.get_job(id).await?, "cancel"));
         };
         let job = job_from_row(&row)?;
-        let event_type = if job.status.is_finished() {
-            EVENT_CANCELLED
-        } else {
-            EVENT_CANCEL_REQUESTED
-        };
-        let event = NewEvent {
-            job_id: id,
-            attempt: job.attempt,
-            event_type: event_type.into(),
-            payload: json!({}),
-            created_at: now,
-        };
-        insert_event(&mut *tx, &event).await?;
+        insert_event(&mut *tx, &cancel_event(&job, now)).await?;
         tx.commit().await?;
         Ok(job)
     }
 
+    #[tracing::instrument(name = "db.delete_job", skip_all, fields(job_id = %id))]
     async fn delete_job(&self, id: Uuid) -> Result<Vec<Artifact>> {
         let mut tx = self.pool.begin().await?;
         let status: Option<String> =
@@ -332,17 +215,12 @@ impl Store for PgStore {
                 .bind(id)
                 .fetch_optional(&mut *tx)
                 .await?;
-        let status: super::JobStatus = status
-            .ok_or_else(|| Error::NotFound {
-                kind: "job",
-                id: id.to_string(),
-            })?
-            .parse()?;
+        let status: super::JobStatus = status.ok_or_else(|| job_not_found(id))?.parse()?;
         if !status.is_finished() {
             return Err(Error::JobState {
                 id,
                 status: status.to_string(),
-                action: "delete (only finished jobs can be deleted)",
+                action: DELETE_ACTION,
             });
         }
         let sql =
@@ -361,10 +239,12 @@ impl Store for PgStore {
         Ok(artifacts)
     }
 
+    #[tracing::instrument(name = "db.append_event", skip_all, fields(job_id = %event.job_id, attempt = event.attempt))]
     async fn append_event(&self, event: NewEvent) -> Result<JobEvent> {
         insert_event(&self.pool, &event).await
     }
 
+    #[tracing::instrument(name = "db.list_events", skip_all, fields(job_id = %job_id))]
     async fn list_events(&self, job_id: Uuid, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3");
         let rows = sqlx::query(&sql)
@@ -376,6 +256,7 @@ impl Store for PgStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.insert_model", skip_all, fields(model_id = %model.id))]
     async fn insert_model(&self, model: &Model) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO models (id, name, architecture, format, uri, bytes, sha256, metadata, created_at) \
@@ -396,6 +277,7 @@ impl Store for PgStore {
         expect_one_row(done.rows_affected(), "insert model")
     }
 
+    #[tracing::instrument(name = "db.get_model", skip_all, fields(model_id = %id))]
     async fn get_model(&self, id: Uuid) -> Result<Option<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -405,6 +287,7 @@ impl Store for PgStore {
         row.as_ref().map(model_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_models", skip_all)]
     async fn list_models(&self, page: Page) -> Result<Vec<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2");
         let rows = sqlx::query(&sql)
@@ -415,10 +298,12 @@ impl Store for PgStore {
         rows.iter().map(model_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.delete_model", skip_all, fields(model_id = %id))]
     async fn delete_model(&self, id: Uuid) -> Result<()> {
         self.delete_input("models", "model_id", "model", id).await
     }
 
+    #[tracing::instrument(name = "db.insert_dataset", skip_all, fields(dataset_id = %dataset.id))]
     async fn insert_dataset(&self, dataset: &Dataset) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO datasets (id, name, format, uri, bytes, sha256, rows, metadata, created_at) \
@@ -439,6 +324,7 @@ impl Store for PgStore {
         expect_one_row(done.rows_affected(), "insert dataset")
     }
 
+    #[tracing::instrument(name = "db.get_dataset", skip_all, fields(dataset_id = %id))]
     async fn get_dataset(&self, id: Uuid) -> Result<Option<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = $1");
         let row = sqlx::query(&sql)
@@ -448,6 +334,7 @@ impl Store for PgStore {
         row.as_ref().map(dataset_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_datasets", skip_all)]
     async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2");
         let rows = sqlx::query(&sql)
@@ -458,11 +345,13 @@ impl Store for PgStore {
         rows.iter().map(dataset_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.delete_dataset", skip_all, fields(dataset_id = %id))]
     async fn delete_dataset(&self, id: Uuid) -> Result<()> {
         self.delete_input("datasets", "dataset_id", "dataset", id)
             .await
     }
 
+    #[tracing::instrument(name = "db.insert_artifact", skip_all, fields(job_id = %artifact.job_id, attempt = artifact.attempt))]
     async fn insert_artifact(&self, artifact: &Artifact) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
@@ -479,15 +368,11 @@ impl Store for PgStore {
         .bind(artifact.created_at)
         .execute(&self.pool)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                Error::NotFound { kind: "job", id: artifact.job_id.to_string() }
-            }
-            _ => constraint(e, || format!("job {} already has an artifact named {}", artifact.job_id, artifact.name)),
-        })?;
+        .map_err(|e| artifact_insert_error(e, artifact))?;
         expect_one_row(done.rows_affected(), "insert artifact")
     }
 
+    #[tracing::instrument(name = "db.list_artifacts", skip_all, fields(job_id = %job_id))]
     async fn list_artifacts(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
         let sql =
             format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = $1 ORDER BY name");
@@ -501,14 +386,19 @@ impl Store for PgStore {
         &self.hub
     }
 
+    #[tracing::instrument(name = "db.claim_next", skip_all, fields(owner = %owner, job_id = Empty, attempt = Empty))]
     async fn claim_next(&self, owner: &str, lease: Duration) -> Result<Option<Job>> {
-        queue::claim_next(&self.pool, owner, lease).await
+        let job = queue::claim_next(&self.pool, owner, lease).await?;
+        record_claim(job.as_ref());
+        Ok(job)
     }
 
+    #[tracing::instrument(name = "db.heartbeat", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<Option<LeaseState>> {
         queue::heartbeat(&self.pool, lease, duration).await
     }
 
+    #[tracing::instrument(name = "db.append_fenced_event", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt, event_type))]
     async fn append_fenced_event(
         &self,
         lease: &Lease,
@@ -518,22 +408,27 @@ impl Store for PgStore {
         queue::append_fenced_event(&self.pool, lease, event_type, &payload).await
     }
 
+    #[tracing::instrument(name = "db.update_progress", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn update_progress(&self, lease: &Lease, progress: &JobProgress) -> Result<JobEvent> {
         queue::update_progress(&self.pool, lease, progress).await
     }
 
+    #[tracing::instrument(name = "db.finish_attempt", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn finish_attempt(&self, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
         queue::finish_attempt(&self.pool, lease, outcome).await
     }
 
+    #[tracing::instrument(name = "db.reap_expired", skip_all, fields(limit = limit))]
     async fn reap_expired(&self, limit: u32, backoff: Duration) -> Result<Vec<Reaped>> {
         queue::reap_expired(&self.pool, limit, backoff).await
     }
 
+    #[tracing::instrument(name = "db.commit_artifact", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn commit_artifact(&self, lease: &Lease, artifact: &Artifact) -> Result<()> {
         queue::commit_artifact(&self.pool, lease, artifact).await
     }
 
+    #[tracing::instrument(name = "db.count_jobs_by_status", skip_all)]
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>> {
         queue::count_by_status(&self.pool).await
     }

@@ -14,42 +14,35 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
+use tracing::field::Empty;
 use uuid::Uuid;
 
+use super::shared::{
+    artifact_from_row, artifact_insert_error, cancel_event, dataset_from_row, event_from_row,
+    job_from_row, job_refused, missing_job, model_from_row, queued_event, record_claim, replay,
+    ARTIFACT_COLUMNS, DATASET_COLUMNS, DELETE_ACTION, EVENT_COLUMNS, JOB_COLUMNS, MODEL_COLUMNS,
+};
 use super::{
     clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent,
-    JobFilter, JobStatus, Model, NewEvent, NewJob, Page, Store, EVENT_CANCELLED,
-    EVENT_CANCEL_REQUESTED, EVENT_QUEUED,
+    JobFilter, JobStatus, Model, NewEvent, NewJob, Page, Store,
 };
 use super::{AttemptOutcome, JobProgress, Lease, LeaseState, Reaped};
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, Notice};
 
+use rows::json_text;
 pub(crate) use rows::to_text;
-use rows::{
-    artifact_from_row, dataset_from_row, event_from_row, job_from_row, json_text, model_from_row,
-};
 
 /// Embedded migrations of this backend.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a statement waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-const JOB_COLUMNS: &str = "id, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
-    lease_owner, lease_expires_at, cancel_requested, idempotency_key, progress, result, error, created_at, \
-    started_at, finished_at, updated_at";
-const MODEL_COLUMNS: &str =
-    "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
-const DATASET_COLUMNS: &str = "id, name, format, uri, bytes, sha256, rows, metadata, created_at";
-const ARTIFACT_COLUMNS: &str =
-    "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
-const EVENT_COLUMNS: &str = "seq, job_id, attempt, type, payload, created_at";
 
 /// A [`Store`] on an SQLite file.
 #[derive(Clone, Debug)]
@@ -100,17 +93,6 @@ impl SqliteStore {
     }
 }
 
-/// Maps a foreign-key violation to "this job does not exist".
-fn missing_job(error: sqlx::Error, job_id: Uuid) -> Error {
-    match &error {
-        sqlx::Error::Database(db) if db.is_foreign_key_violation() => Error::NotFound {
-            kind: "job",
-            id: job_id.to_string(),
-        },
-        _ => Error::Database(error),
-    }
-}
-
 async fn insert_event<'e, E: sqlx::SqliteExecutor<'e>>(
     executor: E,
     event: &NewEvent,
@@ -136,16 +118,19 @@ impl Store for SqliteStore {
         Backend::Sqlite
     }
 
+    #[tracing::instrument(name = "db.migrate", skip_all)]
     async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(name = "db.ping", skip_all)]
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(name = "db.create_job", skip_all, fields(job_id = %job.id))]
     async fn create_job(&self, job: NewJob) -> Result<Created> {
         let mut tx = self.pool.begin().await?;
         let (key, hash) = job
@@ -183,14 +168,7 @@ impl Store for SqliteStore {
             })?;
         if let Some(row) = inserted {
             let created = job_from_row(&row)?;
-            let event = NewEvent {
-                job_id: created.id,
-                attempt: 0,
-                event_type: EVENT_QUEUED.into(),
-                payload: json!({"priority": created.priority}),
-                created_at: job.created_at,
-            };
-            let event = insert_event(&mut *tx, &event).await?;
+            let event = insert_event(&mut *tx, &queued_event(&created, job.created_at)).await?;
             tx.commit().await?;
             self.hub.publish(Notice::Event {
                 job_id: event.job_id,
@@ -204,13 +182,10 @@ impl Store for SqliteStore {
         let sql = format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = ?");
         let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *tx).await?;
         let stored_hash: Option<String> = row.try_get("request_hash")?;
-        if stored_hash.as_deref() == Some(hash.as_str()) {
-            Ok(Created::Existing(job_from_row(&row)?))
-        } else {
-            Err(Error::IdempotencyConflict { key })
-        }
+        replay(stored_hash.as_deref(), key, &hash, job_from_row(&row)?)
     }
 
+    #[tracing::instrument(name = "db.get_job", skip_all, fields(job_id = %id))]
     async fn get_job(&self, id: Uuid) -> Result<Option<Job>> {
         let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -220,6 +195,7 @@ impl Store for SqliteStore {
         row.as_ref().map(job_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_jobs", skip_all)]
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
@@ -234,6 +210,7 @@ impl Store for SqliteStore {
         rows.iter().map(job_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.request_cancel", skip_all, fields(job_id = %id))]
     async fn request_cancel(&self, id: Uuid, now: DateTime<Utc>) -> Result<Job> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
@@ -250,32 +227,10 @@ impl Store for SqliteStore {
             .await?;
         let Some(row) = row else {
             drop(tx);
-            return Err(match self.get_job(id).await? {
-                None => Error::NotFound {
-                    kind: "job",
-                    id: id.to_string(),
-                },
-                Some(job) => Error::JobState {
-                    id,
-                    status: job.status.to_string(),
-                    action: "cancel",
-                },
-            });
+            return Err(job_refused(id, self.get_job(id).await?, "cancel"));
         };
         let job = job_from_row(&row)?;
-        let event_type = if job.status.is_finished() {
-            EVENT_CANCELLED
-        } else {
-            EVENT_CANCEL_REQUESTED
-        };
-        let event = NewEvent {
-            job_id: id,
-            attempt: job.attempt,
-            event_type: event_type.into(),
-            payload: json!({}),
-            created_at: now,
-        };
-        let event = insert_event(&mut *tx, &event).await?;
+        let event = insert_event(&mut *tx, &cancel_event(&job, now)).await?;
         tx.commit().await?;
         self.hub.publish(Notice::Event {
             job_id: event.job_id,
@@ -287,6 +242,7 @@ impl Store for SqliteStore {
         Ok(job)
     }
 
+    #[tracing::instrument(name = "db.delete_job", skip_all, fields(job_id = %id))]
     async fn delete_job(&self, id: Uuid) -> Result<Vec<Artifact>> {
         // A finished job's artifacts no longer change, so reading them before the (conditional,
         // atomic) delete cannot miss one.
@@ -300,19 +256,10 @@ impl Store for SqliteStore {
         if done.rows_affected() == 1 {
             return Ok(artifacts);
         }
-        Err(match self.get_job(id).await? {
-            None => Error::NotFound {
-                kind: "job",
-                id: id.to_string(),
-            },
-            Some(job) => Error::JobState {
-                id,
-                status: job.status.to_string(),
-                action: "delete (only finished jobs can be deleted)",
-            },
-        })
+        Err(job_refused(id, self.get_job(id).await?, DELETE_ACTION))
     }
 
+    #[tracing::instrument(name = "db.append_event", skip_all, fields(job_id = %event.job_id, attempt = event.attempt))]
     async fn append_event(&self, event: NewEvent) -> Result<JobEvent> {
         let event = insert_event(&self.pool, &event).await?;
         self.hub.publish(Notice::Event {
@@ -322,6 +269,7 @@ impl Store for SqliteStore {
         Ok(event)
     }
 
+    #[tracing::instrument(name = "db.list_events", skip_all, fields(job_id = %job_id))]
     async fn list_events(&self, job_id: Uuid, after_seq: i64, limit: u32) -> Result<Vec<JobEvent>> {
         let sql = format!("SELECT {EVENT_COLUMNS} FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?");
         let rows = sqlx::query(&sql)
@@ -333,6 +281,7 @@ impl Store for SqliteStore {
         rows.iter().map(event_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.insert_model", skip_all, fields(model_id = %model.id))]
     async fn insert_model(&self, model: &Model) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO models (id, name, architecture, format, uri, bytes, sha256, metadata, created_at) \
@@ -353,6 +302,7 @@ impl Store for SqliteStore {
         expect_one_row(done.rows_affected(), "insert model")
     }
 
+    #[tracing::instrument(name = "db.get_model", skip_all, fields(model_id = %id))]
     async fn get_model(&self, id: Uuid) -> Result<Option<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -362,6 +312,7 @@ impl Store for SqliteStore {
         row.as_ref().map(model_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_models", skip_all)]
     async fn list_models(&self, page: Page) -> Result<Vec<Model>> {
         let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2");
         let rows = sqlx::query(&sql)
@@ -372,10 +323,12 @@ impl Store for SqliteStore {
         rows.iter().map(model_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.delete_model", skip_all, fields(model_id = %id))]
     async fn delete_model(&self, id: Uuid) -> Result<()> {
         self.delete_input("models", "model_id", "model", id).await
     }
 
+    #[tracing::instrument(name = "db.insert_dataset", skip_all, fields(dataset_id = %dataset.id))]
     async fn insert_dataset(&self, dataset: &Dataset) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO datasets (id, name, format, uri, bytes, sha256, rows, metadata, created_at) \
@@ -396,6 +349,7 @@ impl Store for SqliteStore {
         expect_one_row(done.rows_affected(), "insert dataset")
     }
 
+    #[tracing::instrument(name = "db.get_dataset", skip_all, fields(dataset_id = %id))]
     async fn get_dataset(&self, id: Uuid) -> Result<Option<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?");
         let row = sqlx::query(&sql)
@@ -405,6 +359,7 @@ impl Store for SqliteStore {
         row.as_ref().map(dataset_from_row).transpose()
     }
 
+    #[tracing::instrument(name = "db.list_datasets", skip_all)]
     async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
         let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2");
         let rows = sqlx::query(&sql)
@@ -415,11 +370,13 @@ impl Store for SqliteStore {
         rows.iter().map(dataset_from_row).collect()
     }
 
+    #[tracing::instrument(name = "db.delete_dataset", skip_all, fields(dataset_id = %id))]
     async fn delete_dataset(&self, id: Uuid) -> Result<()> {
         self.delete_input("datasets", "dataset_id", "dataset", id)
             .await
     }
 
+    #[tracing::instrument(name = "db.insert_artifact", skip_all, fields(job_id = %artifact.job_id, attempt = artifact.attempt))]
     async fn insert_artifact(&self, artifact: &Artifact) -> Result<()> {
         let done = sqlx::query(
             "INSERT INTO artifacts (job_id, attempt, name, kind, format, bytes, sha256, uri, created_at) \
@@ -436,13 +393,11 @@ impl Store for SqliteStore {
         .bind(to_text(artifact.created_at))
         .execute(&self.pool)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => missing_job(e, artifact.job_id),
-            _ => constraint(e, || format!("job {} already has an artifact named {}", artifact.job_id, artifact.name)),
-        })?;
+        .map_err(|e| artifact_insert_error(e, artifact))?;
         expect_one_row(done.rows_affected(), "insert artifact")
     }
 
+    #[tracing::instrument(name = "db.list_artifacts", skip_all, fields(job_id = %job_id))]
     async fn list_artifacts(&self, job_id: Uuid) -> Result<Vec<Artifact>> {
         let sql =
             format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE job_id = ? ORDER BY name");
@@ -459,14 +414,19 @@ impl Store for SqliteStore {
         &self.hub
     }
 
+    #[tracing::instrument(name = "db.claim_next", skip_all, fields(owner = %owner, job_id = Empty, attempt = Empty))]
     async fn claim_next(&self, owner: &str, lease: Duration) -> Result<Option<Job>> {
-        queue::claim_next(&self.pool, &self.hub, owner, lease).await
+        let job = queue::claim_next(&self.pool, &self.hub, owner, lease).await?;
+        record_claim(job.as_ref());
+        Ok(job)
     }
 
+    #[tracing::instrument(name = "db.heartbeat", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn heartbeat(&self, lease: &Lease, duration: Duration) -> Result<Option<LeaseState>> {
         queue::heartbeat(&self.pool, lease, duration).await
     }
 
+    #[tracing::instrument(name = "db.append_fenced_event", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt, event_type))]
     async fn append_fenced_event(
         &self,
         lease: &Lease,
@@ -476,22 +436,27 @@ impl Store for SqliteStore {
         queue::append_fenced_event(&self.pool, &self.hub, lease, event_type, &payload).await
     }
 
+    #[tracing::instrument(name = "db.update_progress", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn update_progress(&self, lease: &Lease, progress: &JobProgress) -> Result<JobEvent> {
         queue::update_progress(&self.pool, &self.hub, lease, progress).await
     }
 
+    #[tracing::instrument(name = "db.finish_attempt", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn finish_attempt(&self, lease: &Lease, outcome: AttemptOutcome) -> Result<JobStatus> {
         queue::finish_attempt(&self.pool, &self.hub, lease, outcome).await
     }
 
+    #[tracing::instrument(name = "db.reap_expired", skip_all, fields(limit = limit))]
     async fn reap_expired(&self, limit: u32, backoff: Duration) -> Result<Vec<Reaped>> {
         queue::reap_expired(&self.pool, &self.hub, limit, backoff).await
     }
 
+    #[tracing::instrument(name = "db.commit_artifact", skip_all, fields(job_id = %lease.job_id, attempt = lease.attempt))]
     async fn commit_artifact(&self, lease: &Lease, artifact: &Artifact) -> Result<()> {
         queue::commit_artifact(&self.pool, lease, artifact).await
     }
 
+    #[tracing::instrument(name = "db.count_jobs_by_status", skip_all)]
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>> {
         queue::count_by_status(&self.pool).await
     }
@@ -530,17 +495,5 @@ impl SqliteStore {
             },
             Some(_) => Error::Conflict(format!("{kind} {id} is used by a queued or running job")),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_names_round_trip() {
-        for status in JobStatus::ALL {
-            assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), status);
-        }
     }
 }

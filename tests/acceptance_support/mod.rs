@@ -22,23 +22,21 @@ use sha2::{Digest, Sha256};
 use sse::{Frame, SseReader};
 use tempfile::TempDir;
 
-/// Set to `1` to run the acceptance tests (each takes minutes of CPU).
-pub const SLOW_TESTS_ENV: &str = "COMPRESSD_SLOW_TESTS";
-
 /// How long the service gets to answer `/healthz` after it starts.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped service gets to hand its jobs back before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(15);
 
-/// The shared models and data when the slow tests are enabled and the files are there; otherwise
-/// `None`, after saying loudly why the test is skipped.
-pub fn enabled(needed: &[&str]) -> Option<PathBuf> {
-    if std::env::var(SLOW_TESTS_ENV).ok().as_deref() != Some("1") {
-        eprintln!(
-            "SKIPPED: real-data acceptance test (minutes of CPU); run with {SLOW_TESTS_ENV}=1"
-        );
-        return None;
-    }
+/// One job at a time: the tests of this binary run on parallel threads, and two training jobs
+/// sharing the cores would only both get slower (and their latencies less meaningful).
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The shared models and data (`COMPRESSD_SHARED`, else `../shared`).
+///
+/// # Errors
+/// When any of `needed` is missing: these tests are `#[ignore]`d, so one that runs was asked for
+/// and must fail rather than pass without checking anything.
+pub fn shared_data(needed: &[&str]) -> Result<PathBuf> {
     let shared = std::env::var_os("COMPRESSD_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
@@ -47,15 +45,12 @@ pub fn enabled(needed: &[&str]) -> Option<PathBuf> {
         .copied()
         .filter(|p| !shared.join(p).exists())
         .collect();
-    if missing.is_empty() {
-        Some(shared)
-    } else {
-        eprintln!(
-            "SKIPPED: {missing:?} not found under {} (set COMPRESSD_SHARED)",
-            shared.display()
-        );
-        None
-    }
+    ensure!(
+        missing.is_empty(),
+        "{missing:?} not found under {} (set COMPRESSD_SHARED)",
+        shared.display()
+    );
+    Ok(shared)
 }
 
 /// A running `compressd serve` on a free local port, with its data in a temp dir.

@@ -25,21 +25,21 @@ pub struct Server {
     pub client: reqwest::Client,
 }
 
-/// The shared models and data (`COMPRESSD_SHARED`, else `../shared`), or `None` after saying
-/// loudly that the test is skipped.
-pub fn shared() -> Option<PathBuf> {
+/// The shared models and data (`COMPRESSD_SHARED`, else `../shared`).
+///
+/// # Panics
+/// When they are not there: the tests that call this are `#[ignore]`d, so one that runs was asked
+/// for and must fail rather than pass without checking anything.
+pub fn shared() -> PathBuf {
     let dir = std::env::var_os("COMPRESSD_SHARED")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
-    if dir.join("models").is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: shared test data not found at {} (set COMPRESSD_SHARED)",
-            dir.display()
-        );
-        None
-    }
+    assert!(
+        dir.join("models").is_dir(),
+        "shared test data not found at {} (set COMPRESSD_SHARED)",
+        dir.display()
+    );
+    dir
 }
 
 /// Starts a server with default settings plus `overrides` (`allowed_file_roots` defaults to

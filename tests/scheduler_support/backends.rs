@@ -7,8 +7,7 @@ use compressd::store::{PgStore, SqliteStore, Store};
 
 use super::SharedStore;
 
-#[path = "../common/pg.rs"]
-mod pg;
+use crate::common::pg;
 
 /// A migrated SQLite store in `dir`.
 pub async fn sqlite(dir: &Path) -> SharedStore {

@@ -8,7 +8,7 @@
 //!   candle differentiates itself;
 //! - no gradient is needed (inference, frozen inputs): candle's fused kernel, the fastest there is.
 //!
-//! All three agree within float tolerance (tests below and in `engine/tests/models_grad.rs`).
+//! All three agree within float tolerance (tests below and in `engine/tests/models/grad.rs`).
 
 pub mod composed;
 mod gelu;

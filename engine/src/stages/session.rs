@@ -166,7 +166,7 @@ impl Session {
     }
 
     /// A model from a checkpoint: labels set for classification, a missing head created (seeded).
-    fn from_checkpoint(&self, checkpoint: Checkpoint) -> Result<WorkingModel> {
+    fn model_from_checkpoint(&self, checkpoint: Checkpoint) -> Result<WorkingModel> {
         let task = self.spec.task.task_type;
         let config = family_for_task(&checkpoint.config, task)?.config_for_task(
             &checkpoint.config,
@@ -194,7 +194,7 @@ impl Workbench for Session {
         } else {
             read_gguf(&self.model_path, DType::F32, &self.device)?
         };
-        self.from_checkpoint(checkpoint)
+        self.model_from_checkpoint(checkpoint)
     }
 
     fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
@@ -202,7 +202,9 @@ impl Workbench for Session {
         let task = self.spec.task.task_type;
         let mut model = match &state.quantized {
             Some(_) => super::saving::load_quantized(dir, &self.device, task)?,
-            None => self.from_checkpoint(super::saving::read_dense(dir, &self.device, task)?)?,
+            None => {
+                self.model_from_checkpoint(super::saving::read_dense(dir, &self.device, task)?)?
+            }
         };
         super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
         Ok(model)

@@ -3,7 +3,7 @@ predictions with the engine's on the same rows.
 
 Usage: compare.py REQUEST.json RESULT.json
 
-REQUEST.json (written by engine/tests/export_interop.rs):
+REQUEST.json (written by engine/tests/pipeline/export_interop.rs):
   {"model_dir": "...", "task": "sequence_classification" | "causal_lm",
    "rows": [{"input_ids": [...], "logits": ...}],   # the engine's ids and logits per row:
                                                      # [num_labels] or [seq][vocab]

@@ -1,5 +1,5 @@
 //! Unit tests of `hf://` parsing, the configuration's fallbacks and the Hub's error answers;
-//! downloads against a mock Hub are in `tests/api_models_hf.rs`.
+//! downloads against a mock Hub are in `tests/api/models_hf.rs`.
 
 use super::*;
 

@@ -12,22 +12,19 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Row, Transaction};
 
 use super::{event_from_row, job_from_row, EVENT_COLUMNS, JOB_COLUMNS};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::store::constraint;
 use crate::store::lease::{decide, final_decision, Decision};
+use crate::store::shared::{
+    artifact_exists, artifact_refused, lease_expired, lease_lost, status_count,
+};
 use crate::store::{
-    Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState,
-    Reaped, EVENT_STATUS,
+    Artifact, AttemptOutcome, Job, JobEvent, JobProgress, JobStatus, Lease, LeaseState, Reaped,
+    EVENT_STATUS,
 };
 
 /// The fence every worker write is conditioned on; `$1` job id, `$2` attempt, `$3` owner.
 const FENCE: &str = "id = $1 AND attempt = $2 AND lease_owner = $3 AND status = 'running'";
-
-fn lease_lost(lease: &Lease) -> Error {
-    Error::LeaseLost {
-        job_id: lease.job_id,
-        attempt: lease.attempt,
-    }
-}
 
 pub(super) async fn claim_next(pool: &PgPool, owner: &str, lease: Duration) -> Result<Option<Job>> {
     // One statement, so one round trip: pick (SKIP LOCKED: concurrent claimers each take a
@@ -251,13 +248,7 @@ pub(super) async fn reap_expired(
     let mut reaped = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = job_from_row(row)?;
-        let error = JobError {
-            code: "lease_expired".into(),
-            message: format!(
-                "the worker running attempt {} stopped heartbeating",
-                job.attempt
-            ),
-        };
+        let error = lease_expired(&job);
         let backoff = crate::store::retry_backoff(backoff, job.attempt + 1);
         let status = settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
         reaped.push(Reaped::from_status(job.id, job.attempt, status));
@@ -271,9 +262,7 @@ pub(super) async fn count_by_status(pool: &PgPool) -> Result<Vec<(JobStatus, i64
     let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         .fetch_all(pool)
         .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?)))
-        .collect()
+    rows.iter().map(status_count).collect()
 }
 
 /// Records an artifact of the leased attempt; the fence row is locked so a concurrent reclaim
@@ -304,14 +293,7 @@ pub(super) async fn commit_artifact(
         .bind(artifact.created_at)
         .execute(pool)
         .await
-        .map_err(|e| {
-            crate::store::constraint(e, || {
-                format!(
-                    "job {} already has an artifact named {}",
-                    lease.job_id, artifact.name
-                )
-            })
-        })?;
+        .map_err(|e| constraint(e, || artifact_exists(lease.job_id, &artifact.name)))?;
     if done.rows_affected() == 0 {
         // Nothing written: either the lease is gone or this attempt already has the name.
         let held = sqlx::query(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
@@ -321,14 +303,7 @@ pub(super) async fn commit_artifact(
             .fetch_optional(pool)
             .await?
             .is_some();
-        return Err(if held {
-            Error::Conflict(format!(
-                "job {} already has an artifact named {}",
-                lease.job_id, artifact.name
-            ))
-        } else {
-            lease_lost(lease)
-        });
+        return Err(artifact_refused(held, lease, &artifact.name));
     }
     Ok(())
 }

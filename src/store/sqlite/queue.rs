@@ -16,9 +16,13 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{event_from_row, job_from_row, json_text, to_text, EVENT_COLUMNS, JOB_COLUMNS};
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, Notice};
+use crate::store::constraint;
 use crate::store::lease::decide;
+use crate::store::shared::{
+    artifact_exists, artifact_refused, lease_expired, lease_lost, status_count,
+};
 use crate::store::{
-    Artifact, AttemptOutcome, Job, JobError, JobEvent, JobProgress, JobStatus, Lease, LeaseState,
+    Artifact, AttemptOutcome, Job, JobEvent, JobProgress, JobStatus, Lease, LeaseState, NewEvent,
     Reaped, EVENT_STATUS,
 };
 
@@ -29,13 +33,6 @@ fn notice(event: &JobEvent) -> Notice {
     Notice::Event {
         job_id: event.job_id,
         seq: event.seq,
-    }
-}
-
-fn lease_lost(lease: &Lease) -> Error {
-    Error::LeaseLost {
-        job_id: lease.job_id,
-        attempt: lease.attempt,
     }
 }
 
@@ -76,24 +73,21 @@ pub(super) async fn claim_next(
     Ok(Some(job))
 }
 
+/// Records an event of `job`'s current attempt, stamped now, inside the caller's transaction.
 async fn insert_event(
     tx: &mut Transaction<'_, Sqlite>,
     job: &Job,
     event_type: &str,
     payload: &Value,
 ) -> Result<JobEvent> {
-    let sql = format!(
-        "INSERT INTO job_events (job_id, attempt, type, payload, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}"
-    );
-    let row = sqlx::query(&sql)
-        .bind(job.id.to_string())
-        .bind(job.attempt)
-        .bind(event_type)
-        .bind(json_text(payload))
-        .bind(to_text(Utc::now()))
-        .fetch_one(&mut **tx)
-        .await?;
-    event_from_row(&row)
+    let event = NewEvent {
+        job_id: job.id,
+        attempt: job.attempt,
+        event_type: event_type.into(),
+        payload: payload.clone(),
+        created_at: Utc::now(),
+    };
+    super::insert_event(&mut **tx, &event).await
 }
 
 pub(super) async fn heartbeat(
@@ -256,13 +250,7 @@ pub(super) async fn reap_expired(
     let mut settled = Vec::with_capacity(rows.len());
     for row in &rows {
         let job = job_from_row(row)?;
-        let error = JobError {
-            code: "lease_expired".into(),
-            message: format!(
-                "the worker running attempt {} stopped heartbeating",
-                job.attempt
-            ),
-        };
+        let error = lease_expired(&job);
         let backoff = crate::store::retry_backoff(backoff, job.attempt + 1);
         let (status, event) =
             settle(&mut tx, &job, AttemptOutcome::Retry { error, backoff }).await?;
@@ -287,9 +275,7 @@ pub(super) async fn count_by_status(pool: &SqlitePool) -> Result<Vec<(JobStatus,
     let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         .fetch_all(pool)
         .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get::<String, _>("status")?.parse()?, r.try_get("n")?)))
-        .collect()
+    rows.iter().map(status_count).collect()
 }
 
 /// Records an artifact of the leased attempt in one statement, so the fence check and the insert
@@ -319,14 +305,7 @@ pub(super) async fn commit_artifact(
         .bind(to_text(artifact.created_at))
         .execute(pool)
         .await
-        .map_err(|e| {
-            crate::store::constraint(e, || {
-                format!(
-                    "job {} already has an artifact named {}",
-                    lease.job_id, artifact.name
-                )
-            })
-        })?;
+        .map_err(|e| constraint(e, || artifact_exists(lease.job_id, &artifact.name)))?;
     if done.rows_affected() == 0 {
         // Nothing written: either the lease is gone or this attempt already has the name.
         let held = sqlx::query(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
@@ -336,14 +315,7 @@ pub(super) async fn commit_artifact(
             .fetch_optional(pool)
             .await?
             .is_some();
-        return Err(if held {
-            Error::Conflict(format!(
-                "job {} already has an artifact named {}",
-                lease.job_id, artifact.name
-            ))
-        } else {
-            lease_lost(lease)
-        });
+        return Err(artifact_refused(held, lease, &artifact.name));
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Artifact, Dataset, Job, JobEvent, Model};
+use crate::store::shared::StoredRow;
 
 /// The stored time format: fixed width, so text order is time order.
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
@@ -68,83 +68,50 @@ pub(crate) fn json_value(row: &SqliteRow, column: &str) -> Result<Value> {
     Ok(opt_json(row, column)?.unwrap_or(Value::Null))
 }
 
-pub(crate) fn job_from_row(row: &SqliteRow) -> Result<Job> {
-    Ok(Job {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        status: row.try_get::<String, _>("status")?.parse()?,
-        spec: json_value(row, "spec")?,
-        model_id: opt_uuid(row, "model_id")?,
-        dataset_id: opt_uuid(row, "dataset_id")?,
-        priority: row.try_get("priority")?,
-        attempt: row.try_get("attempt")?,
-        max_attempts: row.try_get("max_attempts")?,
-        run_after: time(row, "run_after")?,
-        lease_owner: row.try_get("lease_owner")?,
-        lease_expires_at: opt_time(row, "lease_expires_at")?,
-        cancel_requested: row.try_get("cancel_requested")?,
-        idempotency_key: row.try_get("idempotency_key")?,
-        progress: opt_json(row, "progress")?,
-        result: opt_json(row, "result")?,
-        error: opt_json(row, "error")?,
-        created_at: time(row, "created_at")?,
-        started_at: opt_time(row, "started_at")?,
-        finished_at: opt_time(row, "finished_at")?,
-        updated_at: time(row, "updated_at")?,
-    })
-}
+impl StoredRow for SqliteRow {
+    fn text(&self, column: &str) -> Result<String> {
+        Ok(self.try_get(column)?)
+    }
 
-pub(crate) fn model_from_row(row: &SqliteRow) -> Result<Model> {
-    Ok(Model {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        architecture: row.try_get("architecture")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        metadata: json_value(row, "metadata")?,
-        created_at: time(row, "created_at")?,
-    })
-}
+    fn opt_text(&self, column: &str) -> Result<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
 
-pub(crate) fn dataset_from_row(row: &SqliteRow) -> Result<Dataset> {
-    Ok(Dataset {
-        id: uuid(row, "id")?,
-        name: row.try_get("name")?,
-        format: row.try_get("format")?,
-        uri: row.try_get("uri")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        rows: row.try_get("rows")?,
-        metadata: json_value(row, "metadata")?,
-        created_at: time(row, "created_at")?,
-    })
-}
+    fn int(&self, column: &str) -> Result<i32> {
+        Ok(self.try_get(column)?)
+    }
 
-pub(crate) fn artifact_from_row(row: &SqliteRow) -> Result<Artifact> {
-    Ok(Artifact {
-        job_id: uuid(row, "job_id")?,
-        attempt: row.try_get("attempt")?,
-        name: row.try_get("name")?,
-        kind: row.try_get("kind")?,
-        format: row.try_get("format")?,
-        bytes: row.try_get("bytes")?,
-        sha256: row.try_get("sha256")?,
-        uri: row.try_get("uri")?,
-        created_at: time(row, "created_at")?,
-    })
-}
+    fn big(&self, column: &str) -> Result<i64> {
+        Ok(self.try_get(column)?)
+    }
 
-pub(crate) fn event_from_row(row: &SqliteRow) -> Result<JobEvent> {
-    Ok(JobEvent {
-        seq: row.try_get("seq")?,
-        job_id: uuid(row, "job_id")?,
-        attempt: row.try_get("attempt")?,
-        event_type: row.try_get("type")?,
-        payload: json_value(row, "payload")?,
-        created_at: time(row, "created_at")?,
-    })
+    fn flag(&self, column: &str) -> Result<bool> {
+        Ok(self.try_get(column)?)
+    }
+
+    fn id(&self, column: &str) -> Result<Uuid> {
+        uuid(self, column)
+    }
+
+    fn opt_id(&self, column: &str) -> Result<Option<Uuid>> {
+        opt_uuid(self, column)
+    }
+
+    fn time(&self, column: &str) -> Result<DateTime<Utc>> {
+        time(self, column)
+    }
+
+    fn opt_time(&self, column: &str) -> Result<Option<DateTime<Utc>>> {
+        opt_time(self, column)
+    }
+
+    fn json(&self, column: &str) -> Result<Value> {
+        json_value(self, column)
+    }
+
+    fn opt_json<T: DeserializeOwned>(&self, column: &str) -> Result<Option<T>> {
+        opt_json(self, column)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,370 @@
+//! A job's saved model loads where users run it. Tiny jobs (a BERT classifier fine-tuned and pruned,
+//! a Llama fine-tuned, with tied and untied output layers) run through [`run_job`]; their final
+//! folders must carry transformers' class, config fields and tensor names, and load back in the
+//! engine under its own names. The `#[ignore]`d tests load the folders in Hugging Face transformers
+//! (`interop/compare.py`) and compare predictions with the engine's on the same rows; `.ci/run`
+//! runs the tiny ones with the Python it prepares.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use crate::interop::{
+    assert_loaded_and_agrees, classifier_logits, lm_logits, transformers_compare, write_corpus,
+    write_llama,
+};
+use anyhow::Result;
+use candle_core::Device;
+use compressd_engine::data::TextEncoder;
+use compressd_engine::loading::read_hf_folder;
+use compressd_engine::pipeline::{PipelineInputs, PipelineResult, Workbench};
+use compressd_engine::spec::JobSpec;
+use compressd_engine::stages::{run_job, Session, WorkingModel};
+use serde_json::{json, Value};
+
+/// A finished job, its inputs and its output folder (kept alive with it).
+struct Job {
+    spec: JobSpec,
+    inputs: PipelineInputs,
+    result: PipelineResult,
+    _dir: tempfile::TempDir,
+}
+
+impl Job {
+    fn run(spec: Value, model: PathBuf, dataset: PathBuf, dir: tempfile::TempDir) -> Result<Self> {
+        let spec: JobSpec = serde_json::from_value(spec)?;
+        let inputs = PipelineInputs {
+            model,
+            dataset,
+            device: "cpu".into(),
+        };
+        let result = run_job(
+            &spec,
+            &inputs,
+            Device::Cpu,
+            &dir.path().join("out"),
+            &|_| {},
+            &AtomicBool::new(false),
+        )?;
+        Ok(Self {
+            spec,
+            inputs,
+            result,
+            _dir: dir,
+        })
+    }
+
+    /// The final model as the engine loads it back (the resume path).
+    fn reload_final(&self) -> Result<WorkingModel> {
+        let mut session = Session::open(&self.spec, &self.inputs, Device::Cpu)?;
+        Ok(session.load_saved(&self.result.final_dir)?)
+    }
+
+    fn final_config(&self) -> Result<Value> {
+        let path = self.result.final_dir.join("config.json");
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    }
+
+    fn final_tensor_names(&self) -> Result<Vec<String>> {
+        let checkpoint = read_hf_folder(
+            &self.result.final_dir,
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?;
+        Ok(checkpoint.tensors.into_iter().map(|(n, _)| n).collect())
+    }
+}
+
+/// The tiny keyword classifier fine-tuned for a few steps, then 30% pruned (still dense f32).
+fn tiny_classifier_job() -> Result<Job> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-export", "model": model, "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "prune", "sparsity": 0.3, "steps": 1}
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.5}
+    });
+    Job::run(spec, model, dataset, dir)
+}
+
+/// A tiny Llama fine-tuned for a few steps on a small corpus.
+fn tiny_llama_job(tied: bool) -> Result<Job> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_llama(&model, tied)?;
+    let dataset = dir.path().join("corpus.txt");
+    write_corpus(&dataset)?;
+    let spec = json!({
+        "name": "tiny-llama-export", "model": model,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [{"type": "finetune", "epochs": 2, "learning_rate": 0.01, "batch_size": 8}],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 10.0}
+    });
+    Job::run(spec, model, dataset, dir)
+}
+
+/// The tiny classifier's test rows as the engine tokenizes them.
+fn tiny_classifier_rows(job: &Job) -> Result<Vec<Vec<u32>>> {
+    let encoder = TextEncoder::from_file(&job.inputs.model.join("tokenizer.json"), 128)?;
+    let text = std::fs::read_to_string(&job.inputs.dataset)?;
+    let rows: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let texts: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["split"] == "test")
+        .filter_map(|r| r["text"].as_str())
+        .collect();
+    Ok(encoder.encode_all(&texts)?)
+}
+
+/// Windows of 16 tokens over the tiny corpus, the last ones held out from training.
+fn tiny_corpus_rows(job: &Job) -> Result<Vec<Vec<u32>>> {
+    let encoder = TextEncoder::from_file(&job.inputs.model.join("tokenizer.json"), 16)?;
+    let ids = encoder.encode_corpus(&std::fs::read_to_string(&job.inputs.dataset)?)?;
+    Ok(ids
+        .chunks_exact(16)
+        .step_by(3)
+        .map(<[u32]>::to_vec)
+        .collect())
+}
+
+#[test]
+fn classifier_job_saves_bert_for_sequence_classification() -> Result<()> {
+    let job = tiny_classifier_job()?;
+    let config = job.final_config()?;
+    assert_eq!(
+        config["architectures"],
+        json!(["BertForSequenceClassification"])
+    );
+    assert_eq!(config["model_type"], "bert");
+    assert_eq!(config["id2label"], json!({"0": "neg", "1": "pos"}));
+    assert_eq!(config["label2id"], json!({"neg": 0, "pos": 1}));
+    let names = job.final_tensor_names()?;
+    for expected in [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.encoder.layer.1.attention.self.query.weight",
+        "bert.pooler.dense.weight",
+        "classifier.weight",
+        "classifier.bias",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("bert.") || n.starts_with("classifier.")),
+        "{names:?}"
+    );
+    // Loaded back (as a resumed job does) the weights have the engine's names again, the pruned
+    // ones keep their masks, and the model scores what the job reported.
+    let reloaded = job.reload_final()?;
+    assert!(reloaded
+        .store
+        .contains("encoder.layer.0.output.dense.weight"));
+    assert!(!reloaded
+        .store
+        .names()
+        .iter()
+        .any(|n| n.starts_with("bert.")));
+    assert_eq!(reloaded.masks().map(|m| m.names().len()), Some(12));
+    let mut session = Session::open(&job.spec, &job.inputs, Device::Cpu)?;
+    let again = session.evaluate(&reloaded, &job.result.final_dir)?;
+    let reported = job.result.report.stages.last().map(|s| s.metrics.accuracy);
+    assert_eq!(Some(again.accuracy), reported);
+    Ok(())
+}
+
+#[test]
+fn lm_job_saves_llama_for_causal_lm() -> Result<()> {
+    for tied in [true, false] {
+        let job = tiny_llama_job(tied)?;
+        let config = job.final_config()?;
+        assert_eq!(config["architectures"], json!(["LlamaForCausalLM"]));
+        assert_eq!(config["model_type"], "llama");
+        for (field, value) in [
+            ("num_key_value_heads", json!(2)),
+            ("num_attention_heads", json!(4)),
+            ("head_dim", json!(8)),
+            ("hidden_act", json!("silu")),
+            ("rms_norm_eps", json!(1e-5)),
+            ("rope_theta", json!(10000.0)),
+            ("max_position_embeddings", json!(64)),
+            ("tie_word_embeddings", json!(tied)),
+            ("attention_bias", json!(false)),
+        ] {
+            assert_eq!(config[field], value, "{field} in {config}");
+        }
+        let names = job.final_tensor_names()?;
+        assert!(names
+            .iter()
+            .any(|n| n == "model.layers.1.self_attn.q_proj.weight"));
+        assert_eq!(names.iter().any(|n| n == "lm_head.weight"), !tied);
+        let reloaded = job.reload_final()?;
+        let rows = tiny_corpus_rows(&job)?;
+        assert!(!lm_logits(&reloaded, &rows)?.is_empty());
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs transformers: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_classifier_job_loads_in_transformers() -> Result<()> {
+    let job = tiny_classifier_job()?;
+    let model = job.reload_final()?;
+    let rows = tiny_classifier_rows(&job)?;
+    let logits = classifier_logits(&model, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
+    assert_eq!(result["id2label"], json!({"0": "neg", "1": "pos"}));
+    assert_eq!(result["predictions"], rows.len());
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs transformers: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_llama_job_loads_in_transformers() -> Result<()> {
+    for tied in [true, false] {
+        let job = tiny_llama_job(tied)?;
+        let model = job.reload_final()?;
+        let rows = tiny_corpus_rows(&job)?;
+        let logits = lm_logits(&model, &rows)?;
+        let request = json!({
+            "model_dir": job.result.final_dir, "task": "causal_lm",
+            "rows": rows.iter().zip(&logits)
+                .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+        });
+        let result = transformers_compare(&request)?;
+        assert_loaded_and_agrees(&result, "LlamaForCausalLM", 0.99);
+        assert_eq!(result["predictions"], rows.len() * 16, "every position");
+        let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+        assert!(diff < 1e-3, "tied {tied}: logits differ by {diff}");
+    }
+    Ok(())
+}
+
+/// `../shared` (or `COMPRESSD_SHARED`) when it holds the real models and data.
+fn shared() -> Option<PathBuf> {
+    let dir = std::env::var_os("COMPRESSD_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    dir.join("models/all-MiniLM-L6-v2/model.safetensors")
+        .is_file()
+        .then_some(dir)
+}
+
+/// BBC test rows (the file's `split`), at most `limit`.
+fn bbc_test_texts(dataset: &Path, limit: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(dataset)?;
+    let mut texts = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: Value = serde_json::from_str(line)?;
+        if row["split"] == "test" {
+            if let Some(t) = row["text"].as_str() {
+                texts.push(t.to_string());
+            }
+        }
+        if texts.len() == limit {
+            break;
+        }
+    }
+    Ok(texts)
+}
+
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
+fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
+    let shared = shared().ok_or_else(|| {
+        anyhow::anyhow!(
+            "../shared with all-MiniLM-L6-v2 and BBC News is not here (set COMPRESSD_SHARED)"
+        )
+    })?;
+    let model = shared.join("models/all-MiniLM-L6-v2");
+    let dataset = shared.join("data/bbc_news/bbc_news.jsonl");
+    let spec = json!({
+        "name": "minilm-bbc-export", "model": model, "seed": 7,
+        "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
+                 "max_train_samples": 320, "max_eval_samples": 120},
+        "pipeline": [{"type": "finetune", "epochs": 2, "learning_rate": 1e-4,
+                      "head_learning_rate": 3e-3, "batch_size": 16}],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.05}
+    });
+    let job = Job::run(spec, model, dataset.clone(), tempfile::tempdir()?)?;
+    let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
+    assert!(accuracy > 0.85, "fine-tuned accuracy {accuracy}");
+    let texts = bbc_test_texts(&dataset, 300)?;
+    let encoder = TextEncoder::from_file(&job.inputs.model.join("tokenizer.json"), 128)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let rows = encoder.encode_all(&refs)?;
+    let logits = classifier_logits(&job.reload_final()?, &rows)?;
+    // transformers tokenizes the texts with the folder's own tokenizer, as a user would.
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+        "tokenize": {"texts": texts, "max_length": 128},
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
+    assert_eq!(result["predictions"], 300);
+    let tokens = result["token_agreement"].as_f64().unwrap_or(0.0);
+    assert!(
+        tokens >= 0.99,
+        "tokenizations agree on {tokens} of the rows"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::smollm2"]
+fn smollm2_job_loads_in_transformers() -> Result<()> {
+    let shared = shared().ok_or_else(|| {
+        anyhow::anyhow!("../shared with SmolLM2 and Shakespeare is not here (set COMPRESSD_SHARED)")
+    })?;
+    // The Q4_1 GGUF, dequantized, lightly pruned (a dense stage): the saved folder carries the
+    // GGUF's q/k rows in transformers' rotary order and its tied embeddings.
+    let model = shared.join("models/SmolLM2-135M-Instruct-Q4_1/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dataset = shared.join("data/shakespeare/shakespeare_plays.txt");
+    let spec = json!({
+        "name": "smollm2-export", "model": model,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 64,
+                 "max_train_samples": 1, "max_eval_samples": 2},
+        "pipeline": [{"type": "prune", "sparsity": 0.1, "steps": 1}],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 1.0}
+    });
+    let job = Job::run(spec, model, dataset.clone(), tempfile::tempdir()?)?;
+    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 64)?;
+    let text = std::fs::read_to_string(&dataset)?;
+    let head: String = text.chars().skip(10_000).take(4_000).collect();
+    let ids = encoder.encode_corpus(&head)?;
+    // Three rows of 32 positions: each position's logits span the 49,152-token vocabulary.
+    let rows: Vec<Vec<u32>> = ids.chunks_exact(32).take(3).map(<[u32]>::to_vec).collect();
+    let logits = lm_logits(&job.reload_final()?, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "causal_lm",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "LlamaForCausalLM", 0.99);
+    assert_eq!(result["predictions"], 3 * 32);
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-2, "logits differ by {diff}");
+    Ok(())
+}

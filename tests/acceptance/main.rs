@@ -1,0 +1,10 @@
+//! Real-data acceptance tests through the HTTP API (MiniLM on BBC News, SmolLM2 on Shakespeare).
+//! Each is `#[ignore]`d: it needs `../shared` and minutes of CPU; the attribute names the command.
+
+#[path = "../acceptance_support/mod.rs"]
+mod acceptance_support;
+#[path = "../../engine/tests/gguf_generation/mod.rs"]
+mod gguf_generation;
+
+mod minilm;
+mod smollm;
