@@ -15,6 +15,7 @@ pub mod int8_matmul;
 mod kernel_tests;
 mod quantized;
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -102,16 +103,30 @@ impl LinearPlan {
     }
 }
 
+/// Quantized weights as a quantize stage stored them, by parameter name (`….weight`).
+pub type PackedWeights = Arc<BTreeMap<String, Arc<crate::quant::QuantizedWeight>>>;
+
 /// Builds every linear layer of a model; the one place that turns a [`LinearKind`] into a type.
 #[derive(Clone, Debug, Default)]
 pub struct LinearFactory {
     plan: LinearPlan,
+    packed: PackedWeights,
 }
 
 impl LinearFactory {
     /// A factory following `plan`.
     pub fn new(plan: LinearPlan) -> Self {
-        Self { plan }
+        Self {
+            plan,
+            packed: PackedWeights::default(),
+        }
+    }
+
+    /// The same factory, building quantized layers from `packed` where it holds their weight (the
+    /// stored form, so nothing is quantized twice) instead of quantizing the dense weight.
+    pub fn with_packed(mut self, packed: PackedWeights) -> Self {
+        self.packed = packed;
+        self
     }
 
     /// The plan this factory follows.
@@ -154,6 +169,19 @@ impl LinearFactory {
                 out_features,
                 bias,
             )?)),
+            LinearKind::Quantized(_) if self.packed.contains_key(&weight_name(&vb)) => {
+                let weight = &self.packed[&weight_name(&vb)];
+                let bias = if bias {
+                    Some(vb.get(out_features, "bias")?.detach())
+                } else {
+                    None
+                };
+                Ok(Arc::new(QuantizedLinear::new(
+                    (**weight).clone(),
+                    bias,
+                    vb.device(),
+                )?))
+            }
             LinearKind::Quantized(scheme) => Ok(Arc::new(QuantizedLinear::load(
                 vb,
                 in_features,
@@ -163,6 +191,11 @@ impl LinearFactory {
             )?)),
         }
     }
+}
+
+/// The parameter name of the weight under `vb`.
+fn weight_name(vb: &VarBuilder) -> String {
+    format!("{}.weight", vb.prefix())
 }
 
 #[cfg(test)]

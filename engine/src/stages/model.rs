@@ -1,13 +1,35 @@
 //! The model passed from stage to stage: parameters, the linear plan, masks and quantization.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
-use crate::layers::{LinearKind, LinearPlan};
+use crate::layers::{LinearFactory, LinearKind, LinearPlan, PackedWeights};
 use crate::params::ParamStore;
 use crate::prune::MaskSet;
-use crate::quant::QuantScheme;
+use crate::quant::{QuantScheme, QuantizedWeight};
+
+/// What a quantize stage made of a model: the stage's scheme and each quantized weight as stored,
+/// packed (its own scheme may be a fallback where the stage's cannot take the row length).
+#[derive(Clone, Debug)]
+pub struct QuantizedState {
+    /// The stage's scheme.
+    pub scheme: QuantScheme,
+    /// Each quantized weight by parameter name. Linear layers run on these and saving writes them
+    /// as they are, so a weight is quantized once.
+    pub weights: PackedWeights,
+}
+
+impl QuantizedState {
+    /// Each quantized weight's scheme.
+    pub fn schemes(&self) -> BTreeMap<String, QuantScheme> {
+        self.weights
+            .iter()
+            .map(|(n, w)| (n.clone(), w.scheme()))
+            .collect()
+    }
+}
 
 /// A model between stages.
 ///
@@ -15,7 +37,8 @@ use crate::quant::QuantScheme;
 /// other. [`WorkingModel::deep_clone`] makes an independent copy (a teacher beside its student).
 #[derive(Debug)]
 pub struct WorkingModel {
-    /// The parameters (dense values; quantized layers are quantized from them when built).
+    /// The parameters; a quantized weight's entry holds its dequantized values (embedding lookups
+    /// and export read them), its packed form is in the quantization state.
     pub store: ParamStore,
     /// The model's `config.json`.
     pub config: serde_json::Value,
@@ -23,9 +46,8 @@ pub struct WorkingModel {
     plan: LinearPlan,
     /// Pruning masks that later training must keep applied.
     masks: Option<MaskSet>,
-    /// The stage's scheme and each quantized weight's own scheme (a fallback where the stage's
-    /// scheme cannot take the row length), once quantized.
-    quantized: Option<(QuantScheme, BTreeMap<String, QuantScheme>)>,
+    /// The quantized weights, once quantized.
+    quantized: Option<QuantizedState>,
 }
 
 impl WorkingModel {
@@ -94,30 +116,43 @@ impl WorkingModel {
         self.masks = Some(masks);
     }
 
-    /// The stage's scheme and the quantized weights with their schemes, if quantized.
-    pub fn quantized(&self) -> Option<(QuantScheme, &BTreeMap<String, QuantScheme>)> {
-        self.quantized.as_ref().map(|(s, n)| (*s, n))
+    /// The quantized weights, if quantized.
+    pub fn quantized(&self) -> Option<&QuantizedState> {
+        self.quantized.as_ref()
+    }
+
+    /// The factory models are built with: the linear plan, and the packed weights quantized layers
+    /// run on.
+    pub fn linear_factory(&self) -> LinearFactory {
+        let factory = LinearFactory::new(self.plan.clone());
+        match &self.quantized {
+            Some(state) => factory.with_packed(state.weights.clone()),
+            None => factory,
+        }
     }
 
     /// Marks weights as quantized: linear layers' modules get [`LinearKind::Quantized`] with their
-    /// weight's scheme in the linear plan; other weights (embedding tables) are looked up as they are
-    /// stored, so the caller stores their dequantized values.
+    /// weight's scheme in the linear plan and run on the packed weight; other weights (embedding
+    /// tables) are looked up as they are stored, so the caller stores their dequantized values.
     ///
     /// # Errors
-    /// Fails when a module path is not a valid glob.
+    /// Fails when a module path is not a valid glob or the family is unknown.
     pub fn set_quantized(
         &mut self,
         scheme: QuantScheme,
-        weights: BTreeMap<String, QuantScheme>,
+        weights: BTreeMap<String, Arc<QuantizedWeight>>,
     ) -> Result<()> {
         let mut plan = self.plan.clone();
         let map = self.modules()?;
-        for (name, weight_scheme) in weights.iter().filter(|(n, _)| map.is_linear_weight(n)) {
+        for (name, weight) in weights.iter().filter(|(n, _)| map.is_linear_weight(n)) {
             let module = name.strip_suffix(".weight").unwrap_or(name);
-            plan = plan.with_rule(&escape_glob(module), LinearKind::Quantized(*weight_scheme))?;
+            plan = plan.with_rule(&escape_glob(module), LinearKind::Quantized(weight.scheme()))?;
         }
         self.plan = plan;
-        self.quantized = Some((scheme, weights));
+        self.quantized = Some(QuantizedState {
+            scheme,
+            weights: Arc::new(weights),
+        });
         Ok(())
     }
 }

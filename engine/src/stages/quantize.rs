@@ -1,14 +1,17 @@
 //! The `quantize` stage, `method: ptq`: weight-only post-training quantization of linear layers.
 //!
 //! The stage decides which weights are quantized (2-D `*.weight` not matched by `exclude`, whose
-//! row length the scheme takes) and records it in the model's linear plan, so every later build of
-//! the model runs those layers on quantized kernels ([`crate::layers::QuantizedLinear`]). Weights the
+//! row length the scheme takes), quantizes each once and records the packed weights and the linear
+//! plan in the model, so every later build of the model runs those layers on quantized kernels
+//! ([`crate::layers::QuantizedLinear`]) over the same packed weights, and saving writes them as
+//! they are. Weights the
 //! scheme cannot take stay in full precision and are listed in the stage report, with a warning.
 //! The stage's spec, checks, preconditions and dry-run estimate are in [`spec`].
 
 pub mod spec;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
@@ -21,7 +24,7 @@ use crate::family::ModuleRole;
 use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::{select_targets, Exclusion};
-use crate::quant::{quantize_least_error, QuantScheme};
+use crate::quant::{quantize_least_error, QuantScheme, QuantizedWeight};
 
 /// The stage, built from its spec.
 #[derive(Clone, Debug)]
@@ -183,12 +186,12 @@ fn output_scheme(scheme: QuantScheme, dims: &[usize]) -> Option<QuantScheme> {
 
 /// Quantizes each planned weight with the candidate of least squared error (the first on a tie)
 /// and replaces its values by the quantized-then-dequantized ones, so whatever reads the store
-/// (embedding lookups, export) sees exactly the stored quantized weights. Returns each weight's
-/// scheme.
+/// (embedding lookups, export) sees exactly the stored quantized weights. Returns each quantized
+/// weight, packed.
 fn store_quantized(
     model: &WorkingModel,
     candidates: &BTreeMap<String, Vec<QuantScheme>>,
-) -> Result<BTreeMap<String, QuantScheme>> {
+) -> Result<BTreeMap<String, Arc<QuantizedWeight>>> {
     let mut chosen = BTreeMap::new();
     for (name, schemes) in candidates {
         let param = model
@@ -196,7 +199,7 @@ fn store_quantized(
             .get(name)
             .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
         if let Some(best) = quantize_least_error(param.tensor(), schemes)? {
-            chosen.insert(name.clone(), best.weight.scheme());
+            chosen.insert(name.clone(), Arc::new(best.weight));
             model.store.insert(name.clone(), Param::Frozen(best.values));
         }
     }
@@ -226,7 +229,8 @@ impl Stage for QuantizeStage {
         self.validate(model)?;
         let (candidates, mut kept) = self.plan(model, Some(ctx))?;
         let chosen = store_quantized(model, &candidates)?;
-        for (name, scheme) in &chosen {
+        for (name, weight) in &chosen {
+            let scheme = weight.scheme();
             let tried = candidates.get(name).map_or(&[][..], Vec::as_slice);
             if let (Some(note), true) = (kept.get_mut(name), tried.len() > 1) {
                 let tried: Vec<String> = tried.iter().map(ToString::to_string).collect();
@@ -364,8 +368,8 @@ mod tests {
             .map(|n| (n.to_string(), fallbacks(q(GgmlDType::Q4K))))
             .collect();
         let chosen = store_quantized(&model, &candidates)?;
-        assert_eq!(chosen["grid.weight"], q(GgmlDType::Q4_1));
-        assert_eq!(chosen["plain.weight"], q(GgmlDType::Q5_0));
+        assert_eq!(chosen["grid.weight"].scheme(), q(GgmlDType::Q4_1));
+        assert_eq!(chosen["plain.weight"].scheme(), q(GgmlDType::Q5_0));
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
@@ -23,7 +24,7 @@ use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};
 use crate::prune::MaskSet;
 use crate::quant::layout::{self, StoredTensor};
-use crate::quant::{quantize, QuantScheme, Quantized};
+use crate::quant::{QuantScheme, QuantizedWeight};
 use crate::spec::TaskType;
 
 /// The transformers class a model with `config` is saved as for `task`: its family's
@@ -54,17 +55,15 @@ pub(super) fn save(
     let arch = architecture(&model.config, task)?;
     let tensors = model.store.tensors();
     // The HF writer also copies the tokenizer files; a quantized model then replaces its weights.
-    let Some((_, schemes)) = model.quantized() else {
+    let Some(state) = model.quantized() else {
         return export_transformers_folder(dir, arch, &model.config, tensors, tokenizer_dir);
     };
     export_hf_folder(dir, &arch.export_config(&model.config)?, &[], tokenizer_dir)?;
     let mut stored = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
-        let entry = match schemes.get(&name) {
-            Some(scheme) => match quantize(&tensor, *scheme)? {
-                Quantized::Weight(w) => StoredTensor::Quantized(w),
-                Quantized::Kept { .. } => StoredTensor::Dense(tensor),
-            },
+        // Quantized weights are written as the stage packed them, not quantized again.
+        let entry = match state.weights.get(&name) {
+            Some(packed) => StoredTensor::Quantized((**packed).clone()),
             None => StoredTensor::Dense(tensor),
         };
         stored.push((arch.export_name(&name), entry));
@@ -114,9 +113,11 @@ pub(super) fn save_gguf(
         QuantScheme::Int8 => GgmlDType::Q8_0,
         QuantScheme::Int4 { .. } => GgmlDType::Q4_1,
     };
-    let tensor_types = model.quantized().map(|(_, plan)| {
-        plan.iter()
-            .map(|(name, scheme)| (name.clone(), gguf_type(*scheme)))
+    let tensor_types = model.quantized().map(|state| {
+        state
+            .schemes()
+            .into_iter()
+            .map(|(name, scheme)| (name, gguf_type(scheme)))
             .collect()
     });
     export_llama_gguf(
@@ -131,13 +132,20 @@ pub(super) fn save_gguf(
     )
 }
 
+/// Packed quantized weights by the engine's parameter names.
+pub(super) type PackedByName = BTreeMap<String, Arc<QuantizedWeight>>;
+
 /// Loads a folder written by [`save`] for a quantized model, tensors under the engine's names for
-/// `arch`; quantized weights come back as their dequantized values (the kernels re-quantize them
-/// when the model is built).
+/// its family's class: the store gets every weight's (dequantized) values, and the packed
+/// quantized weights come back as stored, for [`restore`].
 ///
 /// # Errors
 /// A missing or malformed file.
-pub(super) fn load_quantized(dir: &Path, device: &Device, task: TaskType) -> Result<WorkingModel> {
+pub(super) fn load_quantized(
+    dir: &Path,
+    device: &Device,
+    task: TaskType,
+) -> Result<(WorkingModel, PackedByName)> {
     let config_path = dir.join("config.json");
     let text =
         std::fs::read_to_string(&config_path).map_err(|e| EngineError::io(&config_path, e))?;
@@ -145,24 +153,31 @@ pub(super) fn load_quantized(dir: &Path, device: &Device, task: TaskType) -> Res
         serde_json::from_str(&text).map_err(|e| EngineError::json(&config_path, e))?;
     let arch = architecture(&config, task)?;
     let store = ParamStore::new();
+    let mut packed = PackedByName::new();
     for (name, tensor) in layout::load(&dir.join("model.safetensors"), device)? {
         let dense = match tensor {
             StoredTensor::Dense(t) => t.to_dtype(DType::F32)?,
-            StoredTensor::Quantized(w) => w.dequantize(device)?,
+            StoredTensor::Quantized(w) => {
+                let values = w.dequantize(device)?;
+                packed.insert(arch.import_name(&name), Arc::new(w));
+                values
+            }
         };
         store.insert(arch.import_name(&name), Param::Frozen(dense));
     }
-    Ok(WorkingModel::new(store, config))
+    Ok((WorkingModel::new(store, config), packed))
 }
 
-/// Restores masks (from the zeros of the pruned weights) and the quantized linear plan.
+/// Restores masks (from the zeros of the pruned weights) and the quantization: `quantized` is the
+/// record next to the model and the packed weights read from it.
 ///
 /// # Errors
-/// A named weight is missing or a scheme name is unknown.
+/// A named weight is missing, a scheme name is unknown, or a packed weight's scheme is not the one
+/// recorded.
 pub(super) fn restore(
     model: &mut WorkingModel,
     pruned: &[String],
-    quantized: Option<&SavedQuantization>,
+    quantized: Option<(&SavedQuantization, PackedByName)>,
 ) -> Result<()> {
     if !pruned.is_empty() {
         let mut masks = BTreeMap::new();
@@ -175,13 +190,24 @@ pub(super) fn restore(
         }
         model.set_masks(MaskSet::new(masks));
     }
-    if let Some(saved) = quantized {
-        let schemes = saved
-            .weights
-            .iter()
-            .map(|(n, s)| Ok((n.clone(), s.parse::<QuantScheme>()?)))
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        model.set_quantized(saved.scheme.parse()?, schemes)?;
+    if let Some((saved, mut packed)) = quantized {
+        let mut weights = BTreeMap::new();
+        for (name, scheme) in &saved.weights {
+            let scheme: QuantScheme = scheme.parse()?;
+            let weight = packed.remove(name).ok_or_else(|| {
+                EngineError::InvalidModel(format!(
+                    "quantized weight {name} is not stored quantized"
+                ))
+            })?;
+            if weight.scheme() != scheme {
+                return Err(EngineError::InvalidModel(format!(
+                    "{name} is stored as {} but recorded as {scheme}",
+                    weight.scheme()
+                )));
+            }
+            weights.insert(name.clone(), weight);
+        }
+        model.set_quantized(saved.scheme.parse()?, weights)?;
     }
     Ok(())
 }
@@ -198,11 +224,12 @@ pub(super) struct SavedQuantization {
 impl SavedQuantization {
     /// What `model` records, if it is quantized.
     pub fn of(model: &WorkingModel) -> Option<Self> {
-        model.quantized().map(|(scheme, weights)| Self {
-            scheme: scheme.to_string(),
-            weights: weights
-                .iter()
-                .map(|(n, s)| (n.clone(), s.to_string()))
+        model.quantized().map(|state| Self {
+            scheme: state.scheme.to_string(),
+            weights: state
+                .schemes()
+                .into_iter()
+                .map(|(n, s)| (n, s.to_string()))
                 .collect(),
         })
     }

@@ -22,7 +22,6 @@ use crate::data::{
 };
 use crate::error::{EngineError, Result};
 use crate::family::family_for_task;
-use crate::layers::LinearFactory;
 use crate::loading::{read_gguf, Checkpoint};
 use crate::models::TaskModel;
 use crate::params::ParamStore;
@@ -146,7 +145,7 @@ impl Session {
                 .map(|(n, t)| (n, t.detach()));
             ParamStore::from_tensors(frozen, |_| false)?
         };
-        let factory = LinearFactory::new(model.plan().clone());
+        let factory = model.linear_factory();
         let task = self.spec.task.task_type;
         family_for_task(&model.config, task)?.build(
             &store,
@@ -200,13 +199,15 @@ impl Workbench for Session {
     fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
         let state: SavedState = read_json(&dir.join(STATE_FILE))?;
         let task = self.spec.task.task_type;
-        let mut model = match &state.quantized {
+        let (mut model, packed) = match &state.quantized {
             Some(_) => super::saving::load_quantized(dir, &self.device, task)?,
             None => {
-                self.model_from_checkpoint(super::saving::read_dense(dir, &self.device, task)?)?
+                let checkpoint = super::saving::read_dense(dir, &self.device, task)?;
+                (self.model_from_checkpoint(checkpoint)?, Default::default())
             }
         };
-        super::saving::restore(&mut model, &state.pruned, state.quantized.as_ref())?;
+        let quantized = state.quantized.as_ref().map(|saved| (saved, packed));
+        super::saving::restore(&mut model, &state.pruned, quantized)?;
         Ok(model)
     }
 

@@ -92,6 +92,15 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
     assert_eq!(again.accuracy, report.stages[1].metrics.accuracy);
     let quantized_dir = out.join("stages/2-quantize/model");
     let quantized = session.load_saved(&quantized_dir)?;
+    // The packed weights come back as stored, and the layers run on them.
+    let state = quantized
+        .quantized()
+        .expect("the reloaded model is quantized");
+    assert_eq!(state.weights.len(), 16);
+    assert!(state
+        .weights
+        .values()
+        .all(|w| w.scheme().to_string() == "int8"));
     let again = session.evaluate(&quantized, &quantized_dir)?;
     assert_eq!(again.accuracy, report.stages[2].metrics.accuracy);
     Ok(())
