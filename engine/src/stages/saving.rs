@@ -120,6 +120,20 @@ pub(super) fn save_gguf(
             .map(|(name, scheme)| (name, gguf_type(scheme)))
             .collect()
     });
+    // Weights the stage stored in a GGUF block type go into the file as they are.
+    let packed = model
+        .quantized()
+        .map(|state| {
+            state
+                .weights
+                .iter()
+                .filter_map(|(name, weight)| match &**weight {
+                    QuantizedWeight::Gguf(q) => Some((name.clone(), q.clone())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     export_llama_gguf(
         path,
         &config,
@@ -127,6 +141,7 @@ pub(super) fn save_gguf(
         GgufExportOptions {
             tensor_types,
             extra_metadata,
+            packed,
             ..GgufExportOptions::default()
         },
     )
