@@ -281,8 +281,11 @@ pub fn run<W: Workbench>(
         state.stages.push(record);
         state.save(out_dir)?;
         // Checkpoints are only for resuming the stage, which has now finished.
-        if work_dir.exists() {
-            std::fs::remove_dir_all(&work_dir).map_err(|e| EngineError::io(&work_dir, e))?;
+        // A folder that cannot be removed costs disk, not the finished stage.
+        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %work_dir.display(), "stage checkpoints not removed: {e}");
+            }
         }
     }
     finish(spec, inputs, out_dir, state, reference)

@@ -193,6 +193,33 @@ async fn unimplemented_stages_are_422_at_their_type() {
 }
 
 #[tokio::test]
+async fn preconditions_on_the_registered_model_and_the_order_are_422_at_submission() {
+    let (api, _dir) = TestApi::sqlite().await;
+    // The registered model is a BERT encoder: it cannot be a language model.
+    let reply = rejected_spec(&api, |s| {
+        s["task"]["type"] = json!("language_modeling");
+        s["task"].as_object_mut().unwrap().remove("label_field");
+    })
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(reply.pointer(), "/task/type", "{:?}", reply.body);
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("bert") && detail.contains("language_modeling"),
+        "{detail}"
+    );
+    // A stage that needs full-precision weights after a post-training quantize.
+    let reply = rejected_spec(&api, |s| {
+        s["pipeline"] = json!([{"type": "quantize", "scheme": "int8"}, {"type": "finetune"}])
+    })
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(reply.pointer(), "/pipeline/1/type", "{:?}", reply.body);
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(detail.contains("/pipeline/0"), "{detail}");
+}
+
+#[tokio::test]
 async fn unknown_or_malformed_input_ids_are_422() {
     let (api, _dir) = TestApi::sqlite().await;
     let unknown = uuid::Uuid::now_v7().to_string();

@@ -34,15 +34,22 @@ impl fmt::Display for CheckpointProblem {
 /// # Errors
 /// [`CheckpointProblem::Unsupported`] naming what the config says and the supported families.
 pub fn family_from_config(config: &Value) -> Result<&'static dyn ModelFamily, CheckpointProblem> {
-    let named = config
-        .get("model_type")
+    if let Some(model_type) = config.get("model_type").and_then(Value::as_str) {
+        return FAMILIES
+            .iter()
+            .copied()
+            .find(|f| f.model_types().contains(&model_type))
+            .ok_or_else(|| {
+                CheckpointProblem::Unsupported(format!(
+                    "model_type '{model_type}' is not supported; supported: {}",
+                    supported_list()
+                ))
+            });
+    }
+    let class = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
         .and_then(Value::as_str)
-        .or_else(|| {
-            config
-                .get("architectures")
-                .and_then(|a| a.get(0))
-                .and_then(Value::as_str)
-        })
         .ok_or_else(|| {
             CheckpointProblem::Unsupported(format!(
                 "config.json names no architecture: it has neither `model_type` nor \
@@ -53,10 +60,10 @@ pub fn family_from_config(config: &Value) -> Result<&'static dyn ModelFamily, Ch
     FAMILIES
         .iter()
         .copied()
-        .find(|f| f.model_types().contains(&named) || f.names_architecture(named))
+        .find(|f| f.names_architecture(class))
         .ok_or_else(|| {
             CheckpointProblem::Unsupported(format!(
-                "model_type '{named}' is not supported; supported: {}",
+                "architecture '{class}' is not supported; supported model_type values: {}",
                 supported_list()
             ))
         })

@@ -70,7 +70,9 @@ impl ModelFamily for LlamaFamily {
     }
 
     fn model_types(&self) -> &'static [&'static str] {
-        &["llama"]
+        // Mistral is Llama's architecture with a sliding attention window that only matters
+        // past its length (4,096 tokens and more), longer than the sequences jobs train on.
+        &["llama", "mistral"]
     }
 
     fn tasks(&self) -> &'static [TaskType] {

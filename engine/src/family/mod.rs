@@ -106,35 +106,13 @@ pub trait ModelFamily: Send + Sync {
 /// Every family the engine can run.
 pub static FAMILIES: &[&dyn ModelFamily] = &[&BertFamily, &LlamaFamily];
 
-/// The family of a `model_type`.
+/// The family of a `config.json`: its `model_type`, else the class in `architectures` (the same
+/// rule the service's upload check uses, [`family_from_config`]).
 ///
 /// # Errors
-/// [`EngineError::InvalidModel`] naming `model_type` and listing the supported ones.
-pub fn family_named(model_type: &str) -> Result<&'static dyn ModelFamily> {
-    FAMILIES
-        .iter()
-        .copied()
-        .find(|f| f.model_types().contains(&model_type))
-        .ok_or_else(|| {
-            EngineError::InvalidModel(format!(
-                "model_type {model_type:?} is not supported; supported: {}",
-                supported_list()
-            ))
-        })
-}
-
-/// The family of a `config.json`, by its `model_type`.
-///
-/// # Errors
-/// A missing `model_type`, or one no family loads.
+/// A config naming no family the engine loads.
 pub fn family_of(config: &Value) -> Result<&'static dyn ModelFamily> {
-    match config.get("model_type").and_then(Value::as_str) {
-        Some(model_type) => family_named(model_type),
-        None => Err(EngineError::InvalidModel(format!(
-            "config.json has no model_type; supported: {}",
-            supported_list()
-        ))),
-    }
+    family_from_config(config).map_err(|p| EngineError::InvalidModel(p.to_string()))
 }
 
 /// The family of `config`, checked to do `task`.

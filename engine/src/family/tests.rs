@@ -120,7 +120,7 @@ fn unknown_model_type_names_the_field_and_the_supported_families() {
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("model_type \"gpt2\""), "{err}");
+    assert!(err.contains("model_type 'gpt2'"), "{err}");
     assert!(
         err.contains("bert (BERT-style encoders)") && err.contains("llama"),
         "{err}"
@@ -360,4 +360,17 @@ fn tensors_that_disagree_with_each_other_are_refused_naming_the_tensor() {
         .unwrap()
         .to_string();
     assert!(err.contains(&format!("{key}.weight has 12 rows")), "{err}");
+}
+
+#[test]
+fn a_head_of_another_width_is_refused_naming_it() {
+    let config = tiny_bert_config();
+    let tensors = random_tensors(&config, TaskType::TextClassification, 7);
+    let mut three = config.clone();
+    three["id2label"] = json!({"0": "a", "1": "b", "2": "c"});
+    let err = build(&three, TaskType::TextClassification, &tensors)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("classifier.weight has 2 rows"), "{err}");
 }

@@ -232,3 +232,21 @@ pub fn expect_in_features(
     }
     Ok(())
 }
+
+/// Checks that the layer at `path` gives `expected` outputs (see [`expect_in_features`]).
+///
+/// # Errors
+/// A message naming `path.weight`, its output width and the expected one.
+pub fn expect_out_features(
+    layer: &dyn crate::layers::LinearLayer,
+    path: &str,
+    expected: usize,
+) -> Result<()> {
+    if layer.out_features() != expected {
+        candle_core::bail!(
+            "{path}.weight has {} rows, but its output must be {expected} wide",
+            layer.out_features()
+        );
+    }
+    Ok(())
+}

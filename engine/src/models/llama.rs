@@ -14,8 +14,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    dropout, expect_in_features, mask_value, padding_bias, Activation, DropoutRng, Embedding,
-    RmsNorm,
+    dropout, expect_in_features, expect_out_features, mask_value, padding_bias, Activation,
+    DropoutRng, Embedding, RmsNorm,
 };
 use super::Outputs;
 use crate::layers::{LinearFactory, LinearLayer};
@@ -174,6 +174,7 @@ impl LlamaAttention {
             expect_in_features(&**layer, &format!("{prefix}.{name}"), h)?;
         }
         expect_in_features(&*o_proj, &format!("{prefix}.o_proj"), q_width)?;
+        expect_out_features(&*o_proj, &format!("{prefix}.o_proj"), h)?;
         Ok(Self {
             q_proj,
             k_proj,
@@ -260,6 +261,7 @@ impl LlamaMlp {
         expect_in_features(&*gate_proj, &format!("{prefix}.gate_proj"), h)?;
         expect_in_features(&*up_proj, &format!("{prefix}.up_proj"), h)?;
         expect_in_features(&*down_proj, &format!("{prefix}.down_proj"), width)?;
+        expect_out_features(&*down_proj, &format!("{prefix}.down_proj"), h)?;
         Ok(Self {
             gate_proj,
             up_proj,
@@ -361,6 +363,10 @@ impl LlamaForCausalLm {
         } else {
             vb.pp("lm_head")
         };
+        let head_path = head_vb.prefix();
+        let lm_head = linears.build(head_vb, cfg.hidden_size, cfg.vocab_size, false)?;
+        expect_in_features(&*lm_head, &head_path, cfg.hidden_size)?;
+        expect_out_features(&*lm_head, &head_path, cfg.vocab_size)?;
         Ok(Self {
             embed_tokens: Embedding::load(
                 model.pp("embed_tokens"),
@@ -369,7 +375,7 @@ impl LlamaForCausalLm {
             )?,
             blocks,
             norm: RmsNorm::load(model.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?,
-            lm_head: linears.build(head_vb, cfg.hidden_size, cfg.vocab_size, false)?,
+            lm_head,
             rotary: Rotary::new(cfg, vb.dtype(), vb.device())?,
             config: cfg.clone(),
         })

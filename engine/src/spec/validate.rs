@@ -26,6 +26,7 @@ pub(super) fn validate(spec: &JobSpec, input: &ModelState) -> Vec<Violation> {
         "must not be empty".to_owned()
     });
     check_task(&mut c, &spec.task);
+    check_family(&mut c, spec.task.task_type, input);
     check_pipeline(&mut c, &spec.pipeline, input);
     if let Some(acceptance) = &spec.acceptance {
         check_acceptance(&mut c, acceptance, spec.task.task_type);
@@ -40,6 +41,21 @@ pub(super) fn validate(spec: &JobSpec, input: &ModelState) -> Vec<Violation> {
         )
     });
     c.into_violations()
+}
+
+/// The input model's family (when the registered model is known) must do the job's task.
+fn check_family(c: &mut Checker, task: TaskType, input: &ModelState) {
+    let Some(model_type) = &input.family else {
+        return;
+    };
+    let config = serde_json::json!({ "model_type": model_type });
+    if let Err(e) = crate::family::family_for_task(&config, task) {
+        let message = match e {
+            crate::EngineError::Unsupported(m) | crate::EngineError::InvalidModel(m) => m,
+            other => other.to_string(),
+        };
+        c.fail("/task/type", message);
+    }
 }
 
 fn check_task(c: &mut Checker, task: &TaskSpec) {

@@ -21,7 +21,7 @@ use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
 };
 use crate::error::{EngineError, Result};
-use crate::family::family_for_task;
+use crate::family::{family_for_task, ModuleRole};
 use crate::loading::{read_gguf, Checkpoint};
 use crate::models::TaskModel;
 use crate::params::ParamStore;
@@ -172,6 +172,15 @@ impl Session {
             task,
             self.labels(),
         )?;
+        let mut checkpoint = checkpoint;
+        let stale = stale_head(&checkpoint, &config, task, self.labels().len())?;
+        if !stale.is_empty() {
+            tracing::info!(
+                ?stale,
+                "the input's task head has another number of classes: made anew"
+            );
+            checkpoint.tensors.retain(|(n, _)| !stale.contains(n));
+        }
         let store = checkpoint.into_store(|_| true)?;
         store.set_init_missing(Some(self.spec.seed));
         let model = WorkingModel::new(store, config);
@@ -264,6 +273,41 @@ pub fn run_job(
 ) -> Result<PipelineResult> {
     let mut session = Session::open(spec, inputs, device)?;
     pipeline::run(spec, inputs, &mut session, out_dir, progress, cancel)
+}
+
+/// The task head's parameters of a classification checkpoint whose class count is not the
+/// dataset's `labels`: a head trained for other classes is replaced by a fresh one (as
+/// transformers' `ignore_mismatched_sizes`), not loaded with the wrong shape.
+fn stale_head(
+    checkpoint: &Checkpoint,
+    config: &serde_json::Value,
+    task: TaskType,
+    labels: usize,
+) -> Result<Vec<String>> {
+    if task != TaskType::TextClassification {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = checkpoint.tensors.iter().map(|(n, _)| n.clone()).collect();
+    let map = family_for_task(config, task)?.modules(config, &names)?;
+    let heads: Vec<&str> = map
+        .with_role(ModuleRole::TaskHead)
+        .map(|m| m.path.as_str())
+        .collect();
+    let stale = checkpoint.tensors.iter().any(|(n, t)| {
+        map.role_of(n) == Some(ModuleRole::TaskHead) && t.dims().first() != Some(&labels)
+    });
+    Ok(if stale {
+        names
+            .into_iter()
+            .filter(|n| {
+                heads
+                    .iter()
+                    .any(|h| n.strip_prefix(h).is_some_and(|r| r.starts_with('.')))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    })
 }
 
 /// Keeps `limit` examples chosen by a shuffle seeded with `seed` (all when `limit` is `None`).

@@ -156,7 +156,16 @@ impl Session {
             ..TrainConfig::default()
         };
         let mut vars = model.store.trainable_vars();
-        vars.extend(objective.trainable());
+        for (name, var) in objective.trainable() {
+            // Checkpoints and parameter groups key variables by name.
+            if model.store.contains(&name) || vars.iter().any(|(n, _)| *n == name) {
+                return Err(EngineError::InvalidSetting(format!(
+                    "objective {} names its parameter {name:?} like another parameter",
+                    objective.name()
+                )));
+            }
+            vars.push((name, var));
+        }
         let mut optimizer = AdamW::new(vars, config.optimizer.clone())?;
         let trainer = LoopTrainer::new(
             config,

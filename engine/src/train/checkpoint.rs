@@ -37,6 +37,11 @@ pub struct TrainState {
     pub best_step: Option<u64>,
     /// Validations since the last improvement.
     pub evals_without_improvement: u32,
+    /// Set when the run ended (all steps made, or stopped early): a resumed run ends at once with
+    /// the checkpoint's weights, which are then the run's final ones (the best validation's when
+    /// early stopping restored them).
+    #[serde(default)]
+    pub ended: Option<crate::train::trainer::StopReason>,
 }
 
 /// Writes a checkpoint of the optimizer's variables and state into `dir` (replacing it).

@@ -228,6 +228,9 @@ impl<'a> Trainer<'a> {
         let mut order = epoch_order(train.len(), self.cfg.seed, state.epoch);
         let mut best = BestWeights::default();
         let stop_reason = loop {
+            if let Some(ended) = state.ended {
+                break ended;
+            }
             if state.step >= total_steps {
                 break StopReason::Completed;
             }
@@ -270,16 +273,20 @@ impl<'a> Trainer<'a> {
                 best.capture(&vars, state.step)?;
             }
         };
-        if stop_reason == StopReason::Completed && self.cfg.checkpoint_dir.is_some() {
-            self.save_checkpoint(optimizer, &state)?;
-        }
-        // After the final checkpoint, which must hold the latest weights for an exact resume.
         let restored_best_step = match self.cfg.early_stopping {
-            Some(_) if state.best_step != Some(state.step) => best.restore(&vars)?,
+            Some(_) if state.ended.is_none() && state.best_step != Some(state.step) => {
+                best.restore(&vars)?
+            }
             _ => None,
         };
         if let Some(step) = restored_best_step {
             tracing::info!(target: "engine.train", step, "restored the best validation weights");
+        }
+        // The final checkpoint holds the run's final weights (the best ones when restored), so a
+        // run resumed after it ends at once with exactly those.
+        if stop_reason != StopReason::Cancelled && self.cfg.checkpoint_dir.is_some() {
+            state.ended = Some(stop_reason);
+            self.save_checkpoint(optimizer, &state)?;
         }
         Ok(TrainReport {
             stop_reason,
@@ -327,6 +334,7 @@ impl Trainer<'_> {
             best_metric: None,
             best_step: None,
             evals_without_improvement: 0,
+            ended: None,
         };
         Ok((state, false))
     }

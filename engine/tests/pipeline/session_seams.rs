@@ -224,3 +224,30 @@ fn gradient_passes_and_training_show_every_weight_its_gradient() -> Result<()> {
     assert_eq!(changed(&teacher, &before)?, 0.0);
     Ok(())
 }
+
+#[test]
+fn an_input_head_for_other_classes_is_made_anew() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (spec, inputs) = tiny_session(dir.path())?;
+    // The input carries a 5-class head; the dataset has 2 classes.
+    let weights = inputs.model.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
+    tensors.insert(
+        "classifier.weight".into(),
+        candle_core::Tensor::ones((5, 32), DType::F32, &Device::Cpu)?,
+    );
+    tensors.insert(
+        "classifier.bias".into(),
+        candle_core::Tensor::ones(5, DType::F32, &Device::Cpu)?,
+    );
+    candle_core::safetensors::save(&tensors, &weights)?;
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let model = session.load_input()?;
+    let head = model.store.get("classifier.weight").unwrap();
+    assert_eq!(head.tensor().dims(), &[2, 32]);
+    assert!(
+        head.tensor().sum_all()?.to_scalar::<f32>()?.abs() < 2.0,
+        "drawn anew, not ones"
+    );
+    Ok(())
+}

@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use compressd_engine::spec::JobSpec;
+use compressd_engine::spec::{JobSpec, ModelState};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -44,7 +44,16 @@ pub async fn create_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id) = resolve_inputs(&state, &spec).await?;
+    let (model_id, dataset_id, family) = resolve_inputs(&state, &spec).await?;
+    // With the registered model known, each stage's preconditions are checked against it too.
+    let input = ModelState {
+        family: Some(family),
+        ..ModelState::input(spec.task.task_type)
+    };
+    let violations = spec.validate_from(&input);
+    if !violations.is_empty() {
+        return Err(ApiError::invalid(violations));
+    }
     let spec_json = serde_json::to_value(&spec)
         .map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
     let idempotency = key.map(|key| Idempotency {
@@ -108,8 +117,12 @@ fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
 }
 
-/// The registered model and dataset the spec names, or a 422 pointing at the id.
-async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid), ApiError> {
+/// The registered model and dataset the spec names, and the model's family, or a 422 pointing at
+/// the id.
+async fn resolve_inputs(
+    state: &AppState,
+    spec: &JobSpec,
+) -> Result<(Uuid, Uuid, String), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -122,17 +135,17 @@ async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid)
             format!("`{}` is not a dataset id (a UUID)", spec.task.dataset),
         )
     })?;
-    if state.store.get_model(model_id).await?.is_none() {
+    let Some(model) = state.store.get_model(model_id).await? else {
         return Err(ApiError::invalid_field(
             "/model",
             format!("model {model_id} is not registered"),
         ));
-    }
+    };
     if state.store.get_dataset(dataset_id).await?.is_none() {
         return Err(ApiError::invalid_field(
             "/task/dataset",
             format!("dataset {dataset_id} is not registered"),
         ));
     }
-    Ok((model_id, dataset_id))
+    Ok((model_id, dataset_id, model.architecture))
 }

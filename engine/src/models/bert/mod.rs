@@ -14,7 +14,8 @@ use candle_nn::VarBuilder;
 pub use config::BertConfig;
 
 use super::common::{
-    dropout, expect_in_features, padding_bias, Activation, DropoutRng, Embedding, LayerNorm,
+    dropout, expect_in_features, expect_out_features, padding_bias, Activation, DropoutRng,
+    Embedding, LayerNorm,
 };
 use super::Outputs;
 use crate::layers::{LinearFactory, LinearLayer};
@@ -121,7 +122,7 @@ impl BertSelfAttention {
         let head_dim = cfg.head_dim()?;
         let query = linears.build(vb.pp("query"), h, h, true)?;
         let width = query.out_features();
-        if width % head_dim != 0 {
+        if width == 0 || width % head_dim != 0 {
             candle_core::bail!(
                 "{}.query.weight has {width} rows, not a whole number of {head_dim}-wide heads",
                 vb.prefix()
@@ -210,7 +211,9 @@ impl BertResidualOutput {
         linears: &LinearFactory,
     ) -> Result<Self> {
         let dense = linears.build(vb.pp("dense"), in_dim, cfg.hidden_size, true)?;
-        expect_in_features(&*dense, &format!("{}.dense", vb.prefix()), in_dim)?;
+        let path = format!("{}.dense", vb.prefix());
+        expect_in_features(&*dense, &path, in_dim)?;
+        expect_out_features(&*dense, &path, cfg.hidden_size)?;
         Ok(Self {
             dense,
             layer_norm: LayerNorm::load(vb.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
@@ -419,10 +422,18 @@ impl BertForSequenceClassification {
     ) -> Result<Self> {
         let root = bert_root(vb.clone());
         let h = cfg.hidden_size;
+        let pooler = linears.build(root.pp("pooler.dense"), h, h, true)?;
+        let pooler_path = format!("{}.pooler.dense", root.prefix());
+        let pooler_path = pooler_path.trim_start_matches('.');
+        expect_in_features(&*pooler, pooler_path, h)?;
+        expect_out_features(&*pooler, pooler_path, h)?;
+        let classifier = linears.build(vb.pp("classifier"), h, cfg.num_labels(), true)?;
+        expect_in_features(&*classifier, "classifier", h)?;
+        expect_out_features(&*classifier, "classifier", cfg.num_labels())?;
         Ok(Self {
             bert: BertModel::load(root.clone(), cfg, linears)?,
-            pooler: linears.build(root.pp("pooler.dense"), h, h, true)?,
-            classifier: linears.build(vb.pp("classifier"), h, cfg.num_labels(), true)?,
+            pooler,
+            classifier,
             dropout: cfg.classifier_dropout.unwrap_or(cfg.hidden_dropout_prob),
         })
     }
