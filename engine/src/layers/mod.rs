@@ -9,10 +9,12 @@
 mod block_avx2;
 pub mod block_matmul;
 mod dense;
+mod fake_quant;
 mod int8_avx2;
 pub mod int8_matmul;
 #[cfg(test)]
 mod kernel_tests;
+mod lora;
 mod quantized;
 
 use std::collections::BTreeMap;
@@ -24,6 +26,8 @@ use candle_nn::VarBuilder;
 use globset::{Glob, GlobMatcher};
 
 pub use dense::DenseLinear;
+pub use fake_quant::{fake_quantize_rows, FakeQuantLinear};
+pub use lora::LoraLinear;
 pub use quantized::{KernelPath, QuantizedLinear};
 
 use crate::error::EngineError;
@@ -52,18 +56,30 @@ pub trait LinearLayer: Send + Sync + Debug {
     fn kind(&self) -> LinearKind;
 }
 
-/// The schemes a linear layer can use.
-///
-/// Masked (pruning), LoRA and fake-quantized (QAT) variants are added here, each with its own
-/// settings, when their stages land; the factory is the only place that maps a kind to a type.
+/// The schemes a linear layer can use; the factory is the only place that maps a kind to a type.
+/// Pruning masks apply to any kind: they are kept beside the model and re-applied to the weights
+/// after each optimizer step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LinearKind {
     /// A plain weight matrix and optional bias, trainable through the store's variables.
     #[default]
     Dense,
-    /// Weight-only quantized, inference only ([`QuantizedLinear`]): the dense weight is quantized
-    /// with this scheme when the layer is built.
+    /// Weight-only quantized, inference only ([`QuantizedLinear`]): runs on the packed weight a
+    /// quantize stage stored, or quantizes the dense weight with this scheme when there is none.
     Quantized(crate::quant::QuantScheme),
+    /// A base weight plus a trainable low-rank update `(alpha / rank) · B·A` ([`LoraLinear`]).
+    Lora {
+        /// The adapter's rank.
+        rank: u32,
+        /// The numerator of the update's scale.
+        alpha: u32,
+    },
+    /// Weights rounded to a `bits`-wide grid in the forward pass, trained through a
+    /// straight-through estimator ([`FakeQuantLinear`]).
+    FakeQuant {
+        /// The grid's width.
+        bits: u8,
+    },
 }
 
 /// Which [`LinearKind`] each module path gets: the first matching glob rule wins, else the default.
@@ -91,6 +107,17 @@ impl LinearPlan {
         let glob = Glob::new(pattern)
             .map_err(|e| EngineError::InvalidSetting(format!("layer pattern {pattern:?}: {e}")))?;
         self.rules.push((glob.compile_matcher(), kind));
+        Ok(self)
+    }
+
+    /// Adds a rule that takes precedence over every earlier one (a later stage's choice).
+    ///
+    /// # Errors
+    /// Fails when `pattern` is not a valid glob.
+    pub fn overriding(mut self, pattern: &str, kind: LinearKind) -> crate::Result<Self> {
+        let glob = Glob::new(pattern)
+            .map_err(|e| EngineError::InvalidSetting(format!("layer pattern {pattern:?}: {e}")))?;
+        self.rules.insert(0, (glob.compile_matcher(), kind));
         Ok(self)
     }
 
@@ -182,6 +209,21 @@ impl LinearFactory {
                     vb.device(),
                 )?))
             }
+            LinearKind::Lora { rank, alpha } => Ok(Arc::new(LoraLinear::load(
+                vb,
+                in_features,
+                out_features,
+                bias,
+                rank,
+                alpha,
+            )?)),
+            LinearKind::FakeQuant { bits } => Ok(Arc::new(FakeQuantLinear::load(
+                vb,
+                in_features,
+                out_features,
+                bias,
+                bits,
+            )?)),
             LinearKind::Quantized(scheme) => Ok(Arc::new(QuantizedLinear::load(
                 vb,
                 in_features,

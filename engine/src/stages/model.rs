@@ -131,6 +131,25 @@ impl WorkingModel {
         }
     }
 
+    /// Builds the linear module at `module_path` (e.g. `encoder.layer.0.attention.self.query`) as
+    /// `kind` from now on: a LoRA or QAT stage marks the modules it adapts.
+    ///
+    /// # Errors
+    /// A module path that is not a linear layer of the model.
+    pub fn set_linear_kind(&mut self, module_path: &str, kind: LinearKind) -> Result<()> {
+        let weight = format!("{module_path}.weight");
+        if !self.modules()?.is_linear_weight(&weight) {
+            return Err(crate::EngineError::InvalidSetting(format!(
+                "{module_path} is not a linear layer of the model"
+            )));
+        }
+        self.plan = self
+            .plan
+            .clone()
+            .overriding(&escape_glob(module_path), kind)?;
+        Ok(())
+    }
+
     /// Marks weights as quantized: linear layers' modules get [`LinearKind::Quantized`] with their
     /// weight's scheme in the linear plan and run on the packed weight; other weights (embedding
     /// tables) are looked up as they are stored, so the caller stores their dequantized values.
@@ -170,4 +189,90 @@ fn escape_glob(path: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use serde_json::json;
+
+    use super::*;
+    use crate::data::{Batch, Example};
+    use crate::models::Outputs;
+    use crate::spec::TaskType;
+
+    #[test]
+    fn a_module_marked_lora_builds_as_an_adapter_with_trainable_a_and_b() {
+        let config = json!({"model_type": "bert", "vocab_size": 12, "hidden_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8,
+            "max_position_embeddings": 8, "id2label": {"0": "a", "1": "b"}});
+        let store = ParamStore::new();
+        store.set_init_missing(Some(5));
+        let factory = LinearFactory::default();
+        let family = family_of(&config).unwrap();
+        let task = TaskType::TextClassification;
+        family
+            .build(&store, &config, task, &factory, &Device::Cpu)
+            .unwrap();
+        let dense = ParamStore::from_tensors(store.tensors(), |_| false).unwrap();
+        let mut model = WorkingModel::new(dense, config.clone());
+        let query = "encoder.layer.0.attention.self.query";
+        model
+            .set_linear_kind(query, LinearKind::Lora { rank: 2, alpha: 4 })
+            .unwrap();
+        assert!(model
+            .set_linear_kind("embeddings.word_embeddings", LinearKind::Dense)
+            .is_err());
+        assert_eq!(
+            model.plan().kind_for(query),
+            LinearKind::Lora { rank: 2, alpha: 4 }
+        );
+        model.store.set_init_missing(Some(6));
+        let built = family
+            .build(
+                &model.store,
+                &config,
+                task,
+                &model.linear_factory(),
+                &Device::Cpu,
+            )
+            .unwrap();
+        let trainable: Vec<String> = model
+            .store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            trainable,
+            [
+                format!("{query}.lora_A.weight"),
+                format!("{query}.lora_B.weight")
+            ]
+        );
+        let rows = [Example {
+            input_ids: vec![1, 4, 7],
+            label: Some(1),
+        }];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let batch = Batch::collate(&refs, 0, &Device::Cpu).unwrap();
+        let out = built.forward(&batch, Outputs::LOGITS, None).unwrap();
+        let loss = built.task_loss(&out, &batch).unwrap();
+        let grads = loss.backward().unwrap();
+        let (_, a) = &model.store.trainable_vars()[0];
+        let sum = |t: &Tensor| -> f32 {
+            t.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        // B starts at zero, so A's first gradient is zero; B's is not.
+        assert_eq!(grads.get(a.as_tensor()).map(sum), Some(0.0));
+        let (_, b) = &model.store.trainable_vars()[1];
+        assert!(grads.get(b.as_tensor()).map(sum).unwrap() > 0.0);
+    }
 }
