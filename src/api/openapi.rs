@@ -185,5 +185,7 @@ fn yaml_of(json: serde_json::Value) -> Value {
 /// This API's OpenAPI document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI 3.1 document", body = Object)))]
 pub async fn openapi_json() -> Json<serde_json::Value> {
-    Json(document())
+    // Built once: the document is a function of the code, and building it walks every schema.
+    static DOCUMENT: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(document);
+    Json(DOCUMENT.clone())
 }

@@ -4,7 +4,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::modules::{classify, ModuleMap, ModuleRole};
-use super::{parse, ModelFamily};
+use super::{parse_config, ModelFamily};
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
 use crate::models::bert::{BertConfig, BertForSequenceClassification};
@@ -47,7 +47,7 @@ const IN_LAYER: &[(&str, ModuleRole)] = &[
 ];
 
 fn config(value: &Value) -> Result<BertConfig> {
-    let cfg: BertConfig = parse(value)?;
+    let cfg: BertConfig = parse_config(value)?;
     let field_is_zero = [
         ("vocab_size", cfg.vocab_size),
         ("hidden_size", cfg.hidden_size),

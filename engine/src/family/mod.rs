@@ -150,7 +150,10 @@ fn task_name(task: TaskType) -> &'static str {
 }
 
 /// Parses a config as a family's config type.
-fn parse<C: serde::de::DeserializeOwned>(config: &Value) -> Result<C> {
+///
+/// # Errors
+/// [`EngineError::InvalidModel`] naming what serde found missing or malformed.
+pub(crate) fn parse_config<C: serde::de::DeserializeOwned>(config: &Value) -> Result<C> {
     serde_json::from_value(config.clone())
         .map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))
 }

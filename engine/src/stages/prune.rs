@@ -16,12 +16,10 @@ use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
 use crate::prune::{
     magnitude_masks, select_targets, sparsity_report, verify_n_m, Exclusion, MagnitudeConfig,
-    MaskSet, Pattern, Scope, SparsityReport, DEFAULT_EXCLUDED_ROLES,
+    MaskSet, Pattern, Scope, SparsityReport, DEFAULT_EXCLUDED_ROLES, MAX_SPARSITY,
 };
 use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
 
-/// Above this, magnitude pruning leaves too little of a layer to recover.
-const MAX_SPARSITY: f64 = 0.95;
 /// Most pruning increments one stage may take.
 const MAX_PRUNE_STEPS: u32 = 100;
 

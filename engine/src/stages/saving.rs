@@ -12,13 +12,12 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use super::model::WorkingModel;
-use super::session::parse_config;
 use crate::error::{EngineError, Result};
 use crate::export::{
     export_hf_folder, export_llama_gguf, export_transformers_folder, tokenizer_metadata,
     GgufExportOptions, HfArchitecture,
 };
-use crate::family::family_for_task;
+use crate::family::{family_for_task, parse_config};
 use crate::loading::{read_hf_folder, Checkpoint};
 use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};

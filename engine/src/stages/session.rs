@@ -341,13 +341,6 @@ fn tokenizer_path(model: &Path) -> Result<PathBuf> {
     }
 }
 
-pub(super) fn parse_config<C: serde::de::DeserializeOwned>(
-    config: &serde_json::Value,
-) -> Result<C> {
-    serde_json::from_value(config.clone())
-        .map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))
-}
-
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
     serde_json::from_slice(&bytes).map_err(|e| EngineError::json(path, e))
