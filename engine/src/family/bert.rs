@@ -4,7 +4,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 
 use super::modules::{classify, ModuleMap, ModuleRole};
-use super::{parse_config, ModelFamily};
+use super::{parse_config, require_positive, ModelFamily};
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
 use crate::models::bert::{BertConfig, BertForSequenceClassification};
@@ -48,21 +48,14 @@ const IN_LAYER: &[(&str, ModuleRole)] = &[
 
 fn config(value: &Value) -> Result<BertConfig> {
     let cfg: BertConfig = parse_config(value)?;
-    let field_is_zero = [
+    require_positive(&[
         ("vocab_size", cfg.vocab_size),
         ("hidden_size", cfg.hidden_size),
         ("num_hidden_layers", cfg.num_hidden_layers),
         ("num_attention_heads", cfg.num_attention_heads),
         ("intermediate_size", cfg.intermediate_size),
         ("max_position_embeddings", cfg.max_position_embeddings),
-    ]
-    .into_iter()
-    .find(|(_, v)| *v == 0);
-    if let Some((field, _)) = field_is_zero {
-        return Err(EngineError::InvalidModel(format!(
-            "config.json: {field} must be at least 1"
-        )));
-    }
+    ])?;
     if cfg.hidden_size % cfg.num_attention_heads != 0 {
         return Err(EngineError::InvalidModel(format!(
             "config.json: hidden_size {} is not a multiple of num_attention_heads {}",

@@ -149,6 +149,19 @@ fn task_name(task: TaskType) -> &'static str {
     }
 }
 
+/// Checks that each named size of a config is at least 1.
+///
+/// # Errors
+/// [`EngineError::InvalidModel`] naming the first field that is zero.
+fn require_positive(fields: &[(&str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some((field, _)) => Err(EngineError::InvalidModel(format!(
+            "config.json: {field} must be at least 1"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses a config as a family's config type.
 ///
 /// # Errors
