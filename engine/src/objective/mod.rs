@@ -6,7 +6,11 @@
 //! (a projection between a student's and a teacher's hidden widths): the trainer optimises them
 //! with the model's.
 
+mod response;
+
 use candle_core::{Result, Tensor, Var};
+
+pub use response::ResponseKd;
 
 use crate::data::Batch;
 use crate::models::common::DropoutRng;

@@ -181,7 +181,10 @@ fn the_stage_lists_derive_from_the_registry() {
         .map(|s| s.type_name)
         .collect();
     assert_eq!(implemented, IMPLEMENTED_STAGES);
-    assert_eq!(IMPLEMENTED_STAGES, ["finetune", "prune", "quantize"]);
+    assert_eq!(
+        IMPLEMENTED_STAGES,
+        ["finetune", "prune", "quantize", "distill"]
+    );
 }
 
 #[test]
@@ -238,11 +241,37 @@ fn the_json_schema_lists_every_stage_with_its_tag() {
 }
 
 #[test]
-fn not_implemented_stages_parse_but_do_not_build() {
+fn distill_parses_with_defaults_and_builds() {
     let stage = StageSpec::deserialize_typed("distill", &json!({})).unwrap();
-    assert!(!stage.implemented());
-    let Err(err) = stage.build() else {
-        panic!("distill builds")
-    };
-    assert!(err.to_string().contains("not implemented"), "{err}");
+    assert!(stage.implemented());
+    assert!(stage.build().is_ok());
+    let spec: crate::stages::distill::DistillSpec = serde_json::from_value(json!({})).unwrap();
+    assert_eq!(
+        spec.student_layer_indices(6).unwrap(),
+        [1, 3, 5],
+        "half, every other layer"
+    );
+    assert_eq!(
+        spec.student_layer_indices(5).unwrap(),
+        [0, 2, 4],
+        "half rounded up"
+    );
+    let three: crate::stages::distill::DistillSpec =
+        serde_json::from_value(json!({"student_layers": 3})).unwrap();
+    assert_eq!(three.student_layer_indices(6).unwrap(), [1, 3, 5]);
+    let first: crate::stages::distill::DistillSpec =
+        serde_json::from_value(json!({"student_layers": 2, "layer_init": "first"})).unwrap();
+    assert_eq!(first.student_layer_indices(6).unwrap(), [0, 1]);
+    let last: crate::stages::distill::DistillSpec =
+        serde_json::from_value(json!({"student_layers": 2, "layer_init": "last"})).unwrap();
+    assert_eq!(last.student_layer_indices(6).unwrap(), [4, 5]);
+    let list: crate::stages::distill::DistillSpec =
+        serde_json::from_value(json!({"layer_init": [0, 3, 5]})).unwrap();
+    assert_eq!(list.student_layer_indices(6).unwrap(), [0, 3, 5]);
+    // Bad students: as large as the teacher, a layer it lacks, a list of the wrong length.
+    assert!(three.student_layer_indices(3).is_err());
+    assert!(list.student_layer_indices(4).is_err());
+    let mismatch: crate::stages::distill::DistillSpec =
+        serde_json::from_value(json!({"student_layers": 2, "layer_init": [0, 3, 5]})).unwrap();
+    assert!(mismatch.student_layer_indices(6).is_err());
 }

@@ -216,6 +216,20 @@ impl TrainSettings {
             early_stopping_patience: None,
         }
     }
+
+    /// The settings a `distill` stage trains its student with: the finetune defaults for what
+    /// its spec does not set.
+    pub fn for_distillation(spec: &super::distill::DistillSpec) -> Self {
+        Self {
+            epochs: spec.epochs,
+            learning_rate: spec.learning_rate,
+            batch_size: spec.batch_size,
+            ..Self::from_recover(&Recover {
+                epochs: spec.epochs,
+                learning_rate: spec.learning_rate,
+            })
+        }
+    }
 }
 
 /// The stage.

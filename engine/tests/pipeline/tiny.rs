@@ -105,3 +105,64 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
     assert_eq!(again.accuracy, report.stages[2].metrics.accuracy);
     Ok(())
 }
+
+#[test]
+fn finetune_then_distill_into_a_one_layer_student() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_model(&model_dir)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-distill", "model": model_dir,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "distill", "student_layers": 1, "layer_init": "last", "epochs": 4,
+             "learning_rate": 0.003, "temperature": 2.0, "alpha": 0.5}
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.2}
+    }))?;
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let ignore = |_: Event| {};
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &ignore,
+        &AtomicBool::new(false),
+    )?;
+    let report = &result.report;
+    let (teacher, student) = (&report.stages[0], &report.stages[1]);
+    assert_eq!(student.details["student_layers"], 1);
+    assert_eq!(
+        student.details["kept_teacher_layers"],
+        serde_json::json!([1])
+    );
+    assert!(student.details["objective"]
+        .as_str()
+        .unwrap()
+        .contains("response"));
+    assert!(student.metrics.parameters < teacher.metrics.parameters);
+    let accuracy = student.metrics.accuracy.unwrap();
+    assert!(
+        accuracy > 0.9,
+        "the student learns the keyword task: {accuracy}"
+    );
+    // The student is what the job saved, and it loads back as a one-layer model.
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
+    assert_eq!(config["num_hidden_layers"], 1);
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let reloaded = session.load_saved(&out.join("stages/1-distill/model"))?;
+    let again = session.evaluate(&reloaded, &out.join("stages/1-distill/model"))?;
+    assert_eq!(again.accuracy, student.metrics.accuracy);
+    Ok(())
+}
