@@ -189,27 +189,24 @@ impl LinearFactory {
         } else {
             (out_features, in_features)
         };
-        match self.plan.kind_for(&vb.prefix()) {
-            LinearKind::Dense => Ok(Arc::new(DenseLinear::load(
+        let packed = self.packed.get(&format!("{}.weight", vb.prefix()));
+        match (self.plan.kind_for(&vb.prefix()), packed) {
+            (LinearKind::Dense, _) => Ok(Arc::new(DenseLinear::load(
                 vb,
                 in_features,
                 out_features,
                 bias,
             )?)),
-            LinearKind::Quantized(_) if self.packed.contains_key(&weight_name(&vb)) => {
-                let weight = &self.packed[&weight_name(&vb)];
+            (LinearKind::Quantized(_), Some(weight)) => {
+                let weight = (**weight).clone();
                 let bias = if bias {
                     Some(vb.get(out_features, "bias")?.detach())
                 } else {
                     None
                 };
-                Ok(Arc::new(QuantizedLinear::new(
-                    (**weight).clone(),
-                    bias,
-                    vb.device(),
-                )?))
+                Ok(Arc::new(QuantizedLinear::new(weight, bias, vb.device())?))
             }
-            LinearKind::Lora { rank, alpha } => Ok(Arc::new(LoraLinear::load(
+            (LinearKind::Lora { rank, alpha }, _) => Ok(Arc::new(LoraLinear::load(
                 vb,
                 in_features,
                 out_features,
@@ -217,14 +214,14 @@ impl LinearFactory {
                 rank,
                 alpha,
             )?)),
-            LinearKind::FakeQuant { bits } => Ok(Arc::new(FakeQuantLinear::load(
+            (LinearKind::FakeQuant { bits }, _) => Ok(Arc::new(FakeQuantLinear::load(
                 vb,
                 in_features,
                 out_features,
                 bias,
                 bits,
             )?)),
-            LinearKind::Quantized(scheme) => Ok(Arc::new(QuantizedLinear::load(
+            (LinearKind::Quantized(scheme), None) => Ok(Arc::new(QuantizedLinear::load(
                 vb,
                 in_features,
                 out_features,
@@ -233,11 +230,6 @@ impl LinearFactory {
             )?)),
         }
     }
-}
-
-/// The parameter name of the weight under `vb`.
-fn weight_name(vb: &VarBuilder) -> String {
-    format!("{}.weight", vb.prefix())
 }
 
 #[cfg(test)]
