@@ -16,6 +16,7 @@ pub mod int8_matmul;
 mod kernel_tests;
 mod lora;
 mod quantized;
+mod recording;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -29,6 +30,7 @@ pub use dense::DenseLinear;
 pub use fake_quant::{fake_quantize_rows, FakeQuantLinear};
 pub use lora::LoraLinear;
 pub use quantized::{KernelPath, QuantizedLinear};
+pub use recording::{InputRecorder, RecordingLinear};
 
 use crate::error::EngineError;
 
@@ -138,6 +140,8 @@ pub type PackedWeights = Arc<BTreeMap<String, Arc<crate::quant::QuantizedWeight>
 pub struct LinearFactory {
     plan: LinearPlan,
     packed: PackedWeights,
+    /// When set, every layer built records its inputs here (activation importance).
+    recorder: Option<Arc<InputRecorder>>,
 }
 
 impl LinearFactory {
@@ -146,7 +150,15 @@ impl LinearFactory {
         Self {
             plan,
             packed: PackedWeights::default(),
+            recorder: None,
         }
+    }
+
+    /// The same factory, wrapping every layer so it records its inputs into `recorder`
+    /// ([`RecordingLinear`]): calibration passes for activation importance.
+    pub fn with_input_recorder(mut self, recorder: Arc<InputRecorder>) -> Self {
+        self.recorder = Some(recorder);
+        self
     }
 
     /// The same factory, building quantized layers from `packed` where it holds their weight (the
@@ -171,6 +183,22 @@ impl LinearFactory {
     /// # Errors
     /// Fails when the weights are missing, a weight is not 2-D, or a bias does not match it.
     pub fn build(
+        &self,
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Arc<dyn LinearLayer>> {
+        let path = vb.prefix();
+        let layer = self.build_kind(vb, in_features, out_features, bias)?;
+        Ok(match &self.recorder {
+            Some(recorder) => Arc::new(RecordingLinear::new(layer, path, recorder.clone())),
+            None => layer,
+        })
+    }
+
+    /// The layer the plan's kind for the module makes, unwrapped.
+    fn build_kind(
         &self,
         vb: VarBuilder,
         in_features: usize,

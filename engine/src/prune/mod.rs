@@ -9,6 +9,7 @@
 
 mod magnitude;
 mod masks;
+pub mod structured;
 
 pub use magnitude::{magnitude_masks, nm_mask};
 pub use masks::{sparsity_report, verify_n_m, LayerSparsity, MaskSet, SparsityReport};

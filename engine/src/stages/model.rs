@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
-use crate::layers::{LinearFactory, LinearKind, LinearPlan, PackedWeights};
+use crate::layers::{InputRecorder, LinearFactory, LinearKind, LinearPlan, PackedWeights};
 use crate::params::ParamStore;
 use crate::prune::MaskSet;
 use crate::quant::{QuantScheme, QuantizedWeight};
@@ -48,6 +48,8 @@ pub struct WorkingModel {
     masks: Option<MaskSet>,
     /// The quantized weights, once quantized.
     quantized: Option<QuantizedState>,
+    /// Set during a calibration pass: models built from this one record their linear inputs.
+    recorder: Option<Arc<InputRecorder>>,
 }
 
 impl WorkingModel {
@@ -59,6 +61,7 @@ impl WorkingModel {
             plan: LinearPlan::default(),
             masks: None,
             quantized: None,
+            recorder: None,
         }
     }
 
@@ -73,6 +76,7 @@ impl WorkingModel {
             plan: self.plan.clone(),
             masks: self.masks.clone(),
             quantized: self.quantized.clone(),
+            recorder: None,
         })
     }
 
@@ -124,11 +128,20 @@ impl WorkingModel {
     /// The factory models are built with: the linear plan, and the packed weights quantized layers
     /// run on.
     pub fn linear_factory(&self) -> LinearFactory {
-        let factory = LinearFactory::new(self.plan.clone());
-        match &self.quantized {
-            Some(state) => factory.with_packed(state.weights.clone()),
+        let mut factory = LinearFactory::new(self.plan.clone());
+        if let Some(state) = &self.quantized {
+            factory = factory.with_packed(state.weights.clone());
+        }
+        match &self.recorder {
+            Some(recorder) => factory.with_input_recorder(recorder.clone()),
             None => factory,
         }
+    }
+
+    /// Models built from now on record their linear layers' inputs into `recorder` (`None` stops
+    /// it): activation importance runs calibration batches through such a model.
+    pub fn set_input_recorder(&mut self, recorder: Option<Arc<InputRecorder>>) {
+        self.recorder = recorder;
     }
 
     /// Builds the linear module at `module_path` (e.g. `encoder.layer.0.attention.self.query`) as

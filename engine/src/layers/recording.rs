@@ -1,0 +1,133 @@
+//! A linear layer that records what goes into it: the sum of squares of every input feature over
+//! all the rows it sees, the calibration statistic of Wanda-style activation importance
+//! (|w| · ‖x‖). It wraps whatever layer the plan built, so the model computes exactly as before.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor};
+
+use super::{LinearKind, LinearLayer};
+
+/// Per module path, the running sum over all input rows of each input feature's square.
+#[derive(Debug, Default)]
+pub struct InputRecorder {
+    sums: Mutex<BTreeMap<String, Vec<f64>>>,
+}
+
+impl InputRecorder {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `x` (`(…, in_features)`) seen by the module at `path`.
+    fn record(&self, path: &str, x: &Tensor) -> Result<()> {
+        let features = x.dim(x.rank() - 1)?;
+        let squares = x
+            .detach()
+            .to_dtype(DType::F32)?
+            .reshape(((), features))?
+            .sqr()?
+            .sum(0)?
+            .to_vec1::<f32>()?;
+        let mut sums = self
+            .sums
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("input recorder poisoned".into()))?;
+        let entry = sums
+            .entry(path.to_owned())
+            .or_insert_with(|| vec![0.0; features]);
+        if entry.len() != features {
+            candle_core::bail!("{path}: inputs of width {features} after {}", entry.len());
+        }
+        for (sum, square) in entry.iter_mut().zip(squares) {
+            *sum += f64::from(square);
+        }
+        Ok(())
+    }
+
+    /// The L2 norm of each input feature of the module at `path` over everything recorded.
+    pub fn input_norms(&self, path: &str) -> Option<Vec<f64>> {
+        let sums = self.sums.lock().ok()?;
+        sums.get(path).map(|s| s.iter().map(|v| v.sqrt()).collect())
+    }
+}
+
+/// `inner`, with its inputs recorded under `path`.
+#[derive(Debug)]
+pub struct RecordingLinear {
+    inner: Arc<dyn LinearLayer>,
+    path: String,
+    recorder: Arc<InputRecorder>,
+}
+
+impl RecordingLinear {
+    /// Wraps `inner`, the module at `path`.
+    pub fn new(inner: Arc<dyn LinearLayer>, path: String, recorder: Arc<InputRecorder>) -> Self {
+        Self {
+            inner,
+            path,
+            recorder,
+        }
+    }
+}
+
+impl LinearLayer for RecordingLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.recorder.record(&self.path, x)?;
+        self.inner.forward(x)
+    }
+
+    fn weight(&self) -> Option<&Tensor> {
+        self.inner.weight()
+    }
+
+    fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    fn in_features(&self) -> usize {
+        self.inner.in_features()
+    }
+
+    fn out_features(&self) -> usize {
+        self.inner.out_features()
+    }
+
+    fn kind(&self) -> LinearKind {
+        self.inner.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+    use crate::layers::DenseLinear;
+
+    #[test]
+    fn records_feature_norms_and_passes_outputs_through() -> Result<()> {
+        let dev = Device::Cpu;
+        let weight = Tensor::new(&[[1f32, 2.0], [3.0, 4.0]], &dev)?;
+        let dense: Arc<dyn LinearLayer> = Arc::new(DenseLinear::new(weight, None)?);
+        let recorder = Arc::new(InputRecorder::new());
+        let layer = RecordingLinear::new(dense.clone(), "m".into(), recorder.clone());
+        // Two batches of (1, 2, 2): feature 0 sees 1, 3, 0, 0; feature 1 sees 2, 0, 0, 0.
+        let a = Tensor::new(&[[[1f32, 2.0], [3.0, 0.0]]], &dev)?;
+        let b = Tensor::zeros((1, 2, 2), DType::F32, &dev)?;
+        let out = layer.forward(&a)?;
+        layer.forward(&b)?;
+        let direct = dense.forward(&a)?;
+        assert_eq!(
+            out.flatten_all()?.to_vec1::<f32>()?,
+            direct.flatten_all()?.to_vec1::<f32>()?
+        );
+        let norms = recorder.input_norms("m").expect("recorded");
+        assert!((norms[0] - 10f64.sqrt()).abs() < 1e-9, "{norms:?}");
+        assert!((norms[1] - 2.0).abs() < 1e-9, "{norms:?}");
+        assert!(recorder.input_norms("other").is_none());
+        Ok(())
+    }
+}
