@@ -59,6 +59,14 @@ pub fn export_llama_gguf(
     options: GgufExportOptions,
 ) -> Result<()> {
     let head_dim = config.head_dim()?;
+    // GGUF readers (llama.cpp, candle) take the head size as embedding_length / head_count.
+    if head_dim * config.num_attention_heads != config.hidden_size {
+        return Err(EngineError::Unsupported(format!(
+            "GGUF cannot describe {} heads of size {head_dim} in a {}-wide model (its readers \
+             take the head size as width / heads): prune FFN neurons only for a GGUF output",
+            config.num_attention_heads, config.hidden_size
+        )));
+    }
     let mut qtensors = Vec::with_capacity(tensors.len());
     for (name, tensor) in tensors {
         if name == "lm_head.weight" && config.tie_word_embeddings {

@@ -165,4 +165,17 @@ impl ModelFamily for BertFamily {
     fn hf_architecture(&self, _task: TaskType) -> &'static str {
         "BertForSequenceClassification"
     }
+
+    fn needs_uniform_layers(&self) -> bool {
+        false
+    }
+
+    fn config_for_widths(
+        &self,
+        config: &Value,
+        widths: &super::LayerWidths,
+        _map: &ModuleMap,
+    ) -> Result<Value> {
+        super::uneven::padded_config(config, widths)
+    }
 }

@@ -156,4 +156,17 @@ impl ModelFamily for LlamaFamily {
     fn hf_architecture(&self, _task: TaskType) -> &'static str {
         "LlamaForCausalLM"
     }
+
+    fn needs_uniform_layers(&self) -> bool {
+        true
+    }
+
+    fn config_for_widths(
+        &self,
+        config: &Value,
+        widths: &super::LayerWidths,
+        map: &ModuleMap,
+    ) -> Result<Value> {
+        super::uneven::uniform_config(config, widths, map.head_dim)
+    }
 }

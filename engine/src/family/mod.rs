@@ -12,6 +12,7 @@ mod check;
 mod llama;
 mod modules;
 mod surgery;
+mod uneven;
 
 use candle_core::Device;
 use serde_json::Value;
@@ -21,6 +22,7 @@ pub use check::{check_checkpoint, family_from_config, CheckpointProblem};
 pub use llama::LlamaFamily;
 pub use modules::{ModuleInfo, ModuleMap, ModuleRole};
 pub use surgery::{drop_layers, shrink, StructuredCut};
+pub use uneven::{cut_padding, pad_to_config, recorded_widths, LayerWidths, LAYER_WIDTHS_FIELD};
 
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;
@@ -101,6 +103,22 @@ pub trait ModelFamily: Send + Sync {
 
     /// The transformers class a dense export of a model for `task` declares in `architectures`.
     fn hf_architecture(&self, task: TaskType) -> &'static str;
+
+    /// Whether the family's formats need the same head count and FFN width in every layer (so
+    /// structured pruning must use scope `uniform`).
+    fn needs_uniform_layers(&self) -> bool;
+
+    /// The config of a model of this family whose layers were structurally pruned to `widths`
+    /// (see [`uneven`]'s module docs for what each format can say).
+    ///
+    /// # Errors
+    /// Widths the family's formats cannot describe, or an invalid config.
+    fn config_for_widths(
+        &self,
+        config: &Value,
+        widths: &LayerWidths,
+        map: &ModuleMap,
+    ) -> Result<Value>;
 }
 
 /// Every family the engine can run.

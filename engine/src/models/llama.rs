@@ -42,6 +42,10 @@ pub struct LlamaConfig {
     /// Key/value heads for grouped-query attention; `num_attention_heads` when absent.
     #[serde(default)]
     pub num_key_value_heads: Option<usize>,
+    /// The size of one attention head when it is not `hidden_size / num_attention_heads` (a model
+    /// whose heads were pruned away keeps its head size).
+    #[serde(default, rename = "head_dim", skip_serializing_if = "Option::is_none")]
+    pub explicit_head_dim: Option<usize>,
     #[serde(default = "default_activation")]
     pub hidden_act: Activation,
     pub max_position_embeddings: usize,
@@ -75,13 +79,14 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> Result<usize> {
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
-        if heads == 0 || kv == 0 || self.hidden_size % heads != 0 || heads % kv != 0 {
+        let uneven = self.explicit_head_dim.is_none() && self.hidden_size % heads.max(1) != 0;
+        if heads == 0 || kv == 0 || uneven || heads % kv != 0 {
             candle_core::bail!(
                 "inconsistent heads: hidden {} heads {heads} kv heads {kv}",
                 self.hidden_size
             );
         }
-        let head_dim = self.hidden_size / heads;
+        let head_dim = self.explicit_head_dim.unwrap_or(self.hidden_size / heads);
         if head_dim % 2 != 0 {
             candle_core::bail!("rotary embeddings need an even head size, got {head_dim}");
         }

@@ -12,6 +12,7 @@ pub mod finetune;
 mod measure;
 mod model;
 pub mod prune;
+mod prune_structured;
 pub mod quantize;
 mod saving;
 mod session;

@@ -14,11 +14,15 @@ use super::finetune::Recover;
 use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
+use crate::prune::structured::{Structure, StructuredScope};
 use crate::prune::{
     magnitude_masks, select_targets, sparsity_report, verify_n_m, Exclusion, MagnitudeConfig,
     MaskSet, Pattern, Scope, SparsityReport, DEFAULT_EXCLUDED_ROLES, MAX_SPARSITY,
 };
 use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
+
+pub use super::prune_structured::Importance;
+use super::prune_structured::StructuredPrune;
 
 /// Most pruning increments one stage may take.
 const MAX_PRUNE_STEPS: u32 = 100;
@@ -49,6 +53,20 @@ pub struct PruneSpec {
     /// A short fine-tune after each increment to recover accuracy; `null` skips it.
     #[serde(default)]
     pub recover: Option<Recover>,
+    /// How heads and neurons are scored (structured patterns only; `null` means `l1`): `l1`/`l2`
+    /// norms of their weights, `taylor` (|w·∂L/∂w| over calibration batches of training data) or
+    /// `activation` (Wanda-style |w|·‖x‖ with input norms from the calibration batches).
+    #[serde(default)]
+    pub importance: Option<Importance>,
+    /// Fewest heads (key/value groups) and neurons any layer keeps (structured patterns only);
+    /// `null` refuses a target that would empty a layer.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub min_keep: Option<u32>,
+    /// Training batches that taylor and activation importance are computed on, per scoring.
+    #[serde(default = "default_calibration_batches")]
+    #[schemars(range(min = 1, max = MAX_CALIBRATION_BATCHES))]
+    pub calibration_batches: u32,
 }
 
 /// Weight scoring for pruning.
@@ -70,22 +88,68 @@ pub enum PrunePattern {
     /// Two of every four consecutive input weights are removed (sparsity must be 0.5).
     #[serde(rename = "2:4")]
     TwoFour,
+    /// Whole attention heads (in key/value groups) are cut out of the model.
+    #[serde(rename = "heads")]
+    Heads,
+    /// Whole FFN neurons are cut out of the model.
+    #[serde(rename = "neurons")]
+    Neurons,
+    /// Heads and FFN neurons, each to `sparsity`.
+    #[serde(rename = "structured")]
+    Structured,
+}
+
+impl PrunePattern {
+    /// What a structured pattern removes; empty for unstructured and 2:4.
+    pub fn structures(self) -> Vec<Structure> {
+        match self {
+            PrunePattern::Unstructured | PrunePattern::TwoFour => Vec::new(),
+            PrunePattern::Heads => vec![Structure::Heads],
+            PrunePattern::Neurons => vec![Structure::Neurons],
+            PrunePattern::Structured => vec![Structure::Heads, Structure::Neurons],
+        }
+    }
 }
 
 /// Threshold scope for pruning.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PruneScope {
-    /// One magnitude threshold over all prunable layers.
+    /// One threshold over all prunable layers (structured: over scores normalised per layer).
     #[default]
     Global,
-    /// Each layer reaches `sparsity` on its own.
+    /// Each layer reaches `sparsity` on its own (`layer` is accepted too).
+    #[serde(rename = "per_layer", alias = "layer")]
     Layer,
+    /// Structured only: each layer's share set by its score distribution (layers whose importance
+    /// sits in few structures lose more), at least `min_keep` kept.
+    LayerAdaptive,
+    /// Structured only: the same count in every layer, for formats that need one shape (GGUF,
+    /// transformers' Llama); the share is rounded to whole key/value groups and reported.
+    Uniform,
+}
+
+impl PruneScope {
+    fn structured(self) -> StructuredScope {
+        match self {
+            PruneScope::Global => StructuredScope::Global,
+            PruneScope::Layer => StructuredScope::PerLayer,
+            PruneScope::LayerAdaptive => StructuredScope::LayerAdaptive,
+            PruneScope::Uniform => StructuredScope::Uniform,
+        }
+    }
 }
 
 fn default_prune_steps() -> u32 {
     1
 }
+
+fn default_calibration_batches() -> u32 {
+    16
+}
+
+/// Most calibration batches one scoring may take.
+const MAX_CALIBRATION_BATCHES: u32 = 10_000;
 
 impl StageKind for PruneSpec {
     const TYPE: &'static str = "prune";
@@ -103,6 +167,39 @@ impl StageKind for PruneSpec {
             });
         }
         c.range_u32(self.steps, 1, MAX_PRUNE_STEPS, &format!("{at}/steps"));
+        c.range_u32(
+            self.calibration_batches,
+            1,
+            MAX_CALIBRATION_BATCHES,
+            &format!("{at}/calibration_batches"),
+        );
+        if self.pattern.structures().is_empty() {
+            let structured_only = "applies to the structured patterns (heads, neurons, structured)";
+            c.check(
+                self.importance.is_none(),
+                &format!("{at}/importance"),
+                || structured_only.to_string(),
+            );
+            c.check(self.min_keep.is_none(), &format!("{at}/min_keep"), || {
+                structured_only.to_string()
+            });
+            c.check(
+                matches!(self.scope, PruneScope::Global | PruneScope::Layer),
+                &format!("{at}/scope"),
+                || format!("{structured_only}; use global or per_layer"),
+            );
+        } else {
+            c.check(self.exclude.is_none(), &format!("{at}/exclude"), || {
+                "applies to unstructured and 2:4 pruning; structured pruning cuts heads and FFN \
+                 neurons only"
+                    .to_string()
+            });
+            if let Some(min_keep) = self.min_keep {
+                c.check(min_keep >= 1, &format!("{at}/min_keep"), || {
+                    "must be at least 1: a layer with no heads or neurons cannot run".to_string()
+                });
+            }
+        }
         if let Some(exclude) = &self.exclude {
             c.globs(exclude, &format!("{at}/exclude"));
         }
@@ -146,6 +243,8 @@ pub struct PruneStage {
     steps: u32,
     exclude: Option<Vec<String>>,
     recover: Option<TrainSettings>,
+    /// Set for the structured patterns, which the stage hands to [`StructuredPrune`].
+    structured: Option<StructuredPrune>,
 }
 
 /// What the stage reports.
@@ -171,9 +270,22 @@ impl PruneStage {
     /// # Errors
     /// Fails when the sparsity is outside `[0, 0.95]` (unstructured) or not 0.5 (2:4).
     pub fn from_spec(spec: &PruneSpec) -> Result<Self> {
+        let structures = spec.pattern.structures();
+        let recover = spec.recover.as_ref().map(TrainSettings::from_recover);
+        let structured = (!structures.is_empty()).then(|| StructuredPrune {
+            structures,
+            importance: spec.importance.unwrap_or_default(),
+            scope: spec.scope.structured(),
+            sparsity: spec.sparsity,
+            steps: spec.steps.max(1),
+            min_keep: spec.min_keep.map(|k| k.max(1) as usize),
+            calibration_batches: spec.calibration_batches.max(1) as usize,
+            calibration_batch_size: recover.as_ref().map_or(16, |r| r.batch_size as usize),
+            recover: recover.clone(),
+        });
         let pattern = match spec.pattern {
-            PrunePattern::Unstructured => Pattern::Unstructured,
             PrunePattern::TwoFour => Pattern::NM { n: 2, m: 4 },
+            _ => Pattern::Unstructured,
         };
         if pattern != Pattern::Unstructured && spec.sparsity != 0.5 {
             return Err(EngineError::InvalidSetting(format!(
@@ -182,8 +294,8 @@ impl PruneStage {
             )));
         }
         let scope = match spec.scope {
-            PruneScope::Global => Scope::Global,
             PruneScope::Layer => Scope::PerLayer,
+            _ => Scope::Global,
         };
         let config = MagnitudeConfig {
             pattern,
@@ -196,7 +308,8 @@ impl PruneStage {
             config,
             steps: spec.steps.max(1),
             exclude: spec.exclude.clone(),
-            recover: spec.recover.as_ref().map(TrainSettings::from_recover),
+            recover,
+            structured,
         })
     }
 
@@ -265,6 +378,9 @@ impl Stage for PruneStage {
     }
 
     fn validate(&self, model: &WorkingModel) -> Result<()> {
+        if let Some(structured) = &self.structured {
+            return structured.validate(model);
+        }
         if model.quantized().is_some() {
             return Err(EngineError::InvalidSetting(
                 "prune: the model is already quantized; prune before quantizing".into(),
@@ -279,6 +395,9 @@ impl Stage for PruneStage {
         trainer: &dyn Trainer,
         ctx: &StageContext,
     ) -> Result<serde_json::Value> {
+        if let Some(structured) = &self.structured {
+            return structured.run(model, trainer, ctx);
+        }
         self.validate(model)?;
         let names = self.targets(model, Some(ctx))?;
         // N:M is a fixed pattern: one increment reaches it, recovery still follows.

@@ -17,7 +17,7 @@ use crate::export::{
     export_hf_folder, export_llama_gguf, export_transformers_folder, tokenizer_metadata,
     GgufExportOptions, HfArchitecture,
 };
-use crate::family::{family_for_task, parse_config};
+use crate::family::{cut_padding, family_for_task, pad_to_config, parse_config};
 use crate::loading::{read_hf_folder, Checkpoint};
 use crate::models::llama::LlamaConfig;
 use crate::params::{Param, ParamStore};
@@ -55,6 +55,8 @@ pub(super) fn save(
     let tensors = model.store.tensors();
     // The HF writer also copies the tokenizer files; a quantized model then replaces its weights.
     let Some(state) = model.quantized() else {
+        // Structurally pruned layers of uneven width are written padded (family::uneven).
+        let tensors = pad_to_config(&model.modules()?, &model.config, tensors)?;
         return export_transformers_folder(dir, arch, &model.config, tensors, tokenizer_dir);
     };
     export_hf_folder(dir, &arch.export_config(&model.config)?, &[], tokenizer_dir)?;
@@ -79,7 +81,10 @@ pub(super) fn save(
 pub(super) fn read_dense(dir: &Path, device: &Device, task: TaskType) -> Result<Checkpoint> {
     let mut checkpoint = read_hf_folder(dir, DType::F32, device)?;
     let arch = architecture(&checkpoint.config, task)?;
-    checkpoint.tensors = arch.import_names(std::mem::take(&mut checkpoint.tensors));
+    let tensors = arch.import_names(std::mem::take(&mut checkpoint.tensors));
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let map = family_for_task(&checkpoint.config, task)?.modules(&checkpoint.config, &names)?;
+    checkpoint.tensors = cut_padding(&map, &checkpoint.config, tensors)?;
     Ok(checkpoint)
 }
 

@@ -16,4 +16,5 @@ mod session_seams;
 mod smollm;
 mod stages_prune;
 mod stages_spec;
+mod stages_structured;
 mod tiny;
