@@ -92,6 +92,43 @@ fn tiny_classifier_job() -> Result<Job> {
     Job::run(spec, model, dataset, dir)
 }
 
+/// The tiny keyword classifier fine-tuned, then structurally pruned layer by layer (uneven head
+/// counts and FFN widths: the folder is padded with zeros for transformers).
+fn tiny_structured_classifier_job() -> Result<Job> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-structured-export", "model": model, "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "prune", "pattern": "structured", "importance": "taylor", "scope": "layer_adaptive",
+             "sparsity": 0.5, "min_keep": 1, "calibration_batches": 2}
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.5}
+    });
+    Job::run(spec, model, dataset, dir)
+}
+
+/// A tiny Llama with one of its two key/value groups and a quarter of its FFN neurons pruned in
+/// every layer.
+fn tiny_structured_llama_job() -> Result<Job> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_llama(&model, false)?;
+    let dataset = dir.path().join("corpus.txt");
+    write_corpus(&dataset)?;
+    let spec = json!({
+        "name": "tiny-llama-structured-export", "model": model,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [{"type": "prune", "pattern": "structured", "scope": "uniform", "sparsity": 0.25}],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 100.0}
+    });
+    Job::run(spec, model, dataset, dir)
+}
+
 /// A tiny Llama fine-tuned for a few steps on a small corpus.
 fn tiny_llama_job(tied: bool) -> Result<Job> {
     let dir = tempfile::tempdir()?;
@@ -256,6 +293,53 @@ fn tiny_llama_job_loads_in_transformers() -> Result<()> {
         let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
         assert!(diff < 1e-3, "tied {tied}: logits differ by {diff}");
     }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs transformers: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_structurally_pruned_jobs_load_in_transformers() -> Result<()> {
+    // BERT: uneven layers, padded with zero heads and neurons; same logits as the narrow engine model.
+    let job = tiny_structured_classifier_job()?;
+    let config = job.final_config()?;
+    assert!(config.get("compressd_layer_widths").is_some(), "{config}");
+    let model = job.reload_final()?;
+    let narrow = model
+        .store
+        .get("encoder.layer.0.attention.self.query.weight")
+        .map(|p| p.tensor().dims()[0]);
+    assert!(narrow.is_some_and(|rows| rows < 32), "{narrow:?}");
+    let rows = tiny_classifier_rows(&job)?;
+    let logits = classifier_logits(&model, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 1.0);
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+
+    // Llama: uniform layers with fewer heads (head_dim written out) and a narrower FFN.
+    let job = tiny_structured_llama_job()?;
+    let config = job.final_config()?;
+    assert_eq!(config["num_attention_heads"], 2, "{config}");
+    assert_eq!(config["num_key_value_heads"], 1, "{config}");
+    assert_eq!(config["head_dim"], 8, "{config}");
+    assert_eq!(config["intermediate_size"], 48, "{config}");
+    let model = job.reload_final()?;
+    let rows = tiny_corpus_rows(&job)?;
+    let logits = lm_logits(&model, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "causal_lm",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "LlamaForCausalLM", 0.99);
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-3, "logits differ by {diff}");
     Ok(())
 }
 
