@@ -192,6 +192,33 @@ async fn preconditions_on_the_registered_model_and_the_order_are_422_at_submissi
 }
 
 #[tokio::test]
+async fn structured_prune_after_quantization_and_structured_only_options_are_422() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let reply = rejected_spec(&api, |s| {
+        s["pipeline"] = json!([
+            {"type": "quantize", "scheme": "int8"},
+            {"type": "prune", "pattern": "structured", "importance": "taylor", "sparsity": 0.4}
+        ])
+    })
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(reply.pointer(), "/pipeline/1/type", "{:?}", reply.body);
+    assert_invalid_at(&api, "/pipeline/0/importance", |s| {
+        s["pipeline"] = json!([{"type": "prune", "sparsity": 0.4, "importance": "taylor"}])
+    })
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/min_keep",
+        |s| {
+            s["pipeline"] =
+                json!([{"type": "prune", "pattern": "heads", "sparsity": 0.4, "min_keep": 0}])
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn unknown_or_malformed_input_ids_are_422() {
     let (api, _dir) = TestApi::sqlite().await;
     let unknown = uuid::Uuid::now_v7().to_string();
