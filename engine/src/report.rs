@@ -134,6 +134,9 @@ impl Report {
         for row in std::iter::once(&self.baseline).chain(&self.stages) {
             md.push_str(&markdown_row(row));
         }
+        for row in &self.stages {
+            md.push_str(&structures_kept(row));
+        }
         let verdict = match self.acceptance_met {
             Some(true) => "met by the final model",
             Some(false) => "**missed** by the final model",
@@ -189,6 +192,56 @@ fn markdown_row(row: &StageRecord) -> String {
         row.peak_memory_bytes as f64 / 1e6,
         contract,
     )
+}
+
+/// For a structured prune stage (its details list `layers` with `kept` structures), what each layer
+/// kept and the scores that decided it; empty for other stages.
+fn structures_kept(row: &StageRecord) -> String {
+    let Some(layers) = row.details.get("layers").and_then(|l| l.as_array()) else {
+        return String::new();
+    };
+    let mut md = format!("\n### `{}`: structures kept\n\n", row.label);
+    for t in row.details["targets"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "- {}: {:.1}% requested, {:.1}% removed ({} → {}){}\n",
+            t["structure"].as_str().unwrap_or("?"),
+            t["requested_share"].as_f64().unwrap_or(0.0) * 100.0,
+            t["achieved_share"].as_f64().unwrap_or(0.0) * 100.0,
+            t["before"],
+            t["after"],
+            t["note"]
+                .as_str()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default(),
+        ));
+    }
+    md.push_str(
+        "\n| layer | structure | kept / before | kept scores (1 = layer mean) | best removed |\n",
+    );
+    md.push_str("|---|---|---|---|---|\n");
+    for l in layers {
+        let kept = l["kept"].as_array().map_or(0, Vec::len);
+        let range = l["kept_score_range"]
+            .as_array()
+            .and_then(|r| {
+                Some(format!(
+                    "{:.3}–{:.3}",
+                    r.first()?.as_f64()?,
+                    r.get(1)?.as_f64()?
+                ))
+            })
+            .unwrap_or_else(|| "–".into());
+        let removed = l["removed_score_max"]
+            .as_f64()
+            .map_or("–".into(), |v| format!("{v:.3}"));
+        md.push_str(&format!(
+            "| {} | {} | {kept} / {} | {range} | {removed} |\n",
+            l["layer"],
+            l["structure"].as_str().unwrap_or("?"),
+            l["before"],
+        ));
+    }
+    md
 }
 
 /// sha256 of a file, or of a folder's files (each file's relative path and hash, sorted).

@@ -21,8 +21,8 @@ use crate::prune::{
 };
 use crate::spec::{Checker, Estimate, ModelState, Precondition, StageKind, Workload};
 
-pub use super::prune_structured::Importance;
 use super::prune_structured::StructuredPrune;
+pub use super::prune_structured::{Importance, LayerReport, StructuredReport, TargetReport};
 
 /// Most pruning increments one stage may take.
 const MAX_PRUNE_STEPS: u32 = 100;

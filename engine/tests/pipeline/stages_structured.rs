@@ -18,7 +18,8 @@ use compressd_engine::stages::{
 use compressd_engine::train::GradientObserver;
 use serde_json::{json, Value};
 
-use crate::interop::{write_corpus, write_llama};
+use crate::gguf_generation::generate;
+use crate::interop::{lm_logits, write_corpus, write_llama};
 use crate::tiny_task::{write_data, write_model};
 
 /// Runs `pipeline` on the tiny BERT keyword task; the folder lives as long as the returned guard.
@@ -109,6 +110,13 @@ fn taylor_layer_adaptive_prune_shrinks_bert_and_reloads_from_its_padded_folder()
         let range = layer["kept_score_range"].as_array().unwrap();
         assert!(range[0].as_f64() <= range[1].as_f64(), "{layer}");
     }
+    let md = result.report.to_markdown();
+    assert!(md.contains("### `1-prune`: structures kept"), "{md}");
+    assert!(
+        md.contains("- heads: 50.0% requested, 50.0% removed (8 → 4)"),
+        "{md}"
+    );
+    assert!(md.contains("| 1 | neurons |"), "{md}");
 
     // The folder holds transformers' full widths (zeros padded) and the real ones in the config.
     let saved = config(&result.final_dir)?;
@@ -138,6 +146,31 @@ fn taylor_layer_adaptive_prune_shrinks_bert_and_reloads_from_its_padded_folder()
     }
     let again = session.evaluate(&reloaded, &result.final_dir)?;
     assert_eq!(again.accuracy, result.report.stages[1].metrics.accuracy);
+    Ok(())
+}
+
+#[test]
+fn uneven_structured_prune_then_int8_saves_and_reloads_narrow() -> Result<()> {
+    let (spec, inputs, result, _dir) = bert_job(json!([
+        serde_json::from_str::<Value>(FINETUNE)?,
+        {"type": "prune", "pattern": "structured", "scope": "global", "sparsity": 0.3, "min_keep": 1},
+        {"type": "quantize", "scheme": "int8"}
+    ]))?;
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let reloaded = session.load_saved(&result.final_dir)?;
+    assert!(reloaded.quantized().is_some());
+    let after_prune: usize = ["0", "1"]
+        .iter()
+        .map(|l| {
+            rows(
+                &reloaded,
+                &format!("encoder.layer.{l}.intermediate.dense.weight"),
+            )
+        })
+        .sum();
+    assert_eq!(after_prune, 90, "128 neurons less 30%, rounded");
+    let again = session.evaluate(&reloaded, &result.final_dir)?;
+    assert_eq!(again.accuracy, result.report.stages[2].metrics.accuracy);
     Ok(())
 }
 
@@ -268,7 +301,11 @@ fn llama_heads_go_in_whole_kv_groups_uniformly_with_the_rounding_reported() -> R
     );
     assert_eq!(heads["achieved_share"], 0.5);
     let note = heads["note"].as_str().unwrap();
-    assert!(note.contains("25.0% requested, 50.0% removed"), "{note}");
+    assert!(note.contains("25.00% requested, 50.00% removed"), "{note}");
+    assert!(
+        note.contains("key/value groups of 2 heads in every layer"),
+        "{note}"
+    );
     let neurons = &report["targets"][1];
     assert_eq!(
         neurons["after"], 96,
@@ -307,7 +344,15 @@ fn a_uniformly_pruned_llama_job_reloads_and_its_gguf_keeps_ffn_pruning_only() ->
     let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
     let reloaded = session.load_saved(&result.final_dir)?;
     assert_eq!(rows(&reloaded, "model.layers.0.mlp.up_proj.weight"), 48);
-    assert!(result.final_dir.join("model.gguf").is_file());
+    // candle-transformers' quantized Llama reads the GGUF and continues a prompt as the engine does.
+    let prompt = [1u32, 2, 3, 4];
+    let generated = generate(&result.final_dir.join("model.gguf"), &prompt, 1)?;
+    let engine = lm_logits(&reloaded, &[prompt.to_vec()])?;
+    let last = engine[0].last().unwrap();
+    let argmax = (0..last.len())
+        .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+        .unwrap() as u32;
+    assert_eq!(generated, vec![argmax]);
     Ok(())
 }
 

@@ -1,0 +1,191 @@
+//! Element-wise importance of the weights that make up heads and neurons: magnitudes, or
+//! calibration passes over training batches for Taylor saliency and input norms.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use candle_core::{Tensor, Var};
+
+use super::StructuredPrune;
+use crate::error::{EngineError, Result};
+use crate::family::ModuleRole;
+use crate::layers::InputRecorder;
+use crate::stages::{Trainer, WorkingModel};
+use crate::train::GradientObserver;
+
+/// How structures are scored.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Importance {
+    /// Sum of absolute weights.
+    #[default]
+    L1,
+    /// Euclidean norm of the weights.
+    L2,
+    /// Accumulated first-order Taylor saliency `|w · ∂L/∂w|` on calibration batches.
+    Taylor,
+    /// Wanda-style `|w| · ‖x‖` with input norms gathered on calibration batches.
+    Activation,
+}
+
+impl Importance {
+    fn needs_data(self) -> bool {
+        matches!(self, Importance::Taylor | Importance::Activation)
+    }
+
+    /// The spec's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Importance::L1 => "l1",
+            Importance::L2 => "l2",
+            Importance::Taylor => "taylor",
+            Importance::Activation => "activation",
+        }
+    }
+}
+
+impl StructuredPrune {
+    /// Each scored weight's element-wise importance, by parameter name.
+    pub(super) fn element_importance(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let map = model.modules()?;
+        let names: Vec<String> = map
+            .iter()
+            .filter(|m| m.layer.is_some() && SCORED_ROLES.contains(&m.role))
+            .map(|m| format!("{}.weight", m.path))
+            .collect();
+        let mut out = BTreeMap::new();
+        match self.importance {
+            Importance::L1 => {
+                for name in &names {
+                    out.insert(name.clone(), stored_weight(model, name)?.abs()?);
+                }
+            }
+            Importance::L2 => {
+                // Squares summed per unit; the square root is monotone, so rankings are the norm's.
+                for name in &names {
+                    out.insert(name.clone(), stored_weight(model, name)?.sqr()?);
+                }
+            }
+            Importance::Taylor => {
+                let mut taylor = TaylorSaliency {
+                    names: names.iter().cloned().collect(),
+                    sums: BTreeMap::new(),
+                };
+                self.calibrate(model, trainer, &mut taylor)?;
+                out = taylor.sums;
+            }
+            Importance::Activation => {
+                let recorder = Arc::new(InputRecorder::new());
+                model.set_input_recorder(Some(recorder.clone()));
+                let ran = self.calibrate(model, trainer, &mut IgnoreGradients);
+                model.set_input_recorder(None);
+                ran?;
+                for name in &names {
+                    let path = name.trim_end_matches(".weight");
+                    let norms = recorder.input_norms(path).ok_or_else(|| {
+                        EngineError::InvalidModel(format!("no inputs reached {path}"))
+                    })?;
+                    let w = stored_weight(model, name)?;
+                    let norms: Vec<f32> = norms.iter().map(|&v| v as f32).collect();
+                    let norms = Tensor::from_vec(norms, (1, w.dim(1)?), w.device())?;
+                    out.insert(name.clone(), w.abs()?.broadcast_mul(&norms)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the calibration batches through `observer`.
+    fn calibrate(
+        &self,
+        model: &WorkingModel,
+        trainer: &dyn Trainer,
+        observer: &mut dyn GradientObserver,
+    ) -> Result<()> {
+        debug_assert!(self.importance.needs_data());
+        let seen = trainer.observe_gradients(
+            model,
+            self.calibration_batches,
+            self.calibration_batch_size,
+            None,
+            observer,
+        )?;
+        if seen == 0 {
+            return Err(EngineError::InvalidSetting(format!(
+                "prune: importance {:?} needs training data for its calibration batches, and \
+                 the task's training split is empty; use l1 or l2",
+                self.importance.name()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Weights that make up heads and neurons.
+const SCORED_ROLES: &[ModuleRole] = &[
+    ModuleRole::Query,
+    ModuleRole::Key,
+    ModuleRole::Value,
+    ModuleRole::AttentionOutput,
+    ModuleRole::FfnUp,
+    ModuleRole::FfnGate,
+    ModuleRole::FfnDown,
+];
+
+fn stored_weight(model: &WorkingModel, name: &str) -> Result<Tensor> {
+    model
+        .store
+        .get(name)
+        .map(|p| p.tensor().detach())
+        .ok_or_else(|| EngineError::InvalidModel(format!("parameter {name} is missing")))
+}
+
+/// Accumulates `|w · ∂L/∂w|` of the named weights over calibration batches.
+struct TaylorSaliency {
+    names: BTreeSet<String>,
+    sums: BTreeMap<String, Tensor>,
+}
+
+impl GradientObserver for TaylorSaliency {
+    fn observe(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        for (name, var) in vars.iter().filter(|(n, _)| self.names.contains(n)) {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let saliency = (var.as_tensor().detach() * grad.detach())?.abs()?;
+            let sum = match self.sums.remove(name) {
+                Some(acc) => (acc + saliency)?,
+                None => saliency,
+            };
+            self.sums.insert(name.clone(), sum);
+        }
+        Ok(())
+    }
+}
+
+/// Calibration for activation importance only needs the forward passes.
+struct IgnoreGradients;
+
+impl GradientObserver for IgnoreGradients {
+    fn observe(&mut self, _: &[(String, Var)], _: &candle_core::backprop::GradStore) -> Result<()> {
+        Ok(())
+    }
+}
