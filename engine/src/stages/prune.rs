@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::finetune::Recover;
 use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
+use crate::family::FAMILIES;
 use crate::pipeline::StageContext;
 use crate::prune::structured::{Structure, StructuredScope};
 use crate::prune::{
@@ -208,8 +209,32 @@ impl StageKind for PruneSpec {
         }
     }
 
+    /// Full-precision weights; for a structured pattern on a family whose formats need one shape in
+    /// every layer (Llama), scope `uniform`.
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)
+        model.require_full_precision(Self::TYPE)?;
+        let family = model.family.as_deref().and_then(|model_type| {
+            FAMILIES
+                .iter()
+                .find(|f| f.name() == model_type || f.model_types().contains(&model_type))
+        });
+        match family {
+            Some(family)
+                if family.needs_uniform_layers()
+                    && !self.pattern.structures().is_empty()
+                    && self.scope != PruneScope::Uniform =>
+            {
+                Err(Precondition {
+                    name: "uniform layers",
+                    message: format!(
+                        "structured `prune` of {} must use scope uniform: their formats \
+                         (transformers, GGUF) need the same heads and FFN width in every layer",
+                        family.description()
+                    ),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn transform(&self, model: &mut ModelState, _index: usize) {

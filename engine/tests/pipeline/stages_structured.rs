@@ -11,7 +11,7 @@ use compressd_engine::loading::read_hf_folder;
 use compressd_engine::objective::Objective;
 use compressd_engine::params::ParamStore;
 use compressd_engine::pipeline::{PipelineInputs, PipelineResult, StageContext, Workbench};
-use compressd_engine::spec::{JobSpec, StageSpec};
+use compressd_engine::spec::{JobSpec, ModelState, StageSpec, TaskType};
 use compressd_engine::stages::{
     build, run_job, Session, TrainRequest, TrainSettings, TrainSummary, Trainer, WorkingModel,
 };
@@ -397,6 +397,22 @@ fn structured_options_are_checked_at_submission() {
             {"type": "prune", "sparsity": 0.4, "pattern": "structured", "importance": "taylor"}
         ])),
         ["/pipeline/1/type"]
+    );
+    // A Llama model needs one shape in every layer: known at submission from the registered model.
+    let llama: JobSpec = serde_json::from_value(json!({
+        "name": "t", "model": "m", "task": {"type": "language_modeling", "dataset": "d"},
+        "pipeline": [{"type": "prune", "sparsity": 0.25, "pattern": "neurons", "scope": "per_layer"}]
+    }))
+    .expect("parses");
+    let mut input = ModelState::input(TaskType::LanguageModeling);
+    input.family = Some("llama".into());
+    let refused = llama.validate_from(&input);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].pointer, "/pipeline/0/type");
+    assert!(refused[0].message.contains("scope uniform"), "{refused:?}");
+    assert!(
+        llama.validate().is_empty(),
+        "the family unknown, the run checks it"
     );
     assert!(violations(json!([
         {"type": "finetune"},
