@@ -56,6 +56,11 @@ pub enum Event {
         samples_per_s: Option<f64>,
         /// Estimated seconds left in this training run.
         eta_s: Option<f64>,
+        /// Each named part of the loss (`task`, `response`, `feature`, `relation`), unweighted,
+        /// averaged over the steps since the last report; empty except every
+        /// [`crate::stages::TrainSettings::log_every_steps`] steps and at the last step of a run
+        /// on a multi-part objective.
+        loss_terms: Vec<(String, f64)>,
     },
     /// Measurements after the baseline or a stage.
     Metric {
