@@ -54,6 +54,26 @@ fn finetune_then_distill(
     let report = &result.report;
     let (teacher, student) = (&report.stages[0], &report.stages[1]);
     assert!(student.metrics.parameters < teacher.metrics.parameters);
+    // The report sets the student beside the teacher it came from.
+    let side_by_side = &student.details["teacher_and_student"];
+    assert_eq!(side_by_side["metric"], "accuracy");
+    assert_eq!(
+        side_by_side["teacher"]["parameters"],
+        teacher.metrics.parameters
+    );
+    assert_eq!(
+        side_by_side["student"]["parameters"],
+        student.metrics.parameters
+    );
+    let kept = side_by_side["metric_kept"].as_f64().unwrap();
+    let expected = student.metrics.accuracy.unwrap() / teacher.metrics.accuracy.unwrap();
+    assert!((kept - expected).abs() < 1e-12);
+    assert!(side_by_side["speedup_batch32"].as_f64().unwrap() > 0.0);
+    let markdown = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(
+        markdown.contains("## Teacher and student (`1-distill`)"),
+        "{markdown}"
+    );
     // The student is what the job saved, and it loads back and scores the same.
     let config: Value =
         serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
