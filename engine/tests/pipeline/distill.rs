@@ -197,3 +197,67 @@ fn feature_matching_alone_on_pooled_vectors_with_mse_and_infonce() -> Result<()>
     assert_eq!(details["layer_map"], json!([[0, 1]]));
     Ok(())
 }
+
+/// The same stage on a decoder: a 1-layer student of a fine-tuned 2-layer Llama, trained on the
+/// next-token loss with response knowledge over every predicted token and feature and relation
+/// knowledge; perplexity is the metric set side by side, and the student's GGUF generates in
+/// candle-transformers' quantized Llama.
+#[test]
+fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    crate::interop::write_llama(&model_dir, true)?;
+    let dataset = dir.path().join("corpus.txt");
+    crate::interop::write_corpus(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(json!({
+        "name": "tiny-llama-distill", "model": model_dir,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.01, "batch_size": 8},
+            {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.01,
+             "batch_size": 8, "log_every_steps": 1,
+             "weights": {"task": 0.5, "response": 0.5, "feature": 0.2, "relation": 0.2},
+             "feature": {"loss": "cosine"}, "relation": {"loss": "infonce"}}
+        ],
+        "outputs": ["safetensors", "gguf"],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 10.0}
+    }))?;
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let ignore = |_: Event| {};
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &ignore,
+        &AtomicBool::new(false),
+    )?;
+    let student = &result.report.stages[1];
+    let side_by_side = &student.details["teacher_and_student"];
+    assert_eq!(side_by_side["metric"], "perplexity");
+    let perplexity = student.metrics.perplexity.expect("perplexity measured");
+    assert!(perplexity.is_finite() && perplexity > 1.0, "{perplexity}");
+    assert_eq!(side_by_side["student"]["metric"], perplexity);
+    assert!(side_by_side["metric_kept"].as_f64().unwrap() > 0.0);
+    let curves = student.details["training"]["loss_curves"]
+        .as_object()
+        .unwrap();
+    for term in ["task", "response", "feature", "relation"] {
+        assert!(curves.contains_key(term), "{term}: {curves:?}");
+    }
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
+    assert_eq!(config["num_hidden_layers"], 1);
+    let gguf = result.final_dir.join("model.gguf");
+    let generated = crate::gguf_generation::generate(&gguf, &[1, 2, 3], 4)?;
+    let vocabulary = config["vocab_size"].as_u64().unwrap() as u32;
+    assert_eq!(generated.len(), 4);
+    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
+    Ok(())
+}
