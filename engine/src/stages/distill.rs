@@ -148,9 +148,15 @@ impl Stage for DistillStage {
         *model = WorkingModel::new(ParamStore::from_tensors(tensors, |_| true)?, config);
         let objective = self.objective(keep.len(), teacher_layers, widths, &device)?;
         let settings = TrainSettings::for_distillation(&self.spec);
+        // With the task loss alone (an ablation's baseline) the teacher need not run at all.
+        let frozen = if objective.frozen_models() > 0 {
+            vec![&teacher]
+        } else {
+            Vec::new()
+        };
         let request = TrainRequest {
             objective: Some(&objective),
-            frozen: vec![&teacher],
+            frozen,
             gradients: None,
         };
         let summary = trainer.train_with(model, &settings, request, ctx)?;
