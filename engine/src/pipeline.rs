@@ -278,7 +278,7 @@ pub fn run<W: Workbench>(
                 details.insert(
                     report::comparison::DETAILS_KEY.into(),
                     serde_json::to_value(side_by_side)
-                        .map_err(|e| EngineError::json(&dir.join("stage.json"), e))?,
+                        .map_err(|e| EngineError::json(dir.join("stage.json"), e))?,
                 );
             }
         }
