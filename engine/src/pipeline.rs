@@ -56,6 +56,11 @@ pub enum Event {
         samples_per_s: Option<f64>,
         /// Estimated seconds left in this training run.
         eta_s: Option<f64>,
+        /// Each named part of the loss (`task`, `response`, `feature`, `relation`), unweighted,
+        /// averaged over the steps since the last report; empty except every
+        /// [`crate::stages::TrainSettings::log_every_steps`] steps and at the last step of a run
+        /// on a multi-part objective.
+        loss_terms: Vec<(String, f64)>,
     },
     /// Measurements after the baseline or a stage.
     Metric {
@@ -260,6 +265,23 @@ pub fn run<W: Workbench>(
         let (mut record, wall_s) = measure(bench, &model, dir.clone(), &label, started, progress)?;
         write_json(&dir.join("stage.json"), &details)?;
         record.details = details;
+        // A student replaces its teacher: the report shows both, the teacher measured as the
+        // stage before left it.
+        if stage.type_name() == "distill" {
+            let teacher = state
+                .stages
+                .last()
+                .or(state.baseline.as_ref())
+                .map(|r| &r.metrics);
+            if let (Some(teacher), Some(details)) = (teacher, record.details.as_object_mut()) {
+                let side_by_side = report::Comparison::new(teacher, &record.metrics);
+                details.insert(
+                    report::comparison::DETAILS_KEY.into(),
+                    serde_json::to_value(side_by_side)
+                        .map_err(|e| EngineError::json(dir.join("stage.json"), e))?,
+                );
+            }
+        }
         let judged = reference.is_none_or(|r| index > r);
         record.acceptance_met = match (&spec.acceptance, judged) {
             (Some(contract), true) => Some(

@@ -13,6 +13,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{EngineError, Result};
 
+pub mod comparison;
+
+pub use comparison::Comparison;
+
 /// Measurements of one model.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelMetrics {
@@ -142,6 +146,15 @@ impl Report {
             Some(false) => "**missed** by the final model",
             None => "none given",
         };
+        for row in &self.stages {
+            let side_by_side = row
+                .details
+                .get(comparison::DETAILS_KEY)
+                .and_then(|c| serde_json::from_value::<Comparison>(c.clone()).ok());
+            if let Some(c) = side_by_side {
+                md.push_str(&c.to_markdown(&row.label));
+            }
+        }
         md.push_str(&format!("\nAcceptance contract: {verdict}"));
         if let Some(reference) = &self.reference {
             md.push_str(&format!(" (measured against `{reference}`)"));

@@ -110,7 +110,8 @@ impl ModelRegistration {
             bytes: i64::try_from(summary.bytes).unwrap_or(i64::MAX),
             sha256: manifest_sha256(&summary.files),
             metadata: json!({
-                "parameters": summary.parameters, "files": summary.files, "source": source,
+                "parameters": summary.parameters, "layers": summary.layers, "files": summary.files,
+                "source": source,
                 "source_revision": source_revision,
             }),
             // Both databases keep microseconds; answer with what a later GET will read back.

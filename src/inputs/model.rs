@@ -57,6 +57,8 @@ pub struct ModelSummary {
     pub architecture: Architecture,
     /// Elements of all floating-point weight tensors.
     pub parameters: u64,
+    /// Transformer layers (blocks), as the config or GGUF metadata states them.
+    pub layers: Option<u64>,
     /// Total bytes of all files.
     pub bytes: u64,
     pub files: Vec<FileRecord>,
@@ -251,10 +253,16 @@ impl ModelInspector {
         } else {
             self.finish_safetensors()?
         };
+        let layers = match (&self.gguf, &self.config) {
+            (Some(gguf), _) => gguf.integers.get("llama.block_count").copied(),
+            (None, Some(config)) => architecture.layers_in(config),
+            (None, None) => None,
+        };
         Ok(ModelSummary {
             format,
             architecture,
             parameters,
+            layers,
             bytes,
             files: self.files,
         })

@@ -30,6 +30,13 @@ impl Architecture {
         self.0.name()
     }
 
+    /// The transformer layer count a config states, under the family's field name.
+    pub fn layers_in(self, config: &Value) -> Option<u64> {
+        config
+            .get(self.0.layer_count_field())
+            .and_then(Value::as_u64)
+    }
+
     /// Maps a `model_type` (or a class name in `architectures`) to a supported family.
     ///
     /// # Errors

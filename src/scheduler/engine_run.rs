@@ -274,8 +274,21 @@ impl Translator {
                 learning_rate,
                 samples_per_s,
                 eta_s,
+                loss_terms,
                 ..
-            } => self.progress(step, total_steps, loss, learning_rate, samples_per_s, eta_s),
+            } => {
+                let mut messages =
+                    self.progress(step, total_steps, loss, learning_rate, samples_per_s, eta_s);
+                // The stage already spaces these out (every N steps), so none is throttled.
+                messages.extend(loss_terms.into_iter().filter(|(_, v)| v.is_finite()).map(
+                    |(term, value)| ChildMessage::Metric {
+                        name: format!("train.loss.{term}"),
+                        value,
+                        step: Some(step),
+                    },
+                ));
+                messages
+            }
             Event::Metric { label, metrics } => metric_messages(&label, &metrics),
             Event::Warning { index, message } => vec![ChildMessage::Log {
                 level: "warn".into(),
@@ -391,6 +404,7 @@ mod tests {
                 learning_rate: Some(1e-4),
                 samples_per_s: Some(10.0),
                 eta_s: Some(3.0),
+                loss_terms: Vec::new(),
             })
         };
         let first = step(&mut translator, 1);
@@ -407,6 +421,43 @@ mod tests {
         ));
         let last = step(&mut translator, 100);
         assert_eq!(last.len(), 3, "the last step always reports its metrics");
+    }
+
+    #[test]
+    fn loss_terms_become_one_unthrottled_metric_each() {
+        let mut translator = Translator::new(1);
+        let step = |t: &mut Translator, step, loss_terms| {
+            t.translate(Event::Progress {
+                index: 0,
+                step,
+                total_steps: 100,
+                loss: Some(0.5),
+                learning_rate: None,
+                samples_per_s: None,
+                eta_s: None,
+                loss_terms,
+            })
+        };
+        step(&mut translator, 1, Vec::new());
+        let terms = vec![
+            ("response".to_owned(), 0.25),
+            ("task".to_owned(), 0.75),
+            ("feature".to_owned(), f64::NAN),
+        ];
+        let metrics: Vec<_> = step(&mut translator, 10, terms)
+            .into_iter()
+            .filter_map(|m| match m {
+                ChildMessage::Metric { name, value, step } => Some((name, value, step)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            metrics,
+            vec![
+                ("train.loss.response".to_owned(), 0.25, Some(10)),
+                ("train.loss.task".to_owned(), 0.75, Some(10)),
+            ]
+        );
     }
 
     #[test]

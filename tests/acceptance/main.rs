@@ -8,4 +8,5 @@ mod gguf_generation;
 
 mod minilm;
 mod minilm_structured;
+mod minilm_distill;
 mod smollm;

@@ -219,6 +219,115 @@ async fn structured_prune_after_quantization_and_structured_only_options_are_422
 }
 
 #[tokio::test]
+async fn bad_distillation_specs_are_422_at_the_field() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let distill = |stage: Value| move |s: &mut Value| s["pipeline"] = json!([stage]);
+    // The registered model has 2 layers: a 2-layer student is not smaller.
+    let reply = rejected_spec(
+        &api,
+        distill(json!({"type": "distill", "student_layers": 2})),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(
+        reply.pointer(),
+        "/pipeline/0/student_layers",
+        "{:?}",
+        reply.body
+    );
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("2-layer teacher"),
+        "{:?}",
+        reply.body
+    );
+    // A layer_map naming teacher layer 5 of 2.
+    let reply = rejected_spec(
+        &api,
+        distill(
+            json!({"type": "distill", "student_layers": 1, "layer_map": [5],
+                       "weights": {"feature": 1.0}}),
+        ),
+    )
+    .await;
+    assert_eq!(reply.pointer(), "/pipeline/0/layer_map", "{:?}", reply.body);
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("teacher layer 5"),
+        "{:?}",
+        reply.body
+    );
+    // A layer_map with an entry per student layer, and a layer_init list the teacher lacks.
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/layer_map",
+        distill(json!({"type": "distill", "student_layers": 1, "layer_map": [0, 1]})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/layer_init",
+        distill(json!({"type": "distill", "layer_init": [3]})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/temperature",
+        distill(json!({"type": "distill", "temperature": 0.0})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/relation/temperature",
+        distill(json!({"type": "distill", "relation": {"temperature": -1.0}})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/weights",
+        distill(json!({"type": "distill", "weights": {"task": 0.0, "response": 0.0}})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/weights/feature",
+        distill(json!({"type": "distill", "weights": {"task": 1.0, "feature": -0.5}})),
+    )
+    .await;
+    // `alpha` gave way to `weights`.
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/alpha",
+        distill(json!({"type": "distill", "alpha": 0.5})),
+    )
+    .await;
+    // A second distillation is checked against the first one's student (1 layer).
+    let reply = rejected_spec(&api, |s| {
+        s["pipeline"] = json!([
+            {"type": "distill", "student_layers": 1},
+            {"type": "distill", "student_layers": 1}
+        ])
+    })
+    .await;
+    assert_eq!(
+        reply.pointer(),
+        "/pipeline/1/student_layers",
+        "{:?}",
+        reply.body
+    );
+    // A good one is queued.
+    let mut spec = api.spec();
+    spec["pipeline"] = json!([{"type": "distill", "student_layers": 1,
+        "weights": {"task": 0.5, "response": 0.5, "feature": 0.1, "relation": 0.1}}]);
+    let reply = api.post_json("/v1/jobs", &spec, &[]).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}
+
+#[tokio::test]
 async fn unknown_or_malformed_input_ids_are_422() {
     let (api, _dir) = TestApi::sqlite().await;
     let unknown = uuid::Uuid::now_v7().to_string();

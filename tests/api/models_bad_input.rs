@@ -91,6 +91,22 @@ async fn the_tiny_model_itself_is_accepted() {
     let (status, body) = server.upload_bytes("/v1/models", &[], &tiny_bert()).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["parameters"], 24 + 40 + 4 * 16 + 32 + 32);
+    // Its layer count is recorded, so a distillation that cannot shrink it is refused at
+    // submission.
+    let rows = b"{\"text\": \"t1 t2\", \"label\": \"a\"}\n{\"text\": \"t3\", \"label\": \"b\"}\n";
+    let (status, dataset) = server
+        .upload_bytes("/v1/datasets", &[], &[("data.jsonl", rows.to_vec())])
+        .await;
+    assert_eq!(status, 201, "{dataset}");
+    let spec = json!({"name": "too-small", "model": body["id"],
+        "task": {"type": "text_classification", "dataset": dataset["id"]},
+        "pipeline": [{"type": "distill", "student_layers": 1}]});
+    let (status, problem) = server.post_json("/v1/jobs", &spec).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(
+        problem["pointer"], "/pipeline/0/student_layers",
+        "{problem}"
+    );
 }
 
 #[tokio::test]

@@ -46,7 +46,7 @@ pub fn model(clock: &dyn Clock) -> Model {
         uri: "models/tiny-bert".into(),
         bytes: 1234,
         sha256: "ab".repeat(32),
-        metadata: json!({"num_hidden_layers": 2}),
+        metadata: json!({"num_hidden_layers": 2, "layers": 2}),
         created_at: clock.now(),
     }
 }

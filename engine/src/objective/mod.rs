@@ -6,10 +6,17 @@
 //! (a projection between a student's and a teacher's hidden widths): the trainer optimises them
 //! with the model's.
 
+mod feature;
+mod relation;
 mod response;
 
-use candle_core::{Result, Tensor, Var};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
+use candle_core::{DType, Result, Tensor, Var};
+
+pub use feature::{pool, AttentionKd, FeatureKd, FeatureLoss, Tokens};
+pub use relation::{Pooling, RelationKd, RelationLoss};
 pub use response::ResponseKd;
 
 use crate::data::Batch;
@@ -61,6 +68,30 @@ pub trait Objective: Send + Sync {
     fn trainable(&self) -> Vec<(String, Var)> {
         Vec::new()
     }
+
+    /// The loss as named, weighted parts whose weighted sum is [`Objective::loss`], so each part
+    /// can be logged on its own. By default the loss is one part under the objective's name.
+    ///
+    /// # Errors
+    /// As [`Objective::loss`].
+    fn terms(&self, input: &ObjectiveInput<'_>) -> Result<Vec<LossTerm>> {
+        Ok(vec![LossTerm {
+            name: self.name(),
+            weight: 1.0,
+            value: self.loss(input)?,
+        }])
+    }
+}
+
+/// One named part of an objective's loss.
+#[derive(Clone, Debug)]
+pub struct LossTerm {
+    /// The part's name (`task`, `response`, `feature`, `relation`).
+    pub name: String,
+    /// The factor it enters the total with.
+    pub weight: f64,
+    /// Its unweighted scalar value.
+    pub value: Tensor,
 }
 
 /// The model's own task loss (cross-entropy or next-token NLL).
@@ -119,31 +150,67 @@ impl Objective for WeightedSum {
     }
 
     fn loss(&self, input: &ObjectiveInput<'_>) -> Result<Tensor> {
-        let mut total: Option<Tensor> = None;
-        for (weight, objective) in &self.terms {
-            let term = (objective.loss(input)? * *weight)?;
-            total = Some(match total {
-                Some(sum) => (sum + term)?,
-                None => term,
-            });
-        }
-        total.ok_or_else(|| candle_core::Error::Msg("a weighted sum of no objectives".into()))
+        weighted_total(&self.terms(input)?)
     }
 
     fn trainable(&self) -> Vec<(String, Var)> {
         self.terms.iter().flat_map(|(_, o)| o.trainable()).collect()
     }
+
+    fn terms(&self, input: &ObjectiveInput<'_>) -> Result<Vec<LossTerm>> {
+        let mut parts = Vec::new();
+        for (weight, objective) in &self.terms {
+            for term in objective.terms(input)? {
+                parts.push(LossTerm {
+                    weight: term.weight * weight,
+                    ..term
+                });
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// `Σ weight · value` of `terms`.
+fn weighted_total(terms: &[LossTerm]) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for term in terms {
+        let part = (&term.value * term.weight)?;
+        total = Some(match total {
+            Some(sum) => (sum + part)?,
+            None => part,
+        });
+    }
+    total.ok_or_else(|| candle_core::Error::Msg("a weighted sum of no objectives".into()))
 }
 
 /// The trainer's view of an objective: runs the trained model (with dropout) and the frozen models
-/// (without) on each batch and hands their outputs to the objective.
+/// (without) on each batch and hands their outputs to the objective. It keeps the unweighted
+/// value of each of the objective's terms until the trainer takes them
+/// ([`TrainTask::take_loss_terms`]).
 pub struct ObjectiveTask<'a> {
-    /// The model being trained.
-    pub model: &'a dyn TaskModel,
-    /// Frozen models run beside it.
-    pub frozen: Vec<&'a dyn TaskModel>,
-    /// The loss.
-    pub objective: &'a dyn Objective,
+    model: &'a dyn TaskModel,
+    frozen: Vec<&'a dyn TaskModel>,
+    objective: &'a dyn Objective,
+    /// Per term: the sum of its values since the last take, and how many there were.
+    seen: Mutex<BTreeMap<String, (f64, usize)>>,
+}
+
+impl<'a> ObjectiveTask<'a> {
+    /// Trains `model` on `objective`, running `frozen` beside it in the order the objective reads
+    /// their outputs.
+    pub fn new(
+        model: &'a dyn TaskModel,
+        frozen: Vec<&'a dyn TaskModel>,
+        objective: &'a dyn Objective,
+    ) -> Self {
+        Self {
+            model,
+            frozen,
+            objective,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
 }
 
 impl TrainTask for ObjectiveTask<'_> {
@@ -157,12 +224,28 @@ impl TrainTask for ObjectiveTask<'_> {
             .iter()
             .map(|m| m.forward(batch, want, None).map(detached))
             .collect::<Result<Vec<_>>>()?;
-        self.objective.loss(&ObjectiveInput {
+        let terms = self.objective.terms(&ObjectiveInput {
             batch,
             model: self.model,
             output: &output,
             frozen: &frozen,
-        })
+        })?;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for term in &terms {
+            let value = term.value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let entry = seen.entry(term.name.clone()).or_default();
+            entry.0 += value;
+            entry.1 += 1;
+        }
+        weighted_total(&terms)
+    }
+
+    fn take_loss_terms(&self) -> Vec<(String, f64)> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *seen)
+            .into_iter()
+            .map(|(name, (sum, n))| (name, sum / n.max(1) as f64))
+            .collect()
     }
 }
 

@@ -9,14 +9,23 @@ use super::*;
 use crate::data::Example;
 use crate::family::family_of;
 use crate::layers::LinearFactory;
+use crate::models::TaskOutput;
 use crate::params::ParamStore;
 use crate::spec::TaskType;
 use crate::train::trainer::{TrainConfig, Trainer};
 use crate::train::{AdamW, AdamWConfig, NoHooks};
 
 fn classifier(seed: u64, trainable: bool) -> (ParamStore, Box<dyn TaskModel>) {
+    classifier_of_width(seed, trainable, 16)
+}
+
+fn classifier_of_width(
+    seed: u64,
+    trainable: bool,
+    hidden: usize,
+) -> (ParamStore, Box<dyn TaskModel>) {
     let config = json!({
-        "model_type": "bert", "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 1,
+        "model_type": "bert", "vocab_size": 20, "hidden_size": hidden, "num_hidden_layers": 1,
         "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16,
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
         "id2label": {"0": "a", "1": "b", "2": "c"}
@@ -101,6 +110,216 @@ fn a_weighted_sum_adds_its_terms() {
     assert!((scalar(&sum.loss(&input).unwrap()) - 0.75 * task).abs() < 1e-6);
     assert_eq!(sum.name(), "0.25·task + 0.5·task");
     assert!(WeightedSum::new(Vec::new()).loss(&input).is_err());
+    // Nested sums flatten into their terms, weights multiplied.
+    let nested = WeightedSum::new(vec![(2.0, Box::new(sum)), (1.0, Box::new(TaskLoss))]);
+    let terms = nested.terms(&input).unwrap();
+    let weights: Vec<f64> = terms.iter().map(|t| t.weight).collect();
+    assert_eq!(weights, [0.5, 1.0, 1.0]);
+    assert!(terms.iter().all(|t| t.name == "task"));
+    assert!((scalar(&nested.loss(&input).unwrap()) - 2.5 * task).abs() < 1e-5);
+}
+
+/// Every knowledge term of a student identical to its teacher is zero (InfoNCE excepted: it is a
+/// cross-entropy over the batch).
+#[test]
+fn knowledge_terms_vanish_for_a_student_equal_to_its_teacher() {
+    let (_, model) = classifier(6, false);
+    let rows = rows();
+    let batch = batch(&rows[..6]);
+    let all = Outputs {
+        hidden_states: true,
+        attentions: true,
+    };
+    let output = model.forward(&batch, all, None).unwrap();
+    let frozen = [output.clone()];
+    let input = ObjectiveInput {
+        batch: &batch,
+        model: &*model,
+        output: &output,
+        frozen: &frozen,
+    };
+    let pairs = vec![(0, 0)];
+    let cpu = &Device::Cpu;
+    let mut objectives: Vec<Box<dyn Objective>> = vec![Box::new(AttentionKd {
+        pairs: pairs.clone(),
+    })];
+    for loss in [FeatureLoss::Mse, FeatureLoss::Cosine] {
+        for tokens in [Tokens::All, Tokens::Cls, Tokens::Mean] {
+            let kd = FeatureKd::new(pairs.clone(), loss, tokens, (16, 16), true, cpu).unwrap();
+            assert!(kd.trainable().is_empty(), "no projection for equal widths");
+            objectives.push(Box::new(kd));
+        }
+    }
+    for loss in [RelationLoss::Mse, RelationLoss::Kl] {
+        for pooling in [Pooling::Mean, Pooling::Cls] {
+            objectives.push(Box::new(
+                RelationKd::new(loss, pooling, 0.5, (16, 16), true, cpu).unwrap(),
+            ));
+        }
+    }
+    for objective in &objectives {
+        let value = scalar(&objective.loss(&input).unwrap());
+        assert!(value.abs() < 1e-5, "{}: {value}", objective.name());
+    }
+    // A different student is not at zero, and a layer the outputs lack is an error.
+    let (_, other) = classifier(7, false);
+    let other_output = other.forward(&batch, all, None).unwrap();
+    let apart = ObjectiveInput {
+        output: &other_output,
+        ..input
+    };
+    for objective in &objectives {
+        // Random tiny models attend almost uniformly: their attention maps differ only a little.
+        let value = scalar(&objective.loss(&apart).unwrap());
+        assert!(value > 0.0, "{}: {value}", objective.name());
+    }
+    let beyond = FeatureKd::new(
+        vec![(0, 3)],
+        FeatureLoss::Mse,
+        Tokens::All,
+        (16, 16),
+        true,
+        cpu,
+    )
+    .unwrap();
+    let err = beyond.loss(&input).unwrap_err().to_string();
+    assert!(err.contains("teacher layer 3"), "{err}");
+    let infonce = RelationKd::new(
+        RelationLoss::Infonce,
+        Pooling::Mean,
+        0.1,
+        (16, 16),
+        true,
+        cpu,
+    )
+    .unwrap();
+    assert!(scalar(&infonce.loss(&input).unwrap()).is_finite());
+    assert!(RelationKd::new(RelationLoss::Kl, Pooling::Mean, 0.0, (16, 16), true, cpu).is_err());
+}
+
+/// Hand-computed values: MSE per element and 1 − cos per token on a one-token batch.
+#[test]
+fn feature_losses_match_hand_computation() {
+    let rows = [Example {
+        input_ids: vec![1],
+        label: Some(0),
+    }];
+    let refs: Vec<&Example> = rows.iter().collect();
+    let batch = Batch::collate(&refs, 0, &Device::Cpu).unwrap();
+    let (_, model) = classifier(1, false);
+    let out = |h: [f32; 2]| TaskOutput {
+        logits: Tensor::zeros((1, 3), DType::F32, &Device::Cpu).unwrap(),
+        hidden_states: vec![
+            Tensor::zeros((1, 1, 2), DType::F32, &Device::Cpu).unwrap(),
+            Tensor::new(&[[h]], &Device::Cpu).unwrap(),
+        ],
+        attentions: Vec::new(),
+    };
+    let (student, teacher) = (out([1.0, 0.0]), [out([1.0, 1.0])]);
+    let input = ObjectiveInput {
+        batch: &batch,
+        model: &*model,
+        output: &student,
+        frozen: &teacher,
+    };
+    let kd = |loss| FeatureKd::new(vec![(0, 0)], loss, Tokens::All, (2, 2), true, &Device::Cpu);
+    let mse = scalar(&kd(FeatureLoss::Mse).unwrap().loss(&input).unwrap());
+    assert!((mse - 0.5).abs() < 1e-6, "{mse}");
+    let cosine = scalar(&kd(FeatureLoss::Cosine).unwrap().loss(&input).unwrap());
+    assert!((cosine - (1.0 - 0.5f32.sqrt())).abs() < 1e-6, "{cosine}");
+}
+
+/// A narrower student is matched through a learned projection, which gets gradients with the
+/// student's layers; without one the pair is refused.
+#[test]
+fn a_projection_bridges_different_widths_and_trains() {
+    let (_, teacher) = classifier_of_width(8, false, 24);
+    let (student_store, student) = classifier(9, true);
+    let cpu = &Device::Cpu;
+    let refused = FeatureKd::new(
+        vec![(0, 0)],
+        FeatureLoss::Mse,
+        Tokens::All,
+        (16, 24),
+        false,
+        cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("16 wide") && refused.contains("projection"),
+        "{refused}"
+    );
+    assert!(RelationKd::new(
+        RelationLoss::Infonce,
+        Pooling::Mean,
+        0.1,
+        (16, 24),
+        false,
+        cpu
+    )
+    .is_err());
+    // MSE and cosine relations compare each model with itself: no projection needed.
+    assert!(RelationKd::new(RelationLoss::Mse, Pooling::Mean, 0.1, (16, 24), false, cpu).is_ok());
+
+    let feature = FeatureKd::new(
+        vec![(0, 0)],
+        FeatureLoss::Mse,
+        Tokens::All,
+        (16, 24),
+        true,
+        cpu,
+    )
+    .unwrap();
+    let relation = RelationKd::new(
+        RelationLoss::Infonce,
+        Pooling::Mean,
+        0.1,
+        (16, 24),
+        true,
+        cpu,
+    )
+    .unwrap();
+    let projections: Vec<Var> = feature
+        .trainable()
+        .into_iter()
+        .chain(relation.trainable())
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(projections.len(), 2);
+    assert_eq!(projections[0].as_tensor().dims(), [24, 16]);
+    let objective = WeightedSum::new(vec![(1.0, Box::new(feature)), (1.0, Box::new(relation))]);
+    let rows = rows();
+    let task = ObjectiveTask::new(&*student, vec![&*teacher], &objective);
+    let grads = task
+        .loss(&batch(&rows[..6]), None)
+        .unwrap()
+        .backward()
+        .unwrap();
+    for projection in &projections {
+        let grad = grads.get(projection.as_tensor()).expect("a gradient");
+        assert!(scalar(&grad.abs().unwrap().sum_all().unwrap()) > 0.0);
+    }
+    let layer_vars: Vec<_> = student_store
+        .trainable_vars()
+        .into_iter()
+        .filter(|(n, _)| n.contains("encoder.layer.0."))
+        .collect();
+    assert!(!layer_vars.is_empty());
+    for (name, var) in layer_vars {
+        let grad = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}"));
+        assert!(
+            scalar(&grad.abs().unwrap().sum_all().unwrap()) > 0.0,
+            "{name}"
+        );
+    }
+    // The terms were kept for the trainer, one mean each, and are taken once.
+    let terms = task.take_loss_terms();
+    let names: Vec<&str> = terms.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["feature", "relation"]);
+    assert!(task.take_loss_terms().is_empty());
 }
 
 #[test]
@@ -113,11 +332,7 @@ fn training_against_a_frozen_model_moves_the_student_and_its_objective_not_the_t
     let rows = rows();
     let all = batch(&rows);
     let distance = || {
-        let task = ObjectiveTask {
-            model: &*student,
-            frozen: vec![&*teacher],
-            objective: &objective,
-        };
+        let task = ObjectiveTask::new(&*student, vec![&*teacher], &objective);
         scalar(&task.loss(&all, None).unwrap())
     };
     let teacher_before: Vec<Tensor> = teacher_store
@@ -143,11 +358,7 @@ fn training_against_a_frozen_model_moves_the_student_and_its_objective_not_the_t
     };
     let cancel = AtomicBool::new(false);
     let trainer = Trainer::new(config, Device::Cpu, 0, &cancel).unwrap();
-    let task = ObjectiveTask {
-        model: &*student,
-        frozen: vec![&*teacher],
-        objective: &objective,
-    };
+    let task = ObjectiveTask::new(&*student, vec![&*teacher], &objective);
     let report = trainer
         .run(&task, &mut optimizer, &rows, &mut NoHooks)
         .unwrap();
@@ -177,11 +388,7 @@ fn frozen_outputs_are_cut_from_the_graph() {
         scale: Var::new(&[1f32], &Device::Cpu).unwrap(),
     };
     let rows = rows();
-    let task = ObjectiveTask {
-        model: &*student,
-        frozen: vec![&*teacher],
-        objective: &objective,
-    };
+    let task = ObjectiveTask::new(&*student, vec![&*teacher], &objective);
     let grads = task
         .loss(&batch(&rows[..6]), None)
         .unwrap()

@@ -17,6 +17,9 @@ pub struct ModelState {
     pub quantized_at: Option<usize>,
     /// Whether a stage has pruned weights (masks stay applied from then on).
     pub pruned: bool,
+    /// The number of transformer layers, when known (from the registered model's config at
+    /// submission; stages that change it, such as `distill`, update it).
+    pub layers: Option<usize>,
 }
 
 /// A precondition the incoming model fails.
@@ -24,6 +27,9 @@ pub struct ModelState {
 pub struct Precondition {
     /// The precondition's short name, e.g. `full-precision weights`.
     pub name: &'static str,
+    /// The stage's field the failure is about (`student_layers`), reported at its JSON pointer;
+    /// `None` reports it at the stage's `type`.
+    pub field: Option<&'static str>,
     /// What is wrong and how to fix it, for a person.
     pub message: String,
 }
@@ -36,6 +42,7 @@ impl ModelState {
             family: None,
             quantized_at: None,
             pruned: false,
+            layers: None,
         }
     }
 
@@ -48,6 +55,7 @@ impl ModelState {
             None => Ok(()),
             Some(q) => Err(Precondition {
                 name: "full-precision weights",
+                field: None,
                 message: format!(
                     "`{stage_type}` cannot follow the post-training `quantize` at /pipeline/{q}: \
                      quantized weights cannot be trained, pruned or re-quantized; move it before"

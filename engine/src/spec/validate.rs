@@ -106,7 +106,10 @@ fn check_pipeline(c: &mut Checker, pipeline: &[StageSpec], input: &ModelState) {
         let at = format!("/pipeline/{i}");
         let stage_type = stage.type_name();
         if let Err(failed) = stage.preconditions(&model) {
-            c.fail(format!("{at}/type"), failed.message);
+            c.fail(
+                format!("{at}/{}", failed.field.unwrap_or("type")),
+                failed.message,
+            );
         }
         stage.transform(&mut model, i);
         if !stage.implemented() {

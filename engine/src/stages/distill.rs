@@ -2,201 +2,26 @@
 //!
 //! The teacher is the model as it enters the stage (a deep copy, frozen); the student keeps
 //! `student_layers` of its layers, chosen by `layer_init` ([`crate::family::drop_layers`]), and
-//! trains on `alpha · response + (1 - alpha) · task`, the response term being the KL divergence
-//! from the teacher's temperature-softened outputs ([`ResponseKd`]). The student replaces the model
-//! for the rest of the pipeline. Feature and relation knowledge come with issue 12's next steps.
+//! trains on `Σ weight · term` over the task loss and the three kinds of knowledge: response
+//! ([`ResponseKd`]), feature ([`FeatureKd`], [`AttentionKd`]) and relation ([`RelationKd`]). Each
+//! term is reported on its own every `log_every_steps` steps and as a curve in the stage report.
+//! The student replaces the model for the rest of the pipeline. The spec is in [`spec`].
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+pub mod spec;
 
-use super::finetune::{default_batch_size, default_finetune_epochs, default_learning_rate};
+use candle_core::Device;
+
+pub use spec::{DistillSpec, FeatureSpec, LayerInit, LayerRule, LossWeights, RelationSpec};
+
 use super::{Stage, TrainRequest, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::drop_layers;
-use crate::objective::{Objective, ResponseKd, TaskLoss, WeightedSum};
+use crate::objective::{
+    AttentionKd, FeatureKd, Objective, RelationKd, ResponseKd, TaskLoss, WeightedSum,
+};
 use crate::params::ParamStore;
 use crate::pipeline::StageContext;
-use crate::spec::{
-    Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
-};
-
-/// Settings of a distillation stage.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct DistillSpec {
-    /// Transformer layers of the student; `null` means half the teacher's, rounded up.
-    #[serde(default)]
-    #[schemars(range(min = 1, max = 1000))]
-    pub student_layers: Option<u32>,
-    /// Which teacher layers initialise the student's: `every_other` (evenly spaced, ending with
-    /// the last), `first`, `last`, or a list of layer indices (0-based, in order).
-    #[serde(default)]
-    pub layer_init: LayerInit,
-    /// Passes over the training split.
-    #[serde(default = "default_finetune_epochs")]
-    #[schemars(range(min = 1, max = MAX_EPOCHS))]
-    pub epochs: u32,
-    /// Peak learning rate of the student.
-    #[serde(default = "default_learning_rate")]
-    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
-    pub learning_rate: f64,
-    /// Softmax temperature applied to teacher and student logits.
-    #[serde(default = "default_temperature")]
-    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 100))]
-    pub temperature: f64,
-    /// Weight of the distillation loss; the task loss gets `1 - alpha`.
-    #[serde(default = "default_alpha")]
-    #[schemars(range(min = 0, max = 1))]
-    pub alpha: f64,
-    /// Examples per optimizer step.
-    #[serde(default = "default_batch_size")]
-    #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
-    pub batch_size: u32,
-}
-
-/// Which teacher layers a student starts from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(untagged)]
-pub enum LayerInit {
-    /// A rule over the teacher's layers.
-    Rule(LayerRule),
-    /// The teacher's layers to keep, in order.
-    Layers(Vec<u32>),
-}
-
-/// The rules of [`LayerInit`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LayerRule {
-    /// Evenly spaced, ending with the teacher's last layer (DistilBERT's choice).
-    EveryOther,
-    /// The teacher's first layers.
-    First,
-    /// The teacher's last layers.
-    Last,
-}
-
-impl Default for LayerInit {
-    fn default() -> Self {
-        LayerInit::Rule(LayerRule::EveryOther)
-    }
-}
-
-impl DistillSpec {
-    /// The teacher layers the student keeps, for a teacher of `teacher_layers`.
-    ///
-    /// # Errors
-    /// A student that is not smaller than the teacher, a list of the wrong length, or a layer the
-    /// teacher does not have.
-    pub fn student_layer_indices(&self, teacher_layers: usize) -> Result<Vec<usize>> {
-        let wanted = match (&self.layer_init, self.student_layers) {
-            (LayerInit::Layers(list), _) => list.len(),
-            (_, Some(n)) => n as usize,
-            (_, None) => teacher_layers.div_ceil(2),
-        };
-        if wanted == 0 || wanted >= teacher_layers {
-            return Err(EngineError::InvalidSetting(format!(
-                "distill: a student of {wanted} layers is not smaller than its {teacher_layers}-layer teacher"
-            )));
-        }
-        let keep: Vec<usize> = match &self.layer_init {
-            LayerInit::Layers(list) => {
-                if self
-                    .student_layers
-                    .is_some_and(|n| n as usize != list.len())
-                {
-                    return Err(EngineError::InvalidSetting(format!(
-                        "distill: layer_init lists {} layers but student_layers is {}",
-                        list.len(),
-                        self.student_layers.unwrap_or_default()
-                    )));
-                }
-                list.iter().map(|&l| l as usize).collect()
-            }
-            LayerInit::Rule(LayerRule::First) => (0..wanted).collect(),
-            LayerInit::Rule(LayerRule::Last) => (teacher_layers - wanted..teacher_layers).collect(),
-            LayerInit::Rule(LayerRule::EveryOther) => (1..=wanted)
-                .map(|i| i * teacher_layers / wanted - 1)
-                .collect(),
-        };
-        if let Some(bad) = keep.iter().find(|&&l| l >= teacher_layers) {
-            return Err(EngineError::InvalidSetting(format!(
-                "distill: layer_init names layer {bad}; the teacher has layers 0 to {}",
-                teacher_layers - 1
-            )));
-        }
-        Ok(keep)
-    }
-}
-
-fn default_temperature() -> f64 {
-    2.0
-}
-fn default_alpha() -> f64 {
-    0.5
-}
-
-impl StageKind for DistillSpec {
-    const TYPE: &'static str = "distill";
-    const IMPLEMENTED: bool = true;
-
-    fn check(&self, c: &mut Checker, at: &str) {
-        if let Some(layers) = self.student_layers {
-            c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
-        }
-        if let LayerInit::Layers(list) = &self.layer_init {
-            c.check(!list.is_empty(), &format!("{at}/layer_init"), || {
-                "must name at least one layer".to_owned()
-            });
-            let mut sorted = list.clone();
-            sorted.sort_unstable();
-            sorted.dedup();
-            c.check(
-                sorted.len() == list.len(),
-                &format!("{at}/layer_init"),
-                || "must not name a layer twice".to_owned(),
-            );
-            if let Some(n) = self.student_layers {
-                c.check(
-                    n as usize == list.len(),
-                    &format!("{at}/layer_init"),
-                    || format!("lists {} layers but student_layers is {n}", list.len()),
-                );
-            }
-        }
-        c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
-        c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
-        c.check(
-            self.temperature > 0.0 && self.temperature <= 100.0,
-            &format!("{at}/temperature"),
-            || format!("must be in (0, 100], got {}", self.temperature),
-        );
-        c.unit_interval(self.alpha, &format!("{at}/alpha"), false);
-        c.range_u32(
-            self.batch_size,
-            1,
-            MAX_BATCH_SIZE,
-            &format!("{at}/batch_size"),
-        );
-    }
-
-    fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)
-    }
-
-    /// A distillation step runs the teacher forward too: about 8 flops per parameter per token
-    /// instead of 6, and half as much memory again.
-    fn estimate(&self, work: &Workload) -> Estimate {
-        Estimate {
-            seconds: work.training_seconds(f64::from(self.epochs)) * 8.0 / 6.0,
-            peak_bytes: work.training_peak_bytes() * 1.5,
-        }
-    }
-
-    fn build(&self) -> Result<Box<dyn Stage>> {
-        Ok(Box::new(DistillStage { spec: self.clone() }))
-    }
-}
+use crate::spec::StageKind;
 
 /// The stage, built from its spec.
 #[derive(Clone, Debug)]
@@ -204,15 +29,75 @@ pub struct DistillStage {
     spec: DistillSpec,
 }
 
+/// A config's whole-number field.
+fn config_usize(config: &serde_json::Value, field: &str) -> Result<usize> {
+    config
+        .get(field)
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| EngineError::InvalidModel(format!("config.json has no {field}")))
+}
+
 impl DistillStage {
     fn teacher_layers(model: &WorkingModel) -> Result<usize> {
-        let field = model.family()?.layer_count_field();
-        model
-            .config
-            .get(field)
-            .and_then(serde_json::Value::as_u64)
-            .map(|n| n as usize)
-            .ok_or_else(|| EngineError::InvalidModel(format!("config.json has no {field}")))
+        config_usize(&model.config, model.family()?.layer_count_field())
+    }
+
+    /// The weighted sum of the terms with a positive weight, for a student of `student_layers`
+    /// layers; `widths` is `(student, teacher)` hidden size.
+    fn objective(
+        &self,
+        student_layers: usize,
+        teacher_layers: usize,
+        widths: (usize, usize),
+        device: &Device,
+    ) -> Result<WeightedSum> {
+        let spec = &self.spec;
+        let weights = &spec.weights;
+        let mut terms: Vec<(f64, Box<dyn Objective>)> = Vec::new();
+        if weights.task > 0.0 {
+            terms.push((weights.task, Box::new(TaskLoss)));
+        }
+        if weights.response > 0.0 {
+            let response = ResponseKd {
+                temperature: spec.temperature,
+            };
+            terms.push((weights.response, Box::new(response)));
+        }
+        if weights.feature > 0.0 {
+            let pairs = spec.feature_layer_pairs(student_layers, teacher_layers)?;
+            let feature = FeatureKd::new(
+                pairs.clone(),
+                spec.feature.loss,
+                spec.feature.tokens,
+                widths,
+                spec.feature.projection,
+                device,
+            )
+            .map_err(|e| EngineError::InvalidSetting(format!("distill: {e}")))?;
+            terms.push((weights.feature, Box::new(feature)));
+            if spec.feature.attention {
+                terms.push((weights.feature, Box::new(AttentionKd { pairs })));
+            }
+        }
+        if weights.relation > 0.0 {
+            let relation = RelationKd::new(
+                spec.relation.loss,
+                spec.relation.pooling,
+                spec.relation.temperature,
+                widths,
+                spec.feature.projection,
+                device,
+            )
+            .map_err(|e| EngineError::InvalidSetting(format!("distill: {e}")))?;
+            terms.push((weights.relation, Box::new(relation)));
+        }
+        if terms.is_empty() {
+            return Err(EngineError::InvalidSetting(
+                "distill: every weight is zero".into(),
+            ));
+        }
+        Ok(WeightedSum::new(terms))
     }
 }
 
@@ -227,9 +112,12 @@ impl Stage for DistillStage {
                 "distill: the model's weights are quantized (post-training); distill before quantizing".into(),
             ));
         }
-        self.spec
-            .student_layer_indices(Self::teacher_layers(model)?)
-            .map(|_| ())
+        let teacher_layers = Self::teacher_layers(model)?;
+        let keep = self.spec.student_layer_indices(teacher_layers)?;
+        if self.spec.weights.feature > 0.0 {
+            self.spec.feature_layer_pairs(keep.len(), teacher_layers)?;
+        }
+        Ok(())
     }
 
     fn run(
@@ -242,38 +130,47 @@ impl Stage for DistillStage {
         let teacher_layers = Self::teacher_layers(model)?;
         let keep = self.spec.student_layer_indices(teacher_layers)?;
         let teacher = model.deep_clone()?;
-        let tensors = model
+        let tensors: Vec<_> = model
             .store
             .tensors()
             .into_iter()
             .map(|(n, t)| (n, t.detach()))
             .collect();
+        let device = tensors
+            .first()
+            .map_or(Device::Cpu, |(_, t)| t.device().clone());
         let (config, tensors) = drop_layers(model.family()?, &model.config, tensors, &keep)?;
+        let widths = (
+            config_usize(&config, "hidden_size")?,
+            config_usize(&teacher.config, "hidden_size")?,
+        );
         // The student starts dense: masks of a pruned teacher do not carry over to new layers.
         *model = WorkingModel::new(ParamStore::from_tensors(tensors, |_| true)?, config);
-        let alpha = self.spec.alpha;
-        let objective = WeightedSum::new(vec![
-            (1.0 - alpha, Box::new(TaskLoss) as Box<dyn Objective>),
-            (
-                alpha,
-                Box::new(ResponseKd {
-                    temperature: self.spec.temperature,
-                }),
-            ),
-        ]);
+        let objective = self.objective(keep.len(), teacher_layers, widths, &device)?;
         let settings = TrainSettings::for_distillation(&self.spec);
+        // With the task loss alone (an ablation's baseline) the teacher need not run at all.
+        let frozen = if objective.frozen_models() > 0 {
+            vec![&teacher]
+        } else {
+            Vec::new()
+        };
         let request = TrainRequest {
             objective: Some(&objective),
-            frozen: vec![&teacher],
+            frozen,
             gradients: None,
         };
         let summary = trainer.train_with(model, &settings, request, ctx)?;
+        let layer_map = (self.spec.weights.feature > 0.0)
+            .then(|| self.spec.feature_layer_pairs(keep.len(), teacher_layers))
+            .transpose()?;
         Ok(serde_json::json!({
             "teacher_layers": teacher_layers,
             "student_layers": keep.len(),
             "kept_teacher_layers": keep,
             "objective": objective.name(),
+            "weights": self.spec.weights,
             "temperature": self.spec.temperature,
+            "layer_map": layer_map,
             "training": summary,
         }))
     }

@@ -162,6 +162,9 @@ impl StageKind for FinetuneSpec {
     }
 }
 
+/// How often a training run reports its loss's parts unless its stage says otherwise.
+pub const DEFAULT_LOG_EVERY_STEPS: u64 = 10;
+
 /// How to train: the settings of a `finetune` stage, or of a `recover` fine-tune with defaults.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TrainSettings {
@@ -183,6 +186,8 @@ pub struct TrainSettings {
     pub grad_clip_norm: Option<f64>,
     /// Early-stopping patience in evaluations (`None`: off).
     pub early_stopping_patience: Option<u32>,
+    /// Report the loss's parts (of a multi-part objective) every this many optimizer steps.
+    pub log_every_steps: u64,
 }
 
 impl TrainSettings {
@@ -198,6 +203,7 @@ impl TrainSettings {
             freeze: spec.freeze.clone(),
             grad_clip_norm: spec.grad_clip.as_ref().map(|c| c.max_norm),
             early_stopping_patience: spec.early_stopping.as_ref().map(|e| e.patience),
+            log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         }
     }
 
@@ -214,6 +220,7 @@ impl TrainSettings {
             freeze: Vec::new(),
             grad_clip_norm: Some(1.0),
             early_stopping_patience: None,
+            log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         }
     }
 
@@ -224,6 +231,7 @@ impl TrainSettings {
             epochs: spec.epochs,
             learning_rate: spec.learning_rate,
             batch_size: spec.batch_size,
+            log_every_steps: u64::from(spec.log_every_steps),
             ..Self::from_recover(&Recover {
                 epochs: spec.epochs,
                 learning_rate: spec.learning_rate,

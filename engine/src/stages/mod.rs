@@ -24,6 +24,8 @@ pub use prune::PruneStage;
 pub use quantize::QuantizeStage;
 pub use session::{run_job, Session};
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::error::Result;
@@ -113,6 +115,20 @@ pub struct TrainSummary {
     pub stopped_early: bool,
     /// Parameter globs (`freeze`) that matched nothing.
     pub unmatched_freeze_globs: Vec<String>,
+    /// Each part of a stage objective's loss over the run (`task`, `response`…), unweighted;
+    /// empty when the run trained on the task loss alone.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub loss_curves: BTreeMap<String, LossCurve>,
+}
+
+/// One loss term's values over a training run, each the mean over the steps since the previous
+/// point.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LossCurve {
+    /// The optimizer step each value was logged at.
+    pub steps: Vec<u64>,
+    /// The term's mean unweighted value up to that step.
+    pub values: Vec<f64>,
 }
 
 /// One compression stage.

@@ -2,12 +2,14 @@
 //! objective and frozen models, pruning masks re-applied after every optimizer step and progress
 //! forwarded as pipeline events.
 
+use std::collections::BTreeMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 
 use super::model::WorkingModel;
 use super::session::{Session, TaskData};
-use super::{TrainRequest, TrainSettings, TrainSummary, Trainer};
+use super::{LossCurve, TrainRequest, TrainSettings, TrainSummary, Trainer};
 use crate::data::{Batch, Example};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
@@ -54,15 +56,16 @@ impl Trainer for Session {
         let outcome = self.train_unfrozen(model, settings, request, ctx);
         // Frozen weights become variables again so a later stage can train them.
         model.store.set_trainable(is_frozen, true)?;
-        let (steps, final_loss, stop) = outcome?;
-        if stop == StopReason::Cancelled {
+        let run = outcome?;
+        if run.stop == StopReason::Cancelled {
             return Err(EngineError::Cancelled);
         }
         Ok(TrainSummary {
-            steps,
-            final_loss,
-            stopped_early: stop == StopReason::EarlyStopped,
+            steps: run.steps,
+            final_loss: run.final_loss,
+            stopped_early: run.stop == StopReason::EarlyStopped,
             unmatched_freeze_globs,
+            loss_curves: run.loss_curves,
         })
     }
 
@@ -75,11 +78,7 @@ impl Trainer for Session {
         observer: &mut dyn GradientObserver,
     ) -> Result<usize> {
         let built = self.build_model(model, true)?;
-        let task = ObjectiveTask {
-            model: &*built,
-            frozen: Vec::new(),
-            objective: objective.unwrap_or(&TaskLoss),
-        };
+        let task = ObjectiveTask::new(&*built, Vec::new(), objective.unwrap_or(&TaskLoss));
         let vars = model.store.trainable_vars();
         let (train, _) = self.splits();
         let mut seen = 0;
@@ -94,6 +93,14 @@ impl Trainer for Session {
     }
 }
 
+/// What [`Session::train_unfrozen`] did.
+struct RunOutcome {
+    steps: u64,
+    final_loss: Option<f64>,
+    stop: StopReason,
+    loss_curves: BTreeMap<String, LossCurve>,
+}
+
 impl Session {
     fn train_unfrozen(
         &self,
@@ -101,7 +108,10 @@ impl Session {
         settings: &TrainSettings,
         request: TrainRequest<'_>,
         ctx: &StageContext,
-    ) -> Result<(u64, Option<f64>, StopReason)> {
+    ) -> Result<RunOutcome> {
+        // Only a stage's own objective has parts worth a curve each; the plain task loss is
+        // `train.loss` already.
+        let log_terms = request.objective.is_some();
         let objective = request.objective.unwrap_or(&TaskLoss);
         if objective.frozen_models() > request.frozen.len() {
             return Err(EngineError::InvalidSetting(format!(
@@ -182,14 +192,16 @@ impl Session {
             validation,
             gradients: request.gradients,
             ctx,
+            terms: log_terms.then(|| TermLog::new(settings.log_every_steps)),
         };
-        let task = ObjectiveTask {
-            model: &*built,
-            frozen: frozen.iter().map(|m| &**m).collect(),
-            objective,
-        };
+        let task = ObjectiveTask::new(&*built, frozen.iter().map(|m| &**m).collect(), objective);
         let report = trainer.run(&task, &mut optimizer, train, &mut hooks)?;
-        Ok((report.steps, report.final_loss, report.stop_reason))
+        Ok(RunOutcome {
+            steps: report.steps,
+            final_loss: report.final_loss,
+            stop: report.stop_reason,
+            loss_curves: hooks.terms.map(|t| t.curves).unwrap_or_default(),
+        })
     }
 
     pub(super) fn splits(&self) -> (&[Example], &[Example]) {
@@ -225,8 +237,51 @@ fn head_groups(model: &WorkingModel, head_lr: Option<f64>) -> Result<Vec<ParamGr
         .collect())
 }
 
-/// Masks after each step, progress events, gradients to the request's observer, and the
-/// validation metric for early stopping.
+/// The loss terms of a run: averaged over every `every` steps, sent with that step's progress
+/// and kept as curves for the stage report.
+struct TermLog {
+    every: u64,
+    /// Per term: the sum of its step means since the last report, and how many steps.
+    pending: BTreeMap<String, (f64, u64)>,
+    curves: BTreeMap<String, LossCurve>,
+}
+
+impl TermLog {
+    fn new(every: u64) -> Self {
+        Self {
+            every: every.max(1),
+            pending: BTreeMap::new(),
+            curves: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a step's terms; at a logging step (every `every`, and the run's last) returns the
+    /// means since the last one and extends the curves with them.
+    fn add(&mut self, p: &Progress) -> Vec<(String, f64)> {
+        for (name, value) in &p.loss_terms {
+            let entry = self.pending.entry(name.clone()).or_default();
+            entry.0 += value;
+            entry.1 += 1;
+        }
+        let due = p.step % self.every == 0 || p.step == p.total_steps;
+        if !due {
+            return Vec::new();
+        }
+        let means: Vec<(String, f64)> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(name, (sum, n))| (name, sum / n.max(1) as f64))
+            .collect();
+        for (name, mean) in &means {
+            let curve = self.curves.entry(name.clone()).or_default();
+            curve.steps.push(p.step);
+            curve.values.push(*mean);
+        }
+        means
+    }
+}
+
+/// Masks after each step, progress events, gradients to the request's observer, the loss terms,
+/// and the validation metric for early stopping.
 struct StageHooks<'a, 'g> {
     session: &'a Session,
     built: &'a dyn TaskModel,
@@ -235,10 +290,16 @@ struct StageHooks<'a, 'g> {
     validation: &'a [Example],
     gradients: Option<&'g mut (dyn GradientObserver + 'g)>,
     ctx: &'a StageContext<'a>,
+    terms: Option<TermLog>,
 }
 
 impl TrainHooks for StageHooks<'_, '_> {
     fn on_progress(&mut self, p: &Progress) {
+        let loss_terms = self
+            .terms
+            .as_mut()
+            .map(|log| log.add(p))
+            .unwrap_or_default();
         (self.ctx.progress)(Event::Progress {
             index: self.ctx.index,
             step: p.step,
@@ -247,6 +308,7 @@ impl TrainHooks for StageHooks<'_, '_> {
             learning_rate: Some(p.learning_rate),
             samples_per_s: Some(p.samples_per_sec),
             eta_s: Some(p.eta_seconds),
+            loss_terms,
         });
     }
 

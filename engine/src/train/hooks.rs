@@ -19,6 +19,13 @@ pub trait TrainTask {
         batch: &Batch,
         dropout: Option<&DropoutRng>,
     ) -> candle_core::Result<candle_core::Tensor>;
+
+    /// The mean unweighted value of each named part of the loss over the batches since the last
+    /// call (`task`, `response`…), when the loss has parts; the trainer reports them with each
+    /// step's progress.
+    fn take_loss_terms(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// One progress report, sent after every optimizer step.
@@ -32,6 +39,9 @@ pub struct Progress {
     pub epoch: u64,
     /// Mean training loss over this step's micro-batches.
     pub loss: f64,
+    /// The mean unweighted value of each part of the loss over this step's micro-batches, when
+    /// the loss has named parts ([`TrainTask::take_loss_terms`]).
+    pub loss_terms: Vec<(String, f64)>,
     /// Learning rate of the default parameter group for this step.
     pub learning_rate: f64,
     /// Global gradient norm before clipping.

@@ -261,6 +261,7 @@ impl<'a> Trainer<'a> {
                 total_steps,
                 epoch: state.epoch,
                 loss: stats.loss,
+                loss_terms: task.take_loss_terms(),
                 learning_rate: optimizer.base_lr(schedule.factor(state.step - 1)),
                 grad_norm: stats.grad_norm,
                 samples_per_sec: samples as f64 / elapsed,

@@ -9,6 +9,7 @@ mod interop;
 #[path = "../tiny_task/mod.rs"]
 mod tiny_task;
 
+mod distill;
 mod export_interop;
 mod minilm;
 mod runner;

@@ -199,6 +199,7 @@ fn gradient_passes_and_training_show_every_weight_its_gradient() -> Result<()> {
         freeze: Vec::new(),
         grad_clip_norm: Some(1.0),
         early_stopping_patience: None,
+        log_every_steps: 10,
     };
     let mut during = Taylor::default();
     let teacher = before.deep_clone()?;

@@ -13,7 +13,7 @@ use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
 use crate::job_spec;
-use crate::store::{Created, Idempotency, NewJob};
+use crate::store::{Created, Idempotency, Model, NewJob};
 
 /// Header a client sets to make retries of a create safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -44,10 +44,16 @@ pub async fn create_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id, family) = resolve_inputs(&state, &spec).await?;
-    // With the registered model known, each stage's preconditions are checked against it too.
+    let (model_id, dataset_id, model) = resolve_inputs(&state, &spec).await?;
+    // With the registered model known, each stage's preconditions are checked against it too
+    // (models registered before the layer count was recorded leave it to the engine).
     let input = ModelState {
-        family: Some(family),
+        layers: model
+            .metadata
+            .get("layers")
+            .and_then(serde_json::Value::as_u64)
+            .map(|l| l as usize),
+        family: Some(model.architecture),
         ..ModelState::input(spec.task.task_type)
     };
     let violations = spec.validate_from(&input);
@@ -117,12 +123,9 @@ fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
 }
 
-/// The registered model and dataset the spec names, and the model's family, or a 422 pointing at
+/// The registered model and dataset the spec names, and the model's record, or a 422 pointing at
 /// the id.
-async fn resolve_inputs(
-    state: &AppState,
-    spec: &JobSpec,
-) -> Result<(Uuid, Uuid, String), ApiError> {
+async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid, Model), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -147,5 +150,5 @@ async fn resolve_inputs(
             format!("dataset {dataset_id} is not registered"),
         ));
     }
-    Ok((model_id, dataset_id, model.architecture))
+    Ok((model_id, dataset_id, model))
 }

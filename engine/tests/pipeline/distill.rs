@@ -1,0 +1,263 @@
+//! The `distill` stage end to end on the tiny keyword task: a student of the fine-tuned teacher's
+//! layers trained on the task loss and every kind of knowledge, each term reported as it trains
+//! and as a curve in the report.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
+
+use anyhow::Result;
+use candle_core::Device;
+use compressd_engine::pipeline::{Event, PipelineInputs, Workbench};
+use compressd_engine::spec::JobSpec;
+use compressd_engine::stages::{run_job, Session};
+use serde_json::{json, Value};
+use tiny_task::{write_data, write_model};
+
+use crate::tiny_task;
+
+/// Fine-tunes the tiny 2-layer classifier, then distills it with `distill` (a stage spec);
+/// returns the report's stage details, the student's and teacher's accuracy, and the events.
+fn finetune_then_distill(
+    distill: Value,
+) -> Result<(Value, f64, f64, Vec<Event>, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_model(&model_dir)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(json!({
+        "name": "tiny-distill", "model": model_dir,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            distill
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.2}
+    }))?;
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let events = Mutex::new(Vec::new());
+    let sink = |e: Event| events.lock().unwrap().push(e);
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &sink,
+        &AtomicBool::new(false),
+    )?;
+    let report = &result.report;
+    let (teacher, student) = (&report.stages[0], &report.stages[1]);
+    assert!(student.metrics.parameters < teacher.metrics.parameters);
+    // The report sets the student beside the teacher it came from.
+    let side_by_side = &student.details["teacher_and_student"];
+    assert_eq!(side_by_side["metric"], "accuracy");
+    assert_eq!(
+        side_by_side["teacher"]["parameters"],
+        teacher.metrics.parameters
+    );
+    assert_eq!(
+        side_by_side["student"]["parameters"],
+        student.metrics.parameters
+    );
+    let kept = side_by_side["metric_kept"].as_f64().unwrap();
+    let expected = student.metrics.accuracy.unwrap() / teacher.metrics.accuracy.unwrap();
+    assert!((kept - expected).abs() < 1e-12);
+    assert!(side_by_side["speedup_batch32"].as_f64().unwrap() > 0.0);
+    let markdown = std::fs::read_to_string(out.join("report.md"))?;
+    assert!(
+        markdown.contains("## Teacher and student (`1-distill`)"),
+        "{markdown}"
+    );
+    // The student is what the job saved, and it loads back and scores the same.
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
+    assert_eq!(
+        config["num_hidden_layers"],
+        student.details["student_layers"]
+    );
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = out.join("stages/1-distill/model");
+    let reloaded = session.load_saved(&saved)?;
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, student.metrics.accuracy);
+    Ok((
+        student.details.clone(),
+        student.metrics.accuracy.unwrap(),
+        teacher.metrics.accuracy.unwrap(),
+        events.into_inner().unwrap(),
+        dir,
+    ))
+}
+
+#[test]
+fn response_distillation_into_a_one_layer_student() -> Result<()> {
+    let (details, accuracy, _, _, dir) = finetune_then_distill(json!(
+        {"type": "distill", "student_layers": 1, "layer_init": "last", "epochs": 4,
+         "learning_rate": 0.003, "temperature": 2.0}
+    ))?;
+    assert_eq!(details["student_layers"], 1);
+    assert_eq!(details["kept_teacher_layers"], json!([1]));
+    assert_eq!(details["objective"], "0.5·task + 0.5·response");
+    assert!(
+        accuracy > 0.9,
+        "the student learns the keyword task: {accuracy}"
+    );
+    // No file of the teacher or of the objective is left in the student's folder.
+    let tensors = std::fs::read(
+        dir.path()
+            .join("out/stages/1-distill/model/model.safetensors"),
+    )?;
+    assert!(!String::from_utf8_lossy(&tensors[..2000.min(tensors.len())]).contains("distill."));
+    Ok(())
+}
+
+#[test]
+fn every_kind_of_knowledge_is_trained_and_reported_term_by_term() -> Result<()> {
+    let (details, accuracy, teacher, events, _dir) = finetune_then_distill(json!(
+        {"type": "distill", "student_layers": 1, "epochs": 4, "learning_rate": 0.003,
+         "weights": {"task": 0.5, "response": 0.5, "feature": 0.5, "relation": 0.5},
+         "layer_map": [1],
+         "feature": {"loss": "cosine", "tokens": "all", "attention": true},
+         "relation": {"loss": "kl", "temperature": 0.5},
+         "log_every_steps": 2}
+    ))?;
+    assert!(
+        accuracy >= teacher - 0.15 && accuracy > 0.8,
+        "student {accuracy}, teacher {teacher}"
+    );
+    assert_eq!(details["layer_map"], json!([[0, 1]]));
+    let curves = details["training"]["loss_curves"]
+        .as_object()
+        .expect("loss curves in the report");
+    let names: Vec<&str> = curves.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["attention", "feature", "relation", "response", "task"]
+    );
+    let steps = details["training"]["steps"].as_u64().unwrap();
+    for (name, curve) in curves {
+        let at: Vec<u64> = serde_json::from_value(curve["steps"].clone())?;
+        let values: Vec<f64> = serde_json::from_value(curve["values"].clone())?;
+        assert_eq!(at.len(), values.len());
+        assert_eq!(at.first(), Some(&2), "{name}: every 2 steps");
+        assert_eq!(at.last(), Some(&steps), "{name}: and the last step");
+        assert!(
+            values.iter().all(|v| v.is_finite() && *v >= 0.0),
+            "{name}: {values:?}"
+        );
+    }
+    // Knowledge is learned: the feature and response terms fall over training.
+    for name in ["feature", "response"] {
+        let values = curves[name]["values"].as_array().unwrap();
+        let (first, last) = (
+            values[0].as_f64().unwrap(),
+            values.last().unwrap().as_f64().unwrap(),
+        );
+        assert!(last < first, "{name}: {first} → {last}");
+    }
+    // The same terms went out with the progress events, only on logging steps.
+    let logged: Vec<(u64, usize)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Progress {
+                index: 1,
+                step,
+                loss_terms,
+                ..
+            } if !loss_terms.is_empty() => Some((*step, loss_terms.len())),
+            _ => None,
+        })
+        .collect();
+    assert!(!logged.is_empty());
+    assert!(logged
+        .iter()
+        .all(|&(step, n)| n == 5 && (step % 2 == 0 || step == steps)));
+    // Fine-tuning (the task loss alone) reports no terms.
+    assert!(events.iter().all(|e| !matches!(e,
+        Event::Progress { index: 0, loss_terms, .. } if !loss_terms.is_empty())));
+    Ok(())
+}
+
+#[test]
+fn feature_matching_alone_on_pooled_vectors_with_mse_and_infonce() -> Result<()> {
+    let (details, _, _, _, _dir) = finetune_then_distill(json!(
+        {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.003,
+         "weights": {"feature": 1.0, "relation": 0.2},
+         "feature": {"loss": "mse", "tokens": "cls"},
+         "relation": {"loss": "infonce", "pooling": "cls"}}
+    ))?;
+    assert_eq!(details["objective"], "1·feature + 0.2·relation");
+    // Uniform map: the one student layer matches the teacher's last.
+    assert_eq!(details["layer_map"], json!([[0, 1]]));
+    Ok(())
+}
+
+/// The same stage on a decoder: a 1-layer student of a fine-tuned 2-layer Llama, trained on the
+/// next-token loss with response knowledge over every predicted token and feature and relation
+/// knowledge; perplexity is the metric set side by side, and the student's GGUF generates in
+/// candle-transformers' quantized Llama.
+#[test]
+fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    crate::interop::write_llama(&model_dir, true)?;
+    let dataset = dir.path().join("corpus.txt");
+    crate::interop::write_corpus(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(json!({
+        "name": "tiny-llama-distill", "model": model_dir,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.01, "batch_size": 8},
+            {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.01,
+             "batch_size": 8, "log_every_steps": 1,
+             "weights": {"task": 0.5, "response": 0.5, "feature": 0.2, "relation": 0.2},
+             "feature": {"loss": "cosine"}, "relation": {"loss": "infonce"}}
+        ],
+        "outputs": ["safetensors", "gguf"],
+        "acceptance": {"metric": "perplexity", "max_relative_drop": 10.0}
+    }))?;
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let ignore = |_: Event| {};
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &ignore,
+        &AtomicBool::new(false),
+    )?;
+    let student = &result.report.stages[1];
+    let side_by_side = &student.details["teacher_and_student"];
+    assert_eq!(side_by_side["metric"], "perplexity");
+    let perplexity = student.metrics.perplexity.expect("perplexity measured");
+    assert!(perplexity.is_finite() && perplexity > 1.0, "{perplexity}");
+    assert_eq!(side_by_side["student"]["metric"], perplexity);
+    assert!(side_by_side["metric_kept"].as_f64().unwrap() > 0.0);
+    let curves = student.details["training"]["loss_curves"]
+        .as_object()
+        .unwrap();
+    for term in ["task", "response", "feature", "relation"] {
+        assert!(curves.contains_key(term), "{term}: {curves:?}");
+    }
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
+    assert_eq!(config["num_hidden_layers"], 1);
+    let gguf = result.final_dir.join("model.gguf");
+    let generated = crate::gguf_generation::generate(&gguf, &[1, 2, 3], 4)?;
+    let vocabulary = config["vocab_size"].as_u64().unwrap() as u32;
+    assert_eq!(generated.len(), 4);
+    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
+    Ok(())
+}
