@@ -12,6 +12,7 @@ mod check;
 mod llama;
 mod modules;
 mod surgery;
+mod vocabulary;
 
 use candle_core::Device;
 use serde_json::Value;
@@ -21,6 +22,7 @@ pub use check::{check_checkpoint, family_from_config, CheckpointProblem};
 pub use llama::LlamaFamily;
 pub use modules::{ModuleInfo, ModuleMap, ModuleRole};
 pub use surgery::{drop_layers, shrink, StructuredCut};
+pub use vocabulary::{renumbering, trim_vocabulary};
 
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;

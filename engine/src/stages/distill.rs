@@ -17,7 +17,8 @@ use crate::objective::{Objective, ResponseKd, TaskLoss, WeightedSum};
 use crate::params::ParamStore;
 use crate::pipeline::StageContext;
 use crate::spec::{
-    Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
+    Checker, Estimate, ModelState, Precondition, StageKind, TaskType, Workload, MAX_BATCH_SIZE,
+    MAX_EPOCHS,
 };
 
 /// Settings of a distillation stage.
@@ -52,6 +53,24 @@ pub struct DistillSpec {
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
     pub batch_size: u32,
+    /// The student's vocabulary: `full` keeps the teacher's; `task` keeps only the tokens the
+    /// task's data uses (every split, as tokenized for the job) plus the special tokens, cutting the
+    /// embedding table and renumbering the tokenizer shipped with the model. For WordPiece and
+    /// WordLevel tokenizers (BERT-style models); text outside the data's vocabulary then falls
+    /// back to shorter pieces or `[UNK]`.
+    #[serde(default)]
+    pub vocabulary: VocabularyChoice,
+}
+
+/// Which tokens a student keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VocabularyChoice {
+    /// The teacher's whole vocabulary.
+    #[default]
+    Full,
+    /// The tokens of the task's data and the special tokens.
+    Task,
 }
 
 /// Which teacher layers a student starts from.
@@ -181,7 +200,19 @@ impl StageKind for DistillSpec {
     }
 
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)
+        model.require_full_precision(Self::TYPE)?;
+        let byte_level = model.task == TaskType::LanguageModeling
+            || model.family.as_deref().is_some_and(|f| f != "bert");
+        if self.vocabulary == VocabularyChoice::Task && byte_level {
+            return Err(Precondition {
+                name: "a WordPiece vocabulary",
+                message: "vocabulary \"task\" trims WordPiece vocabularies (BERT-style \
+                          classifiers); a language model's BPE merges need tokens its data may \
+                          not use: leave vocabulary at \"full\""
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// A distillation step runs the teacher forward too: about 8 flops per parameter per token
@@ -250,7 +281,7 @@ impl Stage for DistillStage {
             .collect();
         let (config, tensors) = drop_layers(model.family()?, &model.config, tensors, &keep)?;
         // The student starts dense: masks of a pruned teacher do not carry over to new layers.
-        *model = WorkingModel::new(ParamStore::from_tensors(tensors, |_| true)?, config);
+        *model = teacher.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
         let alpha = self.spec.alpha;
         let objective = WeightedSum::new(vec![
             (1.0 - alpha, Box::new(TaskLoss) as Box<dyn Objective>),
@@ -268,6 +299,11 @@ impl Stage for DistillStage {
             gradients: None,
         };
         let summary = trainer.train_with(model, &settings, request, ctx)?;
+        // After training: the teacher reads the job's ids, so the student keeps them until then.
+        let vocabulary = match self.spec.vocabulary {
+            VocabularyChoice::Task => Some(trainer.trim_vocabulary(model)?),
+            VocabularyChoice::Full => None,
+        };
         Ok(serde_json::json!({
             "teacher_layers": teacher_layers,
             "student_layers": keep.len(),
@@ -275,6 +311,7 @@ impl Stage for DistillStage {
             "objective": objective.name(),
             "temperature": self.spec.temperature,
             "training": summary,
+            "vocabulary": vocabulary,
         }))
     }
 }

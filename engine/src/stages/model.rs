@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::vocabulary::TrimmedVocabulary;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{LinearFactory, LinearKind, LinearPlan, PackedWeights};
@@ -48,6 +49,8 @@ pub struct WorkingModel {
     masks: Option<MaskSet>,
     /// The quantized weights, once quantized.
     quantized: Option<QuantizedState>,
+    /// The vocabulary, once trimmed to the task's tokens; `None` is the input's.
+    vocabulary: Option<Arc<TrimmedVocabulary>>,
 }
 
 impl WorkingModel {
@@ -59,6 +62,16 @@ impl WorkingModel {
             plan: LinearPlan::default(),
             masks: None,
             quantized: None,
+            vocabulary: None,
+        }
+    }
+
+    /// A model of new weights and config (a student built from this one) that keeps this model's
+    /// vocabulary: the tokens its tables are indexed by do not change with its layers.
+    pub fn derived(&self, store: ParamStore, config: serde_json::Value) -> Self {
+        Self {
+            vocabulary: self.vocabulary.clone(),
+            ..Self::new(store, config)
         }
     }
 
@@ -73,6 +86,7 @@ impl WorkingModel {
             plan: self.plan.clone(),
             masks: self.masks.clone(),
             quantized: self.quantized.clone(),
+            vocabulary: self.vocabulary.clone(),
         })
     }
 
@@ -114,6 +128,16 @@ impl WorkingModel {
     /// Records pruning masks (they are applied by the caller).
     pub fn set_masks(&mut self, masks: MaskSet) {
         self.masks = Some(masks);
+    }
+
+    /// The trimmed vocabulary, if the model's was trimmed (see [`super::vocabulary`]).
+    pub fn vocabulary(&self) -> Option<&Arc<TrimmedVocabulary>> {
+        self.vocabulary.as_ref()
+    }
+
+    /// Records the model's vocabulary (its tables must already have its size).
+    pub fn set_vocabulary(&mut self, vocabulary: Option<Arc<TrimmedVocabulary>>) {
+        self.vocabulary = vocabulary;
     }
 
     /// The quantized weights, if quantized.

@@ -17,3 +17,4 @@ mod smollm;
 mod stages_prune;
 mod stages_spec;
 mod tiny;
+mod vocabulary;
