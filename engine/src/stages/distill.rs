@@ -199,8 +199,9 @@ impl StageKind for DistillSpec {
         );
     }
 
+    /// A quantized or pruned teacher is fine: the student starts from its (dequantized) weights
+    /// in full precision, and only the frozen teacher runs on the quantized kernels.
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)?;
         let byte_level = model.task == TaskType::LanguageModeling
             || model.family.as_deref().is_some_and(|f| f != "bert");
         if self.vocabulary == VocabularyChoice::Task && byte_level {
@@ -213,6 +214,12 @@ impl StageKind for DistillSpec {
             });
         }
         Ok(())
+    }
+
+    /// The student is a new, dense model in full precision.
+    fn transform(&self, model: &mut ModelState, _index: usize) {
+        model.quantized_at = None;
+        model.pruned = false;
     }
 
     /// A distillation step runs the teacher forward too: about 8 flops per parameter per token
@@ -253,11 +260,6 @@ impl Stage for DistillStage {
     }
 
     fn validate(&self, model: &WorkingModel) -> Result<()> {
-        if model.quantized().is_some() {
-            return Err(EngineError::InvalidSetting(
-                "distill: the model's weights are quantized (post-training); distill before quantizing".into(),
-            ));
-        }
         self.spec
             .student_layer_indices(Self::teacher_layers(model)?)
             .map(|_| ())
@@ -280,7 +282,8 @@ impl Stage for DistillStage {
             .map(|(n, t)| (n, t.detach()))
             .collect();
         let (config, tensors) = drop_layers(model.family()?, &model.config, tensors, &keep)?;
-        // The student starts dense: masks of a pruned teacher do not carry over to new layers.
+        // The student starts dense and in full precision: masks of a pruned teacher do not carry
+        // over to new layers, and a quantized teacher's store holds its dequantized weights.
         *model = teacher.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
         let alpha = self.spec.alpha;
         let objective = WeightedSum::new(vec![

@@ -1,6 +1,7 @@
-//! Vocabulary trimming (`distill` with `vocabulary: "task"`) end to end on the tiny keyword task:
-//! the student keeps the data's tokens only, ships a renumbered tokenizer, is quantized after, and
-//! a resumed job reads its data in the trimmed vocabulary.
+//! Vocabulary trimming (`distill` with `vocabulary: "task"`) end to end on the tiny keyword task,
+//! in the seed's order (quantize, then distill from the quantized teacher, then quantize the
+//! student): the student keeps the data's tokens only, ships a renumbered tokenizer, and a resumed
+//! job reads its data in the trimmed vocabulary.
 
 use std::sync::atomic::AtomicBool;
 
@@ -32,6 +33,7 @@ fn a_distilled_student_keeps_only_the_datas_tokens_and_ships_a_matching_tokenize
         "task": {"type": "text_classification", "dataset": dataset},
         "pipeline": [
             {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "scheme": "int8"},
             {"type": "distill", "student_layers": 1, "layer_init": "last", "epochs": 4,
              "learning_rate": 0.003, "vocabulary": "task"},
             {"type": "quantize", "scheme": "int8"}
@@ -55,17 +57,17 @@ fn a_distilled_student_keeps_only_the_datas_tokens_and_ships_a_matching_tokenize
         &AtomicBool::new(false),
     )?;
     let report = &result.report;
-    let vocabulary = &report.stages[1].details["vocabulary"];
+    let vocabulary = &report.stages[2].details["vocabulary"];
     assert_eq!(vocabulary["tokens_before"], 14);
     assert_eq!(vocabulary["tokens_kept"], 12);
     assert!(vocabulary["parameters_after"].as_u64() < vocabulary["parameters_before"].as_u64());
-    for stage in &report.stages[1..] {
+    for stage in &report.stages[2..] {
         let accuracy = stage.metrics.accuracy.unwrap();
         assert!(accuracy > 0.9, "{}: {accuracy}", stage.label);
     }
 
     // The saved student (and the quantized one after it) carry the renumbered tokenizer.
-    for saved in [out.join("stages/1-distill/model"), result.final_dir.clone()] {
+    for saved in [out.join("stages/2-distill/model"), result.final_dir.clone()] {
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(saved.join("config.json"))?)?;
         assert_eq!(config["vocab_size"], 12);
@@ -83,10 +85,10 @@ fn a_distilled_student_keeps_only_the_datas_tokens_and_ships_a_matching_tokenize
 
     // A resumed job loads the trimmed student and reads its data in the student's vocabulary.
     let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
-    let student_dir = out.join("stages/1-distill/model");
+    let student_dir = out.join("stages/2-distill/model");
     let reloaded = session.load_saved(&student_dir)?;
     let again = session.evaluate(&reloaded, &student_dir)?;
-    assert_eq!(again.accuracy, report.stages[1].metrics.accuracy);
+    assert_eq!(again.accuracy, report.stages[2].metrics.accuracy);
     Ok(())
 }
 
