@@ -104,3 +104,73 @@ fn vocabulary_trimming_is_refused_for_language_models_at_submission() -> Result<
     assert!(text.contains("WordPiece"), "{text}");
     Ok(())
 }
+
+#[test]
+#[ignore = "needs transformers: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored vocabulary::tiny_"]
+fn tiny_trimmed_student_loads_in_transformers_with_its_own_tokenizer() -> Result<()> {
+    use crate::interop::{assert_loaded_and_agrees, classifier_logits, transformers_compare};
+    use compressd_engine::data::TextEncoder;
+
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_model(&model_dir)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let text = std::fs::read_to_string(&dataset)?.replace("plot", "film");
+    std::fs::write(&dataset, &text)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-vocabulary-interop", "model": model_dir,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.003,
+             "vocabulary": "task"}
+        ],
+        "acceptance": {"metric": "accuracy", "max_drop": 0.5}
+    }))?;
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &dir.path().join("out"),
+        &|_: Event| {},
+        &AtomicBool::new(false),
+    )?;
+    let final_dir = result.final_dir;
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let student = session.load_saved(&final_dir)?;
+    assert_eq!(student.config["vocab_size"], 13);
+
+    // The engine's logits on the ids of the folder's own (renumbered) tokenizer; transformers
+    // tokenizes the same texts with AutoTokenizer on the folder, as a user would.
+    let texts: Vec<String> = text
+        .lines()
+        .map(serde_json::from_str::<serde_json::Value>)
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .filter(|r| r["split"] == "test")
+        .filter_map(|r| r["text"].as_str().map(str::to_owned))
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encoder = TextEncoder::from_file(&final_dir.join("tokenizer.json"), 128)?;
+    let rows = encoder.encode_all(&refs)?;
+    let logits = classifier_logits(&student, &rows)?;
+    let request = serde_json::json!({
+        "model_dir": final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| serde_json::json!({"input_ids": ids, "logits": l}))
+            .collect::<Vec<_>>(),
+        "tokenize": {"texts": texts, "max_length": 128},
+    });
+    let compared = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&compared, "BertForSequenceClassification", 0.99);
+    assert_eq!(compared["token_agreement"], 1.0, "{compared}");
+    let diff = compared["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    Ok(())
+}
