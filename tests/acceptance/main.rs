@@ -7,4 +7,5 @@ mod acceptance_support;
 mod gguf_generation;
 
 mod minilm;
+mod seed_pipeline;
 mod smollm;
