@@ -9,4 +9,5 @@ mod gguf_generation;
 mod minilm;
 mod minilm_structured;
 mod minilm_distill;
+mod seed_pipeline;
 mod smollm;

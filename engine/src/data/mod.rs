@@ -10,6 +10,7 @@ pub mod classification;
 pub mod lm;
 pub mod split;
 pub mod tokenize;
+pub mod vocabulary;
 
 pub use batch::{epoch_order, Batch, Example};
 pub use classification::{ClassificationData, ClassificationSpec, LabelMap};

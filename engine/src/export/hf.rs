@@ -12,7 +12,7 @@ use super::transformers::HfArchitecture;
 use crate::error::{EngineError, Result};
 
 /// Tokenizer and vocabulary files copied next to the weights when present in the source folder.
-const TOKENIZER_FILES: &[&str] = &[
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",

@@ -10,5 +10,5 @@ mod transformers;
 
 pub use gguf::{export_llama_gguf, GgufExportOptions};
 pub use gguf_tokenizer::{metadata_from_tokenizer_json, tokenizer_metadata};
-pub use hf::{export_hf_folder, export_transformers_folder};
+pub use hf::{export_hf_folder, export_transformers_folder, TOKENIZER_FILES};
 pub use transformers::HfArchitecture;

@@ -13,6 +13,7 @@ mod llama;
 mod modules;
 mod surgery;
 mod uneven;
+mod vocabulary;
 
 use candle_core::Device;
 use serde_json::Value;
@@ -23,6 +24,7 @@ pub use llama::LlamaFamily;
 pub use modules::{ModuleInfo, ModuleMap, ModuleRole};
 pub use surgery::{drop_layers, shrink, StructuredCut};
 pub use uneven::{cut_padding, pad_to_config, recorded_widths, LayerWidths, LAYER_WIDTHS_FIELD};
+pub use vocabulary::{renumbering, trim_vocabulary};
 
 use crate::error::{EngineError, Result};
 use crate::layers::LinearFactory;

@@ -374,3 +374,84 @@ fn a_head_of_another_width_is_refused_naming_it() {
         .to_string();
     assert!(err.contains("classifier.weight has 2 rows"), "{err}");
 }
+
+/// `batch()` with every id renumbered through `kept`.
+fn renumbered_batch(kept: &[u32], vocab_size: usize) -> Batch {
+    let new_ids = renumbering(kept, vocab_size);
+    let rows: Vec<Example> = [vec![1u32, 5, 9, 3, 2], vec![1, 7, 2]]
+        .into_iter()
+        .zip([0, 1])
+        .map(|(ids, label)| Example {
+            input_ids: ids.iter().map(|&i| new_ids[i as usize].unwrap()).collect(),
+            label: Some(label),
+        })
+        .collect();
+    let refs: Vec<&Example> = rows.iter().collect();
+    // Padding id 0 is kept first, so it is still 0.
+    Batch::collate(&refs, 0, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn a_trimmed_vocabulary_computes_the_same_outputs_on_renumbered_ids() {
+    // The ids `batch()` uses, the padding id and one unused token, in old-id order.
+    let kept = [0u32, 1, 2, 3, 5, 7, 9, 15];
+
+    let config = tiny_bert_config();
+    let tensors = random_tensors(&config, TaskType::TextClassification, 11);
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let map = BertFamily.modules(&config, &names).unwrap();
+    let (trimmed_cfg, trimmed) = trim_vocabulary(&map, &config, tensors.clone(), &kept).unwrap();
+    assert_eq!(trimmed_cfg["vocab_size"], kept.len());
+    let shape = |ts: &[(String, Tensor)], name: &str| {
+        ts.iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .dims()
+            .to_vec()
+    };
+    assert_eq!(
+        shape(&trimmed, "embeddings.word_embeddings.weight"),
+        [8, 16]
+    );
+    // Position and token-type tables are not vocabulary-indexed.
+    assert_eq!(
+        shape(&trimmed, "embeddings.position_embeddings.weight"),
+        shape(&tensors, "embeddings.position_embeddings.weight")
+    );
+    let before = build(&config, TaskType::TextClassification, &tensors)
+        .unwrap()
+        .forward(&batch(), Outputs::LOGITS, None)
+        .unwrap();
+    let after = build(&trimmed_cfg, TaskType::TextClassification, &trimmed)
+        .unwrap()
+        .forward(&renumbered_batch(&kept, 20), Outputs::LOGITS, None)
+        .unwrap();
+    assert!(max_diff(&before.logits, &after.logits) < 1e-6);
+
+    // A decoder with tied embeddings: the output matrix is the embedding, so the logits are the
+    // old logits at the kept tokens' columns.
+    let config = tiny_llama_config();
+    let tensors = random_tensors(&config, TaskType::LanguageModeling, 12);
+    let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let map = LlamaFamily.modules(&config, &names).unwrap();
+    let (trimmed_cfg, trimmed) = trim_vocabulary(&map, &config, tensors.clone(), &kept).unwrap();
+    let before = build(&config, TaskType::LanguageModeling, &tensors)
+        .unwrap()
+        .forward(&batch(), Outputs::LOGITS, None)
+        .unwrap();
+    let after = build(&trimmed_cfg, TaskType::LanguageModeling, &trimmed)
+        .unwrap()
+        .forward(&renumbered_batch(&kept, 24), Outputs::LOGITS, None)
+        .unwrap();
+    let columns = Tensor::from_slice(&kept, kept.len(), &Device::Cpu).unwrap();
+    let want = before.logits.index_select(&columns, 2).unwrap();
+    assert!(max_diff(&want, &after.logits) < 1e-5);
+
+    for bad in [&[][..], &[0, 0][..], &[0, 24][..]] {
+        assert!(
+            trim_vocabulary(&map, &config, tensors.clone(), bad).is_err(),
+            "{bad:?}"
+        );
+    }
+}

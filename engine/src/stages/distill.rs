@@ -11,7 +11,9 @@ pub mod spec;
 
 use candle_core::Device;
 
-pub use spec::{DistillSpec, FeatureSpec, LayerInit, LayerRule, LossWeights, RelationSpec};
+pub use spec::{
+    DistillSpec, FeatureSpec, LayerInit, LayerRule, LossWeights, RelationSpec, VocabularyChoice,
+};
 
 use super::{Stage, TrainRequest, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
@@ -107,11 +109,6 @@ impl Stage for DistillStage {
     }
 
     fn validate(&self, model: &WorkingModel) -> Result<()> {
-        if model.quantized().is_some() {
-            return Err(EngineError::InvalidSetting(
-                "distill: the model's weights are quantized (post-training); distill before quantizing".into(),
-            ));
-        }
         let teacher_layers = Self::teacher_layers(model)?;
         let keep = self.spec.student_layer_indices(teacher_layers)?;
         if self.spec.weights.feature > 0.0 {
@@ -144,8 +141,9 @@ impl Stage for DistillStage {
             config_usize(&config, "hidden_size")?,
             config_usize(&teacher.config, "hidden_size")?,
         );
-        // The student starts dense: masks of a pruned teacher do not carry over to new layers.
-        *model = WorkingModel::new(ParamStore::from_tensors(tensors, |_| true)?, config);
+        // The student starts dense and in full precision: masks of a pruned teacher do not carry
+        // over to new layers, and a quantized teacher's store holds its dequantized weights.
+        *model = teacher.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
         let objective = self.objective(keep.len(), teacher_layers, widths, &device)?;
         let settings = TrainSettings::for_distillation(&self.spec);
         // With the task loss alone (an ablation's baseline) the teacher need not run at all.
@@ -160,6 +158,11 @@ impl Stage for DistillStage {
             gradients: None,
         };
         let summary = trainer.train_with(model, &settings, request, ctx)?;
+        // After training: the teacher reads the job's ids, so the student keeps them until then.
+        let vocabulary = match self.spec.vocabulary {
+            VocabularyChoice::Task => Some(trainer.trim_vocabulary(model)?),
+            VocabularyChoice::Full => None,
+        };
         let layer_map = (self.spec.weights.feature > 0.0)
             .then(|| self.spec.feature_layer_pairs(keep.len(), teacher_layers))
             .transpose()?;
@@ -172,6 +175,7 @@ impl Stage for DistillStage {
             "temperature": self.spec.temperature,
             "layer_map": layer_map,
             "training": summary,
+            "vocabulary": vocabulary,
         }))
     }
 }

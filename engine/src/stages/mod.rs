@@ -17,12 +17,14 @@ pub mod quantize;
 mod saving;
 mod session;
 mod training;
+mod vocabulary;
 
 pub use finetune::{FinetuneStage, TrainSettings};
 pub use model::WorkingModel;
 pub use prune::PruneStage;
 pub use quantize::QuantizeStage;
 pub use session::{run_job, Session};
+pub use vocabulary::{TrimmedVocabulary, VocabularyReport};
 
 use std::collections::BTreeMap;
 
@@ -90,6 +92,18 @@ pub trait Trainer {
         objective: Option<&dyn Objective>,
         observer: &mut dyn GradientObserver,
     ) -> Result<usize>;
+
+    /// Trims `model`'s vocabulary to the tokens the task's data uses (every split, as tokenized
+    /// for the job) and the special tokens; later forward passes and the saved tokenizer follow.
+    ///
+    /// # Errors
+    /// A trainer without the job's data, or as [`vocabulary::trim_model`].
+    fn trim_vocabulary(&self, model: &mut WorkingModel) -> Result<VocabularyReport> {
+        let _ = model;
+        Err(crate::EngineError::Unsupported(
+            "vocabulary trimming needs the job's data".into(),
+        ))
+    }
 }
 
 /// What a training run optimises beyond the task loss.

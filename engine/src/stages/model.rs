@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::vocabulary::TrimmedVocabulary;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{InputRecorder, LinearFactory, LinearKind, LinearPlan, PackedWeights};
@@ -50,6 +51,8 @@ pub struct WorkingModel {
     quantized: Option<QuantizedState>,
     /// Set during a calibration pass: models built from this one record their linear inputs.
     recorder: Option<Arc<InputRecorder>>,
+    /// The vocabulary, once trimmed to the task's tokens; `None` is the input's.
+    vocabulary: Option<Arc<TrimmedVocabulary>>,
 }
 
 impl WorkingModel {
@@ -62,6 +65,16 @@ impl WorkingModel {
             masks: None,
             quantized: None,
             recorder: None,
+            vocabulary: None,
+        }
+    }
+
+    /// A model of new weights and config (a student built from this one) that keeps this model's
+    /// vocabulary: the tokens its tables are indexed by do not change with its layers.
+    pub fn derived(&self, store: ParamStore, config: serde_json::Value) -> Self {
+        Self {
+            vocabulary: self.vocabulary.clone(),
+            ..Self::new(store, config)
         }
     }
 
@@ -77,6 +90,7 @@ impl WorkingModel {
             masks: self.masks.clone(),
             quantized: self.quantized.clone(),
             recorder: None,
+            vocabulary: self.vocabulary.clone(),
         })
     }
 
@@ -118,6 +132,16 @@ impl WorkingModel {
     /// Records pruning masks (they are applied by the caller).
     pub fn set_masks(&mut self, masks: MaskSet) {
         self.masks = Some(masks);
+    }
+
+    /// The trimmed vocabulary, if the model's was trimmed (see [`super::vocabulary`]).
+    pub fn vocabulary(&self) -> Option<&Arc<TrimmedVocabulary>> {
+        self.vocabulary.as_ref()
+    }
+
+    /// Records the model's vocabulary (its tables must already have its size).
+    pub fn set_vocabulary(&mut self, vocabulary: Option<Arc<TrimmedVocabulary>>) {
+        self.vocabulary = vocabulary;
     }
 
     /// The quantized weights, if quantized.

@@ -226,6 +226,7 @@ impl StageKind for PruneSpec {
             {
                 Err(Precondition {
                     name: "uniform layers",
+                    field: Some("scope"),
                     message: format!(
                         "structured `prune` of {} must use scope uniform: their formats \
                          (transformers, GGUF) need the same heads and FFN width in every layer",

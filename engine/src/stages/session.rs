@@ -8,8 +8,10 @@
 //! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
 //! `model.gguf` when the spec asks for GGUF output.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -17,11 +19,13 @@ use serde::{Deserialize, Serialize};
 use super::build;
 use super::model::WorkingModel;
 use super::saving::SavedQuantization;
+use super::vocabulary::TrimmedVocabulary;
+use crate::data::vocabulary::{read_tokenizer_files, unknown_token_id, TokenizerFiles};
 use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
 };
 use crate::error::{EngineError, Result};
-use crate::family::{family_for_task, ModuleRole};
+use crate::family::{family_for_task, renumbering, ModuleRole};
 use crate::loading::{read_gguf, Checkpoint};
 use crate::models::TaskModel;
 use crate::params::ParamStore;
@@ -49,6 +53,9 @@ pub(super) enum TaskData {
 struct SavedState {
     pruned: Vec<String>,
     quantized: Option<SavedQuantization>,
+    /// For a trimmed vocabulary, the input tokenizer's ids of the kept tokens, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vocabulary: Option<Vec<u32>>,
 }
 
 /// The job's model source, data and device.
@@ -59,6 +66,8 @@ pub struct Session {
     pub(super) encoder: TextEncoder,
     model_path: PathBuf,
     tokenizer_dir: Option<PathBuf>,
+    /// The trimmed vocabulary the data's ids are in (`None`: the input tokenizer's).
+    vocabulary: Option<Arc<TrimmedVocabulary>>,
     /// Training runs started in the current stage: each gets its own checkpoint folder.
     pub(super) train_runs: std::cell::Cell<usize>,
 }
@@ -123,6 +132,7 @@ impl Session {
             encoder,
             model_path: inputs.model.clone(),
             tokenizer_dir: tokenizer.parent().map(Path::to_path_buf),
+            vocabulary: None,
             train_runs: std::cell::Cell::new(0),
         })
     }
@@ -189,34 +199,115 @@ impl Session {
         model.store.set_init_missing(None);
         Ok(model)
     }
+
+    /// The tokenizer files of `model`: its trimmed vocabulary's, else the input's.
+    pub(super) fn tokenizer_files(&self, model: &WorkingModel) -> Result<TokenizerFiles> {
+        match (model.vocabulary(), &self.tokenizer_dir) {
+            (Some(vocabulary), _) => Ok(vocabulary.files.clone()),
+            (None, Some(dir)) => read_tokenizer_files(dir),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+
+    /// Every token id in the task's data, all splits, and the padding id, in `model`'s vocabulary.
+    ///
+    /// # Errors
+    /// A model whose vocabulary the data does not follow (a stage that trimmed it and did not
+    /// return yet).
+    pub(super) fn data_token_ids(&self, model: &WorkingModel) -> Result<BTreeSet<u32>> {
+        if self.vocabulary.as_deref() != model.vocabulary().map(|v| &**v) {
+            return Err(EngineError::InvalidSetting(
+                "vocabulary: the model's vocabulary changed within this stage; trim it once".into(),
+            ));
+        }
+        let splits: Vec<&[Example]> = match &self.data {
+            TaskData::Classification(d) => vec![&d.train, &d.validation, &d.test],
+            TaskData::LanguageModeling(c) => vec![&c.train, &c.validation],
+        };
+        Ok(splits
+            .into_iter()
+            .flatten()
+            .flat_map(|e| e.input_ids.iter().copied())
+            .chain([self.encoder.pad_id()])
+            .collect())
+    }
+
+    /// Renumbers the data's token ids (and swaps the encoder) to `model`'s vocabulary when a stage
+    /// trimmed it, or when a saved model of another vocabulary is loaded.
+    fn follow_vocabulary(&mut self, model: &WorkingModel) -> Result<()> {
+        let target = model.vocabulary();
+        if self.vocabulary.as_deref() == target.map(|v| &**v) {
+            return Ok(());
+        }
+        let (new_ids, encoder) = match target {
+            Some(vocabulary) => {
+                let json = vocabulary.tokenizer_json()?;
+                let size = vocabulary.kept.iter().max().map_or(0, |m| *m as usize + 1);
+                let unk = unknown_token_id(json);
+                let tokenizer = tokenizers::Tokenizer::from_bytes(json)
+                    .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+                let encoder = TextEncoder::new(tokenizer, self.encoder.max_length(), None)?;
+                (Some((renumbering(&vocabulary.kept, size), unk)), encoder)
+            }
+            None => {
+                let dir = self.tokenizer_dir.as_deref().unwrap_or(Path::new("."));
+                let encoder =
+                    TextEncoder::from_file(&dir.join("tokenizer.json"), self.encoder.max_length())?;
+                (None, encoder)
+            }
+        };
+        let current = self.vocabulary.clone();
+        let renumber = |id: u32| -> Result<u32> {
+            let input = match &current {
+                Some(v) => v.kept[id as usize],
+                None => id,
+            };
+            match &new_ids {
+                None => Ok(input),
+                Some((table, unk)) => table
+                    .get(input as usize)
+                    .copied()
+                    .flatten()
+                    .or(*unk)
+                    .ok_or_else(|| {
+                        EngineError::InvalidModel(format!(
+                            "token {input} of the data is not in the trimmed vocabulary, which has no unknown token"
+                        ))
+                    }),
+            }
+        };
+        let splits: Vec<&mut Vec<Example>> = match &mut self.data {
+            TaskData::Classification(d) => vec![&mut d.train, &mut d.validation, &mut d.test],
+            TaskData::LanguageModeling(c) => vec![&mut c.train, &mut c.validation],
+        };
+        for example in splits.into_iter().flatten() {
+            for id in &mut example.input_ids {
+                *id = renumber(*id)?;
+            }
+        }
+        self.encoder = encoder;
+        self.vocabulary = target.cloned();
+        Ok(())
+    }
 }
 
 impl Workbench for Session {
     type Model = WorkingModel;
 
     fn load_input(&mut self) -> Result<WorkingModel> {
-        let checkpoint = if self.model_path.is_dir() {
-            // Under the engine's names, so an input in transformers' layout and the folders this
-            // job saves (read back on resume) name every weight alike.
-            super::saving::read_dense(&self.model_path, &self.device, self.spec.task.task_type)?
-        } else {
-            read_gguf(&self.model_path, DType::F32, &self.device)?
-        };
-        self.model_from_checkpoint(checkpoint)
+        let model = self.load_input_model()?;
+        self.follow_vocabulary(&model)?;
+        Ok(model)
     }
 
     fn load_saved(&mut self, dir: &Path) -> Result<WorkingModel> {
         let state: SavedState = read_json(&dir.join(STATE_FILE))?;
-        let task = self.spec.task.task_type;
-        let (mut model, packed) = match &state.quantized {
-            Some(_) => super::saving::load_quantized(dir, &self.device, task)?,
-            None => {
-                let checkpoint = super::saving::read_dense(dir, &self.device, task)?;
-                (self.model_from_checkpoint(checkpoint)?, Default::default())
-            }
-        };
-        let quantized = state.quantized.as_ref().map(|saved| (saved, packed));
-        super::saving::restore(&mut model, &state.pruned, quantized)?;
+        let mut model = self.load_saved_model(dir, &state)?;
+        if let Some(kept) = state.vocabulary {
+            let files = read_tokenizer_files(dir)?;
+            model.set_vocabulary(Some(Arc::new(TrimmedVocabulary { kept, files })));
+        }
+        self.follow_vocabulary(&model)?;
         Ok(model)
     }
 
@@ -229,7 +320,9 @@ impl Workbench for Session {
         let stage = build(spec)?;
         stage.validate(model)?;
         self.train_runs.set(0);
-        stage.run(model, &*self, ctx)
+        let report = stage.run(model, &*self, ctx)?;
+        self.follow_vocabulary(model)?;
+        Ok(report)
     }
 
     fn save(&mut self, model: &WorkingModel, dir: &Path) -> Result<()> {
@@ -241,6 +334,17 @@ impl Workbench for Session {
             self.tokenizer_dir.as_deref(),
             self.spec.task.task_type,
         )?;
+        // A trimmed vocabulary ships its own, renumbered tokenizer files.
+        let vocabulary = match model.vocabulary() {
+            Some(trimmed) => {
+                for (name, bytes) in &trimmed.files {
+                    let path = dir.join(name);
+                    std::fs::write(&path, bytes).map_err(|e| EngineError::io(&path, e))?;
+                }
+                Some(trimmed.kept.clone())
+            }
+            None => None,
+        };
         if self.spec.outputs.contains(&OutputFormat::Gguf)
             && self.spec.task.task_type == TaskType::LanguageModeling
         {
@@ -251,11 +355,46 @@ impl Workbench for Session {
                 self.tokenizer_dir.as_deref(),
             )?;
         }
-        write_json(&dir.join(STATE_FILE), &SavedState { pruned, quantized })
+        write_json(
+            &dir.join(STATE_FILE),
+            &SavedState {
+                pruned,
+                quantized,
+                vocabulary,
+            },
+        )
     }
 
     fn evaluate(&mut self, model: &WorkingModel, _dir: &Path) -> Result<ModelMetrics> {
+        self.follow_vocabulary(model)?;
         super::measure::evaluate(self, model)
+    }
+}
+
+impl Session {
+    fn load_input_model(&mut self) -> Result<WorkingModel> {
+        let checkpoint = if self.model_path.is_dir() {
+            // Under the engine's names, so an input in transformers' layout and the folders this
+            // job saves (read back on resume) name every weight alike.
+            super::saving::read_dense(&self.model_path, &self.device, self.spec.task.task_type)?
+        } else {
+            read_gguf(&self.model_path, DType::F32, &self.device)?
+        };
+        self.model_from_checkpoint(checkpoint)
+    }
+
+    fn load_saved_model(&mut self, dir: &Path, state: &SavedState) -> Result<WorkingModel> {
+        let task = self.spec.task.task_type;
+        let (mut model, packed) = match &state.quantized {
+            Some(_) => super::saving::load_quantized(dir, &self.device, task)?,
+            None => {
+                let checkpoint = super::saving::read_dense(dir, &self.device, task)?;
+                (self.model_from_checkpoint(checkpoint)?, Default::default())
+            }
+        };
+        let quantized = state.quantized.as_ref().map(|saved| (saved, packed));
+        super::saving::restore(&mut model, &state.pruned, quantized)?;
+        Ok(model)
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::Var;
 
 use super::model::WorkingModel;
 use super::session::{Session, TaskData};
-use super::{LossCurve, TrainRequest, TrainSettings, TrainSummary, Trainer};
+use super::{LossCurve, TrainRequest, TrainSettings, TrainSummary, Trainer, VocabularyReport};
 use crate::data::{Batch, Example};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
@@ -90,6 +90,12 @@ impl Trainer for Session {
             seen += 1;
         }
         Ok(seen)
+    }
+
+    fn trim_vocabulary(&self, model: &mut WorkingModel) -> Result<VocabularyReport> {
+        let files = self.tokenizer_files(model)?;
+        let used = self.data_token_ids(model)?;
+        super::vocabulary::trim_model(model, &files, &used)
     }
 }
 

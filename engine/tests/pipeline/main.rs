@@ -19,3 +19,4 @@ mod stages_prune;
 mod stages_spec;
 mod stages_structured;
 mod tiny;
+mod vocabulary;

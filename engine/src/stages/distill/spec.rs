@@ -7,7 +7,8 @@ use super::DistillStage;
 use crate::error::{EngineError, Result};
 use crate::objective::{FeatureLoss, Pooling, RelationLoss, Tokens};
 use crate::spec::{
-    Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
+    Checker, Estimate, ModelState, Precondition, StageKind, TaskType, Workload, MAX_BATCH_SIZE,
+    MAX_EPOCHS,
 };
 use crate::stages::finetune::{default_batch_size, default_finetune_epochs, default_learning_rate};
 use crate::stages::Stage;
@@ -58,6 +59,24 @@ pub struct DistillSpec {
     #[serde(default = "default_log_every_steps")]
     #[schemars(range(min = 1, max = 100_000))]
     pub log_every_steps: u32,
+    /// The student's vocabulary: `full` keeps the teacher's; `task` keeps only the tokens the
+    /// task's data uses (every split, as tokenized for the job) plus the special tokens, cutting the
+    /// embedding table and renumbering the tokenizer shipped with the model. For WordPiece and
+    /// WordLevel tokenizers (BERT-style models); text outside the data's vocabulary then falls
+    /// back to shorter pieces or `[UNK]`.
+    #[serde(default)]
+    pub vocabulary: VocabularyChoice,
+}
+
+/// Which tokens a student keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VocabularyChoice {
+    /// The teacher's whole vocabulary.
+    #[default]
+    Full,
+    /// The tokens of the task's data and the special tokens.
+    Task,
 }
 
 /// The weights of the loss terms; the student minimises `Σ weight · term`. A term of weight 0 is
@@ -393,8 +412,21 @@ impl StageKind for DistillSpec {
         );
     }
 
+    /// A quantized or pruned teacher is fine: the student starts from its (dequantized) weights
+    /// in full precision, and only the frozen teacher runs on the quantized kernels.
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)?;
+        let byte_level = model.task == TaskType::LanguageModeling
+            || model.family.as_deref().is_some_and(|f| f != "bert");
+        if self.vocabulary == VocabularyChoice::Task && byte_level {
+            return Err(Precondition {
+                name: "a WordPiece vocabulary",
+                field: Some("vocabulary"),
+                message: "vocabulary \"task\" trims WordPiece vocabularies (BERT-style \
+                          classifiers); a language model's BPE merges need tokens its data may \
+                          not use: leave vocabulary at \"full\""
+                    .into(),
+            });
+        }
         match model.layers.and_then(|l| self.check_against_teacher(l)) {
             Some((field, message)) => Err(Precondition {
                 name: "a teacher deeper than its student",
@@ -405,7 +437,10 @@ impl StageKind for DistillSpec {
         }
     }
 
+    /// The student is a new, dense model in full precision.
     fn transform(&self, model: &mut ModelState, _index: usize) {
+        model.quantized_at = None;
+        model.pruned = false;
         model.layers = model
             .layers
             .map(|l| self.fixed_student_layers().unwrap_or(l.div_ceil(2)));
