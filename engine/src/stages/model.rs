@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::lora::LoraAdapter;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{LinearFactory, LinearKind, LinearPlan, PackedWeights};
@@ -48,6 +49,9 @@ pub struct WorkingModel {
     masks: Option<MaskSet>,
     /// The quantized weights, once quantized.
     quantized: Option<QuantizedState>,
+    /// The LoRA adapter the last stage trained and merged into these weights, if it was a LoRA
+    /// fine-tune (any other stage changes the base, and the pipeline drops it).
+    adapter: Option<LoraAdapter>,
 }
 
 impl WorkingModel {
@@ -59,6 +63,7 @@ impl WorkingModel {
             plan: LinearPlan::default(),
             masks: None,
             quantized: None,
+            adapter: None,
         }
     }
 
@@ -73,6 +78,7 @@ impl WorkingModel {
             plan: self.plan.clone(),
             masks: self.masks.clone(),
             quantized: self.quantized.clone(),
+            adapter: self.adapter.clone(),
         })
     }
 
@@ -114,6 +120,16 @@ impl WorkingModel {
     /// Records pruning masks (they are applied by the caller).
     pub fn set_masks(&mut self, masks: MaskSet) {
         self.masks = Some(masks);
+    }
+
+    /// The LoRA adapter merged into these weights by the stage that made them, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Records (or, with `None`, forgets) the adapter merged into these weights.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) {
+        self.adapter = adapter;
     }
 
     /// The quantized weights, if quantized.

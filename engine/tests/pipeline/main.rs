@@ -10,6 +10,7 @@ mod interop;
 mod tiny_task;
 
 mod export_interop;
+mod lora;
 mod minilm;
 mod runner;
 mod session_seams;
