@@ -406,3 +406,32 @@ fn tiny_lora_adapter_loads_in_peft_and_the_merged_model_in_transformers() -> Res
     assert!(diff < 1e-4, "merged logits differ by {diff}");
     Ok(())
 }
+
+#[test]
+fn stages_after_lora_receive_the_merged_dense_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-lora-prune", "model": model,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "method": "lora", "rank": 4, "epochs": 2, "learning_rate": 0.01},
+            {"type": "prune", "sparsity": 0.5, "steps": 1},
+            {"type": "quantize", "scheme": "int8"}
+        ]
+    });
+    let job = LoraJob::run(spec, model, dataset, dir)?;
+    // Magnitude pruning scored the merged weights (no adapter is left to prune around), and the
+    // quantized final model has no adapter weights and no adapter folder.
+    let pruned = &job.result.report.stages[1];
+    let nonzero = pruned.metrics.nonzero_parameters as f64 / pruned.metrics.parameters as f64;
+    assert!(nonzero < 0.8, "pruned share of nonzero weights {nonzero}");
+    let merged = job.reload_final()?;
+    assert!(merged.quantized().is_some());
+    assert!(!merged.store.names().iter().any(|n| n.contains("lora_")));
+    assert!(!job.adapter_dir().exists());
+    Ok(())
+}
