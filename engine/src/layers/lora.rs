@@ -264,14 +264,26 @@ mod tests {
         let lm = LlamaForCausalLm::load(vb, &cfg, &LinearFactory::new(plan)).unwrap();
         let ids = Tensor::new(&[[1u32, 5, 7, 2, 9, 3]], &dev).unwrap();
         let logits = lm.forward(&ids, None, None).unwrap().logits;
-        let grads = logits.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+        let grads = logits
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let vars = store.trainable_vars();
         // 2 layers × (q, k, v, o, gate, up, down) × (A, B).
         assert_eq!(vars.len(), 28);
         for (name, var) in &vars {
             assert!(name.contains(".lora_"), "{name} is trainable");
             let grad = grads.get(var.as_tensor()).expect(name);
-            let norm = grad.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let norm = grad
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(norm > 0.0, "{name} has a zero gradient");
         }
     }

@@ -40,6 +40,11 @@ pub struct FinetuneSpec {
     /// stays frozen).
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// LoRA: store the frozen base of the adapted modules quantized with this scheme and run it on
+    /// the quantized kernels while training (QLoRA); the merged model is the dequantized base plus
+    /// the update. `null` keeps the base in f32.
+    #[serde(default)]
+    pub base_quantization: Option<crate::spec::QuantScheme>,
     /// Passes over the training split.
     #[serde(default = "default_finetune_epochs")]
     #[schemars(range(min = 1, max = MAX_EPOCHS))]
@@ -218,6 +223,22 @@ impl FinetuneSpec {
         }
     }
 
+    /// `base_quantization` belongs to LoRA.
+    fn check_base_quantization(&self, c: &mut Checker, at: &str) {
+        if let Some(scheme) = self.base_quantization {
+            c.check(
+                self.method == FinetuneMethod::Lora,
+                &format!("{at}/base_quantization"),
+                || {
+                    format!(
+                        "{} applies to `method: \"lora\"` only (QLoRA)",
+                        scheme.name()
+                    )
+                },
+            );
+        }
+    }
+
     /// Writes the method's defaults into fields left out, so a stored spec shows what runs.
     pub fn fill_defaults(&mut self) {
         if self.grad_clip.is_none() {
@@ -245,6 +266,7 @@ impl StageKind for FinetuneSpec {
         c.unit_interval(self.warmup_ratio, &format!("{at}/warmup_ratio"), true);
         c.globs(&self.freeze, &format!("{at}/freeze"));
         self.check_lora(c, at);
+        self.check_base_quantization(c, at);
         if let Some(clip) = &self.effective_grad_clip() {
             c.check(
                 clip.max_norm > 0.0,
@@ -361,6 +383,7 @@ impl FinetuneStage {
             alpha: spec.alpha,
             target_modules: spec.target_modules.clone(),
             modules_to_save: spec.modules_to_save.clone(),
+            base_quantization: spec.base_quantization.map(|s| s.name()),
         });
         Self {
             settings: TrainSettings::from_finetune(spec),

@@ -17,6 +17,7 @@ use crate::layers::{LinearKind, LoraLinear};
 use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::compile_glob;
+use crate::quant::{quantize, QuantScheme, Quantized};
 
 /// The roles that get adapters when the spec names no `target_modules`: attention and FFN
 /// projections (PEFT's usual choice for encoders and decoders alike).
@@ -41,6 +42,8 @@ pub struct LoraSettings {
     pub target_modules: Option<Vec<String>>,
     /// Module-path globs trained in full and saved with the adapter (`None`: the task head).
     pub modules_to_save: Option<Vec<String>>,
+    /// The scheme the frozen base is quantized with (QLoRA), by its spec name; `None`: f32.
+    pub base_quantization: Option<String>,
 }
 
 /// The modules a [`LoraSettings`] picks in one model.
@@ -156,11 +159,22 @@ pub(super) fn run(
     for glob in &targets.unmatched {
         ctx.warn(format!("finetune: module glob {glob:?} matches no module"));
     }
+    let base = lora
+        .base_quantization
+        .as_deref()
+        .map(|name| QuantScheme::parse(name, None))
+        .transpose()?;
     let kind = LinearKind::Lora {
         rank: lora.rank,
         alpha: lora.alpha,
     };
     add_adapters(model, &targets.adapted, kind, ctx.seed ^ ctx.index as u64)?;
+    if let Some(base) = base {
+        for path in &targets.adapted {
+            let (rank, alpha) = (lora.rank, lora.alpha);
+            model.set_linear_kind(path, LinearKind::QLora { rank, alpha, base })?;
+        }
+    }
     let is_trained = |name: &str| is_adapter_param(name) || owned_by(name, &targets.saved);
     model.store.set_trainable(|n| !is_trained(n), false)?;
     let trainable_parameters: usize = model
@@ -171,11 +185,11 @@ pub(super) fn run(
         .sum();
     let total_parameters = model.store.parameter_count();
     let outcome = trainer.train(model, settings, ctx);
-    let adapter = merge_adapters(model, lora, &targets);
+    let adapter = merge_adapters(model, lora, &targets, base);
     // The merged model is a plain model again: every weight trainable for later stages.
     model.store.set_trainable(|_| true, true)?;
     let summary = outcome?;
-    let adapter = adapter?;
+    let (adapter, base_error) = adapter?;
     let adapter_parameters: usize = adapter.tensors.iter().map(|(_, t)| t.elem_count()).sum();
     let report = json!({
         "method": "lora",
@@ -188,6 +202,10 @@ pub(super) fn run(
         "trainable_share": trainable_parameters as f64 / total_parameters.max(1) as f64,
         "adapter_parameters": adapter_parameters,
         "adapter_bytes": adapter_parameters * DType::F32.size_in_bytes(),
+        "base_quantization": base.map(|s| s.to_string()),
+        // How far the dequantized base the adapter was trained on (and merged into) lies from the
+        // f32 base: the largest relative Frobenius error over the adapted weights.
+        "base_quantization_relative_error": base.map(|_| base_error),
         "settings": settings,
         "training": summary,
     });
@@ -245,7 +263,9 @@ fn merge_adapters(
     model: &mut WorkingModel,
     lora: &LoraSettings,
     targets: &LoraTargets,
-) -> Result<LoraAdapter> {
+    base: Option<QuantScheme>,
+) -> Result<(LoraAdapter, f64)> {
+    let mut base_error = 0f64;
     let scale = f64::from(lora.alpha) / f64::from(lora.rank);
     let mut tensors = Vec::new();
     for path in &targets.adapted {
@@ -258,6 +278,15 @@ fn merge_adapters(
                 .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))
         };
         let (a, b, weight) = (get("lora_A.weight")?, get("lora_B.weight")?, get("weight")?);
+        // QLoRA trained against the dequantized base: that is what the update is merged into.
+        let weight = match base {
+            Some(scheme) => {
+                let dequantized = dequantized(&weight, scheme)?;
+                base_error = base_error.max(relative_error(&dequantized, &weight)?);
+                dequantized
+            }
+            None => weight,
+        };
         let merged = (&weight + (b.matmul(&a)? * scale)?)?;
         model
             .store
@@ -277,11 +306,28 @@ fn merge_adapters(
     if let Some(masks) = model.masks() {
         masks.apply(&model.store)?;
     }
-    Ok(LoraAdapter {
+    let adapter = LoraAdapter {
         rank: lora.rank,
         alpha: lora.alpha,
         target_modules: targets.adapted.clone(),
         modules_to_save: targets.saved.clone(),
         tensors,
+    };
+    Ok((adapter, base_error))
+}
+
+/// `weight` quantized with `scheme` and dequantized: the base a QLoRA layer computes with.
+fn dequantized(weight: &Tensor, scheme: QuantScheme) -> Result<Tensor> {
+    Ok(match quantize(weight, scheme)? {
+        Quantized::Weight(packed) => packed.dequantize(weight.device())?,
+        Quantized::Kept { .. } => weight.clone(),
     })
+}
+
+/// `‖a − b‖ / ‖b‖` (Frobenius).
+fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> {
+        Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()))
+    };
+    Ok(norm(&(a - b)?)? / norm(b)?.max(f64::MIN_POSITIVE))
 }

@@ -435,3 +435,21 @@ fn stages_after_lora_receive_the_merged_dense_model() -> Result<()> {
     assert!(!job.adapter_dir().exists());
     Ok(())
 }
+
+#[test]
+fn qlora_trains_on_a_quantized_base_and_merges_into_its_dequantized_values() -> Result<()> {
+    let job = tiny_lora_classifier_job(json!({"base_quantization": "int8"}))?;
+    let report = job.stage_report();
+    assert_eq!(report["base_quantization"], "int8", "{report}");
+    let error = report["base_quantization_relative_error"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(error > 0.0 && error < 0.02, "int8 base error {error}");
+    let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
+    assert!(accuracy >= 0.8, "QLoRA accuracy {accuracy}");
+    // The merged model is dense f32 (the dequantized base plus the update), with no adapter left.
+    let merged = job.reload_final()?;
+    assert!(merged.quantized().is_none());
+    assert!(!merged.store.names().iter().any(|n| n.contains("lora_")));
+    Ok(())
+}
