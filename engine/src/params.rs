@@ -84,6 +84,11 @@ impl ParamStore {
         self.write().insert(name.into(), param);
     }
 
+    /// Removes a parameter, returning it.
+    pub fn remove(&self, name: &str) -> Option<Param> {
+        self.write().remove(name)
+    }
+
     /// The parameter with this name, if any.
     pub fn get(&self, name: &str) -> Option<Param> {
         self.read().get(name).cloned()

@@ -1,4 +1,5 @@
-//! Real-data acceptance tests through the HTTP API (MiniLM on BBC News, SmolLM2 on Shakespeare).
+//! Real-data acceptance tests through the HTTP API (MiniLM on BBC News, fine-tuned, compressed and
+//! LoRA-adapted; SmolLM2 on Shakespeare).
 //! Each is `#[ignore]`d: it needs `../shared` and minutes of CPU; the attribute names the command.
 
 #[path = "../acceptance_support/mod.rs"]
@@ -6,6 +7,7 @@ mod acceptance_support;
 #[path = "../../engine/tests/gguf_generation/mod.rs"]
 mod gguf_generation;
 
+mod lora;
 mod minilm;
 mod minilm_structured;
 mod minilm_distill;

@@ -50,6 +50,14 @@ impl HfArchitecture {
         }
     }
 
+    /// PEFT's `task_type` for an adapter of this class.
+    pub fn peft_task_type(self) -> &'static str {
+        match self {
+            Self::BertForSequenceClassification => "SEQ_CLS",
+            Self::LlamaForCausalLm => "CAUSAL_LM",
+        }
+    }
+
     /// The `config.json` to write for a model with the engine's `config`: the family's config is
     /// parsed (so a saved config is one the engine can read back), fields transformers would
     /// otherwise default differently are filled in from what the engine ran, and `architectures`,

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::{DenseLinear, LinearKind, LinearLayer};
+use super::{DenseLinear, LinearKind, LinearLayer, QuantizedLinear};
+use crate::quant::QuantScheme;
 
 /// `y = base(x) + (alpha / rank) · x Aᵀ Bᵀ`.
 #[derive(Clone, Debug)]
@@ -18,6 +19,8 @@ pub struct LoraLinear {
     b: Tensor,
     rank: u32,
     alpha: u32,
+    /// The scheme of a quantized base (QLoRA), `None` for a dense one.
+    base_scheme: Option<QuantScheme>,
 }
 
 impl LoraLinear {
@@ -39,6 +42,39 @@ impl LoraLinear {
             candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
         }
         let base = DenseLinear::load(vb.clone(), in_features, out_features, bias)?;
+        Self::on_base(vb, Arc::new(base), rank, alpha, None)
+    }
+
+    /// As [`LoraLinear::load`], with the base weight quantized with `scheme` and run on the
+    /// quantized kernels (QLoRA): the input gradient passes through the quantized layer, the base
+    /// gets none.
+    ///
+    /// # Errors
+    /// As [`LoraLinear::load`], or a weight the scheme cannot take.
+    pub fn load_quantized(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        rank: u32,
+        alpha: u32,
+        scheme: QuantScheme,
+    ) -> Result<Self> {
+        if rank == 0 {
+            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
+        }
+        let base = QuantizedLinear::load(vb.clone(), in_features, out_features, bias, scheme)?;
+        Self::on_base(vb, Arc::new(base), rank, alpha, Some(scheme))
+    }
+
+    /// The adapter read (or created) under `vb` around `base`.
+    fn on_base(
+        vb: VarBuilder,
+        base: Arc<dyn LinearLayer>,
+        rank: u32,
+        alpha: u32,
+        base_scheme: Option<QuantScheme>,
+    ) -> Result<Self> {
         let (out_features, in_features) = (base.out_features(), base.in_features());
         let r = rank as usize;
         let a_init = Init::Randn {
@@ -48,11 +84,12 @@ impl LoraLinear {
         let a = vb.get_with_hints((r, in_features), "lora_A.weight", a_init)?;
         let b = vb.get_with_hints((out_features, r), "lora_B.weight", Init::Const(0.0))?;
         Ok(Self {
-            base: Arc::new(base),
+            base,
             a,
             b,
             rank,
             alpha,
+            base_scheme,
         })
     }
 
@@ -96,9 +133,16 @@ impl LinearLayer for LoraLinear {
     }
 
     fn kind(&self) -> LinearKind {
-        LinearKind::Lora {
-            rank: self.rank,
-            alpha: self.alpha,
+        match self.base_scheme {
+            None => LinearKind::Lora {
+                rank: self.rank,
+                alpha: self.alpha,
+            },
+            Some(base) => LinearKind::QLora {
+                rank: self.rank,
+                alpha: self.alpha,
+                base,
+            },
         }
     }
 }
@@ -163,5 +207,84 @@ mod tests {
         assert!(vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
         let vb = store.var_builder(DType::F32, &dev);
         assert!(LoraLinear::load(vb.pp("l"), 4, 6, false, 0, 8).is_err());
+    }
+
+    /// QLoRA on a tiny Llama: every projection an adapter over an int4 base; every adapter weight
+    /// gets a non-zero gradient through the quantized kernels, and the base none.
+    #[test]
+    fn qlora_on_an_int4_llama_gives_every_adapter_weight_a_gradient() {
+        use crate::layers::{LinearFactory, LinearPlan};
+        use crate::models::llama::{LlamaConfig, LlamaForCausalLm};
+
+        let dev = Device::Cpu;
+        let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": true
+        }))
+        .unwrap();
+        let dense = ParamStore::new();
+        dense.set_init_missing(Some(4));
+        let vb = dense.var_builder(DType::F32, &dev);
+        LlamaForCausalLm::load(vb, &cfg, &LinearFactory::default()).unwrap();
+        // Missing linear weights are created as zeros; a base of zeros would pass no gradient.
+        let base: Vec<(String, Tensor)> = dense
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.rank() == 2 {
+                    Tensor::randn(0f32, 0.2, t.dims(), &dev).unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        let store = ParamStore::from_tensors(base, |_| false).unwrap();
+        store.set_init_missing(Some(5));
+        let kind = LinearKind::QLora {
+            rank: 2,
+            alpha: 4,
+            base: QuantScheme::Int4 { group_size: 32 },
+        };
+        let plan = LinearPlan::uniform(LinearKind::Dense)
+            .with_rule("model.layers.*", kind)
+            .unwrap();
+        let vb = store.var_builder(DType::F32, &dev);
+        LlamaForCausalLm::load(vb.clone(), &cfg, &LinearFactory::new(plan.clone())).unwrap();
+        // One optimizer step's worth of B: with B at zero, A's gradient would be zero too.
+        for (name, var) in store.trainable_vars() {
+            if name.ends_with("lora_B.weight") {
+                var.set(&Tensor::randn(0f32, 0.1, var.dims(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        store.set_init_missing(None);
+        let lm = LlamaForCausalLm::load(vb, &cfg, &LinearFactory::new(plan)).unwrap();
+        let ids = Tensor::new(&[[1u32, 5, 7, 2, 9, 3]], &dev).unwrap();
+        let logits = lm.forward(&ids, None, None).unwrap().logits;
+        let grads = logits
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let vars = store.trainable_vars();
+        // 2 layers × (q, k, v, o, gate, up, down) × (A, B).
+        assert_eq!(vars.len(), 28);
+        for (name, var) in &vars {
+            assert!(name.contains(".lora_"), "{name} is trainable");
+            let grad = grads.get(var.as_tensor()).expect(name);
+            let norm = grad
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{name} has a zero gradient");
+        }
     }
 }

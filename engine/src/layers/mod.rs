@@ -76,6 +76,16 @@ pub enum LinearKind {
         /// The numerator of the update's scale.
         alpha: u32,
     },
+    /// A LoRA adapter on a frozen base weight stored quantized with `base` and run on the quantized
+    /// kernels, the input gradient passing through them (QLoRA, [`LoraLinear::load_quantized`]).
+    QLora {
+        /// The adapter's rank.
+        rank: u32,
+        /// The numerator of the update's scale.
+        alpha: u32,
+        /// The base weight's scheme.
+        base: crate::quant::QuantScheme,
+    },
     /// Weights rounded to a `bits`-wide grid in the forward pass, trained through a
     /// straight-through estimator ([`FakeQuantLinear`]).
     FakeQuant {
@@ -242,6 +252,9 @@ impl LinearFactory {
                 rank,
                 alpha,
             )?)),
+            (LinearKind::QLora { rank, alpha, base }, _) => Ok(Arc::new(
+                LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?,
+            )),
             (LinearKind::FakeQuant { bits }, _) => Ok(Arc::new(FakeQuantLinear::load(
                 vb,
                 in_features,

@@ -11,8 +11,10 @@
 //! a multiple of 32; Q4_1/Q5_0/Q5_1 rows with an odd number of blocks), the layer computes with the
 //! dequantized weight and says so through [`QuantizedLinear::kernel`].
 //!
-//! Inference only: the kernels have no backward pass, so an input that carries a gradient is an
-//! error rather than a silently frozen layer.
+//! The weight is frozen: no gradient reaches it. An input that carries a gradient (a LoRA adapter
+//! trained on a quantized base, QLoRA) gets one through [`QuantizedInputGrad`]: the forward runs the
+//! same kernel, the backward multiplies the output gradient by the weight dequantized for that step
+//! only (CPU; on other devices such an input is an error).
 
 use std::sync::Arc;
 
@@ -42,7 +44,8 @@ pub enum KernelPath {
 /// A weight-only quantized `y = x Wᵀ + b`; the bias stays in f32.
 #[derive(Clone, Debug)]
 pub struct QuantizedLinear {
-    weight: QuantizedWeight,
+    /// Shared, so the backward op holds the layer without copying its weight.
+    weight: Arc<QuantizedWeight>,
     compute: Compute,
     kernel: KernelPath,
     bias: Option<Tensor>,
@@ -67,7 +70,7 @@ impl QuantizedLinear {
         }
         let (compute, kernel) = kernel_for(&weight, device)?;
         Ok(Self {
-            weight,
+            weight: Arc::new(weight),
             compute,
             kernel,
             bias,
@@ -201,10 +204,26 @@ fn kernel_accepts(dtype: GgmlDType, cols: usize) -> bool {
 impl LinearLayer for QuantizedLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() {
-            candle_core::bail!(
-                "a quantized linear layer is inference-only: its kernels have no gradient (freeze the model \
-                 or train before quantizing)"
-            );
+            if !x.device().is_cpu() {
+                candle_core::bail!(
+                    "a quantized linear layer passes input gradients on the CPU only (QLoRA); \
+                     freeze the model or train before quantizing"
+                );
+            }
+            let unbiased = Self {
+                bias: None,
+                ..self.clone()
+            };
+            let in_dtype = x.dtype();
+            let y = x
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1(QuantizedInputGrad(unbiased))?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+                None => y,
+            };
+            return y.to_dtype(in_dtype);
         }
         let in_dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
@@ -250,6 +269,55 @@ impl LinearLayer for QuantizedLinear {
 
     fn kind(&self) -> LinearKind {
         LinearKind::Quantized(self.weight.scheme())
+    }
+}
+
+/// `x Wᵀ` of a bias-free [`QuantizedLinear`] as a candle op with a backward pass for `x`: the
+/// forward runs the layer's kernel, the backward computes `dL/dx = dL/dy · W` with `W` dequantized
+/// for the step (dequantize on the fly: nothing dense is kept between steps).
+#[derive(Debug)]
+struct QuantizedInputGrad(QuantizedLinear);
+
+impl candle_core::CustomOp1 for QuantizedInputGrad {
+    fn name(&self) -> &'static str {
+        "compressd-quantized-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(values) = storage else {
+            candle_core::bail!("{}: f32 inputs only", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: contiguous inputs only", self.name());
+        };
+        // A fresh tensor carries no gradient, so this is the layer's inference path.
+        let x = Tensor::from_slice(&values[start..end], layout.shape(), &Device::Cpu)?;
+        let y = self.0.forward(&x)?;
+        let shape = y.shape().clone();
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
+        let weight = self.0.weight.dequantize(grad_y.device())?;
+        let dims = grad_y.dims();
+        let Some((&out_features, leading)) = dims.split_last() else {
+            candle_core::bail!("{}: a scalar gradient", self.name());
+        };
+        let rows: usize = leading.iter().product();
+        let mut in_dims = leading.to_vec();
+        in_dims.push(self.0.in_features);
+        let grad_x = grad_y
+            .reshape((rows, out_features))?
+            .matmul(&weight)?
+            .reshape(in_dims)?;
+        Ok(Some(grad_x))
     }
 }
 
@@ -351,7 +419,7 @@ mod tests {
     }
 
     #[test]
-    fn one_block_rows_run_on_our_kernel_and_gradients_are_refused() {
+    fn one_block_rows_run_on_our_kernel_and_pass_input_gradients() {
         let dev = Device::Cpu;
         let values: Vec<f32> = (0..64).map(|i| i as f32 / 64.0).collect();
         let bias = Tensor::new(&[1f32, -1.0], &dev).unwrap();
@@ -383,10 +451,19 @@ mod tests {
             );
             layer = Some(built);
         }
+        // A tracked input (QLoRA) gets the same outputs and the gradient of the dequantized weight.
         let layer = layer.unwrap();
         let tracked = Var::from_tensor(&x).unwrap();
-        let err = layer.forward(tracked.as_tensor()).unwrap_err();
-        assert!(err.to_string().contains("inference-only"), "{err}");
+        let y = layer.forward(tracked.as_tensor()).unwrap();
+        let untracked = layer.forward(&x).unwrap();
+        let same = (&y - &untracked).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+        let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        let grad = grads.get(tracked.as_tensor()).expect("an input gradient");
+        let dense = layer.quantized_weight().dequantize(&dev).unwrap();
+        let expected = ((untracked * 2.0).unwrap().matmul(&dense)).unwrap();
+        let diff = (grad - expected).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
     /// Our int8 kernel takes any row length (20 is not a Q8_0 multiple) and checks the input width.

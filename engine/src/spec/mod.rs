@@ -22,7 +22,7 @@ pub use registry::{Registry, StageDescriptor};
 pub use stage::{StageKind, StageSpec};
 
 pub use crate::stages::distill::DistillSpec;
-pub use crate::stages::finetune::{EarlyStopping, FinetuneSpec, GradClip, Recover};
+pub use crate::stages::finetune::{EarlyStopping, FinetuneMethod, FinetuneSpec, GradClip, Recover};
 pub use crate::stages::prune::{PruneMethod, PrunePattern, PruneScope, PruneSpec};
 pub use crate::stages::quantize::spec::{QuantScheme, QuantizeSpec};
 
@@ -150,6 +150,10 @@ pub enum OutputFormat {
     Safetensors,
     /// A llama.cpp GGUF file (decoder models).
     Gguf,
+    /// The LoRA adapter of a pipeline that ends in `finetune` with `method: "lora"`, in PEFT's
+    /// layout (`adapter/adapter_config.json`, `adapter/adapter_model.safetensors`) beside the
+    /// merged model; it applies to the job's input model.
+    Adapter,
 }
 
 /// One problem found in a spec.
@@ -167,6 +171,11 @@ impl JobSpec {
     pub fn fill_defaults(&mut self) {
         if self.task.task_type == TaskType::TextClassification && self.task.label_field.is_none() {
             self.task.label_field = Some(default_label_field());
+        }
+        for stage in &mut self.pipeline {
+            if let Some(finetune) = stage.get_mut::<FinetuneSpec>() {
+                finetune.fill_defaults();
+            }
         }
     }
 

@@ -70,6 +70,7 @@ trait AnyStage: Debug + Send + Sync {
     fn build(&self) -> Result<Box<dyn Stage>>;
     fn clone_box(&self) -> Box<dyn AnyStage>;
     fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 impl<T: StageKind> AnyStage for T {
@@ -106,6 +107,9 @@ impl<T: StageKind> AnyStage for T {
     fn as_any(&self) -> &dyn Any {
         self
     }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 /// One step of a job pipeline: a registered stage kind's spec, tagged by `type` on the wire.
@@ -131,6 +135,11 @@ impl StageSpec {
     /// The typed spec, when the stage is of kind `T`.
     pub fn get<T: StageKind>(&self) -> Option<&T> {
         self.0.as_any().downcast_ref()
+    }
+
+    /// The typed spec, mutable, when the stage is of kind `T` (filling defaults).
+    pub fn get_mut<T: StageKind>(&mut self) -> Option<&mut T> {
+        self.0.as_any_mut().downcast_mut()
     }
 
     /// Checks ranges and cross-field rules under `at` (`/pipeline/<i>`).

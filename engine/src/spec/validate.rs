@@ -5,8 +5,8 @@
 //! left.
 
 use super::{
-    Acceptance, Checker, JobSpec, Metric, ModelState, StageSpec, TaskSpec, TaskType, Violation,
-    IMPLEMENTED_STAGES, MAX_STAGES,
+    Acceptance, Checker, FinetuneMethod, FinetuneSpec, JobSpec, Metric, ModelState, OutputFormat,
+    StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
 };
 
 const MAX_NAME_CHARS: usize = 128;
@@ -148,6 +148,29 @@ fn check_acceptance(c: &mut Checker, a: &Acceptance, task: TaskType) {
 }
 
 fn check_outputs(c: &mut Checker, spec: &JobSpec) {
+    if let Some(i) = spec
+        .outputs
+        .iter()
+        .position(|f| *f == OutputFormat::Adapter)
+    {
+        let lora = |s: &StageSpec| {
+            s.get::<FinetuneSpec>()
+                .is_some_and(|f| f.method == FinetuneMethod::Lora)
+        };
+        // The adapter applies to the model its stage started from; only the job's input model is
+        // one a user has, and any later stage changes the weights it was trained against.
+        c.check(
+            spec.pipeline.len() == 1 && spec.pipeline.iter().all(lora),
+            &format!("/outputs/{i}"),
+            || {
+                "an adapter output needs a pipeline of one `finetune` with `method: \"lora\"` \
+                 (the adapter applies to the input model; later stages change the weights it was \
+                 trained against, earlier ones the base it applies to); ask for \"safetensors\" \
+                 to get the merged model of a longer pipeline"
+                    .to_owned()
+            },
+        );
+    }
     if spec.outputs.is_empty() && !spec.dry_run {
         c.fail("/outputs", "must name at least one format");
     }

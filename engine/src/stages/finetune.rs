@@ -1,4 +1,5 @@
-//! The `finetune` stage: full fine-tuning on the job's task through the shared [`Trainer`].
+//! The `finetune` stage: full fine-tuning on the job's task through the shared [`Trainer`], or
+//! LoRA on a frozen base (`method: "lora"`, run by [`super::lora`]).
 //!
 //! Its spec (and the `recover` fine-tune other stages embed), checks, preconditions and dry-run
 //! estimate are here too; [`super::STAGES`] registers it.
@@ -6,6 +7,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::lora::LoraSettings;
 use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::pipeline::StageContext;
@@ -17,6 +19,32 @@ use crate::spec::{
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneSpec {
+    /// `full` trains every weight not frozen; `lora` freezes the base and trains low-rank adapters
+    /// on `target_modules` (plus `modules_to_save` in full), then merges them into the base.
+    #[serde(default)]
+    pub method: FinetuneMethod,
+    /// LoRA: the adapters' rank (at most the smaller side of every target matrix).
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = MAX_LORA_RANK))]
+    pub rank: u32,
+    /// LoRA: the numerator of the update's scale `alpha / rank` (PEFT's `lora_alpha`).
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(range(min = 1, max = MAX_LORA_ALPHA))]
+    pub alpha: u32,
+    /// LoRA: globs over module paths (`encoder.layer.*.attention.self.query`) that get adapters;
+    /// `null` means the family's attention (query, key, value, output) and FFN projections.
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
+    /// LoRA: globs over module paths trained in full beside the adapters and saved with them;
+    /// `null` means the task head (the classifier; nothing for a language model, whose `lm_head`
+    /// stays frozen).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// LoRA: store the frozen base of the adapted modules quantized with this scheme and run it on
+    /// the quantized kernels while training (QLoRA); the merged model is the dequantized base plus
+    /// the update. `null` keeps the base in f32.
+    #[serde(default)]
+    pub base_quantization: Option<crate::spec::QuantScheme>,
     /// Passes over the training split.
     #[serde(default = "default_finetune_epochs")]
     #[schemars(range(min = 1, max = MAX_EPOCHS))]
@@ -44,12 +72,44 @@ pub struct FinetuneSpec {
     /// Globs over parameter names (`embeddings.*`) that stay frozen.
     #[serde(default)]
     pub freeze: Vec<String>,
-    /// Gradient clipping by global norm; `null` disables it.
-    #[serde(default = "default_grad_clip")]
-    pub grad_clip: Option<GradClip>,
+    /// Gradient clipping by global norm; `null` disables it. Absent, it is `max_norm` 1.0 for
+    /// `full` and 0.5 for `lora` (filled in when the job is stored).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    #[schemars(with = "Option<GradClip>")]
+    pub grad_clip: Option<Option<GradClip>>,
     /// Stop when the validation metric has not improved for `patience` evaluations; `null` disables it.
     #[serde(default)]
     pub early_stopping: Option<EarlyStopping>,
+}
+
+/// How a `finetune` stage trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuneMethod {
+    /// Every weight not frozen.
+    #[default]
+    Full,
+    /// Low-rank adapters on a frozen base (Hu et al. 2021), merged into it at the end.
+    Lora,
+}
+
+/// The largest LoRA rank accepted (adapters are low-rank; larger ones are full fine-tuning).
+pub const MAX_LORA_RANK: u32 = 1024;
+/// The largest LoRA alpha accepted.
+pub const MAX_LORA_ALPHA: u32 = 65_536;
+
+/// A field that is present: `null` becomes `Some(None)`, so an absent field (`None`, filled with
+/// the method's default) differs from an explicit `null` (off).
+fn present<'de, D, T>(deserializer: D) -> std::result::Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 /// Clip gradients so their global L2 norm is at most `max_norm`.
@@ -110,8 +170,81 @@ fn default_weight_decay() -> f64 {
 fn default_warmup_ratio() -> f64 {
     0.1
 }
-fn default_grad_clip() -> Option<GradClip> {
-    Some(GradClip { max_norm: 1.0 })
+fn default_lora_rank() -> u32 {
+    8
+}
+fn default_lora_alpha() -> u32 {
+    16
+}
+
+impl FinetuneSpec {
+    /// The clipping the stage runs with: the spec's, else max_norm 1.0 for full fine-tuning and
+    /// 0.5 for LoRA (the adapters' updates are small and spiky early on).
+    pub fn effective_grad_clip(&self) -> Option<GradClip> {
+        match &self.grad_clip {
+            Some(clip) => clip.clone(),
+            None => Some(GradClip {
+                max_norm: match self.method {
+                    FinetuneMethod::Full => 1.0,
+                    FinetuneMethod::Lora => 0.5,
+                },
+            }),
+        }
+    }
+
+    /// LoRA's fields: ranges, and module globs only where the method reads them.
+    fn check_lora(&self, c: &mut Checker, at: &str) {
+        c.range_u32(self.rank, 1, MAX_LORA_RANK, &format!("{at}/rank"));
+        c.range_u32(self.alpha, 1, MAX_LORA_ALPHA, &format!("{at}/alpha"));
+        let fields = [
+            ("target_modules", &self.target_modules),
+            ("modules_to_save", &self.modules_to_save),
+        ];
+        for (field, globs) in fields {
+            let Some(globs) = globs else { continue };
+            let pointer = format!("{at}/{field}");
+            c.check(self.method == FinetuneMethod::Lora, &pointer, || {
+                format!(
+                    "applies to `method: \"lora\"` only; remove it for {:?}",
+                    self.method
+                )
+            });
+            c.check(
+                field != "target_modules" || !globs.is_empty(),
+                &pointer,
+                || "must name at least one module (or be null for the family's default)".into(),
+            );
+            c.globs(globs, &pointer);
+            for (i, glob) in globs.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(glob) {
+                    c.fail(format!("{pointer}/{i}"), format!("not a valid glob: {e}"));
+                }
+            }
+        }
+    }
+
+    /// `base_quantization` belongs to LoRA.
+    fn check_base_quantization(&self, c: &mut Checker, at: &str) {
+        if let Some(scheme) = self.base_quantization {
+            c.check(
+                self.method == FinetuneMethod::Lora,
+                &format!("{at}/base_quantization"),
+                || {
+                    format!(
+                        "{} applies to `method: \"lora\"` only (QLoRA)",
+                        scheme.name()
+                    )
+                },
+            );
+        }
+    }
+
+    /// Writes the method's defaults into fields left out, so a stored spec shows what runs.
+    pub fn fill_defaults(&mut self) {
+        if self.grad_clip.is_none() {
+            self.grad_clip = Some(self.effective_grad_clip());
+        }
+    }
 }
 
 impl StageKind for FinetuneSpec {
@@ -132,7 +265,9 @@ impl StageKind for FinetuneSpec {
         c.unit_interval(self.weight_decay, &format!("{at}/weight_decay"), false);
         c.unit_interval(self.warmup_ratio, &format!("{at}/warmup_ratio"), true);
         c.globs(&self.freeze, &format!("{at}/freeze"));
-        if let Some(clip) = &self.grad_clip {
+        self.check_lora(c, at);
+        self.check_base_quantization(c, at);
+        if let Some(clip) = &self.effective_grad_clip() {
             c.check(
                 clip.max_norm > 0.0,
                 &format!("{at}/grad_clip/max_norm"),
@@ -201,7 +336,7 @@ impl TrainSettings {
             weight_decay: spec.weight_decay,
             warmup_ratio: spec.warmup_ratio,
             freeze: spec.freeze.clone(),
-            grad_clip_norm: spec.grad_clip.as_ref().map(|c| c.max_norm),
+            grad_clip_norm: spec.effective_grad_clip().map(|c| c.max_norm),
             early_stopping_patience: spec.early_stopping.as_ref().map(|e| e.patience),
             log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         }
@@ -244,13 +379,23 @@ impl TrainSettings {
 #[derive(Clone, Debug)]
 pub struct FinetuneStage {
     settings: TrainSettings,
+    /// The adapters to train, for `method: "lora"`.
+    lora: Option<LoraSettings>,
 }
 
 impl FinetuneStage {
     /// Builds the stage from its spec.
     pub fn from_spec(spec: &FinetuneSpec) -> Self {
+        let lora = (spec.method == FinetuneMethod::Lora).then(|| LoraSettings {
+            rank: spec.rank,
+            alpha: spec.alpha,
+            target_modules: spec.target_modules.clone(),
+            modules_to_save: spec.modules_to_save.clone(),
+            base_quantization: spec.base_quantization.map(|s| s.name()),
+        });
         Self {
             settings: TrainSettings::from_finetune(spec),
+            lora,
         }
     }
 }
@@ -266,6 +411,9 @@ impl Stage for FinetuneStage {
                 "finetune: the model's weights are quantized (post-training); fine-tune before quantizing".into(),
             ));
         }
+        if let Some(lora) = &self.lora {
+            lora.resolve(model)?;
+        }
         Ok(())
     }
 
@@ -276,6 +424,9 @@ impl Stage for FinetuneStage {
         ctx: &StageContext,
     ) -> Result<serde_json::Value> {
         self.validate(model)?;
+        if let Some(lora) = &self.lora {
+            return super::lora::run(lora, &self.settings, model, trainer, ctx);
+        }
         let summary = trainer.train(model, &self.settings, ctx)?;
         for glob in &summary.unmatched_freeze_globs {
             ctx.warn(format!(

@@ -9,6 +9,7 @@
 
 pub mod distill;
 pub mod finetune;
+pub mod lora;
 mod measure;
 mod model;
 pub mod prune;

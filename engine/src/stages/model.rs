@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::vocabulary::TrimmedVocabulary;
+use super::lora::LoraAdapter;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{InputRecorder, LinearFactory, LinearKind, LinearPlan, PackedWeights};
@@ -53,6 +54,9 @@ pub struct WorkingModel {
     recorder: Option<Arc<InputRecorder>>,
     /// The vocabulary, once trimmed to the task's tokens; `None` is the input's.
     vocabulary: Option<Arc<TrimmedVocabulary>>,
+    /// The LoRA adapter the last stage trained and merged into these weights, if it was a LoRA
+    /// fine-tune (any other stage changes the base, and the pipeline drops it).
+    adapter: Option<LoraAdapter>,
 }
 
 impl WorkingModel {
@@ -64,6 +68,7 @@ impl WorkingModel {
             plan: LinearPlan::default(),
             masks: None,
             quantized: None,
+            adapter: None,
             recorder: None,
             vocabulary: None,
         }
@@ -91,6 +96,7 @@ impl WorkingModel {
             quantized: self.quantized.clone(),
             recorder: None,
             vocabulary: self.vocabulary.clone(),
+            adapter: self.adapter.clone(),
         })
     }
 
@@ -142,6 +148,16 @@ impl WorkingModel {
     /// Records the model's vocabulary (its tables must already have its size).
     pub fn set_vocabulary(&mut self, vocabulary: Option<Arc<TrimmedVocabulary>>) {
         self.vocabulary = vocabulary;
+    }
+
+    /// The LoRA adapter merged into these weights by the stage that made them, if any.
+    pub fn adapter(&self) -> Option<&LoraAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Records (or, with `None`, forgets) the adapter merged into these weights.
+    pub fn set_adapter(&mut self, adapter: Option<LoraAdapter>) {
+        self.adapter = adapter;
     }
 
     /// The quantized weights, if quantized.

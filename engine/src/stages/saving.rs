@@ -14,8 +14,8 @@ use candle_core::{DType, Device};
 use super::model::WorkingModel;
 use crate::error::{EngineError, Result};
 use crate::export::{
-    export_hf_folder, export_llama_gguf, export_transformers_folder, tokenizer_metadata,
-    GgufExportOptions, HfArchitecture,
+    export_hf_folder, export_llama_gguf, export_peft_adapter, export_transformers_folder,
+    tokenizer_metadata, GgufExportOptions, HfArchitecture, LoraExport,
 };
 use crate::family::{cut_padding, family_for_task, pad_to_config, parse_config};
 use crate::loading::{read_hf_folder, Checkpoint};
@@ -71,6 +71,28 @@ pub(super) fn save(
     }
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     layout::save(&dir.join("model.safetensors"), &stored, &metadata)
+}
+
+/// Writes the adapter merged into `model` into `dir` in PEFT's layout, for the transformers class
+/// the model is saved as.
+///
+/// # Errors
+/// A model without an adapter, or as [`export_peft_adapter`].
+pub(super) fn save_adapter(model: &WorkingModel, dir: &Path, task: TaskType) -> Result<()> {
+    let adapter = model.adapter().ok_or_else(|| {
+        EngineError::InvalidSetting(
+            "an adapter output needs a pipeline that ends in `finetune` with `method: \"lora\"`"
+                .into(),
+        )
+    })?;
+    let export = LoraExport {
+        rank: adapter.rank,
+        alpha: adapter.alpha,
+        target_modules: &adapter.target_modules,
+        modules_to_save: &adapter.modules_to_save,
+        tensors: &adapter.tensors,
+    };
+    export_peft_adapter(dir, architecture(&model.config, task)?, &export)
 }
 
 /// Reads a model folder (an input or one written by [`save`] for a dense model) with its tensors

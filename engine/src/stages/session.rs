@@ -37,6 +37,8 @@ use crate::spec::{JobSpec, OutputFormat, StageSpec, TaskType};
 const DEFAULT_CLASSIFICATION_LENGTH: usize = 128;
 /// Default tokens per language-modelling sequence.
 const DEFAULT_LM_LENGTH: usize = 256;
+/// The folder inside a model folder that holds the LoRA adapter (PEFT's layout).
+pub const ADAPTER_DIR: &str = "adapter";
 /// The file recording which weights are pruned or quantized.
 const STATE_FILE: &str = "compressd.json";
 
@@ -319,6 +321,8 @@ impl Workbench for Session {
     ) -> Result<serde_json::Value> {
         let stage = build(spec)?;
         stage.validate(model)?;
+        // An adapter describes the weights of the stage that trained it; this stage changes them.
+        model.set_adapter(None);
         self.train_runs.set(0);
         let report = stage.run(model, &*self, ctx)?;
         self.follow_vocabulary(model)?;
@@ -354,6 +358,10 @@ impl Workbench for Session {
                 &self.model_path,
                 self.tokenizer_dir.as_deref(),
             )?;
+        }
+        // Only the stage that trained the adapter has one (the pipeline drops it at the next).
+        if self.spec.outputs.contains(&OutputFormat::Adapter) && model.adapter().is_some() {
+            super::saving::save_adapter(model, &dir.join(ADAPTER_DIR), self.spec.task.task_type)?;
         }
         write_json(
             &dir.join(STATE_FILE),

@@ -7,9 +7,12 @@ REQUEST.json (written by engine/tests/pipeline/export_interop.rs):
   {"model_dir": "...", "task": "sequence_classification" | "causal_lm",
    "rows": [{"input_ids": [...], "logits": ...}],   # the engine's ids and logits per row:
                                                      # [num_labels] or [seq][vocab]
-   "tokenize": {"texts": [...], "max_length": N}}   # optional: tokenize the rows' texts with
+   "tokenize": {"texts": [...], "max_length": N},   # optional: tokenize the rows' texts with
                                                      # the folder's own tokenizer (AutoTokenizer)
                                                      # instead of using the engine's ids
+   "peft_adapter_dir": "...", "num_labels": N}      # optional: load model_dir as the base (with
+                                                     # N labels) and this LoRA adapter onto it
+                                                     # with peft.PeftModel.from_pretrained
 RESULT.json: what was loaded (class, config architectures, missing/unexpected/mismatched keys)
 and how it compares (argmax agreement, largest logit difference). The Rust test asserts on it;
 this script fails only when the model cannot be loaded at all.
@@ -42,13 +45,14 @@ LOADERS = {
 }
 
 
-def load(model_dir, task):
+def load(model_dir, task, extra=None):
     """The model in eval mode and transformers' loading report (keys it had to invent or drop)."""
     model, info = LOADERS[task].from_pretrained(
         model_dir,
         output_loading_info=True,
         attn_implementation="eager",
         **{DTYPE_ARG: torch.float32},
+        **(extra or {}),
     )
     model.eval()
     keys = {
@@ -56,6 +60,19 @@ def load(model_dir, task):
         for name in ("missing_keys", "unexpected_keys", "mismatched_keys")
     }
     return model, keys
+
+
+def load_adapter(base, adapter_dir):
+    """The base with the LoRA adapter loaded by peft, and the adapter keys peft could not place."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    model.eval()
+    # from_pretrained only warns about unplaced keys; loading them again reports them.
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    unexpected = set_peft_model_state_dict(model, state).unexpected_keys
+    return model, sorted(str(k) for k in unexpected)
 
 
 def token_ids(model_dir, request):
@@ -97,7 +114,11 @@ def main(request_path, result_path):
     with open(request_path, encoding="utf-8") as f:
         request = json.load(f)
     model_dir, task = request["model_dir"], request["task"]
-    model, keys = load(model_dir, task)
+    adapter_dir = request.get("peft_adapter_dir")
+    extra = {"num_labels": request["num_labels"]} if "num_labels" in request else None
+    model, keys = load(model_dir, task, extra)
+    if adapter_dir:
+        model, keys["adapter_unexpected_keys"] = load_adapter(model, adapter_dir)
     ids_per_row, token_agreement = token_ids(model_dir, request)
     agreement, predictions, max_diff = compare(model, task, ids_per_row, request["rows"])
     result = {

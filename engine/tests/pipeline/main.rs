@@ -11,6 +11,7 @@ mod tiny_task;
 
 mod distill;
 mod export_interop;
+mod lora;
 mod minilm;
 mod runner;
 mod session_seams;

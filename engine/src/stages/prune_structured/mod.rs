@@ -290,7 +290,7 @@ fn apply_cut(model: &mut WorkingModel, map: &ModuleMap, cut: &StructuredCut) -> 
         }
         None => None,
     };
-    let mut shrunk = WorkingModel::new(ParamStore::from_tensors(tensors, |_| true)?, config);
+    let mut shrunk = model.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
     if let Some(masks) = masks {
         shrunk.set_masks(masks);
     }

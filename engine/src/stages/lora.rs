@@ -1,0 +1,333 @@
+//! `finetune` with `method: "lora"`: low-rank adapters (Hu et al. 2021) on a frozen base.
+//!
+//! The stage marks the target modules [`LinearKind::Lora`], creates their `lora_A` (seeded normal)
+//! and `lora_B` (zero) weights, freezes every other weight except `modules_to_save`, and trains
+//! through the shared [`Trainer`], whose optimizer sees only the trainable variables. At the end it
+//! folds each update into its base weight (`W + (alpha / rank) · B·A`), so later stages and the saved
+//! model are a plain dense model, and keeps the adapter beside the model
+//! ([`WorkingModel::adapter`]) for the `adapter` output (PEFT's layout, [`crate::export::peft`]).
+
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use super::{TrainSettings, Trainer, WorkingModel};
+use crate::error::{EngineError, Result};
+use crate::family::ModuleRole;
+use crate::layers::{LinearKind, LoraLinear};
+use crate::params::Param;
+use crate::pipeline::StageContext;
+use crate::prune::compile_glob;
+use crate::quant::{quantize, QuantScheme, Quantized};
+
+/// The roles that get adapters when the spec names no `target_modules`: attention and FFN
+/// projections (PEFT's usual choice for encoders and decoders alike).
+const DEFAULT_TARGET_ROLES: &[ModuleRole] = &[
+    ModuleRole::Query,
+    ModuleRole::Key,
+    ModuleRole::Value,
+    ModuleRole::AttentionOutput,
+    ModuleRole::FfnUp,
+    ModuleRole::FfnGate,
+    ModuleRole::FfnDown,
+];
+
+/// What a LoRA fine-tune adapts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSettings {
+    /// The adapters' rank.
+    pub rank: u32,
+    /// The update's scale numerator.
+    pub alpha: u32,
+    /// Module-path globs that get adapters (`None`: [`DEFAULT_TARGET_ROLES`]).
+    pub target_modules: Option<Vec<String>>,
+    /// Module-path globs trained in full and saved with the adapter (`None`: the task head).
+    pub modules_to_save: Option<Vec<String>>,
+    /// The scheme the frozen base is quantized with (QLoRA), by its spec name; `None`: f32.
+    pub base_quantization: Option<String>,
+}
+
+/// The modules a [`LoraSettings`] picks in one model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraTargets {
+    /// Module paths that get adapters, sorted.
+    pub adapted: Vec<String>,
+    /// Module paths trained in full, sorted.
+    pub saved: Vec<String>,
+    /// `target_modules` / `modules_to_save` globs that matched no module.
+    pub unmatched: Vec<String>,
+}
+
+/// A trained adapter, kept beside the merged model for the `adapter` output.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// The adapters' rank.
+    pub rank: u32,
+    /// The update's scale numerator.
+    pub alpha: u32,
+    /// Adapted module paths (the engine's names).
+    pub target_modules: Vec<String>,
+    /// Module paths trained in full (the engine's names).
+    pub modules_to_save: Vec<String>,
+    /// `<module>.lora_A.weight`, `<module>.lora_B.weight` and the saved modules' parameters, by the
+    /// engine's names.
+    pub tensors: Vec<(String, Tensor)>,
+}
+
+impl LoraSettings {
+    /// The modules these settings adapt and train in `model`.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidSetting`] when no module is targeted, a rank exceeds the smaller side
+    /// of a target matrix, a module is both adapted and saved, or a glob is invalid.
+    pub fn resolve(&self, model: &WorkingModel) -> Result<LoraTargets> {
+        let map = model.modules()?;
+        let linear: Vec<(&str, ModuleRole)> = map
+            .iter()
+            .filter(|m| m.role.is_linear())
+            .map(|m| (m.path.as_str(), m.role))
+            .collect();
+        let mut unmatched = Vec::new();
+        let mut pick = |globs: &Option<Vec<String>>, default: &dyn Fn(ModuleRole) -> bool| {
+            let Some(globs) = globs else {
+                let paths = linear.iter().filter(|(_, r)| default(*r));
+                return Ok(paths.map(|(p, _)| p.to_string()).collect::<Vec<_>>());
+            };
+            let matchers = globs
+                .iter()
+                .map(|g| compile_glob(g))
+                .collect::<Result<Vec<_>>>()?;
+            for (glob, m) in globs.iter().zip(&matchers) {
+                if !linear.iter().any(|(p, _)| m.is_match(p)) {
+                    unmatched.push(glob.clone());
+                }
+            }
+            let paths = linear
+                .iter()
+                .filter(|(p, _)| matchers.iter().any(|m| m.is_match(p)));
+            Ok::<_, EngineError>(paths.map(|(p, _)| p.to_string()).collect())
+        };
+        let adapted = pick(&self.target_modules, &|r| DEFAULT_TARGET_ROLES.contains(&r))?;
+        let saved = pick(&self.modules_to_save, &|r| r == ModuleRole::TaskHead)?;
+        if adapted.is_empty() {
+            return Err(EngineError::InvalidSetting(format!(
+                "finetune: target_modules {:?} match no linear module of the model (its modules \
+                 are named like {:?})",
+                self.target_modules.as_deref().unwrap_or_default(),
+                linear.iter().take(3).map(|(p, _)| *p).collect::<Vec<_>>()
+            )));
+        }
+        if let Some(both) = adapted.iter().find(|p| saved.contains(p)) {
+            return Err(EngineError::InvalidSetting(format!(
+                "finetune: {both} is in both target_modules and modules_to_save; a module is \
+                 either adapted or trained in full"
+            )));
+        }
+        for path in &adapted {
+            let weight = format!("{path}.weight");
+            let Some(param) = model.store.get(&weight) else {
+                return Err(EngineError::InvalidModel(format!("{weight} is missing")));
+            };
+            let (rows, cols) = param.tensor().dims2()?;
+            if self.rank as usize > rows.min(cols) {
+                return Err(EngineError::InvalidSetting(format!(
+                    "finetune: rank {} is larger than the smaller side of {weight} ({rows}×{cols})",
+                    self.rank
+                )));
+            }
+        }
+        Ok(LoraTargets {
+            adapted,
+            saved,
+            unmatched,
+        })
+    }
+}
+
+/// Runs a LoRA fine-tune on `model`: adapters on, base frozen, training, merge. Returns the stage
+/// report.
+///
+/// # Errors
+/// As [`LoraSettings::resolve`], or whatever training fails with.
+pub(super) fn run(
+    lora: &LoraSettings,
+    settings: &TrainSettings,
+    model: &mut WorkingModel,
+    trainer: &dyn Trainer,
+    ctx: &StageContext,
+) -> Result<serde_json::Value> {
+    let targets = lora.resolve(model)?;
+    for glob in &targets.unmatched {
+        ctx.warn(format!("finetune: module glob {glob:?} matches no module"));
+    }
+    let base = lora
+        .base_quantization
+        .as_deref()
+        .map(|name| QuantScheme::parse(name, None))
+        .transpose()?;
+    let kind = LinearKind::Lora {
+        rank: lora.rank,
+        alpha: lora.alpha,
+    };
+    add_adapters(model, &targets.adapted, kind, ctx.seed ^ ctx.index as u64)?;
+    if let Some(base) = base {
+        for path in &targets.adapted {
+            let (rank, alpha) = (lora.rank, lora.alpha);
+            model.set_linear_kind(path, LinearKind::QLora { rank, alpha, base })?;
+        }
+    }
+    let is_trained = |name: &str| is_adapter_param(name) || owned_by(name, &targets.saved);
+    model.store.set_trainable(|n| !is_trained(n), false)?;
+    let trainable_parameters: usize = model
+        .store
+        .trainable_vars()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let total_parameters = model.store.parameter_count();
+    let outcome = trainer.train(model, settings, ctx);
+    let adapter = merge_adapters(model, lora, &targets, base);
+    // The merged model is a plain model again: every weight trainable for later stages.
+    model.store.set_trainable(|_| true, true)?;
+    let summary = outcome?;
+    let (adapter, base_error) = adapter?;
+    let adapter_parameters: usize = adapter.tensors.iter().map(|(_, t)| t.elem_count()).sum();
+    let report = json!({
+        "method": "lora",
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "target_modules": targets.adapted,
+        "modules_to_save": targets.saved,
+        "trainable_parameters": trainable_parameters,
+        "total_parameters": total_parameters,
+        "trainable_share": trainable_parameters as f64 / total_parameters.max(1) as f64,
+        "adapter_parameters": adapter_parameters,
+        "adapter_bytes": adapter_parameters * DType::F32.size_in_bytes(),
+        "base_quantization": base.map(|s| s.to_string()),
+        // How far the dequantized base the adapter was trained on (and merged into) lies from the
+        // f32 base: the largest relative Frobenius error over the adapted weights.
+        "base_quantization_relative_error": base.map(|_| base_error),
+        "settings": settings,
+        "training": summary,
+    });
+    model.set_adapter(Some(adapter));
+    Ok(report)
+}
+
+/// Whether `name` is an adapter weight (`….lora_A.weight`, `….lora_B.weight`).
+fn is_adapter_param(name: &str) -> bool {
+    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
+}
+
+/// Whether parameter `name` belongs to one of the modules `paths`.
+fn owned_by(name: &str, paths: &[String]) -> bool {
+    paths.iter().any(|p| {
+        name.strip_prefix(p.as_str())
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
+
+/// Marks `paths` as `kind` and creates their `lora_A` / `lora_B` weights in the store (`A` drawn
+/// with `seed`, `B` zero) by loading each adapter layer once.
+fn add_adapters(
+    model: &mut WorkingModel,
+    paths: &[String],
+    kind: LinearKind,
+    seed: u64,
+) -> Result<()> {
+    let LinearKind::Lora { rank, alpha } = kind else {
+        return Err(EngineError::InvalidSetting("not a LoRA kind".into()));
+    };
+    model.store.set_init_missing(Some(seed));
+    let created = paths.iter().try_for_each(|path| {
+        model.set_linear_kind(path, kind)?;
+        let weight = model
+            .store
+            .get(&format!("{path}.weight"))
+            .ok_or_else(|| EngineError::InvalidModel(format!("{path}.weight is missing")))?;
+        let (out_features, in_features) = weight.tensor().dims2()?;
+        let bias = model.store.contains(&format!("{path}.bias"));
+        let vb = model
+            .store
+            .var_builder(DType::F32, weight.tensor().device());
+        LoraLinear::load(vb.pp(path), in_features, out_features, bias, rank, alpha)?;
+        Ok::<_, EngineError>(())
+    });
+    model.store.set_init_missing(None);
+    created
+}
+
+/// Folds every adapter into its base weight, removes the adapter weights from the store, builds
+/// the adapted modules dense again, and re-applies pruning masks (a merged update would otherwise
+/// fill pruned weights). Returns the adapter as trained.
+fn merge_adapters(
+    model: &mut WorkingModel,
+    lora: &LoraSettings,
+    targets: &LoraTargets,
+    base: Option<QuantScheme>,
+) -> Result<(LoraAdapter, f64)> {
+    let mut base_error = 0f64;
+    let scale = f64::from(lora.alpha) / f64::from(lora.rank);
+    let mut tensors = Vec::new();
+    for path in &targets.adapted {
+        let get = |suffix: &str| {
+            let name = format!("{path}.{suffix}");
+            model
+                .store
+                .get(&name)
+                .map(|p| p.tensor().detach())
+                .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))
+        };
+        let (a, b, weight) = (get("lora_A.weight")?, get("lora_B.weight")?, get("weight")?);
+        // QLoRA trained against the dequantized base: that is what the update is merged into.
+        let weight = match base {
+            Some(scheme) => {
+                let dequantized = dequantized(&weight, scheme)?;
+                base_error = base_error.max(relative_error(&dequantized, &weight)?);
+                dequantized
+            }
+            None => weight,
+        };
+        let merged = (&weight + (b.matmul(&a)? * scale)?)?;
+        model
+            .store
+            .insert(format!("{path}.weight"), Param::Frozen(merged));
+        for (suffix, t) in [("lora_A.weight", a), ("lora_B.weight", b)] {
+            let name = format!("{path}.{suffix}");
+            model.store.remove(&name);
+            tensors.push((name, t));
+        }
+        model.set_linear_kind(path, LinearKind::Dense)?;
+    }
+    for (name, tensor) in model.store.tensors() {
+        if owned_by(&name, &targets.saved) {
+            tensors.push((name, tensor.detach()));
+        }
+    }
+    if let Some(masks) = model.masks() {
+        masks.apply(&model.store)?;
+    }
+    let adapter = LoraAdapter {
+        rank: lora.rank,
+        alpha: lora.alpha,
+        target_modules: targets.adapted.clone(),
+        modules_to_save: targets.saved.clone(),
+        tensors,
+    };
+    Ok((adapter, base_error))
+}
+
+/// `weight` quantized with `scheme` and dequantized: the base a QLoRA layer computes with.
+fn dequantized(weight: &Tensor, scheme: QuantScheme) -> Result<Tensor> {
+    Ok(match quantize(weight, scheme)? {
+        Quantized::Weight(packed) => packed.dequantize(weight.device())?,
+        Quantized::Kept { .. } => weight.clone(),
+    })
+}
+
+/// `‖a − b‖ / ‖b‖` (Frobenius).
+fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> {
+        Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()))
+    };
+    Ok(norm(&(a - b)?)? / norm(b)?.max(f64::MIN_POSITIVE))
+}
