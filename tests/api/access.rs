@@ -219,7 +219,8 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
             let text = reply.body.to_string();
             for id in &owner_ids {
                 assert!(
-                    !text.contains(id.as_str()) || reply.status == StatusCode::NOT_FOUND,
+                    // A problem may echo the id the caller sent; only answers with data matter.
+                    !text.contains(id.as_str()) || reply.status.is_client_error(),
                     "{method} {uri} shows the owner's {id}: {text}"
                 );
             }
@@ -269,8 +270,8 @@ async fn idempotency_keys_are_per_tenant() {
     let api = keyed(store).await;
     let (owner, _) = key(&api, "default", &[Scope::Read, Scope::Write]).await;
     let (other, _) = key(&api, "other", &[Scope::Read, Scope::Write]).await;
-    let clock = common::clock();
-    let (mut model, mut dataset) = (common::model(&*clock), common::dataset(&*clock));
+    let clock = &*api.state.clock;
+    let (mut model, mut dataset) = (common::model(clock), common::dataset(clock));
     model.tenant = "other".into();
     dataset.tenant = "other".into();
     api.state.store.insert_model(&model).await.unwrap();

@@ -106,24 +106,20 @@ fn mutated_spec() -> impl Strategy<Value = Value> {
             "task": {"type": "text_classification", "dataset": "0192f0a0-0000-7000-8000-000000000001"},
             "pipeline": [{"type": "finetune"}, {"type": "prune", "sparsity": 0.5}, {"type": "quantize", "scheme": "int8"}],
         });
-        let mut at = &mut spec;
-        for (i, key) in path.iter().enumerate() {
-            let last = i + 1 == path.len();
-            let next = match at {
-                Value::Array(items) => key.parse::<usize>().ok().and_then(|k| items.get_mut(k)),
-                Value::Object(map) if last => {
-                    map.insert((*key).to_owned(), Value::Null);
-                    map.get_mut(*key)
-                }
-                Value::Object(map) => map.get_mut(*key),
-                _ => None,
-            };
-            match next {
-                Some(next) => at = next,
-                None => return spec,
+        let (last, parent) = path.split_last().expect("paths are not empty");
+        let parent = format!("/{}", parent.join("/"));
+        let parent = if parent == "/" { "" } else { parent.as_str() };
+        match spec.pointer_mut(parent) {
+            Some(Value::Object(map)) => {
+                map.insert((*last).to_owned(), value);
             }
+            Some(Value::Array(items)) => {
+                if let Some(item) = last.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    *item = value;
+                }
+            }
+            _ => {}
         }
-        *at = value;
         spec
     })
 }
