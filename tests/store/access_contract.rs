@@ -37,8 +37,9 @@ async fn api_keys_round_trip_and_revoke(store: Arc<dyn Store>) {
     store.insert_api_key(&second).await.unwrap();
     let listed = store.list_api_keys().await.unwrap();
     assert_eq!(listed.len(), 2);
-    let revoked = store.revoke_api_key(&key.id, clock.now()).await.unwrap();
-    assert_eq!(revoked.revoked_at, Some(clock.now()));
+    let now = clock.now();
+    let revoked = store.revoke_api_key(&key.id, now).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(now));
     clock.advance(chrono::Duration::seconds(5));
     // Revoking again keeps the first time.
     let again = store.revoke_api_key(&key.id, clock.now()).await.unwrap();
@@ -59,11 +60,11 @@ async fn api_keys_round_trip_and_revoke(store: Arc<dyn Store>) {
 }
 
 async fn audit_entries_page_per_tenant(store: Arc<dyn Store>) {
-    let clock = clock();
+    let at = clock().now();
     for (i, tenant) in ["a", "b", "a", "a"].into_iter().enumerate() {
         let entry = AuditEntry {
             seq: 0,
-            at: clock.now(),
+            at,
             tenant: tenant.into(),
             key_id: Some(format!("key{i}")),
             method: "POST".into(),
@@ -84,7 +85,7 @@ async fn audit_entries_page_per_tenant(store: Arc<dyn Store>) {
         ["/v1/jobs/0", "/v1/jobs/2"]
     );
     assert!(first[0].seq < first[1].seq);
-    assert_eq!(first[0].at, clock.now());
+    assert_eq!(first[0].at, at);
     let rest = store
         .list_audit(&page(Some(first[1].seq), 2))
         .await
