@@ -151,7 +151,7 @@ async fn resolve_inputs(
         ));
     };
     let dataset = state.store.get_dataset(dataset_id).await?;
-    if !dataset.is_some_and(|d| d.tenant == caller.tenant) {
+    if dataset.is_none_or(|d| d.tenant != caller.tenant) {
         return Err(ApiError::invalid_field(
             "/task/dataset",
             format!("dataset {dataset_id} is not registered"),
