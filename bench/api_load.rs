@@ -73,6 +73,7 @@ async fn store(backend: &str, dir: &std::path::Path) -> anyhow::Result<Arc<dyn S
 
 async fn register_inputs(store: &dyn Store, clock: &dyn Clock) -> anyhow::Result<(String, String)> {
     let model = Model {
+        tenant: "default".into(),
         id: clock.new_id(),
         name: "bench-model".into(),
         architecture: "bert".into(),
@@ -84,6 +85,7 @@ async fn register_inputs(store: &dyn Store, clock: &dyn Clock) -> anyhow::Result
         created_at: clock.now(),
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: clock.new_id(),
         name: "bench-data".into(),
         format: "jsonl".into(),

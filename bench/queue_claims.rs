@@ -73,6 +73,7 @@ async fn open_store(
 async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "m".into(),
         architecture: "bert".into(),
@@ -84,6 +85,7 @@ async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
         created_at: now,
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "d".into(),
         format: "jsonl".into(),
@@ -104,6 +106,7 @@ async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
                 let spec = json!({"name": format!("j{i}"), "model": model.id, "task": {"type": "text_classification", "dataset": dataset.id},
                     "pipeline": [{"type": "finetune"}], "dry_run": true});
                 let job = NewJob {
+                    tenant: "default".into(),
                     id: Uuid::now_v7(),
                     name: format!("j{i}"),
                     spec,

@@ -111,6 +111,7 @@ impl Server {
 async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "m".into(),
         architecture: "bert".into(),
@@ -122,6 +123,7 @@ async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
         created_at: now,
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "d".into(),
         format: "jsonl".into(),
@@ -137,6 +139,7 @@ async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
     let spec = json!({"name": "sse", "model": model.id, "task": {"type": "text_classification", "dataset": dataset.id},
         "pipeline": [{"type": "finetune"}], "dry_run": true});
     let job = NewJob {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "sse".into(),
         spec,

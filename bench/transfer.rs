@@ -169,6 +169,7 @@ async fn run(label: &str, file: &PathBuf, overrides: &[(&str, Value)]) -> Result
 async fn artifact_job(store: &dyn Store, base: &str, uri: &str, size: u64) -> Result<Uuid> {
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "m".into(),
         architecture: "bert".into(),
@@ -180,6 +181,7 @@ async fn artifact_job(store: &dyn Store, base: &str, uri: &str, size: u64) -> Re
         created_at: now,
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "d".into(),
         format: "jsonl".into(),

@@ -55,6 +55,22 @@ pub enum Error {
     #[error("invalid job spec: {}", .0.first().map(|v| format!("{}: {}", v.pointer, v.message)).unwrap_or_default())]
     InvalidSpec(Vec<Violation>),
 
+    /// A command-line or request value is malformed (a scope, a tenant name); the message says
+    /// which and why.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A tenant quota is used up (`tenant_max_active_jobs`: 429, `tenant_max_stored_bytes`: 507).
+    #[error("quota `{quota}` is {limit}; this tenant would use {used}")]
+    Quota {
+        /// The setting that sets the quota.
+        quota: &'static str,
+        /// Its value.
+        limit: u64,
+        /// The use the request would bring the tenant to.
+        used: u64,
+    },
+
     /// A pipeline stage has no engine yet.
     #[error("{0}")]
     NotImplemented(String),

@@ -8,12 +8,14 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod events;
 pub mod inputs;
 pub mod job_spec;
+pub mod net_guard;
 pub mod scheduler;
 pub mod server;
 pub mod settings;

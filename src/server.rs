@@ -1,17 +1,19 @@
 //! Starting and stopping the HTTP server.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
+use crate::api::access::AuthMode;
 use crate::api::metrics::Metrics;
 use crate::api::{self, ApiConfig, AppState};
 use crate::artifacts::ArtifactStore;
 use crate::clock::SystemClock;
 use crate::error::{Error, Result};
-use crate::settings::Settings;
+use crate::settings::{AuthSetting, Settings};
 use crate::store;
 
 /// Connects the store (migrating it when configured) and the artifact store.
@@ -23,13 +25,58 @@ pub async fn build_state(settings: &Settings) -> Result<AppState> {
     if settings.migrate_on_start {
         store.migrate().await?;
     }
+    let mut config = ApiConfig::from_settings(settings);
+    if settings.auth == AuthSetting::Auto {
+        let keys = store.list_api_keys().await?;
+        if keys.iter().any(|k| k.revoked_at.is_none()) {
+            config.access.mode = AuthMode::Keys;
+        }
+    }
     Ok(AppState {
         store,
         artifacts: ArtifactStore::from_settings(settings)?,
         clock: Arc::new(SystemClock),
         metrics: Arc::new(Metrics::new()),
-        config: ApiConfig::from_settings(settings),
+        config,
     })
+}
+
+/// Where the API listens: `listen`, except that a server without keys under `auth = "auto"`
+/// listens on loopback only (same port) so an unauthenticated API is never exposed by accident.
+/// Says at start which it is; `auth = "none"` off loopback is a warning.
+pub fn listen_address(settings: &Settings, mode: AuthMode) -> SocketAddr {
+    let listen = settings.listen;
+    match (mode, settings.auth) {
+        (AuthMode::Keys, _) => {
+            tracing::info!(%listen, "API keys required on /v1 (Authorization: Bearer)");
+            listen
+        }
+        (AuthMode::Open, AuthSetting::None) => {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(%listen, "auth = \"none\": anyone who reaches this address can use every tenant's API");
+            }
+            listen
+        }
+        (AuthMode::Open, _) => {
+            let loopback = if listen.is_ipv6() {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            } else {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            };
+            let address = SocketAddr::new(
+                if listen.ip().is_loopback() {
+                    listen.ip()
+                } else {
+                    loopback
+                },
+                listen.port(),
+            );
+            tracing::warn!(%address, configured = %listen,
+                "no API keys: the API has no auth and listens on loopback only; \
+                 make a key with `compressd keys create` (then restart) or set auth = \"none\"");
+            address
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests finish

@@ -114,6 +114,31 @@ pub struct Settings {
     /// cache's `token` file.
     #[serde(default, deserialize_with = "empty_is_none")]
     pub hf_token: Option<String>,
+    /// How `/v1` requests are authenticated: `auto`, `keys` or `none`.
+    pub auth: AuthSetting,
+    /// Requests one API key may make per second (sustained); 0 turns the limit off.
+    pub rate_limit_per_key_per_sec: u32,
+    /// Requests one API key may make in a burst above its rate.
+    pub rate_limit_burst: u32,
+    /// Queued plus running jobs one tenant may have; 0 is no limit.
+    pub tenant_max_active_jobs: u64,
+    /// Bytes of models, datasets and artifacts one tenant may store; 0 is no limit.
+    pub tenant_max_stored_bytes: u64,
+    /// Hosts, addresses and CIDR ranges that user-given URLs may reach although they are
+    /// loopback, link-local or private (see `crate::net_guard`).
+    pub allowed_private_networks: Vec<String>,
+}
+
+/// The `auth` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthSetting {
+    /// API keys when the database holds any; else no auth, and the API listens on loopback only.
+    Auto,
+    /// Always API keys.
+    Keys,
+    /// No auth on any address (logs a warning when not on loopback).
+    None,
 }
 
 /// Log line formats.
@@ -219,6 +244,14 @@ impl Settings {
         }
         if self.request_timeout_secs == 0 {
             return Err(invalid("request_timeout_secs", "must be at least 1"));
+        }
+        for network in &self.allowed_private_networks {
+            if crate::net_guard::AllowedNetwork::parse(network).is_none() {
+                return Err(invalid(
+                    "allowed_private_networks",
+                    &format!("`{network}` is not a host name, an IP address or a CIDR range"),
+                ));
+            }
         }
         if self.json_body_limit_bytes < 1024 {
             return Err(invalid("json_body_limit_bytes", "must be at least 1024"));
@@ -375,6 +408,15 @@ impl fmt::Debug for Settings {
             .field("hf_endpoint", &self.hf_endpoint)
             .field("hf_cache_dir", &self.hf_cache_dir)
             .field("hf_token", &self.hf_token.as_ref().map(|_| "***"))
+            .field("auth", &self.auth)
+            .field(
+                "rate_limit_per_key_per_sec",
+                &self.rate_limit_per_key_per_sec,
+            )
+            .field("rate_limit_burst", &self.rate_limit_burst)
+            .field("tenant_max_active_jobs", &self.tenant_max_active_jobs)
+            .field("tenant_max_stored_bytes", &self.tenant_max_stored_bytes)
+            .field("allowed_private_networks", &self.allowed_private_networks)
             .finish()
     }
 }

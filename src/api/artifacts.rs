@@ -11,16 +11,18 @@ use axum::http::header::{
 };
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::artifacts_range::{parse_range, RangeRequest};
+use crate::api::access::owned_job;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JobId;
 use crate::api::state::AppState;
 use crate::artifacts::tar::{tar_len, tar_stream, TarMember};
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::store::Artifact;
 
@@ -69,12 +71,10 @@ pub struct ArtifactList {
     ))]
 pub async fn list_artifacts(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobId(id): JobId,
 ) -> Result<Json<ArtifactList>, ApiError> {
-    state.store.get_job(id).await?.ok_or(Error::NotFound {
-        kind: "job",
-        id: id.to_string(),
-    })?;
+    owned_job(&state, &caller, id).await?;
     let artifacts = state.store.list_artifacts(id).await?;
     Ok(Json(ArtifactList {
         artifacts: artifacts.into_iter().map(ArtifactView::from).collect(),
@@ -89,11 +89,13 @@ pub async fn list_artifacts(
         (status = 206, description = "The requested byte range", content_type = "application/octet-stream"),
         (status = 302, description = "Redirect to a presigned URL (S3 with redirect_downloads)"),
         (status = 304, description = "If-None-Match matched the ETag"),
+        (status = 400, description = "Malformed job id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job or artifact", body = Problem, content_type = "application/problem+json"),
         (status = 416, description = "Range not satisfiable", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn download_artifact(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((raw_id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -103,6 +105,8 @@ pub async fn download_artifact(
             format!("`{raw_id}` is not a job id (a UUID)"),
         )
     })?;
+    // Another tenant's job is "no such job", before any artifact name is looked at.
+    owned_job(&state, &caller, id).await?;
     let artifacts = state.store.list_artifacts(id).await?;
     if let Some(artifact) = artifacts.iter().find(|a| a.name == name) {
         return download_one(&state, artifact, &headers).await;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -12,10 +13,11 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::models::{page, parse_id};
+use crate::api::access::owned_dataset;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::QueryPairs;
 use crate::api::state::AppState;
-use crate::error::Error;
+use crate::auth::Caller;
 use crate::inputs::RejectedRow;
 use crate::store::Dataset;
 
@@ -114,11 +116,13 @@ pub struct DatasetList {
     ))]
 pub async fn list_datasets(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: QueryPairs,
 ) -> Result<Json<DatasetList>, ApiError> {
-    let page = page(&query)?;
+    let page = page(&query, &caller)?;
+    let limit = page.limit as usize;
     let datasets = state.store.list_datasets(page).await?;
-    let next = if datasets.len() == page.limit as usize {
+    let next = if datasets.len() == limit {
         datasets.last().map(|d| d.id)
     } else {
         None
@@ -139,13 +143,11 @@ pub async fn list_datasets(
     ))]
 pub async fn get_dataset(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<Json<DatasetView>, ApiError> {
     let id = parse_id("dataset", &raw)?;
-    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound {
-        kind: "dataset",
-        id: raw,
-    })?;
+    let dataset = owned_dataset(&state, &caller, id).await?;
     Ok(Json(dataset.into()))
 }
 
@@ -160,13 +162,11 @@ pub async fn get_dataset(
     ))]
 pub async fn delete_dataset(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id("dataset", &raw)?;
-    let dataset = state.store.get_dataset(id).await?.ok_or(Error::NotFound {
-        kind: "dataset",
-        id: raw,
-    })?;
+    let dataset = owned_dataset(&state, &caller, id).await?;
     state.store.delete_dataset(id).await?;
     if let Err(error) = state
         .artifacts

@@ -6,7 +6,7 @@
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::LOCATION;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use chrono::SubsecRound;
 use futures::Stream;
@@ -18,10 +18,12 @@ use super::datasets::DatasetView;
 use super::models_create::{
     about_uri, body_kind, read_json, resolve_reference, text_part, BodyKind,
 };
+use crate::api::access::check_storage_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::state::AppState;
 use crate::artifacts::ingest::{ingest, Budget, PendingPrefix};
 use crate::artifacts::sources::InputKind;
+use crate::auth::Caller;
 use crate::error::{Error, Result};
 use crate::inputs::model::check_file_name;
 use crate::inputs::{DatasetFormat, DatasetInspector, DatasetOptions, DatasetSummary, Rejection};
@@ -57,14 +59,17 @@ pub struct DatasetReference {
         (status = 201, description = "Registered", body = DatasetView),
         (status = 400, description = "Broken upload or malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over dataset_upload_max_bytes", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "The tenant's storage quota (`tenant_max_stored_bytes`) is used up", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Neither multipart/form-data nor JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The dataset failed validation, or the reference names nothing usable (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The Hugging Face Hub failed or could not be reached (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_dataset(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     request: Request,
 ) -> std::result::Result<(StatusCode, HeaderMap, Json<DatasetView>), ApiError> {
+    check_storage_quota(&state, &caller.tenant, 0).await?;
     let id = state.clock.new_id();
     let pending = PendingPrefix::new(state.artifacts.clone(), format!("datasets/{id}/"));
     let received = match body_kind(&request)? {
@@ -83,7 +88,9 @@ pub async fn create_dataset(
         }
     };
     let dataset = match received {
-        Ok(received) => commit(&state, id, received).await.map_err(ApiError::from),
+        Ok(received) => commit(&state, &caller.tenant, id, received)
+            .await
+            .map_err(ApiError::from),
         Err(error) => Err(error),
     };
     let dataset = match dataset {
@@ -259,7 +266,7 @@ where
     Ok((key, file_name.to_owned(), inspector.finish()?))
 }
 
-async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Dataset> {
+async fn commit(state: &AppState, tenant: &str, id: Uuid, received: Received) -> Result<Dataset> {
     let Received {
         request,
         key,
@@ -269,8 +276,10 @@ async fn commit(state: &AppState, id: Uuid, received: Received) -> Result<Datase
     } = received;
     let format = summary.format.as_str().to_owned();
     let defaults = DatasetOptions::new(summary.format);
+    check_storage_quota(state, tenant, summary.bytes).await?;
     let dataset = Dataset {
         id,
+        tenant: tenant.to_owned(),
         name: request
             .name
             .filter(|n| !n.trim().is_empty())

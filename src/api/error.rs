@@ -3,7 +3,7 @@
 //!
 //! 5xx answers carry a generic message; the full error chain goes to the log with the request's span.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use compressd_engine::spec::Violation;
 use serde::Serialize;
@@ -52,6 +52,8 @@ pub struct ApiError {
     errors: Vec<FieldError>,
     /// The cause of a 5xx, logged, never shown.
     internal: Option<Box<Error>>,
+    /// Headers the answer needs (`WWW-Authenticate`, `Retry-After`).
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
@@ -69,7 +71,49 @@ impl ApiError {
             detail: detail.into(),
             errors: Vec::new(),
             internal: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// The same error, answered with `name: value` too.
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 401: no usable API key (missing, malformed, unknown or revoked).
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authentication required",
+            detail,
+        )
+        .with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"compressd\""),
+        )
+    }
+
+    /// 403: the key is valid but lacks the scope the route needs.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "insufficient-scope",
+            "The API key lacks the scope this needs",
+            detail,
+        )
+    }
+
+    /// 429: the key sent more requests than its rate allows; retry after `retry_after_secs`.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            format!("this API key's request rate is exceeded; retry in {retry_after_secs} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(retry_after_secs))
     }
 
     /// 400: the body is not JSON.
@@ -254,6 +298,17 @@ impl From<Error> for ApiError {
                 Self::new(StatusCode::CONFLICT, "conflict", "Conflict", detail)
             }
             Error::InvalidSpec(violations) => Self::invalid(violations),
+            Error::Quota { quota, .. } => Self::new(
+                if quota == "tenant_max_stored_bytes" {
+                    StatusCode::INSUFFICIENT_STORAGE
+                } else {
+                    StatusCode::TOO_MANY_REQUESTS
+                },
+                "quota-exceeded",
+                "A tenant quota is used up",
+                error.to_string(),
+            ),
+            Error::Invalid(detail) => Self::bad_request("invalid-request", detail),
             Error::NotImplemented(detail) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "not-implemented",
@@ -298,6 +353,9 @@ impl IntoResponse for ApiError {
             errors: self.errors,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),

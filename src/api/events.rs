@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::{JobId, QueryPairs};
 use crate::api::state::AppState;
+use crate::auth::Caller;
 use crate::events::{follow, EventView, FollowEnd, FollowLimits, StoreEvents, StreamEvent};
 use crate::settings::Settings;
 use crate::store::MAX_PAGE;
@@ -68,6 +69,7 @@ pub struct EventList {
     ))]
 pub async fn job_events(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobId(job_id): JobId,
     headers: HeaderMap,
     query: QueryPairs,
@@ -75,13 +77,7 @@ pub async fn job_events(
     query.only(&["after", "limit"])?;
     let after = resume_point(&headers, &query)?;
     let limit = page_limit(&query)?;
-    if state.store.get_job(job_id).await?.is_none() {
-        return Err(crate::error::Error::NotFound {
-            kind: "job",
-            id: job_id.to_string(),
-        }
-        .into());
-    }
+    crate::api::access::owned_job(&state, &caller, job_id).await?;
     if wants_event_stream(&headers) {
         Ok(stream(&state, job_id, after).into_response())
     } else {

@@ -3,8 +3,10 @@
 //! This module only wires; each resource's handlers sit in their own module with their request and
 //! response types and OpenAPI annotations.
 
+pub mod access;
 pub mod artifacts;
 pub mod artifacts_range;
+pub mod audit;
 pub mod datasets;
 pub mod datasets_create;
 pub mod error;
@@ -38,7 +40,8 @@ pub use state::{ApiConfig, AppState};
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The complete application: routes, then middleware (outermost first: request id, tracing,
-/// CORS, metrics, then timeout and body limit on every route but the uploads).
+/// CORS, metrics, access (auth, rate limit, scope, audit), then timeout and body limit on every
+/// route but the uploads).
 pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .route(
@@ -66,6 +69,7 @@ pub fn router(state: AppState) -> Router {
             get(datasets::get_dataset).delete(datasets::delete_dataset),
         )
         .route("/v1/jobs/{id}/artifacts", get(artifacts::list_artifacts))
+        .route("/v1/audit", get(audit::list_audit))
         .route(
             "/v1/jobs/{id}/artifacts/{*name}",
             get(artifacts::download_artifact),
@@ -85,6 +89,10 @@ pub fn router(state: AppState) -> Router {
         .merge(uploads)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::access,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.metrics),
             metrics::track,
@@ -119,10 +127,15 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([
             axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
             HeaderName::from_static("idempotency-key"),
             REQUEST_ID,
         ])
-        .expose_headers([REQUEST_ID, axum::http::header::LOCATION])
+        .expose_headers([
+            REQUEST_ID,
+            axum::http::header::LOCATION,
+            axum::http::header::RETRY_AFTER,
+        ])
 }
 
 async fn not_found(uri: Uri) -> ApiError {

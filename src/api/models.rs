@@ -3,15 +3,17 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::Extension;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::api::access::owned_model;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::QueryPairs;
 use crate::api::state::AppState;
-use crate::error::Error;
+use crate::auth::Caller;
 use crate::inputs::model::FileRecord;
 use crate::store::{Model, Page, MAX_PAGE};
 
@@ -98,11 +100,13 @@ pub struct ModelList {
     ))]
 pub async fn list_models(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: QueryPairs,
 ) -> Result<Json<ModelList>, ApiError> {
-    let page = page(&query)?;
+    let page = page(&query, &caller)?;
+    let limit = page.limit as usize;
     let models = state.store.list_models(page).await?;
-    let next = if models.len() == page.limit as usize {
+    let next = if models.len() == limit {
         models.last().map(|m| m.id)
     } else {
         None
@@ -123,13 +127,11 @@ pub async fn list_models(
     ))]
 pub async fn get_model(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<Json<ModelView>, ApiError> {
     let id = parse_id("model", &raw)?;
-    let model = state.store.get_model(id).await?.ok_or(Error::NotFound {
-        kind: "model",
-        id: raw,
-    })?;
+    let model = owned_model(&state, &caller, id).await?;
     Ok(Json(model.into()))
 }
 
@@ -144,13 +146,11 @@ pub async fn get_model(
     ))]
 pub async fn delete_model(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id("model", &raw)?;
-    let model = state.store.get_model(id).await?.ok_or(Error::NotFound {
-        kind: "model",
-        id: raw,
-    })?;
+    let model = owned_model(&state, &caller, id).await?;
     state.store.delete_model(id).await?;
     // The row is gone; files that cannot be removed now are orphans for the sweeper.
     if let Err(error) = state.artifacts.delete_prefix(&model.uri).await {
@@ -170,8 +170,8 @@ pub(crate) fn parse_id(kind: &'static str, raw: &str) -> Result<Uuid, ApiError> 
         .map_err(|_| ApiError::bad_request(slug, format!("`{raw}` is not a {kind} id (a UUID)")))
 }
 
-/// `limit` and `after` query parameters.
-pub(crate) fn page(query: &QueryPairs) -> Result<Page, ApiError> {
+/// `limit` and `after` query parameters, over the caller's tenant.
+pub(crate) fn page(query: &QueryPairs, caller: &Caller) -> Result<Page, ApiError> {
     query.only(&["limit", "after"])?;
     let limit = match query.one("limit")? {
         None => DEFAULT_LIMIT,
@@ -194,5 +194,9 @@ pub(crate) fn page(query: &QueryPairs) -> Result<Page, ApiError> {
             })
         })
         .transpose()?;
-    Ok(Page { after, limit })
+    Ok(Page {
+        tenant: Some(caller.tenant.clone()),
+        after,
+        limit,
+    })
 }

@@ -6,15 +6,17 @@ use axum::extract::multipart::Field;
 use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::Json;
+use axum::{Extension, Json};
 use futures::StreamExt;
 use serde::Deserialize;
 
 use super::models::ModelView;
 use super::models_register::ModelRegistration;
+use crate::api::access::check_storage_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::state::AppState;
 use crate::artifacts::sources::{self, InputKind, SourceConfig, SourceFile};
+use crate::auth::Caller;
 use crate::error::{Error, Result};
 use crate::inputs::Rejection;
 
@@ -42,14 +44,17 @@ pub struct ModelReference {
         (status = 201, description = "Registered", body = ModelView),
         (status = 400, description = "Broken upload or malformed JSON", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over model_upload_max_bytes", body = Problem, content_type = "application/problem+json"),
+        (status = 507, description = "The tenant's storage quota (`tenant_max_stored_bytes`) is used up", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Neither multipart/form-data nor JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The model failed validation, or the reference names nothing usable (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The Hugging Face Hub failed or could not be reached (`pointer` is `/uri`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_model(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     request: Request,
 ) -> std::result::Result<(StatusCode, HeaderMap, Json<ModelView>), ApiError> {
+    check_storage_quota(&state, &caller.tenant, 0).await?;
     let mut registration = ModelRegistration::new(&state);
     let received = match body_kind(&request)? {
         BodyKind::Multipart => {
@@ -71,7 +76,11 @@ pub async fn create_model(
         }
     };
     let model = match received {
-        Ok((name, source, revision)) => registration.commit(&state, name, source, revision).await?,
+        Ok((name, source, revision)) => {
+            registration
+                .commit(&state, &caller.tenant, name, source, revision)
+                .await?
+        }
         Err(error) => {
             registration.abandon().await;
             return Err(error);

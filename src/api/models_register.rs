@@ -11,6 +11,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::api::access::check_storage_quota;
 use crate::api::state::AppState;
 use crate::artifacts::ingest::{ingest, Budget, PendingPrefix};
 use crate::artifacts::ArtifactStore;
@@ -80,6 +81,7 @@ impl ModelRegistration {
     pub(crate) async fn commit(
         self,
         state: &AppState,
+        tenant: &str,
         name: Option<String>,
         source: String,
         source_revision: Option<String>,
@@ -101,8 +103,13 @@ impl ModelRegistration {
         let name = name
             .filter(|n| !n.trim().is_empty())
             .unwrap_or_else(|| default_name(&source, &summary.files));
+        if let Err(error) = check_storage_quota(state, tenant, summary.bytes).await {
+            pending.discard().await;
+            return Err(error);
+        }
         let model = Model {
             id,
+            tenant: tenant.to_owned(),
             name,
             architecture: summary.architecture.as_str().to_owned(),
             format: summary.format.as_str().to_owned(),

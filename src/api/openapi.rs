@@ -14,10 +14,14 @@ use utoipa::OpenApi;
 
 #[cfg(test)]
 mod noop_stage;
+mod security;
+
+use security::AccessDoc;
 #[cfg(test)]
 mod tests;
 
 use super::artifacts::{ArtifactList, ArtifactView};
+use super::audit::{AuditEntryView, AuditList};
 use super::datasets::{DatasetList, DatasetView};
 use super::datasets_create::DatasetReference;
 use super::error::{FieldError, Problem};
@@ -34,6 +38,8 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "compressd", description = "Compress transformer models: fine-tune, prune, quantize, distill. \
+        Every /v1 route takes an API key (`Authorization: Bearer <key>`) once the server has keys; each \
+        tenant sees only its own jobs, models, datasets and artifacts (another tenant's answer 404). \
         Errors are RFC 9457 problem+json documents whose `type` is `urn:compressd:problem:<slug>` and whose \
         `pointer` names the offending request field."),
     paths(
@@ -53,17 +59,21 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
         super::datasets::delete_dataset,
         super::artifacts::list_artifacts,
         super::artifacts::download_artifact,
+        super::audit::list_audit,
         super::health::healthz,
         super::health::readyz,
         super::metrics::metrics,
         openapi_json,
     ),
     components(schemas(ModelView, ModelList, ModelReference, DatasetView, DatasetList, DatasetReference, ArtifactView, ArtifactList,
-        JobView, JobList, JobStatus, JobProgress, JobResult, JobError, Problem, FieldError, Health, EventList, EventView)),
+        JobView, JobList, JobStatus, JobProgress, JobResult, JobError, Problem, FieldError, Health, EventList, EventView,
+        AuditList, AuditEntryView)),
+    modifiers(&AccessDoc),
     tags((name = "jobs", description = "Compression jobs"),
         (name = "models", description = "Registered models (upload or reference)"),
         (name = "datasets", description = "Registered datasets (upload or reference)"),
-        (name = "artifacts", description = "What jobs produce, and downloads"), (name = "operations", description = "Probes, metrics, contract")),
+        (name = "artifacts", description = "What jobs produce, and downloads"),
+        (name = "audit", description = "State-changing requests, for keys with the admin scope"), (name = "operations", description = "Probes, metrics, contract")),
 )]
 pub struct ApiDoc;
 

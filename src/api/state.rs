@@ -26,6 +26,8 @@ pub struct ApiConfig {
     pub events: StreamConfig,
     /// Model and dataset registration, artifact downloads.
     pub inputs: InputsConfig,
+    /// Authentication, rate limits and quotas.
+    pub access: super::access::AccessConfig,
 }
 
 /// Limits and sources for registering models and datasets and serving artifacts.
@@ -72,6 +74,7 @@ impl ApiConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             events: StreamConfig::from_settings(settings),
             inputs: InputsConfig::from_settings(settings),
+            access: super::access::AccessConfig::from_settings(settings),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The command line: `serve`, `worker`, `migrate`, `run`, `openapi`.
+//! The command line: `serve`, `worker`, `migrate`, `keys`, `run`, `openapi`.
 
+pub mod keys;
 pub mod progress;
 pub mod run;
 
@@ -41,6 +42,12 @@ pub enum Command {
     Worker,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Manage API keys in the configured database.
+    Keys {
+        /// What to do with keys.
+        #[command(subcommand)]
+        action: keys::KeysCommand,
+    },
     /// Run one job spec locally, with no server: model and dataset are local paths.
     Run {
         /// The job spec (JSON).
@@ -74,6 +81,7 @@ pub async fn execute(command: Command, settings: Settings) -> Result<()> {
             tracing::info!(backend = ?store.backend(), "migrations applied");
             Ok(())
         }
+        Command::Keys { action } => keys::run(action, &settings).await,
         Command::Run { spec, out } => run::run_spec_file(&spec, &out),
         Command::Openapi => {
             print!("{}", crate::api::openapi::yaml());
@@ -138,9 +146,10 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
             Duration::from_secs(settings.orphan_sweep_interval_secs),
         )
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen)
+    let address = server::listen_address(settings, state.config.access.mode);
+    let listener = tokio::net::TcpListener::bind(address)
         .await
-        .map_err(|e| Error::io(settings.listen.to_string(), e))?;
+        .map_err(|e| Error::io(address.to_string(), e))?;
     let stop = shutdown.clone();
     let signal = async move {
         server::shutdown_signal().await;

@@ -383,7 +383,12 @@ fn header_columns(options: &DatasetOptions, fields: &[&[u8]]) -> Checked<Columns
             SLUG,
             format!(
                 "line 1: the CSV header has no column `{name}` (columns: {})",
-                names.join(", ")
+                // Quoted and escaped: a column name may hold anything, line breaks included.
+                names
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
     };

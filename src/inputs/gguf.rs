@@ -94,7 +94,10 @@ impl GgufInspector {
             match Content::read(&mut Cursor::new(self.prefix.as_slice())) {
                 Ok(content) => self.keep(content),
                 Err(e) if self.prefix.len() == MAX_HEADER_BYTES => {
-                    let why = format!("metadata and tensor table do not parse within {MAX_HEADER_BYTES} bytes: {e}");
+                    let why = format!(
+                        "metadata and tensor table do not parse within {MAX_HEADER_BYTES} bytes: {}",
+                        reason(&e)
+                    );
                     return Err(self.reject(why));
                 }
                 Err(_) => self.next_attempt = self.next_attempt.saturating_mul(2),
@@ -118,13 +121,27 @@ impl GgufInspector {
         }
         if self.parsed.is_none() {
             let content = Content::read(&mut Cursor::new(self.prefix.as_slice())).map_err(|e| {
-                self.reject(format!("metadata or tensor table does not parse: {e}"))
+                self.reject(format!(
+                    "metadata or tensor table does not parse: {}",
+                    reason(&e)
+                ))
             })?;
             self.keep(content);
         }
         let (content, _) = self.parsed.take().expect("parsed above");
         summarize(&content, self.received).map_err(|m| self.reject(m))
     }
+}
+
+/// What a candle parse error says, without the backtrace candle appends to its text (with file
+/// paths of the build machine): the problem body says what, not where.
+fn reason(error: &candle_core::Error) -> String {
+    let text = error.to_string();
+    text.lines()
+        .next()
+        .unwrap_or("unreadable")
+        .trim()
+        .to_owned()
 }
 
 /// Computes absolute tensor ranges, checks them, and extracts the metadata the service uses.

@@ -227,6 +227,7 @@ mod tests {
         let now = chrono::Utc::now();
         Job {
             id: Uuid::now_v7(),
+            tenant: "default".into(),
             name: "j".into(),
             status: JobStatus::Running,
             spec: json!({}),

@@ -7,6 +7,7 @@
 //! Worker-side methods (claim, heartbeat, fenced writes, reaping) are added by the scheduler work;
 //! the jobs table already has their columns.
 
+pub mod access;
 pub(crate) mod lease;
 mod postgres;
 mod shared;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use access::{ApiKey, AuditEntry, AuditFilter, Scope, TenantUsage, DEFAULT_TENANT};
 pub use lease::{
     retry_backoff, AttemptOutcome, Lease, LeaseState, Reaped, EVENT_FAILED, EVENT_STATUS,
     EVENT_SUCCEEDED,
@@ -209,6 +211,36 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// How many jobs are in each status (statuses with none are left out).
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>>;
+
+    // ---- Access: API keys, the audit log, tenant usage (`sqlite/access.rs`, `postgres/access.rs`). ----
+
+    /// Stores a new API key.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when the id exists.
+    async fn insert_api_key(&self, key: &ApiKey) -> Result<()>;
+
+    /// The key with this id, revoked or not. Read on every authenticated request (no cache), so a
+    /// revocation holds from the next request on, on every replica.
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>>;
+
+    /// Every key, oldest first.
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>>;
+
+    /// Revokes a key (again is harmless) and returns it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when no key has this id.
+    async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> Result<ApiKey>;
+
+    /// Records a state-changing request.
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<()>;
+
+    /// Audit entries oldest first, after the filter's cursor, at most `min(filter.limit, MAX_PAGE)`.
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>>;
+
+    /// A tenant's queued and running jobs and stored bytes, for its quotas.
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage>;
 }
 
 /// Opens the store the settings name: `database_url` unset means SQLite in the data dir.

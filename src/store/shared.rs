@@ -14,15 +14,15 @@ use super::{
 use crate::error::{Error, Result};
 
 /// The jobs table's columns, in the order the mapping reads them.
-pub(super) const JOB_COLUMNS: &str = "id, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
+pub(super) const JOB_COLUMNS: &str = "id, tenant, name, status, spec, model_id, dataset_id, priority, attempt, max_attempts, run_after, \
     lease_owner, lease_expires_at, cancel_requested, idempotency_key, progress, result, error, created_at, \
     started_at, finished_at, updated_at";
 /// The models table's columns.
 pub(super) const MODEL_COLUMNS: &str =
-    "id, name, architecture, format, uri, bytes, sha256, metadata, created_at";
+    "id, tenant, name, architecture, format, uri, bytes, sha256, metadata, created_at";
 /// The datasets table's columns.
 pub(super) const DATASET_COLUMNS: &str =
-    "id, name, format, uri, bytes, sha256, rows, metadata, created_at";
+    "id, tenant, name, format, uri, bytes, sha256, rows, metadata, created_at";
 /// The artifacts table's columns.
 pub(super) const ARTIFACT_COLUMNS: &str =
     "job_id, attempt, name, kind, format, bytes, sha256, uri, created_at";
@@ -60,6 +60,7 @@ pub(super) trait StoredRow {
 pub(super) fn job_from_row(row: &impl StoredRow) -> Result<Job> {
     Ok(Job {
         id: row.id("id")?,
+        tenant: row.text("tenant")?,
         name: row.text("name")?,
         status: row.text("status")?.parse()?,
         spec: row.json("spec")?,
@@ -72,7 +73,9 @@ pub(super) fn job_from_row(row: &impl StoredRow) -> Result<Job> {
         lease_owner: row.opt_text("lease_owner")?,
         lease_expires_at: row.opt_time("lease_expires_at")?,
         cancel_requested: row.flag("cancel_requested")?,
-        idempotency_key: row.opt_text("idempotency_key")?,
+        idempotency_key: row
+            .opt_text("idempotency_key")?
+            .map(|stored| unscoped_idempotency_key(&stored).to_owned()),
         progress: row.opt_json("progress")?,
         result: row.opt_json("result")?,
         error: row.opt_json("error")?,
@@ -83,10 +86,23 @@ pub(super) fn job_from_row(row: &impl StoredRow) -> Result<Job> {
     })
 }
 
+/// The stored form of a tenant's idempotency key: `<tenant>/<key>`. Tenant names hold no `/`
+/// (see [`crate::auth::valid_tenant`]), so the encoding is unambiguous, and the column's
+/// uniqueness becomes uniqueness per tenant.
+pub(super) fn scoped_idempotency_key(tenant: &str, key: &str) -> String {
+    format!("{tenant}/{key}")
+}
+
+/// The client's key from its stored form.
+fn unscoped_idempotency_key(stored: &str) -> &str {
+    stored.split_once('/').map_or(stored, |(_, key)| key)
+}
+
 /// A model from a row with [`MODEL_COLUMNS`].
 pub(super) fn model_from_row(row: &impl StoredRow) -> Result<Model> {
     Ok(Model {
         id: row.id("id")?,
+        tenant: row.text("tenant")?,
         name: row.text("name")?,
         architecture: row.text("architecture")?,
         format: row.text("format")?,
@@ -102,6 +118,7 @@ pub(super) fn model_from_row(row: &impl StoredRow) -> Result<Model> {
 pub(super) fn dataset_from_row(row: &impl StoredRow) -> Result<Dataset> {
     Ok(Dataset {
         id: row.id("id")?,
+        tenant: row.text("tenant")?,
         name: row.text("name")?,
         format: row.text("format")?,
         uri: row.text("uri")?,

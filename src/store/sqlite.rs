@@ -5,6 +5,7 @@
 //! write, so SQLite takes the write lock up front and the busy timeout, not an error, settles
 //! contention between connections.
 
+mod access;
 mod queue;
 mod rows;
 
@@ -25,12 +26,14 @@ use uuid::Uuid;
 use super::shared::{
     artifact_from_row, artifact_insert_error, cancel_event, dataset_from_row, event_from_row,
     job_from_row, job_refused, missing_job, model_from_row, queued_event, record_claim, replay,
-    ARTIFACT_COLUMNS, DATASET_COLUMNS, DELETE_ACTION, EVENT_COLUMNS, JOB_COLUMNS, MODEL_COLUMNS,
+    scoped_idempotency_key, ARTIFACT_COLUMNS, DATASET_COLUMNS, DELETE_ACTION, EVENT_COLUMNS,
+    JOB_COLUMNS, MODEL_COLUMNS,
 };
 use super::{
     clamp_limit, constraint, expect_one_row, Artifact, Backend, Created, Dataset, Job, JobEvent,
     JobFilter, JobStatus, Model, NewEvent, NewJob, Page, Store,
 };
+use super::{ApiKey, AuditEntry, AuditFilter, TenantUsage};
 use super::{AttemptOutcome, JobProgress, Lease, LeaseState, Reaped};
 use crate::error::{Error, Result};
 use crate::events::hub::{EventHub, Notice};
@@ -136,13 +139,18 @@ impl Store for SqliteStore {
         let (key, hash) = job
             .idempotency
             .as_ref()
-            .map(|i| (i.key.clone(), i.request_hash.clone()))
+            .map(|i| {
+                (
+                    scoped_idempotency_key(&job.tenant, &i.key),
+                    i.request_hash.clone(),
+                )
+            })
             .unzip();
         let created_at = to_text(job.created_at);
         let sql = format!(
             "INSERT INTO jobs (id, name, status, spec, model_id, dataset_id, priority, max_attempts, run_after, \
-             idempotency_key, request_hash, created_at, updated_at) \
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?8, ?8) \
+             idempotency_key, request_hash, created_at, updated_at, tenant) \
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?8, ?8, ?11) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {JOB_COLUMNS}"
         );
         let inserted = sqlx::query(&sql)
@@ -156,6 +164,7 @@ impl Store for SqliteStore {
             .bind(&created_at)
             .bind(&key)
             .bind(&hash)
+            .bind(&job.tenant)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| {
@@ -182,7 +191,13 @@ impl Store for SqliteStore {
         let sql = format!("SELECT {JOB_COLUMNS}, request_hash FROM jobs WHERE idempotency_key = ?");
         let row = sqlx::query(&sql).bind(&key).fetch_one(&mut *tx).await?;
         let stored_hash: Option<String> = row.try_get("request_hash")?;
-        replay(stored_hash.as_deref(), key, &hash, job_from_row(&row)?)
+        let client_key = job.idempotency.map(|i| i.key).unwrap_or_default();
+        replay(
+            stored_hash.as_deref(),
+            client_key,
+            &hash,
+            job_from_row(&row)?,
+        )
     }
 
     #[tracing::instrument(name = "db.get_job", skip_all, fields(job_id = %id))]
@@ -199,12 +214,13 @@ impl Store for SqliteStore {
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2) \
-             ORDER BY id DESC LIMIT ?3"
+             AND (?4 IS NULL OR tenant = ?4) ORDER BY id DESC LIMIT ?3"
         );
         let rows = sqlx::query(&sql)
             .bind(filter.status.map(|s| s.as_str()))
             .bind(filter.after.map(|id| id.to_string()))
             .bind(clamp_limit(filter.limit))
+            .bind(filter.tenant.as_deref())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(job_from_row).collect()
@@ -284,8 +300,8 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "db.insert_model", skip_all, fields(model_id = %model.id))]
     async fn insert_model(&self, model: &Model) -> Result<()> {
         let done = sqlx::query(
-            "INSERT INTO models (id, name, architecture, format, uri, bytes, sha256, metadata, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO models (id, name, architecture, format, uri, bytes, sha256, metadata, created_at, tenant) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(model.id.to_string())
         .bind(&model.name)
@@ -296,6 +312,7 @@ impl Store for SqliteStore {
         .bind(&model.sha256)
         .bind(json_text(&model.metadata))
         .bind(to_text(model.created_at))
+        .bind(&model.tenant)
         .execute(&self.pool)
         .await
         .map_err(|e| constraint(e, || format!("model {} already exists", model.id)))?;
@@ -314,10 +331,14 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(name = "db.list_models", skip_all)]
     async fn list_models(&self, page: Page) -> Result<Vec<Model>> {
-        let sql = format!("SELECT {MODEL_COLUMNS} FROM models WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2");
+        let sql = format!(
+            "SELECT {MODEL_COLUMNS} FROM models WHERE (?1 IS NULL OR id < ?1) \
+             AND (?3 IS NULL OR tenant = ?3) ORDER BY id DESC LIMIT ?2"
+        );
         let rows = sqlx::query(&sql)
             .bind(page.after.map(|id| id.to_string()))
             .bind(clamp_limit(page.limit))
+            .bind(page.tenant.as_deref())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(model_from_row).collect()
@@ -331,8 +352,8 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "db.insert_dataset", skip_all, fields(dataset_id = %dataset.id))]
     async fn insert_dataset(&self, dataset: &Dataset) -> Result<()> {
         let done = sqlx::query(
-            "INSERT INTO datasets (id, name, format, uri, bytes, sha256, rows, metadata, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO datasets (id, name, format, uri, bytes, sha256, rows, metadata, created_at, tenant) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(dataset.id.to_string())
         .bind(&dataset.name)
@@ -343,6 +364,7 @@ impl Store for SqliteStore {
         .bind(dataset.rows)
         .bind(json_text(&dataset.metadata))
         .bind(to_text(dataset.created_at))
+        .bind(&dataset.tenant)
         .execute(&self.pool)
         .await
         .map_err(|e| constraint(e, || format!("dataset {} already exists", dataset.id)))?;
@@ -361,10 +383,14 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(name = "db.list_datasets", skip_all)]
     async fn list_datasets(&self, page: Page) -> Result<Vec<Dataset>> {
-        let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2");
+        let sql = format!(
+            "SELECT {DATASET_COLUMNS} FROM datasets WHERE (?1 IS NULL OR id < ?1) \
+             AND (?3 IS NULL OR tenant = ?3) ORDER BY id DESC LIMIT ?2"
+        );
         let rows = sqlx::query(&sql)
             .bind(page.after.map(|id| id.to_string()))
             .bind(clamp_limit(page.limit))
+            .bind(page.tenant.as_deref())
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(dataset_from_row).collect()
@@ -459,6 +485,43 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "db.count_jobs_by_status", skip_all)]
     async fn count_jobs_by_status(&self) -> Result<Vec<(JobStatus, i64)>> {
         queue::count_by_status(&self.pool).await
+    }
+
+    // Access: implemented in `sqlite/access.rs`.
+
+    #[tracing::instrument(name = "db.insert_api_key", skip_all, fields(key_id = %key.id))]
+    async fn insert_api_key(&self, key: &ApiKey) -> Result<()> {
+        access::insert_api_key(&self.pool, key).await
+    }
+
+    #[tracing::instrument(name = "db.get_api_key", skip_all, fields(key_id = %id))]
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>> {
+        access::get_api_key(&self.pool, id).await
+    }
+
+    #[tracing::instrument(name = "db.list_api_keys", skip_all)]
+    async fn list_api_keys(&self) -> Result<Vec<ApiKey>> {
+        access::list_api_keys(&self.pool).await
+    }
+
+    #[tracing::instrument(name = "db.revoke_api_key", skip_all, fields(key_id = %id))]
+    async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> Result<ApiKey> {
+        access::revoke_api_key(&self.pool, id, now).await
+    }
+
+    #[tracing::instrument(name = "db.insert_audit", skip_all)]
+    async fn insert_audit(&self, entry: &AuditEntry) -> Result<()> {
+        access::insert_audit(&self.pool, entry).await
+    }
+
+    #[tracing::instrument(name = "db.list_audit", skip_all)]
+    async fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>> {
+        access::list_audit(&self.pool, filter).await
+    }
+
+    #[tracing::instrument(name = "db.tenant_usage", skip_all, fields(tenant = %tenant))]
+    async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
+        access::tenant_usage(&self.pool, tenant).await
     }
 }
 

@@ -138,6 +138,8 @@ pub struct JobError {
 pub struct Job {
     /// UUID v7: sorts by creation time.
     pub id: Uuid,
+    /// The tenant that owns it (and its events and artifacts).
+    pub tenant: String,
     /// The spec's name.
     pub name: String,
     /// Current status.
@@ -194,6 +196,8 @@ pub struct Idempotency {
 pub struct NewJob {
     /// UUID v7 made by the caller's clock.
     pub id: Uuid,
+    /// The owning tenant; its model and dataset must be this tenant's too.
+    pub tenant: String,
     /// The spec's name.
     pub name: String,
     /// The normalized spec.
@@ -206,7 +210,7 @@ pub struct NewJob {
     pub priority: i32,
     /// Attempts allowed.
     pub max_attempts: i32,
-    /// Set when the client sent an `Idempotency-Key`.
+    /// Set when the client sent an `Idempotency-Key` (unique per tenant).
     pub idempotency: Option<Idempotency>,
     /// Creation time from the caller's clock.
     pub created_at: DateTime<Utc>,
@@ -233,6 +237,8 @@ impl Created {
 /// Which jobs to list: newest first, strictly older than `after`.
 #[derive(Clone, Debug, Default)]
 pub struct JobFilter {
+    /// Only this tenant's jobs (`None`: every tenant's, for operators and workers).
+    pub tenant: Option<String>,
     /// Only jobs in this status.
     pub status: Option<JobStatus>,
     /// The cursor: the id of the last job of the previous page.
@@ -242,8 +248,10 @@ pub struct JobFilter {
 }
 
 /// A page of models or datasets, newest first.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Page {
+    /// Only this tenant's rows (`None`: every tenant's).
+    pub tenant: Option<String>,
     /// The id of the last row of the previous page.
     pub after: Option<Uuid>,
     /// Most rows returned.
@@ -287,6 +295,8 @@ pub struct NewEvent {
 pub struct Model {
     /// UUID v7.
     pub id: Uuid,
+    /// The owning tenant.
+    pub tenant: String,
     /// Display name.
     pub name: String,
     /// Architecture family, e.g. `bert`, `llama`.
@@ -310,6 +320,8 @@ pub struct Model {
 pub struct Dataset {
     /// UUID v7.
     pub id: Uuid,
+    /// The owning tenant.
+    pub tenant: String,
     /// Display name.
     pub name: String,
     /// `jsonl`, `csv` or `text`.

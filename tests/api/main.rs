@@ -8,10 +8,12 @@ mod common;
 #[path = "../scheduler_support/mod.rs"]
 mod scheduler_support;
 
+mod access;
 mod bad_input;
 mod cli;
 mod datasets;
 mod events_sse;
+mod fuzz;
 mod jobs;
 mod models;
 mod models_bad_input;

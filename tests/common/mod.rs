@@ -39,6 +39,7 @@ pub fn clock() -> Arc<ManualClock> {
 /// A registered-model row.
 pub fn model(clock: &dyn Clock) -> Model {
     Model {
+        tenant: "default".into(),
         id: clock.new_id(),
         name: "tiny-bert".into(),
         architecture: "bert".into(),
@@ -54,6 +55,7 @@ pub fn model(clock: &dyn Clock) -> Model {
 /// A registered-dataset row.
 pub fn dataset(clock: &dyn Clock) -> Dataset {
     Dataset {
+        tenant: "default".into(),
         id: clock.new_id(),
         name: "news".into(),
         format: "jsonl".into(),
@@ -79,6 +81,7 @@ pub fn spec_json(model: Uuid, dataset: Uuid) -> serde_json::Value {
 /// A new job row for `model` and `dataset`.
 pub fn new_job(clock: &dyn Clock, model: Uuid, dataset: Uuid) -> NewJob {
     NewJob {
+        tenant: "default".into(),
         id: clock.new_id(),
         name: "job".into(),
         spec: spec_json(model, dataset),

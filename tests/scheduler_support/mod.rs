@@ -33,6 +33,7 @@ pub async fn seed_inputs(store: &dyn Store, dir: &Path) -> Inputs {
     std::fs::write(&dataset_file, rows).unwrap();
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "tiny".into(),
         architecture: "bert".into(),
@@ -47,6 +48,7 @@ pub async fn seed_inputs(store: &dyn Store, dir: &Path) -> Inputs {
     };
     store.insert_model(&model).await.unwrap();
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "tiny".into(),
         format: "jsonl".into(),
@@ -84,6 +86,7 @@ pub async fn queue_job(
     max_attempts: i32,
 ) -> Job {
     let job = NewJob {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: spec["name"].as_str().unwrap_or("job").to_owned(),
         spec,

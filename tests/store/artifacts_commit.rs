@@ -17,6 +17,7 @@ async fn only_the_lease_holder_commits_artifacts() {
     let store = &server.state.store;
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "m".into(),
         architecture: "bert".into(),
@@ -28,6 +29,7 @@ async fn only_the_lease_holder_commits_artifacts() {
         created_at: now,
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "d".into(),
         format: "jsonl".into(),

@@ -16,6 +16,7 @@ async fn job_with_artifacts(server: &Server) -> (String, Vec<u8>) {
     let store = &server.state.store;
     let now = Utc::now();
     let model = Model {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "m".into(),
         architecture: "bert".into(),
@@ -27,6 +28,7 @@ async fn job_with_artifacts(server: &Server) -> (String, Vec<u8>) {
         created_at: now,
     };
     let dataset = Dataset {
+        tenant: "default".into(),
         id: Uuid::now_v7(),
         name: "d".into(),
         format: "jsonl".into(),

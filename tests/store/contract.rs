@@ -79,6 +79,7 @@ async fn idempotency_keys_dedupe_and_detect_reuse(store: Arc<dyn Store>) {
     );
     let all = store
         .list_jobs(&JobFilter {
+            tenant: None,
             limit: 10,
             ..JobFilter::default()
         })
@@ -103,6 +104,7 @@ async fn jobs_list_newest_first_with_a_cursor(store: Arc<dyn Store>) {
     }
     ids.reverse();
     let page = |after, limit| JobFilter {
+        tenant: None,
         status: None,
         after,
         limit,
@@ -134,6 +136,7 @@ async fn jobs_list_newest_first_with_a_cursor(store: Arc<dyn Store>) {
     store.request_cancel(ids[2], clock.now()).await.unwrap();
     let cancelled = store
         .list_jobs(&JobFilter {
+            tenant: None,
             status: Some(JobStatus::Cancelled),
             after: None,
             limit: 10,
@@ -146,6 +149,7 @@ async fn jobs_list_newest_first_with_a_cursor(store: Arc<dyn Store>) {
     );
     let queued = store
         .list_jobs(&JobFilter {
+            tenant: None,
             status: Some(JobStatus::Queued),
             after: None,
             limit: 10,
@@ -164,6 +168,7 @@ async fn list_limits_are_clamped(store: Arc<dyn Store>) {
         .unwrap();
     let none_asked = store
         .list_jobs(&JobFilter {
+            tenant: None,
             limit: 0,
             ..JobFilter::default()
         })
@@ -312,6 +317,7 @@ async fn models_register_list_and_delete(store: Arc<dyn Store>) {
     ));
     let listed = store
         .list_models(Page {
+            tenant: None,
             after: None,
             limit: 10,
         })
@@ -320,6 +326,7 @@ async fn models_register_list_and_delete(store: Arc<dyn Store>) {
     assert_eq!(listed, vec![second.clone(), first.clone()]);
     let after = store
         .list_models(Page {
+            tenant: None,
             after: Some(second.id),
             limit: 10,
         })
@@ -373,6 +380,7 @@ async fn datasets_register_list_and_delete(store: Arc<dyn Store>) {
     assert_eq!(
         store
             .list_datasets(Page {
+                tenant: None,
                 after: None,
                 limit: 10
             })

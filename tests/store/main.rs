@@ -8,6 +8,7 @@ mod common;
 #[path = "../scheduler_support/mod.rs"]
 mod scheduler_support;
 
+mod access_contract;
 mod artifacts_commit;
 mod artifacts_download;
 mod artifacts_s3;

@@ -52,6 +52,7 @@ async fn register(
     let now = Utc::now();
     ctx.store
         .insert_model(&Model {
+            tenant: "default".into(),
             id: model_id,
             name: "m".into(),
             architecture: "bert".into(),
@@ -66,6 +67,7 @@ async fn register(
         .unwrap();
     ctx.store
         .insert_dataset(&Dataset {
+            tenant: "default".into(),
             id: dataset_id,
             name: "d".into(),
             format: "jsonl".into(),

@@ -3,15 +3,17 @@
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use compressd_engine::spec::{JobSpec, ModelState};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::JobView;
+use crate::api::access::check_job_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
+use crate::auth::Caller;
 use crate::job_spec;
 use crate::store::{Created, Idempotency, Model, NewJob};
 
@@ -36,15 +38,17 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
         (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid spec; `pointer` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The tenant's queued and running jobs are at `tenant_max_active_jobs`", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id, model) = resolve_inputs(&state, &spec).await?;
+    let (model_id, dataset_id, model) = resolve_inputs(&state, &caller, &spec).await?;
     // With the registered model known, each stage's preconditions are checked against it too
     // (models registered before the layer count was recorded leave it to the engine).
     let input = ModelState {
@@ -66,8 +70,10 @@ pub async fn create_job(
         key,
         request_hash: request_hash(&spec_json),
     });
+    check_job_quota(&state, &caller.tenant).await?;
     let new_job = NewJob {
         id: state.clock.new_id(),
+        tenant: caller.tenant.clone(),
         name: spec.name.clone(),
         spec: spec_json,
         model_id,
@@ -125,7 +131,11 @@ fn request_hash(spec: &serde_json::Value) -> String {
 
 /// The registered model and dataset the spec names, and the model's record, or a 422 pointing at
 /// the id.
-async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid, Model), ApiError> {
+async fn resolve_inputs(
+    state: &AppState,
+    caller: &Caller,
+    spec: &JobSpec,
+) -> Result<(Uuid, Uuid, Model), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -138,13 +148,16 @@ async fn resolve_inputs(state: &AppState, spec: &JobSpec) -> Result<(Uuid, Uuid,
             format!("`{}` is not a dataset id (a UUID)", spec.task.dataset),
         )
     })?;
-    let Some(model) = state.store.get_model(model_id).await? else {
+    // Another tenant's model or dataset is as unknown as one never registered.
+    let model = state.store.get_model(model_id).await?;
+    let Some(model) = model.filter(|m| m.tenant == caller.tenant) else {
         return Err(ApiError::invalid_field(
             "/model",
             format!("model {model_id} is not registered"),
         ));
     };
-    if state.store.get_dataset(dataset_id).await?.is_none() {
+    let dataset = state.store.get_dataset(dataset_id).await?;
+    if dataset.is_none_or(|d| d.tenant != caller.tenant) {
         return Err(ApiError::invalid_field(
             "/task/dataset",
             format!("dataset {dataset_id} is not registered"),

@@ -1,6 +1,7 @@
 //! `GET /v1/jobs`: newest first, cursor-paginated.
 
 use axum::extract::State;
+use axum::Extension;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -9,6 +10,7 @@ use super::JobView;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::QueryPairs;
 use crate::api::state::AppState;
+use crate::auth::Caller;
 use crate::store::{JobFilter, JobStatus, MAX_PAGE};
 
 /// Page size when the client gives none.
@@ -36,9 +38,10 @@ pub struct JobList {
     ))]
 pub async fn list_jobs(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     query: QueryPairs,
 ) -> Result<Json<JobList>, ApiError> {
-    let filter = filter(&query)?;
+    let filter = filter(&query, &caller)?;
     let jobs = state.store.list_jobs(&filter).await?;
     let full = jobs.len() == filter.limit as usize;
     let next = if full {
@@ -52,7 +55,7 @@ pub async fn list_jobs(
     }))
 }
 
-fn filter(query: &QueryPairs) -> Result<JobFilter, ApiError> {
+fn filter(query: &QueryPairs, caller: &Caller) -> Result<JobFilter, ApiError> {
     query.only(&["status", "limit", "after"])?;
     let status = query
         .one("status")?
@@ -91,6 +94,7 @@ fn filter(query: &QueryPairs) -> Result<JobFilter, ApiError> {
         })
         .transpose()?;
     Ok(JobFilter {
+        tenant: Some(caller.tenant.clone()),
         status,
         after,
         limit,

@@ -2,13 +2,15 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::Extension;
 use axum::Json;
 
 use super::JobView;
+use crate::api::access::owned_job;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JobId;
 use crate::api::state::AppState;
-use crate::error::Error;
+use crate::auth::Caller;
 
 /// One job.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
@@ -20,12 +22,10 @@ use crate::error::Error;
     ))]
 pub async fn get_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = state.store.get_job(id).await?.ok_or(Error::NotFound {
-        kind: "job",
-        id: id.to_string(),
-    })?;
+    let job = owned_job(&state, &caller, id).await?;
     Ok(Json(job.into()))
 }
 
@@ -40,8 +40,10 @@ pub async fn get_job(
     ))]
 pub async fn cancel_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
+    owned_job(&state, &caller, id).await?;
     let job = state.store.request_cancel(id, state.clock.now()).await?;
     tracing::info!(job.id = %id, job.status = %job.status, "cancel requested");
     Ok(Json(job.into()))
@@ -58,8 +60,10 @@ pub async fn cancel_job(
     ))]
 pub async fn delete_job(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobId(id): JobId,
 ) -> Result<StatusCode, ApiError> {
+    owned_job(&state, &caller, id).await?;
     let artifacts = state.store.delete_job(id).await?;
     // The rows are gone; a file that cannot be removed now is an orphan to sweep, not a failed delete.
     for artifact in &artifacts {
