@@ -4,13 +4,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use compressd::cli::{self, Cli, Command};
 use compressd::settings::Settings;
 use compressd::{telemetry, Error};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     if matches!(cli.command, Command::Openapi) {
         print!("{}", compressd::api::openapi::yaml());
         return ExitCode::SUCCESS;

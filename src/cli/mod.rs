@@ -6,7 +6,7 @@ pub mod run;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +26,35 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process arguments; `serve --help` and `worker --help` list every setting's
+    /// environment variable (taken from the documented defaults, so the list cannot go stale).
+    pub fn parse_args() -> Self {
+        let settings_help = settings_help();
+        let command = Self::command()
+            .mut_subcommand("serve", |c| c.after_long_help(settings_help.clone()))
+            .mut_subcommand("worker", |c| c.after_long_help(settings_help));
+        let matches = command.get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+    }
+}
+
+/// The settings' variables, as `compressd serve --help` shows them.
+pub fn settings_help() -> String {
+    let mut help = String::from(
+        "Settings (config/default.toml documents each; a --config file overrides the defaults, \
+         and these variables override both; list settings take comma-separated items):\n",
+    );
+    for key in Settings::keys() {
+        help.push_str(&format!(
+            "  {}{}\n",
+            crate::settings::ENV_PREFIX,
+            key.to_uppercase()
+        ));
+    }
+    help
 }
 
 /// Subcommands.
