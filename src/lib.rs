@@ -9,6 +9,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod error;
 pub mod events;
