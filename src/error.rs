@@ -115,6 +115,25 @@ pub enum Error {
     #[error("the upload could not be read: {0}")]
     BadUpload(String),
 
+    /// The command-line client could not talk to the server (not running, wrong URL, the
+    /// connection dropped).
+    #[error("cannot reach the compressd server at {url}: {message}")]
+    Unreachable {
+        /// The server's URL.
+        url: String,
+        /// What failed, with its causes.
+        message: String,
+    },
+
+    /// The server refused a client request; `body` is its problem+json answer.
+    #[error("{}", problem_summary(*.status, .body))]
+    ServerProblem {
+        /// The HTTP status.
+        status: u16,
+        /// The RFC 9457 problem (or `{status, title, detail}` made from a non-JSON answer).
+        body: serde_json::Value,
+    },
+
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
@@ -136,6 +155,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `422 The job spec is invalid: /pipeline/0/epochs: must be …`, from a problem body.
+fn problem_summary(status: u16, body: &serde_json::Value) -> String {
+    let text = |key: &str| body.get(key).and_then(|v| v.as_str()).unwrap_or_default();
+    let mut summary = format!("the server answered {status}");
+    if !text("title").is_empty() {
+        summary.push_str(&format!(" ({})", text("title")));
+    }
+    if !text("detail").is_empty() {
+        summary.push_str(&format!(": {}", text("detail")));
+    }
+    summary
 }
 
 /// Shorthand for results of this crate.

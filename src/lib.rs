@@ -10,6 +10,7 @@ pub mod api;
 pub mod artifacts;
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod error;
 pub mod events;

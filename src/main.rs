@@ -4,13 +4,16 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use compressd::cli::{self, Cli, Command};
 use compressd::settings::Settings;
 use compressd::{telemetry, Error};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
+    // The client commands talk to a server: they need none of its settings.
+    if cli.command.is_client() {
+        return run_client(cli.command);
+    }
     if matches!(cli.command, Command::Openapi) {
         print!("{}", compressd::api::openapi::yaml());
         return ExitCode::SUCCESS;
@@ -53,6 +56,19 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             report(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_client(command: Command) -> ExitCode {
+    let Some((command, server)) = command.into_client() else {
+        return ExitCode::FAILURE;
+    };
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => ExitCode::from(runtime.block_on(cli::client::run(command, server))),
+        Err(error) => {
+            eprintln!("compressd: cannot start the async runtime: {error}");
             ExitCode::FAILURE
         }
     }

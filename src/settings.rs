@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+mod lists;
+
 /// The defaults, documented; compiled in so the binary needs no file beside it.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -43,6 +45,7 @@ pub struct Settings {
     /// Largest JSON request body in bytes.
     pub json_body_limit_bytes: usize,
     /// Origins allowed by CORS; `["*"]` allows any.
+    #[serde(deserialize_with = "lists::comma_separated")]
     pub cors_allowed_origins: Vec<String>,
     /// Grace period for in-flight requests at shutdown, in seconds.
     pub shutdown_grace_secs: u64,
@@ -91,6 +94,7 @@ pub struct Settings {
     /// Largest dataset upload, in bytes.
     pub dataset_upload_max_bytes: u64,
     /// Folders `file://` model and dataset references may point into.
+    #[serde(deserialize_with = "lists::path_list")]
     pub allowed_file_roots: Vec<PathBuf>,
     /// Answer artifact downloads from S3 with a 302 to a presigned URL.
     pub redirect_downloads: bool,
@@ -196,14 +200,19 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Every key `config/default.toml` documents, lower case.
-    fn keys() -> Vec<&'static str> {
+    /// Every key `config/default.toml` documents, lower case; each is also read from
+    /// `COMPRESSD_<KEY>`.
+    pub fn keys() -> Vec<&'static str> {
         DEFAULT_TOML
             .lines()
             .map(|line| line.trim_start_matches("# ").trim())
             .filter_map(|line| line.split_once(" = ").map(|(key, _)| key.trim()))
             .filter(|key| {
-                !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                // Digits too: `s3_endpoint` and the other S3 keys have one.
+                !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             })
             .collect()
     }
@@ -487,6 +496,70 @@ mod tests {
             shown.contains("postgres://app:***@db:5432/compressd"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn list_settings_take_a_separated_string_or_an_array() {
+        let roots = |value: &str| {
+            with("allowed_file_roots", value)
+                .unwrap()
+                .allowed_file_roots
+        };
+        assert_eq!(roots("/data/models"), vec![PathBuf::from("/data/models")]);
+        assert_eq!(
+            roots("/data/models, /srv/m:/opt/x"),
+            ["/data/models", "/srv/m", "/opt/x"].map(PathBuf::from)
+        );
+        assert!(roots("").is_empty());
+        let array = Settings::from_figment(
+            Settings::figment(None)
+                .unwrap()
+                .merge(Toml::string("allowed_file_roots = [\"/a\", \"/b\"]")),
+        )
+        .unwrap();
+        assert_eq!(array.allowed_file_roots, ["/a", "/b"].map(PathBuf::from));
+
+        let origins = with(
+            "cors_allowed_origins",
+            "https://a.example,http://b.example:8080",
+        )
+        .unwrap()
+        .cors_allowed_origins;
+        assert_eq!(origins, ["https://a.example", "http://b.example:8080"]);
+        assert_eq!(
+            with("cors_allowed_origins", "*")
+                .unwrap()
+                .cors_allowed_origins,
+            ["*"]
+        );
+    }
+
+    #[test]
+    fn a_list_of_the_wrong_type_names_the_setting() {
+        let err = Settings::from_figment(
+            Settings::figment(None)
+                .unwrap()
+                .merge(Serialized::default("allowed_file_roots", 7)),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("allowed_file_roots (COMPRESSD_ALLOWED_FILE_ROOTS)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keys_with_digits_are_read_from_the_environment() {
+        let keys = Settings::keys();
+        for key in [
+            "s3_endpoint",
+            "s3_region",
+            "s3_access_key_id",
+            "s3_allow_http",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
     }
 
     #[test]

@@ -163,7 +163,33 @@ fn ordered_document(registry: &Registry) -> Value {
             "description": "The spec as accepted, with every default filled in."
         }));
     }
+    add_job_links(&mut document);
     document
+}
+
+/// OpenAPI links from a created job to the operations on it, so generated clients and tools can
+/// follow them. Added here rather than with utoipa's `links(...)`, which writes `operation_id`
+/// where OpenAPI says `operationId`.
+fn add_job_links(document: &mut Value) {
+    let link = |operation: &str, description: &str| {
+        serde_json::json!({
+            "operationId": operation,
+            "parameters": { "id": "$response.body#/id" },
+            "description": description,
+        })
+    };
+    let links = yaml_of(serde_json::json!({
+        "GetJob": link("get_job", "The job, with its progress and result"),
+        "CancelJob": link("cancel_job", "Ask the job to stop"),
+        "DeleteJob": link("delete_job", "Remove the finished job and its artifacts"),
+        "JobEvents": link("job_events", "Follow the job's events"),
+    }));
+    for status in ["201", "200"] {
+        let path = ["paths", "/v1/jobs", "post", "responses", status];
+        if let Some(response) = walk(document, &path) {
+            response["links"] = links.clone();
+        }
+    }
 }
 
 /// The mapping under `key` in `value`, made (and `value` made a mapping) where missing.

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::inputs::Rejection;
 
 pub use hf::{HfConfig, HfReference};
-pub use hf_select::InputKind;
+pub use hf_select::{select, InputKind, RepoFile, Selected};
 
 /// Most files one reference may bring (a model folder has a handful).
 const MAX_FILES: usize = 1000;

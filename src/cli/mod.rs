@@ -1,5 +1,7 @@
-//! The command line: `serve`, `worker`, `migrate`, `keys`, `run`, `openapi`.
+//! The command line: `serve`, `worker`, `migrate`, `keys`, `run`, `openapi`, and the client
+//! commands `jobs`, `models`, `datasets` that talk to a server.
 
+pub mod client;
 pub mod keys;
 pub mod progress;
 pub mod run;
@@ -7,7 +9,7 @@ pub mod run;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +29,62 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process arguments; `serve --help` and `worker --help` list every setting's
+    /// environment variable (taken from the documented defaults, so the list cannot go stale).
+    pub fn parse_args() -> Self {
+        let settings_help = settings_help();
+        let command = Self::command()
+            .mut_subcommand("serve", |c| c.after_long_help(settings_help.clone()))
+            .mut_subcommand("worker", |c| c.after_long_help(settings_help));
+        let matches = command.get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+    }
+}
+
+impl Command {
+    /// Whether this is a client command (`jobs`, `models`, `datasets`), which needs no server
+    /// settings.
+    pub fn is_client(&self) -> bool {
+        matches!(
+            self,
+            Command::Jobs { .. } | Command::Models { .. } | Command::Datasets { .. }
+        )
+    }
+
+    /// A client command split from its server arguments; `None` for the server's own commands.
+    pub fn into_client(self) -> Option<(client::ClientCommand, client::ServerArgs)> {
+        match self {
+            Command::Jobs { server, command } => {
+                Some((client::ClientCommand::Jobs(command), server))
+            }
+            Command::Models { server, command } => {
+                Some((client::ClientCommand::Models(command), server))
+            }
+            Command::Datasets { server, command } => {
+                Some((client::ClientCommand::Datasets(command), server))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The settings' variables, as `compressd serve --help` shows them.
+pub fn settings_help() -> String {
+    let mut help = String::from(
+        "Settings (config/default.toml documents each; a --config file overrides the defaults, \
+         and these variables override both; list settings take comma-separated items):\n",
+    );
+    for key in Settings::keys() {
+        help.push_str(&format!(
+            "  {}{}\n",
+            crate::settings::ENV_PREFIX,
+            key.to_uppercase()
+        ));
+    }
+    help
 }
 
 /// Subcommands.
@@ -58,6 +116,33 @@ pub enum Command {
     },
     /// Print the OpenAPI document (YAML), as stored in openapi.yaml.
     Openapi,
+    /// Client: submit, list, follow, cancel, delete and download jobs on a server.
+    Jobs {
+        /// Which server, and the output format.
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: client::JobsCommand,
+    },
+    /// Client: register a model on a server (upload a folder, or a file://, s3://, hf:// URI).
+    Models {
+        /// Which server, and the output format.
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: client::InputsCommand,
+    },
+    /// Client: register a dataset on a server (upload a file, or a file://, s3://, hf:// URI).
+    Datasets {
+        /// Which server, and the output format.
+        #[command(flatten)]
+        server: client::ServerArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: client::InputsCommand,
+    },
     /// Internal: run one job for a worker (request on stdin, progress messages on stdout).
     #[command(hide = true)]
     Exec {
@@ -87,9 +172,12 @@ pub async fn execute(command: Command, settings: Settings) -> Result<()> {
             print!("{}", crate::api::openapi::yaml());
             Ok(())
         }
-        // `main` runs it before starting the async runtime; reaching here is a wiring mistake.
-        Command::Exec { .. } => Err(Error::NotImplemented(
-            "`exec` runs outside the async runtime".into(),
+        // `main` runs these without server settings; reaching here is a wiring mistake.
+        Command::Exec { .. }
+        | Command::Jobs { .. }
+        | Command::Models { .. }
+        | Command::Datasets { .. } => Err(Error::NotImplemented(
+            "`exec` and the client commands run outside `execute`".into(),
         )),
     }
 }

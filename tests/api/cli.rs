@@ -216,3 +216,235 @@ fn run_compresses_minilm_end_to_end() {
     let text = report.to_string();
     assert!(text.contains("1-quantize"), "{text}");
 }
+
+/// Every documented setting, set through its `COMPRESSD_*` variable in the form people type, is
+/// read back from the configuration the process logs at start (issue 18: list settings stopped the
+/// process, and no `COMPRESSD_S3_*` variable took effect).
+#[test]
+fn every_setting_is_taken_from_its_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let db = format!("sqlite://{}/env.db", dir.path().display());
+    let data_str = data.to_str().unwrap().to_owned();
+    // (key, value as typed, how the logged configuration shows it)
+    let table: Vec<(&str, &str, String)> = vec![
+        (
+            "listen",
+            "127.0.0.1:18089",
+            "listen: 127.0.0.1:18089".into(),
+        ),
+        ("data_dir", &data_str, format!("data_dir: {data_str:?}")),
+        ("database_url", &db, format!("database_url: Some({db:?})")),
+        (
+            "database_max_connections",
+            "3",
+            "database_max_connections: 3".into(),
+        ),
+        (
+            "migrate_on_start",
+            "false",
+            "migrate_on_start: false".into(),
+        ),
+        (
+            "artifacts_url",
+            "s3://bucket/prefix",
+            "artifacts_url: Some(\"s3://bucket/prefix\")".into(),
+        ),
+        (
+            "request_timeout_secs",
+            "31",
+            "request_timeout_secs: 31".into(),
+        ),
+        (
+            "json_body_limit_bytes",
+            "2048",
+            "json_body_limit_bytes: 2048".into(),
+        ),
+        (
+            "cors_allowed_origins",
+            "https://a.example, https://b.example",
+            "cors_allowed_origins: [\"https://a.example\", \"https://b.example\"]".into(),
+        ),
+        ("shutdown_grace_secs", "7", "shutdown_grace_secs: 7".into()),
+        (
+            "log",
+            "info,compressd=debug",
+            "log: \"info,compressd=debug\"".into(),
+        ),
+        ("log_format", "json", "log_format: Json".into()),
+        ("worker_concurrency", "2", "worker_concurrency: 2".into()),
+        (
+            "worker_heartbeat_secs",
+            "3.5",
+            "worker_heartbeat_secs: 3.5".into(),
+        ),
+        (
+            "worker_lease_secs",
+            "70.5",
+            "worker_lease_secs: 70.5".into(),
+        ),
+        (
+            "worker_poll_interval_secs",
+            "1.5",
+            "worker_poll_interval_secs: 1.5".into(),
+        ),
+        (
+            "worker_stop_grace_secs",
+            "4.5",
+            "worker_stop_grace_secs: 4.5".into(),
+        ),
+        (
+            "worker_retry_backoff_secs",
+            "6.5",
+            "worker_retry_backoff_secs: 6.5".into(),
+        ),
+        (
+            "events_stream_buffer",
+            "65",
+            "events_stream_buffer: 65".into(),
+        ),
+        (
+            "events_slow_client_timeout_secs",
+            "11.5",
+            "events_slow_client_timeout_secs: 11.5".into(),
+        ),
+        (
+            "events_keepalive_secs",
+            "16.5",
+            "events_keepalive_secs: 16.5".into(),
+        ),
+        (
+            "s3_endpoint",
+            "http://s3.test:9000",
+            "s3_endpoint: Some(\"http://s3.test:9000\")".into(),
+        ),
+        (
+            "s3_region",
+            "eu-west-3",
+            "s3_region: Some(\"eu-west-3\")".into(),
+        ),
+        (
+            "s3_access_key_id",
+            "AKIDTEST",
+            "s3_access_key_id: Some(\"AKIDTEST\")".into(),
+        ),
+        (
+            "s3_secret_access_key",
+            "s3cr3t-value",
+            "s3_secret_access_key: Some(\"***\")".into(),
+        ),
+        ("s3_allow_http", "true", "s3_allow_http: true".into()),
+        (
+            "upload_part_size_bytes",
+            "6291456",
+            "upload_part_size_bytes: 6291456".into(),
+        ),
+        (
+            "upload_max_inflight_parts",
+            "3",
+            "upload_max_inflight_parts: 3".into(),
+        ),
+        (
+            "model_upload_max_bytes",
+            "1000000",
+            "model_upload_max_bytes: 1000000".into(),
+        ),
+        (
+            "dataset_upload_max_bytes",
+            "2000000",
+            "dataset_upload_max_bytes: 2000000".into(),
+        ),
+        (
+            "allowed_file_roots",
+            "/data/models:/srv/models,/opt/more",
+            "allowed_file_roots: [\"/data/models\", \"/srv/models\", \"/opt/more\"]".into(),
+        ),
+        (
+            "redirect_downloads",
+            "true",
+            "redirect_downloads: true".into(),
+        ),
+        (
+            "presigned_url_ttl_secs",
+            "600",
+            "presigned_url_ttl_secs: 600".into(),
+        ),
+        (
+            "orphan_sweep_age_secs",
+            "100",
+            "orphan_sweep_age_secs: 100".into(),
+        ),
+        (
+            "orphan_sweep_interval_secs",
+            "0",
+            "orphan_sweep_interval_secs: 0".into(),
+        ),
+        ("hf_offline", "true", "hf_offline: Some(true)".into()),
+        (
+            "hf_endpoint",
+            "https://hf.mirror.test",
+            "hf_endpoint: Some(\"https://hf.mirror.test\")".into(),
+        ),
+        (
+            "hf_cache_dir",
+            "/tmp/hf-cache",
+            "hf_cache_dir: Some(\"/tmp/hf-cache\")".into(),
+        ),
+        ("hf_token", "hf_s3cr3t", "hf_token: Some(\"***\")".into()),
+    ];
+    let mut documented = compressd::settings::Settings::keys();
+    documented.sort_unstable();
+    let mut covered: Vec<&str> = table.iter().map(|(key, ..)| *key).collect();
+    covered.sort_unstable();
+    assert_eq!(
+        covered, documented,
+        "the table must cover every documented setting"
+    );
+
+    let vars: Vec<(String, &str)> = table
+        .iter()
+        .map(|(key, value, _)| (format!("COMPRESSD_{}", key.to_uppercase()), *value))
+        .collect();
+    let envs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let out = compressd(&["migrate"], &envs);
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    // log_format=json took effect: the configuration is a field of a JSON log line.
+    let shown = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["fields"]["message"] == "effective configuration")
+        .and_then(|line| line["fields"]["settings"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no JSON 'effective configuration' line in {log}"));
+    for (key, _, expected) in &table {
+        assert!(
+            shown.contains(expected.as_str()),
+            "{key}: `{expected}` not in {shown}"
+        );
+    }
+    assert!(!shown.contains("s3cr3t"), "secrets are redacted: {shown}");
+}
+
+#[test]
+fn a_bad_list_setting_names_its_variable() {
+    let out = compressd(
+        &["migrate"],
+        &[("COMPRESSD_CORS_ALLOWED_ORIGINS", "ftp://x")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("COMPRESSD_CORS_ALLOWED_ORIGINS"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn serve_help_lists_every_settings_variable() {
+    let help = compressd(&["serve", "--help"], &[]);
+    let text = String::from_utf8_lossy(&help.stdout);
+    for key in compressd::settings::Settings::keys() {
+        let var = format!("COMPRESSD_{}", key.to_uppercase());
+        assert!(text.contains(&var), "{var} missing from {text}");
+    }
+}

@@ -11,6 +11,7 @@ mod scheduler_support;
 mod tiny_task;
 
 mod cancel;
+mod client;
 mod inputs;
 mod kill;
 mod load;

@@ -153,3 +153,27 @@ fn the_yaml_reads_back_as_the_served_document() {
     let read: Value = serde_yaml::from_str(&yaml).unwrap();
     assert_eq!(read, document());
 }
+
+#[test]
+fn a_created_job_links_to_the_operations_on_it() {
+    let document = document();
+    let operations: Vec<String> = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|path| path.as_object().unwrap().values())
+        .filter_map(|op| op["operationId"].as_str().map(str::to_owned))
+        .collect();
+    for status in ["201", "200"] {
+        let links = &document["paths"]["/v1/jobs"]["post"]["responses"][status]["links"];
+        for name in ["GetJob", "CancelJob", "DeleteJob", "JobEvents"] {
+            let link = &links[name];
+            let target = link["operationId"].as_str().unwrap_or_default();
+            assert!(
+                operations.iter().any(|op| op == target),
+                "{status} {name}: {link}"
+            );
+            assert_eq!(link["parameters"]["id"], "$response.body#/id");
+        }
+    }
+}
