@@ -130,6 +130,7 @@ pub struct Settings {
     pub tenant_max_stored_bytes: u64,
     /// Hosts, addresses and CIDR ranges that user-given URLs may reach although they are
     /// loopback, link-local or private (see `crate::net_guard`).
+    #[serde(deserialize_with = "lists::comma_separated")]
     pub allowed_private_networks: Vec<String>,
 }
 

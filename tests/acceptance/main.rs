@@ -9,7 +9,7 @@ mod gguf_generation;
 
 mod lora;
 mod minilm;
-mod minilm_structured;
 mod minilm_distill;
+mod minilm_structured;
 mod seed_pipeline;
 mod smollm;

@@ -391,6 +391,28 @@ fn every_setting_is_taken_from_its_environment_variable() {
             "hf_cache_dir: Some(\"/tmp/hf-cache\")".into(),
         ),
         ("hf_token", "hf_s3cr3t", "hf_token: Some(\"***\")".into()),
+        ("auth", "none", "auth: None".into()),
+        (
+            "rate_limit_per_key_per_sec",
+            "11",
+            "rate_limit_per_key_per_sec: 11".into(),
+        ),
+        ("rate_limit_burst", "12", "rate_limit_burst: 12".into()),
+        (
+            "tenant_max_active_jobs",
+            "13",
+            "tenant_max_active_jobs: 13".into(),
+        ),
+        (
+            "tenant_max_stored_bytes",
+            "14",
+            "tenant_max_stored_bytes: 14".into(),
+        ),
+        (
+            "allowed_private_networks",
+            "10.1.0.0/16, minio.internal",
+            "allowed_private_networks: [\"10.1.0.0/16\", \"minio.internal\"]".into(),
+        ),
     ];
     let mut documented = compressd::settings::Settings::keys();
     documented.sort_unstable();

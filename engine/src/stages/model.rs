@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::vocabulary::TrimmedVocabulary;
 use super::lora::LoraAdapter;
+use super::vocabulary::TrimmedVocabulary;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{InputRecorder, LinearFactory, LinearKind, LinearPlan, PackedWeights};
