@@ -408,7 +408,7 @@ fn structured_options_are_checked_at_submission() {
     input.family = Some("llama".into());
     let refused = llama.validate_from(&input);
     assert_eq!(refused.len(), 1, "{refused:?}");
-    assert_eq!(refused[0].pointer, "/pipeline/0/type");
+    assert_eq!(refused[0].pointer, "/pipeline/0/scope");
     assert!(refused[0].message.contains("scope uniform"), "{refused:?}");
     assert!(
         llama.validate().is_empty(),
