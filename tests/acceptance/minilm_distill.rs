@@ -100,7 +100,7 @@ async fn minilm_finetune_then_distill_to_three_layers_keeps_98_percent_at_1_8x()
     let metric_names: Vec<&str> = frames
         .iter()
         .filter(|f| f.event.as_deref() == Some("metric"))
-        .filter_map(|f| f.data["name"].as_str())
+        .filter_map(|f| f.data["payload"]["name"].as_str())
         .collect();
     for term in ["task", "response", "feature"] {
         let name = format!("train.loss.{term}");
