@@ -217,7 +217,7 @@ impl Session {
     /// A model whose vocabulary the data does not follow (a stage that trimmed it and did not
     /// return yet).
     pub(super) fn data_token_ids(&self, model: &WorkingModel) -> Result<BTreeSet<u32>> {
-        if self.vocabulary.as_deref() != model.vocabulary().map(|v| &**v) {
+        if !self.follows(model) {
             return Err(EngineError::InvalidSetting(
                 "vocabulary: the model's vocabulary changed within this stage; trim it once".into(),
             ));
@@ -234,11 +234,22 @@ impl Session {
             .collect())
     }
 
+    /// Whether the data's ids are in `model`'s vocabulary. Models share their vocabulary's `Arc`
+    /// (students, copies), so the pointer answers without comparing the tokenizer files; a model
+    /// loaded back from disk has its own, compared by the kept ids.
+    fn follows(&self, model: &WorkingModel) -> bool {
+        match (&self.vocabulary, model.vocabulary()) {
+            (None, None) => true,
+            (Some(ours), Some(theirs)) => Arc::ptr_eq(ours, theirs) || ours.kept == theirs.kept,
+            _ => false,
+        }
+    }
+
     /// Renumbers the data's token ids (and swaps the encoder) to `model`'s vocabulary when a stage
     /// trimmed it, or when a saved model of another vocabulary is loaded.
     fn follow_vocabulary(&mut self, model: &WorkingModel) -> Result<()> {
         let target = model.vocabulary();
-        if self.vocabulary.as_deref() == target.map(|v| &**v) {
+        if self.follows(model) {
             return Ok(());
         }
         let (new_ids, encoder) = match target {
