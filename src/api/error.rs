@@ -31,6 +31,10 @@ pub struct Problem {
     /// Every offending field, for validation failures.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// This request's id (also the `x-request-id` header): the server log has the full detail of
+    /// the failure under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// One offending field.
@@ -351,6 +355,8 @@ impl IntoResponse for ApiError {
             detail: self.detail,
             pointer: self.errors.first().map(|e| e.pointer.clone()),
             errors: self.errors,
+            // Stamped on the way out by `problem_request_id`, which knows the request.
+            request_id: None,
         };
         let mut response = (self.status, axum::Json(body)).into_response();
         for (name, value) in self.headers {

@@ -19,6 +19,7 @@ pub mod models;
 pub mod models_create;
 mod models_register;
 pub mod openapi;
+mod problem_id;
 pub mod state;
 
 use std::sync::Arc;
@@ -101,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(http_span))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(axum::middleware::from_fn(problem_id::problem_request_id))
         .layer(cors(&state.config.cors_allowed_origins));
     routes.layer(layers).with_state(state)
 }

@@ -122,6 +122,17 @@ impl ArtifactStore {
         Ok((Arc::new(store), None, Path::default(), Backend::Local(dir)))
     }
 
+    /// The same store with its object store wrapped by `wrap` (fault injection in tests,
+    /// instrumentation); keys, prefix and backend stay as they are.
+    #[must_use]
+    pub fn map_object_store(
+        mut self,
+        wrap: impl FnOnce(Arc<dyn ObjectStore>) -> Arc<dyn ObjectStore>,
+    ) -> Self {
+        self.store = wrap(self.store);
+        self
+    }
+
     /// Where the bytes are.
     pub fn backend(&self) -> &Backend {
         &self.backend

@@ -62,7 +62,16 @@ impl ObjectWriter {
     /// # Errors
     /// The store's error; the upload is then aborted.
     pub async fn finish(mut self) -> Result<WrittenObject> {
-        let upload = self.upload.take().expect("writer used after finish");
+        let mut upload = self.upload.take().expect("writer used after finish");
+        // A part that failed in flight surfaces here; `WriteMultipart::finish` would return that
+        // error without aborting, leaving an incomplete upload behind on S3.
+        if let Err(error) = upload.wait_for_capacity(0).await {
+            if let Err(abort) = upload.abort().await {
+                tracing::warn!(error = %abort, "aborting a failed upload failed");
+            }
+            return Err(error.into());
+        }
+        // A failed completion is aborted by `finish` itself.
         upload.finish().await?;
         let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
         Ok(WrittenObject {

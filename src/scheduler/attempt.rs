@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
@@ -279,14 +280,29 @@ async fn record(
                 backoff: std::time::Duration::ZERO,
             }
         }
-        Ok(ChildOutcome::Died { cause, log_tail }) => {
+        Ok(ChildOutcome::Died {
+            cause,
+            log_tail,
+            peak_rss_bytes,
+        }) => {
             if !log_tail.is_empty() {
-                let payload = json!({ "level": "error", "message": log_tail.join("\n") });
+                let payload = json!({
+                    "level": "error",
+                    "message": log_tail.join("\n"),
+                    "peak_rss_bytes": peak_rss_bytes,
+                });
                 // Best effort: the outcome below carries the same lines.
                 let _ = ctx.store.append_fenced_event(lease, "log", payload).await;
             }
+            let peak = match peak_rss_bytes {
+                Some(bytes) => format!(
+                    "; peak resident memory {:.1} MiB ({bytes} bytes)",
+                    bytes as f64 / f64::from(1u32 << 20)
+                ),
+                None => String::new(),
+            };
             let message = format!(
-                "{}; last log lines:\n{}",
+                "{}{peak}; last log lines:\n{}",
                 cause.describe(),
                 log_tail.join("\n")
             );
@@ -307,7 +323,7 @@ async fn record(
             AttemptOutcome::Retry { error, backoff }
         }
     };
-    match ctx.store.finish_attempt(lease, attempt_outcome).await {
+    match finish_with_retries(ctx, lease, attempt_outcome).await {
         Ok(status) => {
             tracing::info!(%status, "attempt finished");
             if status.is_finished() {
@@ -325,6 +341,34 @@ async fn record(
         Err(error) => {
             tracing::error!(%error, "could not record the attempt's outcome; the reaper will retry the job");
             "record_failed"
+        }
+    }
+}
+
+/// First wait before writing the outcome again after a database error.
+const RECORD_FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest wait between two tries.
+const RECORD_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Records the outcome, trying again with backoff while the database is unreachable (restarting,
+/// failing over) for as long as the lease would last: a finished job must not be run again just
+/// because its verdict met a restart. The write is fenced, so a try whose commit went through
+/// but whose answer was lost makes the next one fail with `LeaseLost`, never a second record.
+async fn finish_with_retries(
+    ctx: &WorkerContext,
+    lease: &Lease,
+    outcome: AttemptOutcome,
+) -> Result<crate::store::JobStatus> {
+    let give_up_at = Instant::now() + ctx.settings.lease;
+    let mut backoff = RECORD_FIRST_BACKOFF;
+    loop {
+        match ctx.store.finish_attempt(lease, outcome.clone()).await {
+            Err(crate::error::Error::Database(error)) if Instant::now() + backoff < give_up_at => {
+                tracing::warn!(%error, retry_in_s = backoff.as_secs_f64(), "recording the outcome failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECORD_MAX_BACKOFF);
+            }
+            other => return other,
         }
     }
 }

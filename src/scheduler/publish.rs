@@ -6,6 +6,7 @@
 //! lost its lease publishes nothing visible; its uploaded objects become orphans for the sweeper.
 
 use std::path::{Component, Path};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
@@ -35,7 +36,7 @@ pub async fn publish(
             "jobs/{}/attempt-{}/{}",
             lease.job_id, lease.attempt, output.name
         );
-        let written = upload(ctx, &path, &key).await?;
+        let written = with_retries("uploading an output", || upload(ctx, &path, &key)).await?;
         let artifact = Artifact {
             job_id: lease.job_id,
             attempt: lease.attempt,
@@ -48,7 +49,10 @@ pub async fn publish(
             // Both databases keep microseconds.
             created_at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
         };
-        ctx.store.commit_artifact(lease, &artifact).await?;
+        with_retries("committing an output", || {
+            ctx.store.commit_artifact(lease, &artifact)
+        })
+        .await?;
         published.push(json!({
             "name": artifact.name,
             "kind": artifact.kind,
@@ -58,6 +62,37 @@ pub async fn publish(
         }));
     }
     Ok(published)
+}
+
+/// Tries each upload and each commit gets before the attempt fails (the job may then be retried
+/// as a new attempt, by its retry policy).
+pub const PUBLISH_TRIES: u32 = 4;
+/// Wait after the first failed try; it doubles for each further one (0.25 + 0.5 + 1 s in all).
+const PUBLISH_FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Runs `operation` until it succeeds, fails for a reason that another try cannot fix, or has
+/// failed [`PUBLISH_TRIES`] times, waiting with exponential backoff between tries. Only the object
+/// store's and the database's errors are worth another try; a lost lease never is. A failed
+/// upload leaves nothing visible (the writer aborts it) and a re-upload overwrites the same key,
+/// so a try after a failure cannot double an artifact.
+async fn with_retries<T, F, Fut>(what: &str, mut operation: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut backoff = PUBLISH_FIRST_BACKOFF;
+    let mut tries = 1;
+    loop {
+        match operation().await {
+            Err(error @ (Error::ObjectStore(_) | Error::Database(_))) if tries < PUBLISH_TRIES => {
+                tracing::warn!(%error, tries, retry_in_s = backoff.as_secs_f64(), "{what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// `relative` under `work_dir`; the child names only files inside its work folder.

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -123,6 +124,8 @@ pub enum ChildOutcome {
         cause: DeathCause,
         /// The last lines it wrote to stderr, oldest first.
         log_tail: Vec<String>,
+        /// The highest resident set size seen while it ran (Linux `VmHWM`, sampled), bytes.
+        peak_rss_bytes: Option<u64>,
     },
 }
 
@@ -149,6 +152,8 @@ pub struct RunningChild {
     stdout: Option<Lines<BufReader<ChildStdout>>>,
     log_tail: Arc<Mutex<LogTail>>,
     stderr_task: JoinHandle<()>,
+    peak_rss: Arc<AtomicU64>,
+    rss_task: JoinHandle<()>,
     verdict: Option<ChildMessage>,
 }
 
@@ -194,11 +199,15 @@ impl RunningChild {
             BufReader::new(stderr).lines(),
             Arc::clone(&log_tail),
         ));
+        let peak_rss = Arc::new(AtomicU64::new(0));
+        let rss_task = tokio::spawn(sample_peak_rss(child.id(), Arc::clone(&peak_rss)));
         Ok(Self {
             child,
             stdout: Some(BufReader::new(stdout).lines()),
             log_tail,
             stderr_task,
+            peak_rss,
+            rss_task,
             verdict: None,
         })
     }
@@ -238,12 +247,15 @@ impl RunningChild {
     /// When waiting on the process fails.
     pub async fn finish(mut self) -> std::io::Result<ChildOutcome> {
         let status = self.child.wait().await?;
+        self.rss_task.abort();
         let log_tail = self.collect_tail().await;
+        let peak = self.peak_rss.load(Ordering::Relaxed);
         Ok(match self.verdict.take() {
             Some(verdict) => ChildOutcome::Reported(verdict),
             None => ChildOutcome::Died {
                 cause: DeathCause::from_status(status, &log_tail),
                 log_tail,
+                peak_rss_bytes: (peak > 0).then_some(peak),
             },
         })
     }
@@ -273,6 +285,7 @@ impl RunningChild {
             self.child.kill().await?;
         }
         self.stderr_task.abort();
+        self.rss_task.abort();
         Ok(ChildOutcome::Stopped(reason))
     }
 
@@ -285,6 +298,38 @@ impl RunningChild {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         tail.lines.iter().cloned().collect()
     }
+}
+
+/// How often the child's peak resident set size is read.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Keeps `peak` at the child's `VmHWM` (the kernel's own high-water mark of its resident set)
+/// until its `/proc` entry is gone. The kernel keeps the true peak, so a sample taken shortly
+/// before an out-of-memory kill is close to the size it was killed at; a process that grows
+/// within the last interval is reported at its last sample.
+async fn sample_peak_rss(pid: Option<u32>, peak: Arc<AtomicU64>) {
+    let Some(pid) = pid else { return };
+    let path = format!("/proc/{pid}/status");
+    loop {
+        match tokio::fs::read_to_string(&path).await {
+            Ok(status) => match high_water_mark(&status) {
+                Some(bytes) => {
+                    peak.fetch_max(bytes, Ordering::Relaxed);
+                }
+                // A zombie has no memory lines: it is gone.
+                None => return,
+            },
+            Err(_) => return,
+        }
+        tokio::time::sleep(RSS_SAMPLE_INTERVAL).await;
+    }
+}
+
+/// The `VmHWM:   1234 kB` line of `/proc/<pid>/status`, in bytes.
+fn high_water_mark(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 async fn keep_tail(
@@ -358,13 +403,14 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
     async fn a_non_zero_exit_keeps_only_the_last_stderr_lines() {
         let (_, outcome) = run_to_end("for i in 1 2 3 4 5; do echo line$i >&2; done; exit 3").await;
         let expected_tail = vec!["line3".to_owned(), "line4".to_owned(), "line5".to_owned()];
-        assert_eq!(
-            outcome,
-            ChildOutcome::Died {
-                cause: DeathCause::ExitCode(3),
-                log_tail: expected_tail
-            }
-        );
+        // The peak is left out: a shell that exits at once may be gone before the first sample.
+        let ChildOutcome::Died {
+            cause, log_tail, ..
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!((cause, log_tail), (DeathCause::ExitCode(3), expected_tail));
     }
 
     #[tokio::test]
@@ -437,5 +483,31 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
             .unwrap();
         assert_eq!(outcome, ChildOutcome::Stopped(StopReason::LeaseLost));
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn an_out_of_memory_kill_reports_the_peak_resident_size() {
+        // The signature of the OOM killer: SIGKILL, not from the worker, after growing to
+        // ~200 MiB (and held a moment, so a sample sees it).
+        let script = "exec python3 -c 'import os, signal, time; b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(0.5); os.kill(os.getpid(), signal.SIGKILL)'";
+        let (_, outcome) = run_to_end(script).await;
+        let ChildOutcome::Died {
+            cause,
+            peak_rss_bytes,
+            ..
+        } = outcome
+        else {
+            panic!("{outcome:?}");
+        };
+        assert_eq!(cause, DeathCause::OutOfMemory);
+        let peak = peak_rss_bytes.expect("a sampled peak");
+        assert!(peak >= 200 << 20, "peak {peak} bytes");
+    }
+
+    #[test]
+    fn the_high_water_mark_is_read_from_proc_status() {
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1024 kB\n";
+        assert_eq!(high_water_mark(status), Some(2048 * 1024));
+        assert_eq!(high_water_mark("Name:\tzombie\nState:\tZ\n"), None);
     }
 }

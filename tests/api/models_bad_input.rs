@@ -270,3 +270,70 @@ async fn a_client_that_disconnects_mid_upload_leaves_nothing() {
     }
     server.assert_nothing_left().await;
 }
+
+/// Issue 17: a problem body says what, never where. A malformed GGUF (candle's parse errors carry
+/// a backtrace with the build machine's paths) and a malformed safetensors header are refused
+/// with bodies free of backtraces, source paths and Rust type names, each naming the request id
+/// that its `x-request-id` header (and the server log) carries.
+#[tokio::test]
+async fn problem_bodies_carry_the_request_id_and_no_backtrace_path_or_type_name() {
+    let server = start(&[]).await;
+    // The magic, version 3, then counts far past the bytes that follow.
+    let mut gguf = b"GGUF".to_vec();
+    gguf.extend_from_slice(&3u32.to_le_bytes());
+    gguf.extend_from_slice(&7u64.to_le_bytes());
+    gguf.extend_from_slice(&u64::MAX.to_le_bytes());
+    gguf.extend_from_slice(&[0xff; 64]);
+    // A header whose tensor ends past the file.
+    let header = br#"{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 99]}}"#;
+    let mut safetensors = (header.len() as u64).to_le_bytes().to_vec();
+    safetensors.extend_from_slice(header);
+    let cases: Vec<Vec<(&str, Vec<u8>)>> = vec![
+        vec![("model.gguf", gguf)],
+        replace(tiny_bert(), "model.safetensors", safetensors),
+    ];
+    for files in cases {
+        let mut form = reqwest::multipart::Form::new();
+        for (name, bytes) in &files {
+            form = form.part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes.clone()).file_name(name.to_string()),
+            );
+        }
+        let response = server
+            .client
+            .post(format!("{}/v1/models", server.base))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .expect("an x-request-id header")
+            .to_owned();
+        let text = response.text().await.unwrap();
+        assert!((400..500).contains(&status), "{status}: {text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["request_id"], request_id.as_str(), "{text}");
+        for leak in [
+            "backtrace",
+            "stack backtrace",
+            ".rs:",
+            "src/",
+            "/work/",
+            "/home/",
+            ".cargo",
+            "candle_core",
+            "::",
+            "Error {",
+            "Some(",
+            "panicked",
+        ] {
+            assert!(!text.contains(leak), "{leak:?} leaked into {text}");
+        }
+        server.assert_nothing_left().await;
+    }
+}

@@ -28,6 +28,10 @@ pub async fn fresh_database_url() -> String {
             panic!("cannot start a throwaway PostgreSQL ({e}); install the server (apt-get install postgresql) or set {TEST_DATABASE_URL}")
         }),
     });
+    create_database(admin).await
+}
+
+async fn create_database(admin: &str) -> String {
     let name = format!("test_{}", uuid::Uuid::new_v4().simple());
     let mut conn = PgConnection::connect(admin)
         .await
@@ -41,50 +45,106 @@ pub async fn fresh_database_url() -> String {
 }
 
 fn start_cluster() -> Result<String, String> {
-    let as_root = is_root();
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_nanos();
-    let dir =
-        std::env::temp_dir().join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
-    let data = dir.join("data");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    if as_root {
-        run(Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir))?;
+    Cluster::start().map(|cluster| cluster.admin_url)
+}
+
+/// A PostgreSQL cluster of this test binary's own, stopped and removed when the binary exits.
+///
+/// Most tests share one through [`fresh_database_url`]; a fault test that restarts the server
+/// starts a private one with [`Cluster::start`] so that the other tests running beside it are
+/// not disturbed.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub admin_url: String,
+    as_root: bool,
+    pg_ctl: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    options: String,
+}
+
+impl Cluster {
+    /// Creates and starts a fresh cluster on a free port.
+    ///
+    /// # Errors
+    /// When the server binaries are missing or the cluster does not start.
+    pub fn start() -> Result<Self, String> {
+        let as_root = is_root();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_nanos();
+        let dir = std::env::temp_dir()
+            .join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        if as_root {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir))?;
+        }
+        let initdb = pg_binary("initdb")?;
+        let pg_ctl = pg_binary("pg_ctl")?;
+        run(postgres_user(as_root, &initdb).arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]))?;
+        let port = free_port()?;
+        // Durability is pointless for a throwaway cluster; turning it off makes tests much faster.
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+            dir.display()
+        );
+        let cluster = Self {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            as_root,
+            log: dir.join("postgres.log"),
+            pg_ctl,
+            data,
+            options,
+        };
+        cluster.pg_ctl("start")?;
+        stop_at_exit(as_root, &cluster.pg_ctl, &cluster.data, &dir)?;
+        Ok(cluster)
     }
-    let initdb = pg_binary("initdb")?;
-    let pg_ctl = pg_binary("pg_ctl")?;
-    run(postgres_user(as_root, &initdb).arg("-D").arg(&data).args([
-        "-A",
-        "trust",
-        "-U",
-        "postgres",
-        "-E",
-        "UTF8",
-        "--no-sync",
-    ]))?;
-    let port = free_port()?;
-    // Durability is pointless for a throwaway cluster; turning it off makes tests much faster.
-    let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
-        dir.display()
-    );
-    let log = dir.join("postgres.log");
-    let started = run(postgres_user(as_root, &pg_ctl)
-        .arg("-D")
-        .arg(&data)
-        .arg("-l")
-        .arg(&log)
-        .args(["-w", "-o", &options, "start"]));
-    if let Err(error) = started {
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        return Err(format!("{error}; server log:\n{log_text}"));
+
+    /// Restarts the server as an operator would (`pg_ctl restart -m fast`): every open connection
+    /// is cut, and the server is back, on the same port, when this returns.
+    ///
+    /// # Errors
+    /// When `pg_ctl` fails.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl("restart")
     }
-    stop_at_exit(as_root, &pg_ctl, &data, &dir)?;
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+
+    /// The URL of a new, empty database on this cluster.
+    pub async fn fresh_database_url(&self) -> String {
+        create_database(&self.admin_url).await
+    }
+
+    fn pg_ctl(&self, action: &str) -> Result<(), String> {
+        let mut command = postgres_user(self.as_root, &self.pg_ctl);
+        command
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-o", &self.options]);
+        if action == "restart" {
+            command.args(["-m", "fast"]);
+        }
+        command.arg(action);
+        run(&mut command).map_err(|error| {
+            let log_text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            format!("{error}; server log:\n{log_text}")
+        })
+    }
 }
 
 /// A watcher that waits for this process to end, then stops the cluster and removes its folder.

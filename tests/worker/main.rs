@@ -15,4 +15,6 @@ mod client;
 mod inputs;
 mod kill;
 mod load;
+mod object_faults;
+mod pg_restart;
 mod pipeline;
