@@ -20,3 +20,4 @@ mod models_bad_input;
 mod models_hf;
 mod openapi;
 mod serve;
+mod shutdown;
