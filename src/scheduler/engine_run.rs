@@ -110,6 +110,11 @@ fn failed(code: &str, message: impl Into<String>, retryable: bool) -> ChildMessa
 /// The verdict for an engine error: a fault of the job (bad input, a setting the model cannot
 /// take) fails it for good; an I/O error may pass on another attempt.
 fn engine_failure(error: &EngineError) -> ChildMessage {
+    if let EngineError::Io { path, source } = error {
+        if source.kind() == std::io::ErrorKind::StorageFull {
+            return super::exec::write_failure(path, source);
+        }
+    }
     let (code, retryable) = match error {
         EngineError::Io { .. } => ("io", true),
         EngineError::Cancelled => ("cancelled", false),

@@ -114,7 +114,10 @@ fn dry_run(
         }
     };
     let resumed_from_step = match slow_dry_run_ms() {
-        Some(total_ms) => slow_steps(total_ms, &request.work_dir, out)?,
+        Some(total_ms) => match slow_steps(total_ms, &request.work_dir, out)? {
+            Ok(step) => step,
+            Err(verdict) => return Ok(verdict),
+        },
         None => 0,
     };
     let report = serde_json::json!({ "stages": stages });
@@ -144,14 +147,42 @@ fn slow_dry_run_ms() -> Option<u64> {
     std::env::var(SLOW_DRY_RUN_ENV).ok()?.parse().ok()
 }
 
+/// The verdict for a file the job could not write: a full disk fails the job for good (another
+/// attempt on the same disk would fill it again; the operator must make room), any other write
+/// error may pass on another attempt. The message names the path.
+pub fn write_failure(path: &Path, error: &std::io::Error) -> ChildMessage {
+    if error.kind() == std::io::ErrorKind::StorageFull {
+        failed(
+            "disk_full",
+            format!("the disk is full: cannot write {}: {error}", path.display()),
+            false,
+        )
+    } else {
+        failed(
+            "io",
+            format!("cannot write {}: {error}", path.display()),
+            true,
+        )
+    }
+}
+
 /// The slow dry-run hook: sleeps step by step, checkpointing, and returns the step it resumed
-/// from (0 on a fresh start).
-fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::Result<u64> {
+/// from (0 on a fresh start), or the verdict when its checkpoint cannot be written. `Err` only
+/// when `out` broke.
+fn slow_steps(
+    total_ms: u64,
+    work_dir: &Path,
+    out: &mut impl Write,
+) -> std::io::Result<Result<u64, ChildMessage>> {
+    use std::io::Read;
     let steps = (total_ms / SLOW_STEP.as_millis() as u64).max(1);
     let checkpoint = work_dir.join(SLOW_CHECKPOINT_FILE);
-    let start = std::fs::read_to_string(&checkpoint)
+    // A checkpoint is a number: read no more than a number's worth of bytes.
+    let mut text = String::new();
+    let start = std::fs::File::open(&checkpoint)
+        .and_then(|file| file.take(32).read_to_string(&mut text))
         .ok()
-        .and_then(|s| s.trim().parse().ok())
+        .and_then(|_| text.trim().parse().ok())
         .unwrap_or(0u64);
     if start > 0 {
         let message = format!("resumed from checkpoint at step {start} of {steps}");
@@ -161,10 +192,14 @@ fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::
         }
         .write_line(out)?;
     }
-    std::fs::create_dir_all(work_dir)?;
+    if let Err(error) = std::fs::create_dir_all(work_dir) {
+        return Ok(Err(write_failure(work_dir, &error)));
+    }
     for step in start..steps {
         std::thread::sleep(SLOW_STEP);
-        std::fs::write(&checkpoint, (step + 1).to_string())?;
+        if let Err(error) = std::fs::write(&checkpoint, (step + 1).to_string()) {
+            return Ok(Err(write_failure(&checkpoint, &error)));
+        }
         let fraction = (step + 1) as f64 / steps as f64;
         ChildMessage::Progress {
             fraction,
@@ -173,7 +208,7 @@ fn slow_steps(total_ms: u64, work_dir: &Path, out: &mut impl Write) -> std::io::
         }
         .write_line(out)?;
     }
-    Ok(start)
+    Ok(Ok(start))
 }
 
 #[cfg(test)]

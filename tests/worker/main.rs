@@ -12,6 +12,7 @@ mod tiny_task;
 
 mod cancel;
 mod client;
+mod disk_full;
 mod inputs;
 mod kill;
 mod load;
