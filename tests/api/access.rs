@@ -320,6 +320,35 @@ async fn quotas_and_rate_limits_answer_with_the_limit_and_the_use() {
             && detail.contains("use 2"),
         "{detail}"
     );
+    // Quotas count each tenant's own use: another tenant, with nothing queued, is not refused
+    // because this one is at its limit.
+    let (other, _) = key(&api, "other", &[Scope::Read, Scope::Write]).await;
+    let clock = &*api.state.clock;
+    let (mut model, mut dataset) = (common::model(clock), common::dataset(clock));
+    model.tenant = "other".into();
+    dataset.tenant = "other".into();
+    model.bytes = 0;
+    dataset.bytes = 0;
+    api.state.store.insert_model(&model).await.unwrap();
+    api.state.store.insert_dataset(&dataset).await.unwrap();
+    let theirs = call(
+        &api,
+        Method::POST,
+        "/v1/jobs",
+        &other,
+        Some(&common::spec_json(model.id, dataset.id)),
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::CREATED, "{:?}", theirs.body);
+    let theirs_again = call(
+        &api,
+        Method::POST,
+        "/v1/jobs",
+        &other,
+        Some(&common::spec_json(model.id, dataset.id)),
+    )
+    .await;
+    assert_problem(&theirs_again, StatusCode::TOO_MANY_REQUESTS, "quota-exceeded");
     // The fixtures' model and dataset already hold more than 1 byte.
     let upload = call(
         &api,

@@ -14,12 +14,22 @@ use compressd::inputs::{
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-/// Cases per property: enough to walk each parser's branches, cheap enough for every CI run.
+/// Cases per property in every `cargo test`: enough to walk each parser's branches, cheap
+/// enough for every run. CI's fuzzing step (`.ci/run`) asks for many more through
+/// [`CASES_ENV`], under a time limit.
 const CASES: u32 = 256;
+/// Environment variable overriding [`CASES`].
+const CASES_ENV: &str = "COMPRESSD_FUZZ_CASES";
 
 fn config() -> ProptestConfig {
+    let cases = std::env::var(CASES_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CASES);
+    // The count, for the CI log (a property that returns has passed every case).
+    eprintln!("fuzz: {cases} generated cases per property");
     ProptestConfig {
-        cases: CASES,
+        cases,
         // No regression files in the source tree; a failure prints its minimal input.
         failure_persistence: None,
         ..ProptestConfig::default()

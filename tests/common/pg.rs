@@ -6,6 +6,8 @@
 //! PostgreSQL refuses to run as root. A watcher process stops the cluster and removes the folder
 //! when the test binary exits. Each test gets its own fresh database.
 
+#![allow(dead_code)] // the benches that include this file use only part of it
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
