@@ -31,13 +31,13 @@ use anyhow::{bail, Context};
 use compressd::api::access::{AuthMode, KeyRateLimiter};
 use compressd::api::metrics::Metrics;
 use compressd::api::{ApiConfig, AppState};
-use compressd::auth;
 use compressd::artifacts::ArtifactStore;
+use compressd::auth;
 use compressd::clock::{Clock, SystemClock};
 use compressd::settings::Settings;
 use compressd::store::{Dataset, Model, PgStore, Scope, SqliteStore, Store};
-use rand::SeedableRng;
 use figment::providers::Serialized;
+use rand::SeedableRng;
 use serde_json::json;
 
 struct Options {
@@ -148,7 +148,13 @@ enum Auth {
     On,
 }
 
-fn report(options: &Options, label: &str, latencies: &mut [Duration], errors: u32, elapsed: Duration) -> Duration {
+fn report(
+    options: &Options,
+    label: &str,
+    latencies: &mut [Duration],
+    errors: u32,
+    elapsed: Duration,
+) -> Duration {
     latencies.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let p99 = percentile(latencies, 99.0);
@@ -260,7 +266,11 @@ async fn main() -> anyhow::Result<()> {
 
     let [mut off, mut on] = latencies;
     // In `both` each mode ran half the time.
-    let share = if options.auth == "both" { elapsed / 2 } else { elapsed };
+    let share = if options.auth == "both" {
+        elapsed / 2
+    } else {
+        elapsed
+    };
     let off_p99 = (!off.is_empty()).then(|| report(&options, "off", &mut off, errors[0], share));
     let on_p99 = (!on.is_empty()).then(|| report(&options, "on", &mut on, errors[1], share));
     if let (Some(off), Some(on)) = (off_p99, on_p99) {

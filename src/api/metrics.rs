@@ -120,7 +120,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: 
 
 /// Prometheus metrics in the text exposition format.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
+    responses((status = 200, description = "OpenMetrics text exposition (Prometheus scrapes it)", content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(state): State<super::state::AppState>) -> impl IntoResponse {
     // Queue depth is read from the database at scrape time, so every replica reports the same.
     match state.store.count_jobs_by_status().await {

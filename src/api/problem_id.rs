@@ -41,8 +41,14 @@ pub async fn problem_request_id(request: Request, next: Next) -> Response {
     // every refusal, 4xx included, to the request's span (which carries the same id).
     tracing::info!(
         status = parts.status.as_u16(),
-        problem = problem.get("type").and_then(|t| t.as_str()).unwrap_or_default(),
-        detail = problem.get("detail").and_then(|t| t.as_str()).unwrap_or_default(),
+        problem = problem
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default(),
+        detail = problem
+            .get("detail")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default(),
         "request refused"
     );
     problem.insert("request_id".into(), id.into());

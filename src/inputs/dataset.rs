@@ -286,7 +286,9 @@ impl DatasetInspector {
             let only = tally.labels.keys().next().cloned().unwrap_or_default();
             return Err(Rejection::new(
                 SLUG,
-                format!("every row has the label '{only}'; a classifier needs at least two labels"),
+                // Quoted with escapes: a label is user text and may hold newlines (a quoted CSV
+                // field), and a problem's detail is one line.
+                format!("every row has the label {only:?}; a classifier needs at least two labels"),
             ));
         }
         Ok(DatasetSummary {

@@ -348,7 +348,11 @@ async fn quotas_and_rate_limits_answer_with_the_limit_and_the_use() {
         Some(&common::spec_json(model.id, dataset.id)),
     )
     .await;
-    assert_problem(&theirs_again, StatusCode::TOO_MANY_REQUESTS, "quota-exceeded");
+    assert_problem(
+        &theirs_again,
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota-exceeded",
+    );
     // The fixtures' model and dataset already hold more than 1 byte.
     let upload = call(
         &api,

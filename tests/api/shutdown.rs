@@ -42,7 +42,9 @@ fn slow_jsonl(chunks: usize, every: Duration) -> reqwest::Body {
         let mut rows = String::new();
         for j in 0..10 {
             let label = if (i + j) % 2 == 0 { "a" } else { "b" };
-            rows.push_str(&format!("{{\"text\": \"row {i} {j}\", \"label\": \"{label}\"}}\n"));
+            rows.push_str(&format!(
+                "{{\"text\": \"row {i} {j}\", \"label\": \"{label}\"}}\n"
+            ));
         }
         Ok::<_, std::io::Error>(rows.into_bytes())
     });
@@ -81,7 +83,10 @@ async fn sigterm_drains_an_upload_and_an_event_stream_within_the_grace_period() 
     assert_eq!(created.status(), 201);
     let job: serde_json::Value = created.json().await.unwrap();
     let events = client
-        .get(format!("{base}/v1/jobs/{}/events", job["id"].as_str().unwrap()))
+        .get(format!(
+            "{base}/v1/jobs/{}/events",
+            job["id"].as_str().unwrap()
+        ))
         .send()
         .await
         .unwrap();
@@ -158,6 +163,10 @@ async fn sigterm_drains_an_upload_and_an_event_stream_within_the_grace_period() 
         GRACE.as_secs()
     );
     let id: uuid::Uuid = stored["id"].as_str().unwrap().parse().unwrap();
-    let row = store.get_dataset(id).await.unwrap().expect("the dataset row");
+    let row = store
+        .get_dataset(id)
+        .await
+        .unwrap()
+        .expect("the dataset row");
     assert_eq!(row.id, id);
 }

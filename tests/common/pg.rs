@@ -77,8 +77,8 @@ impl Cluster {
             .duration_since(std::time::UNIX_EPOCH)
             .map_err(|e| e.to_string())?
             .as_nanos();
-        let dir = std::env::temp_dir()
-            .join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("compressd-test-pg-{}-{stamp}", std::process::id()));
         let data = dir.join("data");
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         if as_root {

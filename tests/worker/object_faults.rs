@@ -24,8 +24,8 @@ use compressd::store::{AttemptOutcome, JobError, JobStatus, Lease};
 use futures::stream::BoxStream;
 use object_store::path::Path;
 use object_store::{
-    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions,
-    PutOptions, PutPayload, PutResult, UploadPart,
+    GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, UploadPart,
 };
 use scheduler_support::{dry_run_spec, local_artifacts, queue_job, seed_inputs, SharedStore};
 
@@ -314,7 +314,11 @@ async fn publishing_survives_store_faults_and_gives_up_cleanly_after_its_budget(
         tokio::time::sleep(Duration::from_millis(100)).await;
         on_disk = files_under(&jobs_dir);
     }
-    assert_eq!(on_disk.len(), 2, "no staging file or orphan left: {on_disk:?}");
+    assert_eq!(
+        on_disk.len(),
+        2,
+        "no staging file or orphan left: {on_disk:?}"
+    );
     let model = committed
         .iter()
         .find(|a| a.name == "model.safetensors")
