@@ -59,11 +59,11 @@ async fn sigterm_drains_an_upload_and_an_event_stream_within_the_grace_period() 
     let mut server = start_server(dir.path(), port);
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while client
+    while !client
         .get(format!("{base}/healthz"))
         .send()
         .await
-        .map_or(true, |r| !r.status().is_success())
+        .is_ok_and(|r| r.status().is_success())
     {
         assert!(Instant::now() < deadline, "the server did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
