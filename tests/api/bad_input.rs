@@ -452,6 +452,7 @@ async fn odd_json_documents_never_cause_a_5xx() {
 async fn lora_settings_that_cannot_fit_the_model_are_422_at_the_field() {
     let (api, _dir) = TestApi::sqlite().await;
     let mut model = common::model(&*api.state.clock);
+    model.name = "tiny-bert-with-shapes".into();
     model.metadata = json!({"layers": 1, "linear_modules": [
         {"path": "encoder.layer.0.attention.self.query", "out_features": 4, "in_features": 4,
          "default_lora_target": true},
