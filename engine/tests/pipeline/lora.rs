@@ -399,6 +399,31 @@ fn lora_settings_are_checked_at_submission() {
     assert_eq!(pointers(&not_lora), ["/outputs/0"]);
 }
 
+/// What the service records when a model is registered: every linear module with its shape, the
+/// attention and FFN projections marked as LoRA's default targets.
+#[test]
+fn linear_modules_of_a_checkpoint_list_shapes_and_default_targets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    crate::tiny_task::write_model(dir.path())?;
+    let checkpoint = read_hf_folder(dir.path(), DType::F32, &Device::Cpu)?;
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> = checkpoint
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let modules = compressd_engine::stages::lora::linear_modules(&checkpoint.config, &shapes)?;
+    let find = |path: &str| modules.iter().find(|m| m.path == path);
+    let query = find("encoder.layer.0.attention.self.query").expect("query");
+    assert_eq!((query.out_features, query.in_features), (32, 32));
+    assert!(query.default_lora_target);
+    let up = find("encoder.layer.1.intermediate.dense").expect("intermediate");
+    assert_eq!((up.out_features, up.in_features), (64, 32));
+    // 2 layers × 6 projections are default targets; nothing else is.
+    let targets = modules.iter().filter(|m| m.default_lora_target).count();
+    assert_eq!(targets, 12, "{modules:?}");
+    Ok(())
+}
+
 /// With the registered model's linear modules known (as the service records them), LoRA settings
 /// that cannot fit are refused at submission at their field, as is QLoRA on a quantized model.
 #[test]
