@@ -48,8 +48,7 @@ pub trait LinearLayer: Send + Sync + Debug {
     ///
     /// # Errors
     /// As [`LinearLayer::forward`].
-    fn forward_t(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
-        let _ = rng;
+    fn forward_t(&self, x: &Tensor, _rng: Option<&DropoutRng>) -> Result<Tensor> {
         self.forward(x)
     }
 
