@@ -141,6 +141,7 @@ impl Report {
         for row in &self.stages {
             md.push_str(&structures_kept(row));
         }
+        md.push_str(&training_footprints(&self.stages));
         let verdict = match self.acceptance_met {
             Some(true) => "met by the final model",
             Some(false) => "**missed** by the final model",
@@ -205,6 +206,42 @@ fn markdown_row(row: &StageRecord) -> String {
         row.peak_memory_bytes as f64 / 1e6,
         contract,
     )
+}
+
+/// For the fine-tuning stages (their details carry `trainable_parameters` and the training
+/// summary), what training held and how fast it stepped: full and LoRA fine-tunes side by side.
+fn training_footprints(rows: &[StageRecord]) -> String {
+    let trained: Vec<&StageRecord> = rows
+        .iter()
+        .filter(|r| r.details.get("trainable_parameters").is_some())
+        .collect();
+    if trained.is_empty() {
+        return String::new();
+    }
+    let mut md = String::from(
+        "\n### Training footprint\n\n| stage | method | trainable | share | optimizer + gradient MB \
+         | peak RSS MB | s / step | adapter MB |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for row in trained {
+        let d = &row.details;
+        let t = &d["training"];
+        let mb = |v: &serde_json::Value| {
+            v.as_f64()
+                .map_or("–".to_string(), |b| format!("{:.2}", b / 1e6))
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2}% | {} | {} | {:.3} | {} |\n",
+            row.label,
+            d["method"].as_str().unwrap_or("full"),
+            d["trainable_parameters"],
+            d["trainable_share"].as_f64().unwrap_or(0.0) * 100.0,
+            mb(&t["optimizer_and_gradient_bytes"]),
+            mb(&t["peak_rss_bytes"]),
+            t["mean_step_seconds"].as_f64().unwrap_or(0.0),
+            mb(&d["adapter_bytes"]),
+        ));
+    }
+    md
 }
 
 /// For a structured prune stage (its details list `layers` with `kept` structures), what each layer

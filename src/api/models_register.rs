@@ -118,6 +118,7 @@ impl ModelRegistration {
             sha256: manifest_sha256(&summary.files),
             metadata: json!({
                 "parameters": summary.parameters, "layers": summary.layers, "files": summary.files,
+                "linear_modules": summary.linear_modules,
                 "source": source,
                 "source_revision": source_revision,
             }),

@@ -12,6 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use compressd_engine::spec::LinearModule;
+use compressd_engine::stages::lora;
+
 use super::gguf::{GgufInspector, GgufSummary};
 use super::model_config::{self, Architecture};
 use super::safetensors::{SafetensorsInspector, SafetensorsSummary};
@@ -59,6 +62,9 @@ pub struct ModelSummary {
     pub parameters: u64,
     /// Transformer layers (blocks), as the config or GGUF metadata states them.
     pub layers: Option<u64>,
+    /// The linear modules and their shapes (Hugging Face folders; `None` for GGUF), so LoRA
+    /// settings that cannot fit the model are refused at submission.
+    pub linear_modules: Option<Vec<LinearModule>>,
     /// Total bytes of all files.
     pub bytes: u64,
     pub files: Vec<FileRecord>,
@@ -248,8 +254,9 @@ impl ModelInspector {
             return Err(Rejection::in_file(SLUG, &open.name, "was not finished"));
         }
         let bytes = self.files.iter().map(|f| f.bytes).sum();
-        let (format, architecture, parameters) = if self.gguf.is_some() {
-            self.finish_gguf()?
+        let (format, architecture, parameters, linear_modules) = if self.gguf.is_some() {
+            let (format, architecture, parameters) = self.finish_gguf()?;
+            (format, architecture, parameters, None)
         } else {
             self.finish_safetensors()?
         };
@@ -263,6 +270,7 @@ impl ModelInspector {
             architecture,
             parameters,
             layers,
+            linear_modules,
             bytes,
             files: self.files,
         })
@@ -287,7 +295,9 @@ impl ModelInspector {
         Ok((ModelFormat::Gguf, architecture, parameters))
     }
 
-    fn finish_safetensors(&self) -> Checked<(ModelFormat, Architecture, u64)> {
+    fn finish_safetensors(
+        &self,
+    ) -> Checked<(ModelFormat, Architecture, u64, Option<Vec<LinearModule>>)> {
         if self.files.is_empty() {
             return Err(Rejection::new(SLUG, "no files were sent"));
         }
@@ -305,13 +315,14 @@ impl ModelInspector {
         }
         let shapes = self.merged_shapes()?;
         self.check_index(&shapes)?;
-        let architecture = model_config::check_hf(
-            config,
-            &shapes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.1.clone()))
-                .collect(),
-        )?;
+        let tensor_shapes = shapes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.1.clone()))
+            .collect();
+        let architecture = model_config::check_hf(config, &tensor_shapes)?;
+        // The config passed the family's checks, so this only fails on an engine bug; the engine
+        // checks LoRA settings again at run time, so none recorded is safe.
+        let linear_modules = lora::linear_modules(config, &tensor_shapes).ok();
         let rows = config
             .get("vocab_size")
             .and_then(Value::as_u64)
@@ -324,7 +335,12 @@ impl ModelInspector {
             .filter(|t| t.is_float())
             .map(|t| t.elements())
             .sum();
-        Ok((ModelFormat::Safetensors, architecture, parameters))
+        Ok((
+            ModelFormat::Safetensors,
+            architecture,
+            parameters,
+            linear_modules,
+        ))
     }
 
     /// All tensors of all shards by name, with the shard each is in; names must be unique.

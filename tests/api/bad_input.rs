@@ -444,3 +444,61 @@ async fn odd_json_documents_never_cause_a_5xx() {
         assert_eq!(reply.content_type(), "application/problem+json");
     }
 }
+
+/// A model registered with its linear modules (as an upload records them) is checked against LoRA
+/// settings at submission: a rank wider than a target matrix, targets that match nothing, and
+/// QLoRA on a model an earlier stage quantized are 422s at the field.
+#[tokio::test]
+async fn lora_settings_that_cannot_fit_the_model_are_422_at_the_field() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let mut model = common::model(&*api.state.clock);
+    model.name = "tiny-bert-with-shapes".into();
+    model.metadata = json!({"layers": 1, "linear_modules": [
+        {"path": "encoder.layer.0.attention.self.query", "out_features": 4, "in_features": 4,
+         "default_lora_target": true},
+        {"path": "encoder.layer.0.intermediate.dense", "out_features": 8, "in_features": 4,
+         "default_lora_target": true}
+    ]});
+    api.state.store.insert_model(&model).await.unwrap();
+    let lora = |stage: Value| {
+        let model = model.id.to_string();
+        move |s: &mut Value| {
+            s["model"] = json!(model);
+            s["pipeline"] = stage;
+        }
+    };
+    let reply = rejected_spec(
+        &api,
+        lora(json!([{"type": "finetune", "method": "lora", "rank": 8}])),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(reply.pointer(), "/pipeline/0/rank", "{:?}", reply.body);
+    let detail = reply.body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("smaller side"), "{detail}");
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/target_modules",
+        lora(json!([{"type": "finetune", "method": "lora", "rank": 4,
+                     "target_modules": ["model.layers.*.q_proj"]}])),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/1/base_quantization",
+        lora(json!([{"type": "quantize", "scheme": "int8"},
+                     {"type": "finetune", "method": "lora", "rank": 4, "base_quantization": "int4"}])),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/dropout",
+        lora(json!([{"type": "finetune", "method": "lora", "rank": 4, "dropout": -0.1}])),
+    )
+    .await;
+    // Fitting settings are accepted.
+    let mut spec = api.spec();
+    lora(json!([{"type": "finetune", "method": "lora", "rank": 4, "dropout": 0.1}]))(&mut spec);
+    let reply = api.post_json("/v1/jobs", &spec, &[]).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}

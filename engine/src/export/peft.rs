@@ -26,6 +26,8 @@ pub struct LoraExport<'a> {
     pub rank: u32,
     /// `lora_alpha`.
     pub alpha: u32,
+    /// The adapter input's dropout in training (`lora_dropout`).
+    pub dropout: f64,
     /// Adapted module paths.
     pub target_modules: &'a [String],
     /// Module paths trained in full.
@@ -49,7 +51,7 @@ pub fn export_peft_adapter(dir: &Path, arch: HfArchitecture, adapter: &LoraExpor
         "task_type": arch.peft_task_type(),
         "r": adapter.rank,
         "lora_alpha": adapter.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": adapter.dropout,
         "target_modules": adapter.target_modules.iter().map(module_name).collect::<Vec<_>>(),
         "modules_to_save": if adapter.modules_to_save.is_empty() {
             serde_json::Value::Null

@@ -1,7 +1,9 @@
 //! The low-rank adapter kind (LoRA, Hu et al. 2021): a base linear layer plus a trainable update
 //! `(alpha / rank) · B·A`, with `A` `(rank, in)` and `B` `(out, rank)` read under the module as
 //! `lora_A.weight` and `lora_B.weight` (PEFT's names). `B` starts at zero, so a fresh adapter
-//! leaves the base's outputs unchanged; freezing the base is the training stage's choice.
+//! leaves the base's outputs unchanged; freezing the base is the training stage's choice. In
+//! training ([`LinearLayer::forward_t`] with a dropout source) the adapter's input is dropped with
+//! the layer's `dropout` probability, as PEFT's `lora_dropout` does; the base sees the whole input.
 
 use std::sync::Arc;
 
@@ -9,6 +11,7 @@ use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::{DenseLinear, LinearKind, LinearLayer, QuantizedLinear};
+use crate::models::common::{dropout, DropoutRng};
 use crate::quant::QuantScheme;
 
 /// `y = base(x) + (alpha / rank) · x Aᵀ Bᵀ`.
@@ -21,6 +24,8 @@ pub struct LoraLinear {
     alpha: u32,
     /// The scheme of a quantized base (QLoRA), `None` for a dense one.
     base_scheme: Option<QuantScheme>,
+    /// The probability of dropping an element of the adapter's input in training.
+    dropout: f64,
 }
 
 impl LoraLinear {
@@ -90,7 +95,26 @@ impl LoraLinear {
             rank,
             alpha,
             base_scheme,
+            dropout: 0.0,
         })
+    }
+
+    /// The same layer, dropping each element of the adapter's input with probability `p` in
+    /// training (PEFT's `lora_dropout`); evaluation and the base are unaffected.
+    ///
+    /// # Errors
+    /// `p` outside `[0, 1)`.
+    pub fn with_dropout(mut self, p: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("a LoRA dropout of {p} is not in [0, 1)");
+        }
+        self.dropout = p;
+        Ok(self)
+    }
+
+    /// The adapter input's dropout probability in training.
+    pub fn dropout(&self) -> f64 {
+        self.dropout
     }
 
     /// `alpha / rank`, the update's scale.
@@ -101,13 +125,17 @@ impl LoraLinear {
 
 impl LinearLayer for LoraLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, None)
+    }
+
+    fn forward_t(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
         let base = self.base.forward(x)?;
         let dims = x.dims();
         let Some((&in_features, leading)) = dims.split_last() else {
             candle_core::bail!("linear layer applied to a scalar");
         };
         let rows: usize = leading.iter().product();
-        let low = x
+        let low = dropout(x, self.dropout, rng)?
             .reshape((rows, in_features))?
             .matmul(&self.a.t()?)?
             .matmul(&self.b.t()?)?;
@@ -207,6 +235,54 @@ mod tests {
         assert!(vars.iter().all(|(_, v)| grads.get(v.as_tensor()).is_some()));
         let vb = store.var_builder(DType::F32, &dev);
         assert!(LoraLinear::load(vb.pp("l"), 4, 6, false, 0, 8).is_err());
+    }
+
+    /// Dropout drops parts of the adapter's input in training only: evaluation and the base see
+    /// the whole input, and training with a dropout source changes only the update.
+    #[test]
+    fn dropout_applies_to_the_adapter_input_in_training_only() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (6, 8), &dev).unwrap();
+        let store = ParamStore::from_tensors([("l.weight".to_string(), weight.clone())], |_| false)
+            .unwrap();
+        store.set_init_missing(Some(3));
+        let vb = store.var_builder(DType::F32, &dev);
+        LoraLinear::load(vb.pp("l"), 8, 6, false, 2, 4).unwrap();
+        let vars = store.trainable_vars();
+        vars[1]
+            .1
+            .set(&Tensor::randn(0f32, 1.0, (6, 2), &dev).unwrap())
+            .unwrap();
+        let layer = LoraLinear::load(vb.pp("l"), 8, 6, false, 2, 4)
+            .unwrap()
+            .with_dropout(0.5)
+            .unwrap();
+        assert_eq!(layer.dropout(), 0.5);
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        let eval = layer.forward(&x).unwrap();
+        assert_eq!(max_diff(&layer.forward_t(&x, None).unwrap(), &eval), 0.0);
+        let rng = DropoutRng::new(11);
+        let trained = layer.forward_t(&x, Some(&rng)).unwrap();
+        assert!(max_diff(&trained, &eval) > 1e-3, "dropout changed nothing");
+        // The base term is untouched: with a zero update, training and evaluation agree.
+        let dense = DenseLinear::new(weight, None).unwrap();
+        let base = dense.forward(&x).unwrap();
+        let fresh = LoraLinear::on_base(vb.pp("fresh"), Arc::new(dense), 2, 4, None)
+            .unwrap()
+            .with_dropout(0.5)
+            .unwrap();
+        let fresh_trained = fresh.forward_t(&x, Some(&rng)).unwrap();
+        assert_eq!(
+            max_diff(&fresh_trained, &base),
+            0.0,
+            "dropout reached the base"
+        );
+        let grads = trained.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(vars[0].1.as_tensor()).is_some());
+        assert!(LoraLinear::load(vb.pp("l"), 8, 6, false, 2, 4)
+            .unwrap()
+            .with_dropout(1.0)
+            .is_err());
     }
 
     /// QLoRA on a tiny Llama: every projection an adapter over an int4 base; every adapter weight

@@ -33,6 +33,7 @@ pub use quantized::{KernelPath, QuantizedLinear};
 pub use recording::{InputRecorder, RecordingLinear};
 
 use crate::error::EngineError;
+use crate::models::common::DropoutRng;
 
 /// A linear map `y = x Wᵀ + b` over the last dimension of `x`, in whatever form a scheme stores it.
 pub trait LinearLayer: Send + Sync + Debug {
@@ -41,6 +42,15 @@ pub trait LinearLayer: Send + Sync + Debug {
     /// # Errors
     /// Fails when the last dimension of `x` is not `in_features` or the dtypes/devices disagree.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// As [`LinearLayer::forward`], in training when `rng` is given: a layer with a training-only
+    /// part (a LoRA adapter's dropout) applies it then. Layers without one ignore `rng`.
+    ///
+    /// # Errors
+    /// As [`LinearLayer::forward`].
+    fn forward_t(&self, x: &Tensor, _rng: Option<&DropoutRng>) -> Result<Tensor> {
+        self.forward(x)
+    }
 
     /// The dense weight `(out_features, in_features)` when the variant keeps one (export, pruning).
     fn weight(&self) -> Option<&Tensor>;
@@ -152,6 +162,8 @@ pub struct LinearFactory {
     packed: PackedWeights,
     /// When set, every layer built records its inputs here (activation importance).
     recorder: Option<Arc<InputRecorder>>,
+    /// The dropout probability LoRA layers apply to their adapter's input in training.
+    lora_dropout: f64,
 }
 
 impl LinearFactory {
@@ -161,7 +173,15 @@ impl LinearFactory {
             plan,
             packed: PackedWeights::default(),
             recorder: None,
+            lora_dropout: 0.0,
         }
+    }
+
+    /// The same factory, building LoRA layers that drop their adapter's input with probability `p`
+    /// in training ([`LoraLinear::with_dropout`]).
+    pub fn with_lora_dropout(mut self, p: f64) -> Self {
+        self.lora_dropout = p;
+        self
     }
 
     /// The same factory, wrapping every layer so it records its inputs into `recorder`
@@ -244,16 +264,13 @@ impl LinearFactory {
                 };
                 Ok(Arc::new(QuantizedLinear::new(weight, bias, vb.device())?))
             }
-            (LinearKind::Lora { rank, alpha }, _) => Ok(Arc::new(LoraLinear::load(
-                vb,
-                in_features,
-                out_features,
-                bias,
-                rank,
-                alpha,
-            )?)),
+            (LinearKind::Lora { rank, alpha }, _) => Ok(Arc::new(
+                LoraLinear::load(vb, in_features, out_features, bias, rank, alpha)?
+                    .with_dropout(self.lora_dropout)?,
+            )),
             (LinearKind::QLora { rank, alpha, base }, _) => Ok(Arc::new(
-                LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?,
+                LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?
+                    .with_dropout(self.lora_dropout)?,
             )),
             (LinearKind::FakeQuant { bits }, _) => Ok(Arc::new(FakeQuantLinear::load(
                 vb,

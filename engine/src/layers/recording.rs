@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Result, Tensor};
 
 use super::{LinearKind, LinearLayer};
+use crate::models::common::DropoutRng;
 
 /// Per module path, the running sum over all input rows of each input feature's square.
 #[derive(Debug, Default)]
@@ -77,6 +78,11 @@ impl LinearLayer for RecordingLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.recorder.record(&self.path, x)?;
         self.inner.forward(x)
+    }
+
+    fn forward_t(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        self.recorder.record(&self.path, x)?;
+        self.inner.forward_t(x, rng)
     }
 
     fn weight(&self) -> Option<&Tensor> {

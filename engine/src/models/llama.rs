@@ -222,9 +222,11 @@ impl LlamaAttention {
         keep_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
-        let q = rotary.apply(&self.split_heads(&self.q_proj.forward(x)?, self.num_heads)?)?;
-        let k = rotary.apply(&self.split_heads(&self.k_proj.forward(x)?, self.num_kv_heads)?)?;
-        let v = self.split_heads(&self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q =
+            rotary.apply(&self.split_heads(&self.q_proj.forward_t(x, rng)?, self.num_heads)?)?;
+        let k =
+            rotary.apply(&self.split_heads(&self.k_proj.forward_t(x, rng)?, self.num_kv_heads)?)?;
+        let v = self.split_heads(&self.v_proj.forward_t(x, rng)?, self.num_kv_heads)?;
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
         let q = (q * (self.head_dim as f64).powf(-0.5))?;
         let scores = q.contiguous()?.matmul(&k.t()?)?.broadcast_add(bias)?;
@@ -236,7 +238,7 @@ impl LlamaAttention {
             s,
             self.num_heads * self.head_dim,
         ))?;
-        Ok((self.o_proj.forward(&out)?, kept))
+        Ok((self.o_proj.forward_t(&out, rng)?, kept))
     }
 }
 
@@ -275,9 +277,12 @@ impl LlamaMlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.activation.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let gate = self
+            .activation
+            .forward(&self.gate_proj.forward_t(x, rng)?)?;
+        self.down_proj
+            .forward_t(&(gate * self.up_proj.forward_t(x, rng)?)?, rng)
     }
 }
 
@@ -322,7 +327,7 @@ impl LlamaBlock {
         let x = (x + attended)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, rng)?;
         Ok(((x + mlp)?, probs))
     }
 }

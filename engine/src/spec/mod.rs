@@ -17,7 +17,7 @@ mod validate;
 
 pub use check::{Checker, MAX_BATCH_SIZE, MAX_EPOCHS};
 pub use estimate::{Estimate, Workload};
-pub use model_state::{ModelState, Precondition};
+pub use model_state::{LinearModule, ModelState, Precondition};
 pub use registry::{Registry, StageDescriptor};
 pub use stage::{StageKind, StageSpec};
 

@@ -2,7 +2,23 @@
 //! stage by stage at submission time, so a pipeline whose order cannot work is refused before any
 //! training (replacing global ordering rules such as "nothing after quantize").
 
+use serde::{Deserialize, Serialize};
+
 use super::TaskType;
+
+/// A linear module of the registered model, as the service records it when the model is uploaded
+/// (model metadata `linear_modules`), so LoRA settings that cannot fit are refused at submission.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinearModule {
+    /// The module path (`encoder.layer.0.attention.self.query`), as stages name it.
+    pub path: String,
+    /// Rows of its weight.
+    pub out_features: usize,
+    /// Columns of its weight.
+    pub in_features: usize,
+    /// Whether LoRA adapts it when `target_modules` is left out (attention and FFN projections).
+    pub default_lora_target: bool,
+}
 
 /// The model as it enters a stage, as far as the spec (and, at submission, the registered model)
 /// tells.
@@ -20,6 +36,9 @@ pub struct ModelState {
     /// The number of transformer layers, when known (from the registered model's config at
     /// submission; stages that change it, such as `distill`, update it).
     pub layers: Option<usize>,
+    /// The linear modules and their shapes, when known (the registered model's, at submission);
+    /// dropped after the first stage that is not a `finetune`, since it may change them.
+    pub linear_modules: Option<Vec<LinearModule>>,
 }
 
 /// A precondition the incoming model fails.
@@ -43,6 +62,7 @@ impl ModelState {
             quantized_at: None,
             pruned: false,
             layers: None,
+            linear_modules: None,
         }
     }
 

@@ -6,7 +6,7 @@
 
 use super::{
     Acceptance, Checker, FinetuneMethod, FinetuneSpec, JobSpec, Metric, ModelState, OutputFormat,
-    StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
+    StageKind, StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
 };
 
 const MAX_NAME_CHARS: usize = 128;
@@ -112,6 +112,10 @@ fn check_pipeline(c: &mut Checker, pipeline: &[StageSpec], input: &ModelState) {
             );
         }
         stage.transform(&mut model, i);
+        // A LoRA fine-tune merges into the same shapes; any other stage may change them.
+        if stage_type != FinetuneSpec::TYPE {
+            model.linear_modules = None;
+        }
         if !stage.implemented() {
             c.fail(
                 format!("{at}/type"),

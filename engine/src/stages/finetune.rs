@@ -31,6 +31,11 @@ pub struct FinetuneSpec {
     #[serde(default = "default_lora_alpha")]
     #[schemars(range(min = 1, max = MAX_LORA_ALPHA))]
     pub alpha: u32,
+    /// LoRA: the probability of dropping an element of an adapter's input in training (PEFT's
+    /// `lora_dropout`); the base and evaluation see the whole input.
+    #[serde(default)]
+    #[schemars(extend("minimum" = 0, "exclusiveMaximum" = 1))]
+    pub dropout: f64,
     /// LoRA: globs over module paths (`encoder.layer.*.attention.self.query`) that get adapters;
     /// `null` means the family's attention (query, key, value, output) and FFN projections.
     #[serde(default)]
@@ -196,6 +201,15 @@ impl FinetuneSpec {
     fn check_lora(&self, c: &mut Checker, at: &str) {
         c.range_u32(self.rank, 1, MAX_LORA_RANK, &format!("{at}/rank"));
         c.range_u32(self.alpha, 1, MAX_LORA_ALPHA, &format!("{at}/alpha"));
+        c.unit_interval(self.dropout, &format!("{at}/dropout"), true);
+        c.check(
+            self.method == FinetuneMethod::Lora || self.dropout == 0.0,
+            &format!("{at}/dropout"),
+            || {
+                "applies to `method: \"lora\"` only (the model's own dropout is in its config)"
+                    .into()
+            },
+        );
         let fields = [
             ("target_modules", &self.target_modules),
             ("modules_to_save", &self.modules_to_save),
@@ -281,7 +295,23 @@ impl StageKind for FinetuneSpec {
     }
 
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)
+        if let (Some(at), Some(scheme)) = (model.quantized_at, self.base_quantization) {
+            return Err(Precondition {
+                name: "full-precision base",
+                field: Some("base_quantization"),
+                message: format!(
+                    "the model is already quantized by the `quantize` at /pipeline/{at}; QLoRA \
+                     quantizes the full-precision base with {} itself: remove that stage or move \
+                     it after this one",
+                    scheme.name()
+                ),
+            });
+        }
+        model.require_full_precision(Self::TYPE)?;
+        match (&model.linear_modules, self.method) {
+            (Some(modules), FinetuneMethod::Lora) => super::lora::check_fit(self, modules),
+            _ => Ok(()),
+        }
     }
 
     fn fits_task(&self) -> bool {
@@ -389,6 +419,7 @@ impl FinetuneStage {
         let lora = (spec.method == FinetuneMethod::Lora).then(|| LoraSettings {
             rank: spec.rank,
             alpha: spec.alpha,
+            dropout: spec.dropout,
             target_modules: spec.target_modules.clone(),
             modules_to_save: spec.modules_to_save.clone(),
             base_quantization: spec.base_quantization.map(|s| s.name()),
@@ -433,7 +464,17 @@ impl Stage for FinetuneStage {
                 "finetune: freeze glob {glob:?} matches no parameter"
             ));
         }
-        let report = serde_json::json!({ "settings": self.settings, "training": summary });
+        // The same footprint fields a LoRA fine-tune reports, so the two compare side by side.
+        let total_parameters = model.store.parameter_count();
+        let report = serde_json::json!({
+            "method": "full",
+            "trainable_parameters": summary.trainable_parameters,
+            "total_parameters": total_parameters,
+            "trainable_share":
+                summary.trainable_parameters as f64 / total_parameters.max(1) as f64,
+            "settings": self.settings,
+            "training": summary,
+        });
         Ok(report)
     }
 }

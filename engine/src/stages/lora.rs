@@ -7,6 +7,8 @@
 //! model are a plain dense model, and keeps the adapter beside the model
 //! ([`WorkingModel::adapter`]) for the `adapter` output (PEFT's layout, [`crate::export::peft`]).
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 use serde_json::json;
 
@@ -18,6 +20,7 @@ use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::compile_glob;
 use crate::quant::{quantize, QuantScheme, Quantized};
+use crate::spec::{FinetuneSpec, LinearModule, Precondition};
 
 /// The roles that get adapters when the spec names no `target_modules`: attention and FFN
 /// projections (PEFT's usual choice for encoders and decoders alike).
@@ -32,12 +35,14 @@ const DEFAULT_TARGET_ROLES: &[ModuleRole] = &[
 ];
 
 /// What a LoRA fine-tune adapts.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoraSettings {
     /// The adapters' rank.
     pub rank: u32,
     /// The update's scale numerator.
     pub alpha: u32,
+    /// The probability of dropping an element of an adapter's input in training.
+    pub dropout: f64,
     /// Module-path globs that get adapters (`None`: [`DEFAULT_TARGET_ROLES`]).
     pub target_modules: Option<Vec<String>>,
     /// Module-path globs trained in full and saved with the adapter (`None`: the task head).
@@ -64,6 +69,8 @@ pub struct LoraAdapter {
     pub rank: u32,
     /// The update's scale numerator.
     pub alpha: u32,
+    /// The adapter input's dropout it was trained with.
+    pub dropout: f64,
     /// Adapted module paths (the engine's names).
     pub target_modules: Vec<String>,
     /// Module paths trained in full (the engine's names).
@@ -143,6 +150,85 @@ impl LoraSettings {
     }
 }
 
+/// The linear modules of a checkpoint (its config and tensor shapes by name), as LoRA picks from
+/// them: what the service records when a model is registered, so [`check_fit`] can refuse LoRA
+/// settings that cannot fit at submission.
+///
+/// # Errors
+/// A config no family loads.
+pub fn linear_modules(
+    config: &serde_json::Value,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<Vec<LinearModule>> {
+    let names: Vec<String> = shapes.keys().cloned().collect();
+    let map = crate::family::family_of(config)?.modules(config, &names)?;
+    let linear = map.iter().filter(|m| m.role.is_linear());
+    Ok(linear
+        .filter_map(|m| {
+            let [out_features, in_features] = shapes.get(&format!("{}.weight", m.path))?[..] else {
+                return None;
+            };
+            Some(LinearModule {
+                path: m.path.clone(),
+                out_features,
+                in_features,
+                default_lora_target: DEFAULT_TARGET_ROLES.contains(&m.role),
+            })
+        })
+        .collect())
+}
+
+/// Whether a LoRA `spec` fits the linear `modules` of the model it receives (as
+/// [`LoraSettings::resolve`] checks at run time): its `target_modules` match a module, and its
+/// `rank` is at most the smaller side of every targeted weight.
+///
+/// # Errors
+/// The failed precondition, at `target_modules` or `rank`.
+pub fn check_fit(
+    spec: &FinetuneSpec,
+    modules: &[LinearModule],
+) -> std::result::Result<(), Precondition> {
+    let targeted: Vec<&LinearModule> = match &spec.target_modules {
+        None => modules.iter().filter(|m| m.default_lora_target).collect(),
+        Some(globs) => {
+            // Invalid globs are reported by the field checks.
+            let matchers: Vec<_> = globs.iter().filter_map(|g| compile_glob(g).ok()).collect();
+            modules
+                .iter()
+                .filter(|m| matchers.iter().any(|g| g.is_match(&m.path)))
+                .collect()
+        }
+    };
+    if targeted.is_empty() {
+        let examples: Vec<&str> = modules.iter().take(3).map(|m| m.path.as_str()).collect();
+        return Err(Precondition {
+            name: "LoRA targets",
+            field: Some("target_modules"),
+            message: format!(
+                "{:?} match no linear module of the model (its modules are named like {examples:?})",
+                spec.target_modules.as_deref().unwrap_or_default()
+            ),
+        });
+    }
+    let narrowest = targeted
+        .iter()
+        .min_by_key(|m| m.out_features.min(m.in_features));
+    if let Some(m) = narrowest {
+        let side = m.out_features.min(m.in_features);
+        if spec.rank as usize > side {
+            return Err(Precondition {
+                name: "LoRA rank",
+                field: Some("rank"),
+                message: format!(
+                    "rank {} is larger than the smaller side of {}.weight ({}×{}); use at most {side}",
+                    spec.rank, m.path, m.out_features, m.in_features
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs a LoRA fine-tune on `model`: adapters on, base frozen, training, merge. Returns the stage
 /// report.
 ///
@@ -184,7 +270,9 @@ pub(super) fn run(
         .map(|(_, v)| v.elem_count())
         .sum();
     let total_parameters = model.store.parameter_count();
+    model.set_lora_dropout(lora.dropout);
     let outcome = trainer.train(model, settings, ctx);
+    model.set_lora_dropout(0.0);
     let adapter = merge_adapters(model, lora, &targets, base);
     // The merged model is a plain model again: every weight trainable for later stages.
     model.store.set_trainable(|_| true, true)?;
@@ -195,6 +283,7 @@ pub(super) fn run(
         "method": "lora",
         "rank": lora.rank,
         "alpha": lora.alpha,
+        "dropout": lora.dropout,
         "target_modules": targets.adapted,
         "modules_to_save": targets.saved,
         "trainable_parameters": trainable_parameters,
@@ -309,6 +398,7 @@ fn merge_adapters(
     let adapter = LoraAdapter {
         rank: lora.rank,
         alpha: lora.alpha,
+        dropout: lora.dropout,
         target_modules: targets.adapted.clone(),
         modules_to_save: targets.saved.clone(),
         tensors,

@@ -124,6 +124,16 @@ pub struct TrainRequest<'a> {
 pub struct TrainSummary {
     /// Optimizer steps taken.
     pub steps: u64,
+    /// Elements of the variables the optimizer trained (after `freeze`).
+    pub trainable_parameters: usize,
+    /// Bytes of the state training keeps per trainable element: AdamW's two moments and the
+    /// gradient, in the trainable tensors' dtype (computed, not measured).
+    pub optimizer_and_gradient_bytes: usize,
+    /// Wall time of the training run over its optimizer steps (in-training evaluations included).
+    pub mean_step_seconds: f64,
+    /// The process's peak resident memory at the end of the run, since the stage began (bytes;
+    /// 0 where the platform does not say).
+    pub peak_rss_bytes: u64,
     /// Training loss of the last logged step.
     pub final_loss: Option<f64>,
     /// Whether early stopping ended the run.

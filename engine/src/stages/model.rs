@@ -57,6 +57,9 @@ pub struct WorkingModel {
     /// The LoRA adapter the last stage trained and merged into these weights, if it was a LoRA
     /// fine-tune (any other stage changes the base, and the pipeline drops it).
     adapter: Option<LoraAdapter>,
+    /// The dropout LoRA layers apply to their adapter's input in training, while a LoRA stage
+    /// trains (0 otherwise).
+    lora_dropout: f64,
 }
 
 impl WorkingModel {
@@ -71,6 +74,7 @@ impl WorkingModel {
             adapter: None,
             recorder: None,
             vocabulary: None,
+            lora_dropout: 0.0,
         }
     }
 
@@ -97,6 +101,7 @@ impl WorkingModel {
             recorder: None,
             vocabulary: self.vocabulary.clone(),
             adapter: self.adapter.clone(),
+            lora_dropout: self.lora_dropout,
         })
     }
 
@@ -160,6 +165,11 @@ impl WorkingModel {
         self.adapter = adapter;
     }
 
+    /// The dropout LoRA layers built from now on apply to their adapter's input in training.
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        self.lora_dropout = p;
+    }
+
     /// The quantized weights, if quantized.
     pub fn quantized(&self) -> Option<&QuantizedState> {
         self.quantized.as_ref()
@@ -168,7 +178,8 @@ impl WorkingModel {
     /// The factory models are built with: the linear plan, and the packed weights quantized layers
     /// run on.
     pub fn linear_factory(&self) -> LinearFactory {
-        let mut factory = LinearFactory::new(self.plan.clone());
+        let mut factory =
+            LinearFactory::new(self.plan.clone()).with_lora_dropout(self.lora_dropout);
         if let Some(state) = &self.quantized {
             factory = factory.with_packed(state.weights.clone());
         }

@@ -88,6 +88,7 @@ pub(super) fn save_adapter(model: &WorkingModel, dir: &Path, task: TaskType) -> 
     let export = LoraExport {
         rank: adapter.rank,
         alpha: adapter.alpha,
+        dropout: adapter.dropout,
         target_modules: &adapter.target_modules,
         modules_to_save: &adapter.modules_to_save,
         tensors: &adapter.tensors,

@@ -53,7 +53,16 @@ impl Trainer for Session {
             .collect();
         let is_frozen = |name: &str| freeze.iter().any(|m| m.is_match(name));
         model.store.set_trainable(is_frozen, false)?;
+        let trained = model.store.trainable_vars();
+        let trainable_parameters = trained.iter().map(|(_, v)| v.elem_count()).sum();
+        // AdamW keeps two moments per element, and backward one gradient.
+        let optimizer_and_gradient_bytes = trained
+            .iter()
+            .map(|(_, v)| 3 * v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
+        let started = std::time::Instant::now();
         let outcome = self.train_unfrozen(model, settings, request, ctx);
+        let seconds = started.elapsed().as_secs_f64();
         // Frozen weights become variables again so a later stage can train them.
         model.store.set_trainable(is_frozen, true)?;
         let run = outcome?;
@@ -62,6 +71,10 @@ impl Trainer for Session {
         }
         Ok(TrainSummary {
             steps: run.steps,
+            trainable_parameters,
+            optimizer_and_gradient_bytes,
+            mean_step_seconds: seconds / run.steps.max(1) as f64,
+            peak_rss_bytes: crate::report::peak_memory_bytes(),
             final_loss: run.final_loss,
             stopped_early: run.stop == StopReason::EarlyStopped,
             unmatched_freeze_globs,

@@ -15,7 +15,7 @@ use compressd_engine::loading::read_hf_folder;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
 use compressd_engine::params::ParamStore;
 use compressd_engine::pipeline::{PipelineInputs, PipelineResult, Workbench};
-use compressd_engine::spec::JobSpec;
+use compressd_engine::spec::{JobSpec, LinearModule, ModelState};
 use compressd_engine::stages::{run_job, Session, WorkingModel};
 use serde_json::{json, Value};
 
@@ -170,7 +170,7 @@ fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn lora_job_trains_adapters_saves_the_merged_model_and_a_peft_adapter() -> Result<()> {
-    let job = tiny_lora_classifier_job(json!({}))?;
+    let job = tiny_lora_classifier_job(json!({"dropout": 0.05}))?;
     let report = job.stage_report();
     // Two layers × (q, k, v, o, intermediate, output): 12 adapted modules; the classifier is saved.
     let targets = report["target_modules"].as_array().map_or(0, Vec::len);
@@ -191,6 +191,16 @@ fn lora_job_trains_adapters_saves_the_merged_model_and_a_peft_adapter() -> Resul
     );
     let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
     assert!(accuracy >= 0.8, "LoRA accuracy {accuracy}");
+    // The footprint: AdamW's two moments and a gradient per trainable f32 element.
+    let training = &report["training"];
+    assert_eq!(training["trainable_parameters"], json!(expected));
+    assert_eq!(
+        training["optimizer_and_gradient_bytes"],
+        json!(expected * 12)
+    );
+    assert!(training["mean_step_seconds"].as_f64().unwrap_or(0.0) > 0.0);
+    let markdown = job.result.report.to_markdown();
+    assert!(markdown.contains("### Training footprint"), "{markdown}");
 
     // The adapter in PEFT's layout: LoRA pairs and the classifier, no base weights.
     let config: Value = serde_json::from_str(&std::fs::read_to_string(
@@ -203,6 +213,8 @@ fn lora_job_trains_adapters_saves_the_merged_model_and_a_peft_adapter() -> Resul
         (json!(4), json!(8))
     );
     assert_eq!(config["modules_to_save"], json!(["classifier"]));
+    assert_eq!(config["lora_dropout"], json!(0.05));
+    assert_eq!(report["dropout"], json!(0.05));
     let config_targets = config["target_modules"]
         .as_array()
         .cloned()
@@ -243,6 +255,41 @@ fn lora_job_trains_adapters_saves_the_merged_model_and_a_peft_adapter() -> Resul
             assert!(same, "{name} is frozen in LoRA and must not change");
         }
     }
+    Ok(())
+}
+
+/// Full fine-tuning reports the same footprint fields as LoRA, so the two compare: every weight
+/// trainable, and its optimizer and gradient state far larger than the adapters'.
+#[test]
+fn full_finetuning_reports_the_footprint_lora_is_compared_with() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-full", "model": model,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [{"type": "finetune", "epochs": 1, "learning_rate": 0.001}]
+    });
+    let full = LoraJob::run(spec, model, dataset, dir)?;
+    let report = full.stage_report();
+    assert_eq!(report["method"], "full");
+    let trainable = report["trainable_parameters"].as_u64().unwrap_or(0);
+    assert_eq!(report["total_parameters"].as_u64(), Some(trainable));
+    assert_eq!(report["trainable_share"], json!(1.0));
+    let full_bytes = report["training"]["optimizer_and_gradient_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(full_bytes, trainable * 12);
+    let lora = tiny_lora_classifier_job(json!({"epochs": 1}))?;
+    let lora_bytes = lora.stage_report()["training"]["optimizer_and_gradient_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        lora_bytes * 3 < full_bytes,
+        "LoRA {lora_bytes} vs full {full_bytes}"
+    );
     Ok(())
 }
 
@@ -350,6 +397,119 @@ fn lora_settings_are_checked_at_submission() {
     assert_eq!(pointers(&longer), ["/outputs/1"]);
     let not_lora = spec(json!({"type": "finetune"}), json!(["adapter"]));
     assert_eq!(pointers(&not_lora), ["/outputs/0"]);
+}
+
+/// What the service records when a model is registered: every linear module with its shape, the
+/// attention and FFN projections marked as LoRA's default targets.
+#[test]
+fn linear_modules_of_a_checkpoint_list_shapes_and_default_targets() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    crate::tiny_task::write_model(dir.path())?;
+    let checkpoint = read_hf_folder(dir.path(), DType::F32, &Device::Cpu)?;
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> = checkpoint
+        .tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let modules = compressd_engine::stages::lora::linear_modules(&checkpoint.config, &shapes)?;
+    let find = |path: &str| modules.iter().find(|m| m.path == path);
+    let query = find("encoder.layer.0.attention.self.query").expect("query");
+    assert_eq!((query.out_features, query.in_features), (32, 32));
+    assert!(query.default_lora_target);
+    let up = find("encoder.layer.1.intermediate.dense").expect("intermediate");
+    assert_eq!((up.out_features, up.in_features), (64, 32));
+    // 2 layers × 6 projections are default targets; nothing else is.
+    let targets = modules.iter().filter(|m| m.default_lora_target).count();
+    assert_eq!(targets, 12, "{modules:?}");
+    Ok(())
+}
+
+/// With the registered model's linear modules known (as the service records them), LoRA settings
+/// that cannot fit are refused at submission at their field, as is QLoRA on a quantized model.
+#[test]
+fn lora_settings_that_cannot_fit_the_registered_model_are_refused_at_submission() {
+    let modules: Vec<LinearModule> = [
+        ("encoder.layer.0.attention.self.query", 32, 32, true),
+        ("encoder.layer.0.intermediate.dense", 64, 32, true),
+        ("encoder.layer.0.output.dense", 32, 64, true),
+        ("pooler.dense", 32, 32, false),
+    ]
+    .into_iter()
+    .map(
+        |(path, out_features, in_features, default_lora_target)| LinearModule {
+            path: path.into(),
+            out_features,
+            in_features,
+            default_lora_target,
+        },
+    )
+    .collect();
+    let pointers = |pipeline: Value| -> Vec<String> {
+        let mut spec: JobSpec = serde_json::from_value(json!({
+            "name": "x", "model": "m", "task": {"type": "text_classification", "dataset": "d"},
+            "pipeline": pipeline
+        }))
+        .unwrap();
+        spec.fill_defaults();
+        let input = ModelState {
+            linear_modules: Some(modules.clone()),
+            ..ModelState::input(spec.task.task_type)
+        };
+        spec.validate_from(&input)
+            .into_iter()
+            .map(|v| v.pointer)
+            .collect()
+    };
+    let lora = |extra: Value| {
+        let mut stage = json!({"type": "finetune", "method": "lora"});
+        if let (Value::Object(s), Value::Object(e)) = (&mut stage, extra) {
+            s.extend(e);
+        }
+        stage
+    };
+    assert!(pointers(json!([lora(json!({"rank": 32}))])).is_empty());
+    // 33 exceeds every 32-wide side; the pooler is not a default target but a named one counts.
+    assert_eq!(
+        pointers(json!([lora(json!({"rank": 33}))])),
+        ["/pipeline/0/rank"]
+    );
+    assert_eq!(
+        pointers(json!([lora(
+            json!({"rank": 40, "target_modules": ["*.intermediate.dense"]})
+        )])),
+        ["/pipeline/0/rank"]
+    );
+    assert_eq!(
+        pointers(json!([lora(
+            json!({"target_modules": ["decoder.*.q_proj"]})
+        )])),
+        ["/pipeline/0/target_modules"]
+    );
+    // A second LoRA fine-tune sees the same shapes; after a prune they are left to the engine.
+    assert_eq!(
+        pointers(json!([lora(json!({})), lora(json!({"rank": 64}))])),
+        ["/pipeline/1/rank"]
+    );
+    assert!(
+        pointers(json!([{"type": "prune", "sparsity": 0.3}, lora(json!({"rank": 64}))])).is_empty()
+    );
+    // QLoRA quantizes the full-precision base itself: not a model an earlier stage quantized.
+    assert_eq!(
+        pointers(json!([
+            {"type": "quantize", "scheme": "int8"},
+            lora(json!({"base_quantization": "int4"}))
+        ])),
+        ["/pipeline/1/base_quantization"]
+    );
+    // Dropout is a probability, and LoRA's only.
+    assert_eq!(
+        pointers(json!([lora(json!({"dropout": 1.0}))])),
+        ["/pipeline/0/dropout"]
+    );
+    assert_eq!(
+        pointers(json!([{"type": "finetune", "dropout": 0.1}])),
+        ["/pipeline/0/dropout"]
+    );
 }
 
 #[test]

@@ -58,6 +58,11 @@ pub async fn create_job(
             .and_then(serde_json::Value::as_u64)
             .map(|l| l as usize),
         family: Some(model.architecture),
+        // Recorded at registration (models registered before that leave LoRA's fit to the engine).
+        linear_modules: model
+            .metadata
+            .get("linear_modules")
+            .and_then(|m| serde_json::from_value(m.clone()).ok()),
         ..ModelState::input(spec.task.task_type)
     };
     let violations = spec.validate_from(&input);

@@ -176,9 +176,10 @@ impl BertSelfAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         // Scaling q before the product touches seq·head_dim values instead of seq².
-        let q = (self.split_heads(&self.query.forward(x)?)? * (self.head_dim as f64).powf(-0.5))?;
-        let k = self.split_heads(&self.key.forward(x)?)?;
-        let v = self.split_heads(&self.value.forward(x)?)?;
+        let q = (self.split_heads(&self.query.forward_t(x, rng)?)?
+            * (self.head_dim as f64).powf(-0.5))?;
+        let k = self.split_heads(&self.key.forward_t(x, rng)?)?;
+        let v = self.split_heads(&self.value.forward_t(x, rng)?)?;
         let scores = q.matmul(&k.t()?)?;
         let scores = match bias {
             Some(bias) => scores.broadcast_add(bias)?,
@@ -222,7 +223,7 @@ impl BertResidualOutput {
     }
 
     fn forward(&self, x: &Tensor, residual: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
-        let projected = dropout(&self.dense.forward(x)?, self.dropout, rng)?;
+        let projected = dropout(&self.dense.forward_t(x, rng)?, self.dropout, rng)?;
         self.layer_norm.forward(&(projected + residual)?)
     }
 }
@@ -271,7 +272,9 @@ impl BertLayer {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (attended, probs) = self.attention.forward(x, bias, rng, keep_probs)?;
         let x = self.attention_output.forward(&attended, x, rng)?;
-        let inner = self.activation.forward(&self.intermediate.forward(&x)?)?;
+        let inner = self
+            .activation
+            .forward(&self.intermediate.forward_t(&x, rng)?)?;
         Ok((self.output.forward(&inner, &x, rng)?, probs))
     }
 }
