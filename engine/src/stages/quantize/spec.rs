@@ -15,6 +15,11 @@ const INT4_GROUP_SIZES: &[u32] = &[32, 64, 128];
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSpec {
+    /// How activations are treated: `ptq` (default) quantizes the weights; `dynamic` quantizes the
+    /// weights of the linear layers to int8 per output channel and their inputs to int8 per token
+    /// at run time, on the int8 × int8 kernel (`scheme` must be `int8`).
+    #[serde(default)]
+    pub method: QuantizeMethod,
     /// Number format of the quantized weights.
     pub scheme: QuantScheme,
     /// Weights per scale for group-wise schemes (`int4`: 32, 64 or 128); `null` means the
@@ -29,6 +34,20 @@ pub struct QuantizeSpec {
     /// Quantization-aware training after quantizing; `null` means post-training quantization only.
     #[serde(default)]
     pub qat: Option<Recover>,
+}
+
+/// How a quantize stage treats activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum QuantizeMethod {
+    /// Post-training quantization of the weights (every weight the scheme takes, embeddings
+    /// included).
+    #[default]
+    #[serde(rename = "ptq")]
+    Ptq,
+    /// int8 weights per output channel on the linear layers, their inputs quantized to int8 per
+    /// token at run time (PyTorch's `quantize_dynamic`).
+    #[serde(rename = "dynamic")]
+    Dynamic,
 }
 
 /// Quantized number formats.
@@ -87,6 +106,17 @@ impl StageKind for QuantizeSpec {
     const TYPE: &'static str = "quantize";
 
     fn check(&self, c: &mut Checker, at: &str) {
+        if self.method == QuantizeMethod::Dynamic {
+            c.check(self.scheme == QuantScheme::Int8, &format!("{at}/scheme"), || {
+                format!(
+                    "method \"dynamic\" quantizes weights and activations to int8: scheme must be \"int8\", got \"{}\"",
+                    self.scheme.name()
+                )
+            });
+            c.check(self.qat.is_none(), &format!("{at}/qat"), || {
+                "method \"dynamic\" is post-training: it takes no `qat`".to_string()
+            });
+        }
         if let Some(group) = self.group_size {
             let pointer = format!("{at}/group_size");
             if self.scheme == QuantScheme::Int4 {
