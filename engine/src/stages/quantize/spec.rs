@@ -15,9 +15,8 @@ const INT4_GROUP_SIZES: &[u32] = &[32, 64, 128];
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSpec {
-    /// How activations are treated: `ptq` (default) quantizes the weights; `dynamic` quantizes the
-    /// weights of the linear layers to int8 per output channel and their inputs to int8 per token
-    /// at run time, on the int8 × int8 kernel (`scheme` must be `int8`).
+    /// How activations are treated: `ptq` quantizes the weights only; `dynamic` quantizes the linear
+    /// layers' weights to int8 and their inputs to int8 per token at run time (`scheme`: `int8`).
     #[serde(default)]
     pub method: QuantizeMethod,
     /// Number format of the quantized weights.
@@ -39,13 +38,11 @@ pub struct QuantizeSpec {
 /// How a quantize stage treats activations.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum QuantizeMethod {
-    /// Post-training quantization of the weights (every weight the scheme takes, embeddings
-    /// included).
+    /// Post-training quantization of the weights, embeddings included.
     #[default]
     #[serde(rename = "ptq")]
     Ptq,
-    /// int8 weights per output channel on the linear layers, their inputs quantized to int8 per
-    /// token at run time (PyTorch's `quantize_dynamic`).
+    /// int8 linear weights per channel, inputs quantized to int8 per token at run time.
     #[serde(rename = "dynamic")]
     Dynamic,
 }
