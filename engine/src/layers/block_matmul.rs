@@ -77,7 +77,7 @@ impl PackedBlocks {
         in_features: usize,
     ) -> Option<Self> {
         let size = block_bytes(dtype)?;
-        if in_features == 0 || in_features % BLOCK != 0 {
+        if in_features == 0 || !in_features.is_multiple_of(BLOCK) {
             return None;
         }
         let blocks = out_features * in_features / BLOCK;

@@ -81,7 +81,7 @@ pub(crate) fn block_product(
 ) {
     assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
     let count = row_scales.len();
-    assert!(count <= ROWS && w.k_pad % GROUP == 0);
+    assert!(count <= ROWS && w.k_pad.is_multiple_of(GROUP));
     assert!(x.len() >= count * w.k_pad && out.len() >= count * w.n);
     assert!(w.packed.len() >= panels.end * w.k_pad * PANEL);
     assert!(w.offsets.len() >= panels.end * PANEL && w.scales.len() >= panels.end * PANEL);

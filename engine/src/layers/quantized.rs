@@ -195,7 +195,7 @@ fn candle_kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatM
 fn kernel_accepts(dtype: GgmlDType, cols: usize) -> bool {
     let block = dtype.block_size();
     let pairs = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
-    cols % block == 0 && (!pairs || (cols / block) % 2 == 0)
+    cols.is_multiple_of(block) && (!pairs || (cols / block).is_multiple_of(2))
 }
 
 impl LinearLayer for QuantizedLinear {
