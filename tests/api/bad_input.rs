@@ -191,6 +191,26 @@ async fn preconditions_on_the_registered_model_and_the_order_are_422_at_submissi
     assert!(detail.contains("/pipeline/0"), "{detail}");
 }
 
+/// `method: "dynamic"` quantizes to int8 only and takes no QAT: 422 at the field.
+#[tokio::test]
+async fn dynamic_quantization_with_another_scheme_or_qat_is_422() {
+    let (api, _dir) = TestApi::sqlite().await;
+    assert_invalid_at(&api, "/pipeline/0/scheme", |s| {
+        s["pipeline"] = json!([{"type": "quantize", "method": "dynamic", "scheme": "q4_k"}])
+    })
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/qat", |s| {
+        s["pipeline"] = json!([
+            {"type": "quantize", "method": "dynamic", "scheme": "int8", "qat": {"epochs": 1}}
+        ])
+    })
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/method", |s| {
+        s["pipeline"] = json!([{"type": "quantize", "method": "fastest", "scheme": "int8"}])
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn structured_prune_after_quantization_and_structured_only_options_are_422() {
     let (api, _dir) = TestApi::sqlite().await;

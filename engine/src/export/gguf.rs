@@ -134,7 +134,7 @@ fn permute_packed_rows(packed: &QTensor, heads: usize) -> Result<QTensor> {
 }
 
 fn quantize(tensor: &Tensor, dtype: GgmlDType) -> Result<QTensor> {
-    let fits = tensor.rank() == 2 && tensor.dims()[1] % dtype.block_size() == 0;
+    let fits = tensor.rank() == 2 && tensor.dims()[1].is_multiple_of(dtype.block_size());
     let dtype = if fits { dtype } else { GgmlDType::F32 };
     Ok(QTensor::quantize(tensor, dtype)?)
 }

@@ -56,7 +56,7 @@ fn config(value: &Value) -> Result<BertConfig> {
         ("intermediate_size", cfg.intermediate_size),
         ("max_position_embeddings", cfg.max_position_embeddings),
     ])?;
-    if cfg.hidden_size % cfg.num_attention_heads != 0 {
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
         return Err(EngineError::InvalidModel(format!(
             "config.json: hidden_size {} is not a multiple of num_attention_heads {}",
             cfg.hidden_size, cfg.num_attention_heads

@@ -77,7 +77,7 @@ impl PackedBlocks {
         in_features: usize,
     ) -> Option<Self> {
         let size = block_bytes(dtype)?;
-        if in_features == 0 || in_features % BLOCK != 0 {
+        if in_features == 0 || !in_features.is_multiple_of(BLOCK) {
             return None;
         }
         let blocks = out_features * in_features / BLOCK;
@@ -209,7 +209,8 @@ fn scaled_dot(
     activation_scales: &[f32],
 ) -> f32 {
     match kernel {
-        Int8Kernel::Avx2 => {
+        // Any CPU with VNNI has AVX2; the block product has no VNNI version.
+        Int8Kernel::Avx2 | Int8Kernel::Avx512Vnni => {
             super::block_avx2::scaled_dot(weights, scales, values, activation_scales)
         }
         Int8Kernel::Scalar => scalar_scaled_dot(weights, scales, values, activation_scales),

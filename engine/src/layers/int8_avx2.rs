@@ -38,7 +38,7 @@ pub(crate) fn panel_sums(
     acc: &mut [[i32; PANEL]; ROWS],
 ) {
     assert!(available(), "the AVX2 kernel needs AVX2");
-    assert!(count <= ROWS && k_pad % 2 == 0);
+    assert!(count <= ROWS && k_pad.is_multiple_of(2));
     assert!(rows.len() >= count * k_pad && panel.len() >= k_pad * PANEL);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX2 is present (checked above), and the slice lengths checked above bound every

@@ -17,46 +17,71 @@
 
 use rayon::prelude::*;
 
+use super::int8_vnni;
 use crate::quant::Int8Weight;
 
-/// Output channels per packed panel (two AVX2 registers of 8 i32 lanes).
+/// Output channels per packed panel of the AVX2 and scalar kernels (two AVX2 registers of 8 i32
+/// lanes).
 pub(crate) const PANEL: usize = 16;
-/// Rows of `x` one kernel call handles: 6 rows × 2 registers = 12 accumulators, which with two
+/// Rows of `x` one AVX2 kernel call handles: 6 rows × 2 registers = 12 accumulators, which with two
 /// weight registers and one broadcast fits AVX2's 16 registers.
 pub(crate) const ROWS: usize = 6;
 
-/// An int8 weight packed for [`matmul`].
+/// An int8 weight packed for [`matmul`] with one kernel's layout.
 #[derive(Clone, Debug)]
 pub struct PackedInt8 {
-    /// `panels × (k_pad / 2) × PANEL × 2` values, see the module documentation.
+    /// The kernel the layout is for.
+    kernel: Int8Kernel,
+    /// AVX2/scalar: `panels × (k_pad / 2) × PANEL × 2` values; VNNI: `panels × (k_pad / 4) ×
+    /// 32 × 4` (see [`int8_vnni`]).
     packed: Vec<i8>,
-    /// One scale per output channel (`out_features` of them).
+    /// One scale per output channel, padded with zeros to whole panels.
     scales: Vec<f32>,
+    /// VNNI only: `128 · Σₖ w[n, k]` per output channel (the unsigned activations' offset), padded.
+    offsets: Vec<i32>,
     out_features: usize,
     in_features: usize,
-    /// `in_features` rounded up to even.
+    /// `in_features` rounded up to the kernel's group of input columns (2, or 4 for VNNI).
     k_pad: usize,
 }
 
 impl PackedInt8 {
-    /// Packs a 2-D int8 weight `(out_features, in_features)`; `None` when it is not 2-D.
+    /// Packs a 2-D int8 weight `(out_features, in_features)` for the fastest kernel of this CPU;
+    /// `None` when it is not 2-D.
     pub fn pack(weight: &Int8Weight) -> Option<Self> {
+        Self::pack_for(weight, Int8Kernel::detect())
+    }
+
+    /// Packs a 2-D int8 weight for `kernel`; `None` when it is not 2-D.
+    ///
+    /// # Panics
+    /// Later, in [`matmul`], when `kernel` is one this CPU cannot run.
+    pub fn pack_for(weight: &Int8Weight, kernel: Int8Kernel) -> Option<Self> {
         let [out_features, in_features] = weight.dims[..] else {
             return None;
         };
-        let k_pad = in_features.next_multiple_of(2);
-        let panels = out_features.div_ceil(PANEL);
-        let mut packed = vec![0i8; panels * k_pad * PANEL];
+        let (panel_width, group) = kernel.panel_shape();
+        let k_pad = in_features.next_multiple_of(group);
+        let panels = out_features.div_ceil(panel_width);
+        let mut packed = vec![0i8; panels * k_pad * panel_width];
+        let mut offsets = vec![0i32; panels * panel_width];
         for (n, row) in weight.qweight.chunks(in_features.max(1)).enumerate() {
-            let panel = &mut packed[(n / PANEL) * k_pad * PANEL..];
-            let lane = n % PANEL;
+            let panel = &mut packed[(n / panel_width) * k_pad * panel_width..];
+            let lane = n % panel_width;
             for (k, &q) in row.iter().enumerate() {
-                panel[(k / 2) * PANEL * 2 + lane * 2 + k % 2] = q;
+                panel[(k / group) * panel_width * group + lane * group + k % group] = q;
+            }
+            if kernel == Int8Kernel::Avx512Vnni {
+                offsets[n] = 128 * row.iter().map(|&q| i32::from(q)).sum::<i32>();
             }
         }
+        let mut scales: Vec<f32> = weight.scales.iter().map(|s| s.to_f32()).collect();
+        scales.resize(panels * panel_width, 0.0);
         Some(Self {
+            kernel,
             packed,
-            scales: weight.scales.iter().map(|s| s.to_f32()).collect(),
+            scales,
+            offsets,
             out_features,
             in_features,
             k_pad,
@@ -73,30 +98,61 @@ impl PackedInt8 {
         self.out_features
     }
 
+    /// The kernel this weight is packed for.
+    pub fn kernel(&self) -> Int8Kernel {
+        self.kernel
+    }
+
     fn panels(&self) -> usize {
-        self.out_features.div_ceil(PANEL)
+        self.out_features.div_ceil(self.kernel.panel_shape().0)
     }
 
     fn panel(&self, p: usize) -> &[i8] {
         &self.packed[p * self.k_pad * PANEL..(p + 1) * self.k_pad * PANEL]
     }
+
+    fn vnni<'a>(&'a self, bias: Option<&'a [f32]>) -> int8_vnni::Weight<'a> {
+        int8_vnni::Weight {
+            packed: &self.packed,
+            offsets: &self.offsets,
+            scales: &self.scales,
+            bias,
+            n: self.out_features,
+            k_pad: self.k_pad,
+        }
+    }
 }
 
-/// Rows of `x` quantized to i8 values (held as i16, the kernel's multiplier width), one scale each.
+/// Rows of `x` quantized to i8 values per row, one scale each: held as i16 (the AVX2 kernel's
+/// multiplier width) or as `q + 128` unsigned bytes (VNNI's).
 struct QuantizedRows {
-    values: Vec<i16>,
+    values: RowValues,
     scales: Vec<f32>,
     k_pad: usize,
 }
 
+enum RowValues {
+    I16(Vec<i16>),
+    U8(Vec<u8>),
+}
+
 impl QuantizedRows {
-    fn new(x: &[f32], in_features: usize, k_pad: usize) -> Self {
+    fn new(x: &[f32], weight: &PackedInt8) -> Self {
+        let (in_features, k_pad) = (weight.in_features, weight.k_pad);
+        if weight.kernel == Int8Kernel::Avx512Vnni {
+            let (values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad);
+            return Self {
+                values: RowValues::U8(values),
+                scales,
+                k_pad,
+            };
+        }
         let rows = x.len() / in_features.max(1);
         let mut values = vec![0i16; rows * k_pad];
         let mut scales = vec![0f32; rows];
         for ((row, out), scale) in x
             .chunks(in_features.max(1))
-            .zip(values.chunks_mut(k_pad))
+            .zip(values.chunks_mut(k_pad.max(1)))
             .zip(scales.iter_mut())
         {
             let (step, inv) = crate::quant::int8::symmetric_scale(row);
@@ -106,29 +162,41 @@ impl QuantizedRows {
             }
         }
         Self {
-            values,
+            values: RowValues::I16(values),
             scales,
             k_pad,
         }
     }
 
-    fn rows(&self, first: usize, count: usize) -> &[i16] {
-        &self.values[first * self.k_pad..(first + count) * self.k_pad]
+    fn rows(&self) -> usize {
+        self.scales.len()
     }
 }
 
 /// Which integer kernel the CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
-    /// AVX2 `vpmaddwd`, detected at run time.
+    /// AVX-512 VNNI `vpdpbusd` on unsigned-offset activations, detected at run time.
+    Avx512Vnni,
+    /// AVX2 `vpmaddwd` on i16-widened values, detected at run time.
     Avx2,
     /// Plain Rust loops, for CPUs without AVX2.
     Scalar,
 }
 
 impl Int8Kernel {
-    /// The fastest kernel this CPU supports.
+    /// The fastest int8 × int8 kernel this CPU supports.
     pub fn detect() -> Self {
+        if int8_vnni::available() {
+            Self::Avx512Vnni
+        } else {
+            Self::detect_blocks()
+        }
+    }
+
+    /// The kernel the 32-value block product ([`super::block_matmul`]) runs on this CPU: AVX2 or
+    /// scalar (it has no VNNI version).
+    pub fn detect_blocks() -> Self {
         if super::int8_avx2::available() {
             Self::Avx2
         } else {
@@ -136,13 +204,42 @@ impl Int8Kernel {
         }
     }
 
+    /// Every kernel this CPU can run, fastest first (the tests compare them all).
+    pub fn available() -> Vec<Self> {
+        let mut kernels = Vec::new();
+        if int8_vnni::available() {
+            kernels.push(Self::Avx512Vnni);
+        }
+        if super::int8_avx2::available() {
+            kernels.push(Self::Avx2);
+        }
+        kernels.push(Self::Scalar);
+        kernels
+    }
+
+    /// Output channels per packed panel and input columns per packed group.
+    fn panel_shape(self) -> (usize, usize) {
+        match self {
+            Self::Avx512Vnni => (int8_vnni::PANEL, int8_vnni::GROUP),
+            Self::Avx2 | Self::Scalar => (PANEL, 2),
+        }
+    }
+
+    /// Rows of `x` one kernel call handles.
+    fn rows_per_call(self) -> usize {
+        match self {
+            Self::Avx512Vnni => int8_vnni::ROWS,
+            Self::Avx2 | Self::Scalar => ROWS,
+        }
+    }
+
     /// The integer sums of `rows` (up to [`ROWS`] rows of `k_pad` values) against one panel, written
-    /// to `acc` as `[row][channel]`.
+    /// to `acc` as `[row][channel]` (AVX2 and scalar layouts).
     fn panel_sums(self, rows: &[i16], k_pad: usize, panel: &[i8], acc: &mut [[i32; PANEL]; ROWS]) {
         let count = rows.len() / k_pad;
         match self {
             Self::Avx2 => super::int8_avx2::panel_sums(rows, count, k_pad, panel, acc),
-            Self::Scalar => scalar_panel_sums(rows, count, k_pad, panel, acc),
+            Self::Scalar | Self::Avx512Vnni => scalar_panel_sums(rows, count, k_pad, panel, acc),
         }
     }
 }
@@ -166,44 +263,34 @@ fn scalar_panel_sums(
     }
 }
 
-/// `x · Wᵀ (+ bias)` for row-major `x` of `rows × in_features`, giving `rows × out_features`.
+/// `x · Wᵀ (+ bias)` for row-major `x` of `rows × in_features`, giving `rows × out_features`, on
+/// the kernel the weight is packed for.
 ///
+/// Each parallel task quantizes its own rows, so that work is split over the threads too.
 /// The caller checks that `x.len()` is a multiple of `in_features` (the layer does).
-pub fn matmul(
-    x: &[f32],
-    weight: &PackedInt8,
-    bias: Option<&[f32]>,
-    kernel: Int8Kernel,
-) -> Vec<f32> {
-    let n = weight.out_features;
-    let quantized = QuantizedRows::new(x, weight.in_features, weight.k_pad);
-    let rows = quantized.scales.len();
+pub fn matmul(x: &[f32], weight: &PackedInt8, bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, k) = (weight.out_features, weight.in_features.max(1));
+    let rows = x.len() / k;
     let mut y = vec![0f32; rows * n];
     if rows == 0 || n == 0 {
         return y;
     }
     let threads = rayon::current_num_threads();
-    if rows >= ROWS * threads {
+    let block = weight.kernel.rows_per_call();
+    if rows >= block * threads {
         // Enough rows: each task owns whole output rows, so it writes its slice directly.
-        let per_task = rows.div_ceil(threads * 4).next_multiple_of(ROWS);
+        let per_task = rows.div_ceil(threads * 4).next_multiple_of(block);
         y.par_chunks_mut(per_task * n)
-            .enumerate()
-            .for_each(|(t, out)| {
-                let first = t * per_task;
-                row_block(
-                    &quantized,
-                    first,
-                    out.len() / n,
-                    weight,
-                    0..weight.panels(),
-                    bias,
-                    kernel,
-                    out,
-                );
+            .zip(x.par_chunks(per_task * k))
+            .for_each(|(out, x)| {
+                let quantized = QuantizedRows::new(x, weight);
+                row_block(&quantized, weight, 0..weight.panels(), bias, out);
             });
     } else {
         // Few rows (decoding): split the panels instead and gather each task's columns.
+        let quantized = QuantizedRows::new(x, weight);
         let panels = weight.panels();
+        let panel_width = weight.kernel.panel_shape().0;
         let per_task = panels.div_ceil(threads).max(1);
         let parts: Vec<(usize, Vec<f32>)> = (0..panels)
             .step_by(per_task)
@@ -212,21 +299,12 @@ pub fn matmul(
             .map(|start| {
                 let end = (start + per_task).min(panels);
                 let mut part = vec![0f32; rows * n];
-                row_block(
-                    &quantized,
-                    0,
-                    rows,
-                    weight,
-                    start..end,
-                    bias,
-                    kernel,
-                    &mut part,
-                );
+                row_block(&quantized, weight, start..end, bias, &mut part);
                 (start, part)
             })
             .collect();
         for (start, part) in parts {
-            let cols = start * PANEL..((start + per_task) * PANEL).min(n);
+            let cols = start * panel_width..((start + per_task) * panel_width).min(n);
             for (dst, src) in y.chunks_mut(n).zip(part.chunks(n)) {
                 dst[cols.clone()].copy_from_slice(&src[cols.clone()]);
             }
@@ -235,32 +313,49 @@ pub fn matmul(
     y
 }
 
-/// Computes output rows `first..first + count` for panels `panels` into `out` (`count × n`).
-#[allow(clippy::too_many_arguments)]
+/// Computes every row of `x` for panels `panels` into `out` (`rows × n`).
 fn row_block(
     x: &QuantizedRows,
-    first: usize,
-    count: usize,
     weight: &PackedInt8,
     panels: std::ops::Range<usize>,
     bias: Option<&[f32]>,
-    kernel: Int8Kernel,
     out: &mut [f32],
 ) {
     let n = weight.out_features;
-    let mut acc = [[0i32; PANEL]; ROWS];
-    for block in (0..count).step_by(ROWS) {
-        let block_rows = ROWS.min(count - block);
-        let rows = x.rows(first + block, block_rows);
-        for p in panels.clone() {
-            kernel.panel_sums(rows, x.k_pad, weight.panel(p), &mut acc);
-            let cols = p * PANEL..((p + 1) * PANEL).min(n);
-            for (r, sums) in acc.iter().enumerate().take(block_rows) {
-                let sx = x.scales[first + block + r];
-                let y_row = &mut out[(block + r) * n..(block + r + 1) * n];
-                for (c, &sum) in cols.clone().zip(sums) {
-                    let b = bias.map_or(0.0, |b| b[c]);
-                    y_row[c] = sum as f32 * sx * weight.scales[c] + b;
+    let k_pad = x.k_pad;
+    match &x.values {
+        RowValues::U8(values) => {
+            let w = weight.vnni(bias);
+            for block in (0..x.rows()).step_by(int8_vnni::ROWS) {
+                let count = int8_vnni::ROWS.min(x.rows() - block);
+                int8_vnni::block_product(
+                    &values[block * k_pad..(block + count) * k_pad],
+                    &x.scales[block..block + count],
+                    &w,
+                    panels.clone(),
+                    &mut out[block * n..(block + count) * n],
+                );
+            }
+        }
+        RowValues::I16(values) => {
+            let mut acc = [[0i32; PANEL]; ROWS];
+            for block in (0..x.rows()).step_by(ROWS) {
+                let count = ROWS.min(x.rows() - block);
+                let rows = &values[block * k_pad..(block + count) * k_pad];
+                for p in panels.clone() {
+                    weight
+                        .kernel
+                        .panel_sums(rows, k_pad, weight.panel(p), &mut acc);
+                    let cols = p * PANEL..((p + 1) * PANEL).min(n);
+                    for (r, sums) in acc.iter().enumerate().take(count) {
+                        let sx = x.scales[block + r];
+                        let y_row = &mut out[(block + r) * n..(block + r + 1) * n];
+                        for (c, &sum) in cols.clone().zip(sums) {
+                            let b = bias.map_or(0.0, |b| b[c]);
+                            // The VNNI kernel's formula, so every kernel gives identical floats.
+                            y_row[c] = sum as f32 * (sx * weight.scales[c]) + b;
+                        }
+                    }
                 }
             }
         }
@@ -278,6 +373,22 @@ mod tests {
         reference_product(x, &w.dequantize(), n, k, bias)
     }
 
+    /// Every kernel this CPU has against the scalar one, packed for each.
+    fn every_kernel(
+        x: &[f32],
+        w: &Int8Weight,
+        bias: Option<&[f32]>,
+    ) -> Vec<(Int8Kernel, Vec<f32>)> {
+        Int8Kernel::available()
+            .into_iter()
+            .map(|kernel| {
+                let packed = PackedInt8::pack_for(w, kernel).unwrap();
+                assert_eq!(packed.kernel(), kernel);
+                (kernel, matmul(x, &packed, bias))
+            })
+            .collect()
+    }
+
     /// Shapes with odd inputs, partial panels and partial row blocks, on both parallel splits.
     #[test]
     fn kernels_match_the_dequantized_product_and_each_other() {
@@ -287,19 +398,24 @@ mod tests {
             (13, 33, 64),
             (40, 16, 384),
             (64, 70, 129),
+            (50, 97, 6),
         ] {
             let x = values(rows * k, 1 + rows as u64);
             let w = Int8Weight::quantize(&values(n * k, 7 + n as u64), &[n, k]);
             let bias = values(n, 3);
-            let packed = PackedInt8::pack(&w).unwrap();
             let expected = reference(&x, &w, &bias);
-            let scalar = matmul(&x, &packed, Some(&bias), Int8Kernel::Scalar);
-            let fast = matmul(&x, &packed, Some(&bias), Int8Kernel::detect());
-            assert_eq!(scalar, fast, "the two kernels must compute identical sums");
+            let results = every_kernel(&x, &w, Some(&bias));
+            let (_, scalar) = results.last().unwrap();
+            for (kernel, fast) in &results {
+                assert_eq!(
+                    scalar, fast,
+                    "{kernel:?} must compute the scalar kernel's sums"
+                );
+            }
             // Quantizing x to 8 bits moves each product by at most half a step of x (|x| ≤ 1, so
             // 0.5/127) times |w| ≤ 1; the errors are independent, so they grow like √k, not k.
             let tolerance = 0.5 / 127.0 * (k as f32).sqrt() * 3.0;
-            for (i, (a, b)) in fast.iter().zip(&expected).enumerate() {
+            for (i, (a, b)) in scalar.iter().zip(&expected).enumerate() {
                 assert!(
                     (a - b).abs() <= tolerance,
                     "{rows}x{n}x{k} [{i}]: {a} vs {b}"
@@ -308,14 +424,49 @@ mod tests {
         }
     }
 
+    /// Activations and weights at ±127, the values whose pairwise u8 × i8 sums saturate AVX2's
+    /// `vpmaddubsw` (2 · 255 · 127 > 32767): every kernel must give the exact integer sums.
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        let (rows, n, k) = (30, 40, 1536);
+        // Each row's largest magnitude is 1, so its values quantize to exactly ±127 (and 0).
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| match (i / k + i % 7) % 3 {
+                0 => 1.0,
+                1 => -1.0,
+                _ => 0.0,
+            })
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| if (i / k) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let w = Int8Weight::quantize(&w, &[n, k]);
+        assert!(w.qweight.iter().all(|&q| q.abs() == 127));
+        for (kernel, y) in every_kernel(&x, &w, None) {
+            for (i, &got) in y.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let sum: i64 = (0..k)
+                    .map(|j| {
+                        let qx = (x[r * k + j] * 127.0) as i64;
+                        qx * i64::from(w.qweight[c * k + j])
+                    })
+                    .sum();
+                let expected = sum as f32 * (1.0 / 127.0 * w.scales[c].to_f32());
+                assert_eq!(got, expected, "{kernel:?} [{r}, {c}]");
+            }
+        }
+    }
+
     #[test]
     fn zero_rows_and_empty_inputs_give_the_bias() {
         let w = Int8Weight::quantize(&values(4 * 6, 5), &[4, 6]);
-        let packed = PackedInt8::pack(&w).unwrap();
         let bias = [1.0, 2.0, 3.0, 4.0];
-        let y = matmul(&[0.0; 6], &packed, Some(&bias), Int8Kernel::detect());
-        assert_eq!(y, bias);
-        assert!(matmul(&[], &packed, None, Int8Kernel::detect()).is_empty());
+        for kernel in Int8Kernel::available() {
+            let packed = PackedInt8::pack_for(&w, kernel).unwrap();
+            let y = matmul(&[0.0; 6], &packed, Some(&bias));
+            assert_eq!(y, bias, "{kernel:?}");
+            assert!(matmul(&[], &packed, None).is_empty());
+        }
         assert!(PackedInt8::pack(&Int8Weight::quantize(&[1.0; 8], &[2, 2, 2])).is_none());
     }
 }

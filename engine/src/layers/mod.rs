@@ -12,6 +12,7 @@ mod dense;
 mod fake_quant;
 mod int8_avx2;
 pub mod int8_matmul;
+mod int8_vnni;
 #[cfg(test)]
 mod kernel_tests;
 mod lora;

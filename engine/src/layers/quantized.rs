@@ -30,7 +30,7 @@ use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 /// How a [`QuantizedLinear`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
-    /// Our int8 × int8 → i32 kernel on the CPU (AVX2 or its portable fallback).
+    /// Our int8 × int8 → i32 kernel on the CPU (AVX-512 VNNI, AVX2 or the portable fallback).
     Int8(Int8Kernel),
     /// Our kernel for 32-value GGML blocks × 8-bit activation blocks on the CPU (AVX2 or its
     /// portable fallback), with the blocks' type.
@@ -129,7 +129,7 @@ impl QuantizedLinear {
 #[derive(Clone, Debug)]
 enum Compute {
     /// Packed for our int8 kernel.
-    Int8(Arc<PackedInt8>, Int8Kernel),
+    Int8(Arc<PackedInt8>),
     /// Unpacked for our block kernel.
     Blocks(Arc<PackedBlocks>, Int8Kernel),
     /// candle's quantized (or, as a fallback, plain) matmul.
@@ -140,11 +140,8 @@ enum Compute {
 fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(Compute, KernelPath)> {
     if let (QuantizedWeight::Int8(w), Device::Cpu) = (weight, device) {
         if let Some(packed) = PackedInt8::pack(w) {
-            let kernel = Int8Kernel::detect();
-            return Ok((
-                Compute::Int8(Arc::new(packed), kernel),
-                KernelPath::Int8(kernel),
-            ));
+            let kernel = packed.kernel();
+            return Ok((Compute::Int8(Arc::new(packed)), KernelPath::Int8(kernel)));
         }
     }
     if let Device::Cpu = device {
@@ -159,7 +156,7 @@ fn kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(Compute, Ker
         let packed = blocks
             .and_then(|(bytes, dtype)| PackedBlocks::from_ggml(&bytes, dtype, dims[0], dims[1]));
         if let Some(packed) = packed {
-            let kernel = Int8Kernel::detect();
+            let kernel = Int8Kernel::detect_blocks();
             let path = KernelPath::Blocks(packed.dtype(), kernel);
             return Ok((Compute::Blocks(Arc::new(packed), kernel), path));
         }
@@ -198,7 +195,7 @@ fn candle_kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatM
 fn kernel_accepts(dtype: GgmlDType, cols: usize) -> bool {
     let block = dtype.block_size();
     let pairs = matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1);
-    cols % block == 0 && (!pairs || (cols / block) % 2 == 0)
+    cols.is_multiple_of(block) && (!pairs || (cols / block).is_multiple_of(2))
 }
 
 impl LinearLayer for QuantizedLinear {
@@ -228,10 +225,10 @@ impl LinearLayer for QuantizedLinear {
         let in_dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?.contiguous()?;
         let y = match &self.compute {
-            Compute::Int8(packed, kernel) => {
+            Compute::Int8(packed) => {
                 let shape = (packed.in_features(), packed.out_features());
                 return cpu_forward(&x, shape, self.bias.as_ref(), |values, bias| {
-                    int8_matmul::matmul(values, packed, bias, *kernel)
+                    int8_matmul::matmul(values, packed, bias)
                 })?
                 .to_dtype(in_dtype);
             }
@@ -431,11 +428,11 @@ mod tests {
         for (dtype, path) in [
             (
                 GgmlDType::Q5_0,
-                KernelPath::Blocks(GgmlDType::Q5_0, Int8Kernel::detect()),
+                KernelPath::Blocks(GgmlDType::Q5_0, Int8Kernel::detect_blocks()),
             ),
             (
                 GgmlDType::Q4_1,
-                KernelPath::Blocks(GgmlDType::Q4_1, Int8Kernel::detect()),
+                KernelPath::Blocks(GgmlDType::Q4_1, Int8Kernel::detect_blocks()),
             ),
         ] {
             let q = gguf::quantize(&values, &[2, 32], dtype).unwrap();

@@ -101,7 +101,7 @@ pub fn permute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 fn reorder_rows(w: &Tensor, heads: usize, to_interleaved: bool) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         candle_core::bail!("cannot split {rows} rows into {heads} rope heads");
     }
     let half = rows / heads / 2;

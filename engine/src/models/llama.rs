@@ -79,15 +79,16 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> Result<usize> {
         let heads = self.num_attention_heads;
         let kv = self.kv_heads();
-        let uneven = self.explicit_head_dim.is_none() && self.hidden_size % heads.max(1) != 0;
-        if heads == 0 || kv == 0 || uneven || heads % kv != 0 {
+        let uneven =
+            self.explicit_head_dim.is_none() && !self.hidden_size.is_multiple_of(heads.max(1));
+        if heads == 0 || kv == 0 || uneven || !heads.is_multiple_of(kv) {
             candle_core::bail!(
                 "inconsistent heads: hidden {} heads {heads} kv heads {kv}",
                 self.hidden_size
             );
         }
         let head_dim = self.explicit_head_dim.unwrap_or(self.hidden_size / heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             candle_core::bail!("rotary embeddings need an even head size, got {head_dim}");
         }
         Ok(head_dim)

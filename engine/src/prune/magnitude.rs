@@ -149,7 +149,7 @@ pub fn nm_mask(scores: &[f32], cols: usize, n: usize, m: usize) -> Vec<bool> {
     let mut keep = vec![false; scores.len()];
     let mut order: Vec<usize> = Vec::with_capacity(m);
     for (g, group) in scores.chunks(m).enumerate() {
-        debug_assert!(cols % m == 0);
+        debug_assert!(cols.is_multiple_of(m));
         order.clear();
         order.extend(0..group.len());
         // Largest first; ties keep the earlier weight.

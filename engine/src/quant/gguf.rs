@@ -91,7 +91,7 @@ pub fn qtensor_from_bytes(
 ) -> Result<QTensor> {
     let elems: usize = dims.iter().product();
     let expected = elems / dtype.block_size() * dtype.type_size();
-    if elems % dtype.block_size() != 0 || bytes.len() != expected {
+    if !elems.is_multiple_of(dtype.block_size()) || bytes.len() != expected {
         return Err(EngineError::InvalidModel(format!(
             "{dtype:?} tensor of shape {dims:?} needs {expected} bytes, found {}",
             bytes.len()

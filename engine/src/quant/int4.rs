@@ -67,7 +67,7 @@ impl Int4Weight {
     /// The 4-bit value at flat index `i` (0..=15).
     fn nibble(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte & 0x0F
         } else {
             byte >> 4

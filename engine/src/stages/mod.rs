@@ -24,6 +24,7 @@ pub use finetune::{FinetuneStage, TrainSettings};
 pub use model::WorkingModel;
 pub use prune::PruneStage;
 pub use quantize::QuantizeStage;
+pub use saving::{DYNAMIC_METADATA_KEY, DYNAMIC_METADATA_VALUE};
 pub use session::{run_job, Session};
 pub use vocabulary::{TrimmedVocabulary, VocabularyReport};
 

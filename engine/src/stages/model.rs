@@ -21,6 +21,10 @@ pub struct QuantizedState {
     /// Each quantized weight by parameter name. Linear layers run on these and saving writes them
     /// as they are, so a weight is quantized once.
     pub weights: PackedWeights,
+    /// Quantized by `method: "dynamic"`: int8 linear weights whose inputs are quantized to int8 per
+    /// token at run time. On the CPU every int8 linear layer runs that way (the int8 × int8
+    /// kernel); the flag records the method, so a saved and reloaded model says it again.
+    pub dynamic: bool,
 }
 
 impl QuantizedState {
@@ -235,8 +239,17 @@ impl WorkingModel {
         self.quantized = Some(QuantizedState {
             scheme,
             weights: Arc::new(weights),
+            dynamic: false,
         });
         Ok(())
+    }
+
+    /// Records that the quantization is dynamic (int8 activations per token at run time); no-op on
+    /// a model that is not quantized.
+    pub fn mark_dynamic(&mut self) {
+        if let Some(state) = &mut self.quantized {
+            state.dynamic = true;
+        }
     }
 }
 

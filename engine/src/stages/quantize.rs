@@ -1,4 +1,6 @@
-//! The `quantize` stage, `method: ptq`: weight-only post-training quantization of linear layers.
+//! The `quantize` stage, `method: ptq`: weight-only post-training quantization of linear layers;
+//! `method: dynamic`: int8 weights on the linear layers only, with their inputs quantized to int8
+//! per token at run time (the int8 × int8 kernel, [`crate::layers::int8_matmul`]).
 //!
 //! The stage decides which weights are quantized (2-D `*.weight` not matched by `exclude`, whose
 //! row length the scheme takes), quantizes each once and records the packed weights and the linear
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
-pub use spec::QuantizeSpec;
+pub use spec::{QuantizeMethod, QuantizeSpec};
 
 use super::{Stage, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
@@ -31,11 +33,17 @@ use crate::quant::{quantize_least_error, QuantScheme, QuantizedWeight};
 pub struct QuantizeStage {
     scheme: QuantScheme,
     exclude: Option<Vec<String>>,
+    /// `method: dynamic`: linear weights only, activations per token at run time.
+    dynamic: bool,
 }
 
 /// What the stage reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct QuantizeReport {
+    /// `ptq` or `dynamic`.
+    pub method: String,
+    /// How the inputs of the quantized linear layers are quantized when they run.
+    pub activations: String,
     /// The scheme's name.
     pub scheme: String,
     /// Weights quantized.
@@ -60,9 +68,16 @@ impl QuantizeStage {
             ));
         }
         let scheme = QuantScheme::parse(&spec.scheme.name(), spec.group_size.map(|g| g as usize))?;
+        let dynamic = spec.method == QuantizeMethod::Dynamic;
+        if dynamic && scheme != QuantScheme::Int8 {
+            return Err(EngineError::InvalidSetting(format!(
+                "quantize: method \"dynamic\" quantizes to int8, not {scheme}"
+            )));
+        }
         Ok(Self {
             scheme,
             exclude: spec.exclude.clone(),
+            dynamic,
         })
     }
 
@@ -91,7 +106,13 @@ impl QuantizeStage {
         let output = map.output_matrix.clone();
         let mut chosen = BTreeMap::new();
         let mut notes = BTreeMap::new();
-        for name in targets.names {
+        // Dynamic quantization is of the linear layers (their inputs are what it quantizes per
+        // token); embedding tables keep their precision, as under PyTorch's `quantize_dynamic`.
+        let names = targets
+            .names
+            .into_iter()
+            .filter(|name| !self.dynamic || map.is_linear_weight(name));
+        for name in names {
             let dims = shapes
                 .iter()
                 .find(|(n, _)| *n == name)
@@ -135,6 +156,16 @@ impl QuantizeStage {
             }
         }
         Ok((chosen, notes))
+    }
+}
+
+/// How the inputs of the layers a stage quantizes run (on the CPU; on CUDA candle's kernels
+/// quantize them to 8-bit blocks of 32).
+fn activations_note(scheme: QuantScheme, dynamic: bool) -> &'static str {
+    match (scheme, dynamic) {
+        (_, true) => "int8 per token, computed at run time (dynamic)",
+        (QuantScheme::Int8, false) => "int8 per token at run time (the int8 kernel)",
+        _ => "int8 per block of 32 at run time (the block kernels)",
     }
 }
 
@@ -251,7 +282,12 @@ impl Stage for QuantizeStage {
             .sum();
         let quantized: Vec<String> = chosen.keys().cloned().collect();
         model.set_quantized(self.scheme, chosen)?;
+        if self.dynamic {
+            model.mark_dynamic();
+        }
         let report = QuantizeReport {
+            method: if self.dynamic { "dynamic" } else { "ptq" }.to_string(),
+            activations: activations_note(self.scheme, self.dynamic).to_string(),
             scheme: self.scheme.to_string(),
             quantized,
             kept_full_precision: kept,
@@ -311,6 +347,7 @@ mod tests {
             let stage = QuantizeStage {
                 scheme: q(dtype),
                 exclude: None,
+                dynamic: false,
             };
             stage.plan(&model, None)
         };

@@ -38,6 +38,12 @@ pub(super) fn architecture(config: &serde_json::Value, task: TaskType) -> Result
         .ok_or_else(|| EngineError::Unsupported(format!("no transformers export for {class}")))
 }
 
+/// The `model.safetensors` metadata key saying how a dynamically quantized model's activations are
+/// quantized, and its value.
+pub const DYNAMIC_METADATA_KEY: &str = "quantization_activations";
+/// See [`DYNAMIC_METADATA_KEY`].
+pub const DYNAMIC_METADATA_VALUE: &str = "int8_per_token_dynamic";
+
 /// Writes `config.json`, the tokenizer files and `model.safetensors` into `dir`, with the config and
 /// tensor names of `arch` ([`HfArchitecture`]). A dense model's folder loads in transformers as
 /// that class; a quantized one keeps its weights in the layout of [`crate::quant::layout`] (under the
@@ -69,7 +75,14 @@ pub(super) fn save(
         };
         stored.push((arch.export_name(&name), entry));
     }
-    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let mut metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    if state.dynamic {
+        // For readers of the file alone: the int8 weights expect int8 activations per token.
+        metadata.insert(
+            DYNAMIC_METADATA_KEY.to_string(),
+            DYNAMIC_METADATA_VALUE.to_string(),
+        );
+    }
     layout::save(&dir.join("model.safetensors"), &stored, &metadata)
 }
 
@@ -250,6 +263,9 @@ pub(super) fn restore(
             weights.insert(name.clone(), weight);
         }
         model.set_quantized(saved.scheme.parse()?, weights)?;
+        if saved.dynamic {
+            model.mark_dynamic();
+        }
     }
     Ok(())
 }
@@ -261,6 +277,9 @@ pub(super) struct SavedQuantization {
     pub scheme: String,
     /// Each quantized weight's scheme.
     pub weights: BTreeMap<String, String>,
+    /// `method: "dynamic"`: int8 activations per token at run time (absent in older records).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dynamic: bool,
 }
 
 impl SavedQuantization {
@@ -273,6 +292,7 @@ impl SavedQuantization {
                 .into_iter()
                 .map(|(n, s)| (n, s.to_string()))
                 .collect(),
+            dynamic: state.dynamic,
         })
     }
 }

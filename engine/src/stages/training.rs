@@ -282,7 +282,7 @@ impl TermLog {
             entry.0 += value;
             entry.1 += 1;
         }
-        let due = p.step % self.every == 0 || p.step == p.total_steps;
+        let due = p.step.is_multiple_of(self.every) || p.step == p.total_steps;
         if !due {
             return Vec::new();
         }

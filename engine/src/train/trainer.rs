@@ -402,13 +402,13 @@ impl Trainer<'_> {
         let eval_due = self
             .cfg
             .eval_every_steps
-            .is_some_and(|n| state.step % n == 0)
+            .is_some_and(|n| state.step.is_multiple_of(n))
             || (epoch_done && self.cfg.eval_each_epoch);
         let stop = eval_due && self.validate(state, hooks)?;
         let steps_due = self
             .cfg
             .checkpoint_every_steps
-            .is_some_and(|n| state.step % n == 0);
+            .is_some_and(|n| state.step.is_multiple_of(n));
         let time_due = self
             .cfg
             .checkpoint_every_secs

@@ -10,7 +10,7 @@ use compressd_engine::pipeline::{Event, PipelineInputs, Workbench};
 use compressd_engine::quant::layout::METADATA_KEY;
 use compressd_engine::quant::st_file::SafetensorsFile;
 use compressd_engine::spec::JobSpec;
-use compressd_engine::stages::{run_job, Session};
+use compressd_engine::stages::{run_job, Session, DYNAMIC_METADATA_KEY, DYNAMIC_METADATA_VALUE};
 use tiny_task::{write_data, write_model};
 
 use crate::tiny_task;
@@ -103,5 +103,88 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
         .all(|w| w.scheme().to_string() == "int8"));
     let again = session.evaluate(&quantized, &quantized_dir)?;
     assert_eq!(again.accuracy, report.stages[2].metrics.accuracy);
+    Ok(())
+}
+
+/// `method: "dynamic"`: the linear layers (only) get int8 weights and per-token int8 inputs on the
+/// int8 × int8 kernel; accuracy stays within quantization error of the f32 model, and the saved
+/// stage reloads as dynamic.
+#[test]
+fn dynamic_int8_quantizes_linear_layers_and_reloads_as_dynamic() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_model(&model_dir)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-dynamic", "model": model_dir,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "method": "dynamic", "scheme": "int8"}
+        ]
+    }))?;
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+    };
+    let out = dir.path().join("out");
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &|_| {},
+        &AtomicBool::new(false),
+    )?;
+    let stages = &result.report.stages;
+    let (f32_accuracy, int8_accuracy) = (
+        stages[0].metrics.accuracy.unwrap(),
+        stages[1].metrics.accuracy.unwrap(),
+    );
+    assert!(
+        f32_accuracy > 0.9,
+        "the keyword task is learnable: {f32_accuracy}"
+    );
+    assert!(
+        (f32_accuracy - int8_accuracy).abs() <= 0.05,
+        "int8 {int8_accuracy} vs f32 {f32_accuracy}"
+    );
+    let details = &stages[1].details;
+    assert_eq!(details["method"], "dynamic");
+    let quantized: Vec<&str> = details["quantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        quantized.len(),
+        13,
+        "12 linears and the pooler: {quantized:?}"
+    );
+    assert!(
+        quantized.iter().all(|n| !n.contains("embeddings")),
+        "{quantized:?}"
+    );
+    let file = SafetensorsFile::open(&result.final_dir.join("model.safetensors"))?;
+    assert_eq!(
+        file.metadata()
+            .get(DYNAMIC_METADATA_KEY)
+            .map(String::as_str),
+        Some(DYNAMIC_METADATA_VALUE)
+    );
+
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = out.join("stages/1-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    let state = reloaded
+        .quantized()
+        .expect("the reloaded model is quantized");
+    assert!(state.dynamic, "the reloaded model runs dynamic again");
+    assert_eq!(state.weights.len(), 13);
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, stages[1].metrics.accuracy);
     Ok(())
 }

@@ -91,7 +91,9 @@ impl BertConfig {
     /// # Errors
     /// When `hidden_size` is not a multiple of `num_attention_heads`.
     pub fn head_dim(&self) -> Result<usize> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             candle_core::bail!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size,

@@ -15,6 +15,10 @@ const INT4_GROUP_SIZES: &[u32] = &[32, 64, 128];
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSpec {
+    /// How activations are treated: `ptq` quantizes the weights only; `dynamic` quantizes the linear
+    /// layers' weights to int8 and their inputs to int8 per token at run time (`scheme`: `int8`).
+    #[serde(default)]
+    pub method: QuantizeMethod,
     /// Number format of the quantized weights.
     pub scheme: QuantScheme,
     /// Weights per scale for group-wise schemes (`int4`: 32, 64 or 128); `null` means the
@@ -29,6 +33,18 @@ pub struct QuantizeSpec {
     /// Quantization-aware training after quantizing; `null` means post-training quantization only.
     #[serde(default)]
     pub qat: Option<Recover>,
+}
+
+/// How a quantize stage treats activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum QuantizeMethod {
+    /// Post-training quantization of the weights, embeddings included.
+    #[default]
+    #[serde(rename = "ptq")]
+    Ptq,
+    /// int8 linear weights per channel, inputs quantized to int8 per token at run time.
+    #[serde(rename = "dynamic")]
+    Dynamic,
 }
 
 /// Quantized number formats.
@@ -87,6 +103,17 @@ impl StageKind for QuantizeSpec {
     const TYPE: &'static str = "quantize";
 
     fn check(&self, c: &mut Checker, at: &str) {
+        if self.method == QuantizeMethod::Dynamic {
+            c.check(self.scheme == QuantScheme::Int8, &format!("{at}/scheme"), || {
+                format!(
+                    "method \"dynamic\" quantizes weights and activations to int8: scheme must be \"int8\", got \"{}\"",
+                    self.scheme.name()
+                )
+            });
+            c.check(self.qat.is_none(), &format!("{at}/qat"), || {
+                "method \"dynamic\" is post-training: it takes no `qat`".to_string()
+            });
+        }
         if let Some(group) = self.group_size {
             let pointer = format!("{at}/group_size");
             if self.scheme == QuantScheme::Int4 {
