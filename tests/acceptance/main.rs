@@ -13,3 +13,4 @@ mod minilm_distill;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;
+mod smollm_structured;
