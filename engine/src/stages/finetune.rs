@@ -142,8 +142,8 @@ pub struct Recover {
     #[serde(default = "default_learning_rate")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub learning_rate: f64,
-    /// Examples per optimizer step of the recovery (a large decoder's recovery on a CPU needs
-    /// smaller steps than the default 16).
+    /// Examples per optimizer step of the recovery.
+    // A large decoder's recovery on a CPU needs smaller steps than the default 16.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
     pub batch_size: u32,
