@@ -14,3 +14,4 @@ mod minilm_dynamic;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;
+mod smollm_structured;

@@ -103,3 +103,60 @@ fn assert_structured(report: &Value, out: &Path) -> Result<()> {
     assert!(config.get("compressd_layer_widths").is_some(), "{config}");
     Ok(())
 }
+
+/// The seed's second synergy: fine-tune, keep 70% of heads and FFN neurons, then int8. The issue
+/// asks for dynamic int8 (issue 15); until it lands this posts the weight-only `int8` scheme, which
+/// is expected to miss the speed bar.
+pub fn int8_job_spec(model: &str, dataset: &str) -> Value {
+    json!({
+        "name": "minilm-bbc-structured-int8", "model": model, "seed": 7,
+        "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
+                 "max_train_samples": 256, "max_eval_samples": 240},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 1e-4, "head_learning_rate": 3e-3,
+             "batch_size": 16},
+            {"type": "prune", "pattern": "structured", "importance": "taylor",
+             "scope": "layer_adaptive", "sparsity": 0.3, "min_keep": 2, "steps": 2,
+             "calibration_batches": 8, "recover": {"epochs": 1, "learning_rate": 5e-5}},
+            {"type": "quantize", "scheme": "int8"}
+        ]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow, needs ../shared: cargo test --release --test acceptance minilm_structured:: -- --ignored --test-threads=1 --nocapture"]
+async fn minilm_structured_70_percent_then_int8_within_1_5_points_and_2_5x_faster() -> Result<()> {
+    let shared = shared_data(&[MODEL, DATASET])?;
+    let _turn = support::ONE_AT_A_TIME.lock().await;
+    let service = Service::start().await?;
+    let files = folder_files(&shared.join(MODEL))?;
+    let model = service
+        .upload("/v1/models", &[("name", "minilm")], &files)
+        .await?;
+    let data = vec![("bbc_news.jsonl".to_owned(), shared.join(DATASET))];
+    let dataset = service.upload("/v1/datasets", &[], &data).await?;
+    let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
+    let spec = int8_job_spec(&id(&model)?, &id(&dataset)?);
+    let stages = ["finetune", "prune", "quantize"];
+    let (job, _) = service.run_to_success(&spec, &stages, JOB_TIMEOUT).await?;
+    let job_id = job["id"].as_str().context("job id")?;
+    let out = tempfile::tempdir()?;
+    service.download_all(job_id, out.path()).await?;
+    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json"))?)?;
+    eprintln!("{}", std::fs::read_to_string(out.path().join("report.md"))?);
+    let metric = |i: usize, name: &str| report["stages"][i]["metrics"][name].as_f64();
+    let (tuned, last) = (
+        metric(0, "accuracy").unwrap_or(0.0),
+        metric(2, "accuracy").unwrap_or(0.0),
+    );
+    let batch32 = metric(0, "latency_batch32_ms").unwrap_or(0.0)
+        / metric(2, "latency_batch32_ms").unwrap_or(f64::INFINITY);
+    eprintln!("structured 70% + int8: accuracy {last:.4} vs {tuned:.4}, {batch32:.2}x at batch 32");
+    assert!(tuned > 0.85, "fine-tuned accuracy {tuned}");
+    assert!(
+        last >= tuned - 0.015,
+        "pruned + int8 {last} vs fine-tuned {tuned}"
+    );
+    assert!(batch32 >= 2.5, "batch-32 speed-up {batch32:.2}x");
+    Ok(())
+}

@@ -20,9 +20,9 @@ use gguf_generation::check_paris;
 use serde_json::{json, Value};
 use support::{shared_data, Service};
 
-const MODEL_DIR: &str = "models/SmolLM2-135M-Instruct-Q4_1";
+pub(crate) const MODEL_DIR: &str = "models/SmolLM2-135M-Instruct-Q4_1";
 const GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const DATASET: &str = "data/shakespeare/shakespeare_plays.txt";
+pub(crate) const DATASET: &str = "data/shakespeare/shakespeare_plays.txt";
 /// Held-out sequences of 128 tokens the perplexity is measured on.
 const EVAL_SEQUENCES: u64 = 8;
 /// The longest a job may take before the test gives up: a guard against a hung job, sized for a
@@ -32,7 +32,7 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(150 * 60);
 const GENERATED_TOKENS: usize = 6;
 
 /// Uploads the GGUF with its tokenizer and the plays, returning their ids.
-async fn upload_inputs(service: &Service, shared: &Path) -> Result<(String, String)> {
+pub(crate) async fn upload_inputs(service: &Service, shared: &Path) -> Result<(String, String)> {
     let dir = shared.join(MODEL_DIR);
     let files = vec![
         (GGUF.to_owned(), dir.join(GGUF)),

@@ -147,6 +147,11 @@ pub struct Recover {
     #[serde(default = "default_learning_rate")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
     pub learning_rate: f64,
+    /// Examples per optimizer step of the recovery.
+    // A large decoder's recovery on a CPU needs smaller steps than the default 16.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
+    pub batch_size: u32,
 }
 
 impl Recover {
@@ -154,6 +159,12 @@ impl Recover {
     pub fn check(&self, c: &mut Checker, at: &str) {
         c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
         c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
+        c.range_u32(
+            self.batch_size,
+            1,
+            MAX_BATCH_SIZE,
+            &format!("{at}/batch_size"),
+        );
     }
 }
 
@@ -372,14 +383,14 @@ impl TrainSettings {
         }
     }
 
-    /// A recovery fine-tune: the recover spec's epochs and rate, a `finetune` stage's defaults for
-    /// the rest (batch 16, decay 0.01, 10% warmup, clip at norm 1, no early stopping).
+    /// A recovery fine-tune: the recover spec's epochs, rate and batch size, a `finetune` stage's
+    /// defaults for the rest (decay 0.01, 10% warmup, clip at norm 1, no early stopping).
     pub fn from_recover(spec: &Recover) -> Self {
         Self {
             epochs: spec.epochs,
             learning_rate: spec.learning_rate,
             head_learning_rate: None,
-            batch_size: 16,
+            batch_size: spec.batch_size,
             weight_decay: 0.01,
             warmup_ratio: 0.1,
             freeze: Vec::new(),
@@ -400,6 +411,7 @@ impl TrainSettings {
             ..Self::from_recover(&Recover {
                 epochs: spec.epochs,
                 learning_rate: spec.learning_rate,
+                batch_size: spec.batch_size,
             })
         }
     }
@@ -476,5 +488,20 @@ impl Stage for FinetuneStage {
             "training": summary,
         });
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recovery_trains_in_batches_of_16_unless_it_says_otherwise() {
+        let plain: Recover = serde_json::from_value(serde_json::json!({"epochs": 1})).unwrap();
+        assert_eq!(TrainSettings::from_recover(&plain).batch_size, 16);
+        let small: Recover =
+            serde_json::from_value(serde_json::json!({"epochs": 2, "batch_size": 4})).unwrap();
+        let settings = TrainSettings::from_recover(&small);
+        assert_eq!((settings.epochs, settings.batch_size), (2, 4));
     }
 }

@@ -390,6 +390,14 @@ fn structured_options_are_checked_at_submission() {
         ),
         ["/pipeline/0/exclude"]
     );
+    // A recovery's batch size is checked where it is written.
+    assert_eq!(
+        violations(
+            json!([{"type": "prune", "sparsity": 0.25, "pattern": "neurons",
+                           "recover": {"batch_size": 0}}])
+        ),
+        ["/pipeline/0/recover/batch_size"]
+    );
     // A structured prune after quantization is refused by the stage's precondition.
     assert_eq!(
         violations(json!([
