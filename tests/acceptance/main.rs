@@ -10,6 +10,7 @@ mod gguf_generation;
 mod lora;
 mod minilm;
 mod minilm_distill;
+mod minilm_loraprune;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;

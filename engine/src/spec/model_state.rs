@@ -20,6 +20,9 @@ pub struct ModelState {
     /// The number of transformer layers, when known (from the registered model's config at
     /// submission; stages that change it, such as `distill`, update it).
     pub layers: Option<usize>,
+    /// Rows in the dataset's train split, when known (from the registered dataset at submission):
+    /// stages that score or train on it refuse `Some(0)`.
+    pub train_rows: Option<u64>,
 }
 
 /// A precondition the incoming model fails.
@@ -43,6 +46,7 @@ impl ModelState {
             quantized_at: None,
             pruned: false,
             layers: None,
+            train_rows: None,
         }
     }
 
