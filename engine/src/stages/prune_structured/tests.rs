@@ -107,7 +107,7 @@ fn attached_adapters_train_alone_and_merging_them_keeps_the_outputs() {
             .to_scalar()
             .unwrap()
     };
-    assert_eq!(diff(&logits(&model), &dense), 0.0);
+    assert!(diff(&logits(&model), &dense) < 1e-6);
     for (name, var) in model.store.trainable_vars() {
         if name.ends_with("lora_B.weight") {
             var.set(&Tensor::randn(0f32, 0.5, var.dims(), &Device::Cpu).unwrap())
