@@ -11,6 +11,7 @@ mod lora;
 mod minilm;
 mod minilm_distill;
 mod minilm_dynamic;
+mod minilm_loraprune;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;

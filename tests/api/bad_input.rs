@@ -522,3 +522,76 @@ async fn lora_settings_that_cannot_fit_the_model_are_422_at_the_field() {
     let reply = api.post_json("/v1/jobs", &spec, &[]).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
 }
+
+#[tokio::test]
+async fn loraprune_settings_and_a_dataset_without_training_rows_are_422_at_the_field() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let prune = |extra: Value| {
+        move |s: &mut Value| {
+            let mut stage = json!({"type": "prune", "pattern": "structured", "sparsity": 0.3});
+            stage
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            s["pipeline"] = json!([stage]);
+        }
+    };
+    // `lora` settings belong to `importance: "lora"`.
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/lora",
+        prune(json!({"importance": "taylor", "lora": {"rank": 8}})),
+    )
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/lora", prune(json!({"lora": {}}))).await;
+    // Rank at least 1; a negative one does not parse, and says where.
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/lora/rank",
+        prune(json!({"importance": "lora", "lora": {"rank": 0}})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/lora/rank",
+        prune(json!({"importance": "lora", "lora": {"rank": -2}})),
+    )
+    .await;
+    // The registered dataset counted its splits: no training rows, nothing to score LoRAPrune on.
+    let mut test_only = common::dataset(&*api.state.clock);
+    test_only.metadata = json!({"splits": {"test": 10}, "labels": ["a", "b"]});
+    api.state.store.insert_dataset(&test_only).await.unwrap();
+    let on_test_only = |extra: Value| {
+        let dataset = test_only.id.to_string();
+        let edit = prune(extra);
+        move |s: &mut Value| {
+            edit(s);
+            s["task"]["dataset"] = json!(dataset);
+        }
+    };
+    for importance in ["lora", "taylor"] {
+        let reply = rejected_spec(&api, on_test_only(json!({"importance": importance}))).await;
+        assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+        assert_eq!(
+            reply.pointer(),
+            "/pipeline/0/importance",
+            "{:?}",
+            reply.body
+        );
+        let detail = reply.body["detail"].as_str().unwrap();
+        assert!(detail.contains("no training rows"), "{detail}");
+    }
+    // Magnitude scores need no training data: the same dataset is accepted with l1.
+    let reply = api
+        .post_json(
+            "/v1/jobs",
+            &{
+                let mut s = api.spec();
+                on_test_only(json!({"importance": "l1"}))(&mut s);
+                s
+            },
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}

@@ -23,7 +23,7 @@ pub use stage::{StageKind, StageSpec};
 
 pub use crate::stages::distill::DistillSpec;
 pub use crate::stages::finetune::{EarlyStopping, FinetuneMethod, FinetuneSpec, GradClip, Recover};
-pub use crate::stages::prune::{PruneMethod, PrunePattern, PruneScope, PruneSpec};
+pub use crate::stages::prune::{PruneLora, PruneMethod, PrunePattern, PruneScope, PruneSpec};
 pub use crate::stages::quantize::spec::{QuantScheme, QuantizeSpec};
 
 use schemars::JsonSchema;

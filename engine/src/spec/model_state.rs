@@ -39,6 +39,9 @@ pub struct ModelState {
     /// The linear modules and their shapes, when known (the registered model's, at submission);
     /// dropped after the first stage that is not a `finetune`, since it may change them.
     pub linear_modules: Option<Vec<LinearModule>>,
+    /// Rows in the dataset's train split, when known (from the registered dataset at submission):
+    /// stages that score or train on it refuse `Some(0)`.
+    pub train_rows: Option<u64>,
 }
 
 /// A precondition the incoming model fails.
@@ -63,6 +66,7 @@ impl ModelState {
             pruned: false,
             layers: None,
             linear_modules: None,
+            train_rows: None,
         }
     }
 

@@ -421,3 +421,40 @@ fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
     };
     Ok(norm(&(a - b)?)? / norm(b)?.max(f64::MIN_POSITIVE))
 }
+
+/// Adapters on a frozen base for a stage that scores and trains through LoRA (LoRAPrune): the
+/// targets resolved, their `lora_A` (drawn with `seed`) and `lora_B` (zero) created, and every
+/// other weight frozen except `modules_to_save` (the task head by default).
+///
+/// # Errors
+/// As [`LoraSettings::resolve`].
+pub(crate) fn attach_adapters(
+    model: &mut WorkingModel,
+    lora: &LoraSettings,
+    seed: u64,
+) -> Result<LoraTargets> {
+    let targets = lora.resolve(model)?;
+    let kind = LinearKind::Lora {
+        rank: lora.rank,
+        alpha: lora.alpha,
+    };
+    add_adapters(model, &targets.adapted, kind, seed)?;
+    let is_trained = |name: &str| is_adapter_param(name) || owned_by(name, &targets.saved);
+    model.store.set_trainable(|n| !is_trained(n), false)?;
+    Ok(targets)
+}
+
+/// Folds the adapters [`attach_adapters`] made into their base weights and makes every weight
+/// trainable again: the model is a plain dense one.
+///
+/// # Errors
+/// A missing adapter weight.
+pub(crate) fn merge_attached(
+    model: &mut WorkingModel,
+    lora: &LoraSettings,
+    targets: &LoraTargets,
+) -> Result<()> {
+    let merged = merge_adapters(model, lora, targets, None);
+    model.store.set_trainable(|_| true, true)?;
+    merged.map(|_| ())
+}

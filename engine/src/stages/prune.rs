@@ -10,7 +10,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::finetune::Recover;
+use super::finetune::{Recover, MAX_LORA_ALPHA, MAX_LORA_RANK};
+use super::lora::LoraSettings;
 use super::{Stage, TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::FAMILIES;
@@ -55,10 +56,16 @@ pub struct PruneSpec {
     #[serde(default)]
     pub recover: Option<Recover>,
     /// How heads and neurons are scored (structured patterns only; `null` means `l1`): `l1`/`l2`
-    /// norms of their weights, `taylor` (|w·∂L/∂w| over calibration batches of training data) or
-    /// `activation` (Wanda-style |w|·‖x‖ with input norms from the calibration batches).
+    /// norms of their weights, `taylor` (|w·∂L/∂w| over calibration batches of training data),
+    /// `activation` (Wanda-style |w|·‖x‖ with input norms from the calibration batches) or `lora`
+    /// (LoRAPrune: |(W + BA) ⊙ (∂L/∂B·A + B·∂L/∂A)| from adapters on the frozen base, which also
+    /// run the recovery).
     #[serde(default)]
     pub importance: Option<Importance>,
+    /// `importance: "lora"` only: the adapters the stage attaches to the frozen base for scoring
+    /// and recovery; `null` means rank 8, alpha 16 on the attention and FFN projections.
+    #[serde(default)]
+    pub lora: Option<PruneLora>,
     /// Fewest heads (key/value groups) and neurons any layer keeps (structured patterns only);
     /// `null` refuses a target that would empty a layer.
     #[serde(default)]
@@ -68,6 +75,42 @@ pub struct PruneSpec {
     #[serde(default = "default_calibration_batches")]
     #[schemars(range(min = 1, max = MAX_CALIBRATION_BATCHES))]
     pub calibration_batches: u32,
+}
+
+/// The adapters of LoRAPrune (`importance: "lora"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PruneLora {
+    /// The adapters' rank.
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = MAX_LORA_RANK))]
+    pub rank: u32,
+    /// The numerator of the update's scale `alpha / rank`.
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(range(min = 1, max = MAX_LORA_ALPHA))]
+    pub alpha: u32,
+    /// Module-path globs that get adapters; `null` means the attention and FFN projections. Heads
+    /// and neurons are scored from the adapted weights only.
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
+}
+
+impl Default for PruneLora {
+    fn default() -> Self {
+        Self {
+            rank: default_lora_rank(),
+            alpha: default_lora_alpha(),
+            target_modules: None,
+        }
+    }
+}
+
+fn default_lora_rank() -> u32 {
+    8
+}
+
+fn default_lora_alpha() -> u32 {
+    16
 }
 
 /// Weight scoring for pruning.
@@ -152,6 +195,34 @@ fn default_calibration_batches() -> u32 {
 /// Most calibration batches one scoring may take.
 const MAX_CALIBRATION_BATCHES: u32 = 10_000;
 
+impl PruneSpec {
+    /// The `lora` settings: only with `importance: "lora"`, ranks and globs in range.
+    fn check_lora(&self, c: &mut Checker, at: &str) {
+        let Some(lora) = &self.lora else { return };
+        let pointer = format!("{at}/lora");
+        c.check(self.importance == Some(Importance::Lora), &pointer, || {
+            format!(
+                "applies to `importance: \"lora\"` only; remove it for importance {:?}",
+                self.importance.unwrap_or_default().name()
+            )
+        });
+        c.range_u32(lora.rank, 1, MAX_LORA_RANK, &format!("{pointer}/rank"));
+        c.range_u32(lora.alpha, 1, MAX_LORA_ALPHA, &format!("{pointer}/alpha"));
+        if let Some(globs) = &lora.target_modules {
+            let at = format!("{pointer}/target_modules");
+            c.check(!globs.is_empty(), &at, || {
+                "must name at least one module (or be null for the family's default)".into()
+            });
+            c.globs(globs, &at);
+            for (i, glob) in globs.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(glob) {
+                    c.fail(format!("{at}/{i}"), format!("not a valid glob: {e}"));
+                }
+            }
+        }
+    }
+}
+
 impl StageKind for PruneSpec {
     const TYPE: &'static str = "prune";
 
@@ -204,6 +275,7 @@ impl StageKind for PruneSpec {
         if let Some(exclude) = &self.exclude {
             c.globs(exclude, &format!("{at}/exclude"));
         }
+        self.check_lora(c, at);
         if let Some(recover) = &self.recover {
             recover.check(c, &format!("{at}/recover"));
         }
@@ -213,6 +285,22 @@ impl StageKind for PruneSpec {
     /// every layer (Llama), scope `uniform`.
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
         model.require_full_precision(Self::TYPE)?;
+        let importance = self.importance.unwrap_or_default();
+        if !self.pattern.structures().is_empty()
+            && importance.needs_data()
+            && model.train_rows == Some(0)
+        {
+            return Err(Precondition {
+                name: "training data",
+                field: Some("importance"),
+                message: format!(
+                    "importance {:?} scores on calibration batches of the training split, and \
+                     the dataset has no training rows; use l1 or l2, or a dataset with a train \
+                     split",
+                    importance.name()
+                ),
+            });
+        }
         let family = model.family.as_deref().and_then(|model_type| {
             FAMILIES
                 .iter()
@@ -297,7 +385,13 @@ impl PruneStage {
     /// Fails when the sparsity is outside `[0, 0.95]` (unstructured) or not 0.5 (2:4).
     pub fn from_spec(spec: &PruneSpec) -> Result<Self> {
         let structures = spec.pattern.structures();
-        let recover = spec.recover.as_ref().map(TrainSettings::from_recover);
+        let mut recover = spec.recover.as_ref().map(TrainSettings::from_recover);
+        if spec.importance == Some(Importance::Lora) && !structures.is_empty() {
+            // LoRA's recovery trains adapters, clipped as a LoRA fine-tune is by default.
+            if let Some(recover) = &mut recover {
+                recover.grad_clip_norm = Some(0.5);
+            }
+        }
         let structured = (!structures.is_empty()).then(|| StructuredPrune {
             structures,
             importance: spec.importance.unwrap_or_default(),
@@ -308,6 +402,16 @@ impl PruneStage {
             calibration_batches: spec.calibration_batches.max(1) as usize,
             calibration_batch_size: recover.as_ref().map_or(16, |r| r.batch_size as usize),
             recover: recover.clone(),
+            lora: (spec.importance == Some(Importance::Lora)).then(|| {
+                let lora = spec.lora.clone().unwrap_or_default();
+                LoraSettings {
+                    rank: lora.rank,
+                    alpha: lora.alpha,
+                    target_modules: lora.target_modules,
+                    modules_to_save: None,
+                    base_quantization: None,
+                }
+            }),
         });
         let pattern = match spec.pattern {
             PrunePattern::TwoFour => Pattern::NM { n: 2, m: 4 },

@@ -12,6 +12,7 @@ mod tiny_task;
 mod distill;
 mod export_interop;
 mod lora;
+mod loraprune;
 mod minilm;
 mod runner;
 mod session_seams;

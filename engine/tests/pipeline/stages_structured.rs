@@ -266,7 +266,7 @@ fn run_stage(model: &mut WorkingModel, stage: Value) -> compressd_engine::Result
 fn taylor_and_activation_need_training_data() -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_model(dir.path())?;
-    for importance in ["taylor", "activation"] {
+    for importance in ["taylor", "activation", "lora"] {
         let mut model = working_model(dir.path())?;
         let stage = json!({"type": "prune", "pattern": "heads", "importance": importance, "sparsity": 0.25});
         let Err(err) = run_stage(&mut model, stage) else {

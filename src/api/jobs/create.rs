@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use compressd_engine::data::split::Split;
 use compressd_engine::spec::{JobSpec, ModelState};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -48,7 +49,7 @@ pub async fn create_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id, model) = resolve_inputs(&state, &caller, &spec).await?;
+    let (model_id, dataset_id, model, train_rows) = resolve_inputs(&state, &caller, &spec).await?;
     // With the registered model known, each stage's preconditions are checked against it too
     // (models registered before the layer count was recorded leave it to the engine).
     let input = ModelState {
@@ -63,6 +64,7 @@ pub async fn create_job(
             .metadata
             .get("linear_modules")
             .and_then(|m| serde_json::from_value(m.clone()).ok()),
+        train_rows,
         ..ModelState::input(spec.task.task_type)
     };
     let violations = spec.validate_from(&input);
@@ -134,13 +136,13 @@ fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
 }
 
-/// The registered model and dataset the spec names, and the model's record, or a 422 pointing at
-/// the id.
+/// The registered model and dataset the spec names, the model's record and the dataset's train
+/// rows (when its registration counted splits), or a 422 pointing at the id.
 async fn resolve_inputs(
     state: &AppState,
     caller: &Caller,
     spec: &JobSpec,
-) -> Result<(Uuid, Uuid, Model), ApiError> {
+) -> Result<(Uuid, Uuid, Model, Option<u64>), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -162,11 +164,25 @@ async fn resolve_inputs(
         ));
     };
     let dataset = state.store.get_dataset(dataset_id).await?;
-    if dataset.is_none_or(|d| d.tenant != caller.tenant) {
+    let Some(dataset) = dataset.filter(|d| d.tenant == caller.tenant) else {
         return Err(ApiError::invalid_field(
             "/task/dataset",
             format!("dataset {dataset_id} is not registered"),
         ));
-    }
-    Ok((model_id, dataset_id, model))
+    };
+    // Rows the engine trains on (split names as it reads them); a record without split counts, or
+    // with a name the engine would refuse, leaves the check to the engine.
+    let train_rows = dataset
+        .metadata
+        .get("splits")
+        .and_then(serde_json::Value::as_object)
+        .and_then(|splits| {
+            splits
+                .iter()
+                .try_fold(0u64, |train, (name, rows)| match Split::parse(name)? {
+                    Split::Train => Some(train + rows.as_u64()?),
+                    Split::Validation | Split::Test => Some(train),
+                })
+        });
+    Ok((model_id, dataset_id, model, train_rows))
 }

@@ -36,11 +36,18 @@ pub enum Importance {
     Taylor,
     /// Wanda-style `|w| · ‖x‖` with input norms gathered on calibration batches.
     Activation,
+    /// LoRAPrune (Zhang et al. 2023): `|(W + BA) ⊙ (∂L/∂B·A + B·∂L/∂A)|` from LoRA adapters on the
+    /// frozen base, smoothed over calibration batches; the base gets no gradient.
+    Lora,
 }
 
 impl Importance {
-    fn needs_data(self) -> bool {
-        matches!(self, Importance::Taylor | Importance::Activation)
+    /// Whether scoring runs calibration batches of training data.
+    pub fn needs_data(self) -> bool {
+        matches!(
+            self,
+            Importance::Taylor | Importance::Activation | Importance::Lora
+        )
     }
 
     /// The spec's name.
@@ -50,6 +57,7 @@ impl Importance {
             Importance::L2 => "l2",
             Importance::Taylor => "taylor",
             Importance::Activation => "activation",
+            Importance::Lora => "lora",
         }
     }
 }
@@ -87,6 +95,34 @@ impl StructuredPrune {
                 };
                 self.calibrate(model, trainer, &mut taylor)?;
                 out = taylor.sums;
+            }
+            Importance::Lora => {
+                let scale = self
+                    .lora
+                    .as_ref()
+                    .map_or(1.0, |l| f64::from(l.alpha) / f64::from(l.rank));
+                let modules = model
+                    .store
+                    .names()
+                    .into_iter()
+                    .filter_map(|n| n.strip_suffix(".lora_A.weight").map(str::to_owned))
+                    .map(|path| {
+                        let weight = stored_weight(model, &format!("{path}.weight"))?;
+                        Ok((path, weight))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if modules.is_empty() {
+                    return Err(EngineError::InvalidModel(
+                        "prune: importance lora found no adapters on the model".into(),
+                    ));
+                }
+                let mut lora = LoraSaliency {
+                    scale,
+                    modules,
+                    smoothed: BTreeMap::new(),
+                };
+                self.calibrate(model, trainer, &mut lora)?;
+                out = lora.smoothed;
             }
             Importance::Activation => {
                 let recorder = Arc::new(InputRecorder::new());
@@ -176,6 +212,58 @@ impl GradientObserver for TaylorSaliency {
                 None => saliency,
             };
             self.sums.insert(name.clone(), sum);
+        }
+        Ok(())
+    }
+}
+
+/// How much of the running LoRAPrune importance each new batch keeps (LoRAPrune's moving average:
+/// `Ī ← λ·Ī + (1 − λ)·I`).
+pub(super) const LORA_SMOOTHING: f64 = 0.9;
+
+/// LoRAPrune's importance of the adapted weights: the full weight's gradient approximated from the
+/// adapters' (`∂L/∂W ≈ ∂L/∂B·A + B·∂L/∂A`), times the effective weight `W + (alpha / rank)·BA`,
+/// smoothed over batches. Only `A` and `B` are variables, so the base never gets a gradient.
+struct LoraSaliency {
+    /// `alpha / rank`.
+    scale: f64,
+    /// Adapted module paths and their frozen base weights.
+    modules: Vec<(String, Tensor)>,
+    /// The smoothed importance, by weight name (`<module>.weight`).
+    smoothed: BTreeMap<String, Tensor>,
+}
+
+impl GradientObserver for LoraSaliency {
+    fn observe(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        let vars: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        for (path, weight) in &self.modules {
+            let var = |suffix: &str| vars.get(format!("{path}.{suffix}").as_str()).copied();
+            let (Some(a), Some(b)) = (var("lora_A.weight"), var("lora_B.weight")) else {
+                continue;
+            };
+            let (a_now, b_now) = (a.as_tensor().detach(), b.as_tensor().detach());
+            // A fresh adapter's B is zero, and so is A's gradient: B's alone carries the signal.
+            let Some(grad_b) = grads.get(b.as_tensor()) else {
+                continue;
+            };
+            let mut gradient = grad_b.detach().matmul(&a_now)?;
+            if let Some(grad_a) = grads.get(a.as_tensor()) {
+                gradient = (gradient + b_now.matmul(&grad_a.detach())?)?;
+            }
+            let effective = (weight + (b_now.matmul(&a_now)? * self.scale)?)?;
+            let importance = (effective * gradient)?.abs()?;
+            let name = format!("{path}.weight");
+            let smoothed = match self.smoothed.remove(&name) {
+                Some(running) => {
+                    ((running * LORA_SMOOTHING)? + (importance * (1.0 - LORA_SMOOTHING))?)?
+                }
+                None => importance,
+            };
+            self.smoothed.insert(name, smoothed);
         }
         Ok(())
     }

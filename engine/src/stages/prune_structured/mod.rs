@@ -7,6 +7,12 @@
 //! model as the last recovery fine-tune left it. Shares are of the structures the stage started
 //! with, so rounding is per step against the same base and never drifts. The report lists, per
 //! layer, the structures kept (their original indices) and their normalised score range.
+//!
+//! LoRAPrune (`importance: "lora"`) runs the whole schedule on LoRA adapters over the frozen base:
+//! scores come from the adapters and their gradients, the recovery fine-tunes train only the
+//! adapters (and the task head). Each cut first folds the adapters into the base, so the cut
+//! applies to `W + BA` and no trained update is lost, then fresh adapters go on the smaller base;
+//! the last ones are merged at the end, leaving a plain dense model.
 
 mod importance;
 mod report;
@@ -18,6 +24,7 @@ use candle_core::Tensor;
 pub use importance::Importance;
 pub use report::{LayerReport, StructuredReport, TargetReport};
 
+use super::lora::{attach_adapters, merge_attached, LoraSettings, LoraTargets};
 use super::{TrainSettings, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::{shrink, LayerWidths, ModuleMap, StructuredCut};
@@ -50,6 +57,8 @@ pub struct StructuredPrune {
     pub calibration_batch_size: usize,
     /// A fine-tune after every increment.
     pub recover: Option<TrainSettings>,
+    /// LoRAPrune's adapters (`importance: "lora"`), which also carry the recovery.
+    pub lora: Option<LoraSettings>,
 }
 
 /// Per (structure, layer): the original indices still present, in current order.
@@ -135,6 +144,14 @@ impl StructuredPrune {
                 family.description()
             )));
         }
+        if let Some(lora) = &self.lora {
+            lora.resolve(model).map_err(|e| match e {
+                EngineError::InvalidSetting(m) => {
+                    EngineError::InvalidSetting(m.replacen("finetune:", "prune (lora):", 1))
+                }
+                other => other,
+            })?;
+        }
         Ok(())
     }
 
@@ -153,6 +170,15 @@ impl StructuredPrune {
         let map = model.modules()?;
         let mut tally = Tally::new(units(&map, model)?);
         let parameters_before = parameter_count(&model.store);
+        let seed = ctx.seed ^ ctx.index as u64;
+        let mut adapters = self.attach(model, seed)?;
+        let adapted = adapters.as_ref().map(|t| t.adapted.clone());
+        let trainable_parameters = model
+            .store
+            .trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>();
         for k in 1..=self.steps {
             ctx.check_cancel()?;
             let share = self.sparsity * f64::from(k) / f64::from(self.steps);
@@ -185,11 +211,15 @@ impl StructuredPrune {
                     };
                 }
             }
-            apply_cut(model, &map, &cut)?;
+            // The cut applies to W + BA: adapters are folded in first, fresh ones follow.
+            self.merge(model, adapters.take())?;
+            apply_cut(model, &model.modules()?, &cut)?;
+            adapters = self.attach(model, seed.wrapping_add(u64::from(k)))?;
             if let Some(recover) = &self.recover {
                 trainer.train(model, recover, ctx)?;
             }
         }
+        self.merge(model, adapters.take())?;
         let parameters_after = parameter_count(&model.store);
         let report = StructuredReport {
             pattern: pattern_name(&self.structures).into(),
@@ -204,7 +234,35 @@ impl StructuredPrune {
             bytes_after: parameters_after * 4,
             layers: layer_reports(&tally.start, &tally.survivors, &tally.last_scores),
         };
-        serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
+        let mut report =
+            serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+        if let (Some(lora), Some(adapted)) = (&self.lora, adapted) {
+            report["lora"] = serde_json::json!({
+                "rank": lora.rank,
+                "alpha": lora.alpha,
+                "target_modules": adapted,
+                // Adapters and task head at the first scoring; later steps have fewer.
+                "trainable_parameters": trainable_parameters,
+                "smoothing": importance::LORA_SMOOTHING,
+            });
+        }
+        Ok(report)
+    }
+
+    /// For LoRAPrune, adapters on the frozen base (`seed` draws their `A`).
+    fn attach(&self, model: &mut WorkingModel, seed: u64) -> Result<Option<LoraTargets>> {
+        self.lora
+            .as_ref()
+            .map(|lora| attach_adapters(model, lora, seed))
+            .transpose()
+    }
+
+    /// Folds `adapters` into the base, leaving a plain dense model.
+    fn merge(&self, model: &mut WorkingModel, adapters: Option<LoraTargets>) -> Result<()> {
+        match (&self.lora, adapters) {
+            (Some(lora), Some(targets)) => merge_attached(model, lora, &targets),
+            _ => Ok(()),
+        }
     }
 
     /// Units to remove at this step for `structure`: the share of the starting units, less what
@@ -297,3 +355,6 @@ fn apply_cut(model: &mut WorkingModel, map: &ModuleMap, cut: &StructuredCut) -> 
     *model = shrunk;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
