@@ -15,7 +15,7 @@ use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
 use crate::auth::Caller;
 use crate::job_spec;
-use crate::store::{Created, Idempotency, Model, NewJob};
+use crate::store::{Created, Dataset, Idempotency, Model, NewJob};
 
 /// Header a client sets to make retries of a create safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -48,7 +48,8 @@ pub async fn create_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id, model) = resolve_inputs(&state, &caller, &spec).await?;
+    let (model, dataset) = resolve_inputs(&state, &caller, &spec).await?;
+    let (model_id, dataset_id) = (model.id, dataset.id);
     // With the registered model known, each stage's preconditions are checked against it too
     // (models registered before the layer count was recorded leave it to the engine).
     let input = ModelState {
@@ -57,13 +58,14 @@ pub async fn create_job(
             .get("layers")
             .and_then(serde_json::Value::as_u64)
             .map(|l| l as usize),
-        family: Some(model.architecture),
+        family: Some(model.architecture.clone()),
         ..ModelState::input(spec.task.task_type)
     };
     let violations = spec.validate_from(&input);
     if !violations.is_empty() {
         return Err(ApiError::invalid(violations));
     }
+    super::named_models::check(&state, &caller, &spec, &model, &dataset).await?;
     let spec_json = serde_json::to_value(&spec)
         .map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
     let idempotency = key.map(|key| Idempotency {
@@ -129,13 +131,12 @@ fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
 }
 
-/// The registered model and dataset the spec names, and the model's record, or a 422 pointing at
-/// the id.
+/// The records of the registered model and dataset the spec names, or a 422 pointing at the id.
 async fn resolve_inputs(
     state: &AppState,
     caller: &Caller,
     spec: &JobSpec,
-) -> Result<(Uuid, Uuid, Model), ApiError> {
+) -> Result<(Model, Dataset), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -157,11 +158,11 @@ async fn resolve_inputs(
         ));
     };
     let dataset = state.store.get_dataset(dataset_id).await?;
-    if dataset.is_none_or(|d| d.tenant != caller.tenant) {
+    let Some(dataset) = dataset.filter(|d| d.tenant == caller.tenant) else {
         return Err(ApiError::invalid_field(
             "/task/dataset",
             format!("dataset {dataset_id} is not registered"),
         ));
-    }
-    Ok((model_id, dataset_id, model))
+    };
+    Ok((model, dataset))
 }

@@ -17,6 +17,19 @@ use crate::stages::Stage;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DistillSpec {
+    /// The teacher: `null` is the pipeline's model as it enters the stage; otherwise a registered
+    /// model id (API) or a local folder or file (`compressd run`) of the job's tokenizer and, for
+    /// classification, the task's labels (its `id2label`, in the data's order).
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 4096))]
+    pub teacher: Option<String>,
+    /// The student: `null` builds it from the teacher (`student_layers`, `layer_init`);
+    /// otherwise a registered model id (API) or a local folder or file (`compressd run`) of the
+    /// job's tokenizer with fewer parameters than the teacher, trained as it is (a missing or
+    /// mismatched task head is made anew). `student_layers` must then be `null`.
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 4096))]
+    pub student: Option<String>,
     /// Transformer layers of the student; `null` means half the teacher's, rounded up.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1000))]
@@ -312,7 +325,21 @@ impl DistillSpec {
 
     /// The teacher's layer count as the pipeline knows it at submission, checked against every
     /// layer the spec names: `(field, problem)` of the first that does not fit.
-    fn check_against_teacher(&self, teacher_layers: usize) -> Option<(&'static str, String)> {
+    ///
+    /// With a registered `student` only the `layer_map` is checked, against `student_layers` of the
+    /// student when known.
+    pub fn check_against_teacher(
+        &self,
+        teacher_layers: usize,
+        student_layers: Option<usize>,
+    ) -> Option<(&'static str, String)> {
+        if self.student.is_some() {
+            let pairs = match (student_layers, &self.layer_map) {
+                (Some(student), Some(_)) => self.feature_layer_pairs(student, teacher_layers),
+                _ => Ok(Vec::new()),
+            };
+            return pairs.err().map(|e| ("layer_map", e.to_string()));
+        }
         if let Err(e) = self.student_layer_indices(teacher_layers) {
             let field = match self.layer_init {
                 LayerInit::Layers(_) => "layer_init",
@@ -337,6 +364,29 @@ impl StageKind for DistillSpec {
     const IMPLEMENTED: bool = true;
 
     fn check(&self, c: &mut Checker, at: &str) {
+        for (field, reference) in [("teacher", &self.teacher), ("student", &self.student)] {
+            if let Some(reference) = reference {
+                c.check(
+                    !reference.trim().is_empty(),
+                    &format!("{at}/{field}"),
+                    || "must name a registered model (or be null)".to_owned(),
+                );
+            }
+        }
+        if self.student.is_some() {
+            c.check(
+                self.student_layers.is_none() && !matches!(self.layer_init, LayerInit::Layers(_)),
+                &format!(
+                    "{at}/{}",
+                    if self.student_layers.is_some() {
+                        "student_layers"
+                    } else {
+                        "layer_init"
+                    }
+                ),
+                || "builds a student from the teacher's layers: leave it out with `student`".to_owned(),
+            );
+        }
         if let Some(layers) = self.student_layers {
             c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
         }
@@ -427,7 +477,11 @@ impl StageKind for DistillSpec {
                     .into(),
             });
         }
-        match model.layers.and_then(|l| self.check_against_teacher(l)) {
+        // A registered teacher or student is checked by whoever resolves it (the service at
+        // submission, the stage when it loads them): the incoming model is not the teacher then.
+        let registered = self.teacher.is_some() || self.student.is_some();
+        let layers = model.layers.filter(|_| !registered);
+        match layers.and_then(|l| self.check_against_teacher(l, None)) {
             Some((field, message)) => Err(Precondition {
                 name: "a teacher deeper than its student",
                 field: Some(field),
@@ -441,9 +495,13 @@ impl StageKind for DistillSpec {
     fn transform(&self, model: &mut ModelState, _index: usize) {
         model.quantized_at = None;
         model.pruned = false;
-        model.layers = model
-            .layers
-            .map(|l| self.fixed_student_layers().unwrap_or(l.div_ceil(2)));
+        model.layers = match (&self.teacher, &self.student) {
+            (_, Some(_)) => None,
+            (Some(_), None) => self.fixed_student_layers(),
+            (None, None) => model
+                .layers
+                .map(|l| self.fixed_student_layers().unwrap_or(l.div_ceil(2))),
+        };
     }
 
     /// A distillation step runs the teacher forward too: about 8 flops per parameter per token
