@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use compressd_engine::spec::JobSpec;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use compressd_engine::spec::JobSpec;
 use uuid::Uuid;
 
 use super::protocol::ExecInputs;

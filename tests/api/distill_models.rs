@@ -176,7 +176,11 @@ async fn named_teachers_and_students_are_checked_at_submission() {
                      "student": large.to_string()})),
     )
     .await;
-    assert_refused_at(&reply, "/pipeline/1/student", "not fewer than the teacher's 1000");
+    assert_refused_at(
+        &reply,
+        "/pipeline/1/student",
+        "not fewer than the teacher's 1000",
+    );
     // The student's layers are the registered teacher's to give: 2 of 2 is not smaller.
     let reply = submit(
         &api,
@@ -200,15 +204,46 @@ async fn named_teachers_and_students_are_checked_at_submission() {
     .await;
     assert_refused_at(&reply, "/pipeline/1/student_layers", "leave it out");
 
+    // Narrowing is for a student built from the teacher, and head by head attention matching
+    // needs the teacher's heads.
+    let reply = submit(
+        &api,
+        &spec(json!({"type": "distill", "student": small.to_string(), "intermediate_size": 8})),
+    )
+    .await;
+    assert_refused_at(&reply, "/pipeline/1/intermediate_size", "leave it out");
+    let reply = submit(
+        &api,
+        &spec(
+            json!({"type": "distill", "attention_heads": 2, "weights": {"feature": 1.0},
+                     "feature": {"attention": true}}),
+        ),
+    )
+    .await;
+    assert_refused_at(&reply, "/pipeline/1/attention_heads", "attention matching");
+    let reply = submit(
+        &api,
+        &spec(json!({"type": "distill", "attention_heads": 0})),
+    )
+    .await;
+    assert_refused_at(&reply, "/pipeline/1/attention_heads", "");
+
     // Good ones are queued, the ids kept in the stored spec.
     for stage in [
         json!({"type": "distill", "teacher": teacher.to_string(), "student_layers": 1}),
         json!({"type": "distill", "teacher": teacher.to_string(), "student": small.to_string()}),
         json!({"type": "distill", "student": small.to_string()}),
+        json!({"type": "distill", "attention_heads": 2, "intermediate_size": 16}),
     ] {
         let reply = submit(&api, &spec(stage.clone())).await;
         assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
-        assert_eq!(reply.body["spec"]["pipeline"][1]["teacher"], stage["teacher"]);
-        assert_eq!(reply.body["spec"]["pipeline"][1]["student"], stage["student"]);
+        assert_eq!(
+            reply.body["spec"]["pipeline"][1]["teacher"],
+            stage["teacher"]
+        );
+        assert_eq!(
+            reply.body["spec"]["pipeline"][1]["student"],
+            stage["student"]
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! term is reported on its own every `log_every_steps` steps and as a curve in the stage report.
 //! The student replaces the model for the rest of the pipeline. The spec is in [`spec`].
 
+mod narrow;
 pub mod spec;
 
 use candle_core::Device;
@@ -74,6 +75,7 @@ impl DistillStage {
         if weights.response > 0.0 {
             let response = ResponseKd {
                 temperature: spec.temperature,
+                top_k: spec.top_k.map(|k| k as usize),
             };
             terms.push((weights.response, Box::new(response)));
         }
@@ -150,6 +152,7 @@ impl Stage for DistillStage {
             .tensors()
             .first()
             .map_or(Device::Cpu, |(_, t)| t.device().clone());
+        let mut narrowed = None;
         let (student, keep) = match &self.spec.student {
             Some(reference) => {
                 let student = trainer.load_named_model(reference, ModelRole::Student)?;
@@ -174,7 +177,13 @@ impl Stage for DistillStage {
                 // The student starts dense and in full precision: masks of a pruned teacher do
                 // not carry over to new layers, and a quantized teacher's store holds its
                 // dequantized weights.
-                let student = teacher.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
+                let mut student =
+                    teacher.derived(ParamStore::from_tensors(tensors, |_| true)?, config);
+                let widths = narrow::Widths {
+                    attention_heads: self.spec.attention_heads.map(|h| h as usize),
+                    intermediate_size: self.spec.intermediate_size.map(|n| n as usize),
+                };
+                narrowed = narrow::narrow(&mut student, widths)?;
                 (student, Some(keep))
             }
         };
@@ -208,7 +217,10 @@ impl Stage for DistillStage {
             VocabularyChoice::Full => None,
         };
         let layer_map = (self.spec.weights.feature > 0.0)
-            .then(|| self.spec.feature_layer_pairs(student_layers, teacher_layers))
+            .then(|| {
+                self.spec
+                    .feature_layer_pairs(student_layers, teacher_layers)
+            })
             .transpose()?;
         Ok(serde_json::json!({
             "teacher": self.spec.teacher,
@@ -216,6 +228,7 @@ impl Stage for DistillStage {
             "teacher_layers": teacher_layers,
             "student_layers": student_layers,
             "kept_teacher_layers": keep,
+            "narrowed": narrowed,
             "objective": objective.name(),
             "weights": self.spec.weights,
             "temperature": self.spec.temperature,

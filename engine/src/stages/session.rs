@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::build;
 use super::model::WorkingModel;
-use super::ModelRole;
 use super::saving::SavedQuantization;
 use super::vocabulary::TrimmedVocabulary;
+use super::ModelRole;
 use crate::data::vocabulary::{read_tokenizer_files, unknown_token_id, TokenizerFiles};
 use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
@@ -207,7 +207,11 @@ impl Session {
     }
 
     /// See [`super::Trainer::load_named_model`].
-    pub(super) fn load_named_model(&self, reference: &str, role: ModelRole) -> Result<WorkingModel> {
+    pub(super) fn load_named_model(
+        &self,
+        reference: &str,
+        role: ModelRole,
+    ) -> Result<WorkingModel> {
         let field = role.field();
         let refuse = |why: String| EngineError::InvalidSetting(format!("distill: {field}: {why}"));
         let path = self
@@ -538,7 +542,10 @@ fn read_checkpoint(path: &Path, device: &Device, task: TaskType) -> Result<Check
 
 /// A classification config's class names in id order (empty without `id2label`).
 fn config_labels(config: &serde_json::Value) -> Vec<String> {
-    let Some(map) = config.get("id2label").and_then(serde_json::Value::as_object) else {
+    let Some(map) = config
+        .get("id2label")
+        .and_then(serde_json::Value::as_object)
+    else {
         return Vec::new();
     };
     let mut labels: Vec<(usize, String)> = map

@@ -106,11 +106,7 @@ fn parameters(model: &Model) -> Option<u64> {
 }
 
 fn layers(model: &Model) -> Option<usize> {
-    model
-        .metadata
-        .get("layers")?
-        .as_u64()
-        .map(|l| l as usize)
+    model.metadata.get("layers")?.as_u64().map(|l| l as usize)
 }
 
 /// The sha256 of a model's file as recorded at registration.

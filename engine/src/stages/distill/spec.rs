@@ -34,6 +34,19 @@ pub struct DistillSpec {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1000))]
     pub student_layers: Option<u32>,
+    /// Attention heads of every student layer, when fewer than the teacher's: the heads of least
+    /// weight magnitude are cut (whole key/value groups for grouped-query attention, so a
+    /// multiple of the teacher's query heads per key/value head). For a student built from the
+    /// teacher; `null` keeps the teacher's.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 4096))]
+    pub attention_heads: Option<u32>,
+    /// FFN neurons of every student layer, when fewer than the teacher's: the neurons of least
+    /// weight magnitude are cut. For a student built from the teacher; `null` keeps the
+    /// teacher's.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub intermediate_size: Option<u32>,
     /// Which teacher layers initialise the student's: `every_other` (evenly spaced, ending with
     /// the last), `first`, `last`, or a list of layer indices (0-based, in order).
     #[serde(default)]
@@ -50,6 +63,11 @@ pub struct DistillSpec {
     #[serde(default = "default_temperature")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 100))]
     pub temperature: f64,
+    /// Response knowledge over only the teacher's `top_k` likeliest classes (tokens) of each
+    /// distribution, renormalised, to bound a language model's memory; `null` uses all.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub top_k: Option<u32>,
     /// How much each kind of knowledge counts in the student's loss.
     #[serde(default)]
     pub weights: LossWeights,
@@ -384,9 +402,33 @@ impl StageKind for DistillSpec {
                         "layer_init"
                     }
                 ),
-                || "builds a student from the teacher's layers: leave it out with `student`".to_owned(),
+                || {
+                    "builds a student from the teacher's layers: leave it out with `student`"
+                        .to_owned()
+                },
             );
         }
+        for (field, width) in [
+            ("attention_heads", self.attention_heads),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            let Some(width) = width else { continue };
+            c.range_u32(width, 1, 1_000_000, &format!("{at}/{field}"));
+            c.check(self.student.is_none(), &format!("{at}/{field}"), || {
+                "narrows a student built from the teacher: leave it out with `student`".to_owned()
+            });
+        }
+        c.check(
+            !(self.attention_heads.is_some()
+                && self.feature.attention
+                && self.weights.feature > 0.0),
+            &format!("{at}/attention_heads"),
+            || {
+                "attention matching (feature.attention) compares head by head: keep the \
+                 teacher's heads or turn it off"
+                    .to_owned()
+            },
+        );
         if let Some(layers) = self.student_layers {
             c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
         }
@@ -423,6 +465,9 @@ impl StageKind for DistillSpec {
                     )
                 });
             }
+        }
+        if let Some(k) = self.top_k {
+            c.range_u32(k, 1, 1_000_000, &format!("{at}/top_k"));
         }
         c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
         c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
