@@ -19,6 +19,7 @@
 //! untrained head — the last leading stage that fits the model to the task (`finetune`); stages
 //! before the reference are not judged.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -180,6 +181,9 @@ pub struct PipelineInputs {
     pub dataset: PathBuf,
     /// `cpu`, `cuda:N`, ... (for the report).
     pub device: String,
+    /// Local paths of the registered models that stages name (a `distill` stage's `teacher` or
+    /// `student`), by the name the spec gives them; a name not here is read as a path.
+    pub models: BTreeMap<String, PathBuf>,
 }
 
 /// What a finished run produced.

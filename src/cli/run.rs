@@ -80,6 +80,7 @@ pub fn execute_pipeline(spec: &JobSpec, out: &Path) -> Result<()> {
         model: spec.model.clone().into(),
         dataset: spec.task.dataset.clone().into(),
         device: "cpu".into(),
+        models: Default::default(),
     };
     // No server, no cancel endpoint: Ctrl-C ends the process, and a rerun resumes from the
     // checkpoint the pipeline writes after every finished stage.

@@ -50,6 +50,7 @@ pub fn run_pipeline(
         model: model.clone(),
         dataset: dataset.clone(),
         device: device_name(&device),
+        models: request.inputs.models.clone(),
     };
     if let Err(e) = std::fs::create_dir_all(&request.work_dir) {
         let message = format!("cannot create the work folder: {e}");

@@ -7,10 +7,13 @@
 //! renamed when complete, so a crash mid-download never leaves a half copy that a later job would
 //! trust. Registered inputs never change, so a cached copy never goes stale.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use compressd_engine::spec::JobSpec;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
 
 use super::protocol::ExecInputs;
 use super::WorkerContext;
@@ -31,7 +34,24 @@ pub async fn resolve(ctx: &WorkerContext, job: &Job) -> Result<ExecInputs> {
         Some(id) => ctx.store.get_dataset(id).await?,
         None => None,
     };
+    let mut models = BTreeMap::new();
+    // A stored spec always parses (it was accepted); one that did not would name no model.
+    let named = serde_json::from_value::<JobSpec>(job.spec.clone())
+        .map(|spec| spec.named_models())
+        .unwrap_or_default();
+    for (_, id) in named {
+        let named = match Uuid::parse_str(&id) {
+            Ok(uuid) => ctx.store.get_model(uuid).await?,
+            Err(_) => None,
+        };
+        // Another tenant's model is as unknown as one never registered (checked at submission
+        // too; a spec stored before then must not reach across tenants either).
+        if let Some(named) = named.filter(|m| m.tenant == job.tenant) {
+            models.insert(id, model_path(ctx, &named).await?);
+        }
+    }
     Ok(ExecInputs {
+        models,
         model: match model {
             Some(model) => Some(model_path(ctx, &model).await?),
             None => None,

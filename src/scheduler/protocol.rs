@@ -8,6 +8,7 @@
 //! as a log line rather than failing the job: a stray `println!` in a dependency must not turn a
 //! good run into a failed one.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -40,6 +41,11 @@ pub struct ExecInputs {
     pub model: Option<PathBuf>,
     /// The dataset's file.
     pub dataset: Option<PathBuf>,
+    /// The registered models the spec's stages name (a `distill` stage's `teacher` or
+    /// `student`), by id; an id the worker could not resolve is missing (the stage then fails
+    /// the job as bad input).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, PathBuf>,
 }
 
 /// A file the child produced, to be published by the worker as one of the job's artifacts.

@@ -9,10 +9,17 @@ use super::{Objective, ObjectiveInput};
 
 /// `T² · KL(softmax(teacher / T) ‖ softmax(student / T))`, averaged over rows or tokens; the
 /// teacher is the first frozen model.
+///
+/// With `top_k`, each distribution is the teacher's `k` most likely classes (tokens), its
+/// probabilities renormalised over them, against the student's log-probabilities of the same
+/// classes (still normalised over all of them): a language model's vocabulary-wide teacher
+/// distribution is then never kept beyond the `k` columns per token.
 #[derive(Clone, Copy, Debug)]
 pub struct ResponseKd {
     /// The softmax temperature, > 0.
     pub temperature: f64,
+    /// How many of the teacher's classes each distribution keeps; `None` keeps all.
+    pub top_k: Option<usize>,
 }
 
 impl Objective for ResponseKd {
@@ -48,12 +55,18 @@ impl Objective for ResponseKd {
             _ => Tensor::ones(rows, DType::F32, student.device())?,
         };
         let t = self.temperature;
-        let log_student =
+        let mut log_student =
             candle_nn::ops::log_softmax(&(student.reshape((rows, classes))? / t)?, D::Minus1)?;
-        let log_teacher = candle_nn::ops::log_softmax(
-            &(teacher.logits.reshape((rows, classes))? / t)?,
-            D::Minus1,
-        )?;
+        let mut teacher_logits = teacher.logits.reshape((rows, classes))?.detach();
+        if let Some(k) = self.top_k.filter(|&k| k < classes) {
+            let top = teacher_logits
+                .arg_sort_last_dim(false)?
+                .narrow(1, 0, k)?
+                .contiguous()?;
+            teacher_logits = teacher_logits.gather(&top, 1)?;
+            log_student = log_student.gather(&top, 1)?;
+        }
+        let log_teacher = candle_nn::ops::log_softmax(&(teacher_logits / t)?, D::Minus1)?;
         let per_row = (log_teacher.exp()? * (&log_teacher - &log_student)?)?.sum(D::Minus1)?;
         let total = (per_row * &weights)?.sum_all()?;
         let count = weights.sum_all()?.clamp(1f32, f32::MAX)?;
@@ -106,7 +119,10 @@ mod tests {
         let batch = Batch::collate(&refs, 0, &Device::Cpu).unwrap();
         let student = output([0.0, 0.0]);
         let teacher = [output([0.0, 0.0])];
-        let kd = ResponseKd { temperature: 2.0 };
+        let kd = ResponseKd {
+            temperature: 2.0,
+            top_k: None,
+        };
         let input = ObjectiveInput {
             batch: &batch,
             model: &NoModel,
@@ -129,5 +145,61 @@ mod tests {
                 ..input
             })
             .is_err());
+    }
+
+    #[test]
+    fn top_k_keeps_the_teachers_likeliest_classes_and_passes_gradients() {
+        let rows = [Example {
+            input_ids: vec![1, 2],
+            label: Some(0),
+        }];
+        let refs: Vec<&Example> = rows.iter().collect();
+        let batch = Batch::collate(&refs, 0, &Device::Cpu).unwrap();
+        let var = candle_core::Var::new(&[[0.0f32, 1.0, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let student = TaskOutput {
+            logits: var.as_tensor().clone(),
+            hidden_states: Vec::new(),
+            attentions: Vec::new(),
+        };
+        let teacher = [TaskOutput {
+            logits: Tensor::new(&[[5.0f32, 0.0, 4.0, -3.0]], &Device::Cpu).unwrap(),
+            hidden_states: Vec::new(),
+            attentions: Vec::new(),
+        }];
+        let kd = ResponseKd {
+            temperature: 1.0,
+            top_k: Some(2),
+        };
+        let input = ObjectiveInput {
+            batch: &batch,
+            model: &NoModel,
+            output: &student,
+            frozen: &teacher,
+        };
+        let loss = kd.loss(&input).unwrap();
+        // Classes 0 and 2: the teacher's p = softmax(5, 4); the student's full log-softmax there.
+        let (e5, e4) = (5f32.exp(), 4f32.exp());
+        let p = [e5 / (e5 + e4), e4 / (e5 + e4)];
+        let z: f32 = [0f32, 1.0, 2.0, 3.0].iter().map(|x| x.exp()).sum();
+        let log_q = [0.0 - z.ln(), 2.0 - z.ln()];
+        let want: f32 = (0..2).map(|i| p[i] * (p[i].ln() - log_q[i])).sum();
+        let got = loss.to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        let grads = loss.backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
+        let grad = grad.to_vec1::<f32>().unwrap();
+        assert!(grad.iter().all(|g| g.is_finite()) && grad.iter().any(|g| *g != 0.0));
+        // Equal to the full KL when k covers every class.
+        let all = ResponseKd {
+            temperature: 1.0,
+            top_k: Some(4),
+        };
+        let full = ResponseKd {
+            temperature: 1.0,
+            top_k: None,
+        };
+        let a = all.loss(&input).unwrap().to_scalar::<f32>().unwrap();
+        let b = full.loss(&input).unwrap().to_scalar::<f32>().unwrap();
+        assert!((a - b).abs() < 1e-6);
     }
 }

@@ -187,6 +187,24 @@ impl JobSpec {
         self.validate_from(&ModelState::input(self.task.task_type))
     }
 
+    /// The models the stages name besides the input (a `distill` stage's `teacher` and
+    /// `student`): `(JSON pointer, reference)` in pipeline order.
+    pub fn named_models(&self) -> Vec<(String, String)> {
+        let mut named = Vec::new();
+        for (index, stage) in self.pipeline.iter().enumerate() {
+            let Some(distill) = stage.get::<DistillSpec>() else {
+                continue;
+            };
+            for (field, reference) in [("teacher", &distill.teacher), ("student", &distill.student)]
+            {
+                if let Some(reference) = reference {
+                    named.push((format!("/pipeline/{index}/{field}"), reference.clone()));
+                }
+            }
+        }
+        named
+    }
+
     /// As [`JobSpec::validate`], with what is known of the input model (its family, say).
     pub fn validate_from(&self, input: &ModelState) -> Vec<Violation> {
         validate::validate(self, input)

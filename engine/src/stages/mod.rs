@@ -106,6 +106,41 @@ pub trait Trainer {
             "vocabulary trimming needs the job's data".into(),
         ))
     }
+
+    /// Loads a model a stage names (a `distill` stage's `teacher` or `student`: a registered
+    /// model's local path from the run's inputs, else a path) built for the job's task, after
+    /// checking that it reads the job's tokenizer and, for `role` [`ModelRole::Teacher`] on a
+    /// classification task, that its head predicts the task's labels in the data's order.
+    ///
+    /// # Errors
+    /// A model that cannot be read, another tokenizer or label set
+    /// ([`crate::EngineError::InvalidSetting`]), or a trainer without the job's data.
+    fn load_named_model(&self, reference: &str, role: ModelRole) -> Result<WorkingModel> {
+        let _ = (reference, role);
+        Err(crate::EngineError::Unsupported(
+            "loading a named model needs the job's inputs".into(),
+        ))
+    }
+}
+
+/// What a model loaded by [`Trainer::load_named_model`] is for: a teacher must already predict
+/// the task's labels; a student's head may be made anew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelRole {
+    /// A frozen model whose outputs are learned from.
+    Teacher,
+    /// A model that is trained.
+    Student,
+}
+
+impl ModelRole {
+    /// The spec field naming a model of this role.
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Teacher => "teacher",
+            Self::Student => "student",
+        }
+    }
 }
 
 /// What a training run optimises beyond the task loss.

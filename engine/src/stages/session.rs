@@ -8,7 +8,7 @@
 //! resumed job restores its masks and linear plan; Llama models quantized to a GGUF type also get a
 //! `model.gguf` when the spec asks for GGUF output.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use super::build;
 use super::model::WorkingModel;
 use super::saving::SavedQuantization;
 use super::vocabulary::TrimmedVocabulary;
+use super::ModelRole;
 use crate::data::vocabulary::{read_tokenizer_files, unknown_token_id, TokenizerFiles};
 use crate::data::{
     epoch_order, ClassificationData, ClassificationSpec, Example, LmCorpus, LmSpec, TextEncoder,
@@ -67,6 +68,8 @@ pub struct Session {
     pub(super) data: TaskData,
     pub(super) encoder: TextEncoder,
     model_path: PathBuf,
+    /// Local paths of the models stages name, by name ([`PipelineInputs::models`]).
+    named_models: BTreeMap<String, PathBuf>,
     tokenizer_dir: Option<PathBuf>,
     /// The trimmed vocabulary the data's ids are in (`None`: the input tokenizer's).
     vocabulary: Option<Arc<TrimmedVocabulary>>,
@@ -133,6 +136,7 @@ impl Session {
             data,
             encoder,
             model_path: inputs.model.clone(),
+            named_models: inputs.models.clone(),
             tokenizer_dir: tokenizer.parent().map(Path::to_path_buf),
             vocabulary: None,
             train_runs: std::cell::Cell::new(0),
@@ -200,6 +204,55 @@ impl Session {
         self.build_model(&model, true)?;
         model.store.set_init_missing(None);
         Ok(model)
+    }
+
+    /// See [`super::Trainer::load_named_model`].
+    pub(super) fn load_named_model(
+        &self,
+        reference: &str,
+        role: ModelRole,
+    ) -> Result<WorkingModel> {
+        let field = role.field();
+        let refuse = |why: String| EngineError::InvalidSetting(format!("distill: {field}: {why}"));
+        let path = self
+            .named_models
+            .get(reference)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(reference));
+        if !path.exists() {
+            return Err(refuse(format!("no model at {}", path.display())));
+        }
+        if self.vocabulary.is_some() {
+            return Err(refuse(
+                "an earlier stage trimmed the job's vocabulary, which this model does not follow; \
+                 trim it in this stage instead (`vocabulary: \"task\"`)"
+                    .into(),
+            ));
+        }
+        let ours = self
+            .tokenizer_dir
+            .as_deref()
+            .map(|dir| dir.join("tokenizer.json"))
+            .ok_or_else(|| refuse("the job's model has no tokenizer to compare with".into()))?;
+        if !same_vocabulary(&tokenizer_path(&path)?, &ours)? {
+            return Err(refuse(format!(
+                "{} reads another tokenizer than the job's model; the data is tokenized once, \
+                 for both teacher and student",
+                path.display()
+            )));
+        }
+        let checkpoint = read_checkpoint(&path, &self.device, self.spec.task.task_type)?;
+        if role == ModelRole::Teacher && self.spec.task.task_type == TaskType::TextClassification {
+            let theirs = config_labels(&checkpoint.config);
+            if theirs != self.labels() {
+                return Err(refuse(format!(
+                    "its labels {theirs:?} are not the task's {:?} (a teacher must predict the \
+                     task's classes, in the data's order)",
+                    self.labels()
+                )));
+            }
+        }
+        self.model_from_checkpoint(checkpoint)
     }
 
     /// The tokenizer files of `model`: its trimmed vocabulary's, else the input's.
@@ -392,13 +445,7 @@ impl Workbench for Session {
 
 impl Session {
     fn load_input_model(&mut self) -> Result<WorkingModel> {
-        let checkpoint = if self.model_path.is_dir() {
-            // Under the engine's names, so an input in transformers' layout and the folders this
-            // job saves (read back on resume) name every weight alike.
-            super::saving::read_dense(&self.model_path, &self.device, self.spec.task.task_type)?
-        } else {
-            read_gguf(&self.model_path, DType::F32, &self.device)?
-        };
+        let checkpoint = read_checkpoint(&self.model_path, &self.device, self.spec.task.task_type)?;
         self.model_from_checkpoint(checkpoint)
     }
 
@@ -480,6 +527,46 @@ fn cap(examples: &mut Vec<Example>, limit: Option<u64>, seed: u64) {
         .map(|i| examples[i].clone())
         .collect();
     *examples = kept;
+}
+
+/// A model folder or GGUF file, in full precision.
+fn read_checkpoint(path: &Path, device: &Device, task: TaskType) -> Result<Checkpoint> {
+    if path.is_dir() {
+        // Under the engine's names, so an input in transformers' layout and the folders this
+        // job saves (read back on resume) name every weight alike.
+        super::saving::read_dense(path, device, task)
+    } else {
+        read_gguf(path, DType::F32, device)
+    }
+}
+
+/// A classification config's class names in id order (empty without `id2label`).
+fn config_labels(config: &serde_json::Value) -> Vec<String> {
+    let Some(map) = config
+        .get("id2label")
+        .and_then(serde_json::Value::as_object)
+    else {
+        return Vec::new();
+    };
+    let mut labels: Vec<(usize, String)> = map
+        .iter()
+        .map(|(id, name)| {
+            let id = id.parse().unwrap_or(usize::MAX);
+            (id, name.as_str().unwrap_or_default().to_owned())
+        })
+        .collect();
+    labels.sort();
+    labels.into_iter().map(|(_, name)| name).collect()
+}
+
+/// Whether two `tokenizer.json` files map the same tokens to the same ids.
+fn same_vocabulary(a: &Path, b: &Path) -> Result<bool> {
+    let vocabulary = |path: &Path| {
+        tokenizers::Tokenizer::from_file(path)
+            .map(|t| t.get_vocab(true))
+            .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", path.display())))
+    };
+    Ok(vocabulary(a)? == vocabulary(b)?)
 }
 
 fn tokenizer_path(model: &Path) -> Result<PathBuf> {

@@ -9,7 +9,9 @@ use candle_core::Var;
 
 use super::model::WorkingModel;
 use super::session::{Session, TaskData};
-use super::{LossCurve, TrainRequest, TrainSettings, TrainSummary, Trainer, VocabularyReport};
+use super::{
+    LossCurve, ModelRole, TrainRequest, TrainSettings, TrainSummary, Trainer, VocabularyReport,
+};
 use crate::data::{Batch, Example};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
@@ -31,6 +33,10 @@ use crate::train::{
 const CHECKPOINT_EVERY_SECS: f64 = 300.0;
 
 impl Trainer for Session {
+    fn load_named_model(&self, reference: &str, role: ModelRole) -> Result<WorkingModel> {
+        Session::load_named_model(self, reference, role)
+    }
+
     fn train_with(
         &self,
         model: &mut WorkingModel,

@@ -36,6 +36,7 @@ impl Job {
             model,
             dataset,
             device: "cpu".into(),
+            models: Default::default(),
         };
         let result = run_job(
             &spec,

@@ -38,6 +38,7 @@ impl LoraJob {
             model,
             dataset,
             device: "cpu".into(),
+            models: Default::default(),
         };
         let result = run_job(
             &spec,

@@ -47,6 +47,7 @@ fn minilm_bbc_finetune_prune_int8() -> Result<()> {
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let out = tempfile::tempdir()?;
     let progress = |e: Event| {

@@ -89,6 +89,7 @@ fn inputs(dir: &Path) -> Result<PipelineInputs> {
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     })
 }
 

@@ -49,6 +49,7 @@ fn a_stopped_training_stage_resumes_from_its_checkpoint() -> Result<()> {
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
 
     // Uninterrupted.
@@ -151,6 +152,7 @@ fn tiny_session(dir: &Path) -> Result<(JobSpec, PipelineInputs)> {
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     Ok((spec, inputs))
 }

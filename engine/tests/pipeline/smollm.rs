@@ -43,6 +43,7 @@ fn perplexities(
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let out = tempfile::tempdir()?;
     let result = run_job(

@@ -50,6 +50,7 @@ fn run(
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let result = run_job(
         &spec,

@@ -35,6 +35,7 @@ fn finetune_prune_quantize_end_to_end_and_reload() -> Result<()> {
         model: model_dir,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let out = dir.path().join("out");
     let events = Mutex::new(Vec::new());

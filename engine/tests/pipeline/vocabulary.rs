@@ -45,6 +45,7 @@ fn a_distilled_student_keeps_only_the_datas_tokens_and_ships_a_matching_tokenize
         model: model_dir,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let out = dir.path().join("out");
     let ignore = |_: Event| {};
@@ -132,6 +133,7 @@ fn tiny_trimmed_student_loads_in_transformers_with_its_own_tokenizer() -> Result
         model: model_dir,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let result = run_job(
         &spec,

@@ -16,7 +16,7 @@ use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
 use crate::auth::Caller;
 use crate::job_spec;
-use crate::store::{Created, Idempotency, Model, NewJob};
+use crate::store::{Created, Dataset, Idempotency, Model, NewJob};
 
 /// Header a client sets to make retries of a create safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -49,7 +49,9 @@ pub async fn create_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     let spec = job_spec::accept(&body).map_err(ApiError::invalid)?;
-    let (model_id, dataset_id, model, train_rows) = resolve_inputs(&state, &caller, &spec).await?;
+    let (model, dataset) = resolve_inputs(&state, &caller, &spec).await?;
+    let (model_id, dataset_id) = (model.id, dataset.id);
+    let train_rows = train_rows(&dataset);
     // With the registered model known, each stage's preconditions are checked against it too
     // (models registered before the layer count was recorded leave it to the engine).
     let input = ModelState {
@@ -58,7 +60,7 @@ pub async fn create_job(
             .get("layers")
             .and_then(serde_json::Value::as_u64)
             .map(|l| l as usize),
-        family: Some(model.architecture),
+        family: Some(model.architecture.clone()),
         // Recorded at registration (models registered before that leave LoRA's fit to the engine).
         linear_modules: model
             .metadata
@@ -71,6 +73,7 @@ pub async fn create_job(
     if !violations.is_empty() {
         return Err(ApiError::invalid(violations));
     }
+    super::named_models::check(&state, &caller, &spec, &model, &dataset).await?;
     let spec_json = serde_json::to_value(&spec)
         .map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
     let idempotency = key.map(|key| Idempotency {
@@ -136,13 +139,12 @@ fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
 }
 
-/// The registered model and dataset the spec names, the model's record and the dataset's train
-/// rows (when its registration counted splits), or a 422 pointing at the id.
+/// The records of the registered model and dataset the spec names, or a 422 pointing at the id.
 async fn resolve_inputs(
     state: &AppState,
     caller: &Caller,
     spec: &JobSpec,
-) -> Result<(Uuid, Uuid, Model, Option<u64>), ApiError> {
+) -> Result<(Model, Dataset), ApiError> {
     let model_id = Uuid::parse_str(&spec.model).map_err(|_| {
         ApiError::invalid_field(
             "/model",
@@ -170,9 +172,14 @@ async fn resolve_inputs(
             format!("dataset {dataset_id} is not registered"),
         ));
     };
-    // Rows the engine trains on (split names as it reads them); a record without split counts, or
-    // with a name the engine would refuse, leaves the check to the engine.
-    let train_rows = dataset
+    Ok((model, dataset))
+}
+
+/// Rows the engine trains on (split names as it reads them), when the dataset's registration
+/// counted its splits; a record without split counts, or with a name the engine would refuse,
+/// leaves the check to the engine.
+fn train_rows(dataset: &Dataset) -> Option<u64> {
+    dataset
         .metadata
         .get("splits")
         .and_then(serde_json::Value::as_object)
@@ -183,6 +190,5 @@ async fn resolve_inputs(
                     Split::Train => Some(train + rows.as_u64()?),
                     Split::Validation | Split::Test => Some(train),
                 })
-        });
-    Ok((model_id, dataset_id, model, train_rows))
+        })
 }

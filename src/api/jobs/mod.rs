@@ -3,6 +3,7 @@
 pub mod create;
 pub mod list;
 pub mod manage;
+mod named_models;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -17,10 +17,36 @@ use crate::stages::Stage;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DistillSpec {
+    /// The teacher: `null` is the pipeline's model as it enters the stage; otherwise a registered
+    /// model id (API) or a local folder or file (`compressd run`) of the job's tokenizer and, for
+    /// classification, the task's labels (its `id2label`, in the data's order).
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 4096))]
+    pub teacher: Option<String>,
+    /// The student: `null` builds it from the teacher (`student_layers`, `layer_init`);
+    /// otherwise a registered model id (API) or a local folder or file (`compressd run`) of the
+    /// job's tokenizer with fewer parameters than the teacher, trained as it is (a missing or
+    /// mismatched task head is made anew). `student_layers` must then be `null`.
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 4096))]
+    pub student: Option<String>,
     /// Transformer layers of the student; `null` means half the teacher's, rounded up.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1000))]
     pub student_layers: Option<u32>,
+    /// Attention heads of every student layer, when fewer than the teacher's: the heads of least
+    /// weight magnitude are cut (whole key/value groups for grouped-query attention, so a
+    /// multiple of the teacher's query heads per key/value head). For a student built from the
+    /// teacher; `null` keeps the teacher's.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 4096))]
+    pub attention_heads: Option<u32>,
+    /// FFN neurons of every student layer, when fewer than the teacher's: the neurons of least
+    /// weight magnitude are cut. For a student built from the teacher; `null` keeps the
+    /// teacher's.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub intermediate_size: Option<u32>,
     /// Which teacher layers initialise the student's: `every_other` (evenly spaced, ending with
     /// the last), `first`, `last`, or a list of layer indices (0-based, in order).
     #[serde(default)]
@@ -37,6 +63,11 @@ pub struct DistillSpec {
     #[serde(default = "default_temperature")]
     #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 100))]
     pub temperature: f64,
+    /// Response knowledge over only the teacher's `top_k` likeliest classes (tokens) of each
+    /// distribution, renormalised, to bound a language model's memory; `null` uses all.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub top_k: Option<u32>,
     /// How much each kind of knowledge counts in the student's loss.
     #[serde(default)]
     pub weights: LossWeights,
@@ -312,7 +343,21 @@ impl DistillSpec {
 
     /// The teacher's layer count as the pipeline knows it at submission, checked against every
     /// layer the spec names: `(field, problem)` of the first that does not fit.
-    fn check_against_teacher(&self, teacher_layers: usize) -> Option<(&'static str, String)> {
+    ///
+    /// With a registered `student` only the `layer_map` is checked, against `student_layers` of the
+    /// student when known.
+    pub fn check_against_teacher(
+        &self,
+        teacher_layers: usize,
+        student_layers: Option<usize>,
+    ) -> Option<(&'static str, String)> {
+        if self.student.is_some() {
+            let pairs = match (student_layers, &self.layer_map) {
+                (Some(student), Some(_)) => self.feature_layer_pairs(student, teacher_layers),
+                _ => Ok(Vec::new()),
+            };
+            return pairs.err().map(|e| ("layer_map", e.to_string()));
+        }
         if let Err(e) = self.student_layer_indices(teacher_layers) {
             let field = match self.layer_init {
                 LayerInit::Layers(_) => "layer_init",
@@ -337,6 +382,53 @@ impl StageKind for DistillSpec {
     const IMPLEMENTED: bool = true;
 
     fn check(&self, c: &mut Checker, at: &str) {
+        for (field, reference) in [("teacher", &self.teacher), ("student", &self.student)] {
+            if let Some(reference) = reference {
+                c.check(
+                    !reference.trim().is_empty(),
+                    &format!("{at}/{field}"),
+                    || "must name a registered model (or be null)".to_owned(),
+                );
+            }
+        }
+        if self.student.is_some() {
+            c.check(
+                self.student_layers.is_none() && !matches!(self.layer_init, LayerInit::Layers(_)),
+                &format!(
+                    "{at}/{}",
+                    if self.student_layers.is_some() {
+                        "student_layers"
+                    } else {
+                        "layer_init"
+                    }
+                ),
+                || {
+                    "builds a student from the teacher's layers: leave it out with `student`"
+                        .to_owned()
+                },
+            );
+        }
+        for (field, width) in [
+            ("attention_heads", self.attention_heads),
+            ("intermediate_size", self.intermediate_size),
+        ] {
+            let Some(width) = width else { continue };
+            c.range_u32(width, 1, 1_000_000, &format!("{at}/{field}"));
+            c.check(self.student.is_none(), &format!("{at}/{field}"), || {
+                "narrows a student built from the teacher: leave it out with `student`".to_owned()
+            });
+        }
+        c.check(
+            !(self.attention_heads.is_some()
+                && self.feature.attention
+                && self.weights.feature > 0.0),
+            &format!("{at}/attention_heads"),
+            || {
+                "attention matching (feature.attention) compares head by head: keep the \
+                 teacher's heads or turn it off"
+                    .to_owned()
+            },
+        );
         if let Some(layers) = self.student_layers {
             c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
         }
@@ -373,6 +465,9 @@ impl StageKind for DistillSpec {
                     )
                 });
             }
+        }
+        if let Some(k) = self.top_k {
+            c.range_u32(k, 1, 1_000_000, &format!("{at}/top_k"));
         }
         c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
         c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
@@ -427,7 +522,11 @@ impl StageKind for DistillSpec {
                     .into(),
             });
         }
-        match model.layers.and_then(|l| self.check_against_teacher(l)) {
+        // A registered teacher or student is checked by whoever resolves it (the service at
+        // submission, the stage when it loads them): the incoming model is not the teacher then.
+        let registered = self.teacher.is_some() || self.student.is_some();
+        let layers = model.layers.filter(|_| !registered);
+        match layers.and_then(|l| self.check_against_teacher(l, None)) {
             Some((field, message)) => Err(Precondition {
                 name: "a teacher deeper than its student",
                 field: Some(field),
@@ -441,9 +540,13 @@ impl StageKind for DistillSpec {
     fn transform(&self, model: &mut ModelState, _index: usize) {
         model.quantized_at = None;
         model.pruned = false;
-        model.layers = model
-            .layers
-            .map(|l| self.fixed_student_layers().unwrap_or(l.div_ceil(2)));
+        model.layers = match (&self.teacher, &self.student) {
+            (_, Some(_)) => None,
+            (Some(_), None) => self.fixed_student_layers(),
+            (None, None) => model
+                .layers
+                .map(|l| self.fixed_student_layers().unwrap_or(l.div_ceil(2))),
+        };
     }
 
     /// A distillation step runs the teacher forward too: about 8 flops per parameter per token

@@ -317,7 +317,11 @@ fn units(map: &ModuleMap, model: &WorkingModel) -> Result<BTreeMap<(Structure, u
 }
 
 /// Cuts `cut` out of the model's tensors and masks, and sets its config to the new widths.
-fn apply_cut(model: &mut WorkingModel, map: &ModuleMap, cut: &StructuredCut) -> Result<()> {
+pub(crate) fn apply_cut(
+    model: &mut WorkingModel,
+    map: &ModuleMap,
+    cut: &StructuredCut,
+) -> Result<()> {
     if cut.heads.is_empty() && cut.neurons.is_empty() {
         return Ok(());
     }
