@@ -36,6 +36,7 @@ fn tiny(dir: &Path, pipeline: Value) -> Result<(JobSpec, PipelineInputs)> {
         model,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     Ok((spec, inputs))
 }

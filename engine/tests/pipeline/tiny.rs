@@ -129,6 +129,7 @@ fn dynamic_int8_quantizes_linear_layers_and_reloads_as_dynamic() -> Result<()> {
         model: model_dir,
         dataset,
         device: "cpu".into(),
+        models: Default::default(),
     };
     let out = dir.path().join("out");
     let result = run_job(
