@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
-use support::{folder_files, shared_data, Service};
+use support::{shared_data, Service};
 
 const MODEL: &str = "models/all-MiniLM-L6-v2";
 const DATASET: &str = "data/bbc_news/bbc_news.jsonl";
@@ -48,17 +48,10 @@ async fn minilm_dynamic_int8_within_half_a_point_and_faster_than_f32_and_pytorch
         .context("set COMPRESSD_INTEROP_PYTHON to a Python with torch and transformers")?;
     let _turn = support::ONE_AT_A_TIME.lock().await;
     let service = Service::start().await?;
-    let model = service
-        .upload(
-            "/v1/models",
-            &[("name", "minilm")],
-            &folder_files(&shared.join(MODEL))?,
-        )
+    let (model, dataset) = service
+        .register_model_and_dataset(&shared, MODEL, DATASET)
         .await?;
-    let data = vec![("bbc_news.jsonl".to_owned(), shared.join(DATASET))];
-    let dataset = service.upload("/v1/datasets", &[], &data).await?;
-    let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
-    let spec = job_spec(&id(&model)?, &id(&dataset)?);
+    let spec = job_spec(&model, &dataset);
     let (job, _) = service.run_to_success(&spec, &STAGES, JOB_TIMEOUT).await?;
     let job_id = job["id"].as_str().context("job id")?;
     let out = tempfile::tempdir()?;

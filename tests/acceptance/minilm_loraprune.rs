@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use support::{folder_files, shared_data, Service};
+use support::{shared_data, Service};
 
 const MODEL: &str = "models/all-MiniLM-L6-v2";
 const DATASET: &str = "data/bbc_news/bbc_news.jsonl";
@@ -46,17 +46,10 @@ async fn run(importance: &str, recover: Value) -> Result<Value> {
     let shared = shared_data(&[MODEL, DATASET])?;
     let _turn = support::ONE_AT_A_TIME.lock().await;
     let service = Service::start().await?;
-    let model = service
-        .upload(
-            "/v1/models",
-            &[("name", "minilm")],
-            &folder_files(&shared.join(MODEL))?,
-        )
+    let (model, dataset) = service
+        .register_model_and_dataset(&shared, MODEL, DATASET)
         .await?;
-    let data = vec![("bbc_news.jsonl".to_owned(), shared.join(DATASET))];
-    let dataset = service.upload("/v1/datasets", &[], &data).await?;
-    let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
-    let spec = job_spec(&id(&model)?, &id(&dataset)?, importance, recover);
+    let spec = job_spec(&model, &dataset, importance, recover);
     let (job, _) = service.run_to_success(&spec, &STAGES, JOB_TIMEOUT).await?;
     let job_id = job["id"].as_str().context("job id")?;
     let out = tempfile::tempdir()?;

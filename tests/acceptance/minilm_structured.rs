@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use support::{folder_files, shared_data, Service};
+use support::{shared_data, Service};
 
 const MODEL: &str = "models/all-MiniLM-L6-v2";
 const DATASET: &str = "data/bbc_news/bbc_news.jsonl";
@@ -47,17 +47,10 @@ async fn minilm_structured_prune_40_percent_within_one_point_and_faster() -> Res
     let shared = shared_data(&[MODEL, DATASET])?;
     let _turn = support::ONE_AT_A_TIME.lock().await;
     let service = Service::start().await?;
-    let model = service
-        .upload(
-            "/v1/models",
-            &[("name", "minilm")],
-            &folder_files(&shared.join(MODEL))?,
-        )
+    let (model, dataset) = service
+        .register_model_and_dataset(&shared, MODEL, DATASET)
         .await?;
-    let data = vec![("bbc_news.jsonl".to_owned(), shared.join(DATASET))];
-    let dataset = service.upload("/v1/datasets", &[], &data).await?;
-    let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
-    let spec = job_spec(&id(&model)?, &id(&dataset)?);
+    let spec = job_spec(&model, &dataset);
     let (job, _) = service.run_to_success(&spec, &STAGES, JOB_TIMEOUT).await?;
     let job_id = job["id"].as_str().context("job id")?;
     let out = tempfile::tempdir()?;
@@ -129,14 +122,10 @@ async fn minilm_structured_70_percent_then_int8_within_1_5_points_and_2_5x_faste
     let shared = shared_data(&[MODEL, DATASET])?;
     let _turn = support::ONE_AT_A_TIME.lock().await;
     let service = Service::start().await?;
-    let files = folder_files(&shared.join(MODEL))?;
-    let model = service
-        .upload("/v1/models", &[("name", "minilm")], &files)
+    let (model, dataset) = service
+        .register_model_and_dataset(&shared, MODEL, DATASET)
         .await?;
-    let data = vec![("bbc_news.jsonl".to_owned(), shared.join(DATASET))];
-    let dataset = service.upload("/v1/datasets", &[], &data).await?;
-    let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
-    let spec = int8_job_spec(&id(&model)?, &id(&dataset)?);
+    let spec = int8_job_spec(&model, &dataset);
     let stages = ["finetune", "prune", "quantize"];
     let (job, _) = service.run_to_success(&spec, &stages, JOB_TIMEOUT).await?;
     let job_id = job["id"].as_str().context("job id")?;

@@ -147,6 +147,35 @@ impl Service {
         json_answer(request.multipart(form).send().await?).await
     }
 
+    /// Registers the model folder `model` and the one-file dataset `dataset` (both under
+    /// `shared`, the file uploaded under its own name) and returns their ids.
+    ///
+    /// # Errors
+    /// An unreadable file, a refused upload or an answer without an id.
+    pub async fn register_model_and_dataset(
+        &self,
+        shared: &Path,
+        model: &str,
+        dataset: &str,
+    ) -> Result<(String, String)> {
+        let model = self
+            .upload(
+                "/v1/models",
+                &[("name", "minilm")],
+                &folder_files(&shared.join(model))?,
+            )
+            .await?;
+        let file = shared.join(dataset);
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("dataset file name")?
+            .to_owned();
+        let dataset = self.upload("/v1/datasets", &[], &[(name, file)]).await?;
+        let id = |v: &Value| v["id"].as_str().map(str::to_owned).context("id");
+        Ok((id(&model)?, id(&dataset)?))
+    }
+
     /// POSTs JSON.
     ///
     /// # Errors
