@@ -163,14 +163,14 @@ fn ordered_document(registry: &Registry) -> Value {
             "description": "The spec as accepted, with every default filled in."
         }));
     }
-    add_job_links(&mut document);
+    add_links(&mut document);
     document
 }
 
-/// OpenAPI links from a created job to the operations on it, so generated clients and tools can
-/// follow them. Added here rather than with utoipa's `links(...)`, which writes `operation_id`
-/// where OpenAPI says `operationId`.
-fn add_job_links(document: &mut Value) {
+/// OpenAPI links from a created job, model or dataset to the operations on it, so generated
+/// clients and tools (Schemathesis' stateful phase) can follow them. Added here rather than with
+/// utoipa's `links(...)`, which writes `operation_id` where OpenAPI says `operationId`.
+fn add_links(document: &mut Value) {
     let link = |operation: &str, description: &str| {
         serde_json::json!({
             "operationId": operation,
@@ -178,16 +178,38 @@ fn add_job_links(document: &mut Value) {
             "description": description,
         })
     };
-    let links = yaml_of(serde_json::json!({
-        "GetJob": link("get_job", "The job, with its progress and result"),
-        "CancelJob": link("cancel_job", "Ask the job to stop"),
-        "DeleteJob": link("delete_job", "Remove the finished job and its artifacts"),
-        "JobEvents": link("job_events", "Follow the job's events"),
-    }));
-    for status in ["201", "200"] {
-        let path = ["paths", "/v1/jobs", "post", "responses", status];
-        if let Some(response) = walk(document, &path) {
-            response["links"] = links.clone();
+    let created = [
+        (
+            "/v1/jobs",
+            serde_json::json!({
+                "GetJob": link("get_job", "The job, with its progress and result"),
+                "CancelJob": link("cancel_job", "Ask the job to stop"),
+                "DeleteJob": link("delete_job", "Remove the finished job and its artifacts"),
+                "JobEvents": link("job_events", "Follow the job's events"),
+            }),
+        ),
+        (
+            "/v1/models",
+            serde_json::json!({
+                "GetModel": link("get_model", "The registered model"),
+                "DeleteModel": link("delete_model", "Remove the model and its files"),
+            }),
+        ),
+        (
+            "/v1/datasets",
+            serde_json::json!({
+                "GetDataset": link("get_dataset", "The registered dataset"),
+                "DeleteDataset": link("delete_dataset", "Remove the dataset and its file"),
+            }),
+        ),
+    ];
+    for (route, links) in created {
+        let links = yaml_of(links);
+        for status in ["201", "200"] {
+            let path = ["paths", route, "post", "responses", status];
+            if let Some(response) = walk(document, &path) {
+                response["links"] = links.clone();
+            }
         }
     }
 }

@@ -109,6 +109,16 @@ async fn supervise(
         {
             Ok(publish_outputs(ctx, job, lease, result, &outputs).await)
         }
+        // A failure that ends the job: what its finished stages made is published, not dropped
+        // with the work folder. (A failure with attempts left keeps the folder to resume from.)
+        Ok(ChildOutcome::Reported(ChildMessage::Failed {
+            code,
+            message,
+            retryable,
+            kept,
+        })) if !kept.is_empty() && (!retryable || job.attempt >= job.max_attempts) => {
+            Ok(publish_kept(ctx, job, lease, code, message, retryable, kept).await)
+        }
         other => other,
     };
     keeper.abort();
@@ -221,6 +231,7 @@ async fn publish_outputs(
                 code: "publish_failed".into(),
                 message: format!("the outputs could not be stored: {error}"),
                 retryable: true,
+                kept: Vec::new(),
             })
         }
     }
@@ -236,6 +247,51 @@ async fn remove_work_dir(dir: PathBuf) {
     }
 }
 
+/// Publishes the finished stages' models of a failed run that ends the job, and says so in the
+/// failure's message. The verdict keeps `kept` only when they could not be stored: the work
+/// folder then stays on this machine instead of being removed with the job.
+async fn publish_kept(
+    ctx: &WorkerContext,
+    job: &Job,
+    lease: &Lease,
+    code: String,
+    message: String,
+    retryable: bool,
+    kept: Vec<OutputFile>,
+) -> ChildOutcome {
+    let dir = work_dir(ctx, job);
+    let (message, kept) = match publish(ctx, lease, &dir, &kept).await {
+        Ok(artifacts) => {
+            let mut folders: Vec<&str> = artifacts
+                .iter()
+                .filter_map(|a| a["name"].as_str())
+                .filter_map(|name| name.rsplit_once('/').map(|(folder, _)| folder))
+                .collect();
+            folders.dedup();
+            let message = format!(
+                "{message}; the models of the stages that finished are kept as artifacts: {}",
+                folders.join(", ")
+            );
+            (message, Vec::new())
+        }
+        Err(error) if is_lease_lost(&error) => return ChildOutcome::Stopped(StopReason::LeaseLost),
+        Err(error) => {
+            tracing::warn!(%error, dir = %dir.display(), "could not publish the finished stages' models; keeping the work folder");
+            let message = format!(
+                "{message}; the models of the stages that finished could not be stored ({error}) and are left in the worker's folder {}",
+                dir.display()
+            );
+            (message, kept)
+        }
+    };
+    ChildOutcome::Reported(ChildMessage::Failed {
+        code,
+        message,
+        retryable,
+        kept,
+    })
+}
+
 /// Records how the attempt ended; returns a label for metrics: the job's new status, `lease_lost`
 /// or `record_failed`.
 async fn record(
@@ -245,6 +301,8 @@ async fn record(
     outcome: Result<ChildOutcome>,
 ) -> &'static str {
     let backoff = retry_backoff(ctx.settings.retry_backoff, job.attempt + 1);
+    // Set when a failed run's finished stages could not be published: their files stay here.
+    let mut keep_work_dir = false;
     let attempt_outcome = match outcome {
         Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result, .. })) => {
             AttemptOutcome::Succeeded { result }
@@ -253,7 +311,9 @@ async fn record(
             code,
             message,
             retryable,
+            kept,
         })) => {
+            keep_work_dir = !kept.is_empty() && (!retryable || job.attempt >= job.max_attempts);
             let error = JobError { code, message };
             if retryable {
                 AttemptOutcome::Retry { error, backoff }
@@ -326,7 +386,7 @@ async fn record(
     match finish_with_retries(ctx, lease, attempt_outcome).await {
         Ok(status) => {
             tracing::info!(%status, "attempt finished");
-            if status.is_finished() {
+            if status.is_finished() && !keep_work_dir {
                 remove_work_dir(work_dir(ctx, job)).await;
             }
             status.as_str()

@@ -96,8 +96,44 @@ pub fn run_pipeline(
     })?;
     Ok(match outcome {
         Ok(result) => succeeded(&result, &request.work_dir),
-        Err(e) => engine_failure(&e),
+        Err(EngineError::Cancelled) => engine_failure(&EngineError::Cancelled),
+        Err(e) => match engine_failure(&e) {
+            ChildMessage::Failed {
+                code,
+                message,
+                retryable,
+                ..
+            } => ChildMessage::Failed {
+                code,
+                message,
+                retryable,
+                kept: finished_stage_outputs(&request.work_dir),
+            },
+            other => other,
+        },
     })
+}
+
+/// The saved models of the stages that finished (those with a `stage.json`, written once the
+/// stage's model was saved and measured), as artifacts named `stages/{label}/{file}`.
+fn finished_stage_outputs(work_dir: &Path) -> Vec<OutputFile> {
+    let stages = work_dir.join("stages");
+    let Ok(entries) = std::fs::read_dir(&stages) else {
+        return Vec::new();
+    };
+    let mut labels: Vec<String> = entries
+        .flatten()
+        .filter(|entry| entry.path().join("stage.json").is_file())
+        .filter_map(|entry| entry.file_name().to_str().map(str::to_owned))
+        .collect();
+    labels.sort();
+    labels
+        .iter()
+        .flat_map(|label| {
+            let model = stages.join(label).join("model");
+            folder_outputs(&format!("stages/{label}"), &model, work_dir)
+        })
+        .collect()
 }
 
 fn failed(code: &str, message: impl Into<String>, retryable: bool) -> ChildMessage {
@@ -105,6 +141,7 @@ fn failed(code: &str, message: impl Into<String>, retryable: bool) -> ChildMessa
         code: code.to_owned(),
         message: message.into(),
         retryable,
+        kept: Vec::new(),
     }
 }
 

@@ -56,6 +56,7 @@ fn failed(code: &str, message: impl Into<String>, retryable: bool) -> ChildMessa
         code: code.to_owned(),
         message: message.into(),
         retryable,
+        kept: Vec::new(),
     }
 }
 

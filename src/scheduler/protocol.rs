@@ -130,6 +130,11 @@ pub enum ChildMessage {
         message: String,
         /// Whether another attempt could succeed.
         retryable: bool,
+        /// Files of the stages that finished before the failure (their saved models). The worker
+        /// publishes them when this failure ends the job, so a pipeline that fails in a late stage
+        /// (a full disk, a bad setting) still hands over what its earlier stages made.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        kept: Vec<OutputFile>,
     },
 }
 
@@ -186,6 +191,7 @@ mod tests {
                 code: "invalid_spec".into(),
                 message: "bad".into(),
                 retryable: false,
+                kept: Vec::new(),
             },
         ];
         for message in messages {

@@ -1,7 +1,8 @@
 //! The disk filling during a stage: the job's checkpoint file is made to point at `/dev/full`
 //! (every write to it fails with ENOSPC, as on a full disk) before a real `compressd worker`
 //! runs it. The job fails once, for good, with an error that says the disk is full and names the
-//! file; the worker goes on to run the next job to success.
+//! file; the worker goes on to run the next job to success. In a real pipeline whose second stage
+//! hits the full disk, the first stage's model is kept as artifacts, whole.
 
 use crate::scheduler_support;
 
@@ -66,4 +67,135 @@ async fn a_full_disk_fails_the_job_naming_the_path_and_the_worker_runs_the_next(
     let served = store.get_job(next.id).await.unwrap().unwrap();
     assert_eq!(served.status, JobStatus::Succeeded, "{:?}", served.error);
     assert_eq!(terminal_count(&all_events(&*store, next.id).await), 1);
+}
+
+/// The disk filling in a pipeline's second stage of a real job: the job fails naming the file,
+/// and the first stage's model, already made, is kept as artifacts that download whole, instead
+/// of being removed with the work folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_in_a_later_stage_keeps_the_earlier_stages_models() {
+    use crate::api_models_support;
+    use crate::pipeline::{download, wait_until_finished};
+    use crate::tiny_task;
+    use compressd::scheduler::{SchedulerMetrics, WorkerSettings};
+    use serde_json::json;
+    use sha2::{Digest, Sha256};
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let server = api_models_support::start(&[]).await;
+    let inputs = tempfile::tempdir().unwrap();
+    let model_dir = inputs.path().join("model");
+    tiny_task::write_model(&model_dir).unwrap();
+    let data = inputs.path().join("data.jsonl");
+    tiny_task::write_data(&data).unwrap();
+    let files: Vec<(&str, std::path::PathBuf)> =
+        ["config.json", "model.safetensors", "tokenizer.json"]
+            .into_iter()
+            .map(|f| (f, model_dir.join(f)))
+            .collect();
+    let (status, model) = server
+        .upload("/v1/models", &[("name", "tiny")], &files)
+        .await;
+    assert_eq!(status, 201, "{model}");
+    let (status, dataset) = server
+        .upload("/v1/datasets", &[], &[("data.jsonl", data.clone())])
+        .await;
+    assert_eq!(status, 201, "{dataset}");
+    let spec = json!({
+        "name": "fills-the-disk",
+        "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},
+        "pipeline": [
+            {"type": "finetune", "epochs": 1, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "scheme": "int8"}
+        ]
+    });
+    let (status, job) = server.post_json("/v1/jobs", &spec).await;
+    assert_eq!(status, 201, "{job}");
+    let job_id = job["id"].as_str().unwrap().to_owned();
+
+    let mut settings = WorkerSettings::with_defaults(server.dir.path()).unwrap();
+    settings.executable = env!("CARGO_BIN_EXE_compressd").into();
+    settings.poll_interval = Duration::from_millis(200);
+    // The second stage's record, written once its model is saved, lands on a full disk.
+    let second_stage = settings
+        .work_dir
+        .join(&job_id)
+        .join("stages")
+        .join("1-quantize");
+    std::fs::create_dir_all(&second_stage).unwrap();
+    let full_file = second_stage.join("stage.json");
+    std::os::unix::fs::symlink("/dev/full", &full_file).unwrap();
+
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(compressd::scheduler::run(
+        Arc::clone(&server.state.store),
+        server.state.artifacts.clone(),
+        settings,
+        SchedulerMetrics::default(),
+        shutdown.clone(),
+    ));
+    let job = wait_until_finished(&server, &job_id, Duration::from_secs(300)).await;
+    shutdown.cancel();
+    worker.await.unwrap();
+
+    assert_eq!(job["status"], "failed", "{job:#}");
+    assert_eq!(job["attempt"], 1, "a full disk is not retried: {job:#}");
+    assert_eq!(job["error"]["code"], "disk_full", "{job:#}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("disk is full") && message.contains(&full_file.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("stages/0-finetune"), "{message}");
+
+    let (status, listing) = server.get(&format!("/v1/jobs/{job_id}/artifacts")).await;
+    assert_eq!(status, 200, "{listing}");
+    let artifacts = listing["artifacts"].as_array().unwrap();
+    let names: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "stages/0-finetune/model.safetensors",
+        "stages/0-finetune/config.json",
+    ] {
+        assert!(names.contains(&expected), "{expected} missing: {names:?}");
+    }
+    assert!(
+        !names.iter().any(|n| n.starts_with("stages/1-quantize")),
+        "the unfinished stage is not published: {names:?}"
+    );
+    for artifact in artifacts {
+        let name = artifact["name"].as_str().unwrap();
+        let bytes = download(&server, &job_id, name).await;
+        assert_eq!(
+            hex::encode(Sha256::digest(&bytes)),
+            artifact["sha256"].as_str().unwrap(),
+            "{name}"
+        );
+    }
+    let weights = download(&server, &job_id, "stages/0-finetune/model.safetensors").await;
+    // Whole: the header's length prefix and JSON index, and every tensor's bytes within the file.
+    let header_len = usize::try_from(u64::from_le_bytes(weights[..8].try_into().unwrap())).unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&weights[8..8 + header_len]).unwrap();
+    let body = weights.len() - 8 - header_len;
+    let tensors: Vec<_> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .collect();
+    assert!(tensors.len() > 4, "{} tensors", tensors.len());
+    for (name, tensor) in tensors {
+        let end = tensor["data_offsets"][1].as_u64().unwrap();
+        assert!(end as usize <= body, "{name} ends at {end}, past {body}");
+    }
+    let terminal = server
+        .state
+        .store
+        .list_events(uuid::Uuid::parse_str(&job_id).unwrap(), 0, 1000)
+        .await
+        .unwrap();
+    assert_eq!(scheduler_support::terminal_count(&terminal), 1);
 }

@@ -149,7 +149,7 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     assert!(!work_dir.exists(), "{} left behind", work_dir.display());
 }
 
-async fn wait_until_finished(
+pub(crate) async fn wait_until_finished(
     server: &api_models_support::Server,
     job_id: &str,
     timeout: Duration,
@@ -172,7 +172,11 @@ async fn wait_until_finished(
     }
 }
 
-async fn download(server: &api_models_support::Server, job_id: &str, name: &str) -> Vec<u8> {
+pub(crate) async fn download(
+    server: &api_models_support::Server,
+    job_id: &str,
+    name: &str,
+) -> Vec<u8> {
     let response = server
         .client
         .get(format!("{}/v1/jobs/{job_id}/artifacts/{name}", server.base))

@@ -29,7 +29,7 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// With an `Idempotency-Key` header, repeating the same request returns the same job (200) instead
 /// of creating another; reusing the key with a different body is a 409.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key and body, same job")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[!-~][\t -~]*$", description = "Makes retries safe: same key and body, same job (1 to 255 visible ASCII characters)")),
     request_body(content = Object, description = "A job spec (v1); see the README", content_type = "application/json"),
     responses(
         (status = 201, description = "Queued", body = JobView),
@@ -115,6 +115,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
+    // Checked before trimming too, as the document says: at most 255 characters as sent.
+    if value.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::bad_request(
+            "invalid-idempotency-key",
+            format!("Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+        ));
+    }
     let key = value
         .to_str()
         .map_err(|_| {

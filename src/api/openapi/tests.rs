@@ -155,7 +155,7 @@ fn the_yaml_reads_back_as_the_served_document() {
 }
 
 #[test]
-fn a_created_job_links_to_the_operations_on_it() {
+fn a_created_job_model_or_dataset_links_to_the_operations_on_it() {
     let document = document();
     let operations: Vec<String> = document["paths"]
         .as_object()
@@ -164,16 +164,33 @@ fn a_created_job_links_to_the_operations_on_it() {
         .flat_map(|path| path.as_object().unwrap().values())
         .filter_map(|op| op["operationId"].as_str().map(str::to_owned))
         .collect();
-    for status in ["201", "200"] {
-        let links = &document["paths"]["/v1/jobs"]["post"]["responses"][status]["links"];
-        for name in ["GetJob", "CancelJob", "DeleteJob", "JobEvents"] {
-            let link = &links[name];
-            let target = link["operationId"].as_str().unwrap_or_default();
-            assert!(
-                operations.iter().any(|op| op == target),
-                "{status} {name}: {link}"
-            );
-            assert_eq!(link["parameters"]["id"], "$response.body#/id");
+    let created = [
+        (
+            "/v1/jobs",
+            &["GetJob", "CancelJob", "DeleteJob", "JobEvents"][..],
+        ),
+        ("/v1/models", &["GetModel", "DeleteModel"][..]),
+        ("/v1/datasets", &["GetDataset", "DeleteDataset"][..]),
+    ];
+    for (route, names) in created {
+        let responses = &document["paths"][route]["post"]["responses"];
+        let mut linked = 0;
+        for status in ["201", "200"] {
+            let links = &responses[status]["links"];
+            if responses[status].is_null() {
+                continue;
+            }
+            linked += 1;
+            for name in names {
+                let link = &links[name];
+                let target = link["operationId"].as_str().unwrap_or_default();
+                assert!(
+                    operations.iter().any(|op| op == target),
+                    "{route} {status} {name}: {link}"
+                );
+                assert_eq!(link["parameters"]["id"], "$response.body#/id");
+            }
         }
+        assert!(linked > 0, "{route}: no created response");
     }
 }
