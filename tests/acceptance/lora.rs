@@ -6,7 +6,6 @@
 //! `#[ignore]`d (needs `../shared` or `COMPRESSD_SHARED`, and a Python with torch, transformers and
 //! peft in `COMPRESSD_INTEROP_PYTHON`, which `.ci/run` prepares):
 //! `COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test --release --test acceptance lora:: -- --ignored --test-threads=1 --nocapture`.
-//! Not run yet on the shared 2-core machine (two MiniLM fine-tunes take tens of minutes there).
 
 use crate::acceptance_support as support;
 
@@ -150,7 +149,7 @@ async fn minilm_lora_rank_8_within_one_point_of_full_finetuning_and_loads_in_pef
         model,
         dataset,
         "minilm-bbc-lora",
-        json!({"method": "lora", "rank": 8, "alpha": 16, "learning_rate": 2e-3,
+        json!({"method": "lora", "rank": 8, "alpha": 16, "learning_rate": 3e-3,
                "head_learning_rate": 3e-3}),
         json!(["safetensors", "adapter"]),
     );
@@ -170,14 +169,22 @@ async fn minilm_lora_rank_8_within_one_point_of_full_finetuning_and_loads_in_pef
     let details = &lora["stages"][0]["details"];
     let share = details["trainable_share"].as_f64().unwrap_or(1.0);
     assert!(share <= 0.05, "trainable share {share}: {details}");
-    // Optimizer moments and gradients exist for the adapters only.
-    let peak = |r: &Value| r["stages"][0]["peak_memory_bytes"].as_u64().unwrap_or(0);
+    // Optimizer moments and gradients exist for the adapters (and the head) only.
+    let optimizer_bytes = |r: &Value| {
+        r["stages"][0]["details"]["training"]["optimizer_and_gradient_bytes"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
     assert!(
-        peak(&lora) < peak(&full),
-        "peak memory LoRA {} vs full {}",
-        peak(&lora),
-        peak(&full)
+        optimizer_bytes(&lora) * 10 < optimizer_bytes(&full),
+        "optimizer and gradient memory LoRA {} vs full {}",
+        optimizer_bytes(&lora),
+        optimizer_bytes(&full)
     );
+    // Reported, not asserted: the issue asks LoRA for less optimizer and gradient memory (above);
+    // a lower peak is QLoRA's target.
+    let peak = |r: &Value| r["stages"][0]["peak_memory_bytes"].as_u64().unwrap_or(0);
+    eprintln!("peak memory LoRA {} vs full {}", peak(&lora), peak(&full));
     eprintln!(
         "full {full_accuracy} in {} s, LoRA {lora_accuracy} in {} s; trainable {share}",
         full["stages"][0]["wall_seconds"], lora["stages"][0]["wall_seconds"]
