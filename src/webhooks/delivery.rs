@@ -41,6 +41,9 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// How often an idle loop looks for due deliveries.
     pub poll_interval: Duration,
+    /// How long a claim holds a delivery: a whole attempt with room to record it. A delivery
+    /// whose loop died is due again this long after it was claimed.
+    pub lease: Duration,
     /// Which targets may be reached (`allowed_private_networks`), checked again at each attempt
     /// so a name that now resolves to a private address is refused.
     pub policy: UrlPolicy,
@@ -49,18 +52,15 @@ pub struct DeliveryConfig {
 impl DeliveryConfig {
     /// The webhook part of the settings.
     pub fn from_settings(settings: &Settings) -> Self {
+        let timeout = Duration::from_secs(settings.webhook_timeout_secs.max(1));
         Self {
             max_attempts: i32::try_from(settings.webhook_max_attempts.max(1)).unwrap_or(i32::MAX),
             retry_base: Duration::from_millis(settings.webhook_retry_base_ms),
-            timeout: Duration::from_secs(settings.webhook_timeout_secs.max(1)),
+            timeout,
             poll_interval: POLL_INTERVAL,
+            lease: timeout * 2 + Duration::from_secs(5),
             policy: UrlPolicy::new(&settings.allowed_private_networks),
         }
-    }
-
-    /// How long a claim holds a delivery: a whole attempt with room to record it.
-    pub fn lease(&self) -> Duration {
-        self.timeout * 2 + Duration::from_secs(5)
     }
 
     /// The wait after failed attempt number `attempt` (1 for the first): `retry_base` doubled
@@ -114,7 +114,7 @@ pub async fn deliver_due(
     owner: &str,
 ) -> Result<usize> {
     let claimed = store
-        .claim_webhook_deliveries(owner, config.lease(), BATCH)
+        .claim_webhook_deliveries(owner, config.lease, BATCH)
         .await?;
     join_all(
         claimed
@@ -236,6 +236,7 @@ mod tests {
             retry_base: Duration::from_secs(10),
             timeout: Duration::from_secs(10),
             poll_interval: POLL_INTERVAL,
+            lease: Duration::from_secs(25),
             policy: UrlPolicy::default(),
         };
         assert_eq!(config.backoff(1), Duration::from_secs(10));
