@@ -175,7 +175,33 @@ fn ordered_document(registry: &Registry) -> Value {
         }));
     }
     add_job_links(&mut document);
+    add_webhook_links(&mut document);
     document
+}
+
+/// Links from a created webhook to its delete and delivery log, and from a created job to its
+/// webhook deliveries.
+fn add_webhook_links(document: &mut Value) {
+    let link = |operation: &str, description: &str| {
+        yaml_of(serde_json::json!({
+            "operationId": operation,
+            "parameters": { "id": "$response.body#/id" },
+            "description": description,
+        }))
+    };
+    let path = ["paths", "/v1/webhooks", "post", "responses", "201"];
+    if let Some(response) = walk(document, &path) {
+        let links = entry(response, "links");
+        links["DeleteWebhook"] = link("delete_webhook", "Stop sending to this webhook");
+        links["WebhookDeliveries"] = link("webhook_deliveries", "The webhook's delivery log");
+    }
+    for status in ["201", "200"] {
+        let path = ["paths", "/v1/jobs", "post", "responses", status];
+        if let Some(response) = walk(document, &path) {
+            entry(response, "links")["JobWebhookDeliveries"] =
+                link("job_webhook_deliveries", "The job's webhook delivery log");
+        }
+    }
 }
 
 /// OpenAPI links from a created job to the operations on it, so generated clients and tools can

@@ -35,7 +35,7 @@ pub struct WebhookView {
     /// Where deliveries are posted.
     pub url: String,
     /// The events sent.
-    #[schema(value_type = Vec<String>, example = json!(["job.succeeded", "job.failed", "job.cancelled"]))]
+    #[schema(schema_with = event_list)]
     pub events: Vec<WebhookEvent>,
     /// Creation time.
     pub created_at: DateTime<Utc>,
@@ -52,6 +52,13 @@ impl From<Webhook> for WebhookView {
     }
 }
 
+/// A list of webhook events: the job spec's `WebhookEvent` schema, which the engine defines.
+fn event_list() -> utoipa::openapi::schema::Array {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .items(utoipa::openapi::Ref::from_schema_name("WebhookEvent"))
+        .build()
+}
+
 /// A webhook to register.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -62,7 +69,7 @@ pub struct NewWebhookRequest {
     /// The events to send: `job.started`, `stage.completed`, `job.succeeded`, `job.failed`,
     /// `job.cancelled`; by default the last three.
     #[serde(default = "WebhookEvent::terminal")]
-    #[schema(value_type = Option<Vec<String>>, example = json!(["job.succeeded", "job.failed"]))]
+    #[schema(schema_with = event_list)]
     pub events: Vec<WebhookEvent>,
 }
 
@@ -172,6 +179,8 @@ pub struct DeliveryList {
     responses(
         (status = 201, description = "Registered; `secret` is shown this once", body = CreatedWebhook),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A bad field, or a URL the network policy refuses; `pointer` names it", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn create_webhook(

@@ -66,7 +66,9 @@ impl DeliveryConfig {
     /// The wait after failed attempt number `attempt` (1 for the first): `retry_base` doubled
     /// per earlier failure, at most an hour.
     pub fn backoff(&self, attempt: i32) -> Duration {
-        let doublings = u32::try_from(attempt.saturating_sub(1)).unwrap_or(0).min(20);
+        let doublings = u32::try_from(attempt.saturating_sub(1))
+            .unwrap_or(0)
+            .min(20);
         self.retry_base
             .saturating_mul(1 << doublings)
             .min(MAX_RETRY_INTERVAL)
@@ -137,7 +139,10 @@ async fn attempt(
     let finished_at = Utc::now();
     let (status_code, error) = match answer {
         Ok(code) if (200..300).contains(&code) => (Some(i32::from(code)), None),
-        Ok(code) => (Some(i32::from(code)), Some(format!("the target answered HTTP {code}"))),
+        Ok(code) => (
+            Some(i32::from(code)),
+            Some(format!("the target answered HTTP {code}")),
+        ),
         Err(error) => (None, Some(error)),
     };
     let (next, outcome) = match &error {
@@ -198,8 +203,8 @@ async fn post(config: &DeliveryConfig, delivery: &WebhookDelivery) -> Result<u16
     let client = client.build().map_err(|e| error_chain(&e))?;
     let message_id = delivery.message_id();
     let timestamp = Utc::now().timestamp();
-    let signature =
-        sign(&delivery.secret, &message_id, timestamp, &delivery.body).map_err(|e| e.to_string())?;
+    let signature = sign(&delivery.secret, &message_id, timestamp, &delivery.body)
+        .map_err(|e| e.to_string())?;
     let response = client
         .post(url)
         .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -48,6 +48,10 @@ impl WebhookMetrics {
             "Webhook delivery attempts by outcome: succeeded, retried (failed, tried again), failed (given up)",
             self.deliveries.clone(),
         );
+        // Every outcome is exported from the start (as 0), so rates have a series to start from.
+        for outcome in [Outcome::Succeeded, Outcome::Retried, Outcome::Failed] {
+            let _created = self.deliveries.get_or_create(&outcome.label());
+        }
         registry.register(
             "webhook_outbox_depth",
             "Webhook deliveries not yet delivered nor given up",
@@ -57,16 +61,12 @@ impl WebhookMetrics {
 
     /// Counts one attempt.
     pub fn record(&self, outcome: Outcome) {
-        self.deliveries
-            .get_or_create(&outcome.label())
-            .inc();
+        self.deliveries.get_or_create(&outcome.label()).inc();
     }
 
     /// Attempts counted with `outcome` so far.
     pub fn count(&self, outcome: Outcome) -> u64 {
-        self.deliveries
-            .get_or_create(&outcome.label())
-            .get()
+        self.deliveries.get_or_create(&outcome.label()).get()
     }
 
     /// Sets the outbox depth (read from the database at scrape time, the same on every replica).

@@ -34,7 +34,10 @@ pub fn sign(secret: &str, message_id: &str, timestamp: i64, body: &str) -> Resul
         .map_err(|e| Error::Corrupt(format!("webhook secret: {e}")))?;
     mac.update(format!("{message_id}.{timestamp}.").as_bytes());
     mac.update(body.as_bytes());
-    Ok(format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes())))
+    Ok(format!(
+        "v1,{}",
+        STANDARD.encode(mac.finalize().into_bytes())
+    ))
 }
 
 #[cfg(test)]
@@ -51,17 +54,16 @@ mod tests {
             r#"{"test": 2432232314}"#,
         )
         .unwrap();
-        assert_eq!(
-            signature,
-            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-        );
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
     #[test]
     fn new_secrets_are_prefixed_random_base64() {
         let (a, b) = (new_secret(), new_secret());
         assert_ne!(a, b);
-        let key = STANDARD.decode(a.strip_prefix(SECRET_PREFIX).unwrap()).unwrap();
+        let key = STANDARD
+            .decode(a.strip_prefix(SECRET_PREFIX).unwrap())
+            .unwrap();
         assert_eq!(key.len(), SECRET_BYTES);
     }
 }

@@ -219,7 +219,10 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
                     reply
                 }
                 // Listings: 200 with none of the owner's rows.
-                ("get", "/v1/jobs" | "/v1/models" | "/v1/datasets" | "/v1/audit" | "/v1/webhooks") => {
+                (
+                    "get",
+                    "/v1/jobs" | "/v1/models" | "/v1/datasets" | "/v1/audit" | "/v1/webhooks",
+                ) => {
                     let reply = call(&api, verb, &uri, &other, None).await;
                     assert_eq!(reply.status, StatusCode::OK, "{uri}: {:?}", reply.body);
                     reply
@@ -274,7 +277,10 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
     assert!(listed.body.to_string().contains(&owned.job.to_string()));
     let webhooks = call(&api, Method::GET, "/v1/webhooks", &owner, None).await;
     assert!(
-        webhooks.body.to_string().contains(&owned.webhook.to_string()),
+        webhooks
+            .body
+            .to_string()
+            .contains(&owned.webhook.to_string()),
         "the other tenant's delete reached the webhook: {:?}",
         webhooks.body
     );

@@ -66,7 +66,11 @@ struct Receiver {
 impl Receiver {
     async fn start(script: &[Answer]) -> (Self, String) {
         let receiver = Self::default();
-        receiver.script.lock().unwrap().extend(script.iter().copied());
+        receiver
+            .script
+            .lock()
+            .unwrap()
+            .extend(script.iter().copied());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let app = Router::new()
@@ -246,7 +250,10 @@ async fn a_job_webhook_is_delivered_signed_and_logged() {
     let claimed = deliver_due(&*api.state.store, &config, metrics, "loop")
         .await
         .unwrap();
-    assert_eq!(claimed, 1, "job.started is not subscribed: only job.succeeded");
+    assert_eq!(
+        claimed, 1,
+        "job.started is not subscribed: only job.succeeded"
+    );
 
     let received = receiver.received();
     assert_eq!(received.len(), 1);
@@ -276,7 +283,10 @@ async fn a_job_webhook_is_delivered_signed_and_logged() {
     let text = api.get("/metrics").await.body;
     let text = text.as_str().unwrap();
     assert_eq!(
-        metric(text, "compressd_webhook_deliveries_total{outcome=\"succeeded\"}"),
+        metric(
+            text,
+            "compressd_webhook_deliveries_total{outcome=\"succeeded\"}"
+        ),
         Some(1.0),
         "{text}"
     );
@@ -286,8 +296,7 @@ async fn a_job_webhook_is_delivered_signed_and_logged() {
 #[tokio::test]
 async fn failed_attempts_are_retried_with_growing_waits_and_the_same_id() {
     let (api, _dir) = api_allowing_loopback().await;
-    let (receiver, url) =
-        Receiver::start(&[Answer::Status(500), Answer::Status(503)]).await;
+    let (receiver, url) = Receiver::start(&[Answer::Status(500), Answer::Status(503)]).await;
     // A tenant webhook this time: it gets every job's subscribed events.
     let created = api
         .post_json(
@@ -316,7 +325,10 @@ async fn failed_attempts_are_retried_with_growing_waits_and_the_same_id() {
     delivering.await.unwrap();
 
     assert_eq!(delivery["status"], "delivered");
-    assert_eq!(attempt_codes(&delivery), [json!(500), json!(503), json!(200)]);
+    assert_eq!(
+        attempt_codes(&delivery),
+        [json!(500), json!(503), json!(200)]
+    );
     let errors: Vec<&Value> = delivery["attempts"]
         .as_array()
         .unwrap()
@@ -375,7 +387,10 @@ async fn a_delivery_is_given_up_when_the_budget_is_spent() {
     assert_eq!(receiver.received().len(), 2);
     use compressd::webhooks::metrics::Outcome;
     assert_eq!(
-        (metrics.count(Outcome::Retried), metrics.count(Outcome::Failed)),
+        (
+            metrics.count(Outcome::Retried),
+            metrics.count(Outcome::Failed)
+        ),
         (1, 1)
     );
 }
@@ -416,7 +431,10 @@ async fn a_loop_dropped_mid_delivery_loses_nothing() {
     let received = receiver.received();
     assert_eq!(received.len(), 2, "{received:?}");
     assert_eq!(delivery["status"], "delivered");
-    assert_eq!(received[0].header("webhook-id"), received[1].header("webhook-id"));
+    assert_eq!(
+        received[0].header("webhook-id"),
+        received[1].header("webhook-id")
+    );
     assert_eq!(received[1].header("webhook-id"), delivery["message_id"]);
     assert_eq!(received[0].body, received[1].body);
     assert_eq!(
@@ -463,11 +481,16 @@ async fn private_targets_and_bad_webhooks_are_refused_at_submission() {
         let reply = api.post_json("/v1/jobs", &spec, &[]).await;
         assert_refused(&reply, "/webhooks/1/url");
         assert!(
-            reply.body["detail"].as_str().unwrap().contains("not allowed"),
+            reply.body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("not allowed"),
             "{:?}",
             reply.body
         );
-        let reply = api.post_json("/v1/webhooks", &json!({"url": url}), &[]).await;
+        let reply = api
+            .post_json("/v1/webhooks", &json!({"url": url}), &[])
+            .await;
         assert_refused(&reply, "/url");
     }
     let mut spec = api.spec();
@@ -511,9 +534,14 @@ async fn a_target_refused_at_delivery_time_is_not_contacted() {
         policy: UrlPolicy::default(),
         ..delivery_config(1, Duration::from_millis(50), Duration::from_secs(30))
     };
-    deliver_due(&*api.state.store, &strict, &WebhookMetrics::default(), "loop")
-        .await
-        .unwrap();
+    deliver_due(
+        &*api.state.store,
+        &strict,
+        &WebhookMetrics::default(),
+        "loop",
+    )
+    .await
+    .unwrap();
     let delivery = settled_delivery(&api, job).await;
     assert_eq!(delivery["status"], "failed");
     let error = delivery["attempts"][0]["error"].as_str().unwrap();
@@ -594,14 +622,20 @@ async fn standardwebhooks_verifies_the_signature() {
     let (_, secret) = job_with_webhook(&api, json!({"url": url})).await;
     succeed_job(&*api.state.store).await;
     let config = delivery_config(3, Duration::from_millis(100), Duration::from_secs(30));
-    deliver_due(&*api.state.store, &config, &WebhookMetrics::default(), "loop")
-        .await
-        .unwrap();
+    deliver_due(
+        &*api.state.store,
+        &config,
+        &WebhookMetrics::default(),
+        "loop",
+    )
+    .await
+    .unwrap();
     let request = receiver.wait_for(1).await.remove(0);
-    let headers: serde_json::Map<String, Value> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
-        .into_iter()
-        .map(|name| (name.to_owned(), Value::from(request.header(name))))
-        .collect();
+    let headers: serde_json::Map<String, Value> =
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+            .into_iter()
+            .map(|name| (name.to_owned(), Value::from(request.header(name))))
+            .collect();
     let input = json!({"secret": secret, "body": request.body, "headers": headers});
     let script = r#"
 import json, sys
@@ -639,4 +673,46 @@ print(json.dumps(payload))
     let payload: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(payload, request.json());
     assert_eq!(payload["type"], "job.succeeded");
+}
+
+/// `docker/grafana-dashboard.json` queries only metrics `/metrics` exports.
+#[tokio::test]
+async fn the_sample_dashboard_uses_real_metric_names() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let exported = api.get("/metrics").await.body;
+    let exported = exported.as_str().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/grafana-dashboard.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut queried = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            queried.extend(
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|word| word.starts_with("compressd_"))
+                    .map(str::to_owned),
+            );
+        }
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    for name in &queried {
+        let base = ["_total", "_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        assert!(
+            exported.contains(&format!("# TYPE {base} ")),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
+    for family in [
+        "compressd_webhook_deliveries_total",
+        "compressd_webhook_outbox_depth",
+        "compressd_jobs",
+    ] {
+        assert!(
+            queried.iter().any(|q| q == family),
+            "{family} is not on the dashboard"
+        );
+    }
 }

@@ -19,7 +19,12 @@ use crate::common::{clock, new_job, register_inputs};
 
 const LONG_LEASE: Duration = Duration::from_secs(3600);
 
-fn webhook(clock: &dyn Clock, tenant: &str, job_id: Option<Uuid>, events: &[WebhookEvent]) -> Webhook {
+fn webhook(
+    clock: &dyn Clock,
+    tenant: &str,
+    job_id: Option<Uuid>,
+    events: &[WebhookEvent],
+) -> Webhook {
     Webhook {
         id: clock.new_id(),
         tenant: tenant.into(),
@@ -51,7 +56,11 @@ async fn job_with_webhooks(store: &dyn Store, own: Vec<Webhook>) -> Job {
 
 /// Claims the job and ends its attempt with `outcome`.
 async fn run_job(store: &dyn Store, outcome: AttemptOutcome) -> Job {
-    let job = store.claim_next("worker", LONG_LEASE).await.unwrap().unwrap();
+    let job = store
+        .claim_next("worker", LONG_LEASE)
+        .await
+        .unwrap()
+        .unwrap();
     let lease = Lease {
         job_id: job.id,
         attempt: job.attempt,
@@ -105,7 +114,11 @@ async fn webhooks_round_trip_and_delete(store: Arc<dyn Store>) {
         store.list_webhooks("team-a", None).await.unwrap(),
         [tenant_hook.clone()]
     );
-    assert!(store.list_webhooks("team-b", None).await.unwrap().is_empty());
+    assert!(store
+        .list_webhooks("team-b", None)
+        .await
+        .unwrap()
+        .is_empty());
     // A job's own webhooks are stored with the job and listed by it, not with the tenant's.
     let own = webhook(&*clock, "default", None, &[WebhookEvent::JobStarted]);
     let job = job_with_webhooks(&*store, vec![own.clone()]).await;
@@ -115,13 +128,20 @@ async fn webhooks_round_trip_and_delete(store: Arc<dyn Store>) {
         (listed[0].job_id, &listed[0].events, &listed[0].secret),
         (Some(job.id), &own.events, &own.secret)
     );
-    assert!(store.list_webhooks("default", None).await.unwrap().is_empty());
+    assert!(store
+        .list_webhooks("default", None)
+        .await
+        .unwrap()
+        .is_empty());
 
     store.delete_webhook(tenant_hook.id).await.unwrap();
     assert_eq!(store.get_webhook(tenant_hook.id).await.unwrap(), None);
     assert!(matches!(
         store.delete_webhook(tenant_hook.id).await.unwrap_err(),
-        Error::NotFound { kind: "webhook", .. }
+        Error::NotFound {
+            kind: "webhook",
+            ..
+        }
     ));
 }
 
@@ -154,7 +174,10 @@ async fn job_events_write_deliveries_for_matching_webhooks(store: Arc<dyn Store>
     // failed-only hook or the other tenant's.
     assert_eq!(
         sent,
-        [("job.started", started_id), ("job.succeeded", tenant_hook.id)]
+        [
+            ("job.started", started_id),
+            ("job.succeeded", tenant_hook.id)
+        ]
     );
     assert!(all_deliveries(&*store, "other").await.is_empty());
     assert_eq!(store.count_pending_webhook_deliveries().await.unwrap(), 2);
@@ -188,7 +211,12 @@ async fn job_events_write_deliveries_for_matching_webhooks(store: Arc<dyn Store>
 async fn claims_are_leased_and_attempts_fenced(store: Arc<dyn Store>) {
     let clock = clock();
     store
-        .insert_webhook(&webhook(&*clock, "default", None, &WebhookEvent::terminal()))
+        .insert_webhook(&webhook(
+            &*clock,
+            "default",
+            None,
+            &WebhookEvent::terminal(),
+        ))
         .await
         .unwrap();
     job_with_webhooks(&*store, Vec::new()).await;
@@ -238,16 +266,28 @@ async fn claims_are_leased_and_attempts_fenced(store: Arc<dyn Store>) {
         .unwrap();
     assert_eq!(third[0].attempts, 3);
     assert!(!store
-        .record_webhook_attempt(&second[0], &attempt_of(&second[0], Some(200)), DeliveryNext::Delivered)
+        .record_webhook_attempt(
+            &second[0],
+            &attempt_of(&second[0], Some(200)),
+            DeliveryNext::Delivered
+        )
         .await
         .unwrap());
     assert!(store
-        .record_webhook_attempt(&third[0], &attempt_of(&third[0], Some(200)), DeliveryNext::Delivered)
+        .record_webhook_attempt(
+            &third[0],
+            &attempt_of(&third[0], Some(200)),
+            DeliveryNext::Delivered
+        )
         .await
         .unwrap());
     // Recorded twice is refused too (the claim ended).
     assert!(!store
-        .record_webhook_attempt(&third[0], &attempt_of(&third[0], Some(200)), DeliveryNext::Delivered)
+        .record_webhook_attempt(
+            &third[0],
+            &attempt_of(&third[0], Some(200)),
+            DeliveryNext::Delivered
+        )
         .await
         .unwrap());
 

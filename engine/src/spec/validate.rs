@@ -199,9 +199,11 @@ fn check_webhooks(c: &mut Checker, spec: &JobSpec) {
         )
     });
     for (i, webhook) in spec.webhooks.iter().enumerate() {
-        c.check(!webhook.events.is_empty(), &format!("/webhooks/{i}/events"), || {
-            "must name at least one event (leave it out for the terminal ones)".to_owned()
-        });
+        c.check(
+            !webhook.events.is_empty(),
+            &format!("/webhooks/{i}/events"),
+            || "must name at least one event (leave it out for the terminal ones)".to_owned(),
+        );
         c.check(
             (1..=2048).contains(&webhook.url.len()),
             &format!("/webhooks/{i}/url"),

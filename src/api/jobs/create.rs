@@ -14,9 +14,9 @@ use crate::api::access::check_job_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
+use crate::api::webhooks::check_target;
 use crate::auth::Caller;
 use crate::job_spec;
-use crate::api::webhooks::check_target;
 use crate::store::{Created, Dataset, Idempotency, Model, NewJob, Webhook};
 use crate::webhooks::signing::new_secret;
 

@@ -17,7 +17,8 @@ use crate::store::{
 };
 
 const WEBHOOK_COLUMNS: &str = "id, tenant, job_id, url, events, secret, created_at";
-const DELIVERY_COLUMNS: &str = "id, webhook_id, tenant, job_id, event_seq, event_type, url, secret, body, \
+const DELIVERY_COLUMNS: &str =
+    "id, webhook_id, tenant, job_id, event_seq, event_type, url, secret, body, \
      status, attempts, next_attempt_at, lease_owner, created_at, updated_at";
 
 fn webhook_from_row(row: &SqliteRow) -> Result<Webhook> {
