@@ -716,3 +716,129 @@ async fn the_sample_dashboard_uses_real_metric_names() {
         );
     }
 }
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Seconds one attempt may take in the killed-server test; a claim's lease is twice that plus 5.
+const SERVER_WEBHOOK_TIMEOUT_SECS: u64 = 2;
+
+/// A real `compressd serve` (API and delivery loop, no worker) on `data_dir`, allowed to reach
+/// the loopback receiver.
+async fn start_server(data_dir: &std::path::Path) -> (std::process::Child, String) {
+    let port = free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_compressd"))
+        .args(["serve", "--no-worker"])
+        .env("COMPRESSD_DATA_DIR", data_dir)
+        .env("COMPRESSD_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COMPRESSD_ALLOWED_PRIVATE_NETWORKS", "127.0.0.1")
+        .env(
+            "COMPRESSD_WEBHOOK_TIMEOUT_SECS",
+            SERVER_WEBHOOK_TIMEOUT_SECS.to_string(),
+        )
+        .env("COMPRESSD_WEBHOOK_RETRY_BASE_MS", "100")
+        .env("COMPRESSD_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the compressd binary starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(Instant::now() < deadline, "the server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (child, base)
+}
+
+/// The check: a `compressd` process killed (SIGKILL) while a delivery is in flight loses
+/// nothing: the next process delivers it, once more, under the same `webhook-id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_server_loses_no_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let (receiver, url) = Receiver::start(&[Answer::Hang]).await;
+    let (mut first, base) = start_server(dir.path()).await;
+    // Inputs registered, and the job run, straight in the server's database (as a worker would).
+    let store: Arc<dyn Store> = Arc::new(
+        compressd::store::SqliteStore::open_file(&dir.path().join("compressd.db"), 2)
+            .await
+            .unwrap(),
+    );
+    let (model, dataset) =
+        crate::common::register_inputs(&*store, &compressd::clock::SystemClock).await;
+    let mut spec = crate::common::spec_json(model, dataset);
+    spec["webhooks"] = json!([{"url": url}]);
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&spec)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = created["webhook_secret"].as_str().unwrap().to_owned();
+    let job = succeed_job(&*store).await;
+
+    receiver.wait_for(1).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed_at = Instant::now();
+    let (mut second, base) = start_server(dir.path()).await;
+    let received = receiver.wait_for(2).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let delivery = loop {
+        let log: Value = client
+            .get(format!("{base}/v1/jobs/{job}/webhook-deliveries"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let delivery = log["deliveries"][0].clone();
+        if delivery["status"] == "delivered" {
+            break delivery;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Nothing more comes: the one event, twice, under one id.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(second.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    second.wait().unwrap();
+
+    assert_eq!(receiver.received().len(), 2);
+    assert_eq!(
+        received[0].header("webhook-id"),
+        received[1].header("webhook-id")
+    );
+    assert_eq!(received[1].header("webhook-id"), delivery["message_id"]);
+    assert_eq!(received[0].body, received[1].body);
+    assert_eq!(received[1].json()["type"], "job.succeeded");
+    assert_eq!(
+        received[1].header("webhook-signature"),
+        expected_signature(&secret, &received[1])
+    );
+    assert!(received[1].at > killed_at);
+    let attempts: Vec<(Value, Value)> = delivery["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["attempt"].clone(), a["status_code"].clone()))
+        .collect();
+    assert_eq!(attempts, [(json!(2), json!(200))]);
+}
