@@ -27,6 +27,9 @@ use crate::webhooks::signing::new_secret;
 
 const DEFAULT_LIMIT: u32 = 20;
 
+/// The most webhooks one tenant may register: every job event fans out to each of them.
+pub const MAX_TENANT_WEBHOOKS: usize = 50;
+
 /// A webhook as the API shows it (never with its secret, but once).
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookView {
@@ -179,6 +182,7 @@ pub struct DeliveryList {
     responses(
         (status = 201, description = "Registered; `secret` is shown this once", body = CreatedWebhook),
         (status = 400, description = "Malformed JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The tenant already has the most webhooks allowed (50)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over the limit", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A bad field, or a URL the network policy refuses; `pointer` names it", body = Problem, content_type = "application/problem+json"),
@@ -207,6 +211,19 @@ pub async fn create_webhook(
         ));
     }
     check_target(&state, &spec.url, "/url").await?;
+    let registered = state.store.list_webhooks(&caller.tenant, None).await?.len();
+    if registered >= MAX_TENANT_WEBHOOKS {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "webhook-limit",
+            "Too many webhooks",
+            format!(
+                "tenant {} has {registered} webhooks, the most allowed is {MAX_TENANT_WEBHOOKS}; \
+                 delete one first",
+                caller.tenant
+            ),
+        ));
+    }
     let webhook = Webhook {
         id: state.clock.new_id(),
         tenant: caller.tenant.clone(),

@@ -579,6 +579,29 @@ async fn webhooks_are_listed_and_deleted_per_tenant() {
         api.delete("/v1/webhooks/nope").await.slug(),
         "invalid-webhook-id"
     );
+    // A tenant may have at most MAX_TENANT_WEBHOOKS.
+    let limit = compressd::api::webhooks::MAX_TENANT_WEBHOOKS;
+    for i in 0..limit {
+        let hook = json!({"url": format!("https://8.8.8.8/hook/{i}")});
+        let reply = api.post_json("/v1/webhooks", &hook, &[]).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{i}: {:?}", reply.body);
+    }
+    let over = api
+        .post_json(
+            "/v1/webhooks",
+            &json!({"url": "https://8.8.8.8/one-more"}),
+            &[],
+        )
+        .await;
+    assert_eq!(over.status, StatusCode::CONFLICT, "{:?}", over.body);
+    assert_eq!(over.slug(), "webhook-limit");
+    assert_eq!(
+        api.get("/v1/webhooks").await.body["webhooks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        limit
+    );
     // A job's own webhook is not managed here.
     let mut spec = api.spec();
     spec["webhooks"] = json!([{"url": "https://8.8.8.8/own"}]);

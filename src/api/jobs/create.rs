@@ -112,13 +112,17 @@ pub async fn create_job(
         .map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     // The secret is stored with the job's webhooks; a replay answers it again, as the first
     // answer may be the one that was lost.
-    let webhook_secret = state
-        .store
-        .list_webhooks(&caller.tenant, Some(job.id))
-        .await?
-        .into_iter()
-        .next()
-        .map(|w| w.secret);
+    let webhook_secret = if spec.webhooks.is_empty() {
+        None
+    } else {
+        state
+            .store
+            .list_webhooks(&caller.tenant, Some(job.id))
+            .await?
+            .into_iter()
+            .next()
+            .map(|w| w.secret)
+    };
     let view = JobView {
         webhook_secret,
         ..JobView::from(job)
