@@ -352,6 +352,53 @@ async fn given_up_and_deleted_webhooks_leave_the_outbox(store: Arc<dyn Store>) {
     assert_eq!(logs[0].attempts[0].status_code, None);
 }
 
+async fn concurrent_loops_never_claim_the_same_delivery(store: Arc<dyn Store>) {
+    let clock = clock();
+    for _ in 0..20 {
+        store
+            .insert_webhook(&webhook(
+                &*clock,
+                "default",
+                None,
+                &WebhookEvent::terminal(),
+            ))
+            .await
+            .unwrap();
+    }
+    job_with_webhooks(&*store, Vec::new()).await;
+    run_job(&*store, succeeded()).await;
+    assert_eq!(store.count_pending_webhook_deliveries().await.unwrap(), 20);
+    // Four loops (replicas) claim small batches at once until nothing is left.
+    let loops = (0..4).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store
+                    .claim_webhook_deliveries(&format!("loop-{i}"), LONG_LEASE, 3)
+                    .await
+                    .unwrap();
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed.into_iter().map(|d| d.id));
+            }
+        })
+    });
+    let mut all: Vec<i64> = Vec::new();
+    for claimed in futures::future::join_all(loops).await {
+        all.extend(claimed.unwrap());
+    }
+    let claims = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        (claims, all.len()),
+        (20, 20),
+        "a delivery was claimed twice"
+    );
+}
+
 /// Instantiates every test once per backend.
 macro_rules! webhooks_contract {
     ($($test:ident),* $(,)?) => {
@@ -380,4 +427,5 @@ webhooks_contract!(
     job_events_write_deliveries_for_matching_webhooks,
     claims_are_leased_and_attempts_fenced,
     given_up_and_deleted_webhooks_leave_the_outbox,
+    concurrent_loops_never_claim_the_same_delivery,
 );
