@@ -182,6 +182,11 @@ async fn job_events_write_deliveries_for_matching_webhooks(store: Arc<dyn Store>
     assert!(all_deliveries(&*store, "other").await.is_empty());
     assert_eq!(store.count_pending_webhook_deliveries().await.unwrap(), 2);
 
+    // The job as the event left it, even when one statement claims and records (Postgres).
+    let started: Value = serde_json::from_str(&logs[0].delivery.body).unwrap();
+    assert_eq!(started["type"], "job.started");
+    assert_eq!(started["data"]["status"], "running", "{started}");
+    assert_eq!(started["data"]["event"]["worker"], "worker");
     let succeeded = &logs[1].delivery;
     assert_eq!(
         (succeeded.job_id, succeeded.status, succeeded.attempts),
