@@ -115,6 +115,7 @@ async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
                     priority: 0,
                     max_attempts: 3,
                     idempotency: None,
+                    webhooks: Vec::new(),
                     created_at: Utc::now(),
                 };
                 store.create_job(job).await?;

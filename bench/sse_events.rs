@@ -148,6 +148,7 @@ async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
         priority: 0,
         max_attempts: 3,
         idempotency: None,
+        webhooks: Vec::new(),
         created_at: now,
     };
     store.create_job(job).await?;

@@ -132,6 +132,13 @@ pub struct Settings {
     /// loopback, link-local or private (see `crate::net_guard`).
     #[serde(deserialize_with = "lists::comma_separated")]
     pub allowed_private_networks: Vec<String>,
+    /// Attempts at one webhook delivery before it is given up (at least 1).
+    pub webhook_max_attempts: u32,
+    /// Wait after a delivery's first failed attempt, in milliseconds; doubled after each further
+    /// failure, at most an hour.
+    pub webhook_retry_base_ms: u64,
+    /// Time limit of one webhook delivery attempt, in seconds.
+    pub webhook_timeout_secs: u64,
 }
 
 /// The `auth` setting.
@@ -262,6 +269,12 @@ impl Settings {
                     &format!("`{network}` is not a host name, an IP address or a CIDR range"),
                 ));
             }
+        }
+        if self.webhook_max_attempts == 0 {
+            return Err(invalid("webhook_max_attempts", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&self.webhook_timeout_secs) {
+            return Err(invalid("webhook_timeout_secs", "must be 1 to 3600 seconds"));
         }
         if self.json_body_limit_bytes < 1024 {
             return Err(invalid("json_body_limit_bytes", "must be at least 1024"));
@@ -427,6 +440,9 @@ impl fmt::Debug for Settings {
             .field("tenant_max_active_jobs", &self.tenant_max_active_jobs)
             .field("tenant_max_stored_bytes", &self.tenant_max_stored_bytes)
             .field("allowed_private_networks", &self.allowed_private_networks)
+            .field("webhook_max_attempts", &self.webhook_max_attempts)
+            .field("webhook_retry_base_ms", &self.webhook_retry_base_ms)
+            .field("webhook_timeout_secs", &self.webhook_timeout_secs)
             .finish()
     }
 }

@@ -256,6 +256,7 @@ impl From<Error> for ApiError {
                     "model" => "model-not-found",
                     "dataset" => "dataset-not-found",
                     "artifact" => "artifact-not-found",
+                    "webhook" => "webhook-not-found",
                     _ => "not-found",
                 };
                 Self::new(

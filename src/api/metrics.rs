@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::scheduler::SchedulerMetrics;
+use crate::webhooks::WebhookMetrics;
 
 /// Labels of an HTTP request: the route template, not the raw path, to keep cardinality bounded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +37,8 @@ pub struct Metrics {
     pub jobs_created: Counter,
     /// Queue, worker and event-stream metrics.
     pub scheduler: SchedulerMetrics,
+    /// Webhook deliveries and the outbox depth.
+    pub webhooks: WebhookMetrics,
 }
 
 impl Metrics {
@@ -65,12 +68,15 @@ impl Metrics {
         );
         let scheduler = SchedulerMetrics::default();
         scheduler.register(&mut registry);
+        let webhooks = WebhookMetrics::default();
+        webhooks.register(&mut registry);
         Self {
             registry,
             http_requests,
             http_duration,
             jobs_created,
             scheduler,
+            webhooks,
         }
     }
 
@@ -126,6 +132,10 @@ pub async fn metrics(State(state): State<super::state::AppState>) -> impl IntoRe
     match state.store.count_jobs_by_status().await {
         Ok(counts) => state.metrics.scheduler.set_queue_depth(&counts),
         Err(error) => tracing::warn!(%error, "could not count jobs for the queue-depth gauge"),
+    }
+    match state.store.count_pending_webhook_deliveries().await {
+        Ok(pending) => state.metrics.webhooks.set_outbox_depth(pending),
+        Err(error) => tracing::warn!(%error, "could not count pending webhook deliveries"),
     }
     let content_type =
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8");

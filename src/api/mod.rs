@@ -21,6 +21,7 @@ mod models_register;
 pub mod openapi;
 mod problem_id;
 pub mod state;
+pub mod webhooks;
 
 use std::sync::Arc;
 
@@ -71,6 +72,22 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}/artifacts", get(artifacts::list_artifacts))
         .route("/v1/audit", get(audit::list_audit))
+        .route(
+            "/v1/webhooks",
+            post(webhooks::create_webhook).get(webhooks::list_webhooks),
+        )
+        .route(
+            "/v1/webhooks/{id}",
+            axum::routing::delete(webhooks::delete_webhook),
+        )
+        .route(
+            "/v1/webhooks/{id}/deliveries",
+            get(webhooks::webhook_deliveries),
+        )
+        .route(
+            "/v1/jobs/{id}/webhook-deliveries",
+            get(webhooks::job_webhook_deliveries),
+        )
         .route(
             "/v1/jobs/{id}/artifacts/{*name}",
             get(artifacts::download_artifact),

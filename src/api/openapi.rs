@@ -31,6 +31,10 @@ use super::jobs::list::JobList;
 use super::jobs::JobView;
 use super::models::{ModelList, ModelView};
 use super::models_create::ModelReference;
+use super::webhooks::{
+    AttemptView, CreatedWebhook, DeliveryList, DeliveryView, NewWebhookRequest, WebhookList,
+    WebhookView,
+};
 use crate::events::EventView;
 use crate::store::{JobError, JobProgress, JobResult, JobStatus};
 
@@ -60,6 +64,11 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
         super::artifacts::list_artifacts,
         super::artifacts::download_artifact,
         super::audit::list_audit,
+        super::webhooks::create_webhook,
+        super::webhooks::list_webhooks,
+        super::webhooks::delete_webhook,
+        super::webhooks::webhook_deliveries,
+        super::webhooks::job_webhook_deliveries,
         super::health::healthz,
         super::health::readyz,
         super::metrics::metrics,
@@ -67,13 +76,15 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
     ),
     components(schemas(ModelView, ModelList, ModelReference, DatasetView, DatasetList, DatasetReference, ArtifactView, ArtifactList,
         JobView, JobList, JobStatus, JobProgress, JobResult, JobError, Problem, FieldError, Health, EventList, EventView,
-        AuditList, AuditEntryView)),
+        AuditList, AuditEntryView, NewWebhookRequest, WebhookView, CreatedWebhook, WebhookList,
+        DeliveryView, AttemptView, DeliveryList)),
     modifiers(&AccessDoc),
     tags((name = "jobs", description = "Compression jobs"),
         (name = "models", description = "Registered models (upload or reference)"),
         (name = "datasets", description = "Registered datasets (upload or reference)"),
         (name = "artifacts", description = "What jobs produce, and downloads"),
-        (name = "audit", description = "State-changing requests, for keys with the admin scope"), (name = "operations", description = "Probes, metrics, contract")),
+        (name = "audit", description = "State-changing requests, for keys with the admin scope"),
+        (name = "webhooks", description = "Signed notices of job events (Standard Webhooks), and their delivery logs"), (name = "operations", description = "Probes, metrics, contract")),
 )]
 pub struct ApiDoc;
 
@@ -164,7 +175,33 @@ fn ordered_document(registry: &Registry) -> Value {
         }));
     }
     add_links(&mut document);
+    add_webhook_links(&mut document);
     document
+}
+
+/// Links from a created webhook to its delete and delivery log, and from a created job to its
+/// webhook deliveries.
+fn add_webhook_links(document: &mut Value) {
+    let link = |operation: &str, description: &str| {
+        yaml_of(serde_json::json!({
+            "operationId": operation,
+            "parameters": { "id": "$response.body#/id" },
+            "description": description,
+        }))
+    };
+    let path = ["paths", "/v1/webhooks", "post", "responses", "201"];
+    if let Some(response) = walk(document, &path) {
+        let links = entry(response, "links");
+        links["DeleteWebhook"] = link("delete_webhook", "Stop sending to this webhook");
+        links["WebhookDeliveries"] = link("webhook_deliveries", "The webhook's delivery log");
+    }
+    for status in ["201", "200"] {
+        let path = ["paths", "/v1/jobs", "post", "responses", status];
+        if let Some(response) = walk(document, &path) {
+            entry(response, "links")["JobWebhookDeliveries"] =
+                link("job_webhook_deliveries", "The job's webhook delivery log");
+        }
+    }
 }
 
 /// OpenAPI links from a created job, model or dataset to the operations on it, so generated

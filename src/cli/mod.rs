@@ -234,6 +234,13 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
             Duration::from_secs(settings.orphan_sweep_interval_secs),
         )
     });
+    // Every API process delivers webhooks; replicas share the outbox through leases.
+    let webhooks = tokio::spawn(crate::webhooks::delivery::run(
+        state.store.clone(),
+        crate::webhooks::DeliveryConfig::from_settings(settings),
+        state.metrics.webhooks.clone(),
+        shutdown.clone(),
+    ));
     let address = server::listen_address(settings, state.config.access.mode);
     let listener = tokio::net::TcpListener::bind(address)
         .await
@@ -254,6 +261,8 @@ async fn serve(settings: &Settings, no_worker: bool) -> Result<()> {
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }
+    // An attempt cut short here is claimed again after its lease: nothing is lost.
+    webhooks.abort();
     if let Some(worker) = worker {
         // Running jobs are stopped and handed back to the queue before the process exits.
         let _ = worker.await;

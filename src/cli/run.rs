@@ -30,6 +30,13 @@ pub fn run_spec_file(spec_path: &Path, out: &Path) -> Result<()> {
         }])
     })?;
     let spec = job_spec::accept(&document).map_err(Error::InvalidSpec)?;
+    if !spec.webhooks.is_empty() {
+        // Webhooks are delivered by a server's outbox; a local run has neither.
+        tracing::warn!(
+            webhooks = spec.webhooks.len(),
+            "`webhooks` are sent by `compressd serve` only; this local run sends none"
+        );
+    }
     check_local_inputs(&spec, spec_path)?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     execute_pipeline(&spec, out)

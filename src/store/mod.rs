@@ -13,6 +13,7 @@ mod postgres;
 mod shared;
 mod sqlite;
 mod types;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,10 @@ pub use sqlite::SqliteStore;
 pub use types::{
     Artifact, Created, Dataset, Idempotency, Job, JobError, JobEvent, JobFilter, JobProgress,
     JobResult, JobStatus, Model, NewEvent, NewJob, Page,
+};
+pub use webhooks::{
+    events_from_text, events_to_text, DeliveryAttempt, DeliveryFilter, DeliveryLog, DeliveryNext,
+    DeliveryStatus, Webhook, WebhookDelivery,
 };
 
 use crate::error::{Error, Result};
@@ -241,6 +246,51 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// A tenant's queued and running jobs and stored bytes, for its quotas.
     async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage>;
+
+    // ---- Webhooks: subscriptions and the delivery outbox (`sqlite/webhooks.rs`, `postgres/webhooks.rs`). ----
+
+    /// Stores a tenant's webhook (a job's own are stored by [`Store::create_job`]).
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when the id exists.
+    async fn insert_webhook(&self, webhook: &Webhook) -> Result<()>;
+
+    /// The webhook with this id, a tenant's or a job's.
+    async fn get_webhook(&self, id: Uuid) -> Result<Option<Webhook>>;
+
+    /// A tenant's own webhooks (`job_id` `None`) or one job's, oldest first.
+    async fn list_webhooks(&self, tenant: &str, job_id: Option<Uuid>) -> Result<Vec<Webhook>>;
+
+    /// Deletes a webhook and its deliveries not yet made; the log of finished ones stays.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when no webhook has this id.
+    async fn delete_webhook(&self, id: Uuid) -> Result<()>;
+
+    /// Claims up to `limit` due deliveries for `owner`: each one's `attempts` grows by one and it
+    /// is not due again before `lease` has passed, so a claimer that dies loses nothing.
+    async fn claim_webhook_deliveries(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>>;
+
+    /// Records an attempt of a claimed delivery and what follows it, fenced on the claim (owner
+    /// and attempt number). `false`, writing nothing, when the claim was lost (its lease passed
+    /// and another loop claimed the delivery).
+    async fn record_webhook_attempt(
+        &self,
+        claimed: &WebhookDelivery,
+        attempt: &DeliveryAttempt,
+        next: DeliveryNext,
+    ) -> Result<bool>;
+
+    /// Deliveries with their attempts, oldest first, at most `min(filter.limit, MAX_PAGE)`.
+    async fn list_webhook_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryLog>>;
+
+    /// Deliveries still pending (the outbox depth).
+    async fn count_pending_webhook_deliveries(&self) -> Result<i64>;
 }
 
 /// Opens the store the settings name: `database_url` unset means SQLite in the data dir.

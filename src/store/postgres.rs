@@ -3,6 +3,7 @@
 mod access;
 mod queue;
 mod rows;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use super::{
 };
 use super::{ApiKey, AuditEntry, AuditFilter, TenantUsage};
 use super::{AttemptOutcome, JobProgress, JobStatus, Lease, LeaseState, Reaped};
+use super::{DeliveryAttempt, DeliveryFilter, DeliveryLog, DeliveryNext, Webhook, WebhookDelivery};
 use crate::error::{Error, Result};
 use crate::events::hub::EventHub;
 use crate::events::listener::{spawn_listener, ListenerTask};
@@ -152,6 +154,9 @@ impl Store for PgStore {
             })?;
         if let Some(row) = inserted {
             let created = job_from_row(&row)?;
+            for webhook in &job.webhooks {
+                webhooks::insert_webhook(&mut *tx, webhook).await?;
+            }
             insert_event(&mut *tx, &queued_event(&created, job.created_at)).await?;
             tx.commit().await?;
             return Ok(Created::New(created));
@@ -493,6 +498,58 @@ impl Store for PgStore {
     #[tracing::instrument(name = "db.tenant_usage", skip_all, fields(tenant = %tenant))]
     async fn tenant_usage(&self, tenant: &str) -> Result<TenantUsage> {
         access::tenant_usage(&self.pool, tenant).await
+    }
+
+    // Webhooks: implemented in `postgres/webhooks.rs`.
+
+    #[tracing::instrument(name = "db.insert_webhook", skip_all, fields(webhook_id = %webhook.id))]
+    async fn insert_webhook(&self, webhook: &Webhook) -> Result<()> {
+        webhooks::insert_webhook(&self.pool, webhook).await
+    }
+
+    #[tracing::instrument(name = "db.get_webhook", skip_all, fields(webhook_id = %id))]
+    async fn get_webhook(&self, id: Uuid) -> Result<Option<Webhook>> {
+        webhooks::get_webhook(&self.pool, id).await
+    }
+
+    #[tracing::instrument(name = "db.list_webhooks", skip_all, fields(tenant = %tenant))]
+    async fn list_webhooks(&self, tenant: &str, job_id: Option<Uuid>) -> Result<Vec<Webhook>> {
+        webhooks::list_webhooks(&self.pool, tenant, job_id).await
+    }
+
+    #[tracing::instrument(name = "db.delete_webhook", skip_all, fields(webhook_id = %id))]
+    async fn delete_webhook(&self, id: Uuid) -> Result<()> {
+        webhooks::delete_webhook(&self.pool, id).await
+    }
+
+    #[tracing::instrument(name = "db.claim_webhook_deliveries", skip_all, fields(owner = %owner))]
+    async fn claim_webhook_deliveries(
+        &self,
+        owner: &str,
+        lease: Duration,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>> {
+        webhooks::claim_deliveries(&self.pool, owner, lease, limit).await
+    }
+
+    #[tracing::instrument(name = "db.record_webhook_attempt", skip_all, fields(delivery_id = claimed.id, attempt = attempt.attempt))]
+    async fn record_webhook_attempt(
+        &self,
+        claimed: &WebhookDelivery,
+        attempt: &DeliveryAttempt,
+        next: DeliveryNext,
+    ) -> Result<bool> {
+        webhooks::record_attempt(&self.pool, claimed, attempt, next).await
+    }
+
+    #[tracing::instrument(name = "db.list_webhook_deliveries", skip_all)]
+    async fn list_webhook_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<DeliveryLog>> {
+        webhooks::list_deliveries(&self.pool, filter).await
+    }
+
+    #[tracing::instrument(name = "db.count_pending_webhook_deliveries", skip_all)]
+    async fn count_pending_webhook_deliveries(&self) -> Result<i64> {
+        webhooks::count_pending(&self.pool).await
     }
 }
 

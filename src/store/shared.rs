@@ -288,3 +288,26 @@ pub(super) fn record_claim(job: Option<&Job>) {
         span.record("attempt", job.attempt);
     }
 }
+
+/// Pairs deliveries (in id order) with their attempts; attempts of deliveries not in the list
+/// (another job's, between the first and last id) are dropped.
+pub(super) fn group_attempts(
+    deliveries: Vec<super::WebhookDelivery>,
+    attempts: Vec<super::DeliveryAttempt>,
+) -> Vec<super::DeliveryLog> {
+    let mut by_delivery: std::collections::HashMap<i64, Vec<super::DeliveryAttempt>> =
+        std::collections::HashMap::new();
+    for attempt in attempts {
+        by_delivery
+            .entry(attempt.delivery_id)
+            .or_default()
+            .push(attempt);
+    }
+    deliveries
+        .into_iter()
+        .map(|delivery| super::DeliveryLog {
+            attempts: by_delivery.remove(&delivery.id).unwrap_or_default(),
+            delivery,
+        })
+        .collect()
+}

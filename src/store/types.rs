@@ -214,6 +214,9 @@ pub struct NewJob {
     pub idempotency: Option<Idempotency>,
     /// Creation time from the caller's clock.
     pub created_at: DateTime<Utc>,
+    /// The spec's own webhooks, with their secret, stored with the job (their `job_id` is the
+    /// job's id).
+    pub webhooks: Vec<super::Webhook>,
 }
 
 /// The outcome of [`crate::store::Store::create_job`].

@@ -119,6 +119,7 @@ async fn requests_without_a_valid_key_or_scope_get_problems_never_data() {
 struct Owned {
     job: Uuid,
     artifact: &'static str,
+    webhook: Uuid,
 }
 
 async fn make_owned(api: &TestApi, owner: &str) -> Owned {
@@ -141,7 +142,22 @@ async fn make_owned(api: &TestApi, owner: &str) -> Owned {
         })
         .await
         .unwrap();
-    Owned { job, artifact }
+    // A public address literal: the network policy needs no DNS to accept it.
+    let webhook = call(
+        api,
+        Method::POST,
+        "/v1/webhooks",
+        owner,
+        Some(&serde_json::json!({"url": "https://8.8.8.8/hook"})),
+    )
+    .await;
+    assert_eq!(webhook.status, StatusCode::CREATED, "{:?}", webhook.body);
+    let webhook = webhook.body["id"].as_str().unwrap().parse().unwrap();
+    Owned {
+        job,
+        artifact,
+        webhook,
+    }
 }
 
 /// Every `/v1` operation of the OpenAPI document, as another tenant: a resource of the owner's
@@ -156,6 +172,7 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
         owned.job.to_string(),
         api.model.to_string(),
         api.dataset.to_string(),
+        owned.webhook.to_string(),
     ];
 
     let document = api::openapi::document();
@@ -175,6 +192,10 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
                     "/v1/datasets/{id}",
                     &format!("/v1/datasets/{}", api.dataset),
                 )
+                .replace(
+                    "/v1/webhooks/{id}",
+                    &format!("/v1/webhooks/{}", owned.webhook),
+                )
                 .replace("{name}", owned.artifact);
             let verb = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let reply = match (method, path.as_str()) {
@@ -192,13 +213,16 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
                 }
                 // Registering makes the caller's own model or dataset; an empty body is refused
                 // before anything is read.
-                ("post", "/v1/models" | "/v1/datasets") => {
+                ("post", "/v1/models" | "/v1/datasets" | "/v1/webhooks") => {
                     let reply = call(&api, verb, &uri, &other, Some(&serde_json::json!({}))).await;
                     assert!(reply.status.is_client_error(), "{uri}: {:?}", reply.body);
                     reply
                 }
                 // Listings: 200 with none of the owner's rows.
-                ("get", "/v1/jobs" | "/v1/models" | "/v1/datasets" | "/v1/audit") => {
+                (
+                    "get",
+                    "/v1/jobs" | "/v1/models" | "/v1/datasets" | "/v1/audit" | "/v1/webhooks",
+                ) => {
                     let reply = call(&api, verb, &uri, &other, None).await;
                     assert_eq!(reply.status, StatusCode::OK, "{uri}: {:?}", reply.body);
                     reply
@@ -251,6 +275,15 @@ async fn other_tenants_see_nothing(store: Arc<dyn Store>) {
     );
     let listed = call(&api, Method::GET, "/v1/jobs", &owner, None).await;
     assert!(listed.body.to_string().contains(&owned.job.to_string()));
+    let webhooks = call(&api, Method::GET, "/v1/webhooks", &owner, None).await;
+    assert!(
+        webhooks
+            .body
+            .to_string()
+            .contains(&owned.webhook.to_string()),
+        "the other tenant's delete reached the webhook: {:?}",
+        webhooks.body
+    );
 }
 
 #[tokio::test]

@@ -413,6 +413,21 @@ fn every_setting_is_taken_from_its_environment_variable() {
             "10.1.0.0/16, minio.internal",
             "allowed_private_networks: [\"10.1.0.0/16\", \"minio.internal\"]".into(),
         ),
+        (
+            "webhook_max_attempts",
+            "4",
+            "webhook_max_attempts: 4".into(),
+        ),
+        (
+            "webhook_retry_base_ms",
+            "250",
+            "webhook_retry_base_ms: 250".into(),
+        ),
+        (
+            "webhook_timeout_secs",
+            "7",
+            "webhook_timeout_secs: 7".into(),
+        ),
     ];
     let mut documented = compressd::settings::Settings::keys();
     documented.sort_unstable();

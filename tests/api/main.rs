@@ -22,3 +22,4 @@ mod models_hf;
 mod openapi;
 mod serve;
 mod shutdown;
+mod webhooks;

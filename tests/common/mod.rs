@@ -90,6 +90,7 @@ pub fn new_job(clock: &dyn Clock, model: Uuid, dataset: Uuid) -> NewJob {
         priority: 0,
         max_attempts: DEFAULT_MAX_ATTEMPTS,
         idempotency: None,
+        webhooks: Vec::new(),
         created_at: clock.now(),
     }
 }

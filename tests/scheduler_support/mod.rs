@@ -95,6 +95,7 @@ pub async fn queue_job(
         priority,
         max_attempts,
         idempotency: None,
+        webhooks: Vec::new(),
         created_at: Utc::now(),
     };
     store.create_job(job).await.unwrap().job().clone()

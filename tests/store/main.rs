@@ -15,3 +15,4 @@ mod artifacts_s3;
 mod artifacts_sweep;
 mod contract;
 mod scheduler;
+mod webhooks_contract;

@@ -14,12 +14,14 @@ mod model_state;
 mod registry;
 mod stage;
 mod validate;
+mod webhook;
 
 pub use check::{Checker, MAX_BATCH_SIZE, MAX_EPOCHS};
 pub use estimate::{Estimate, Workload};
 pub use model_state::{LinearModule, ModelState, Precondition};
 pub use registry::{Registry, StageDescriptor};
 pub use stage::{StageKind, StageSpec};
+pub use webhook::{WebhookEvent, WebhookSpec, MAX_WEBHOOKS};
 
 pub use crate::stages::distill::DistillSpec;
 pub use crate::stages::finetune::{EarlyStopping, FinetuneMethod, FinetuneSpec, GradClip, Recover};
@@ -73,6 +75,11 @@ pub struct JobSpec {
     #[serde(default)]
     #[schemars(range(min = -100, max = 100))]
     pub priority: i32,
+    /// Where to post signed notices of this job's events (Standard Webhooks), at most 8; the
+    /// service answers the signing secret once, in the create response.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_WEBHOOKS))]
+    pub webhooks: Vec<WebhookSpec>,
 }
 
 /// The task the model is trained and measured on.

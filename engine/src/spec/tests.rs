@@ -275,3 +275,35 @@ fn distill_parses_with_defaults_and_builds() {
         serde_json::from_value(json!({"student_layers": 2, "layer_init": [0, 3, 5]})).unwrap();
     assert!(mismatch.student_layer_indices(6).is_err());
 }
+
+#[test]
+fn webhooks_default_to_the_terminal_events_and_are_bounded() {
+    let plain = parse(example());
+    assert!(plain.webhooks.is_empty());
+    // A spec without webhooks serializes as before (idempotency hashes of old specs hold).
+    assert!(serde_json::to_value(&plain)
+        .unwrap()
+        .get("webhooks")
+        .is_none());
+    let mut value = example();
+    value["webhooks"] = json!([
+        {"url": "https://ci.example/hook"},
+        {"url": "https://ops.example/hook", "events": ["job.started", "stage.completed"]}
+    ]);
+    let spec = parse(value.clone());
+    assert_eq!(spec.webhooks[0].events, WebhookEvent::terminal());
+    assert_eq!(
+        spec.webhooks[1].events,
+        [WebhookEvent::JobStarted, WebhookEvent::StageCompleted]
+    );
+    assert!(pointers(&spec).is_empty(), "{:?}", spec.validate());
+    value["webhooks"][1]["events"] = json!([]);
+    assert_eq!(pointers(&parse(value.clone())), ["/webhooks/1/events"]);
+    value["webhooks"] = json!(vec![
+        json!({"url": "https://ci.example/hook"});
+        MAX_WEBHOOKS + 1
+    ]);
+    assert_eq!(pointers(&parse(value.clone())), ["/webhooks"]);
+    value["webhooks"] = json!([{"url": "https://ci.example/hook", "events": ["job.exploded"]}]);
+    assert!(serde_json::from_value::<JobSpec>(value).is_err());
+}

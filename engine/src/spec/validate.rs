@@ -7,6 +7,7 @@
 use super::{
     Acceptance, Checker, FinetuneMethod, FinetuneSpec, JobSpec, Metric, ModelState, OutputFormat,
     StageKind, StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
+    MAX_WEBHOOKS,
 };
 
 const MAX_NAME_CHARS: usize = 128;
@@ -32,6 +33,7 @@ pub(super) fn validate(spec: &JobSpec, input: &ModelState) -> Vec<Violation> {
         check_acceptance(&mut c, acceptance, spec.task.task_type);
     }
     check_outputs(&mut c, spec);
+    check_webhooks(&mut c, spec);
     c.check(PRIORITY_RANGE.contains(&spec.priority), "/priority", || {
         format!(
             "must be between {} and {}, got {}",
@@ -185,5 +187,27 @@ fn check_outputs(c: &mut Checker, spec: &JobSpec) {
                 format!("{format:?} is listed twice"),
             );
         }
+    }
+}
+
+/// Counts and shapes only: whether a URL may be reached is the service's network policy.
+fn check_webhooks(c: &mut Checker, spec: &JobSpec) {
+    c.check(spec.webhooks.len() <= MAX_WEBHOOKS, "/webhooks", || {
+        format!(
+            "at most {MAX_WEBHOOKS} webhooks, got {}",
+            spec.webhooks.len()
+        )
+    });
+    for (i, webhook) in spec.webhooks.iter().enumerate() {
+        c.check(
+            !webhook.events.is_empty(),
+            &format!("/webhooks/{i}/events"),
+            || "must name at least one event (leave it out for the terminal ones)".to_owned(),
+        );
+        c.check(
+            (1..=2048).contains(&webhook.url.len()),
+            &format!("/webhooks/{i}/url"),
+            || "must have 1 to 2048 characters".to_owned(),
+        );
     }
 }

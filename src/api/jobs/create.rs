@@ -14,9 +14,11 @@ use crate::api::access::check_job_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
+use crate::api::webhooks::check_target;
 use crate::auth::Caller;
 use crate::job_spec;
-use crate::store::{Created, Dataset, Idempotency, Model, NewJob};
+use crate::store::{Created, Dataset, Idempotency, Model, NewJob, Webhook};
+use crate::webhooks::signing::new_secret;
 
 /// Header a client sets to make retries of a create safe.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -32,7 +34,7 @@ const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
     params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[!-~][\t -~]*$", description = "Makes retries safe: same key and body, same job (1 to 255 visible ASCII characters)")),
     request_body(content = Object, description = "A job spec (v1); see the README", content_type = "application/json"),
     responses(
-        (status = 201, description = "Queued", body = JobView),
+        (status = 201, description = "Queued; with `webhooks` in the spec, `webhook_secret` is their signing secret", body = JobView),
         (status = 200, description = "Replay of an earlier request with the same idempotency key", body = JobView),
         (status = 400, description = "Malformed JSON or header", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Idempotency key reused with another body", body = Problem, content_type = "application/problem+json"),
@@ -80,9 +82,14 @@ pub async fn create_job(
         key,
         request_hash: request_hash(&spec_json),
     });
+    for (index, webhook) in spec.webhooks.iter().enumerate() {
+        check_target(&state, &webhook.url, &format!("/webhooks/{index}/url")).await?;
+    }
     check_job_quota(&state, &caller.tenant).await?;
+    let job_id = state.clock.new_id();
     let new_job = NewJob {
-        id: state.clock.new_id(),
+        webhooks: job_webhooks(&state, &caller, job_id, &spec),
+        id: job_id,
         tenant: caller.tenant.clone(),
         name: spec.name.clone(),
         spec: spec_json,
@@ -103,12 +110,41 @@ pub async fn create_job(
     };
     let location = HeaderValue::from_str(&format!("/v1/jobs/{}", job.id))
         .map_err(|e| crate::Error::Corrupt(e.to_string()))?;
-    Ok((
-        status,
-        [(header::LOCATION, location)],
-        Json(JobView::from(job)),
-    )
-        .into_response())
+    // The secret is stored with the job's webhooks; a replay answers it again, as the first
+    // answer may be the one that was lost.
+    let webhook_secret = if spec.webhooks.is_empty() {
+        None
+    } else {
+        state
+            .store
+            .list_webhooks(&caller.tenant, Some(job.id))
+            .await?
+            .into_iter()
+            .next()
+            .map(|w| w.secret)
+    };
+    let view = JobView {
+        webhook_secret,
+        ..JobView::from(job)
+    };
+    Ok((status, [(header::LOCATION, location)], Json(view)).into_response())
+}
+
+/// The spec's webhooks as rows of the new job, all signed with one new secret.
+fn job_webhooks(state: &AppState, caller: &Caller, job_id: Uuid, spec: &JobSpec) -> Vec<Webhook> {
+    let secret = new_secret();
+    spec.webhooks
+        .iter()
+        .map(|w| Webhook {
+            id: state.clock.new_id(),
+            tenant: caller.tenant.clone(),
+            job_id: Some(job_id),
+            url: w.url.clone(),
+            events: w.events.clone(),
+            secret: secret.clone(),
+            created_at: state.clock.now(),
+        })
+        .collect()
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

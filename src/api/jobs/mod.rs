@@ -42,6 +42,10 @@ pub struct JobView {
     pub result: Option<JobResult>,
     /// Cause of a failed job.
     pub error: Option<JobError>,
+    /// The signing secret (`whsec_` + base64) of the spec's `webhooks`: only in the answer to
+    /// the create (and to its idempotent replays), never in later reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_secret: Option<String>,
 }
 
 impl From<Job> for JobView {
@@ -60,6 +64,7 @@ impl From<Job> for JobView {
             progress: job.progress,
             result: job.result,
             error: job.error,
+            webhook_secret: None,
         }
     }
 }
