@@ -22,5 +22,6 @@ pub mod server;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tracking;
 
 pub use error::{Error, Result};

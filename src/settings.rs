@@ -132,6 +132,12 @@ pub struct Settings {
     /// loopback, link-local or private (see `crate::net_guard`).
     #[serde(deserialize_with = "lists::comma_separated")]
     pub allowed_private_networks: Vec<String>,
+    /// MLflow tracking server every job is logged to as a run; `None`: only jobs whose spec
+    /// names one (`mlflow.tracking_uri`) are tracked.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub mlflow_tracking_uri: Option<String>,
+    /// Experiment of the runs when the spec names none.
+    pub mlflow_experiment: String,
 }
 
 /// The `auth` setting.
@@ -262,6 +268,14 @@ impl Settings {
                     &format!("`{network}` is not a host name, an IP address or a CIDR range"),
                 ));
             }
+        }
+        if let Some(uri) = &self.mlflow_tracking_uri {
+            if let Err(error) = crate::net_guard::parse_http_url(uri) {
+                return Err(invalid("mlflow_tracking_uri", &error.to_string()));
+            }
+        }
+        if self.mlflow_experiment.trim().is_empty() {
+            return Err(invalid("mlflow_experiment", "must not be empty"));
         }
         if self.json_body_limit_bytes < 1024 {
             return Err(invalid("json_body_limit_bytes", "must be at least 1024"));
@@ -418,6 +432,11 @@ impl fmt::Debug for Settings {
             .field("hf_endpoint", &self.hf_endpoint)
             .field("hf_cache_dir", &self.hf_cache_dir)
             .field("hf_token", &self.hf_token.as_ref().map(|_| "***"))
+            .field(
+                "mlflow_tracking_uri",
+                &self.mlflow_tracking_uri.as_deref().map(redact_url),
+            )
+            .field("mlflow_experiment", &self.mlflow_experiment)
             .field("auth", &self.auth)
             .field(
                 "rate_limit_per_key_per_sec",

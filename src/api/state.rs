@@ -28,6 +28,8 @@ pub struct ApiConfig {
     pub inputs: InputsConfig,
     /// Authentication, rate limits and quotas.
     pub access: super::access::AccessConfig,
+    /// What user-given URLs (a job's MLflow tracking URI) may reach.
+    pub url_policy: crate::net_guard::UrlPolicy,
 }
 
 /// Limits and sources for registering models and datasets and serving artifacts.
@@ -75,6 +77,7 @@ impl ApiConfig {
             events: StreamConfig::from_settings(settings),
             inputs: InputsConfig::from_settings(settings),
             access: super::access::AccessConfig::from_settings(settings),
+            url_policy: crate::net_guard::UrlPolicy::new(&settings.allowed_private_networks),
         }
     }
 }

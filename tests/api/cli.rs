@@ -413,6 +413,16 @@ fn every_setting_is_taken_from_its_environment_variable() {
             "10.1.0.0/16, minio.internal",
             "allowed_private_networks: [\"10.1.0.0/16\", \"minio.internal\"]".into(),
         ),
+        (
+            "mlflow_tracking_uri",
+            "http://mlflow.internal:5000",
+            "mlflow_tracking_uri: Some(\"http://mlflow.internal:5000\")".into(),
+        ),
+        (
+            "mlflow_experiment",
+            "team-a",
+            "mlflow_experiment: \"team-a\"".into(),
+        ),
     ];
     let mut documented = compressd::settings::Settings::keys();
     documented.sort_unstable();
