@@ -22,6 +22,7 @@ pub mod server;
 pub mod settings;
 pub mod store;
 pub mod telemetry;
+pub mod tracking;
 pub mod webhooks;
 
 pub use error::{Error, Result};

@@ -139,6 +139,12 @@ pub struct Settings {
     pub webhook_retry_base_ms: u64,
     /// Time limit of one webhook delivery attempt, in seconds.
     pub webhook_timeout_secs: u64,
+    /// MLflow tracking server every job is logged to as a run; `None`: only jobs whose spec
+    /// names one (`mlflow.tracking_uri`) are tracked.
+    #[serde(default, deserialize_with = "empty_is_none")]
+    pub mlflow_tracking_uri: Option<String>,
+    /// Experiment of the runs when the spec names none.
+    pub mlflow_experiment: String,
 }
 
 /// The `auth` setting.
@@ -275,6 +281,14 @@ impl Settings {
         }
         if !(1..=3600).contains(&self.webhook_timeout_secs) {
             return Err(invalid("webhook_timeout_secs", "must be 1 to 3600 seconds"));
+        }
+        if let Some(uri) = &self.mlflow_tracking_uri {
+            if let Err(error) = crate::net_guard::parse_http_url(uri) {
+                return Err(invalid("mlflow_tracking_uri", &error.to_string()));
+            }
+        }
+        if self.mlflow_experiment.trim().is_empty() {
+            return Err(invalid("mlflow_experiment", "must not be empty"));
         }
         if self.json_body_limit_bytes < 1024 {
             return Err(invalid("json_body_limit_bytes", "must be at least 1024"));
@@ -431,6 +445,11 @@ impl fmt::Debug for Settings {
             .field("hf_endpoint", &self.hf_endpoint)
             .field("hf_cache_dir", &self.hf_cache_dir)
             .field("hf_token", &self.hf_token.as_ref().map(|_| "***"))
+            .field(
+                "mlflow_tracking_uri",
+                &self.mlflow_tracking_uri.as_deref().map(redact_url),
+            )
+            .field("mlflow_experiment", &self.mlflow_experiment)
             .field("auth", &self.auth)
             .field(
                 "rate_limit_per_key_per_sec",

@@ -28,7 +28,8 @@ pub struct ApiConfig {
     pub inputs: InputsConfig,
     /// Authentication, rate limits and quotas.
     pub access: super::access::AccessConfig,
-    /// Which webhook targets may be reached (`allowed_private_networks`).
+    /// What user-given URLs may reach (webhook targets, a job's MLflow tracking URI):
+    /// `allowed_private_networks`.
     pub url_policy: crate::net_guard::UrlPolicy,
 }
 

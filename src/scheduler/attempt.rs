@@ -24,6 +24,7 @@ use super::WorkerContext;
 use crate::error::Result;
 use crate::events::hub::Notice;
 use crate::store::{retry_backoff, AttemptOutcome, Job, JobError, Lease};
+use crate::tracking::run::{Ending, JobIdentity, RunTracker};
 
 /// Runs `job` (just claimed by this worker) to its end and records the outcome.
 pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: CancellationToken) {
@@ -36,9 +37,48 @@ pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: Cancellati
     let started = Instant::now();
     async {
         tracing::info!("attempt started");
-        let outcome = supervise(&ctx, &job, &lease, shutdown).await;
+        let tracker = ctx.settings.tracking.target(&job.spec).map(|target| {
+            let identity = JobIdentity {
+                id: job.id,
+                name: job.name.clone(),
+                attempt: job.attempt,
+                spec: job.spec.clone(),
+            };
+            RunTracker::start(target, &ctx.settings.tracking, identity)
+        });
+        let outcome = supervise(&ctx, &job, &lease, shutdown, tracker.as_ref()).await;
+        let (result, error) = match &outcome {
+            Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result, .. })) => {
+                (Some(result.clone()), None)
+            }
+            Ok(ChildOutcome::Reported(ChildMessage::Failed { message, .. })) => {
+                (None, Some(message.clone()))
+            }
+            Ok(ChildOutcome::Died { cause, .. }) => (None, Some(cause.describe())),
+            _ => (None, None),
+        };
+        // A failed run whose finished stages could not be published keeps its work folder.
+        let keep_work_dir = matches!(
+            &outcome,
+            Ok(ChildOutcome::Reported(ChildMessage::Failed { kept, retryable, .. }))
+                if !kept.is_empty() && (!retryable || job.attempt >= job.max_attempts)
+        );
         let label = record(&ctx, &job, &lease, outcome).await;
         ctx.metrics.attempt_finished(label, started.elapsed());
+        // After the outcome is recorded, so MLflow never holds up the job; before the work
+        // folder goes, so the outputs can still be uploaded.
+        if let Some(tracker) = tracker {
+            let ending = Ending {
+                job_status: label.to_owned(),
+                result,
+                error,
+                work_dir: work_dir(&ctx, &job),
+            };
+            tracker.finish(ending).await;
+        }
+        if is_finished(label) && !keep_work_dir {
+            remove_work_dir(work_dir(&ctx, &job)).await;
+        }
     }
     .instrument(span)
     .await;
@@ -50,6 +90,7 @@ async fn supervise(
     job: &Job,
     lease: &Lease,
     shutdown: CancellationToken,
+    tracker: Option<&RunTracker>,
 ) -> Result<ChildOutcome> {
     let command = child_command(ctx, job).await?;
     let mut child = RunningChild::spawn(&command)
@@ -85,6 +126,9 @@ async fn supervise(
             }
             message = child.next_message() => match message {
                 Some(message) => {
+                    if let Some(tracker) = tracker {
+                        tracker.observe(&message);
+                    }
                     if let Err(error) = forwarder.forward(message).await {
                         if is_lease_lost(&error) {
                             break child.stop(StopReason::LeaseLost, grace).await;
@@ -237,6 +281,13 @@ async fn publish_outputs(
     }
 }
 
+/// Whether the metrics label of an attempt says its job has ended.
+fn is_finished(label: &str) -> bool {
+    crate::store::JobStatus::ALL
+        .iter()
+        .any(|status| status.as_str() == label && status.is_finished())
+}
+
 /// Removes a finished job's work folder: its outputs are in the artifact store now, and no
 /// attempt will resume from its checkpoints.
 async fn remove_work_dir(dir: PathBuf) {
@@ -301,8 +352,6 @@ async fn record(
     outcome: Result<ChildOutcome>,
 ) -> &'static str {
     let backoff = retry_backoff(ctx.settings.retry_backoff, job.attempt + 1);
-    // Set when a failed run's finished stages could not be published: their files stay here.
-    let mut keep_work_dir = false;
     let attempt_outcome = match outcome {
         Ok(ChildOutcome::Reported(ChildMessage::Succeeded { result, .. })) => {
             AttemptOutcome::Succeeded { result }
@@ -311,9 +360,8 @@ async fn record(
             code,
             message,
             retryable,
-            kept,
+            ..
         })) => {
-            keep_work_dir = !kept.is_empty() && (!retryable || job.attempt >= job.max_attempts);
             let error = JobError { code, message };
             if retryable {
                 AttemptOutcome::Retry { error, backoff }
@@ -386,9 +434,6 @@ async fn record(
     match finish_with_retries(ctx, lease, attempt_outcome).await {
         Ok(status) => {
             tracing::info!(%status, "attempt finished");
-            if status.is_finished() && !keep_work_dir {
-                remove_work_dir(work_dir(ctx, job)).await;
-            }
             status.as_str()
         }
         Err(error) if is_lease_lost(&error) => {

@@ -76,6 +76,8 @@ pub struct WorkerSettings {
     pub executable: PathBuf,
     /// Stderr lines kept from a child.
     pub log_tail_lines: usize,
+    /// Where jobs are tracked in MLflow (see [`crate::tracking`]).
+    pub tracking: crate::tracking::TrackingDefaults,
 }
 
 impl WorkerSettings {
@@ -95,6 +97,7 @@ impl WorkerSettings {
             work_dir: data_dir.join("work"),
             executable: std::env::current_exe()?,
             log_tail_lines: DEFAULT_LOG_TAIL_LINES,
+            tracking: crate::tracking::TrackingDefaults::default(),
         })
     }
 
@@ -113,6 +116,7 @@ impl WorkerSettings {
             stop_grace: secs(settings.worker_stop_grace_secs),
             retry_backoff: secs(settings.worker_retry_backoff_secs),
             reap_interval: secs(settings.worker_heartbeat_secs),
+            tracking: crate::tracking::TrackingDefaults::from_settings(settings),
             ..Self::with_defaults(&settings.data_dir)?
         })
     }

@@ -428,6 +428,16 @@ fn every_setting_is_taken_from_its_environment_variable() {
             "7",
             "webhook_timeout_secs: 7".into(),
         ),
+        (
+            "mlflow_tracking_uri",
+            "http://mlflow.internal:5000",
+            "mlflow_tracking_uri: Some(\"http://mlflow.internal:5000\")".into(),
+        ),
+        (
+            "mlflow_experiment",
+            "team-a",
+            "mlflow_experiment: \"team-a\"".into(),
+        ),
     ];
     let mut documented = compressd::settings::Settings::keys();
     documented.sort_unstable();

@@ -16,6 +16,7 @@ mod disk_full;
 mod inputs;
 mod kill;
 mod load;
+mod mlflow;
 mod object_faults;
 mod pg_restart;
 mod pipeline;

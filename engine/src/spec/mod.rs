@@ -80,6 +80,25 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_WEBHOOKS))]
     pub webhooks: Vec<WebhookSpec>,
+    /// Track the job as an MLflow run; `null` uses the server's `mlflow_tracking_uri` setting
+    /// (no tracking when that is unset too).
+    #[serde(default)]
+    pub mlflow: Option<MlflowSpec>,
+}
+
+/// Where a job is tracked in MLflow. The engine only carries it: the service's worker logs the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MlflowSpec {
+    /// The MLflow tracking server (`http(s)://host[:port][/prefix]`); `null` means the server's
+    /// `mlflow_tracking_uri` setting. The service refuses one that reaches a private address.
+    #[serde(default)]
+    pub tracking_uri: Option<String>,
+    /// The experiment the run goes into, made when missing; `null` means the server's
+    /// `mlflow_experiment` setting (default `compressd`).
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 256))]
+    pub experiment: Option<String>,
 }
 
 /// The task the model is trained and measured on.

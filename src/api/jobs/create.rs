@@ -76,6 +76,7 @@ pub async fn create_job(
         return Err(ApiError::invalid(violations));
     }
     super::named_models::check(&state, &caller, &spec, &model, &dataset).await?;
+    check_tracking_uri(&state, &spec).await?;
     let spec_json = serde_json::to_value(&spec)
         .map_err(|e| crate::Error::Corrupt(format!("spec does not serialize: {e}")))?;
     let idempotency = key.map(|key| Idempotency {
@@ -180,6 +181,22 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// defaults are the same request.
 fn request_hash(spec: &serde_json::Value) -> String {
     hex::encode(Sha256::digest(spec.to_string().as_bytes()))
+}
+
+/// A job's own MLflow tracking URI is a user's URL: it must pass the URL policy (no loopback,
+/// link-local or private address unless allowed), or the job is a 422 at the field.
+async fn check_tracking_uri(state: &AppState, spec: &JobSpec) -> Result<(), ApiError> {
+    let Some(uri) = spec.mlflow.as_ref().and_then(|m| m.tracking_uri.as_deref()) else {
+        return Ok(());
+    };
+    match state.config.url_policy.check_url(uri).await {
+        Ok(_) => Ok(()),
+        Err(crate::Error::Rejected(rejection)) => Err(ApiError::invalid_field(
+            "/mlflow/tracking_uri",
+            rejection.message,
+        )),
+        Err(other) => Err(other.into()),
+    }
 }
 
 /// The records of the registered model and dataset the spec names, or a 422 pointing at the id.
