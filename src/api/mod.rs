@@ -21,6 +21,7 @@ mod models_register;
 pub mod openapi;
 mod problem_id;
 pub mod state;
+pub mod ui;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -60,6 +61,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::openapi_json))
+        .route("/ui", get(ui::ui_index))
+        .route("/ui/", get(ui::ui_index))
+        .route("/ui/{asset}", get(ui::ui_asset))
         .route("/v1/models", get(models::list_models))
         .route(
             "/v1/models/{id}",

@@ -72,6 +72,8 @@ use crate::store::{JobError, JobProgress, JobResult, JobStatus};
         super::health::healthz,
         super::health::readyz,
         super::metrics::metrics,
+        super::ui::ui_index,
+        super::ui::ui_asset,
         openapi_json,
     ),
     components(schemas(ModelView, ModelList, ModelReference, DatasetView, DatasetList, DatasetReference, ArtifactView, ArtifactList,

@@ -12,6 +12,7 @@ mod tiny_task;
 
 mod cancel;
 mod client;
+mod dashboard;
 mod disk_full;
 mod inputs;
 mod kill;
