@@ -246,6 +246,7 @@ pub(crate) async fn resolve_reference(
 ) -> Result<Vec<SourceFile>> {
     let inputs = &state.config.inputs;
     let reference = sources::parse_reference(uri, &inputs.allowed_file_roots)?;
+    sources::check_outside_artifacts(uri, &reference, &inputs.store)?;
     let config = SourceConfig {
         allowed_roots: &inputs.allowed_file_roots,
         store: &inputs.store,

@@ -121,6 +121,60 @@ pub fn parse_reference(uri: &str, allowed_roots: &[PathBuf]) -> Result<Reference
     ))
 }
 
+/// Refuses a reference into the artifact store itself: it holds every tenant's models, datasets
+/// and job outputs, which a registration would read with the service's own credentials, past the
+/// tenant checks of the API. An `s3://` reference is refused when it and the store's location
+/// overlap (one is inside the other); a `file://` one when it is inside the store's folder.
+///
+/// # Errors
+/// [`Error::Rejected`] (`uri-not-allowed`).
+pub fn check_outside_artifacts(
+    uri: &str,
+    reference: &Reference,
+    store: &super::StoreConfig,
+) -> Result<()> {
+    let overlaps = match (reference, store.url.as_deref()) {
+        (Reference::S3(reference), Some(artifacts)) if artifacts.starts_with("s3://") => {
+            let (a, b) = (s3_location(reference), s3_location(artifacts));
+            a.0 == b.0 && (within(&a.1, &b.1) || within(&b.1, &a.1))
+        }
+        (Reference::Local(path), artifacts) => {
+            let folder = match artifacts {
+                Some(url) if url.starts_with("file://") => super::config::file_url_path(url).ok(),
+                Some(_) => None,
+                None => Some(store.default_dir.clone()),
+            };
+            folder
+                .and_then(|f| f.canonicalize().ok())
+                .is_some_and(|folder| path.starts_with(folder))
+        }
+        _ => false,
+    };
+    if overlaps {
+        return Err(refuse(
+            "uri-not-allowed",
+            format!("{uri} points into the service's own artifact store, which is not a source"),
+        ));
+    }
+    Ok(())
+}
+
+/// The bucket and the key prefix (without surrounding slashes) of an `s3://` URL.
+fn s3_location(url: &str) -> (String, String) {
+    let rest = url.trim_start_matches("s3://");
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    (bucket.to_owned(), prefix.trim_matches('/').to_owned())
+}
+
+/// Whether the key prefix `inner` is `outer` or inside it, by whole path segments.
+fn within(inner: &str, outer: &str) -> bool {
+    outer.is_empty()
+        || inner == outer
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
 fn check_allowed(uri: &str, canonical: &FsPath, allowed_roots: &[PathBuf]) -> Result<()> {
     let inside = allowed_roots
         .iter()
@@ -312,6 +366,40 @@ pub(crate) async fn open_local(path: PathBuf) -> Result<BoxStream<'static, Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn s3_references_overlapping_the_artifact_store_are_refused() {
+        let store = super::super::StoreConfig {
+            url: Some("s3://shared-bucket/compressd/artifacts".into()),
+            default_dir: PathBuf::from("/nonexistent"),
+            s3: super::super::S3Config::default(),
+            part_size_bytes: super::super::MIN_PART_SIZE,
+            max_inflight_parts: 1,
+        };
+        let verdict = |uri: &str| {
+            check_outside_artifacts(uri, &Reference::S3(uri.into()), &store).map_err(|e| match e {
+                Error::Rejected(r) => r.slug,
+                other => panic!("{other}"),
+            })
+        };
+        for inside in [
+            "s3://shared-bucket/compressd/artifacts",
+            "s3://shared-bucket/compressd/artifacts/",
+            "s3://shared-bucket/compressd/artifacts/models/0193/",
+            "s3://shared-bucket/compressd",
+            "s3://shared-bucket",
+            "s3://shared-bucket/",
+        ] {
+            assert_eq!(verdict(inside), Err("uri-not-allowed"), "{inside}");
+        }
+        for outside in [
+            "s3://shared-bucket/compressd/artifacts-old/m",
+            "s3://shared-bucket/teams/a/model",
+            "s3://other-bucket/compressd/artifacts",
+        ] {
+            assert_eq!(verdict(outside), Ok(()), "{outside}");
+        }
+    }
 
     #[test]
     fn file_references_must_stay_inside_the_allowed_roots() {

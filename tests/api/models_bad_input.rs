@@ -337,3 +337,46 @@ async fn problem_bodies_carry_the_request_id_and_no_backtrace_path_or_type_name(
         server.assert_nothing_left().await;
     }
 }
+
+/// The artifact store holds every tenant's files: a `file://` reference into it (the data folder
+/// is an allowed root here, as an operator might make it) is refused, so no tenant can register
+/// another's model, dataset or job outputs as its own.
+#[tokio::test]
+async fn references_into_the_artifact_store_are_refused() {
+    let server = start(&[]).await;
+    let (status, model) = server.upload_bytes("/v1/models", &[], &tiny_bert()).await;
+    assert_eq!(status, 201, "{model}");
+    let rows = b"{\"text\": \"t1 t2\", \"label\": \"a\"}\n{\"text\": \"t3\", \"label\": \"b\"}\n";
+    let (status, dataset) = server
+        .upload_bytes("/v1/datasets", &[], &[("data.jsonl", rows.to_vec())])
+        .await;
+    assert_eq!(status, 201, "{dataset}");
+    let artifacts = server.dir.path().join("artifacts").canonicalize().unwrap();
+    let stored = server.stored_files();
+    let model_file = stored
+        .iter()
+        .find(|p| p.ends_with("model.safetensors"))
+        .expect("the uploaded model's file");
+    let data_file = stored
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .expect("the uploaded dataset's file");
+    for (route, path) in [
+        ("/v1/models", artifacts.clone()),
+        ("/v1/models", model_file.parent().unwrap().to_path_buf()),
+        ("/v1/datasets", data_file.clone()),
+    ] {
+        let uri = format!("file://{}", path.display());
+        let (status, problem) = server.post_json(route, &json!({"uri": uri})).await;
+        assert_eq!(status, 422, "{route} {uri}: {problem}");
+        assert_eq!(slug(&problem), "uri-not-allowed", "{problem}");
+        assert_eq!(problem["pointer"], "/uri", "{problem}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("artifact store"),
+            "{problem}"
+        );
+    }
+}
