@@ -116,7 +116,11 @@ async fn requests_without_a_valid_key_or_scope_get_problems_never_data() {
     // The dashboard's files are static: the key is entered on the page and sent by its scripts.
     assert_eq!(api.get("/ui").await.status, StatusCode::OK);
     assert_eq!(api.get("/ui/app.js").await.status, StatusCode::OK);
-    assert_problem(&api.get("/ui/nope.js").await, StatusCode::NOT_FOUND, "not-found");
+    assert_problem(
+        &api.get("/ui/nope.js").await,
+        StatusCode::NOT_FOUND,
+        "not-found",
+    );
 }
 
 /// The owner's resources, made through the API (and an artifact and events through the store).
