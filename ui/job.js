@@ -160,6 +160,7 @@ function showJob(view, job, signal, refresh) {
   if (job.progress) showProgress(view, job.progress);
   if (job.status === 'succeeded') {
     view.bar.value = 1;
+    view.progressText.textContent = `all ${job.progress?.stages ?? ''} stages done`.replace('  ', ' ');
   }
   const actions = [];
   if (job.status === 'queued' || job.status === 'running') {

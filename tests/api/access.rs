@@ -113,6 +113,14 @@ async fn requests_without_a_valid_key_or_scope_get_problems_never_data() {
     // Probes and the contract stay open.
     assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
     assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
+    // The dashboard's files are static: the key is entered on the page and sent by its scripts.
+    assert_eq!(api.get("/ui").await.status, StatusCode::OK);
+    assert_eq!(api.get("/ui/app.js").await.status, StatusCode::OK);
+    assert_problem(
+        &api.get("/ui/nope.js").await,
+        StatusCode::NOT_FOUND,
+        "not-found",
+    );
 }
 
 /// The owner's resources, made through the API (and an artifact and events through the store).

@@ -162,7 +162,7 @@ fn the_dashboard_submits_a_job_and_draws_it_live_in_chromium() {
         "name": "dashboard-tiny",
         "task": {"type": "text_classification"},
         "pipeline": [
-            {"type": "finetune", "epochs": 40, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "finetune", "epochs": 300, "learning_rate": 0.003, "batch_size": 16},
             {"type": "prune", "sparsity": 0.5, "steps": 2, "recover": {"epochs": 1, "learning_rate": 0.001}},
             {"type": "quantize", "scheme": "int8"}
         ],
