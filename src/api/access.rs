@@ -125,15 +125,18 @@ pub async fn access(State(state): State<AppState>, mut request: Request, next: N
             Err(error) => return error.into_response(),
         },
     };
-    if let (Some(limiter), Some(key_id)) = (&state.config.access.limiter, &caller.key_id) {
-        if let Err(wait_secs) = limiter.check(key_id) {
-            return ApiError::rate_limited(wait_secs).into_response();
-        }
-    }
+    let rate_limited = match (&state.config.access.limiter, &caller.key_id) {
+        (Some(limiter), Some(key_id)) => limiter.check(key_id).err(),
+        _ => None,
+    };
     let method = request.method().clone();
     let request_id = header_text(request.headers(), &REQUEST_ID);
     let needed = required_scope(&method, &path);
-    let response = if caller.can(needed) {
+    // A refused change is recorded too (below); only a request with no valid key is not, as it
+    // belongs to no tenant.
+    let response = if let Some(wait_secs) = rate_limited {
+        ApiError::rate_limited(wait_secs).into_response()
+    } else if caller.can(needed) {
         request.extensions_mut().insert(caller.clone());
         next.run(request).await
     } else {

@@ -427,6 +427,23 @@ async fn quotas_and_rate_limits_answer_with_the_limit_and_the_use() {
     }
     assert_eq!(&statuses[..2], &[StatusCode::OK, StatusCode::OK]);
     assert_eq!(statuses[3], StatusCode::TOO_MANY_REQUESTS);
+
+    // A change refused by the rate limit is in the audit log as a 429, with its key.
+    let path = format!("/v1/jobs/{}/cancel", Uuid::now_v7());
+    let refused = call(&api, Method::POST, &path, &writer, None).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let filter = compressd::store::AuditFilter {
+        tenant: Some("default".into()),
+        after: None,
+        limit: 100,
+    };
+    let entries = api.state.store.list_audit(&filter).await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.path == path && e.status == 429 && e.key_id.is_some()),
+        "{entries:?}"
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,53 @@ fn a_bad_setting_stops_the_process_naming_it() {
     );
 }
 
+/// `keys create`, `keys list` and `keys revoke` against the embedded database: the key is printed
+/// once and never listed; the list shows the revocation.
+#[test]
+fn keys_are_created_listed_and_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let env = [("COMPRESSD_DATA_DIR", data.to_str().unwrap())];
+    let made = compressd(
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "team-a",
+            "--scopes",
+            "read,write",
+        ],
+        &env,
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let token = String::from_utf8(made.stdout).unwrap().trim().to_owned();
+    let id = token
+        .strip_prefix("cpd_")
+        .and_then(|rest| rest.split('_').next())
+        .expect("a cpd_<id>_<secret> key")
+        .to_owned();
+
+    let listed = compressd(&["keys", "list"], &env);
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let list = String::from_utf8(listed.stdout).unwrap();
+    let line = list.lines().find(|l| l.starts_with(&id)).expect(&list);
+    assert!(
+        line.contains("team-a") && line.contains("read,write"),
+        "{line}"
+    );
+    assert!(line.trim_end().ends_with('-'), "not revoked yet: {line}");
+    assert!(!list.contains(&token), "the secret is never listed");
+
+    let revoked = compressd(&["keys", "revoke", &id], &env);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let list = String::from_utf8(compressd(&["keys", "list"], &env).stdout).unwrap();
+    let line = list.lines().find(|l| l.starts_with(&id)).expect(&list);
+    assert!(!line.trim_end().ends_with('-'), "revoked: {line}");
+
+    let unknown = compressd(&["keys", "revoke", "nosuchkey"], &env);
+    assert!(!unknown.status.success());
+}
+
 #[test]
 fn migrate_creates_the_embedded_database() {
     let dir = tempfile::tempdir().unwrap();
