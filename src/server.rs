@@ -141,3 +141,51 @@ pub async fn shutdown_signal() {
         () = terminate => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn settings(listen: &str, auth: &str) -> Settings {
+        let figment = Settings::figment(None)
+            .expect("defaults")
+            .merge(Serialized::default("listen", listen))
+            .merge(Serialized::default("auth", auth));
+        Settings::from_figment(figment).expect("settings")
+    }
+
+    #[test]
+    fn without_keys_the_api_listens_on_loopback_unless_auth_is_none() {
+        let address = |listen: &str, auth: &str, mode: AuthMode| {
+            listen_address(&settings(listen, auth), mode).to_string()
+        };
+        // No keys under `auto`: loopback only, on the configured port, IPv4 or IPv6 alike.
+        assert_eq!(
+            address("0.0.0.0:8080", "auto", AuthMode::Open),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(
+            address("10.1.2.3:9000", "auto", AuthMode::Open),
+            "127.0.0.1:9000"
+        );
+        assert_eq!(address("[::]:8080", "auto", AuthMode::Open), "[::1]:8080");
+        assert_eq!(
+            address("127.0.0.1:8080", "auto", AuthMode::Open),
+            "127.0.0.1:8080"
+        );
+        // Keys in the database, or `auth = "none"` said explicitly: where configured.
+        assert_eq!(
+            address("0.0.0.0:8080", "auto", AuthMode::Keys),
+            "0.0.0.0:8080"
+        );
+        assert_eq!(
+            address("0.0.0.0:8080", "keys", AuthMode::Keys),
+            "0.0.0.0:8080"
+        );
+        assert_eq!(
+            address("0.0.0.0:8080", "none", AuthMode::Open),
+            "0.0.0.0:8080"
+        );
+    }
+}
