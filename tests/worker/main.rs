@@ -19,5 +19,6 @@ mod kill;
 mod load;
 mod mlflow;
 mod object_faults;
+mod oom;
 mod pg_restart;
 mod pipeline;
