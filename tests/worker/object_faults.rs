@@ -33,8 +33,12 @@ use scheduler_support::{dry_run_spec, local_artifacts, queue_job, seed_inputs, S
 #[derive(Debug, Default)]
 struct Faults {
     parts_to_fail: AtomicU32,
+    /// Completions that succeed before `completions_to_fail` applies.
+    completions_to_pass: AtomicU32,
     completions_to_fail: AtomicU32,
     completions_tried: AtomicU32,
+    /// Single-request uploads that fail.
+    puts_to_fail: AtomicU32,
 }
 
 impl Faults {
@@ -82,7 +86,9 @@ impl MultipartUpload for FaultyUpload {
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
         self.faults.completions_tried.fetch_add(1, Ordering::SeqCst);
-        if Faults::take(&self.faults.completions_to_fail) {
+        if !Faults::take(&self.faults.completions_to_pass)
+            && Faults::take(&self.faults.completions_to_fail)
+        {
             return Err(injected());
         }
         self.inner.complete().await
@@ -101,6 +107,9 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
+        if Faults::take(&self.faults.puts_to_fail) {
+            return Err(injected());
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -324,4 +333,112 @@ async fn publishing_survives_store_faults_and_gives_up_cleanly_after_its_budget(
         .find(|a| a.name == "model.safetensors")
         .unwrap();
     assert_eq!(model.bytes, 12 << 20);
+}
+
+/// A publish cut off half way: the first output is committed, the second never gets through. The
+/// attempt fails as retryable; the next publishes both, its rows replace the first attempt's, and
+/// the sweeper removes the first attempt's committed object, now referenced by nothing.
+#[tokio::test]
+async fn a_half_published_attempt_leaves_no_double_and_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = scheduler_support::backends::sqlite(dir.path()).await;
+    let inputs = seed_inputs(&*store, dir.path()).await;
+    let faults = Arc::new(Faults::default());
+    let artifacts = local_artifacts(dir.path()).map_object_store(|inner| {
+        Arc::new(FaultyStore {
+            inner,
+            faults: Arc::clone(&faults),
+        })
+    });
+    let ctx = WorkerContext::new(
+        Arc::clone(&store),
+        artifacts.clone(),
+        store.hub().clone(),
+        WorkerSettings::with_defaults(dir.path()).unwrap(),
+        SchedulerMetrics::default(),
+    );
+    let owner = "half-worker";
+    let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "half"), 0, 3).await;
+    let prefix = format!("jobs/{}/", job.id);
+
+    // Attempt 1: the model's upload completes; the report's never does.
+    faults.completions_to_pass.store(1, Ordering::SeqCst);
+    faults.completions_to_fail.store(u32::MAX, Ordering::SeqCst);
+    faults.puts_to_fail.store(u32::MAX, Ordering::SeqCst);
+    let first = claim(&store, owner).await;
+    let work = dir.path().join("work-1");
+    let failed = publish(&ctx, &first, &work, &write_outputs(&work)).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let half: Vec<String> = store
+        .list_artifacts(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.uri.clone())
+        .collect();
+    assert_eq!(half, vec![format!("{prefix}attempt-1/model.safetensors")]);
+    store
+        .finish_attempt(
+            &first,
+            AttemptOutcome::Retry {
+                error: JobError {
+                    code: "publish_failed".into(),
+                    message: "cut off".into(),
+                },
+                backoff: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+
+    // Attempt 2: no faults; both outputs published, each listed once.
+    faults.completions_to_fail.store(0, Ordering::SeqCst);
+    faults.puts_to_fail.store(0, Ordering::SeqCst);
+    let second = claim(&store, owner).await;
+    assert_eq!(second.attempt, 2);
+    let work = dir.path().join("work-2");
+    let published = publish(&ctx, &second, &work, &write_outputs(&work))
+        .await
+        .unwrap();
+    store
+        .finish_attempt(
+            &second,
+            AttemptOutcome::Succeeded {
+                result: serde_json::json!({"metrics": {}, "acceptance_met": null, "artifacts": published}),
+            },
+        )
+        .await
+        .unwrap();
+    let mut uris: Vec<String> = store
+        .list_artifacts(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| a.uri.clone())
+        .collect();
+    uris.sort();
+    let expected = vec![
+        format!("{prefix}attempt-2/model.safetensors"),
+        format!("{prefix}attempt-2/report.json"),
+    ];
+    assert_eq!(
+        uris, expected,
+        "each output once, from the attempt that succeeded"
+    );
+    // Before the sweep, the first attempt's model is still there, referenced by nothing.
+    assert!(object_keys(&artifacts, &prefix)
+        .await
+        .contains(&format!("{prefix}attempt-1/model.safetensors")));
+    let cutoff = chrono::Utc::now() + chrono::Duration::seconds(1);
+    sweep(&artifacts, &["jobs/"], cutoff, |key| {
+        let store = Arc::clone(&store);
+        async move { is_referenced(&*store, &key).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        object_keys(&artifacts, &prefix).await,
+        expected,
+        "no orphan left"
+    );
 }
