@@ -132,6 +132,19 @@ async fn multipart_uploads_ranges_aborts_and_presigned_urls() {
     let fetched = reqwest::get(url).await.unwrap();
     assert_eq!(fetched.status(), 200);
     assert_eq!(fetched.bytes().await.unwrap().len(), data.len());
+    // A presigned URL carries its lifetime (`presigned_url_ttl_secs`); S3 refuses it after that.
+    // (moto does not enforce the expiry, so the test checks what is signed.)
+    let short = store
+        .presigned_get("jobs/j/attempt-1/w.bin", Duration::from_secs(7))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        short
+            .query_pairs()
+            .any(|(k, v)| k == "X-Amz-Expires" && v == "7"),
+        "{short}"
+    );
 
     let mut aborted = store.writer("jobs/j/attempt-2/x.bin").await.unwrap();
     aborted

@@ -191,11 +191,37 @@ async fn a_full_disk_in_a_later_stage_keeps_the_earlier_stages_models() {
         let end = tensor["data_offsets"][1].as_u64().unwrap();
         assert!(end as usize <= body, "{name} ends at {end}, past {body}");
     }
-    let terminal = server
-        .state
-        .store
-        .list_events(uuid::Uuid::parse_str(&job_id).unwrap(), 0, 1000)
-        .await
-        .unwrap();
+    let id = uuid::Uuid::parse_str(&job_id).unwrap();
+    let terminal = server.state.store.list_events(id, 0, 1000).await.unwrap();
     assert_eq!(scheduler_support::terminal_count(&terminal), 1);
+
+    // Each kept file is one object, listed once; after the sweeper nothing else is left.
+    let store = Arc::clone(&server.state.store);
+    let cutoff = chrono::Utc::now() + chrono::Duration::seconds(1);
+    compressd::artifacts::sweep::sweep(&server.state.artifacts, &["jobs/"], cutoff, |key| {
+        let store = Arc::clone(&store);
+        async move { compressd::artifacts::sweep::is_referenced(&*store, &key).await }
+    })
+    .await
+    .unwrap();
+    let mut rows: Vec<String> = store
+        .list_artifacts(id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.uri)
+        .collect();
+    rows.sort();
+    let mut objects: Vec<String> = server
+        .state
+        .artifacts
+        .list(&format!("jobs/{id}/"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    objects.sort();
+    assert_eq!(objects, rows, "no orphan and no double");
+    assert_eq!(rows.len(), artifacts.len());
 }
