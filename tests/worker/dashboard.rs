@@ -19,9 +19,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 /// A `compressd serve` child (API and worker) on a free port, killed on drop.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Served {
@@ -41,7 +41,7 @@ fn compressd(data_dir: &Path) -> Command {
 }
 
 /// Makes a read-write key in `data_dir`'s database; with a key stored, `serve` requires keys.
-fn create_key(data_dir: &Path) -> String {
+pub(crate) fn create_key(data_dir: &Path) -> String {
     let out = compressd(data_dir)
         .args([
             "keys",
@@ -61,7 +61,7 @@ fn create_key(data_dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-fn serve(data_dir: &Path) -> Served {
+pub(crate) fn serve(data_dir: &Path) -> Served {
     let mut child = compressd(data_dir)
         .arg("serve")
         .env("COMPRESSD_LISTEN", "127.0.0.1:0")

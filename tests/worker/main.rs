@@ -22,3 +22,4 @@ mod object_faults;
 mod oom;
 mod pg_restart;
 mod pipeline;
+mod python_client;
