@@ -12,6 +12,7 @@ mod access;
 mod bad_input;
 mod cli;
 mod datasets;
+mod deployment;
 mod distill_models;
 mod events_sse;
 mod fuzz;
