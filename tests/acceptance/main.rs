@@ -16,3 +16,4 @@ mod minilm_structured;
 mod seed_pipeline;
 mod smollm;
 mod smollm_structured;
+mod walkthrough;
