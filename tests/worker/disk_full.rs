@@ -75,8 +75,8 @@ async fn a_full_disk_fails_the_job_naming_the_path_and_the_worker_runs_the_next(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_in_a_later_stage_keeps_the_earlier_stages_models() {
     use crate::api_models_support;
+    use crate::mlflow::upload_tiny_inputs;
     use crate::pipeline::{download, wait_until_finished};
-    use crate::tiny_task;
     use compressd::scheduler::{SchedulerMetrics, WorkerSettings};
     use serde_json::json;
     use sha2::{Digest, Sha256};
@@ -85,23 +85,7 @@ async fn a_full_disk_in_a_later_stage_keeps_the_earlier_stages_models() {
 
     let server = api_models_support::start(&[]).await;
     let inputs = tempfile::tempdir().unwrap();
-    let model_dir = inputs.path().join("model");
-    tiny_task::write_model(&model_dir).unwrap();
-    let data = inputs.path().join("data.jsonl");
-    tiny_task::write_data(&data).unwrap();
-    let files: Vec<(&str, std::path::PathBuf)> =
-        ["config.json", "model.safetensors", "tokenizer.json"]
-            .into_iter()
-            .map(|f| (f, model_dir.join(f)))
-            .collect();
-    let (status, model) = server
-        .upload("/v1/models", &[("name", "tiny")], &files)
-        .await;
-    assert_eq!(status, 201, "{model}");
-    let (status, dataset) = server
-        .upload("/v1/datasets", &[], &[("data.jsonl", data.clone())])
-        .await;
-    assert_eq!(status, 201, "{dataset}");
+    let (model, dataset) = upload_tiny_inputs(&server, inputs.path()).await;
     let spec = json!({
         "name": "fills-the-disk",
         "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},

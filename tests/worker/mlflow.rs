@@ -168,7 +168,8 @@ print(json.dumps(result))
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-async fn upload_tiny_inputs(server: &Server, dir: &Path) -> (Value, Value) {
+/// Writes the tiny BERT and its keyword dataset under `dir` and uploads both; returns their records.
+pub(crate) async fn upload_tiny_inputs(server: &Server, dir: &Path) -> (Value, Value) {
     let model_dir = dir.join("model");
     tiny_task::write_model(&model_dir).unwrap();
     let data = dir.join("data.jsonl");
