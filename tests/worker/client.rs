@@ -3,63 +3,32 @@
 //! download with sha256 checks and a resumed download; bad input (no server, a bad spec, a
 //! corrupt partial file) exits non-zero with the reason; `follow` resumes a dropped stream.
 
+use crate::served;
 use crate::tiny_task;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A `compressd serve` child on a free port, killed on drop.
+/// A `compressd serve` on a data folder of its own, removed with it.
 struct Served {
-    child: Child,
-    url: String,
+    server: served::Served,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Served {
+    type Target = served::Served;
+    fn deref(&self) -> &served::Served {
+        &self.server
     }
 }
 
 fn serve() -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_compressd"))
-        .arg("serve")
-        .env_remove("RUST_LOG")
-        .env("COMPRESSD_LISTEN", "127.0.0.1:0")
-        .env("COMPRESSD_DATA_DIR", dir.path())
-        .env("COMPRESSD_LOG_FORMAT", "json")
-        .env("COMPRESSD_WORKER_POLL_INTERVAL_SECS", "0.2")
-        .env("COMPRESSD_ORPHAN_SWEEP_INTERVAL_SECS", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start compressd serve");
-    // Read the bound address from the log, then keep draining it so the server never blocks.
-    let stderr = child.stderr.take().unwrap();
-    let (found, address) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(log) = serde_json::from_str::<Value>(&line) {
-                if log["fields"]["message"] == "listening" {
-                    let _ = found.send(log["fields"]["address"].as_str().unwrap_or("").to_owned());
-                }
-            }
-        }
-    });
-    let address = address
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server logs its address");
     Served {
-        child,
-        url: format!("http://{address}"),
+        server: served::serve(dir.path()),
         _dir: dir,
     }
 }

@@ -23,3 +23,4 @@ mod oom;
 mod pg_restart;
 mod pipeline;
 mod python_client;
+mod served;

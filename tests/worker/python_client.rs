@@ -7,7 +7,7 @@
 //! generator); `.ci/run` installs it and runs this test:
 //! `COMPRESSD_INTEROP_PYTHON=$HOME/.cache/compressd-pyenv/bin/python cargo test --test worker -- --ignored python_client::`
 
-use crate::dashboard::{create_key, serve};
+use crate::served::{create_key, serve};
 use crate::tiny_task;
 
 use std::path::{Path, PathBuf};
