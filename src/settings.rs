@@ -99,7 +99,7 @@ pub struct Settings {
     /// Answer artifact downloads from S3 with a 302 to a presigned URL.
     pub redirect_downloads: bool,
     /// Lifetime of presigned download URLs, in seconds.
-    pub presigned_url_ttl_secs: u64,
+    pub presign_ttl_secs: u64,
     /// Objects no row refers to are swept once older than this many seconds.
     pub orphan_sweep_age_secs: u64,
     /// Seconds between orphan sweeps; 0 turns the sweeper off.
@@ -242,9 +242,9 @@ impl Settings {
             }
         }
         crate::artifacts::StoreConfig::from_settings(self).check()?;
-        if self.presigned_url_ttl_secs == 0 || self.presigned_url_ttl_secs > 7 * 24 * 3600 {
+        if self.presign_ttl_secs == 0 || self.presign_ttl_secs > 7 * 24 * 3600 {
             return Err(invalid(
-                "presigned_url_ttl_secs",
+                "presign_ttl_secs",
                 "must be between 1 and 604800 (S3's limit)",
             ));
         }
@@ -435,7 +435,7 @@ impl fmt::Debug for Settings {
             .field("dataset_upload_max_bytes", &self.dataset_upload_max_bytes)
             .field("allowed_file_roots", &self.allowed_file_roots)
             .field("redirect_downloads", &self.redirect_downloads)
-            .field("presigned_url_ttl_secs", &self.presigned_url_ttl_secs)
+            .field("presign_ttl_secs", &self.presign_ttl_secs)
             .field("orphan_sweep_age_secs", &self.orphan_sweep_age_secs)
             .field(
                 "orphan_sweep_interval_secs",

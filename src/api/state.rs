@@ -61,7 +61,7 @@ impl InputsConfig {
             allowed_file_roots: settings.allowed_file_roots.clone(),
             store: crate::artifacts::StoreConfig::from_settings(settings),
             redirect_downloads: settings.redirect_downloads,
-            presigned_url_ttl: Duration::from_secs(settings.presigned_url_ttl_secs),
+            presigned_url_ttl: Duration::from_secs(settings.presign_ttl_secs),
             hf: crate::artifacts::sources::HfConfig::from_settings(settings),
         }
     }

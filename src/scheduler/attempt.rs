@@ -35,6 +35,7 @@ pub async fn run_attempt(ctx: Arc<WorkerContext>, job: Job, shutdown: Cancellati
     };
     let span = tracing::info_span!("job.attempt", job_id = %job.id, attempt = job.attempt);
     let started = Instant::now();
+    let _running = ctx.metrics.attempt_started();
     async {
         tracing::info!("attempt started");
         let tracker = ctx.settings.tracking.target(&job.spec).map(|target| {
@@ -128,6 +129,11 @@ async fn supervise(
                 Some(message) => {
                     if let Some(tracker) = tracker {
                         tracker.observe(&message);
+                    }
+                    if let ChildMessage::StageFinished { stage, report, .. } = &message {
+                        if let Some(seconds) = report["wall_seconds"].as_f64() {
+                            ctx.metrics.stage_finished(stage, seconds);
+                        }
                     }
                     if let Err(error) = forwarder.forward(message).await {
                         if is_lease_lost(&error) {

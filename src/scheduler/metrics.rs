@@ -25,6 +25,8 @@ pub struct SchedulerMetrics {
     active_streams: Gauge,
     dropped_streams: Counter,
     queue_depth: Family<Labels, Gauge>,
+    attempts_running: Gauge,
+    stage_seconds: Family<Vec<(&'static str, String)>, Histogram>,
 }
 
 impl Default for SchedulerMetrics {
@@ -40,6 +42,10 @@ impl Default for SchedulerMetrics {
             active_streams: Gauge::default(),
             dropped_streams: Counter::default(),
             queue_depth: Family::default(),
+            attempts_running: Gauge::default(),
+            stage_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.01, 4.0, 14))
+            }),
         }
     }
 }
@@ -82,6 +88,16 @@ impl SchedulerMetrics {
             "Jobs by status, read from the database at scrape time",
             self.queue_depth.clone(),
         );
+        registry.register(
+            "job_attempts_running",
+            "Job attempts running in this process's workers now (busy worker slots)",
+            self.attempts_running.clone(),
+        );
+        registry.register(
+            "stage_duration_seconds",
+            "Wall time of finished pipeline stages run by this process, by stage type",
+            self.stage_seconds.clone(),
+        );
     }
 
     /// Sets the jobs-by-status gauge; statuses missing from `counts` are set to 0.
@@ -119,6 +135,23 @@ impl SchedulerMetrics {
             .observe(took.as_secs_f64());
     }
 
+    /// An attempt started; the guard counts it as running until dropped.
+    pub fn attempt_started(&self) -> RunningGuard {
+        self.attempts_running.inc();
+        RunningGuard {
+            gauge: self.attempts_running.clone(),
+        }
+    }
+
+    /// A pipeline stage of type `stage` finished in `seconds`.
+    pub fn stage_finished(&self, stage: &str, seconds: f64) {
+        if seconds.is_finite() && seconds >= 0.0 {
+            self.stage_seconds
+                .get_or_create(&vec![("stage", stage.to_owned())])
+                .observe(seconds);
+        }
+    }
+
     /// An event stream opened; the guard counts it until dropped.
     pub fn stream_opened(&self) -> StreamGuard {
         self.active_streams.inc();
@@ -140,6 +173,18 @@ impl SchedulerMetrics {
     /// Streams dropped so far for not reading.
     pub fn dropped_streams(&self) -> u64 {
         self.dropped_streams.get()
+    }
+}
+
+/// Counts one running attempt while alive.
+#[derive(Debug)]
+pub struct RunningGuard {
+    gauge: Gauge,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

@@ -3,6 +3,9 @@
 //!
 //! It is safe to run in every process at once: each pass is one conditional update per job in
 //! the store, so two reapers never both act on the same expired lease.
+//!
+//! A tracked job it ends gets its MLflow run ended too (`FAILED` or `KILLED`): the worker that
+//! would have ended it is gone.
 
 use std::sync::Arc;
 
@@ -11,6 +14,7 @@ use tracing::Instrument;
 
 use super::WorkerContext;
 use crate::store::Reaped;
+use crate::tracking::run::{Ending, JobIdentity, RunTracker};
 
 /// Jobs handled per reaper pass; more wait for the next pass.
 pub const REAP_BATCH: u32 = 100;
@@ -46,10 +50,12 @@ pub async fn reap_once(ctx: &WorkerContext) -> Vec<Reaped> {
                     }
                     Reaped::Failed { job_id, attempt } => {
                         tracing::warn!(%job_id, attempt, "lease expired on the last attempt; job failed");
+                        end_tracked_run(ctx, *job_id, "failed").await;
                         "failed"
                     }
                     Reaped::Cancelled { job_id } => {
                         tracing::info!(%job_id, "lease expired after a cancel request; job cancelled");
+                        end_tracked_run(ctx, *job_id, "cancelled").await;
                         "cancelled"
                     }
                 };
@@ -62,4 +68,41 @@ pub async fn reap_once(ctx: &WorkerContext) -> Vec<Reaped> {
             Vec::new()
         }
     }
+}
+
+/// Ends the MLflow run of a job the reaper ended, when the job is tracked. Runs beside the reaper
+/// (MLflow may be slow or down; the tracker retries it up to its finish timeout), best effort.
+async fn end_tracked_run(ctx: &WorkerContext, job_id: uuid::Uuid, status: &str) {
+    let job = match ctx.store.get_job(job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%job_id, %error, "cannot read the reaped job; its MLflow run is left as it is");
+            return;
+        }
+    };
+    let Some(target) = ctx.settings.tracking.target(&job.spec) else {
+        return;
+    };
+    let tracker = RunTracker::start(
+        target,
+        &ctx.settings.tracking,
+        JobIdentity {
+            id: job.id,
+            name: job.name.clone(),
+            attempt: job.attempt,
+            spec: job.spec.clone(),
+        },
+    );
+    let ending = Ending {
+        job_status: status.to_owned(),
+        result: None,
+        error: job.error.map(|e| e.message),
+        work_dir: std::path::PathBuf::new(),
+    };
+    let span = tracing::info_span!("job.reaper.mlflow", %job_id);
+    tokio::spawn(tracing::Instrument::instrument(
+        tracker.finish(ending),
+        span,
+    ));
 }

@@ -55,9 +55,13 @@ pub enum StopReason {
 /// How a child that was not stopped by its worker ended without reporting a verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeathCause {
-    /// Killed by SIGKILL that the worker did not send; on Linux this is almost always the
-    /// out-of-memory killer.
-    OutOfMemory,
+    /// Killed by SIGKILL that the worker did not send while the kernel's out-of-memory killer
+    /// ran (its `oom_kill` count in `/proc/vmstat` rose during the attempt). `confirmed` is
+    /// false where that count cannot be read, so the kill is only most likely the OOM killer's.
+    OutOfMemory {
+        /// Whether the kernel's count of OOM kills rose while the child ran.
+        confirmed: bool,
+    },
     /// Killed by another signal.
     KilledBySignal(i32),
     /// The Rust runtime reported a panic (exit status 101).
@@ -72,7 +76,7 @@ impl DeathCause {
     /// A stable slug for the job's error `code`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::OutOfMemory => "child_out_of_memory",
+            Self::OutOfMemory { .. } => "child_out_of_memory",
             Self::KilledBySignal(_) => "child_killed",
             Self::Panic => "child_panicked",
             Self::ExitCode(_) => "child_exited",
@@ -83,8 +87,17 @@ impl DeathCause {
     /// A sentence for the job's error `message`.
     pub fn describe(&self) -> String {
         match self {
-            Self::OutOfMemory => {
+            Self::OutOfMemory { confirmed: true } => {
+                "the job's process ran out of memory: the kernel's out-of-memory killer ended it"
+                    .into()
+            }
+            Self::OutOfMemory { confirmed: false } => {
                 "the job's process was killed by SIGKILL (most likely out of memory)".into()
+            }
+            Self::KilledBySignal(signal) if *signal == Signal::SIGKILL as i32 => {
+                "the job's process was killed by SIGKILL from outside the worker (the kernel \
+                 counted no out-of-memory kill meanwhile)"
+                    .into()
             }
             Self::KilledBySignal(signal) => {
                 format!("the job's process was killed by signal {signal}")
@@ -95,10 +108,16 @@ impl DeathCause {
         }
     }
 
-    fn from_status(status: ExitStatus, log_tail: &[String]) -> Self {
+    /// `oom_kills_rose`: whether the kernel counted an out-of-memory kill while the child ran
+    /// (`None`: the count cannot be read here).
+    fn from_status(status: ExitStatus, log_tail: &[String], oom_kills_rose: Option<bool>) -> Self {
         use std::os::unix::process::ExitStatusExt;
         match (status.code(), status.signal()) {
-            (_, Some(signal)) if signal == Signal::SIGKILL as i32 => Self::OutOfMemory,
+            (_, Some(signal)) if signal == Signal::SIGKILL as i32 => match oom_kills_rose {
+                Some(true) => Self::OutOfMemory { confirmed: true },
+                Some(false) => Self::KilledBySignal(signal),
+                None => Self::OutOfMemory { confirmed: false },
+            },
             (_, Some(signal)) => Self::KilledBySignal(signal),
             (Some(PANIC_EXIT_CODE), _) if log_tail.iter().any(|l| l.contains("panicked at")) => {
                 Self::Panic
@@ -154,6 +173,8 @@ pub struct RunningChild {
     stderr_task: JoinHandle<()>,
     peak_rss: Arc<AtomicU64>,
     rss_task: JoinHandle<()>,
+    /// The kernel's count of out-of-memory kills when the child started.
+    oom_kills_at_start: Option<u64>,
     verdict: Option<ChildMessage>,
 }
 
@@ -163,6 +184,7 @@ impl RunningChild {
     /// # Errors
     /// When the program cannot be started or its stdin cannot be written.
     pub async fn spawn(command: &ChildCommand) -> std::io::Result<Self> {
+        let oom_kills_at_start = oom_kill_count().await;
         let mut child = Command::new(&command.program)
             .args(&command.args)
             .envs(command.envs.iter().map(|(k, v)| (k, v)))
@@ -195,10 +217,11 @@ impl RunningChild {
             lines: VecDeque::new(),
             capacity: command.log_tail_lines.max(1),
         }));
-        let stderr_task = tokio::spawn(keep_tail(
+        // In the caller's span (the job's attempt), so each forwarded line carries the job id.
+        let stderr_task = tokio::spawn(tracing::Instrument::in_current_span(keep_tail(
             BufReader::new(stderr).lines(),
             Arc::clone(&log_tail),
-        ));
+        )));
         let peak_rss = Arc::new(AtomicU64::new(0));
         let rss_task = tokio::spawn(sample_peak_rss(child.id(), Arc::clone(&peak_rss)));
         Ok(Self {
@@ -208,6 +231,7 @@ impl RunningChild {
             stderr_task,
             peak_rss,
             rss_task,
+            oom_kills_at_start,
             verdict: None,
         })
     }
@@ -250,10 +274,14 @@ impl RunningChild {
         self.rss_task.abort();
         let log_tail = self.collect_tail().await;
         let peak = self.peak_rss.load(Ordering::Relaxed);
+        let oom_kills_rose = match (self.oom_kills_at_start, oom_kill_count().await) {
+            (Some(before), Some(after)) => Some(after > before),
+            _ => None,
+        };
         Ok(match self.verdict.take() {
             Some(verdict) => ChildOutcome::Reported(verdict),
             None => ChildOutcome::Died {
-                cause: DeathCause::from_status(status, &log_tail),
+                cause: DeathCause::from_status(status, &log_tail, oom_kills_rose),
                 log_tail,
                 peak_rss_bytes: (peak > 0).then_some(peak),
             },
@@ -325,6 +353,18 @@ async fn sample_peak_rss(pid: Option<u32>, peak: Arc<AtomicU64>) {
     }
 }
 
+/// The kernel's count of processes its out-of-memory killer has killed since boot (the
+/// `oom_kill` line of `/proc/vmstat`, Linux 4.13 and later), whether for the whole machine or a
+/// memory cgroup's limit. It is machine-wide: a rise while a child ran that the worker did not
+/// kill is taken as the child's own out-of-memory kill.
+async fn oom_kill_count() -> Option<u64> {
+    let vmstat = tokio::fs::read_to_string("/proc/vmstat").await.ok()?;
+    vmstat
+        .lines()
+        .find_map(|line| line.strip_prefix("oom_kill "))
+        .and_then(|count| count.trim().parse().ok())
+}
+
 /// The `VmHWM:   1234 kB` line of `/proc/<pid>/status`, in bytes.
 fn high_water_mark(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -332,12 +372,46 @@ fn high_water_mark(status: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Writes a line of the child's stderr to the worker's log, in the job's span. The child logs
+/// with the worker's settings (it inherits them), so its own filter already chose what it
+/// writes; a JSON record (`log_format = "json"`) is written again as one flat record with the
+/// child's level, message and target, anything else (text format, a panic) as it is.
+fn forward_child_line(line: &str) {
+    let record = serde_json::from_str::<serde_json::Value>(line)
+        .ok()
+        .filter(|r| r["level"].is_string() && r["fields"].is_object());
+    let Some(mut record) = record else {
+        tracing::info!(target: "job.child", "{line}");
+        return;
+    };
+    let message = record["fields"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    if let Some(fields) = record["fields"].as_object_mut() {
+        fields.remove("message");
+    }
+    let fields = &record["fields"];
+    let target = record["target"].as_str().unwrap_or_default();
+    match record["level"].as_str().unwrap_or_default() {
+        "ERROR" => {
+            tracing::error!(target: "job.child", child_target = target, %fields, "{message}")
+        }
+        "WARN" => tracing::warn!(target: "job.child", child_target = target, %fields, "{message}"),
+        "INFO" => tracing::info!(target: "job.child", child_target = target, %fields, "{message}"),
+        "DEBUG" => {
+            tracing::debug!(target: "job.child", child_target = target, %fields, "{message}")
+        }
+        _ => tracing::trace!(target: "job.child", child_target = target, %fields, "{message}"),
+    }
+}
+
 async fn keep_tail(
     mut lines: Lines<BufReader<tokio::process::ChildStderr>>,
     tail: Arc<Mutex<LogTail>>,
 ) {
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::debug!(target: "job.child", "{line}");
+        forward_child_line(&line);
         tail.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(line);
@@ -427,17 +501,14 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
             ),
             "{panic:?}"
         );
+        // A SIGKILL from outside with no out-of-memory kill counted is not called one.
         let (_, killed) = run_to_end("kill -9 $$").await;
-        assert!(
-            matches!(
-                killed,
-                ChildOutcome::Died {
-                    cause: DeathCause::OutOfMemory,
-                    ..
-                }
-            ),
-            "{killed:?}"
-        );
+        let ChildOutcome::Died { cause, .. } = killed else {
+            panic!("{killed:?}");
+        };
+        assert_eq!(cause, DeathCause::KilledBySignal(9));
+        assert_eq!(cause.code(), "child_killed");
+        assert!(cause.describe().contains("outside the worker"));
         let (_, silent) = run_to_end("exit 0").await;
         assert!(
             matches!(
@@ -486,9 +557,9 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
     }
 
     #[tokio::test]
-    async fn an_out_of_memory_kill_reports_the_peak_resident_size() {
-        // The signature of the OOM killer: SIGKILL, not from the worker, after growing to
-        // ~200 MiB (and held a moment, so a sample sees it).
+    async fn a_child_killed_from_outside_reports_its_peak_resident_size() {
+        // SIGKILL, not from the worker, after growing to ~200 MiB (and held a moment, so a
+        // sample sees it). A real out-of-memory kill is tested in `tests/worker/oom.rs`.
         let script = "exec python3 -c 'import os, signal, time; b = bytearray(200 << 20); b[::4096] = b\"x\" * len(b[::4096]); time.sleep(0.5); os.kill(os.getpid(), signal.SIGKILL)'";
         let (_, outcome) = run_to_end(script).await;
         let ChildOutcome::Died {
@@ -499,9 +570,32 @@ echo '{"type":"succeeded","result":{"metrics":{}}}'"#;
         else {
             panic!("{outcome:?}");
         };
-        assert_eq!(cause, DeathCause::OutOfMemory);
+        assert_eq!(cause, DeathCause::KilledBySignal(9));
         let peak = peak_rss_bytes.expect("a sampled peak");
         assert!(peak >= 200 << 20, "peak {peak} bytes");
+    }
+
+    #[test]
+    fn a_sigkill_is_out_of_memory_only_when_the_kernel_counted_an_oom_kill() {
+        use std::os::unix::process::ExitStatusExt;
+        let sigkill = ExitStatus::from_raw(Signal::SIGKILL as i32);
+        assert_eq!(
+            DeathCause::from_status(sigkill, &[], Some(true)),
+            DeathCause::OutOfMemory { confirmed: true }
+        );
+        assert_eq!(
+            DeathCause::from_status(sigkill, &[], Some(false)),
+            DeathCause::KilledBySignal(9)
+        );
+        assert_eq!(
+            DeathCause::from_status(sigkill, &[], None),
+            DeathCause::OutOfMemory { confirmed: false }
+        );
+        let sigsegv = ExitStatus::from_raw(Signal::SIGSEGV as i32);
+        assert_eq!(
+            DeathCause::from_status(sigsegv, &[], Some(true)),
+            DeathCause::KilledBySignal(11)
+        );
     }
 
     #[test]

@@ -356,6 +356,67 @@ impl MlflowClient {
             .map(drop)
     }
 
+    /// The version of registered model `name` made from `run_id`'s artifacts, made (with the
+    /// registered model, when missing) unless one exists already, so that a retried attempt
+    /// registers once. Returns the version number.
+    ///
+    /// # Errors
+    /// When MLflow cannot be reached or refuses.
+    pub async fn register_model_version(
+        &self,
+        name: &str,
+        source: &str,
+        run_id: &str,
+    ) -> anyhow::Result<String> {
+        if let Some(version) = self.find_model_version(name, run_id).await? {
+            return Ok(version);
+        }
+        match self
+            .post(
+                "api/2.0/mlflow/registered-models/create",
+                &json!({ "name": name }),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(error) if error_code(&error) == Some("RESOURCE_ALREADY_EXISTS") => {}
+            Err(error) => return Err(error),
+        }
+        let created = self
+            .post(
+                "api/2.0/mlflow/model-versions/create",
+                &json!({
+                    "name": name,
+                    "source": source,
+                    "run_id": run_id,
+                    "description": "Compressed by compressd",
+                }),
+            )
+            .await?;
+        created["model_version"]["version"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("model-versions/create answered without a version: {created}"))
+    }
+
+    async fn find_model_version(&self, name: &str, run_id: &str) -> anyhow::Result<Option<String>> {
+        let mut url = self.url("api/2.0/mlflow/model-versions/search")?;
+        let filter = format!(
+            "name = '{}' and run_id = '{}'",
+            name.replace('\'', "\\'"),
+            run_id.replace('\'', "\\'")
+        );
+        url.query_pairs_mut().append_pair("filter", &filter);
+        let found = self
+            .send(self.http.get(url).timeout(REQUEST_TIMEOUT))
+            .await?;
+        Ok(found["model_versions"]
+            .as_array()
+            .and_then(|versions| versions.first())
+            .and_then(|version| version["version"].as_str())
+            .map(str::to_owned))
+    }
+
     /// Uploads `file` as the run's artifact `path` through the server's artifact proxy.
     ///
     /// # Errors

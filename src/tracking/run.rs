@@ -368,6 +368,7 @@ impl Tracking {
         let (client, run) = self.connect().await?;
         if status == "FINISHED" {
             self.upload_outputs(&client, &run, ending).await?;
+            self.register_model(&client, &run, ending).await?;
         }
         client
             .update_run(&run.run_id, status, Some(now_ms()))
@@ -410,6 +411,54 @@ impl Tracking {
                 }
             }
         }
+    }
+
+    /// The final model as a new version of the spec's `mlflow.registered_model`, when it names
+    /// one and the contract held (or the job has none); the run is tagged with the version, or
+    /// with why none was made.
+    async fn register_model(
+        &mut self,
+        client: &MlflowClient,
+        run: &RunInfo,
+        ending: &Ending,
+    ) -> anyhow::Result<()> {
+        let Some(name) = self
+            .job
+            .spec
+            .pointer("/mlflow/registered_model")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+        else {
+            return Ok(());
+        };
+        if self.uploaded.contains("#registered") {
+            return Ok(());
+        }
+        let contract_held = ending
+            .result
+            .as_ref()
+            .and_then(|r| r["acceptance_met"].as_bool())
+            != Some(false);
+        let has_model = self.outputs.iter().any(|o| o.name.starts_with("model/"));
+        let tag = if !contract_held {
+            tracing::info!(registered_model = %name, "the contract did not hold: no model version registered");
+            "not registered: the accuracy contract did not hold".to_owned()
+        } else if !has_model {
+            "not registered: the job wrote no model".to_owned()
+        } else if proxied_artifact_root(&run.artifact_uri).is_none() {
+            "not registered: the run's artifacts are not behind MLflow's artifact proxy".to_owned()
+        } else {
+            let source = format!("{}/model", run.artifact_uri.trim_end_matches('/'));
+            let version = client
+                .register_model_version(&name, &source, &run.run_id)
+                .await?;
+            tracing::info!(registered_model = %name, %version, "MLflow model version registered");
+            format!("{name}/{version}")
+        };
+        let tags = [("compressd.registered_model_version".to_owned(), tag)];
+        client.log_batch(&run.run_id, &[], &[], &tags).await?;
+        self.uploaded.insert("#registered".into());
+        Ok(())
     }
 
     /// The spec, the report and the final model as the run's artifacts; when the run's artifacts

@@ -411,11 +411,7 @@ fn every_setting_is_taken_from_its_environment_variable() {
             "true",
             "redirect_downloads: true".into(),
         ),
-        (
-            "presigned_url_ttl_secs",
-            "600",
-            "presigned_url_ttl_secs: 600".into(),
-        ),
+        ("presign_ttl_secs", "600", "presign_ttl_secs: 600".into()),
         (
             "orphan_sweep_age_secs",
             "100",

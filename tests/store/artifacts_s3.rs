@@ -132,7 +132,7 @@ async fn multipart_uploads_ranges_aborts_and_presigned_urls() {
     let fetched = reqwest::get(url).await.unwrap();
     assert_eq!(fetched.status(), 200);
     assert_eq!(fetched.bytes().await.unwrap().len(), data.len());
-    // A presigned URL carries its lifetime (`presigned_url_ttl_secs`); S3 refuses it after that.
+    // A presigned URL carries its lifetime (`presign_ttl_secs`); S3 refuses it after that.
     // (moto does not enforce the expiry, so the test checks what is signed.)
     let short = store
         .presigned_get("jobs/j/attempt-1/w.bin", Duration::from_secs(7))

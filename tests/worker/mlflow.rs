@@ -130,9 +130,11 @@ fn interop_python() -> PathBuf {
 /// What MLflow's own client says about the runs tagged with `job_id` in `experiment`.
 fn read_back(python: &Path, uri: &str, experiment: &str, job_id: &str, out: &Path) -> Value {
     let script = r#"
-import json, os, sys
+import hashlib, json, os, sys
+import mlflow
 from mlflow.tracking import MlflowClient
 uri, experiment, job_id, out = sys.argv[1:5]
+mlflow.set_tracking_uri(uri)
 client = MlflowClient(tracking_uri=uri)
 exp = client.get_experiment_by_name(experiment)
 runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`compressd.job_id` = '{job_id}'")
@@ -149,8 +151,18 @@ for run in runs:
     artifacts = walk(rid, None)
     local = client.download_artifacts(rid, "model/model.safetensors", out) \
         if "model/model.safetensors" in artifacts else None
+    versions = []
+    for v in client.search_model_versions(f"run_id = '{rid}'"):
+        # What a user does with a registered version: download it by its models:/ URI.
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{v.name}/{v.version}", dst_path=os.path.join(out, f"v{v.version}"))
+        weights = os.path.join(folder, "model.safetensors")
+        digest = hashlib.sha256(open(weights, "rb").read()).hexdigest() if os.path.exists(weights) else None
+        versions.append({"name": v.name, "version": v.version, "source": v.source,
+                         "files": sorted(os.listdir(folder)), "sha256": digest})
     result.append({"status": run.info.status, "params": run.data.params, "tags": run.data.tags,
-                   "history": history, "artifacts": artifacts, "model": local})
+                   "history": history, "artifacts": artifacts, "model": local,
+                   "versions": versions})
 print(json.dumps(result))
 "#;
     let output = Command::new(python)
@@ -227,7 +239,11 @@ async fn a_job_is_an_mlflow_run_with_its_params_metric_steps_and_artifacts() {
             {"type": "quantize", "scheme": "int8"}
         ],
         "acceptance": {"metric": "accuracy", "max_drop": 0.2},
-        "mlflow": {"tracking_uri": mlflow.uri, "experiment": "compressd-test"}
+        "mlflow": {
+            "tracking_uri": mlflow.uri,
+            "experiment": "compressd-test",
+            "registered_model": "tiny-classifier"
+        }
     });
     let (status, job) = server.post_json("/v1/jobs", &spec).await;
     assert_eq!(status, 201, "{job}");
@@ -375,6 +391,31 @@ async fn a_job_is_an_mlflow_run_with_its_params_metric_steps_and_artifacts() {
         listed["sha256"].as_str().unwrap()
     );
 
+    // The contract held, so the final model is version 1 of the registered model, and MLflow's
+    // client downloads it by `models:/tiny-classifier/1`, byte for byte the job's.
+    assert_eq!(job["result"]["acceptance_met"], true, "{job:#}");
+    let versions = run["versions"].as_array().unwrap();
+    assert_eq!(versions.len(), 1, "{versions:#?}");
+    assert_eq!(versions[0]["name"], "tiny-classifier");
+    assert_eq!(versions[0]["version"], "1");
+    assert_eq!(
+        versions[0]["sha256"].as_str(),
+        listed["sha256"].as_str(),
+        "{versions:#?}"
+    );
+    assert!(
+        versions[0]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "config.json"),
+        "{versions:#?}"
+    );
+    assert_eq!(
+        tags["compressd.registered_model_version"],
+        "tiny-classifier/1"
+    );
+
     // A job whose attempts are retried stays one run: the second attempt continues the first's
     // run, tags its number, and ends it with the job (here: failed).
     let retried = uuid::Uuid::now_v7();
@@ -424,6 +465,88 @@ async fn a_job_is_an_mlflow_run_with_its_params_metric_steps_and_artifacts() {
     assert_eq!(
         runs[0]["history"]["train.loss"],
         json!([[10, 1.0], [20, 2.0]])
+    );
+
+    // A job whose worker died on its last attempt is failed by the reaper, which ends its run.
+    let store = Arc::clone(&server.state.store);
+    let seeded = tempfile::tempdir().unwrap();
+    let inputs = seed_inputs(&*store, seeded.path()).await;
+    let mut spec = dry_run_spec(&inputs, "orphaned");
+    spec["mlflow"] = json!({"tracking_uri": mlflow.uri, "experiment": "compressd-test"});
+    let orphaned = queue_job(&*store, &inputs, spec.clone(), 0, 1).await;
+    let claimed = store
+        .claim_next("a-worker-that-dies", Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("the job is claimed");
+    assert_eq!(claimed.id, orphaned.id);
+    // Its worker had started the run, then died: the run is left RUNNING.
+    let tracker = RunTracker::start(
+        target.clone(),
+        &TrackingDefaults::default(),
+        JobIdentity {
+            id: orphaned.id,
+            name: "orphaned".into(),
+            attempt: 1,
+            spec,
+        },
+    );
+    tracker
+        .finish(Ending {
+            job_status: "running".into(),
+            result: None,
+            error: None,
+            work_dir: PathBuf::new(),
+        })
+        .await;
+    let runs = read_back(
+        &python,
+        &mlflow.uri,
+        "compressd-test",
+        &orphaned.id.to_string(),
+        downloads.path(),
+    );
+    assert_eq!(runs[0]["status"], "RUNNING", "{runs:#}");
+    let tracking = TrackingDefaults {
+        policy: UrlPolicy::new(&["127.0.0.1".into()]),
+        ..TrackingDefaults::default()
+    };
+    let ctx = compressd::scheduler::WorkerContext::new(
+        Arc::clone(&store),
+        server.state.artifacts.clone(),
+        store.hub().clone(),
+        worker_settings(&server, tracking),
+        SchedulerMetrics::default(),
+    );
+    let reaped = compressd::scheduler::reaper::reap_once(&ctx).await;
+    assert_eq!(
+        reaped,
+        [compressd::store::Reaped::Failed {
+            job_id: orphaned.id,
+            attempt: 1
+        }]
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let runs = read_back(
+            &python,
+            &mlflow.uri,
+            "compressd-test",
+            &orphaned.id.to_string(),
+            downloads.path(),
+        );
+        let run = runs[0].clone();
+        if run["status"] != "RUNNING" {
+            break run;
+        }
+        assert!(Instant::now() < deadline, "the run was not ended: {run:#}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(run["status"], "FAILED", "{run:#}");
+    assert_eq!(run["tags"]["compressd.status"], "failed", "{run:#}");
+    assert!(
+        run["tags"]["compressd.error"].is_string(),
+        "the reaper's reason: {run:#}"
     );
 }
 
@@ -505,6 +628,19 @@ async fn a_jobs_own_tracking_uri_must_pass_the_url_policy() {
         .await;
     assert_eq!(status, 422, "{problem}");
     assert_eq!(problem["pointer"], "/mlflow/experiment", "{problem}");
+    let (status, problem) = server
+        .post_json(
+            "/v1/jobs",
+            &json!({
+                "name": "tracked",
+                "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},
+                "pipeline": [{"type": "finetune", "epochs": 1}],
+                "mlflow": {"registered_model": "bad\u{0007}name"}
+            }),
+        )
+        .await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["pointer"], "/mlflow/registered_model", "{problem}");
     // A public address passes (nothing is contacted at submission beyond resolving the name).
     let (status, job) = server
         .post_json("/v1/jobs", &spec("https://8.8.8.8/"))

@@ -1,13 +1,17 @@
-//! A job's process killed the way the kernel's OOM killer kills (SIGKILL, after growing): the
-//! attempt is reported as out of memory with its sampled peak resident size, and retried by the
-//! job's policy until `max_attempts`, then failed once.
+//! A job's process killed by the kernel's out-of-memory killer: the attempt is reported as out of
+//! memory with its sampled peak resident size, and retried by the job's policy until
+//! `max_attempts`, then failed once.
 //!
-//! The worker's `executable` is a shell script standing in for `compressd exec`: it grows to about
-//! 100 MiB and sends itself SIGKILL, as the OOM killer would.
+//! The worker's `executable` is a shell script standing in for `compressd exec`: it moves itself
+//! into a memory cgroup limited to 160 MiB, holds about 80 MiB for a moment (so the worker's
+//! sampler sees it), then asks for 400 MiB more, and the kernel kills it. Making the cgroup needs
+//! root and a writable cgroup file system (v1 `memory` or v2 with the memory controller), as on
+//! the CI machines; elsewhere the test fails saying so.
 
 use crate::scheduler_support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,56 @@ use compressd::store::JobStatus;
 use scheduler_support::{all_events, dry_run_spec, local_artifacts, queue_job, seed_inputs};
 use tokio_util::sync::CancellationToken;
 
+const LIMIT_BYTES: u64 = 160 << 20;
+
+/// A memory cgroup of its own, removed when dropped (once its processes are gone).
+struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// Tries cgroup v1's `memory` hierarchy, then a v2 hierarchy with the memory controller.
+    fn create(name: &str, limit: u64) -> Self {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        if v1.join("memory.limit_in_bytes").exists() {
+            let dir = v1.join(name);
+            std::fs::create_dir_all(&dir).expect("a v1 memory cgroup can be made (root needed)");
+            std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+            // Where swap is accounted, the limit covers it too, so the kill is not put off.
+            let memsw = dir.join("memory.memsw.limit_in_bytes");
+            if memsw.exists() {
+                std::fs::write(memsw, limit.to_string()).unwrap();
+            }
+            return Self { dir };
+        }
+        for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+            let root = Path::new(root);
+            let controllers =
+                std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            if controllers.split_whitespace().any(|c| c == "memory") {
+                // Best effort: already on where a manager enabled it.
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+memory");
+                let dir = root.join(name);
+                std::fs::create_dir_all(&dir).expect("a v2 cgroup can be made (root needed)");
+                std::fs::write(dir.join("memory.max"), limit.to_string()).unwrap();
+                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                return Self { dir };
+            }
+        }
+        panic!("no writable memory cgroup hierarchy under /sys/fs/cgroup: this test needs one");
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_out_of_memory_kill_is_reported_with_its_peak_and_retried_by_policy() {
     let dir = tempfile::tempdir().unwrap();
@@ -23,10 +77,18 @@ async fn an_out_of_memory_kill_is_reported_with_its_peak_and_retried_by_policy()
     let inputs = seed_inputs(&*store, dir.path()).await;
     let job = queue_job(&*store, &inputs, dry_run_spec(&inputs, "oom"), 0, 2).await;
 
-    let script = dir.path().join("grows-and-is-killed.sh");
+    let cgroup = MemoryCgroup::create(
+        &format!("compressd-oom-test-{}", std::process::id()),
+        LIMIT_BYTES,
+    );
+    let script = dir.path().join("grows-until-killed.sh");
     std::fs::write(
         &script,
-        "#!/bin/bash\ncat >/dev/null\ngrowing=$(head -c 100000000 /dev/zero | tr '\\0' x)\nsleep 1\nkill -9 $$\n",
+        format!(
+            "#!/bin/bash\ncat >/dev/null\necho $$ > {procs}\n\
+             exec python3 -c 'import time; held = b\"x\" * (80 << 20); time.sleep(1); more = b\"y\" * (400 << 20); print(\"not killed\")'\n",
+            procs = cgroup.procs().display()
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -59,8 +121,12 @@ async fn an_out_of_memory_kill_is_reported_with_its_peak_and_retried_by_policy()
     assert_eq!((ended.status, ended.attempt), (JobStatus::Failed, 2));
     let error = ended.error.expect("a reason");
     assert_eq!(error.code, "child_out_of_memory", "{error:?}");
-    assert!(error.message.contains("out of memory"), "{}", error.message);
-    // The peak is the child's own: the script held about 100 MB.
+    assert!(
+        error.message.contains("out-of-memory killer ended it"),
+        "the kernel's own count confirms it: {}",
+        error.message
+    );
+    // The peak is the child's own: it held about 80 MiB, under the 160 MiB limit.
     let peak: f64 = error
         .message
         .split("peak resident memory ")
@@ -68,7 +134,11 @@ async fn an_out_of_memory_kill_is_reported_with_its_peak_and_retried_by_policy()
         .and_then(|rest| rest.split(" MiB").next())
         .and_then(|mib| mib.parse().ok())
         .unwrap_or_else(|| panic!("no peak in {}", error.message));
-    assert!(peak >= 90.0, "peak {peak} MiB: {}", error.message);
+    assert!(
+        (75.0..=160.0).contains(&peak),
+        "peak {peak} MiB: {}",
+        error.message
+    );
     let events = all_events(&*store, ended.id).await;
     let attempts: Vec<i32> = events
         .iter()

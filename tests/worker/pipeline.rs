@@ -55,11 +55,12 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     settings.poll_interval = Duration::from_millis(200);
     let work_dir = settings.work_dir.join(&job_id);
     let shutdown = CancellationToken::new();
+    let metrics = SchedulerMetrics::default();
     let worker = tokio::spawn(compressd::scheduler::run(
         Arc::clone(&server.state.store),
         server.state.artifacts.clone(),
         settings,
-        SchedulerMetrics::default(),
+        metrics.clone(),
         shutdown.clone(),
     ));
 
@@ -67,6 +68,25 @@ async fn a_posted_pipeline_runs_in_a_worker_and_publishes_its_artifacts() {
     shutdown.cancel();
     worker.await.unwrap();
     assert_eq!(job["status"], "succeeded", "{job:#}");
+
+    // The worker's Prometheus metrics count the attempt and time each stage by type.
+    let mut registry = prometheus_client::registry::Registry::with_prefix("compressd");
+    metrics.register(&mut registry);
+    let mut exported = String::new();
+    prometheus_client::encoding::text::encode(&mut exported, &registry).unwrap();
+    for line in [
+        "compressd_job_claims_total 1",
+        "compressd_job_attempts_running 0",
+        "compressd_job_attempt_duration_seconds_count{status=\"succeeded\"} 1",
+        "compressd_stage_duration_seconds_count{stage=\"finetune\"} 1",
+        "compressd_stage_duration_seconds_count{stage=\"prune\"} 1",
+        "compressd_stage_duration_seconds_count{stage=\"quantize\"} 1",
+    ] {
+        assert!(
+            exported.lines().any(|l| l == line),
+            "{line} not in:\n{exported}"
+        );
+    }
 
     // Every stage started and finished, in order, as events of the job.
     let id = uuid::Uuid::parse_str(&job_id).unwrap();

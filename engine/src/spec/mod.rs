@@ -99,6 +99,12 @@ pub struct MlflowSpec {
     #[serde(default)]
     #[schemars(length(min = 1, max = 256))]
     pub experiment: Option<String>,
+    /// Register the job's final model as a new version of this MLflow registered model (made
+    /// when missing) when the job succeeds and its accuracy contract held (or it has none);
+    /// `null` registers nothing. Needs a tracking server whose artifacts go through its proxy.
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 256))]
+    pub registered_model: Option<String>,
 }
 
 /// The task the model is trained and measured on.

@@ -34,13 +34,19 @@ pub(super) fn validate(spec: &JobSpec, input: &ModelState) -> Vec<Violation> {
     }
     check_outputs(&mut c, spec);
     check_webhooks(&mut c, spec);
-    if let Some(experiment) = spec.mlflow.as_ref().and_then(|m| m.experiment.as_ref()) {
-        let chars = experiment.chars().count();
-        c.check(
-            (1..=256).contains(&chars) && !experiment.chars().any(char::is_control),
-            "/mlflow/experiment",
-            || format!("must have 1 to 256 characters and no control characters, got {chars}"),
-        );
+    if let Some(mlflow) = &spec.mlflow {
+        for (name, pointer) in [
+            (&mlflow.experiment, "/mlflow/experiment"),
+            (&mlflow.registered_model, "/mlflow/registered_model"),
+        ] {
+            let Some(name) = name else { continue };
+            let chars = name.chars().count();
+            c.check(
+                (1..=256).contains(&chars) && !name.chars().any(char::is_control),
+                pointer,
+                || format!("must have 1 to 256 characters and no control characters, got {chars}"),
+            );
+        }
     }
     c.check(PRIORITY_RANGE.contains(&spec.priority), "/priority", || {
         format!(
