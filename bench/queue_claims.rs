@@ -117,6 +117,7 @@ async fn fill_queue(store: &Arc<dyn Store>, jobs: usize) -> anyhow::Result<()> {
                     idempotency: None,
                     webhooks: Vec::new(),
                     created_at: Utc::now(),
+                    max_active_jobs: None,
                 };
                 store.create_job(job).await?;
             }

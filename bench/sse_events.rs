@@ -150,6 +150,7 @@ async fn running_job(store: &Arc<dyn Store>) -> anyhow::Result<Lease> {
         idempotency: None,
         webhooks: Vec::new(),
         created_at: now,
+        max_active_jobs: None,
     };
     store.create_job(job).await?;
     let claimed = store

@@ -234,26 +234,6 @@ pub async fn owned_dataset(
     }
 }
 
-/// Refuses a new job when the tenant's queued and running jobs are at the quota.
-///
-/// # Errors
-/// [`Error::Quota`] (`tenant_max_active_jobs`, a 429) naming the use.
-pub async fn check_job_quota(state: &AppState, tenant: &str) -> Result<(), Error> {
-    let limit = state.config.access.quotas.max_active_jobs;
-    if limit == 0 {
-        return Ok(());
-    }
-    let used = u64::try_from(state.store.tenant_usage(tenant).await?.active_jobs).unwrap_or(0);
-    if used >= limit {
-        return Err(Error::Quota {
-            quota: "tenant_max_active_jobs",
-            limit,
-            used: used + 1,
-        });
-    }
-    Ok(())
-}
-
 /// Refuses to store `incoming` more bytes when the tenant would pass its storage quota, or is at
 /// it already. Uploads call it before reading (with 0) and before recording (with the size).
 ///

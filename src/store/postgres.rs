@@ -124,6 +124,38 @@ impl Store for PgStore {
                 )
             })
             .unzip();
+        if let Some(limit) = job.max_active_jobs {
+            let replay = match &key {
+                Some(key) => sqlx::query("SELECT 1 FROM jobs WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+            if !replay {
+                // One creator per tenant at a time counts and inserts (the lock ends with the
+                // transaction), so concurrent requests cannot pass the quota together.
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                    .bind(format!("compressd.tenant_active_jobs.{}", job.tenant))
+                    .execute(&mut *tx)
+                    .await?;
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND status IN ('queued', 'running')",
+                )
+                .bind(&job.tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+                let active = u64::try_from(active).unwrap_or(0);
+                if active >= limit {
+                    return Err(Error::Quota {
+                        quota: "tenant_max_active_jobs",
+                        limit,
+                        used: active.saturating_add(1),
+                    });
+                }
+            }
+        }
         let sql = format!(
             "INSERT INTO jobs (id, name, status, spec, model_id, dataset_id, priority, max_attempts, run_after, \
              idempotency_key, request_hash, created_at, updated_at, tenant) \

@@ -137,7 +137,13 @@ impl Store for SqliteStore {
 
     #[tracing::instrument(name = "db.create_job", skip_all, fields(job_id = %job.id))]
     async fn create_job(&self, job: NewJob) -> Result<Created> {
-        let mut tx = self.pool.begin().await?;
+        // With a quota, the transaction takes the write lock first (waiting up to the busy
+        // timeout), so its count and insert are not interleaved with another writer's.
+        let mut tx = if job.max_active_jobs.is_some() {
+            self.pool.begin_with("BEGIN IMMEDIATE").await?
+        } else {
+            self.pool.begin().await?
+        };
         let (key, hash) = job
             .idempotency
             .as_ref()
@@ -148,6 +154,32 @@ impl Store for SqliteStore {
                 )
             })
             .unzip();
+        if let Some(limit) = job.max_active_jobs {
+            let replay = match &key {
+                Some(key) => sqlx::query("SELECT 1 FROM jobs WHERE idempotency_key = ?1")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some(),
+                None => false,
+            };
+            if !replay {
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND status IN ('queued', 'running')",
+                )
+                .bind(&job.tenant)
+                .fetch_one(&mut *tx)
+                .await?;
+                let active = u64::try_from(active).unwrap_or(0);
+                if active >= limit {
+                    return Err(Error::Quota {
+                        quota: "tenant_max_active_jobs",
+                        limit,
+                        used: active.saturating_add(1),
+                    });
+                }
+            }
+        }
         let created_at = to_text(job.created_at);
         let sql = format!(
             "INSERT INTO jobs (id, name, status, spec, model_id, dataset_id, priority, max_attempts, run_after, \

@@ -217,6 +217,10 @@ pub struct NewJob {
     /// The spec's own webhooks, with their secret, stored with the job (their `job_id` is the
     /// job's id).
     pub webhooks: Vec<super::Webhook>,
+    /// The tenant's quota of queued plus running jobs (`tenant_max_active_jobs`), checked in the
+    /// same transaction as the insert so that concurrent requests cannot pass it together;
+    /// `None`: no quota. A replay of a stored idempotency key is answered, not counted.
+    pub max_active_jobs: Option<u64>,
 }
 
 /// The outcome of [`crate::store::Store::create_job`].

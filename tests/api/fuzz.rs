@@ -367,3 +367,199 @@ fn gguf_lengths_past_the_file_are_refused_without_allocating_them() {
         assert_clean(&rejection);
     }
 }
+
+/// One multipart part: its field name, its `filename` (when it has one) and its bytes.
+type Part = (String, Option<String>, Vec<u8>);
+
+/// A part of a model or dataset upload: known and unknown field names, file names that try to
+/// leave their folder or break the header, and contents from real-looking to noise.
+fn upload_part() -> impl Strategy<Value = Part> {
+    let field = prop_oneof![
+        Just("file".to_owned()),
+        Just("name".to_owned()),
+        Just("format".to_owned()),
+        Just("strict".to_owned()),
+        "[a-z_\"]{0,10}",
+    ];
+    let file_name = prop::option::of(prop_oneof![
+        Just("config.json".to_owned()),
+        Just("model.safetensors".to_owned()),
+        Just("tokenizer.json".to_owned()),
+        Just("data.jsonl".to_owned()),
+        Just("data.csv".to_owned()),
+        prop::collection::vec(
+            prop_oneof![
+                Just(".."),
+                Just("."),
+                Just(""),
+                Just("a"),
+                Just("b.json"),
+                Just("/"),
+                Just("\\"),
+                Just("%2e%2e"),
+                Just("\r\n"),
+                Just("\""),
+            ],
+            0..6
+        )
+        .prop_map(|parts| parts.join("/")),
+        ".{0,24}",
+    ]);
+    let valid_rows: Vec<u8> = (0..20)
+        .map(|i| {
+            format!(
+                "{{\"text\": \"row {i}\", \"label\": \"{}\"}}\n",
+                ["a", "b"][i % 2]
+            )
+        })
+        .collect::<String>()
+        .into_bytes();
+    let bytes = prop_oneof![
+        Just(valid_rows),
+        safetensors_file(),
+        dataset_bytes(),
+        any_json().prop_map(|v| v.to_string().into_bytes()),
+        prop::collection::vec(any::<u8>(), 0..128),
+    ];
+    (field, file_name, bytes)
+}
+
+/// A multipart body of `parts` under `boundary`, cut short at `cut` (a fraction) when given.
+fn multipart_body(boundary: &str, parts: &[Part], cut: Option<f64>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (field, file_name, bytes) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let mut disposition = format!("Content-Disposition: form-data; name=\"{field}\"");
+        if let Some(file_name) = file_name {
+            disposition.push_str(&format!("; filename=\"{file_name}\""));
+        }
+        body.extend_from_slice(disposition.as_bytes());
+        body.extend_from_slice(b"\r\n\r\n");
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    if let Some(cut) = cut {
+        body.truncate((body.len() as f64 * cut) as usize);
+    }
+    body
+}
+
+/// Multipart uploads to the real model and dataset routes: whatever the parts, names and
+/// breaks, the answer is a success or a clean 4xx problem (never a 5xx, never a leak of where
+/// the server keeps things), and nothing lands outside the artifact folder.
+#[test]
+fn multipart_uploads_answer_cleanly_and_stay_inside_their_folder() {
+    use crate::common::api::TestApi;
+    use axum::http::Method;
+    use proptest::test_runner::TestRunner;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (api, _store_dir) = runtime.block_on(TestApi::sqlite());
+    let dir = &api.data_dir;
+    let data_dir = dir.path().display().to_string();
+    // Each case is a whole HTTP request: a quarter of the cases of the parser properties.
+    let base = config();
+    let mut runner = TestRunner::new(ProptestConfig {
+        cases: (base.cases / 4).max(32),
+        ..base
+    });
+    let strategy = (
+        prop_oneof![Just("/v1/models"), Just("/v1/datasets")],
+        prop::collection::vec(upload_part(), 0..5),
+        prop_oneof![Just("bNd".to_owned()), "[a-zA-Z0-9'()+_,./:=? -]{1,70}"],
+        prop::option::of(0.0f64..1.0),
+    );
+    let accepted = std::cell::Cell::new(0u32);
+    let answers = std::cell::RefCell::new(std::collections::BTreeMap::<String, u32>::new());
+    runner
+        .run(&strategy, |(route, parts, boundary, cut)| {
+            let body = multipart_body(&boundary, &parts, cut);
+            let content_type = format!("multipart/form-data; boundary=\"{boundary}\"");
+            let reply = runtime.block_on(api.send(
+                Method::POST,
+                route,
+                &[("content-type", &content_type)],
+                body,
+            ));
+            let status = reply.status.as_u16();
+            let slug = reply.body["type"]
+                .as_str()
+                .unwrap_or_default()
+                .rsplit(':')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            *answers
+                .borrow_mut()
+                .entry(format!("{status} {slug}"))
+                .or_default() += 1;
+            prop_assert!(
+                status == 201 || (400..500).contains(&status),
+                "{route} answered {status}: {}",
+                reply.body
+            );
+            if status == 201 {
+                accepted.set(accepted.get() + 1);
+                // A model's files are named by their paths in its folder: none leaves it.
+                for file in reply.body["files"].as_array().into_iter().flatten() {
+                    let name = file["name"]
+                        .as_str()
+                        .or(file["path"].as_str())
+                        .unwrap_or_default();
+                    let path = std::path::Path::new(name);
+                    prop_assert!(
+                        path.is_relative()
+                            && path
+                                .components()
+                                .all(|c| matches!(c, std::path::Component::Normal(_))),
+                        "{}",
+                        reply.body
+                    );
+                }
+            } else {
+                prop_assert_eq!(reply.content_type(), "application/problem+json");
+                let detail = reply.body["detail"].as_str().unwrap_or_default().to_owned();
+                for leak in [
+                    data_dir.as_str(),
+                    ".rs:",
+                    "backtrace",
+                    "/rustc/",
+                    "panicked",
+                ] {
+                    prop_assert!(!detail.contains(leak), "leaks `{}`: {}", leak, detail);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Nothing was written outside the artifact folder: every file under the data folder is
+    // under `artifacts/` (the database of this API lives elsewhere).
+    for entry in walk(dir.path()) {
+        let relative = entry.strip_prefix(dir.path()).unwrap();
+        let first = relative.components().next().unwrap().as_os_str();
+        assert!(first == "artifacts", "{}", relative.display());
+    }
+    eprintln!(
+        "fuzz: multipart uploads, {} accepted; answers: {:?}",
+        accepted.get(),
+        answers.borrow()
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}

@@ -28,7 +28,8 @@ pub struct TestApi {
     pub model: Uuid,
     /// A registered dataset id.
     pub dataset: Uuid,
-    _dir: TempDir,
+    /// The server's data folder (`data_dir`; its artifacts are under `artifacts/`).
+    pub data_dir: TempDir,
 }
 
 /// A response, decoded.
@@ -87,7 +88,7 @@ impl TestApi {
             state,
             model,
             dataset,
-            _dir: dir,
+            data_dir: dir,
         }
     }
 

@@ -92,6 +92,7 @@ pub fn new_job(clock: &dyn Clock, model: Uuid, dataset: Uuid) -> NewJob {
         idempotency: None,
         webhooks: Vec::new(),
         created_at: clock.now(),
+        max_active_jobs: None,
     }
 }
 

@@ -97,6 +97,7 @@ pub async fn queue_job(
         idempotency: None,
         webhooks: Vec::new(),
         created_at: Utc::now(),
+        max_active_jobs: None,
     };
     store.create_job(job).await.unwrap().job().clone()
 }

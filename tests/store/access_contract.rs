@@ -143,6 +143,62 @@ async fn tenant_usage_counts_active_jobs_and_stored_bytes(store: Arc<dyn Store>)
     assert_eq!(store.tenant_usage("default").await.unwrap().active_jobs, 0);
 }
 
+/// Twelve creations at once against a quota of three active jobs: exactly three pass, the rest
+/// are refused naming the quota; a replay of a stored idempotency key is still answered.
+async fn the_active_job_quota_holds_under_concurrent_creation(store: Arc<dyn Store>) {
+    let clock = clock();
+    let (model, dataset) = register_inputs(&*store, &*clock).await;
+    let mut creations = Vec::new();
+    for n in 0..12 {
+        let store = Arc::clone(&store);
+        let mut job = new_job(&*clock, model, dataset);
+        job.max_active_jobs = Some(3);
+        job.idempotency = Some(Idempotency {
+            key: format!("key-{n}"),
+            request_hash: "h".into(),
+        });
+        creations.push(tokio::spawn(
+            async move { (n, store.create_job(job).await) },
+        ));
+    }
+    let mut created = Vec::new();
+    for creation in creations {
+        match creation.await.unwrap() {
+            (n, Ok(Created::New(job))) => created.push((n, job)),
+            (_, Err(Error::Quota { quota, limit, used })) => {
+                assert_eq!((quota, limit, used), ("tenant_max_active_jobs", 3, 4));
+            }
+            (_, other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(created.len(), 3, "{created:?}");
+    assert_eq!(store.tenant_usage("default").await.unwrap().active_jobs, 3);
+    // At the quota, the same request again gets its job back rather than a refusal.
+    let (n, first) = &created[0];
+    let mut again = new_job(&*clock, model, dataset);
+    again.max_active_jobs = Some(3);
+    again.idempotency = Some(Idempotency {
+        key: format!("key-{n}"),
+        request_hash: "h".into(),
+    });
+    match store.create_job(again).await.unwrap() {
+        Created::Existing(job) => assert_eq!(job.id, first.id),
+        other => panic!("{other:?}"),
+    }
+    // Another tenant's quota is its own.
+    let mut elsewhere = new_job(&*clock, model, dataset);
+    elsewhere.max_active_jobs = Some(3);
+    elsewhere.tenant = "other".into();
+    let other = store.create_job(elsewhere).await;
+    // The inputs are the default tenant's: refused for that, not for the quota.
+    assert!(!matches!(other, Err(Error::Quota { .. })), "{other:?}");
+    // A finished job frees its place.
+    store.request_cancel(first.id, clock.now()).await.unwrap();
+    let mut next = new_job(&*clock, model, dataset);
+    next.max_active_jobs = Some(3);
+    assert!(matches!(store.create_job(next).await, Ok(Created::New(_))));
+}
+
 async fn lists_and_idempotency_keys_are_per_tenant(store: Arc<dyn Store>) {
     let clock = clock();
     let (model, dataset) = register_inputs(&*store, &*clock).await;
@@ -213,7 +269,7 @@ macro_rules! access_contract {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
             $(
-                #[tokio::test]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
                     let (store, _dir) = crate::common::sqlite_store().await;
                     super::$test(store).await;
@@ -222,7 +278,7 @@ macro_rules! access_contract {
         }
         mod postgres {
             $(
-                #[tokio::test]
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
                     super::$test(crate::common::pg_store().await).await;
                 }
@@ -235,5 +291,6 @@ access_contract!(
     api_keys_round_trip_and_revoke,
     audit_entries_page_per_tenant,
     tenant_usage_counts_active_jobs_and_stored_bytes,
+    the_active_job_quota_holds_under_concurrent_creation,
     lists_and_idempotency_keys_are_per_tenant,
 );

@@ -10,7 +10,6 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::JobView;
-use crate::api::access::check_job_quota;
 use crate::api::error::{ApiError, Problem};
 use crate::api::extract::JsonBody;
 use crate::api::state::AppState;
@@ -86,7 +85,6 @@ pub async fn create_job(
     for (index, webhook) in spec.webhooks.iter().enumerate() {
         check_target(&state, &webhook.url, &format!("/webhooks/{index}/url")).await?;
     }
-    check_job_quota(&state, &caller.tenant).await?;
     let job_id = state.clock.new_id();
     let new_job = NewJob {
         webhooks: job_webhooks(&state, &caller, job_id, &spec),
@@ -100,6 +98,8 @@ pub async fn create_job(
         max_attempts: state.config.max_attempts,
         idempotency,
         created_at: state.clock.now(),
+        // Checked by the store in the insert's transaction: concurrent requests cannot pass it.
+        max_active_jobs: Some(state.config.access.quotas.max_active_jobs).filter(|&n| n > 0),
     };
     let (status, job) = match state.store.create_job(new_job).await? {
         Created::New(job) => {

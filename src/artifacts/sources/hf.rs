@@ -375,7 +375,9 @@ async fn cached_listing(
             .map(|()| (named, files))
     })
     .await
-    .map_err(|e| Error::Upstream(format!("reading the Hugging Face cache failed: {e}")))?;
+    // A panicked or cancelled read is the server's fault, not the Hub's: a 500 whose detail
+    // (the panic message) goes to the log only.
+    .map_err(|e| Error::io("the Hugging Face cache", std::io::Error::other(e)))?;
     found.ok_or_else(|| not_cached(shown, config, "the repository"))
 }
 
