@@ -67,6 +67,57 @@ pub struct Quotas {
     pub max_stored_bytes: u64,
 }
 
+/// API keys read from the database, kept while nothing says they changed, so that a request with
+/// a key seen before costs no database round trip.
+///
+/// Only used where revocations made by other processes are heard
+/// ([`crate::events::hub::EventHub::key_changes_heard`]:
+/// PostgreSQL, while its `LISTEN` connection is up; never on SQLite, where `compressd keys revoke`
+/// in another process changes the file unheard). Every entry carries the hub's key epoch it was
+/// read under and is served only while the epoch is unchanged: a revocation in this process bumps
+/// it at once, one in another replica when its `NOTIFY` arrives (milliseconds after the commit),
+/// and a lost listener bumps it and turns the cache off until it is back.
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (u64, crate::store::ApiKey)>>,
+}
+
+/// Entries kept at most; past it the cache starts over (keys are few; this bounds a flood of ids).
+const KEY_CACHE_MAX: usize = 10_000;
+
+impl KeyCache {
+    /// The key `id`, from the cache when it is still good, else from the store (and cached).
+    async fn get(
+        &self,
+        store: &dyn crate::store::Store,
+        id: &str,
+    ) -> crate::error::Result<Option<crate::store::ApiKey>> {
+        let hub = store.hub();
+        if !hub.key_changes_heard() {
+            return store.get_api_key(id).await;
+        }
+        // Read before the lookup: a change during it leaves the entry under an old epoch.
+        let epoch = hub.keys_epoch();
+        {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((read_at, key)) = entries.get(id) {
+                if *read_at == epoch {
+                    return Ok(Some(key.clone()));
+                }
+            }
+        }
+        let key = store.get_api_key(id).await?;
+        if let Some(key) = &key {
+            let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            if entries.len() >= KEY_CACHE_MAX {
+                entries.clear();
+            }
+            entries.insert(id.to_owned(), (epoch, key.clone()));
+        }
+        Ok(key)
+    }
+}
+
 /// The access part of the API's configuration.
 #[derive(Clone, Debug)]
 pub struct AccessConfig {
@@ -76,6 +127,8 @@ pub struct AccessConfig {
     pub limiter: Option<KeyRateLimiter>,
     /// Per-tenant quotas.
     pub quotas: Quotas,
+    /// Keys already read (see [`KeyCache`]).
+    pub keys: Arc<KeyCache>,
 }
 
 impl AccessConfig {
@@ -95,6 +148,7 @@ impl AccessConfig {
                 max_active_jobs: settings.tenant_max_active_jobs,
                 max_stored_bytes: settings.tenant_max_stored_bytes,
             },
+            keys: Arc::default(),
         }
     }
 }
@@ -175,7 +229,13 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, A
         .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <key>`"))?;
     let invalid = || ApiError::unauthorized("the API key is not valid (unknown or revoked)");
     let (id, secret) = auth::parse_token(token).ok_or_else(invalid)?;
-    let key = state.store.get_api_key(id).await?.ok_or_else(invalid)?;
+    let key = state
+        .config
+        .access
+        .keys
+        .get(&*state.store, id)
+        .await?
+        .ok_or_else(invalid)?;
     if key.revoked_at.is_some() || !auth::secret_matches(&key, secret) {
         return Err(invalid());
     }

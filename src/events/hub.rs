@@ -10,6 +10,9 @@
 //! relays the `NOTIFY`s that database triggers send on commit, so an API replica that did not run
 //! a job still hears about it. On SQLite (one process), the store publishes after each commit.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
@@ -43,6 +46,18 @@ pub enum Notice {
 #[derive(Debug, Clone)]
 pub struct EventHub {
     sender: broadcast::Sender<Notice>,
+    keys: Arc<KeyChanges>,
+}
+
+/// What the hub knows of API key changes, for the API's key cache (`crate::api::access`): a
+/// counter bumped whenever a key may have changed (a revocation heard, or notifications possibly
+/// missed), and whether changes made by other processes are heard at all (the Postgres listener
+/// is connected). A cache may only serve an entry read under the current count, and only while
+/// changes are heard.
+#[derive(Debug, Default)]
+struct KeyChanges {
+    epoch: AtomicU64,
+    heard: AtomicBool,
 }
 
 impl Default for EventHub {
@@ -55,7 +70,36 @@ impl EventHub {
     /// A hub with [`HUB_CAPACITY`].
     pub fn new() -> Self {
         let (sender, _) = broadcast::channel(HUB_CAPACITY);
-        Self { sender }
+        Self {
+            sender,
+            keys: Arc::default(),
+        }
+    }
+
+    /// The count of possible API key changes so far (see [`EventHub::key_changed`]).
+    pub fn keys_epoch(&self) -> u64 {
+        self.keys.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Says that an API key may have changed (revoked here or elsewhere): cached keys read before
+    /// are stale.
+    pub fn key_changed(&self) {
+        self.keys.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether key changes made by other processes reach this one (the Postgres listener is
+    /// connected). False on SQLite, where another process (`compressd keys revoke`) may change
+    /// the file unheard.
+    pub fn key_changes_heard(&self) -> bool {
+        self.keys.heard.load(Ordering::SeqCst)
+    }
+
+    /// Records whether key changes made elsewhere are heard; either way what was cached before
+    /// may be stale (changes may have been missed while not listening).
+    pub fn set_key_changes_heard(&self, heard: bool) {
+        self.key_changed();
+        self.keys.heard.store(heard, Ordering::SeqCst);
+        self.key_changed();
     }
 
     /// Sends a notice to every current subscriber. Having none is normal (no stream open).
@@ -132,6 +176,8 @@ pub const EVENTS_CHANNEL: &str = "compressd_events";
 pub const QUEUE_CHANNEL: &str = "compressd_queue";
 /// Postgres channel announcing cancel requests.
 pub const CANCEL_CHANNEL: &str = "compressd_cancel";
+/// Postgres channel announcing that an API key was revoked (payload: its id).
+pub const KEYS_CHANNEL: &str = "compressd_keys";
 
 #[cfg(test)]
 mod tests {

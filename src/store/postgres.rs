@@ -514,7 +514,10 @@ impl Store for PgStore {
 
     #[tracing::instrument(name = "db.revoke_api_key", skip_all, fields(key_id = %id))]
     async fn revoke_api_key(&self, id: &str, now: DateTime<Utc>) -> Result<ApiKey> {
-        access::revoke_api_key(&self.pool, id, now).await
+        let revoked = access::revoke_api_key(&self.pool, id, now).await;
+        // This process's own key cache is stale at once, without waiting for the notification.
+        self.hub.key_changed();
+        revoked
     }
 
     #[tracing::instrument(name = "db.insert_audit", skip_all)]

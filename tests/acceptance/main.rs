@@ -15,5 +15,6 @@ mod minilm_loraprune;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;
+mod smollm_qlora;
 mod smollm_structured;
 mod walkthrough;

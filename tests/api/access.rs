@@ -491,3 +491,76 @@ async fn without_keys_the_api_is_open_as_the_default_tenant() {
     let stored = api.state.store.get_job(job).await.unwrap().unwrap();
     assert_eq!(stored.tenant, "default");
 }
+
+/// Two API replicas on one PostgreSQL database, each with its key cache: a key revoked through one
+/// is refused by it on the next request, and by the other as soon as the revocation's `NOTIFY`
+/// arrives; meanwhile a cached key is served without a lookup (a row changed behind the cache's
+/// back, with no notification, is not seen until a key changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_reaches_every_replicas_key_cache() {
+    let url = crate::common::pg::fresh_database_url().await;
+    let open = |url: String| async move {
+        let store = compressd::store::PgStore::connect(&url, 4).await.unwrap();
+        store.migrate().await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(store);
+        store
+    };
+    let (first, second) = (open(url.clone()).await, open(url.clone()).await);
+    // Each replica hears key changes once its listener is up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(first.hub().key_changes_heard() && second.hub().key_changes_heard()) {
+        assert!(std::time::Instant::now() < deadline, "listeners not up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let a = keyed(first).await;
+    let b = a.replica(second);
+    let (writer, writer_id) = key(&a, "default", &[Scope::Read, Scope::Write]).await;
+    for api in [&a, &b] {
+        let reply = call(api, Method::GET, "/v1/jobs", &writer, None).await;
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    }
+
+    // Cached: a scope dropped in the row without a notification is not seen yet.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE api_keys SET scopes = 'read' WHERE id = $1")
+        .bind(&writer_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let cached = call(
+        &b,
+        Method::POST,
+        "/v1/jobs/00000000-0000-0000-0000-000000000000/cancel",
+        &writer,
+        None,
+    )
+    .await;
+    assert_ne!(cached.status, StatusCode::FORBIDDEN, "{:?}", cached.body);
+
+    // Revoked through the first replica: refused there at once, and by the second once the
+    // notification arrives.
+    a.state
+        .store
+        .revoke_api_key(&writer_id, Utc::now())
+        .await
+        .unwrap();
+    let here = call(&a, Method::GET, "/v1/jobs", &writer, None).await;
+    assert_problem(&here, StatusCode::UNAUTHORIZED, "unauthorized");
+    let started = std::time::Instant::now();
+    loop {
+        let there = call(&b, Method::GET, "/v1/jobs", &writer, None).await;
+        if there.status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "the other replica still takes the revoked key: {:?}",
+            there.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "the revocation reached the other replica in {:?}",
+        started.elapsed()
+    );
+}

@@ -92,6 +92,21 @@ impl TestApi {
         }
     }
 
+    /// Another replica of this API over `store` (the same database reached by another pool):
+    /// the same settings and registered inputs, its own caches.
+    pub fn replica(&self, store: Arc<dyn Store>) -> Self {
+        let mut state = self.state.clone();
+        state.store = store;
+        state.config.access.keys = Arc::default();
+        Self {
+            router: api::router(state.clone()),
+            state,
+            model: self.model,
+            dataset: self.dataset,
+            data_dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
     /// An API over a fresh SQLite store.
     pub async fn sqlite() -> (Self, TempDir) {
         let (store, dir) = super::sqlite_store().await;

@@ -12,7 +12,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::{DenseLinear, LinearKind, LinearLayer, QuantizedLinear};
 use crate::models::common::{dropout, DropoutRng};
-use crate::quant::QuantScheme;
+use crate::quant::{QuantScheme, QuantizedWeight};
 
 /// `y = base(x) + (alpha / rank) · x Aᵀ Bᵀ`.
 #[derive(Clone, Debug)]
@@ -69,6 +69,32 @@ impl LoraLinear {
             candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
         }
         let base = QuantizedLinear::load(vb.clone(), in_features, out_features, bias, scheme)?;
+        Self::on_base(vb, Arc::new(base), rank, alpha, Some(scheme))
+    }
+
+    /// As [`LoraLinear::load_quantized`] on a base already quantized (`weight`, as QLoRA packs it
+    /// once for the whole stage): no dense weight is read.
+    ///
+    /// # Errors
+    /// As [`LoraLinear::load`], or a bias that does not fit the weight.
+    pub fn on_packed(
+        vb: VarBuilder,
+        weight: QuantizedWeight,
+        bias: bool,
+        rank: u32,
+        alpha: u32,
+        scheme: QuantScheme,
+    ) -> Result<Self> {
+        if rank == 0 {
+            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
+        }
+        let out_features = weight.dims().first().copied().unwrap_or(0);
+        let bias = if bias {
+            Some(vb.get(out_features, "bias")?.detach())
+        } else {
+            None
+        };
+        let base = QuantizedLinear::new(weight, bias, vb.device())?;
         Self::on_base(vb, Arc::new(base), rank, alpha, Some(scheme))
     }
 

@@ -236,19 +236,29 @@ impl LinearFactory {
         out_features: usize,
         bias: bool,
     ) -> Result<Arc<dyn LinearLayer>> {
-        let (out_features, in_features) = if vb.contains_tensor("weight") {
-            let stored = vb.get_unchecked("weight")?;
-            stored.dims2().map_err(|_| {
-                candle_core::Error::Msg(format!(
-                    "{}.weight has shape {:?}; a linear weight is 2-D",
-                    vb.prefix(),
-                    stored.dims()
-                ))
-            })?
-        } else {
-            (out_features, in_features)
-        };
         let packed = self.packed.get(&format!("{}.weight", vb.prefix()));
+        let (out_features, in_features) =
+            if let (false, Some(weight)) = (vb.contains_tensor("weight"), packed) {
+                // A QLoRA base held only in its quantized form: its own shape.
+                match weight.dims()[..] {
+                    [rows, cols] => (rows, cols),
+                    ref dims => candle_core::bail!(
+                        "{}.weight has shape {dims:?}; a linear weight is 2-D",
+                        vb.prefix()
+                    ),
+                }
+            } else if vb.contains_tensor("weight") {
+                let stored = vb.get_unchecked("weight")?;
+                stored.dims2().map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "{}.weight has shape {:?}; a linear weight is 2-D",
+                        vb.prefix(),
+                        stored.dims()
+                    ))
+                })?
+            } else {
+                (out_features, in_features)
+            };
         match (self.plan.kind_for(&vb.prefix()), packed) {
             (LinearKind::Dense, _) => Ok(Arc::new(DenseLinear::load(
                 vb,
@@ -269,7 +279,11 @@ impl LinearFactory {
                 LoraLinear::load(vb, in_features, out_features, bias, rank, alpha)?
                     .with_dropout(self.lora_dropout)?,
             )),
-            (LinearKind::QLora { rank, alpha, base }, _) => Ok(Arc::new(
+            (LinearKind::QLora { rank, alpha, base }, Some(weight)) => Ok(Arc::new(
+                LoraLinear::on_packed(vb, (**weight).clone(), bias, rank, alpha, base)?
+                    .with_dropout(self.lora_dropout)?,
+            )),
+            (LinearKind::QLora { rank, alpha, base }, None) => Ok(Arc::new(
                 LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?
                     .with_dropout(self.lora_dropout)?,
             )),

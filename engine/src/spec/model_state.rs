@@ -81,8 +81,9 @@ impl ModelState {
                 name: "full-precision weights",
                 field: None,
                 message: format!(
-                    "`{stage_type}` cannot follow the post-training `quantize` at /pipeline/{q}: \
-                     quantized weights cannot be trained, pruned or re-quantized; move it before"
+                    "`{stage_type}` cannot follow /pipeline/{q}, which leaves the weights quantized \
+                     (a `quantize`, or a QLoRA `finetune` merged into its quantized base): quantized \
+                     weights cannot be trained, pruned or re-quantized; move it before"
                 ),
             }),
         }

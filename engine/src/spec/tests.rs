@@ -201,8 +201,9 @@ fn preconditions_walk_the_pipeline_from_the_input_model() {
     assert_eq!(failed.name, "full-precision weights");
     assert_eq!(
         failed.message,
-        "`finetune` cannot follow the post-training `quantize` at /pipeline/2: quantized weights \
-         cannot be trained, pruned or re-quantized; move it before"
+        "`finetune` cannot follow /pipeline/2, which leaves the weights quantized (a `quantize`, \
+         or a QLoRA `finetune` merged into its quantized base): quantized weights cannot be \
+         trained, pruned or re-quantized; move it before"
     );
 }
 

@@ -64,6 +64,9 @@ pub struct WorkingModel {
     /// The dropout LoRA layers apply to their adapter's input in training, while a LoRA stage
     /// trains (0 otherwise).
     lora_dropout: f64,
+    /// While a QLoRA stage trains: the adapted modules' frozen base weights, quantized. Their f32
+    /// entries are out of the store meanwhile, so the base takes its quantized size in memory.
+    qlora_base: Option<PackedWeights>,
 }
 
 impl WorkingModel {
@@ -79,6 +82,7 @@ impl WorkingModel {
             recorder: None,
             vocabulary: None,
             lora_dropout: 0.0,
+            qlora_base: None,
         }
     }
 
@@ -106,6 +110,7 @@ impl WorkingModel {
             vocabulary: self.vocabulary.clone(),
             adapter: self.adapter.clone(),
             lora_dropout: self.lora_dropout,
+            qlora_base: self.qlora_base.clone(),
         })
     }
 
@@ -179,13 +184,62 @@ impl WorkingModel {
         self.quantized.as_ref()
     }
 
+    /// The quantized base weights of a QLoRA stage that is training, by parameter name.
+    pub fn qlora_base(&self) -> Option<&PackedWeights> {
+        self.qlora_base.as_ref()
+    }
+
+    /// Records (or, with `None`, forgets) the quantized base weights QLoRA layers run on; the
+    /// caller takes their f32 entries out of the store (and puts the merged weights back).
+    pub fn set_qlora_base(&mut self, weights: Option<PackedWeights>) {
+        self.qlora_base = weights;
+    }
+
+    /// Adds weights quantized with `scheme` to the quantization state (made when the model has
+    /// none); the caller marks their modules [`LinearKind::Quantized`] and stores their
+    /// dequantized values. A QLoRA merge requantizes its merged weights this way.
+    pub fn add_quantized_weights(
+        &mut self,
+        scheme: QuantScheme,
+        weights: BTreeMap<String, Arc<QuantizedWeight>>,
+    ) {
+        let mut all = self
+            .quantized
+            .as_ref()
+            .map(|state| (*state.weights).clone())
+            .unwrap_or_default();
+        all.extend(weights);
+        let (scheme, dynamic) = match &self.quantized {
+            Some(state) => (state.scheme, state.dynamic),
+            None => (scheme, false),
+        };
+        self.quantized = Some(QuantizedState {
+            scheme,
+            weights: Arc::new(all),
+            dynamic,
+        });
+    }
+
     /// The factory models are built with: the linear plan, and the packed weights quantized layers
-    /// run on.
+    /// (and a training QLoRA stage's base) run on.
     pub fn linear_factory(&self) -> LinearFactory {
         let mut factory =
             LinearFactory::new(self.plan.clone()).with_lora_dropout(self.lora_dropout);
-        if let Some(state) = &self.quantized {
-            factory = factory.with_packed(state.weights.clone());
+        let packed: Vec<&PackedWeights> = self
+            .quantized
+            .as_ref()
+            .map(|state| &state.weights)
+            .into_iter()
+            .chain(self.qlora_base.as_ref())
+            .collect();
+        match packed[..] {
+            [] => {}
+            [only] => factory = factory.with_packed(only.clone()),
+            _ => {
+                let union = packed.iter().flat_map(|p| p.iter());
+                let union = union.map(|(n, w)| (n.clone(), w.clone())).collect();
+                factory = factory.with_packed(Arc::new(union));
+            }
         }
         match &self.recorder {
             Some(recorder) => factory.with_input_recorder(recorder.clone()),

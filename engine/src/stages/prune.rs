@@ -410,6 +410,7 @@ impl PruneStage {
                     target_modules: lora.target_modules,
                     modules_to_save: None,
                     base_quantization: None,
+                    requantize_merged: false,
                     dropout: 0.0,
                 }
             }),

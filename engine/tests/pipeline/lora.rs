@@ -502,6 +502,24 @@ fn lora_settings_that_cannot_fit_the_registered_model_are_refused_at_submission(
         ])),
         ["/pipeline/1/base_quantization"]
     );
+    // A requantized QLoRA merge leaves the model quantized: a stage that needs full precision
+    // cannot follow; the default f32 merge can be pruned.
+    assert_eq!(
+        pointers(json!([
+            lora(json!({"base_quantization": "int4", "requantize_merged": true})),
+            {"type": "prune", "sparsity": 0.3}
+        ])),
+        ["/pipeline/1/type"]
+    );
+    assert!(pointers(json!([
+        lora(json!({"base_quantization": "int4"})),
+        {"type": "prune", "sparsity": 0.3}
+    ]))
+    .is_empty());
+    assert_eq!(
+        pointers(json!([lora(json!({"requantize_merged": true}))])),
+        ["/pipeline/0/requantize_merged"]
+    );
     // Dropout is a probability, and LoRA's only.
     assert_eq!(
         pointers(json!([lora(json!({"dropout": 1.0}))])),
@@ -608,9 +626,37 @@ fn qlora_trains_on_a_quantized_base_and_merges_into_its_dequantized_values() -> 
     assert!(error > 0.0 && error < 0.02, "int8 base error {error}");
     let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
     assert!(accuracy >= 0.8, "QLoRA accuracy {accuracy}");
-    // The merged model is dense f32 (the dequantized base plus the update), with no adapter left.
+    // The quantized base counts among the parameters although it is out of the store in training.
+    // (The total also counts the adapters, which the merged model no longer has.)
+    let total = report["total_parameters"].as_u64().unwrap_or(0);
+    let merged_parameters = job.result.report.stages[0].metrics.parameters as u64;
+    assert!(
+        total >= merged_parameters,
+        "{total} < {merged_parameters}: {report}"
+    );
+    // What requantizing would cost is reported; by default the merged model is dense f32 (the
+    // dequantized base plus the update: what was trained), with no adapter left.
+    let difference = report["merge_output_relative_difference"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    assert!(difference < 0.02, "merge output difference {difference}");
+    assert_eq!(report["merged_requantized"], false);
     let merged = job.reload_final()?;
     assert!(merged.quantized().is_none());
+    assert!(!merged.store.names().iter().any(|n| n.contains("lora_")));
+    Ok(())
+}
+
+#[test]
+fn qlora_with_requantize_merged_leaves_a_model_quantized_like_its_base() -> Result<()> {
+    let job =
+        tiny_lora_classifier_job(json!({"base_quantization": "int8", "requantize_merged": true}))?;
+    let report = job.stage_report();
+    assert_eq!(report["merged_requantized"], true, "{report}");
+    let merged = job.reload_final()?;
+    let quantized = merged.quantized().expect("a requantized model");
+    assert_eq!(quantized.scheme.to_string(), "int8");
+    assert!(!quantized.weights.is_empty());
     assert!(!merged.store.names().iter().any(|n| n.contains("lora_")));
     Ok(())
 }

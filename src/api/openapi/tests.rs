@@ -136,7 +136,7 @@ fn a_stage_added_by_one_registry_line_is_in_the_schema_the_estimate_and_the_chec
     assert_eq!(pointers, ["/pipeline/1/passes", "/pipeline/3/type"]);
     assert!(violations[1]
         .message
-        .contains("`noop` cannot follow the post-training `quantize` at /pipeline/2"));
+        .contains("`noop` cannot follow /pipeline/2, which leaves the weights quantized"));
     let err = registry
         .parse_stage(&json!({"type": "noop", "colour": 1}))
         .unwrap_err();

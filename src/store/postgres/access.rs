@@ -69,11 +69,22 @@ pub(super) async fn revoke_api_key(pool: &PgPool, id: &str, now: DateTime<Utc>) 
     let sql = format!(
         "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1 RETURNING {KEY_COLUMNS}"
     );
+    // One transaction: the notification goes out when (and only if) the revocation commits, to
+    // every process listening (their key caches drop what they hold).
+    let mut tx = pool.begin().await?;
     let row = sqlx::query(&sql)
         .bind(id)
         .bind(now)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?;
+    if row.is_some() {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::events::hub::KEYS_CHANNEL)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     match row {
         Some(row) => key_from_row(&row),
         None => Err(Error::NotFound {

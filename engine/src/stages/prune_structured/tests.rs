@@ -77,6 +77,7 @@ fn attached_adapters_train_alone_and_merging_them_keeps_the_outputs() {
         target_modules: None,
         modules_to_save: None,
         base_quantization: None,
+        requantize_merged: false,
         dropout: 0.0,
     };
     let dense = logits(&model);
