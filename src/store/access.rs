@@ -146,3 +146,20 @@ pub struct TenantUsage {
     /// Bytes of its models, datasets and job artifacts.
     pub stored_bytes: i64,
 }
+
+/// The active-job quota's verdict for a tenant that has `active` queued and running jobs and wants
+/// one more: [`crate::error::Error::Quota`] (naming the use it would reach) at or past `limit`.
+///
+/// # Errors
+/// As above.
+pub(crate) fn check_active_jobs(limit: u64, active: i64) -> crate::error::Result<()> {
+    let active = u64::try_from(active).unwrap_or(0);
+    if active >= limit {
+        return Err(crate::error::Error::Quota {
+            quota: "tenant_max_active_jobs",
+            limit,
+            used: active.saturating_add(1),
+        });
+    }
+    Ok(())
+}

@@ -146,14 +146,7 @@ impl Store for PgStore {
                 .bind(&job.tenant)
                 .fetch_one(&mut *tx)
                 .await?;
-                let active = u64::try_from(active).unwrap_or(0);
-                if active >= limit {
-                    return Err(Error::Quota {
-                        quota: "tenant_max_active_jobs",
-                        limit,
-                        used: active.saturating_add(1),
-                    });
-                }
+                super::access::check_active_jobs(limit, active)?;
             }
         }
         let sql = format!(

@@ -170,14 +170,7 @@ impl Store for SqliteStore {
                 .bind(&job.tenant)
                 .fetch_one(&mut *tx)
                 .await?;
-                let active = u64::try_from(active).unwrap_or(0);
-                if active >= limit {
-                    return Err(Error::Quota {
-                        quota: "tenant_max_active_jobs",
-                        limit,
-                        used: active.saturating_add(1),
-                    });
-                }
+                super::access::check_active_jobs(limit, active)?;
             }
         }
         let created_at = to_text(job.created_at);

@@ -615,32 +615,28 @@ async fn a_jobs_own_tracking_uri_must_pass_the_url_policy() {
         assert_eq!(status, 422, "{uri}: {problem}");
         assert_eq!(problem["pointer"], "/mlflow/tracking_uri", "{problem}");
     }
-    let (status, problem) = server
-        .post_json(
-            "/v1/jobs",
-            &json!({
-                "name": "tracked",
-                "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},
-                "pipeline": [{"type": "finetune", "epochs": 1}],
-                "mlflow": {"experiment": ""}
-            }),
-        )
-        .await;
-    assert_eq!(status, 422, "{problem}");
-    assert_eq!(problem["pointer"], "/mlflow/experiment", "{problem}");
-    let (status, problem) = server
-        .post_json(
-            "/v1/jobs",
-            &json!({
-                "name": "tracked",
-                "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},
-                "pipeline": [{"type": "finetune", "epochs": 1}],
-                "mlflow": {"registered_model": "bad\u{0007}name"}
-            }),
-        )
-        .await;
-    assert_eq!(status, 422, "{problem}");
-    assert_eq!(problem["pointer"], "/mlflow/registered_model", "{problem}");
+    // Names MLflow would refuse are refused at submission, naming the field.
+    for (mlflow, pointer) in [
+        (json!({"experiment": ""}), "/mlflow/experiment"),
+        (
+            json!({"registered_model": "bad\u{0007}name"}),
+            "/mlflow/registered_model",
+        ),
+    ] {
+        let (status, problem) = server
+            .post_json(
+                "/v1/jobs",
+                &json!({
+                    "name": "tracked",
+                    "model": model["id"], "task": {"type": "text_classification", "dataset": dataset["id"]},
+                    "pipeline": [{"type": "finetune", "epochs": 1}],
+                    "mlflow": mlflow
+                }),
+            )
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["pointer"], pointer, "{problem}");
+    }
     // A public address passes (nothing is contacted at submission beyond resolving the name).
     let (status, job) = server
         .post_json("/v1/jobs", &spec("https://8.8.8.8/"))

@@ -43,9 +43,6 @@ impl LoraLinear {
         rank: u32,
         alpha: u32,
     ) -> Result<Self> {
-        if rank == 0 {
-            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
-        }
         let base = DenseLinear::load(vb.clone(), in_features, out_features, bias)?;
         Self::on_base(vb, Arc::new(base), rank, alpha, None)
     }
@@ -65,9 +62,6 @@ impl LoraLinear {
         alpha: u32,
         scheme: QuantScheme,
     ) -> Result<Self> {
-        if rank == 0 {
-            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
-        }
         let base = QuantizedLinear::load(vb.clone(), in_features, out_features, bias, scheme)?;
         Self::on_base(vb, Arc::new(base), rank, alpha, Some(scheme))
     }
@@ -85,9 +79,6 @@ impl LoraLinear {
         alpha: u32,
         scheme: QuantScheme,
     ) -> Result<Self> {
-        if rank == 0 {
-            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
-        }
         let out_features = weight.dims().first().copied().unwrap_or(0);
         let bias = if bias {
             Some(vb.get(out_features, "bias")?.detach())
@@ -106,6 +97,9 @@ impl LoraLinear {
         alpha: u32,
         base_scheme: Option<QuantScheme>,
     ) -> Result<Self> {
+        if rank == 0 {
+            candle_core::bail!("{}: a LoRA rank must be at least 1", vb.prefix());
+        }
         let (out_features, in_features) = (base.out_features(), base.in_features());
         let r = rank as usize;
         let a_init = Init::Randn {
