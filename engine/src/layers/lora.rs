@@ -305,16 +305,26 @@ mod tests {
             .is_err());
     }
 
-    /// QLoRA on a tiny Llama: every projection an adapter over an int4 base; every adapter weight
-    /// gets a non-zero gradient through the quantized kernels, and the base none.
+    /// QLoRA on a tiny Llama: every projection an adapter over an int4 base (our Q4_1 kernel) and
+    /// over an nf4 base (tiles of dequantized rows); every adapter weight gets a non-zero gradient
+    /// through the quantized kernels, and the base none.
     #[test]
     fn qlora_on_an_int4_llama_gives_every_adapter_weight_a_gradient() {
+        qlora_gives_every_adapter_weight_a_gradient(QuantScheme::Int4 { group_size: 32 });
+    }
+
+    #[test]
+    fn qlora_on_an_nf4_llama_gives_every_adapter_weight_a_gradient() {
+        qlora_gives_every_adapter_weight_a_gradient(QuantScheme::Nf4);
+    }
+
+    fn qlora_gives_every_adapter_weight_a_gradient(scheme: QuantScheme) {
         use crate::layers::{LinearFactory, LinearPlan};
         use crate::models::llama::{LlamaConfig, LlamaForCausalLm};
 
         let dev = Device::Cpu;
         let cfg: LlamaConfig = serde_json::from_value(serde_json::json!({
-            "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64,
+            "vocab_size": 16, "hidden_size": 64, "intermediate_size": 128,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": true
@@ -342,7 +352,7 @@ mod tests {
         let kind = LinearKind::QLora {
             rank: 2,
             alpha: 4,
-            base: QuantScheme::Int4 { group_size: 32 },
+            base: scheme,
         };
         let plan = LinearPlan::uniform(LinearKind::Dense)
             .with_rule("model.layers.*", kind)

@@ -4,11 +4,13 @@
 //! - `int8` becomes `<name>.qweight` (I8, `[rows, cols]`) and `<name>.scales` (F16, `[rows]`);
 //! - `int4` becomes `<name>.qweight` (U8, `[rows, cols / 2]`, the even column in the low nibble),
 //!   `<name>.scales` (F16, `[rows, cols / group]`) and `<name>.zeros` (U8, same shape, 0..=15);
+//! - `nf4` becomes `<name>.qweight` (U8, `[rows, cols / 2]`, level indices, the even column in the
+//!   low nibble) and `<name>.absmax` (F32, `[rows, cols / 64]`);
 //! - a GGUF type becomes `<name>.qweight` (U8, `[bytes]`): llama.cpp's block bytes, unchanged.
 //!
 //! Rows are all dimensions but the last. Tensors that were not quantized keep their name and dtype.
 //! The header's `__metadata__` has a key `quantization` whose value is JSON:
-//! `{"format": "compressd.quant.v1", "tensors": {"<name>": {"scheme": "int8" | "int4-g64" | "q4_k" | ..,
+//! `{"format": "compressd.quant.v1", "tensors": {"<name>": {"scheme": "int8" | "int4-g64" | "nf4" | "q4_k" | ..,
 //! "shape": [..]}}}`; other metadata keys pass through.
 //!
 
@@ -21,8 +23,9 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
+use super::nf4::NF4_BLOCK;
 use super::st_file::{EntryPlan, SafetensorsFile, SafetensorsWriter};
-use super::{gguf, rows_cols, Int4Weight, Int8Weight, QuantScheme, QuantizedWeight};
+use super::{gguf, rows_cols, Int4Weight, Int8Weight, Nf4Weight, QuantScheme, QuantizedWeight};
 use crate::error::{EngineError, Result};
 
 /// The metadata key holding the quantization description.
@@ -79,6 +82,10 @@ pub fn quantized_entries(name: &str, dims: &[usize], scheme: QuantScheme) -> Vec
                 entry("zeros", "U8", groups, 1),
             ]
         }
+        QuantScheme::Nf4 => vec![
+            entry("qweight", "U8", vec![rows, cols / 2], 1),
+            entry("absmax", "F32", vec![rows, cols / NF4_BLOCK], 4),
+        ],
         QuantScheme::Gguf(dtype) => {
             let bytes = rows * cols / dtype.block_size() * dtype.type_size();
             vec![entry("qweight", "U8", vec![bytes], 1)]
@@ -100,6 +107,10 @@ pub fn quantized_bytes(weight: &QuantizedWeight) -> Result<Vec<Cow<'_, [u8]>>> {
             Cow::Borrowed(w.packed.as_slice()),
             Cow::Owned(f16_bytes(&w.scales)),
             Cow::Borrowed(w.zeros.as_slice()),
+        ],
+        QuantizedWeight::Nf4(w) => vec![
+            Cow::Borrowed(w.packed.as_slice()),
+            Cow::Owned(w.absmax.iter().flat_map(|v| v.to_le_bytes()).collect()),
         ],
         QuantizedWeight::Gguf(q) => vec![q.data()?],
     })
@@ -281,6 +292,14 @@ fn weight_from_parts(
             packed: data[0].to_vec(),
             scales: f16s(data[1]),
             zeros: data[2].to_vec(),
+        }),
+        QuantScheme::Nf4 => QuantizedWeight::Nf4(Nf4Weight {
+            dims: dims.to_vec(),
+            packed: data[0].to_vec(),
+            absmax: data[1]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
         }),
         QuantScheme::Gguf(dtype) => QuantizedWeight::Gguf(Arc::new(gguf::qtensor_from_bytes(
             data[0],

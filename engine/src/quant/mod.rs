@@ -4,6 +4,7 @@
 //! - `int8`: per-channel (per output row) symmetric, one scale per row ([`int8`]);
 //! - `int4`: group-wise asymmetric, one scale and one integer zero point per group of
 //!   `group_size` (32, 64 or 128) consecutive input columns, two nibbles per byte ([`int4`]);
+//! - `nf4`: 4-bit NormalFloat (QLoRA's format), one f32 `absmax` per block of 64 values ([`nf4`]);
 //! - GGUF block types through candle's `QTensor` (`q8_0`, `q6_k`, `q5_k`, `q4_k`, `q4_0`, ...,
 //!   [`gguf`]).
 //!
@@ -18,6 +19,7 @@ pub mod grid_search;
 pub mod int4;
 pub mod int8;
 pub mod layout;
+pub mod nf4;
 mod parallel;
 pub mod st_file;
 pub mod stream;
@@ -33,6 +35,7 @@ use crate::error::{EngineError, Result};
 
 pub use int4::Int4Weight;
 pub use int8::Int8Weight;
+pub use nf4::Nf4Weight;
 
 /// Group sizes accepted by the int4 scheme.
 pub const INT4_GROUP_SIZES: [usize; 3] = [32, 64, 128];
@@ -47,6 +50,8 @@ pub enum QuantScheme {
         /// 32, 64 or 128.
         group_size: usize,
     },
+    /// 4-bit NormalFloat, one `absmax` per block of 64 values.
+    Nf4,
     /// A GGUF (llama.cpp) block type.
     Gguf(GgmlDType),
 }
@@ -83,6 +88,7 @@ impl QuantScheme {
                 }
                 Ok(Self::Int4 { group_size })
             }
+            "nf4" => Ok(Self::Nf4),
             other => GGUF_NAMES
                 .iter()
                 .find(|(n, _)| *n == other)
@@ -90,7 +96,7 @@ impl QuantScheme {
                 .ok_or_else(|| {
                     let gguf: Vec<&str> = GGUF_NAMES.iter().map(|(n, _)| *n).collect();
                     EngineError::InvalidSetting(format!(
-                        "unknown quantization scheme {name:?}: expected int8, int4 or a GGUF type ({})",
+                        "unknown quantization scheme {name:?}: expected int8, int4, nf4 or a GGUF type ({})",
                         gguf.join(", ")
                     ))
                 }),
@@ -103,6 +109,7 @@ impl QuantScheme {
         match self {
             Self::Int8 => 1,
             Self::Int4 { group_size } => *group_size,
+            Self::Nf4 => nf4::NF4_BLOCK,
             Self::Gguf(dtype) => dtype.block_size(),
         }
     }
@@ -124,6 +131,7 @@ impl fmt::Display for QuantScheme {
         match self {
             Self::Int8 => f.write_str("int8"),
             Self::Int4 { group_size } => write!(f, "int4-g{group_size}"),
+            Self::Nf4 => f.write_str("nf4"),
             Self::Gguf(dtype) => {
                 let name = GGUF_NAMES.iter().find(|(_, d)| d == dtype).map(|(n, _)| *n);
                 f.write_str(name.unwrap_or("gguf"))
@@ -155,6 +163,8 @@ pub enum QuantizedWeight {
     Int8(Int8Weight),
     /// Group-wise asymmetric int4.
     Int4(Int4Weight),
+    /// 4-bit NormalFloat.
+    Nf4(Nf4Weight),
     /// A GGUF block tensor (shared: the same blocks feed the kernel and the GGUF writer).
     Gguf(Arc<QTensor>),
 }
@@ -167,6 +177,7 @@ impl QuantizedWeight {
             Self::Int4(w) => QuantScheme::Int4 {
                 group_size: w.group_size,
             },
+            Self::Nf4(_) => QuantScheme::Nf4,
             Self::Gguf(q) => QuantScheme::Gguf(q.dtype()),
         }
     }
@@ -176,6 +187,7 @@ impl QuantizedWeight {
         match self {
             Self::Int8(w) => w.dims.clone(),
             Self::Int4(w) => w.dims.clone(),
+            Self::Nf4(w) => w.dims.clone(),
             Self::Gguf(q) => q.shape().dims().to_vec(),
         }
     }
@@ -185,6 +197,7 @@ impl QuantizedWeight {
         match self {
             Self::Int8(w) => w.storage_bytes(),
             Self::Int4(w) => w.storage_bytes(),
+            Self::Nf4(w) => w.storage_bytes(),
             Self::Gguf(q) => q.storage_size_in_bytes(),
         }
     }
@@ -197,6 +210,7 @@ impl QuantizedWeight {
         match self {
             Self::Int8(w) => Tensor::from_vec(w.dequantize(), w.dims.as_slice(), device),
             Self::Int4(w) => Tensor::from_vec(w.dequantize(), w.dims.as_slice(), device),
+            Self::Nf4(w) => Tensor::from_vec(w.dequantize(), w.dims.as_slice(), device),
             Self::Gguf(q) => q.dequantize(device),
         }
     }
@@ -289,6 +303,7 @@ pub fn quantize_values(values: &[f32], dims: &[usize], scheme: QuantScheme) -> R
         QuantScheme::Int4 { group_size } => {
             QuantizedWeight::Int4(Int4Weight::quantize(values, dims, group_size))
         }
+        QuantScheme::Nf4 => QuantizedWeight::Nf4(Nf4Weight::quantize(values, dims)),
         QuantScheme::Gguf(dtype) => {
             QuantizedWeight::Gguf(Arc::new(gguf::quantize(values, dims, dtype)?))
         }

@@ -153,7 +153,7 @@ fn write_quantized(
             gguf::quantize_into(&values, &entry.shape, dtype, &mut scratch.values)?;
             return writer.write_next(&scratch.values);
         }
-        QuantScheme::Int4 { .. } => {}
+        QuantScheme::Int4 { .. } | QuantScheme::Nf4 => {}
     }
     let Quantized::Weight(weight) = quantize_values(&values, &entry.shape, scheme)? else {
         return Err(EngineError::InvalidModel(format!(

@@ -46,8 +46,8 @@ pub struct FinetuneSpec {
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     /// QLoRA: the frozen base of the adapted modules quantized with this scheme and held only
-    /// quantized while the adapters train, its matmuls on the quantized kernels (`int4` in groups
-    /// of 32; `int8`; or a GGUF type). The update is merged into the
+    /// quantized while the adapters train, its matmuls on the quantized kernels (`nf4`, QLoRA's
+    /// 4-bit NormalFloat in blocks of 64; `int4` in groups of 32; `int8`; or a GGUF type). The update is merged into the
     /// dequantized base (f32: the merged model computes what was trained); the report gives how far
     /// requantizing the merged weights with the same scheme would move the layers' outputs, and
     /// `requantize_merged` does it. `null` keeps the base in f32.

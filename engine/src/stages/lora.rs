@@ -35,8 +35,7 @@ const DEFAULT_TARGET_ROLES: &[ModuleRole] = &[
 ];
 
 /// The group size of an `int4` QLoRA base: the finest int4 takes (QLoRA's own blocks are 64
-/// values; 32 costs 6% more memory and loses less). A model that comes from 32-value GGUF blocks
-/// (SmolLM2's `Q4_1`) is reproduced almost exactly.
+/// values; 32 costs 6% more memory and loses less).
 const QLORA_INT4_GROUP: usize = 32;
 
 /// What a LoRA fine-tune adapts.

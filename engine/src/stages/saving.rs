@@ -147,11 +147,12 @@ pub(super) fn save_gguf(
         });
     let config: LlamaConfig = parse_config(&model.config)?;
     // Each quantized weight keeps the type the quantize stage chose for it (fallbacks included);
-    // int8 and int4 have no GGUF twin, so they map to the nearest GGUF block types.
+    // int8, int4 and nf4 have no GGUF twin, so they map to the nearest GGUF block types (int4 to
+    // Q4_1 exactly; nf4's levels are not on Q4_1's even grid, so its weights are rounded again).
     let gguf_type = |scheme: QuantScheme| match scheme {
         QuantScheme::Gguf(dtype) => dtype,
         QuantScheme::Int8 => GgmlDType::Q8_0,
-        QuantScheme::Int4 { .. } => GgmlDType::Q4_1,
+        QuantScheme::Int4 { .. } | QuantScheme::Nf4 => GgmlDType::Q4_1,
     };
     let tensor_types = model.quantized().map(|state| {
         state

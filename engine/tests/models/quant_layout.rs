@@ -23,6 +23,7 @@ fn every_scheme_round_trips_through_the_file_bit_for_bit() -> Result<()> {
         "int8",
         "int4-g32",
         "int4-g128",
+        "nf4",
         "q8_0",
         "q4_k",
         "q6_k",

@@ -660,3 +660,37 @@ fn qlora_with_requantize_merged_leaves_a_model_quantized_like_its_base() -> Resu
     assert!(!merged.store.names().iter().any(|n| n.contains("lora_")));
     Ok(())
 }
+
+/// An nf4 base (QLoRA's own format): only weights whose rows are whole 64-value blocks take it
+/// (here the 64-wide FFN output projections; the 32-wide ones stay f32), training reaches the
+/// same accuracy, and a requantized merge is saved in nf4 and read back as such.
+#[test]
+fn qlora_on_an_nf4_base_trains_and_a_requantized_merge_is_saved_in_nf4() -> Result<()> {
+    let job = tiny_lora_classifier_job(json!({"base_quantization": "nf4"}))?;
+    let report = job.stage_report();
+    assert_eq!(report["base_quantization"], "nf4", "{report}");
+    let error = report["base_quantization_relative_error"]
+        .as_f64()
+        .unwrap_or(f64::MAX);
+    // 4 bits: a tenth of the weight is lost, not nothing and not all of it.
+    assert!(error > 0.01 && error < 0.2, "nf4 base error {error}");
+    let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
+    assert!(accuracy >= 0.8, "QLoRA nf4 accuracy {accuracy}");
+
+    let job =
+        tiny_lora_classifier_job(json!({"base_quantization": "nf4", "requantize_merged": true}))?;
+    let merged = job.reload_final()?;
+    let quantized = merged.quantized().expect("a requantized model");
+    assert_eq!(quantized.scheme.to_string(), "nf4");
+    let nf4: Vec<&String> = quantized
+        .weights
+        .iter()
+        .filter(|(_, w)| w.scheme().to_string() == "nf4")
+        .map(|(name, _)| name)
+        .collect();
+    assert!(
+        !nf4.is_empty() && nf4.iter().all(|n| n.contains("output.dense")),
+        "{nf4:?}"
+    );
+    Ok(())
+}

@@ -56,6 +56,9 @@ pub enum QuantScheme {
     /// 4-bit asymmetric, one scale and zero point per group.
     #[serde(rename = "int4")]
     Int4,
+    /// 4-bit NormalFloat (QLoRA's format), one absmax per block of 64.
+    #[serde(rename = "nf4")]
+    Nf4,
     /// GGML block format, 8-bit, blocks of 32.
     #[serde(rename = "q8_0")]
     Q8_0,
