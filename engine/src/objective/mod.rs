@@ -9,6 +9,7 @@
 mod feature;
 mod relation;
 mod response;
+mod teacher_cache;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -18,6 +19,7 @@ use candle_core::{DType, Result, Tensor, Var};
 pub use feature::{pool, AttentionKd, FeatureKd, FeatureLoss, Tokens};
 pub use relation::{Pooling, RelationKd, RelationLoss};
 pub use response::ResponseKd;
+pub use teacher_cache::TeacherCacheReport;
 
 use crate::data::Batch;
 use crate::models::common::DropoutRng;
@@ -194,6 +196,8 @@ pub struct ObjectiveTask<'a> {
     objective: &'a dyn Objective,
     /// Per term: the sum of its values since the last take, and how many there were.
     seen: Mutex<BTreeMap<String, (f64, usize)>>,
+    /// The frozen models' outputs kept per example (`cache_teacher`), if asked for.
+    cache: Option<Mutex<teacher_cache::TeacherCache>>,
 }
 
 impl<'a> ObjectiveTask<'a> {
@@ -209,7 +213,22 @@ impl<'a> ObjectiveTask<'a> {
             frozen,
             objective,
             seen: Mutex::new(BTreeMap::new()),
+            cache: None,
         }
+    }
+
+    /// Keeps the frozen models' outputs per example, up to `budget_bytes`, so that an example
+    /// seen again (the next epoch) does not run them again.
+    pub fn with_teacher_cache(mut self, budget_bytes: usize) -> Self {
+        self.cache = Some(Mutex::new(teacher_cache::TeacherCache::new(budget_bytes)));
+        self
+    }
+
+    /// What the teacher cache did, if there is one.
+    pub fn teacher_cache_report(&self) -> Option<TeacherCacheReport> {
+        self.cache
+            .as_ref()
+            .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).report())
     }
 }
 
@@ -219,11 +238,19 @@ impl TrainTask for ObjectiveTask<'_> {
             .model
             .forward(batch, self.objective.model_outputs(), dropout)?;
         let want = self.objective.frozen_outputs();
-        let frozen = self
-            .frozen
-            .iter()
-            .map(|m| m.forward(batch, want, None).map(detached))
-            .collect::<Result<Vec<_>>>()?;
+        let compute = || {
+            self.frozen
+                .iter()
+                .map(|m| m.forward(batch, want, None).map(detached))
+                .collect::<Result<Vec<_>>>()
+        };
+        let frozen = match &self.cache {
+            Some(cache) if !self.frozen.is_empty() => cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .outputs(batch, compute)?,
+            _ => compute()?,
+        };
         let terms = self.objective.terms(&ObjectiveInput {
             batch,
             model: self.model,

@@ -404,3 +404,88 @@ fn frozen_outputs_are_cut_from_the_graph() {
         .iter()
         .all(|(_, v)| grads.get(v.as_tensor()).is_none()));
 }
+
+/// `cache_teacher`: a batch whose examples were all seen is assembled from the cache (the teacher
+/// does not run) and gives the loss the teacher's own outputs give, whatever the batch's order and
+/// padding; logits, hidden states and attention maps all go through it. A budget too small for
+/// one example caches nothing and says so.
+#[test]
+fn the_teacher_cache_serves_seen_examples_with_the_same_loss() {
+    let (_, teacher) = classifier(3, false);
+    let (_, student) = classifier(4, true);
+    let objective = WeightedSum::new(vec![
+        (
+            1.0,
+            Box::new(ResponseKd {
+                temperature: 2.0,
+                top_k: None,
+            }),
+        ),
+        (
+            1.0,
+            Box::new(
+                FeatureKd::new(
+                    vec![(0, 0)],
+                    FeatureLoss::Mse,
+                    Tokens::All,
+                    (16, 16),
+                    true,
+                    &Device::Cpu,
+                )
+                .unwrap(),
+            ),
+        ),
+        (
+            1.0,
+            Box::new(AttentionKd {
+                pairs: vec![(0, 0)],
+            }),
+        ),
+    ]);
+    // Rows of 2 to 5 tokens, so batches pad them differently.
+    let rows: Vec<Example> = (0..8u32)
+        .map(|i| Example {
+            input_ids: (0..2 + i % 4).map(|j| 1 + (i * 3 + j * 5) % 18).collect(),
+            label: Some(i % 3),
+        })
+        .collect();
+    let cached =
+        ObjectiveTask::new(&*student, vec![&*teacher], &objective).with_teacher_cache(1 << 20);
+    let plain = ObjectiveTask::new(&*student, vec![&*teacher], &objective);
+    let first = batch(&rows[..4]);
+    let second = batch(&rows[4..]);
+    for b in [&first, &second] {
+        let (a, p) = (cached.loss(b, None).unwrap(), plain.loss(b, None).unwrap());
+        assert_eq!(scalar(&a), scalar(&p));
+    }
+    let report = cached.teacher_cache_report().unwrap();
+    assert_eq!((report.batches_computed, report.batches_from_cache), (2, 0));
+    assert_eq!(report.cached_examples, 8);
+    assert!(report.cached_bytes > 0 && report.cached_bytes <= 1 << 20);
+    // The next epoch: the same examples, reordered into other batches (other padding).
+    let order = [7usize, 0, 5, 2, 6, 1, 3, 4];
+    let shuffled: Vec<Example> = order.iter().map(|&i| rows[i].clone()).collect();
+    for chunk in shuffled.chunks(4) {
+        let b = batch(chunk);
+        let (a, p) = (
+            cached.loss(&b, None).unwrap(),
+            plain.loss(&b, None).unwrap(),
+        );
+        assert!(
+            (scalar(&a) - scalar(&p)).abs() <= 1e-5 * scalar(&p).abs().max(1.0),
+            "cached {} vs computed {}",
+            scalar(&a),
+            scalar(&p)
+        );
+    }
+    let report = cached.teacher_cache_report().unwrap();
+    assert_eq!((report.batches_computed, report.batches_from_cache), (2, 2));
+
+    let tiny = ObjectiveTask::new(&*student, vec![&*teacher], &objective).with_teacher_cache(1);
+    tiny.loss(&first, None).unwrap();
+    tiny.loss(&first, None).unwrap();
+    let report = tiny.teacher_cache_report().unwrap();
+    assert_eq!(report.cached_examples, 0);
+    assert_eq!(report.examples_over_budget, 4);
+    assert_eq!(report.batches_computed, 2);
+}

@@ -182,6 +182,7 @@ impl Stage for DistillStage {
                 let widths = narrow::Widths {
                     attention_heads: self.spec.attention_heads.map(|h| h as usize),
                     intermediate_size: self.spec.intermediate_size.map(|n| n as usize),
+                    hidden_size: self.spec.hidden_size.map(|n| n as usize),
                 };
                 narrowed = narrow::narrow(&mut student, widths)?;
                 (student, Some(keep))

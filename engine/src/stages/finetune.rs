@@ -385,6 +385,9 @@ pub struct TrainSettings {
     pub early_stopping_patience: Option<u32>,
     /// Report the loss's parts (of a multi-part objective) every this many optimizer steps.
     pub log_every_steps: u64,
+    /// Keep the frozen models' (teachers') outputs per example up to this many bytes, so later
+    /// epochs do not run them again (`None`: run them on every batch).
+    pub teacher_cache_bytes: Option<usize>,
 }
 
 impl TrainSettings {
@@ -401,6 +404,7 @@ impl TrainSettings {
             grad_clip_norm: spec.effective_grad_clip().map(|c| c.max_norm),
             early_stopping_patience: spec.early_stopping.as_ref().map(|e| e.patience),
             log_every_steps: DEFAULT_LOG_EVERY_STEPS,
+            teacher_cache_bytes: None,
         }
     }
 
@@ -418,6 +422,7 @@ impl TrainSettings {
             grad_clip_norm: Some(1.0),
             early_stopping_patience: None,
             log_every_steps: DEFAULT_LOG_EVERY_STEPS,
+            teacher_cache_bytes: None,
         }
     }
 
@@ -429,6 +434,9 @@ impl TrainSettings {
             learning_rate: spec.learning_rate,
             batch_size: spec.batch_size,
             log_every_steps: u64::from(spec.log_every_steps),
+            teacher_cache_bytes: spec
+                .cache_teacher
+                .then(|| spec.cache_teacher_max_mib as usize * 1024 * 1024),
             ..Self::from_recover(&Recover {
                 epochs: spec.epochs,
                 learning_rate: spec.learning_rate,

@@ -180,6 +180,9 @@ pub struct TrainSummary {
     /// empty when the run trained on the task loss alone.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub loss_curves: BTreeMap<String, LossCurve>,
+    /// What keeping the teachers' outputs per example did (`cache_teacher`), when it was on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher_cache: Option<crate::objective::TeacherCacheReport>,
 }
 
 /// One loss term's values over a training run, each the mean over the steps since the previous

@@ -85,6 +85,7 @@ impl Trainer for Session {
             stopped_early: run.stop == StopReason::EarlyStopped,
             unmatched_freeze_globs,
             loss_curves: run.loss_curves,
+            teacher_cache: run.teacher_cache,
         })
     }
 
@@ -124,6 +125,7 @@ struct RunOutcome {
     final_loss: Option<f64>,
     stop: StopReason,
     loss_curves: BTreeMap<String, LossCurve>,
+    teacher_cache: Option<crate::objective::TeacherCacheReport>,
 }
 
 impl Session {
@@ -220,12 +222,17 @@ impl Session {
             terms: log_terms.then(|| TermLog::new(settings.log_every_steps)),
         };
         let task = ObjectiveTask::new(&*built, frozen.iter().map(|m| &**m).collect(), objective);
+        let task = match settings.teacher_cache_bytes {
+            Some(budget) => task.with_teacher_cache(budget),
+            None => task,
+        };
         let report = trainer.run(&task, &mut optimizer, train, &mut hooks)?;
         Ok(RunOutcome {
             steps: report.steps,
             final_loss: report.final_loss,
             stop: report.stop_reason,
             loss_curves: hooks.terms.map(|t| t.curves).unwrap_or_default(),
+            teacher_cache: task.teacher_cache_report(),
         })
     }
 

@@ -458,3 +458,173 @@ fn a_narrower_student_is_sliced_from_the_teacher_and_trained() -> Result<()> {
     assert_eq!(ffn, Some(vec![32, 32]));
     Ok(())
 }
+
+/// A student narrower in its hidden size: MiniLM-style BERT (hidden 32, 4 heads of 8) to hidden
+/// 16 with 2 heads of the same size. Every tensor that carries the residual stream loses the same
+/// 16 channels, the config says hidden 16 and 2 heads (nothing padded: transformers derives the
+/// head size 8 from them), feature knowledge goes through a projection, and the student learns.
+#[test]
+fn a_student_with_a_smaller_hidden_size_is_sliced_trained_and_saved_plainly() -> Result<()> {
+    let (details, accuracy, _, _, dir) = finetune_then_distill(json!(
+        {"type": "distill", "student_layers": 1, "hidden_size": 16, "epochs": 6,
+         "learning_rate": 0.003, "weights": {"task": 0.5, "response": 0.5, "feature": 0.1}}
+    ))?;
+    assert_eq!(details["narrowed"]["hidden_size"], json!([32, 16]));
+    assert_eq!(details["narrowed"]["attention_heads"], json!([4, 2]));
+    assert!(
+        accuracy > 0.9,
+        "the narrow student learns the keyword task: {accuracy}"
+    );
+    let folder = dir.path().join("out/stages/1-distill/model");
+    let config: Value = serde_json::from_slice(&std::fs::read(folder.join("config.json"))?)?;
+    assert_eq!(config["hidden_size"], 16, "{config}");
+    assert_eq!(config["num_attention_heads"], 2, "{config}");
+    assert!(
+        config
+            .get(compressd_engine::family::LAYER_WIDTHS_FIELD)
+            .is_none(),
+        "{config}"
+    );
+    let tensors = candle_core::safetensors::load(folder.join("model.safetensors"), &Device::Cpu)?;
+    let shape = |suffix: &str| {
+        tensors
+            .iter()
+            .find(|(n, _)| n.ends_with(suffix))
+            .map(|(_, t)| t.dims().to_vec())
+    };
+    assert_eq!(shape("word_embeddings.weight").map(|d| d[1]), Some(16));
+    assert_eq!(shape("embeddings.LayerNorm.weight"), Some(vec![16]));
+    assert_eq!(shape("attention.self.query.weight"), Some(vec![16, 16]));
+    assert_eq!(shape("attention.output.dense.weight"), Some(vec![16, 16]));
+    assert_eq!(shape("intermediate.dense.weight"), Some(vec![64, 16]));
+    assert_eq!(shape("layer.0.output.dense.weight"), Some(vec![16, 64]));
+    assert_eq!(shape("pooler.dense.weight"), Some(vec![16, 16]));
+    assert_eq!(shape("classifier.weight").map(|d| d[1]), Some(16));
+    Ok(())
+}
+
+/// The same on a Llama (hidden 32, 4 query heads over 2 key/value heads, head size 8) to hidden
+/// 16: 2 query heads over 1 key/value head, and the GGUF (whose readers derive the head size from
+/// the hidden size and head count) still generates in candle-transformers.
+#[test]
+fn a_llama_student_with_a_smaller_hidden_size_exports_a_gguf_that_generates() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    crate::interop::write_llama(&model_dir, true)?;
+    let dataset = dir.path().join("corpus.txt");
+    crate::interop::write_corpus(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(json!({
+        "name": "tiny-llama-narrow", "model": model_dir,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [
+            {"type": "distill", "student_layers": 1, "hidden_size": 16, "epochs": 2,
+             "learning_rate": 0.01, "batch_size": 8,
+             "weights": {"task": 0.5, "response": 0.5, "feature": 0.2}}
+        ],
+        "outputs": ["safetensors", "gguf"]
+    }))?;
+    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &dir.path().join("out"),
+        &|_: Event| {},
+        &AtomicBool::new(false),
+    )?;
+    let student = &result.report.stages[0];
+    assert_eq!(student.details["narrowed"]["hidden_size"], json!([32, 16]));
+    let perplexity = student.metrics.perplexity.expect("perplexity measured");
+    assert!(perplexity.is_finite() && perplexity > 1.0, "{perplexity}");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
+    assert_eq!(config["hidden_size"], 16, "{config}");
+    assert_eq!(config["num_attention_heads"], 2, "{config}");
+    assert_eq!(config["num_key_value_heads"], 1, "{config}");
+    let generated =
+        crate::gguf_generation::generate(&result.final_dir.join("model.gguf"), &[1, 2, 3], 4)?;
+    let vocabulary = config["vocab_size"].as_u64().unwrap() as u32;
+    assert_eq!(generated.len(), 4);
+    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
+    Ok(())
+}
+
+/// Hidden sizes the student cannot have: refused at submission where the spec alone says so
+/// (a named student, attention matching), and as a readable failure when the teacher's shapes
+/// decide (not a multiple of the head size, or disagreeing with `attention_heads`).
+#[test]
+fn hidden_sizes_a_student_cannot_have_are_refused_with_the_reason() -> Result<()> {
+    let pointers = |stage: Value| -> Vec<String> {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "name": "x", "model": "m", "task": {"type": "text_classification", "dataset": "d"},
+            "pipeline": [stage]
+        }))
+        .unwrap();
+        spec.validate().into_iter().map(|v| v.pointer).collect()
+    };
+    assert_eq!(
+        pointers(json!({"type": "distill", "student": "s", "hidden_size": 16})),
+        ["/pipeline/0/hidden_size"]
+    );
+    assert_eq!(
+        pointers(json!({"type": "distill", "hidden_size": 16,
+                        "weights": {"task": 0.5, "feature": 0.5}, "feature": {"attention": true}})),
+        ["/pipeline/0/hidden_size"]
+    );
+    assert_eq!(
+        pointers(json!({"type": "distill", "hidden_size": 0})),
+        ["/pipeline/0/hidden_size"]
+    );
+    for (extra, expected) in [
+        (json!({"hidden_size": 20}), "multiple of its head size 8"),
+        (json!({"hidden_size": 32}), "smaller than the teacher's 32"),
+        (
+            json!({"hidden_size": 16, "attention_heads": 3}),
+            "does not fit hidden_size 16",
+        ),
+    ] {
+        let mut stage = json!({"type": "distill", "student_layers": 1, "epochs": 1});
+        if let (Value::Object(s), Value::Object(e)) = (&mut stage, extra.clone()) {
+            s.extend(e);
+        }
+        let error = finetune_then_distill(stage)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(error.contains(expected), "{extra}: {error}");
+    }
+    Ok(())
+}
+
+/// `cache_teacher` in a job: after the first epoch every batch comes from the cache (the teacher
+/// runs for the first epoch's batches only), the report says so with the bytes held, and the
+/// student learns as it does without the cache.
+#[test]
+fn a_cached_teacher_runs_for_the_first_epoch_only() -> Result<()> {
+    let (details, accuracy, _, _, _dir) = finetune_then_distill(json!(
+        {"type": "distill", "student_layers": 1, "epochs": 3, "learning_rate": 0.003,
+         "cache_teacher": true, "weights": {"task": 0.5, "response": 0.5, "feature": 0.1}}
+    ))?;
+    let cache = &details["training"]["teacher_cache"];
+    let computed = cache["batches_computed"].as_u64().unwrap_or(0);
+    let cached = cache["batches_from_cache"].as_u64().unwrap_or(0);
+    assert!(computed > 0, "{cache}");
+    assert_eq!(
+        cached,
+        2 * computed,
+        "two of three epochs from the cache: {cache}"
+    );
+    assert_eq!(cache["examples_over_budget"], 0, "{cache}");
+    assert!(cache["cached_bytes"].as_u64().unwrap_or(0) > 0, "{cache}");
+    assert!(
+        accuracy > 0.9,
+        "the student learns with a cached teacher: {accuracy}"
+    );
+    Ok(())
+}

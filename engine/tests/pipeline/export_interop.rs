@@ -416,6 +416,59 @@ fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
     Ok(())
 }
 
+/// Issue 12: a real distilled student (MiniLM fine-tuned on BBC, then distilled to 3 layers with
+/// its vocabulary trimmed to the task's tokens) is a plain `BertForSequenceClassification` folder:
+/// transformers loads it with every tensor in place, its own (renumbered) tokenizer gives our ids,
+/// and its predictions agree with the engine's.
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
+fn minilm_bbc_distilled_student_loads_in_transformers() -> Result<()> {
+    let shared = shared().ok_or_else(|| {
+        anyhow::anyhow!(
+            "../shared with all-MiniLM-L6-v2 and BBC News is not here (set COMPRESSD_SHARED)"
+        )
+    })?;
+    let model = shared.join("models/all-MiniLM-L6-v2");
+    let dataset = shared.join("data/bbc_news/bbc_news.jsonl");
+    let spec = json!({
+        "name": "minilm-bbc-student-export", "model": model, "seed": 7,
+        "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
+                 "max_train_samples": 160, "max_eval_samples": 120},
+        "pipeline": [
+            {"type": "finetune", "epochs": 1, "learning_rate": 1e-4, "head_learning_rate": 3e-3,
+             "batch_size": 16},
+            {"type": "distill", "student_layers": 3, "epochs": 1, "learning_rate": 1e-4,
+             "batch_size": 16, "vocabulary": "task"}
+        ]
+    });
+    let job = Job::run(spec, model, dataset.clone(), tempfile::tempdir()?)?;
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(job.result.final_dir.join("config.json"))?)?;
+    assert_eq!(config["num_hidden_layers"], 3, "{config}");
+    let vocab = config["vocab_size"].as_u64().unwrap_or(u64::MAX);
+    assert!(vocab < 30_522, "the vocabulary was not trimmed: {vocab}");
+    let texts = bbc_test_texts(&dataset, 200)?;
+    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 128)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let rows = encoder.encode_all(&refs)?;
+    let logits = classifier_logits(&job.reload_final()?, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+        "tokenize": {"texts": texts, "max_length": 128},
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
+    assert_eq!(result["predictions"], 200);
+    let tokens = result["token_agreement"].as_f64().unwrap_or(0.0);
+    assert!(
+        tokens >= 0.99,
+        "tokenizations agree on {tokens} of the rows"
+    );
+    Ok(())
+}
+
 #[test]
 #[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::smollm2"]
 fn smollm2_job_loads_in_transformers() -> Result<()> {

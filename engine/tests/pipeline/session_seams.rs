@@ -202,6 +202,7 @@ fn gradient_passes_and_training_show_every_weight_its_gradient() -> Result<()> {
         grad_clip_norm: Some(1.0),
         early_stopping_patience: None,
         log_every_steps: 10,
+        teacher_cache_bytes: None,
     };
     let mut during = Taylor::default();
     let teacher = before.deep_clone()?;

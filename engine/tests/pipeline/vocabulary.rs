@@ -108,6 +108,7 @@ fn vocabulary_trimming_is_refused_for_language_models_at_submission() -> Result<
 
 #[test]
 #[ignore = "needs transformers: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored vocabulary::tiny_"]
+/// A student with a trimmed vocabulary and a narrower hidden size loads in transformers.
 fn tiny_trimmed_student_loads_in_transformers_with_its_own_tokenizer() -> Result<()> {
     use crate::interop::{assert_loaded_and_agrees, classifier_logits, transformers_compare};
     use compressd_engine::data::TextEncoder;
@@ -125,7 +126,7 @@ fn tiny_trimmed_student_loads_in_transformers_with_its_own_tokenizer() -> Result
         "pipeline": [
             {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
             {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.003,
-             "vocabulary": "task"}
+             "vocabulary": "task", "hidden_size": 16}
         ],
         "acceptance": {"metric": "accuracy", "max_drop": 0.5}
     }))?;
@@ -147,6 +148,8 @@ fn tiny_trimmed_student_loads_in_transformers_with_its_own_tokenizer() -> Result
     let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
     let student = session.load_saved(&final_dir)?;
     assert_eq!(student.config["vocab_size"], 13);
+    // Also narrower in its hidden size (32 → 16, 2 heads of the teacher's size 8).
+    assert_eq!(student.config["hidden_size"], 16);
 
     // The engine's logits on the ids of the folder's own (renumbered) tokenizer; transformers
     // tokenizes the same texts with AutoTokenizer on the folder, as a user would.

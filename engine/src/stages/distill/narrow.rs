@@ -2,7 +2,18 @@
 //! FFN neurons of the teacher's, the units whose weights weigh least (the sum of the absolute
 //! values of their rows and columns, as structured pruning's magnitude importance) cut first.
 //! The cut is structured pruning's ([`crate::family::shrink`]), so the student is a plain model of
-//! the family with smaller widths. The hidden size stays the teacher's.
+//! the family with smaller widths.
+//!
+//! A narrower `hidden_size` cuts channels of the residual stream: the same channels from every
+//! tensor that reads or writes it (embedding columns, norm gains, the input columns of the
+//! attention and FFN projections and the task head, the output rows of the attention and FFN
+//! output projections, the pooler both ways). The head size stays the teacher's, because
+//! transformers' BERT and every Llama reader derive it from `hidden_size / num_attention_heads`:
+//! the student has `hidden_size / head_dim` heads (`attention_heads`, if given, must agree). The
+//! channels kept are those of most weight magnitude over all those tensors, each tensor's
+//! contribution scaled to a mean of one so that a large embedding table does not decide alone.
+//! Norms then normalise over fewer channels, so the student starts further from the teacher than
+//! a layer cut alone leaves it; distillation trains that away.
 
 use std::collections::BTreeMap;
 
@@ -12,7 +23,8 @@ use serde::Serialize;
 use super::super::prune_structured::apply_cut;
 use super::super::WorkingModel;
 use crate::error::{EngineError, Result};
-use crate::family::{LayerWidths, StructuredCut};
+use crate::family::{LayerWidths, ModuleMap, ModuleRole, StructuredCut};
+use crate::params::ParamStore;
 use crate::prune::structured::{select, unit_scores, Quota, Structure, StructuredScope};
 
 /// The widths a student is cut to, per layer; `None` keeps the teacher's.
@@ -22,6 +34,8 @@ pub struct Widths {
     pub attention_heads: Option<usize>,
     /// FFN neurons.
     pub intermediate_size: Option<usize>,
+    /// Channels of the residual stream.
+    pub hidden_size: Option<usize>,
 }
 
 /// What narrowing did, for the stage report.
@@ -31,6 +45,8 @@ pub struct NarrowReport {
     pub attention_heads: (usize, usize),
     /// FFN neurons per layer, before and after.
     pub intermediate_size: (usize, usize),
+    /// The hidden size, before and after.
+    pub hidden_size: (usize, usize),
     /// How the kept units were chosen.
     pub order: &'static str,
 }
@@ -58,6 +74,26 @@ pub fn narrow(model: &mut WorkingModel, widths: Widths) -> Result<Option<NarrowR
     let kv_heads = uniform(&now.key_value_heads, "attention heads")?;
     let neurons = uniform(&now.intermediate_sizes, "intermediate size")?;
     let heads = kv_heads * groups;
+    let hidden_now = config_usize(&model.config, "hidden_size")?;
+    let mut widths = widths;
+    if let Some(hidden) = widths.hidden_size {
+        let head_dim = map.head_dim.max(1);
+        if hidden >= hidden_now || hidden % head_dim != 0 {
+            return Err(EngineError::InvalidSetting(format!(
+                "distill: hidden_size {hidden} must be smaller than the teacher's {hidden_now} and                  a multiple of its head size {head_dim} (the student keeps the head size and has                  hidden_size / {head_dim} heads)"
+            )));
+        }
+        let derived = hidden / head_dim;
+        match widths.attention_heads {
+            Some(wanted) if wanted != derived => {
+                return Err(EngineError::InvalidSetting(format!(
+                    "distill: attention_heads {wanted} does not fit hidden_size {hidden}: with the                      teacher's head size {head_dim} the student has {derived} heads"
+                )));
+            }
+            _ if derived < heads => widths.attention_heads = Some(derived),
+            _ => {}
+        }
+    }
     let magnitudes: BTreeMap<String, Tensor> = model
         .store
         .tensors()
@@ -92,11 +128,122 @@ pub fn narrow(model: &mut WorkingModel, widths: Widths) -> Result<Option<NarrowR
         )?;
     }
     apply_cut(model, &map, &cut)?;
+    if let Some(hidden) = widths.hidden_size {
+        cut_hidden(model, hidden_now, hidden)?;
+    }
     Ok(Some(NarrowReport {
         attention_heads: (heads, widths.attention_heads.unwrap_or(heads)),
         intermediate_size: (neurons, widths.intermediate_size.unwrap_or(neurons)),
+        hidden_size: (hidden_now, widths.hidden_size.unwrap_or(hidden_now)),
         order: "weight magnitude",
     }))
+}
+
+fn config_usize(config: &serde_json::Value, field: &str) -> Result<usize> {
+    config
+        .get(field)
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| n as usize)
+        .ok_or_else(|| EngineError::InvalidModel(format!("config.json has no {field}")))
+}
+
+/// The axes of a parameter that run along the residual stream, by the role of its module.
+fn hidden_axes(map: &ModuleMap, name: &str) -> &'static [usize] {
+    let Some(module) = map.of_param(name) else {
+        return &[];
+    };
+    let is_bias = name.ends_with(".bias");
+    match module.role {
+        ModuleRole::Embedding => &[1],
+        ModuleRole::Norm => &[0],
+        ModuleRole::Query
+        | ModuleRole::Key
+        | ModuleRole::Value
+        | ModuleRole::FfnUp
+        | ModuleRole::FfnGate
+        | ModuleRole::TaskHead => {
+            if is_bias {
+                &[]
+            } else {
+                &[1]
+            }
+        }
+        ModuleRole::AttentionOutput | ModuleRole::FfnDown => &[0],
+        ModuleRole::Pooler => {
+            if is_bias {
+                &[0]
+            } else {
+                &[0, 1]
+            }
+        }
+    }
+}
+
+/// Keeps the `hidden` residual channels (of `now`) of most weight magnitude in every tensor that
+/// carries them, and writes the new width (and the head count it implies) into the config.
+fn cut_hidden(model: &mut WorkingModel, now: usize, hidden: usize) -> Result<()> {
+    let map = model.modules()?;
+    let tensors: Vec<(String, Tensor)> = model
+        .store
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach()))
+        .collect();
+    let mut score = vec![0f64; now];
+    for (name, tensor) in &tensors {
+        for &axis in hidden_axes(&map, name) {
+            if tensor.dim(axis)? != now {
+                return Err(EngineError::InvalidModel(format!(
+                    "{name}: dimension {axis} is {}, not the hidden size {now}",
+                    tensor.dim(axis)?
+                )));
+            }
+            let along = tensor.abs()?.transpose(0, axis)?.contiguous()?;
+            let per_channel = along
+                .reshape((now, along.elem_count() / now))?
+                .sum(1)?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?;
+            let mean = per_channel.iter().sum::<f64>() / now as f64;
+            if mean > 0.0 {
+                for (s, v) in score.iter_mut().zip(&per_channel) {
+                    *s += v / mean;
+                }
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..now).collect();
+    order.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    let mut keep: Vec<u32> = order[..hidden].iter().map(|&c| c as u32).collect();
+    keep.sort_unstable();
+    let device = tensors
+        .first()
+        .map_or(candle_core::Device::Cpu, |(_, t)| t.device().clone());
+    let index = Tensor::from_vec(keep, hidden, &device)?;
+    let cut: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(name, mut tensor)| -> Result<(String, Tensor)> {
+            for &axis in hidden_axes(&map, &name) {
+                tensor = tensor.index_select(&index, axis)?.contiguous()?;
+            }
+            Ok((name, tensor))
+        })
+        .collect::<Result<_>>()?;
+    let shapes: BTreeMap<String, Vec<usize>> = cut
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let widths = LayerWidths::of(&map, &shapes)?;
+    let mut config = model.config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("hidden_size".into(), hidden.into());
+        if let Some(&heads) = widths.attention_heads.first() {
+            obj.insert("num_attention_heads".into(), heads.into());
+        }
+    }
+    let config = model.family()?.config_for_widths(&config, &widths, &map)?;
+    *model = model.derived(ParamStore::from_tensors(cut, |_| true)?, config);
+    Ok(())
 }
 
 /// Per layer, the `remove` units of `structure` of least magnitude.

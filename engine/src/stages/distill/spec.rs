@@ -47,6 +47,15 @@ pub struct DistillSpec {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub intermediate_size: Option<u32>,
+    /// Hidden size (width of the residual stream) of the student, when smaller than the
+    /// teacher's: the channels of least weight magnitude are cut from every tensor that carries
+    /// them. The head size stays the teacher's, so it must be a multiple of it and the student
+    /// has `hidden_size / head_dim` heads (`attention_heads`, if given, must agree). Feature
+    /// knowledge then goes through a learned projection. For a student built from the teacher;
+    /// `null` keeps the teacher's.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub hidden_size: Option<u32>,
     /// Which teacher layers initialise the student's: `every_other` (evenly spaced, ending with
     /// the last), `first`, `last`, or a list of layer indices (0-based, in order).
     #[serde(default)]
@@ -97,6 +106,20 @@ pub struct DistillSpec {
     /// back to shorter pieces or `[UNK]`.
     #[serde(default)]
     pub vocabulary: VocabularyChoice,
+    /// Keep the teacher's outputs per training example after the first epoch computes them, so
+    /// later epochs do not run the teacher (outputs cut to each example's real tokens; examples
+    /// beyond `cache_teacher_max_mib` are recomputed). The stage report's
+    /// `training.teacher_cache` says what was held and used.
+    #[serde(default)]
+    pub cache_teacher: bool,
+    /// The teacher cache's budget in MiB.
+    #[serde(default = "default_cache_teacher_max_mib")]
+    #[schemars(range(min = 1, max = 1_048_576))]
+    pub cache_teacher_max_mib: u32,
+}
+
+fn default_cache_teacher_max_mib() -> u32 {
+    1024
 }
 
 /// Which tokens a student keeps.
@@ -411,6 +434,7 @@ impl StageKind for DistillSpec {
         for (field, width) in [
             ("attention_heads", self.attention_heads),
             ("intermediate_size", self.intermediate_size),
+            ("hidden_size", self.hidden_size),
         ] {
             let Some(width) = width else { continue };
             c.range_u32(width, 1, 1_000_000, &format!("{at}/{field}"));
@@ -419,10 +443,17 @@ impl StageKind for DistillSpec {
             });
         }
         c.check(
-            !(self.attention_heads.is_some()
+            !((self.attention_heads.is_some() || self.hidden_size.is_some())
                 && self.feature.attention
                 && self.weights.feature > 0.0),
-            &format!("{at}/attention_heads"),
+            &format!(
+                "{at}/{}",
+                if self.attention_heads.is_some() {
+                    "attention_heads"
+                } else {
+                    "hidden_size"
+                }
+            ),
             || {
                 "attention matching (feature.attention) compares head by head: keep the \
                  teacher's heads or turn it off"
@@ -432,6 +463,12 @@ impl StageKind for DistillSpec {
         if let Some(layers) = self.student_layers {
             c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
         }
+        c.range_u32(
+            self.cache_teacher_max_mib,
+            1,
+            1_048_576,
+            &format!("{at}/cache_teacher_max_mib"),
+        );
         if let LayerInit::Layers(list) = &self.layer_init {
             c.check(!list.is_empty(), &format!("{at}/layer_init"), || {
                 "must name at least one layer".to_owned()
