@@ -15,6 +15,7 @@ mod minilm_loraprune;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;
+mod smollm_distill;
 mod smollm_qlora;
 mod smollm_structured;
 mod walkthrough;

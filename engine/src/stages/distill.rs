@@ -184,7 +184,13 @@ impl Stage for DistillStage {
                     intermediate_size: self.spec.intermediate_size.map(|n| n as usize),
                     hidden_size: self.spec.hidden_size.map(|n| n as usize),
                 };
-                narrowed = narrow::narrow(&mut student, widths)?;
+                narrowed = narrow::narrow(
+                    &mut student,
+                    widths,
+                    self.spec.narrow_importance,
+                    trainer,
+                    self.spec.batch_size as usize,
+                )?;
                 (student, Some(keep))
             }
         };

@@ -628,3 +628,25 @@ fn a_cached_teacher_runs_for_the_first_epoch_only() -> Result<()> {
     );
     Ok(())
 }
+
+/// Heads and neurons ranked by structured pruning's calibrated importance (`taylor` on the task
+/// loss, `activation` on input norms) instead of magnitude; `lora` is refused at submission.
+#[test]
+fn a_narrower_student_can_keep_the_units_structured_pruning_would() -> Result<()> {
+    for importance in ["taylor", "activation"] {
+        let (details, accuracy, _, _, _dir) = finetune_then_distill(json!(
+            {"type": "distill", "student_layers": 1, "attention_heads": 2,
+             "intermediate_size": 32, "narrow_importance": importance, "epochs": 4,
+             "learning_rate": 0.003}
+        ))?;
+        assert_eq!(details["narrowed"]["order"], importance, "{details}");
+        assert!(accuracy > 0.9, "{importance}: {accuracy}");
+    }
+    let spec: JobSpec = serde_json::from_value(json!({
+        "name": "x", "model": "m", "task": {"type": "text_classification", "dataset": "d"},
+        "pipeline": [{"type": "distill", "attention_heads": 2, "narrow_importance": "lora"}]
+    }))?;
+    let pointers: Vec<String> = spec.validate().into_iter().map(|v| v.pointer).collect();
+    assert_eq!(pointers, ["/pipeline/0/narrow_importance"]);
+    Ok(())
+}

@@ -1,6 +1,8 @@
 //! A narrower student: every layer keeps `attention_heads` attention heads and `intermediate_size`
-//! FFN neurons of the teacher's, the units whose weights weigh least (the sum of the absolute
-//! values of their rows and columns, as structured pruning's magnitude importance) cut first.
+//! FFN neurons of the teacher's, the least important cut first, scored as structured pruning
+//! scores them (`narrow_importance`): by weight magnitude (`l1`, `l2`), or on calibration batches
+//! of the task's training data by first-order Taylor saliency (`taylor`) or input norms times
+//! weights (`activation`), computed on the student fresh from the teacher's layers.
 //! The cut is structured pruning's ([`crate::family::shrink`]), so the student is a plain model of
 //! the family with smaller widths.
 //!
@@ -26,6 +28,11 @@ use crate::error::{EngineError, Result};
 use crate::family::{LayerWidths, ModuleMap, ModuleRole, StructuredCut};
 use crate::params::ParamStore;
 use crate::prune::structured::{select, unit_scores, Quota, Structure, StructuredScope};
+use crate::stages::prune_structured::{Importance, StructuredPrune};
+use crate::stages::Trainer;
+
+/// Training batches `taylor` and `activation` importance score a student's units on.
+const NARROW_CALIBRATION_BATCHES: usize = 8;
 
 /// The widths a student is cut to, per layer; `None` keeps the teacher's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,12 +58,20 @@ pub struct NarrowReport {
     pub order: &'static str,
 }
 
-/// Cuts `model` (a student fresh from the teacher's layers) to `widths`.
+/// Cuts `model` (a student fresh from the teacher's layers) to `widths`, heads and neurons ranked
+/// by `importance` (calibrated through `trainer` on `calibration_batches` batches of
+/// `batch_size` when it needs data).
 ///
 /// # Errors
-/// A width that is not smaller than the model's (or not a whole number of key/value groups), or
-/// a model whose layers differ in width.
-pub fn narrow(model: &mut WorkingModel, widths: Widths) -> Result<Option<NarrowReport>> {
+/// A width that is not smaller than the model's (or not a whole number of key/value groups), a
+/// model whose layers differ in width, or importance that needs training data when there is none.
+pub fn narrow(
+    model: &mut WorkingModel,
+    widths: Widths,
+    importance: Importance,
+    trainer: &dyn Trainer,
+    batch_size: usize,
+) -> Result<Option<NarrowReport>> {
     if widths == Widths::default() {
         return Ok(None);
     }
@@ -94,13 +109,26 @@ pub fn narrow(model: &mut WorkingModel, widths: Widths) -> Result<Option<NarrowR
             _ => {}
         }
     }
-    let magnitudes: BTreeMap<String, Tensor> = model
-        .store
-        .tensors()
-        .into_iter()
-        .filter(|(name, _)| map.is_linear_weight(name))
-        .map(|(name, t)| -> Result<(String, Tensor)> { Ok((name, t.detach().abs()?)) })
-        .collect::<Result<_>>()?;
+    let scorer = StructuredPrune {
+        structures: Vec::new(),
+        importance,
+        scope: StructuredScope::Uniform,
+        sparsity: 0.0,
+        steps: 1,
+        min_keep: None,
+        calibration_batches: NARROW_CALIBRATION_BATCHES,
+        calibration_batch_size: batch_size.max(1),
+        recover: None,
+        lora: None,
+    };
+    let magnitudes: BTreeMap<String, Tensor> = if widths.attention_heads.is_some()
+        || widths.intermediate_size.is_some()
+        || widths.hidden_size.is_some()
+    {
+        scorer.element_importance(model, trainer)?
+    } else {
+        BTreeMap::new()
+    };
     let mut cut = StructuredCut::default();
     let layers = now.key_value_heads.len();
     if let Some(wanted) = widths.attention_heads {
@@ -135,7 +163,7 @@ pub fn narrow(model: &mut WorkingModel, widths: Widths) -> Result<Option<NarrowR
         attention_heads: (heads, widths.attention_heads.unwrap_or(heads)),
         intermediate_size: (neurons, widths.intermediate_size.unwrap_or(neurons)),
         hidden_size: (hidden_now, widths.hidden_size.unwrap_or(hidden_now)),
-        order: "weight magnitude",
+        order: importance.name(),
     }))
 }
 

@@ -56,6 +56,12 @@ pub struct DistillSpec {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1_000_000))]
     pub hidden_size: Option<u32>,
+    /// How the heads and neurons a narrower student keeps are ranked (structured pruning's
+    /// importance): `l1` / `l2` weight magnitude, or `taylor` / `activation` on 8 calibration
+    /// batches of the training data, scored on the student built from the teacher's layers
+    /// (`lora` is structured pruning's only). The hidden channels are always ranked by magnitude.
+    #[serde(default)]
+    pub narrow_importance: crate::stages::prune_structured::Importance,
     /// Which teacher layers initialise the student's: `every_other` (evenly spaced, ending with
     /// the last), `first`, `last`, or a list of layer indices (0-based, in order).
     #[serde(default)]
@@ -463,6 +469,11 @@ impl StageKind for DistillSpec {
         if let Some(layers) = self.student_layers {
             c.range_u32(layers, 1, 1000, &format!("{at}/student_layers"));
         }
+        c.check(
+            self.narrow_importance != crate::stages::prune_structured::Importance::Lora,
+            &format!("{at}/narrow_importance"),
+            || "lora importance needs LoRA adapters: use l1, l2, taylor or activation".to_owned(),
+        );
         c.range_u32(
             self.cache_teacher_max_mib,
             1,

@@ -64,7 +64,7 @@ impl Importance {
 
 impl StructuredPrune {
     /// Each scored weight's element-wise importance, by parameter name.
-    pub(super) fn element_importance(
+    pub(crate) fn element_importance(
         &self,
         model: &mut WorkingModel,
         trainer: &dyn Trainer,
