@@ -94,7 +94,9 @@ async fn a_15_layer_smollm_student_distilled_beats_lm_loss_alone_and_its_gguf_ge
         assert_eq!(details["teacher_layers"], TEACHER_LAYERS, "{details}");
         assert_eq!(details["student_layers"], STUDENT_LAYERS, "{details}");
     }
-    let teacher = perplexity(&distilled["baseline"]);
+    let teacher = distilled["baseline"]["metrics"]["perplexity"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
     let (with_teacher, lm_only) = (perplexity(&distilled), perplexity(&alone));
     eprintln!(
         "held-out perplexity: teacher {teacher:.2}, 15-layer student distilled {with_teacher:.1}, \

@@ -312,7 +312,6 @@ impl candle_core::CustomOp1 for QuantizedInputGrad {
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad_y: &Tensor) -> Result<Option<Tensor>> {
-        let weight = self.0.weight.dequantize(grad_y.device())?;
         let dims = grad_y.dims();
         let Some((&out_features, leading)) = dims.split_last() else {
             candle_core::bail!("{}: a scalar gradient", self.name());
@@ -320,11 +319,12 @@ impl candle_core::CustomOp1 for QuantizedInputGrad {
         let rows: usize = leading.iter().product();
         let mut in_dims = leading.to_vec();
         in_dims.push(self.0.in_features);
-        let grad_x = grad_y
-            .reshape((rows, out_features))?
-            .matmul(&weight)?
-            .reshape(in_dims)?;
-        Ok(Some(grad_x))
+        let grad_y = grad_y.reshape((rows, out_features))?;
+        let grad_x = match &*self.0.weight {
+            QuantizedWeight::Nf4(w) => tiled_input_grad(&grad_y, w)?,
+            weight => grad_y.matmul(&weight.dequantize(grad_y.device())?)?,
+        };
+        Ok(Some(grad_x.reshape(in_dims)?))
     }
 }
 
@@ -358,6 +358,29 @@ fn tiled_matmul(x: &Tensor, weight: &QuantizedWeight) -> Result<Tensor> {
         *last = out_features;
     }
     Tensor::cat(&tiles, 1)?.reshape(out_dims)
+}
+
+/// `dL/dx = dL/dy · W` (`grad_y` `(rows, out_features)`) summed over tiles of [`TILE_ROWS`] rows
+/// of `W` dequantized one at a time, so the backward, like the forward, never holds the whole
+/// dense weight.
+fn tiled_input_grad(grad_y: &Tensor, w: &crate::quant::Nf4Weight) -> Result<Tensor> {
+    let [out_features, in_features] = w.dims[..] else {
+        candle_core::bail!("a quantized linear weight must be 2-D, got {:?}", w.dims);
+    };
+    let mut buffer = vec![0f32; TILE_ROWS.min(out_features) * in_features];
+    let mut sum: Option<Tensor> = None;
+    for first in (0..out_features).step_by(TILE_ROWS) {
+        let n = TILE_ROWS.min(out_features - first);
+        let values = &mut buffer[..n * in_features];
+        w.dequantize_into(first * in_features, values);
+        let tile = Tensor::from_slice(values, (n, in_features), grad_y.device())?;
+        let part = grad_y.narrow(1, first, n)?.contiguous()?.matmul(&tile)?;
+        sum = Some(match sum {
+            Some(acc) => (acc + part)?,
+            None => part,
+        });
+    }
+    sum.ok_or_else(|| candle_core::Error::Msg("an nf4 weight with no rows".into()))
 }
 
 /// Runs one of our CPU kernels (`run(x values, bias)`) on a contiguous f32 CPU tensor

@@ -238,7 +238,7 @@ impl TrainTask for ObjectiveTask<'_> {
             .model
             .forward(batch, self.objective.model_outputs(), dropout)?;
         let want = self.objective.frozen_outputs();
-        let compute = || {
+        let compute = |batch: &Batch| {
             self.frozen
                 .iter()
                 .map(|m| m.forward(batch, want, None).map(detached))
@@ -249,7 +249,7 @@ impl TrainTask for ObjectiveTask<'_> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .outputs(batch, compute)?,
-            _ => compute()?,
+            _ => compute(batch)?,
         };
         let terms = self.objective.terms(&ObjectiveInput {
             batch,

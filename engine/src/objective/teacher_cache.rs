@@ -5,8 +5,9 @@
 //! outputs cut to its real tokens, keyed by those tokens. A batch whose rows are all cached is
 //! assembled from them (padded with zeros to the batch's length; every objective weights padded
 //! positions by zero, and a real position's output does not depend on the padding after it), and
-//! the frozen models do not run; otherwise they run on the whole batch and the rows not yet held
-//! are stored while the byte budget lasts. A teacher has no dropout, so a stored row is what it
+//! the frozen models do not run; otherwise they run on the rows not held (the whole batch in the
+//! first epoch), which are stored while the byte budget lasts, so a budget that holds half the
+//! examples saves about half the teacher's work. A teacher has no dropout, so a stored row is what it
 //! would compute again, up to float summation order.
 
 use std::collections::HashMap;
@@ -28,9 +29,9 @@ pub struct TeacherCacheReport {
     pub cached_examples: usize,
     /// Examples that did not fit in the budget (their teacher outputs are recomputed).
     pub examples_over_budget: usize,
-    /// Batches assembled from the cache (the frozen models did not run).
+    /// Batches assembled wholly from the cache (the frozen models did not run).
     pub batches_from_cache: usize,
-    /// Batches the frozen models ran on.
+    /// Batches the frozen models ran on (for the rows not held).
     pub batches_computed: usize,
 }
 
@@ -63,43 +64,88 @@ impl TeacherCache {
         self.report.clone()
     }
 
-    /// The frozen outputs of `batch`, from the cache when every row is held, else from `compute`
-    /// (whose rows are then stored while the budget lasts).
+    /// The frozen outputs of `batch`: rows held come from the cache; the frozen models run
+    /// (through `compute`) on the rows that are not, which are then stored while the budget lasts.
     pub(super) fn outputs(
         &mut self,
         batch: &Batch,
-        compute: impl FnOnce() -> Result<Vec<TaskOutput>>,
+        compute: impl FnOnce(&Batch) -> Result<Vec<TaskOutput>>,
     ) -> Result<Vec<TaskOutput>> {
         let keys = row_keys(batch)?;
-        if keys.iter().all(|(key, _)| self.rows.contains_key(key)) {
-            let seq = batch.input_ids.dim(1)?;
-            let rows: Vec<&CachedRow> = keys.iter().filter_map(|(k, _)| self.rows.get(k)).collect();
+        let missing: Vec<usize> = (0..keys.len())
+            .filter(|&i| !self.rows.contains_key(&keys[i].0))
+            .collect();
+        if missing.is_empty() {
             self.report.batches_from_cache += 1;
-            return assemble(&rows, seq);
+        } else {
+            self.report.batches_computed += 1;
         }
-        let outputs = compute()?;
-        self.report.batches_computed += 1;
-        for (row, (key, len)) in keys.into_iter().enumerate() {
-            if self.rows.contains_key(&key) || self.refused.contains(&key) {
-                continue;
+        // Every row missing (the first epoch): the batch's own outputs are the answer.
+        if missing.len() == keys.len() {
+            let outputs = compute(batch)?;
+            for (row, (key, len)) in keys.into_iter().enumerate() {
+                self.store(key, || cut_rows(&outputs, row, len))?;
             }
-            let cached = CachedRow {
-                outputs: outputs
-                    .iter()
-                    .map(|o| cut_row(o, row, len))
-                    .collect::<Result<_>>()?,
-            };
-            let bytes = cached.bytes();
-            if self.report.cached_bytes + bytes > self.report.budget_bytes {
-                self.report.examples_over_budget += 1;
-                self.refused.insert(key);
-                continue;
-            }
-            self.report.cached_bytes += bytes;
-            self.report.cached_examples += 1;
-            self.rows.insert(key, cached);
+            return Ok(outputs);
         }
-        Ok(outputs)
+        // Otherwise the frozen models run on the missing rows alone.
+        let mut fresh: HashMap<usize, CachedRow> = HashMap::new();
+        if !missing.is_empty() {
+            let sub = select_rows(batch, &missing)?;
+            let outputs = compute(&sub)?;
+            for (j, &row) in missing.iter().enumerate() {
+                let (key, len) = &keys[row];
+                let cut = CachedRow {
+                    outputs: cut_rows(&outputs, j, *len)?,
+                };
+                if !self.fits(key, &cut) {
+                    fresh.insert(row, cut);
+                    continue;
+                }
+                self.insert(key.clone(), cut);
+            }
+        }
+        let seq = batch.input_ids.dim(1)?;
+        let rows: Vec<&CachedRow> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| fresh.get(&i).or_else(|| self.rows.get(key)))
+            .collect::<Option<_>>()
+            .ok_or_else(|| candle_core::Error::Msg("teacher cache lost a row".into()))?;
+        assemble(&rows, seq)
+    }
+
+    /// Stores the row `make` cuts under `key` if it is new and fits the budget.
+    fn store(
+        &mut self,
+        key: Vec<u32>,
+        make: impl FnOnce() -> Result<Vec<TaskOutput>>,
+    ) -> Result<()> {
+        if self.rows.contains_key(&key) || self.refused.contains(&key) {
+            return Ok(());
+        }
+        let row = CachedRow { outputs: make()? };
+        if self.fits(&key, &row) {
+            self.insert(key, row);
+        }
+        Ok(())
+    }
+
+    /// Whether `row` fits what is left of the budget; a row that does not is counted once.
+    fn fits(&mut self, key: &[u32], row: &CachedRow) -> bool {
+        if self.report.cached_bytes + row.bytes() <= self.report.budget_bytes {
+            return true;
+        }
+        if self.refused.insert(key.to_vec()) {
+            self.report.examples_over_budget += 1;
+        }
+        false
+    }
+
+    fn insert(&mut self, key: Vec<u32>, row: CachedRow) {
+        self.report.cached_bytes += row.bytes();
+        self.report.cached_examples += 1;
+        self.rows.insert(key, row);
     }
 }
 
@@ -140,7 +186,25 @@ fn row_keys(batch: &Batch) -> Result<Vec<(Vec<u32>, usize)>> {
         .collect())
 }
 
-/// Row `row` of `output` cut to its first `len` positions, copied out of the batch's storage.
+/// Row `row` of every frozen model's outputs, cut to its first `len` positions.
+fn cut_rows(outputs: &[TaskOutput], row: usize, len: usize) -> Result<Vec<TaskOutput>> {
+    outputs.iter().map(|o| cut_row(o, row, len)).collect()
+}
+
+/// The batch of rows `rows` of `batch` (same padded length).
+fn select_rows(batch: &Batch, rows: &[usize]) -> Result<Batch> {
+    let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let index = Tensor::from_vec(index, rows.len(), batch.input_ids.device())?;
+    Ok(Batch {
+        input_ids: batch.input_ids.index_select(&index, 0)?,
+        attention_mask: batch.attention_mask.index_select(&index, 0)?,
+        token_type_ids: batch.token_type_ids.index_select(&index, 0)?,
+        labels: batch.labels.index_select(&index, 0)?,
+    })
+}
+
+/// Row `row` of `output` cut to its first `len` positions, copied into storage of its own (a view,
+/// or candle's `copy` of one, would keep the whole batch's buffer alive).
 fn cut_row(output: &TaskOutput, row: usize, len: usize) -> Result<TaskOutput> {
     // Logits are `(batch, labels)` (classification) or `(batch, seq, vocab)`.
     let logits = output.logits.get(row)?;
@@ -149,10 +213,11 @@ fn cut_row(output: &TaskOutput, row: usize, len: usize) -> Result<TaskOutput> {
     } else {
         logits
     };
-    let hidden = |t: &Tensor| t.get(row)?.narrow(0, 0, len)?.copy();
-    let attention = |t: &Tensor| t.get(row)?.narrow(1, 0, len)?.narrow(2, 0, len)?.copy();
+    let own = |t: Tensor| -> Result<Tensor> { Ok(t.force_contiguous()?.detach()) };
+    let hidden = |t: &Tensor| own(t.get(row)?.narrow(0, 0, len)?);
+    let attention = |t: &Tensor| own(t.get(row)?.narrow(1, 0, len)?.narrow(2, 0, len)?);
     Ok(TaskOutput {
-        logits: logits.copy()?,
+        logits: own(logits)?,
         hidden_states: output
             .hidden_states
             .iter()

@@ -481,6 +481,32 @@ fn the_teacher_cache_serves_seen_examples_with_the_same_loss() {
     let report = cached.teacher_cache_report().unwrap();
     assert_eq!((report.batches_computed, report.batches_from_cache), (2, 2));
 
+    // A budget for about half the examples: batches mixing held and new rows run the teacher on
+    // the new rows only and still give the teacher's loss.
+    let half = ObjectiveTask::new(&*student, vec![&*teacher], &objective)
+        .with_teacher_cache(report.cached_bytes / 2);
+    for b in [&first, &second] {
+        half.loss(b, None).unwrap();
+    }
+    let held = half.teacher_cache_report().unwrap();
+    assert!(
+        held.cached_examples > 0 && held.examples_over_budget > 0,
+        "{held:?}"
+    );
+    for chunk in shuffled.chunks(4) {
+        let b = batch(chunk);
+        let (a, p) = (half.loss(&b, None).unwrap(), plain.loss(&b, None).unwrap());
+        assert!(
+            (scalar(&a) - scalar(&p)).abs() <= 1e-5 * scalar(&p).abs().max(1.0),
+            "partly cached {} vs computed {}",
+            scalar(&a),
+            scalar(&p)
+        );
+    }
+    let after = half.teacher_cache_report().unwrap();
+    assert_eq!(after.cached_examples, held.cached_examples);
+    assert!(after.cached_bytes <= after.budget_bytes);
+
     let tiny = ObjectiveTask::new(&*student, vec![&*teacher], &objective).with_teacher_cache(1);
     tiny.loss(&first, None).unwrap();
     tiny.loss(&first, None).unwrap();

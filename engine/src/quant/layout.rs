@@ -238,6 +238,13 @@ pub fn load(path: &Path, device: &Device) -> Result<Vec<(String, StoredTensor)>>
     let mut parts = std::collections::BTreeSet::new();
     for (name, entry) in &quant.tensors {
         let scheme: QuantScheme = entry.scheme.parse()?;
+        if let Some(reason) = scheme.unsupported_reason(&entry.shape) {
+            return Err(EngineError::InvalidModel(format!(
+                "{}: {name} is recorded as {scheme} with shape {:?}, which it cannot have: {reason}",
+                path.display(),
+                entry.shape
+            )));
+        }
         let planned = quantized_entries(name, &entry.shape, scheme);
         let mut data = Vec::new();
         for plan in &planned {

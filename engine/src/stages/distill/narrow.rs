@@ -95,42 +95,30 @@ pub fn narrow(
         let head_dim = map.head_dim.max(1);
         if hidden >= hidden_now || hidden % head_dim != 0 {
             return Err(EngineError::InvalidSetting(format!(
-                "distill: hidden_size {hidden} must be smaller than the teacher's {hidden_now} and                  a multiple of its head size {head_dim} (the student keeps the head size and has                  hidden_size / {head_dim} heads)"
+                "distill: hidden_size {hidden} must be smaller than the teacher's {hidden_now} and \
+                 a multiple of its head size {head_dim} (the student keeps the head size and has \
+                 hidden_size / {head_dim} heads)"
             )));
         }
         let derived = hidden / head_dim;
+        if derived > heads || derived % groups != 0 {
+            return Err(EngineError::InvalidSetting(format!(
+                "distill: hidden_size {hidden} means {derived} heads of the teacher's size \
+                 {head_dim}: that must be at most the teacher's {heads} heads and a multiple of \
+                 its {groups} query heads per key/value head"
+            )));
+        }
         match widths.attention_heads {
             Some(wanted) if wanted != derived => {
                 return Err(EngineError::InvalidSetting(format!(
-                    "distill: attention_heads {wanted} does not fit hidden_size {hidden}: with the                      teacher's head size {head_dim} the student has {derived} heads"
+                    "distill: attention_heads {wanted} does not fit hidden_size {hidden}: with the \
+                     teacher's head size {head_dim} the student has {derived} heads"
                 )));
             }
             _ if derived < heads => widths.attention_heads = Some(derived),
             _ => {}
         }
     }
-    let scorer = StructuredPrune {
-        structures: Vec::new(),
-        importance,
-        scope: StructuredScope::Uniform,
-        sparsity: 0.0,
-        steps: 1,
-        min_keep: None,
-        calibration_batches: NARROW_CALIBRATION_BATCHES,
-        calibration_batch_size: batch_size.max(1),
-        recover: None,
-        lora: None,
-    };
-    let magnitudes: BTreeMap<String, Tensor> = if widths.attention_heads.is_some()
-        || widths.intermediate_size.is_some()
-        || widths.hidden_size.is_some()
-    {
-        scorer.element_importance(model, trainer)?
-    } else {
-        BTreeMap::new()
-    };
-    let mut cut = StructuredCut::default();
-    let layers = now.key_value_heads.len();
     if let Some(wanted) = widths.attention_heads {
         if wanted >= heads || wanted % groups != 0 {
             return Err(EngineError::InvalidSetting(format!(
@@ -138,8 +126,6 @@ pub fn narrow(
                  multiple of its {groups} query heads per key/value head"
             )));
         }
-        let remove = kv_heads - wanted / groups;
-        cut.heads = chosen(&magnitudes, &map, Structure::Heads, layers, remove)?;
     }
     if let Some(wanted) = widths.intermediate_size {
         if wanted >= neurons {
@@ -147,13 +133,33 @@ pub fn narrow(
                 "distill: intermediate_size {wanted} must be smaller than the teacher's {neurons}"
             )));
         }
-        cut.neurons = chosen(
-            &magnitudes,
-            &map,
-            Structure::Neurons,
-            layers,
-            neurons - wanted,
-        )?;
+    }
+    let cuts_units = widths.attention_heads.is_some() || widths.intermediate_size.is_some();
+    let scores: BTreeMap<String, Tensor> = if cuts_units {
+        let scorer = StructuredPrune {
+            structures: Vec::new(),
+            importance,
+            scope: StructuredScope::Uniform,
+            sparsity: 0.0,
+            steps: 1,
+            min_keep: None,
+            calibration_batches: NARROW_CALIBRATION_BATCHES,
+            calibration_batch_size: batch_size.max(1),
+            recover: None,
+            lora: None,
+        };
+        scorer.element_importance(model, trainer)?
+    } else {
+        BTreeMap::new()
+    };
+    let mut cut = StructuredCut::default();
+    let layers = now.key_value_heads.len();
+    if let Some(wanted) = widths.attention_heads {
+        let remove = kv_heads - wanted / groups;
+        cut.heads = chosen(&scores, &map, Structure::Heads, layers, remove)?;
+    }
+    if let Some(wanted) = widths.intermediate_size {
+        cut.neurons = chosen(&scores, &map, Structure::Neurons, layers, neurons - wanted)?;
     }
     apply_cut(model, &map, &cut)?;
     if let Some(hidden) = widths.hidden_size {
@@ -219,6 +225,14 @@ fn cut_hidden(model: &mut WorkingModel, now: usize, hidden: usize) -> Result<()>
         .collect();
     let mut score = vec![0f64; now];
     for (name, tensor) in &tensors {
+        // A tensor of no known module (a checkpoint's extra head, say) cannot be told to carry
+        // the hidden size or not; cutting around it would leave the student inconsistent.
+        if map.of_param(name).is_none() && tensor.dims().contains(&now) {
+            return Err(EngineError::InvalidModel(format!(
+                "distill: hidden_size: {name} {:?} belongs to no module this family knows and may                  carry the hidden size {now}; a narrower hidden size cannot be cut around it",
+                tensor.dims()
+            )));
+        }
         for &axis in hidden_axes(&map, name) {
             if tensor.dim(axis)? != now {
                 return Err(EngineError::InvalidModel(format!(

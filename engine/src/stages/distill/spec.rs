@@ -602,7 +602,13 @@ impl StageKind for DistillSpec {
     fn estimate(&self, work: &Workload) -> Estimate {
         Estimate {
             seconds: work.training_seconds(f64::from(self.epochs)) * 8.0 / 6.0,
-            peak_bytes: work.training_peak_bytes() * 1.5,
+            // The teacher cache may fill its budget on top of training.
+            peak_bytes: work.training_peak_bytes() * 1.5
+                + if self.cache_teacher {
+                    f64::from(self.cache_teacher_max_mib) * 1024.0 * 1024.0
+                } else {
+                    0.0
+                },
         }
     }
 
