@@ -41,7 +41,7 @@ settings() {
 
 echo "# $(lscpu | grep 'Model name' | sed 's/ \+/ /g'), $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 tuned="$OUT/finetuned"
-if [ ! -f "$tuned/run/model/config.json" ]; then
+if [ ! -f "$tuned/run/final/config.json" ]; then
     mkdir -p "$tuned"
     cat > "$tuned/spec.json" <<JSON
 {"name": "minilm-bbc-finetune", "model": "$MODEL", "seed": 7, "task": $TASK,
@@ -50,7 +50,7 @@ if [ ! -f "$tuned/run/model/config.json" ]; then
 JSON
     "$BIN" run "$tuned/spec.json" --out "$tuned/run" 2> "$tuned/events.log"
 fi
-TUNED=$(realpath "$tuned/run/model")
+TUNED=$(realpath "$tuned/run/final")
 for variant in $VARIANTS; do
     read -r importance scope steps <<< "$(settings "$variant")"
     dir="$OUT/$variant"

@@ -50,6 +50,29 @@ pub(crate) async fn upload_inputs(service: &Service, shared: &Path) -> Result<(S
     Ok((id(&model)?, id(&dataset)?))
 }
 
+/// Runs one job through its `stages` to success, downloads every artifact, prints its report and
+/// returns the report and the folder the artifacts are in.
+pub(crate) async fn run_and_download(
+    service: &Service,
+    spec: &Value,
+    stages: &[&str],
+    timeout: Duration,
+) -> Result<(Value, tempfile::TempDir)> {
+    let started = Instant::now();
+    let (job, _) = service.run_to_success(spec, stages, timeout).await?;
+    let id = job["id"].as_str().context("job id")?;
+    let out = tempfile::tempdir()?;
+    service.download_all(id, out.path()).await?;
+    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json"))?)?;
+    eprintln!(
+        "{} finished in {:.0} s\n{}",
+        spec["name"],
+        started.elapsed().as_secs_f64(),
+        std::fs::read_to_string(out.path().join("report.md"))?
+    );
+    Ok((report, out))
+}
+
 fn job_spec(model: &str, dataset: &str, scheme: &str, max_relative_drop: f64) -> Value {
     json!({
         "name": format!("smollm2-{scheme}"), "model": model, "outputs": ["safetensors", "gguf"],

@@ -15,10 +15,10 @@
 
 use crate::acceptance_support as support;
 
-use crate::gguf_generation::{generate, PROMPT_IDS};
-use crate::smollm::{upload_inputs, DATASET, MODEL_DIR};
+use crate::gguf_generation::check_generates;
+use crate::smollm::{run_and_download, upload_inputs, DATASET, MODEL_DIR};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -55,21 +55,7 @@ fn job_spec(model: &str, dataset: &str, distilled: bool) -> Value {
 
 /// Runs one job to success and returns its report and the folder its artifacts are in.
 async fn run(service: &Service, spec: &Value) -> Result<(Value, tempfile::TempDir)> {
-    let started = Instant::now();
-    let (job, _) = service
-        .run_to_success(spec, &["distill"], JOB_TIMEOUT)
-        .await?;
-    let id = job["id"].as_str().context("job id")?;
-    let out = tempfile::tempdir()?;
-    service.download_all(id, out.path()).await?;
-    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json"))?)?;
-    eprintln!(
-        "{} finished in {:.0} s\n{}",
-        spec["name"],
-        started.elapsed().as_secs_f64(),
-        std::fs::read_to_string(out.path().join("report.md"))?
-    );
-    Ok((report, out))
+    run_and_download(service, spec, &["distill"], JOB_TIMEOUT).await
 }
 
 fn perplexity(report: &Value) -> f64 {
@@ -122,17 +108,7 @@ async fn a_15_layer_smollm_student_distilled_beats_lm_loss_alone_and_its_gguf_ge
         .context("no llama.block_count")?
         .to_u32()?;
     assert_eq!(u64::from(blocks), STUDENT_LAYERS);
-    let generated = generate(&gguf, &PROMPT_IDS, GENERATED_TOKENS)?;
-    let tokenizer = tokenizers::Tokenizer::from_file(shared.join(MODEL_DIR).join("tokenizer.json"))
-        .map_err(anyhow::Error::msg)?;
-    let text = tokenizer
-        .decode(&generated, false)
-        .map_err(anyhow::Error::msg)?;
-    eprintln!("student GGUF: \"The capital of France is\" -> {text:?} {generated:?}");
-    assert_eq!(generated.len(), GENERATED_TOKENS);
-    assert!(
-        !text.trim().is_empty(),
-        "generated only whitespace: {generated:?}"
-    );
+    let tokenizer = shared.join(MODEL_DIR).join("tokenizer.json");
+    check_generates(&gguf, &tokenizer, GENERATED_TOKENS, "student GGUF")?;
     Ok(())
 }

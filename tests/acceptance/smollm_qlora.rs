@@ -18,11 +18,11 @@
 use crate::acceptance_support as support;
 
 use crate::gguf_generation::check_paris;
-use crate::smollm::{upload_inputs, DATASET, MODEL_DIR};
+use crate::smollm::{run_and_download, upload_inputs, DATASET, MODEL_DIR};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 use support::{shared_data, Service};
 
@@ -52,20 +52,7 @@ fn job_spec(model: &str, dataset: &str, base_quantization: Option<&str>) -> Valu
 
 /// Runs one job to success and returns its report and the folder its artifacts are in.
 async fn run(service: &Service, spec: &Value) -> Result<(Value, tempfile::TempDir)> {
-    let started = Instant::now();
-    let (job, _) = service
-        .run_to_success(spec, &["finetune"], JOB_TIMEOUT)
-        .await?;
-    let id = job["id"].as_str().context("job id")?;
-    let out = tempfile::tempdir()?;
-    service.download_all(id, out.path()).await?;
-    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json"))?)?;
-    eprintln!(
-        "{} finished in {:.0} s",
-        spec["name"],
-        started.elapsed().as_secs_f64()
-    );
-    Ok((report, out))
+    run_and_download(service, spec, &["finetune"], JOB_TIMEOUT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,8 +41,14 @@ pub fn generate(gguf: &Path, prompt: &[u32], count: usize) -> Result<Vec<u32>> {
 }
 
 /// Generates `count` tokens from `gguf` after the prompt, prints them decoded with `tokenizer`
-/// and checks the first is " Paris".
-pub fn check_paris(gguf: &Path, tokenizer: &Path, count: usize, label: &str) -> Result<()> {
+/// (under `label`), checks that there are `count` and that they are not only whitespace, and
+/// returns them.
+pub fn check_generates(
+    gguf: &Path,
+    tokenizer: &Path,
+    count: usize,
+    label: &str,
+) -> Result<Vec<u32>> {
     let generated = generate(gguf, &PROMPT_IDS, count)?;
     let tokenizer = tokenizers::Tokenizer::from_file(tokenizer).map_err(anyhow::Error::msg)?;
     let text = tokenizer
@@ -50,6 +56,16 @@ pub fn check_paris(gguf: &Path, tokenizer: &Path, count: usize, label: &str) -> 
         .map_err(anyhow::Error::msg)?;
     eprintln!("{label}: \"The capital of France is\" -> {text:?} {generated:?}");
     assert_eq!(generated.len(), count);
-    assert_eq!(generated[0], PARIS, "{label}: {text:?}");
+    assert!(
+        !text.trim().is_empty(),
+        "{label} generated only whitespace: {generated:?}"
+    );
+    Ok(generated)
+}
+
+/// As [`check_generates`], and checks the first token is " Paris".
+pub fn check_paris(gguf: &Path, tokenizer: &Path, count: usize, label: &str) -> Result<()> {
+    let generated = check_generates(gguf, tokenizer, count, label)?;
+    assert_eq!(generated[0], PARIS, "{label}: {generated:?}");
     Ok(())
 }
