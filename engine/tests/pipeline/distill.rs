@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use anyhow::Result;
 use candle_core::Device;
-use compressd_engine::pipeline::{Event, PipelineInputs, Workbench};
+use compressd_engine::pipeline::{Event, PipelineInputs, PipelineResult, Workbench};
 use compressd_engine::spec::JobSpec;
 use compressd_engine::stages::{run_job, Session};
 use serde_json::{json, Value};
@@ -204,26 +204,27 @@ fn feature_matching_alone_on_pooled_vectors_with_mse_and_infonce() -> Result<()>
 /// tokens of each) and feature and relation
 /// knowledge; perplexity is the metric set side by side, and the student's GGUF generates in
 /// candle-transformers' quantized Llama.
-#[test]
-fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() -> Result<()> {
+/// Runs `pipeline` (with `acceptance`, if any) on a random tiny Llama over a corpus of short
+/// stories, asking for safetensors and GGUF, and returns the result with the folder it lives in.
+fn tiny_llama_job(
+    pipeline: Value,
+    acceptance: Option<Value>,
+) -> Result<(PipelineResult, tempfile::TempDir)> {
     let dir = tempfile::tempdir()?;
     let model_dir = dir.path().join("model");
     crate::interop::write_llama(&model_dir, true)?;
     let dataset = dir.path().join("corpus.txt");
     crate::interop::write_corpus(&dataset)?;
-    let spec: JobSpec = serde_json::from_value(json!({
+    let mut spec = json!({
         "name": "tiny-llama-distill", "model": model_dir,
         "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
-        "pipeline": [
-            {"type": "finetune", "epochs": 2, "learning_rate": 0.01, "batch_size": 8},
-            {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.01,
-             "batch_size": 8, "log_every_steps": 1, "top_k": 8,
-             "weights": {"task": 0.5, "response": 0.5, "feature": 0.2, "relation": 0.2},
-             "feature": {"loss": "cosine"}, "relation": {"loss": "infonce"}}
-        ],
-        "outputs": ["safetensors", "gguf"],
-        "acceptance": {"metric": "perplexity", "max_relative_drop": 10.0}
-    }))?;
+        "pipeline": pipeline,
+        "outputs": ["safetensors", "gguf"]
+    });
+    if let Some(acceptance) = acceptance {
+        spec["acceptance"] = acceptance;
+    }
+    let spec: JobSpec = serde_json::from_value(spec)?;
     assert!(spec.validate().is_empty(), "{:?}", spec.validate());
     let inputs = PipelineInputs {
         model: model_dir,
@@ -231,15 +232,38 @@ fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() ->
         device: "cpu".into(),
         models: Default::default(),
     };
-    let out = dir.path().join("out");
-    let ignore = |_: Event| {};
     let result = run_job(
         &spec,
         &inputs,
         Device::Cpu,
-        &out,
-        &ignore,
+        &dir.path().join("out"),
+        &|_: Event| {},
         &AtomicBool::new(false),
+    )?;
+    Ok((result, dir))
+}
+
+/// The final folder's GGUF generates 4 tokens of the vocabulary in candle-transformers.
+fn assert_gguf_generates(result: &PipelineResult, config: &Value) -> Result<()> {
+    let generated =
+        crate::gguf_generation::generate(&result.final_dir.join("model.gguf"), &[1, 2, 3], 4)?;
+    let vocabulary = config["vocab_size"].as_u64().unwrap_or(0) as u32;
+    assert_eq!(generated.len(), 4);
+    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
+    Ok(())
+}
+
+#[test]
+fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() -> Result<()> {
+    let (result, _dir) = tiny_llama_job(
+        json!([
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.01, "batch_size": 8},
+            {"type": "distill", "student_layers": 1, "epochs": 2, "learning_rate": 0.01,
+             "batch_size": 8, "log_every_steps": 1, "top_k": 8,
+             "weights": {"task": 0.5, "response": 0.5, "feature": 0.2, "relation": 0.2},
+             "feature": {"loss": "cosine"}, "relation": {"loss": "infonce"}}
+        ]),
+        Some(json!({"metric": "perplexity", "max_relative_drop": 10.0})),
     )?;
     let student = &result.report.stages[1];
     let side_by_side = &student.details["teacher_and_student"];
@@ -257,12 +281,7 @@ fn a_llama_student_is_distilled_measured_by_perplexity_and_exported_as_gguf() ->
     let config: Value =
         serde_json::from_slice(&std::fs::read(result.final_dir.join("config.json"))?)?;
     assert_eq!(config["num_hidden_layers"], 1);
-    let gguf = result.final_dir.join("model.gguf");
-    let generated = crate::gguf_generation::generate(&gguf, &[1, 2, 3], 4)?;
-    let vocabulary = config["vocab_size"].as_u64().unwrap() as u32;
-    assert_eq!(generated.len(), 4);
-    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
-    Ok(())
+    assert_gguf_generates(&result, &config)
 }
 
 /// Runs `pipeline` on the tiny task's base encoder with `models` named, returning the result.
@@ -508,35 +527,13 @@ fn a_student_with_a_smaller_hidden_size_is_sliced_trained_and_saved_plainly() ->
 /// the hidden size and head count) still generates in candle-transformers.
 #[test]
 fn a_llama_student_with_a_smaller_hidden_size_exports_a_gguf_that_generates() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let model_dir = dir.path().join("model");
-    crate::interop::write_llama(&model_dir, true)?;
-    let dataset = dir.path().join("corpus.txt");
-    crate::interop::write_corpus(&dataset)?;
-    let spec: JobSpec = serde_json::from_value(json!({
-        "name": "tiny-llama-narrow", "model": model_dir,
-        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
-        "pipeline": [
+    let (result, _dir) = tiny_llama_job(
+        json!([
             {"type": "distill", "student_layers": 1, "hidden_size": 16, "epochs": 2,
              "learning_rate": 0.01, "batch_size": 8,
              "weights": {"task": 0.5, "response": 0.5, "feature": 0.2}}
-        ],
-        "outputs": ["safetensors", "gguf"]
-    }))?;
-    assert!(spec.validate().is_empty(), "{:?}", spec.validate());
-    let inputs = PipelineInputs {
-        model: model_dir,
-        dataset,
-        device: "cpu".into(),
-        models: Default::default(),
-    };
-    let result = run_job(
-        &spec,
-        &inputs,
-        Device::Cpu,
-        &dir.path().join("out"),
-        &|_: Event| {},
-        &AtomicBool::new(false),
+        ]),
+        None,
     )?;
     let student = &result.report.stages[0];
     assert_eq!(student.details["narrowed"]["hidden_size"], json!([32, 16]));
@@ -547,12 +544,7 @@ fn a_llama_student_with_a_smaller_hidden_size_exports_a_gguf_that_generates() ->
     assert_eq!(config["hidden_size"], 16, "{config}");
     assert_eq!(config["num_attention_heads"], 2, "{config}");
     assert_eq!(config["num_key_value_heads"], 1, "{config}");
-    let generated =
-        crate::gguf_generation::generate(&result.final_dir.join("model.gguf"), &[1, 2, 3], 4)?;
-    let vocabulary = config["vocab_size"].as_u64().unwrap() as u32;
-    assert_eq!(generated.len(), 4);
-    assert!(generated.iter().all(|&t| t < vocabulary), "{generated:?}");
-    Ok(())
+    assert_gguf_generates(&result, &config)
 }
 
 /// Hidden sizes the student cannot have: refused at submission where the spec alone says so

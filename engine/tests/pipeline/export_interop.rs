@@ -372,16 +372,53 @@ fn bbc_test_texts(dataset: &Path, limit: usize) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-#[test]
-#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
-fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
+/// all-MiniLM-L6-v2 and the BBC News file in `../shared`.
+fn minilm_and_bbc() -> Result<(PathBuf, PathBuf)> {
     let shared = shared().ok_or_else(|| {
         anyhow::anyhow!(
             "../shared with all-MiniLM-L6-v2 and BBC News is not here (set COMPRESSD_SHARED)"
         )
     })?;
-    let model = shared.join("models/all-MiniLM-L6-v2");
-    let dataset = shared.join("data/bbc_news/bbc_news.jsonl");
+    Ok((
+        shared.join("models/all-MiniLM-L6-v2"),
+        shared.join("data/bbc_news/bbc_news.jsonl"),
+    ))
+}
+
+/// Loads the job's final classifier folder in transformers and checks it against the engine on
+/// the first `count` BBC test texts, each side tokenizing with the folder's own tokenizer, as a
+/// user would.
+fn assert_bbc_classifier_agrees_in_transformers(
+    job: &Job,
+    dataset: &Path,
+    count: usize,
+) -> Result<()> {
+    let texts = bbc_test_texts(dataset, count)?;
+    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 128)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let rows = encoder.encode_all(&refs)?;
+    let logits = classifier_logits(&job.reload_final()?, &rows)?;
+    let request = json!({
+        "model_dir": job.result.final_dir, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+        "tokenize": {"texts": texts, "max_length": 128},
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
+    assert_eq!(result["predictions"], count);
+    let tokens = result["token_agreement"].as_f64().unwrap_or(0.0);
+    assert!(
+        tokens >= 0.99,
+        "tokenizations agree on {tokens} of the rows"
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
+fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
+    let (model, dataset) = minilm_and_bbc()?;
     let spec = json!({
         "name": "minilm-bbc-export", "model": model, "seed": 7,
         "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
@@ -393,27 +430,7 @@ fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
     let job = Job::run(spec, model, dataset.clone(), tempfile::tempdir()?)?;
     let accuracy = job.result.report.stages[0].metrics.accuracy.unwrap_or(0.0);
     assert!(accuracy > 0.85, "fine-tuned accuracy {accuracy}");
-    let texts = bbc_test_texts(&dataset, 300)?;
-    let encoder = TextEncoder::from_file(&job.inputs.model.join("tokenizer.json"), 128)?;
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let rows = encoder.encode_all(&refs)?;
-    let logits = classifier_logits(&job.reload_final()?, &rows)?;
-    // transformers tokenizes the texts with the folder's own tokenizer, as a user would.
-    let request = json!({
-        "model_dir": job.result.final_dir, "task": "sequence_classification",
-        "rows": rows.iter().zip(&logits)
-            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
-        "tokenize": {"texts": texts, "max_length": 128},
-    });
-    let result = transformers_compare(&request)?;
-    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
-    assert_eq!(result["predictions"], 300);
-    let tokens = result["token_agreement"].as_f64().unwrap_or(0.0);
-    assert!(
-        tokens >= 0.99,
-        "tokenizations agree on {tokens} of the rows"
-    );
-    Ok(())
+    assert_bbc_classifier_agrees_in_transformers(&job, &dataset, 300)
 }
 
 /// Issue 12: a real distilled student (MiniLM fine-tuned on BBC, then distilled to 3 layers with
@@ -423,13 +440,7 @@ fn minilm_bbc_job_loads_in_transformers() -> Result<()> {
 #[test]
 #[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
 fn minilm_bbc_distilled_student_loads_in_transformers() -> Result<()> {
-    let shared = shared().ok_or_else(|| {
-        anyhow::anyhow!(
-            "../shared with all-MiniLM-L6-v2 and BBC News is not here (set COMPRESSD_SHARED)"
-        )
-    })?;
-    let model = shared.join("models/all-MiniLM-L6-v2");
-    let dataset = shared.join("data/bbc_news/bbc_news.jsonl");
+    let (model, dataset) = minilm_and_bbc()?;
     let spec = json!({
         "name": "minilm-bbc-student-export", "model": model, "seed": 7,
         "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
@@ -447,26 +458,7 @@ fn minilm_bbc_distilled_student_loads_in_transformers() -> Result<()> {
     assert_eq!(config["num_hidden_layers"], 3, "{config}");
     let vocab = config["vocab_size"].as_u64().unwrap_or(u64::MAX);
     assert!(vocab < 30_522, "the vocabulary was not trimmed: {vocab}");
-    let texts = bbc_test_texts(&dataset, 200)?;
-    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 128)?;
-    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let rows = encoder.encode_all(&refs)?;
-    let logits = classifier_logits(&job.reload_final()?, &rows)?;
-    let request = json!({
-        "model_dir": job.result.final_dir, "task": "sequence_classification",
-        "rows": rows.iter().zip(&logits)
-            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
-        "tokenize": {"texts": texts, "max_length": 128},
-    });
-    let result = transformers_compare(&request)?;
-    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
-    assert_eq!(result["predictions"], 200);
-    let tokens = result["token_agreement"].as_f64().unwrap_or(0.0);
-    assert!(
-        tokens >= 0.99,
-        "tokenizations agree on {tokens} of the rows"
-    );
-    Ok(())
+    assert_bbc_classifier_agrees_in_transformers(&job, &dataset, 200)
 }
 
 #[test]
