@@ -91,17 +91,19 @@ pub async fn job_events(
 }
 
 /// The seq to resume after: `Last-Event-ID` (what browsers send on reconnect), else `?after=`.
+/// Both are validated when both are sent, so a malformed `after` is never silently ignored.
 fn resume_point(headers: &HeaderMap, query: &QueryPairs) -> Result<i64, ApiError> {
-    let (source, raw) = match headers.get("last-event-id") {
-        Some(value) => (
-            "Last-Event-ID",
-            value.to_str().unwrap_or("<not text>").to_owned(),
-        ),
-        None => match query.one("after")? {
-            Some(raw) => ("after", raw.to_owned()),
-            None => return Ok(0),
-        },
+    let after = match query.one("after")? {
+        Some(raw) => Some(parse_seq("after", raw)?),
+        None => None,
     };
+    match headers.get("last-event-id") {
+        Some(value) => parse_seq("Last-Event-ID", value.to_str().unwrap_or("<not text>")),
+        None => Ok(after.unwrap_or(0)),
+    }
+}
+
+fn parse_seq(source: &str, raw: &str) -> Result<i64, ApiError> {
     raw.trim()
         .parse::<i64>()
         .ok()
