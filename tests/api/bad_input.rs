@@ -205,6 +205,10 @@ async fn dynamic_quantization_with_another_scheme_or_qat_is_422() {
         ])
     })
     .await;
+    assert_invalid_at(&api, "/pipeline/0/qat", |s| {
+        s["pipeline"] = json!([{"type": "quantize", "scheme": "int4", "qat": {"epochs": 1}}])
+    })
+    .await;
     assert_invalid_at(&api, "/pipeline/0/method", |s| {
         s["pipeline"] = json!([{"type": "quantize", "method": "fastest", "scheme": "int8"}])
     })
@@ -588,6 +592,74 @@ async fn loraprune_settings_and_a_dataset_without_training_rows_are_422_at_the_f
             &{
                 let mut s = api.spec();
                 on_test_only(json!({"importance": "l1"}))(&mut s);
+                s
+            },
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}
+
+/// Quantization-aware training: activations rounded per token only on the int8 kernel's scheme,
+/// settings in range, and a dataset with training rows.
+#[tokio::test]
+async fn qat_bad_settings_and_no_training_rows_are_422() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let qat = |settings: Value| {
+        move |s: &mut Value| {
+            s["pipeline"] = json!([
+                {"type": "quantize", "method": "qat", "scheme": "int4", "group_size": 32,
+                 "qat": settings}
+            ])
+        }
+    };
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/activations",
+        qat(json!({"activations": "int8_per_token"})),
+    )
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/qat/epochs", qat(json!({"epochs": 0}))).await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/learning_rate",
+        qat(json!({"learning_rate": 2.0})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/temperature",
+        qat(json!({"distill_from_float": true, "temperature": 0})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/grad_clip/max_norm",
+        qat(json!({"grad_clip": {"max_norm": -1}})),
+    )
+    .await;
+    assert_invalid_at(&api, "/pipeline/0/qat/bogus", qat(json!({"bogus": 1}))).await;
+
+    let mut test_only = common::dataset(&*api.state.clock);
+    test_only.metadata = json!({"splits": {"test": 10}, "labels": ["a", "b"]});
+    api.state.store.insert_dataset(&test_only).await.unwrap();
+    let dataset = test_only.id.to_string();
+    let reply = rejected_spec(&api, |s| {
+        qat(json!({}))(s);
+        s["task"]["dataset"] = json!(dataset);
+    })
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+    assert_eq!(reply.pointer(), "/pipeline/0/method", "{:?}", reply.body);
+    let detail = reply.body["detail"].as_str().unwrap();
+    assert!(detail.contains("no training rows"), "{detail}");
+    // The same job with defaults on a dataset that has them is accepted.
+    let reply = api
+        .post_json(
+            "/v1/jobs",
+            &{
+                let mut s = api.spec();
+                qat(json!({"distill_from_float": true}))(&mut s);
                 s
             },
             &[],

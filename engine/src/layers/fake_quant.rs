@@ -1,75 +1,86 @@
-//! The fake-quantized kind for quantization-aware training: in the forward pass each weight row
-//! is rounded to a symmetric `bits`-wide grid with its own scale (max |w| / (2^(bits-1) - 1), as
-//! our int8 kernels store it); the backward pass treats the rounding as the identity (the
-//! straight-through estimator), so the float weights keep training while the loss sees the
-//! quantized ones.
+//! The fake-quantized kind for quantization-aware training. In the forward pass each weight is
+//! quantized with the stage's own scheme and dequantized again (exactly the values the exported
+//! model will hold: int8 per channel, int4 per group, nf4, a GGUF block type), and optionally each
+//! input row is rounded to int8 with its own scale, as the dynamic int8 kernel does at run time.
+//! The backward pass treats both roundings as the identity (the straight-through estimator), so
+//! the float weights keep training while the loss sees the quantized ones.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{DenseLinear, LinearKind, LinearLayer};
-use crate::quant::int8::{f16_at_least, round_clamped};
+use crate::quant::{quantize, QuantScheme, Quantized};
 
-/// `y = x Q(W)ᵀ + b`, with `∂Q(W)/∂W` taken as the identity.
+/// `y = Q(x) Q(W)ᵀ + b`, with `∂Q/∂·` taken as the identity; `Q(x)` only with `activations`.
 #[derive(Clone, Debug)]
 pub struct FakeQuantLinear {
     dense: DenseLinear,
-    bits: u8,
+    scheme: QuantScheme,
+    activations: bool,
 }
 
 impl FakeQuantLinear {
     /// Reads `weight` (and `bias`) under `vb`.
     ///
     /// # Errors
-    /// A missing tensor, or `bits` outside 2..=8.
+    /// A missing tensor, or a weight shape `scheme` cannot store (the stage plans around those).
     pub fn load(
         vb: VarBuilder,
         in_features: usize,
         out_features: usize,
         bias: bool,
-        bits: u8,
+        scheme: QuantScheme,
+        activations: bool,
     ) -> Result<Self> {
-        if !(2..=8).contains(&bits) {
-            candle_core::bail!(
-                "{}: fake quantization takes 2 to 8 bits, got {bits}",
-                vb.prefix()
-            );
+        let prefix = vb.prefix();
+        let dense = DenseLinear::load(vb, in_features, out_features, bias)?;
+        let dims = [dense.out_features(), dense.in_features()];
+        if let Some(reason) = scheme.unsupported_reason(&dims) {
+            candle_core::bail!("{prefix}: cannot fake-quantize with {scheme}: {reason}");
         }
         Ok(Self {
-            dense: DenseLinear::load(vb, in_features, out_features, bias)?,
-            bits,
+            dense,
+            scheme,
+            activations,
         })
     }
 }
 
-/// Rounds each row of `w` to its own symmetric grid, passing gradients straight through. The
-/// grid is the one [`crate::quant::QuantScheme::Int8`] stores at 8 bits: scale `max |w| / levels`
-/// rounded up to an f16, values rounded to the nearest level (ties to even).
+/// `w`'s values quantized with `scheme` and dequantized, its gradient passed straight through.
+/// A shape the scheme cannot take is returned unchanged.
 ///
 /// # Errors
-/// A tensor that is not 2-D.
-pub fn fake_quantize_rows(w: &Tensor, bits: u8) -> Result<Tensor> {
-    let levels = ((1u32 << (bits.clamp(2, 8) - 1)) - 1) as f32;
-    let (rows, cols) = w.dims2()?;
+/// A tensor that cannot be read as f32.
+pub fn fake_quantize(w: &Tensor, scheme: QuantScheme) -> Result<Tensor> {
     let frozen = w.detach();
-    let values = frozen
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let mut grid = vec![0f32; values.len()];
-    for (row, out) in values.chunks(cols.max(1)).zip(grid.chunks_mut(cols.max(1))) {
-        let amax = row
-            .iter()
-            .fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
-        let scale = f16_at_least(amax / levels).to_f32();
-        let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        for (x, y) in row.iter().zip(out) {
-            *y = round_clamped(x * inverse, levels) * scale;
-        }
-    }
-    let quantized = Tensor::from_vec(grid, (rows, cols), w.device())?.to_dtype(w.dtype())?;
-    // w + (Q(w) - w) with the difference cut from the graph: values of Q(w), gradient of w.
-    w + (quantized - &frozen)?.detach()
+    let stored =
+        match quantize(&frozen, scheme).map_err(|e| candle_core::Error::Msg(e.to_string()))? {
+            Quantized::Weight(weight) => weight.dequantize(w.device())?.to_dtype(w.dtype())?,
+            Quantized::Kept { .. } => return Ok(w.clone()),
+        };
+    straight_through(w, &frozen, stored)
+}
+
+/// Each row of `x` (its last dimension) rounded to int8 with scale `max |row| / 127`, as the
+/// dynamic int8 kernel quantizes its inputs; the gradient passes straight through.
+///
+/// # Errors
+/// A tensor of rank 0.
+pub fn fake_quantize_tokens(x: &Tensor) -> Result<Tensor> {
+    let frozen = x.detach();
+    // An all-zero row has scale 0: dividing by a tiny floor keeps it zero instead of NaN.
+    let scale = (frozen.abs()?.max_keepdim(candle_core::D::Minus1)? / 127.0)?.maximum(1e-30)?;
+    let rounded = frozen
+        .broadcast_div(&scale)?
+        .round()?
+        .clamp(-127f32, 127f32)?
+        .broadcast_mul(&scale)?;
+    straight_through(x, &frozen, rounded)
+}
+
+/// `x + (q - x)` with the difference cut from the graph: the values of `q`, the gradient of `x`.
+fn straight_through(x: &Tensor, frozen: &Tensor, q: Tensor) -> Result<Tensor> {
+    x + (q - frozen)?.detach()
 }
 
 impl LinearLayer for FakeQuantLinear {
@@ -78,8 +89,13 @@ impl LinearLayer for FakeQuantLinear {
             .dense
             .weight()
             .ok_or_else(|| candle_core::Error::Msg("a dense layer without a weight".into()))?;
-        let quantized = fake_quantize_rows(weight, self.bits)?;
-        DenseLinear::new(quantized, self.dense.bias().cloned())?.forward(x)
+        let weight = fake_quantize(weight, self.scheme)?;
+        let x = if self.activations {
+            fake_quantize_tokens(x)?
+        } else {
+            x.clone()
+        };
+        DenseLinear::new(weight, self.dense.bias().cloned())?.forward(&x)
     }
 
     fn weight(&self) -> Option<&Tensor> {
@@ -99,44 +115,100 @@ impl LinearLayer for FakeQuantLinear {
     }
 
     fn kind(&self) -> LinearKind {
-        LinearKind::FakeQuant { bits: self.bits }
+        LinearKind::FakeQuant {
+            scheme: self.scheme,
+            activations: self.activations,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     use super::*;
-    use crate::quant::{quantize, QuantScheme, Quantized};
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     #[test]
-    fn forward_sees_the_int8_grid_and_backward_passes_straight_through() {
+    fn forward_sees_the_stored_grid_and_backward_passes_straight_through() {
         let dev = Device::Cpu;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 16), &dev).unwrap()).unwrap();
-        let fq = fake_quantize_rows(w.as_tensor(), 8).unwrap();
-        // The same values our int8 quantizer stores, dequantized.
-        let Quantized::Weight(int8) = quantize(w.as_tensor(), QuantScheme::Int8).unwrap() else {
-            panic!("int8 takes a 5x16 weight");
-        };
-        let stored = int8.dequantize(&dev).unwrap();
-        let diff = (&fq - &stored).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        // Straight through: d(sum(x·fq))/dw = x, as for the float weight.
-        let x = Tensor::randn(0f32, 1.0, (5, 16), &dev).unwrap();
-        let grads = (fq * &x).unwrap().sum_all().unwrap().backward().unwrap();
-        let g = grads.get(w.as_tensor()).unwrap();
-        let diff = (g - &x).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
-        // A 2-bit grid has three levels per row.
-        let two = fake_quantize_rows(w.as_tensor(), 2).unwrap();
-        let row: Vec<f32> = two.get(0).unwrap().to_vec1().unwrap();
-        let mut distinct: Vec<i64> = row.iter().map(|v| (v * 1e4).round() as i64).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        assert!(distinct.len() <= 3, "{distinct:?}");
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 64), &dev).unwrap()).unwrap();
+        for scheme in [
+            QuantScheme::Int8,
+            QuantScheme::Int4 { group_size: 32 },
+            QuantScheme::Nf4,
+            QuantScheme::Gguf(candle_core::quantized::GgmlDType::Q4_0),
+        ] {
+            let fq = fake_quantize(w.as_tensor(), scheme).unwrap();
+            // The same values the quantizer stores, dequantized.
+            let Quantized::Weight(stored) = quantize(w.as_tensor(), scheme).unwrap() else {
+                panic!("{scheme} takes a 5x64 weight");
+            };
+            let stored = stored.dequantize(&dev).unwrap();
+            assert_eq!(max_abs_diff(&fq, &stored), 0.0, "{scheme}");
+            assert!(max_abs_diff(&fq, w.as_tensor()) > 0.0, "{scheme} rounds");
+            // Straight through: d(sum(x·fq))/dw = x, as for the float weight.
+            let x = Tensor::randn(0f32, 1.0, (5, 64), &dev).unwrap();
+            let grads = (fq * &x).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = grads.get(w.as_tensor()).unwrap();
+            assert_eq!(max_abs_diff(g, &x), 0.0, "{scheme}");
+        }
         let store = crate::params::ParamStore::new();
+        store.set_init_missing(Some(1));
         let vb = store.var_builder(DType::F32, &dev);
-        assert!(FakeQuantLinear::load(vb, 16, 5, false, 9).is_err());
+        let err = FakeQuantLinear::load(
+            vb,
+            48,
+            5,
+            false,
+            QuantScheme::Int4 { group_size: 32 },
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot fake-quantize"), "{err}");
+    }
+
+    #[test]
+    fn tokens_round_per_row_to_the_dynamic_kernels_grid() {
+        let dev = Device::Cpu;
+        let values = vec![
+            1.0f32, -0.5, 0.25, 0.004, 0.0, 0.0, 0.0, 0.0, 100.0, 1.0, -3.0, 0.3,
+        ];
+        let x = Var::from_tensor(&Tensor::from_vec(values.clone(), (3, 4), &dev).unwrap()).unwrap();
+        let q = fake_quantize_tokens(x.as_tensor()).unwrap();
+        let got: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+        for (row, (xs, qs)) in values.chunks(4).zip(got.chunks(4)).enumerate() {
+            let (step, inverse) = crate::quant::int8::symmetric_scale(xs);
+            for (x, q) in xs.iter().zip(qs) {
+                let want = crate::quant::int8::round_clamped(x * inverse, 127.0) * step;
+                assert!(
+                    (q - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "row {row}: {q} vs {want}"
+                );
+            }
+        }
+        assert!(
+            got[4..8].iter().all(|v| *v == 0.0),
+            "a zero row stays zero: {got:?}"
+        );
+        let grads = q.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(g.iter().all(|v| *v == 1.0), "{g:?}");
     }
 }

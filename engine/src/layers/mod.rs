@@ -28,7 +28,7 @@ use candle_nn::VarBuilder;
 use globset::{Glob, GlobMatcher};
 
 pub use dense::DenseLinear;
-pub use fake_quant::{fake_quantize_rows, FakeQuantLinear};
+pub use fake_quant::{fake_quantize, fake_quantize_tokens, FakeQuantLinear};
 pub use lora::LoraLinear;
 pub use quantized::{KernelPath, QuantizedLinear};
 pub use recording::{InputRecorder, RecordingLinear};
@@ -97,11 +97,14 @@ pub enum LinearKind {
         /// The base weight's scheme.
         base: crate::quant::QuantScheme,
     },
-    /// Weights rounded to a `bits`-wide grid in the forward pass, trained through a
-    /// straight-through estimator ([`FakeQuantLinear`]).
+    /// Weights quantized with `scheme` and dequantized in the forward pass (and inputs rounded to
+    /// int8 per row with `activations`), trained through a straight-through estimator
+    /// ([`FakeQuantLinear`]): quantization-aware training.
     FakeQuant {
-        /// The grid's width.
-        bits: u8,
+        /// The scheme the weights will be stored with.
+        scheme: crate::quant::QuantScheme,
+        /// Whether inputs are rounded to int8 per row, as the dynamic int8 kernel does.
+        activations: bool,
     },
 }
 
@@ -287,12 +290,19 @@ impl LinearFactory {
                 LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?
                     .with_dropout(self.lora_dropout)?,
             )),
-            (LinearKind::FakeQuant { bits }, _) => Ok(Arc::new(FakeQuantLinear::load(
+            (
+                LinearKind::FakeQuant {
+                    scheme,
+                    activations,
+                },
+                _,
+            ) => Ok(Arc::new(FakeQuantLinear::load(
                 vb,
                 in_features,
                 out_features,
                 bias,
-                bits,
+                scheme,
+                activations,
             )?)),
             (LinearKind::Quantized(scheme), None) => Ok(Arc::new(QuantizedLinear::load(
                 vb,

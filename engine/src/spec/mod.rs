@@ -26,7 +26,7 @@ pub use webhook::{WebhookEvent, WebhookSpec, MAX_WEBHOOKS};
 pub use crate::stages::distill::DistillSpec;
 pub use crate::stages::finetune::{EarlyStopping, FinetuneMethod, FinetuneSpec, GradClip, Recover};
 pub use crate::stages::prune::{PruneLora, PruneMethod, PrunePattern, PruneScope, PruneSpec};
-pub use crate::stages::quantize::spec::{QuantScheme, QuantizeSpec};
+pub use crate::stages::quantize::spec::{QatActivations, QatSettings, QuantScheme, QuantizeSpec};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

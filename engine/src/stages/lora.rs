@@ -510,7 +510,7 @@ fn probe_difference(
 }
 
 /// `‖a − b‖ / ‖b‖` (Frobenius).
-fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
+pub(crate) fn relative_error(a: &Tensor, b: &Tensor) -> Result<f64> {
     let norm = |t: &Tensor| -> Result<f64> {
         Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt()))
     };

@@ -272,6 +272,12 @@ impl WorkingModel {
         Ok(())
     }
 
+    /// Replaces the linear plan: a stage that changed layer kinds for its own training only
+    /// (QAT's fake-quantized layers) puts the plan it found back.
+    pub(crate) fn set_plan(&mut self, plan: LinearPlan) {
+        self.plan = plan;
+    }
+
     /// Marks weights as quantized: linear layers' modules get [`LinearKind::Quantized`] with their
     /// weight's scheme in the linear plan and run on the packed weight; other weights (embedding
     /// tables) are looked up as they are stored, so the caller stores their dequantized values.

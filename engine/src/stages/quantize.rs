@@ -1,6 +1,7 @@
 //! The `quantize` stage, `method: ptq`: weight-only post-training quantization of linear layers;
 //! `method: dynamic`: int8 weights on the linear layers only, with their inputs quantized to int8
-//! per token at run time (the int8 × int8 kernel, [`crate::layers::int8_matmul`]).
+//! per token at run time (the int8 × int8 kernel, [`crate::layers::int8_matmul`]); `method: qat`:
+//! quantization-aware training first, then the weights stored as `ptq` stores them.
 //!
 //! The stage decides which weights are quantized (2-D `*.weight` not matched by `exclude`, whose
 //! row length the scheme takes), quantizes each once and records the packed weights and the linear
@@ -8,6 +9,11 @@
 //! ([`crate::layers::QuantizedLinear`]) over the same packed weights, and saving writes them as
 //! they are. Weights the
 //! scheme cannot take stay in full precision and are listed in the stage report, with a warning.
+//!
+//! QAT trains the model with every planned linear layer fake-quantized
+//! ([`crate::layers::FakeQuantLinear`]: the scheme's own quantizer in the forward pass, the
+//! straight-through estimator in the backward pass) and the planned embedding tables already
+//! quantized and frozen, so the loss sees exactly the values the stored model will hold.
 //! The stage's spec, checks, preconditions and dry-run estimate are in [`spec`].
 
 pub mod spec;
@@ -18,11 +24,14 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
-pub use spec::{QuantizeMethod, QuantizeSpec};
+pub use spec::{QatActivations, QatSettings, QuantizeMethod, QuantizeSpec};
 
-use super::{Stage, Trainer, WorkingModel};
+use super::finetune::DEFAULT_LOG_EVERY_STEPS;
+use super::{Stage, TrainRequest, TrainSettings, TrainSummary, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
+use crate::layers::LinearKind;
+use crate::objective::{Objective, ResponseKd, TaskLoss, WeightedSum};
 use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::{select_targets, Exclusion};
@@ -33,14 +42,15 @@ use crate::quant::{quantize_least_error, QuantScheme, QuantizedWeight};
 pub struct QuantizeStage {
     scheme: QuantScheme,
     exclude: Option<Vec<String>>,
-    /// `method: dynamic`: linear weights only, activations per token at run time.
-    dynamic: bool,
+    method: QuantizeMethod,
+    /// `method: qat`: how to train.
+    qat: QatSettings,
 }
 
 /// What the stage reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct QuantizeReport {
-    /// `ptq` or `dynamic`.
+    /// `ptq`, `dynamic` or `qat`.
     pub method: String,
     /// How the inputs of the quantized linear layers are quantized when they run.
     pub activations: String,
@@ -54,31 +64,112 @@ pub struct QuantizeReport {
     pub kept_full_precision: BTreeMap<String, String>,
     /// Scalars in quantized weights.
     pub quantized_parameters: usize,
+    /// Each quantized weight's relative error `‖Q(W) − W‖ / ‖W‖` (Frobenius), against the
+    /// weight as it was when stored (after QAT's training, for `qat`).
+    pub quantization_error: BTreeMap<String, f64>,
+    /// `qat`: the settings trained with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qat: Option<QatSettings>,
+    /// `qat`: what the training run did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainSummary>,
 }
 
 impl QuantizeStage {
     /// Builds the stage from its spec.
     ///
     /// # Errors
-    /// Fails for quantization-aware training (not available yet) or a bad group size.
+    /// Fails for a bad group size, or activations quantized on a scheme other than int8.
     pub fn from_spec(spec: &QuantizeSpec) -> Result<Self> {
-        if spec.qat.is_some() {
-            return Err(EngineError::Unsupported(
-                "quantize: `qat` is not implemented; use post-training quantization".into(),
-            ));
-        }
         let scheme = QuantScheme::parse(&spec.scheme.name(), spec.group_size.map(|g| g as usize))?;
-        let dynamic = spec.method == QuantizeMethod::Dynamic;
-        if dynamic && scheme != QuantScheme::Int8 {
+        let qat = spec.qat.clone().unwrap_or_default();
+        let int8_activations = spec.method == QuantizeMethod::Dynamic
+            || (spec.method == QuantizeMethod::Qat
+                && qat.activations == QatActivations::Int8PerToken);
+        if int8_activations && scheme != QuantScheme::Int8 {
             return Err(EngineError::InvalidSetting(format!(
-                "quantize: method \"dynamic\" quantizes to int8, not {scheme}"
+                "quantize: int8 activations run on the int8 × int8 kernel, not {scheme}"
             )));
         }
         Ok(Self {
             scheme,
             exclude: spec.exclude.clone(),
-            dynamic,
+            method: spec.method,
+            qat,
         })
+    }
+
+    /// Whether the stored model quantizes its linear layers' inputs to int8 per token.
+    fn dynamic(&self) -> bool {
+        match self.method {
+            QuantizeMethod::Dynamic => true,
+            QuantizeMethod::Qat => self.qat.activations == QatActivations::Int8PerToken,
+            QuantizeMethod::Ptq => false,
+        }
+    }
+
+    /// QAT: trains `model` with every planned linear weight fake-quantized with its first
+    /// candidate (which `candidates` keeps alone, so the stored scheme is the trained one) and the
+    /// planned tables (embeddings) quantized now and frozen. Returns the training summary and the
+    /// tables, packed; `candidates` is left with the linear weights.
+    fn train_quantization_aware(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+        ctx: &StageContext,
+        candidates: &mut BTreeMap<String, Vec<QuantScheme>>,
+    ) -> Result<(TrainSummary, Stored)> {
+        let qat = &self.qat;
+        let map = model.modules()?;
+        // The float model as it entered the stage, before anything is rounded.
+        let teacher = qat
+            .distill_from_float
+            .then(|| model.deep_clone())
+            .transpose()?;
+        let (mut linear, tables): (BTreeMap<_, _>, BTreeMap<_, _>) = std::mem::take(candidates)
+            .into_iter()
+            .partition(|(name, _)| map.is_linear_weight(name));
+        // Tables are looked up, not multiplied, so they cannot be fake-quantized in a layer: they
+        // are quantized now and frozen (Param::Frozen), and the layers train around them.
+        let tables = store_quantized(model, &tables)?;
+        let found = model.plan().clone();
+        for (name, schemes) in &mut linear {
+            schemes.truncate(1);
+            let module = name.strip_suffix(".weight").unwrap_or(name);
+            let kind = LinearKind::FakeQuant {
+                scheme: schemes[0],
+                activations: self.dynamic(),
+            };
+            model.set_linear_kind(module, kind)?;
+        }
+        let settings = qat_train_settings(qat);
+        let trained = match &teacher {
+            Some(teacher) => {
+                let response = ResponseKd {
+                    temperature: qat.temperature,
+                    top_k: None,
+                };
+                let terms: Vec<(f64, Box<dyn Objective>)> =
+                    vec![(1.0, Box::new(TaskLoss)), (1.0, Box::new(response))];
+                let objective = WeightedSum::new(terms);
+                let request = TrainRequest {
+                    objective: Some(&objective),
+                    frozen: vec![teacher],
+                    gradients: None,
+                };
+                trainer.train_with(model, &settings, request, ctx)
+            }
+            None => trainer.train(model, &settings, ctx),
+        };
+        model.set_plan(found);
+        let summary = trained?;
+        for glob in &summary.unmatched_freeze_globs {
+            ctx.warn(format!(
+                "quantize: qat: freeze glob {glob:?} matches no parameter"
+            ));
+        }
+        *candidates = linear;
+        Ok((summary, tables))
     }
 
     /// The weights this stage quantizes, each with its candidate schemes (the stage's, a fallback,
@@ -111,7 +202,7 @@ impl QuantizeStage {
         let names = targets
             .names
             .into_iter()
-            .filter(|name| !self.dynamic || map.is_linear_weight(name));
+            .filter(|name| self.method != QuantizeMethod::Dynamic || map.is_linear_weight(name));
         for name in names {
             let dims = shapes
                 .iter()
@@ -215,26 +306,61 @@ fn output_scheme(scheme: QuantScheme, dims: &[usize]) -> Option<QuantScheme> {
         .find(|s| s.unsupported_reason(dims).is_none())
 }
 
+/// The settings QAT trains with.
+fn qat_train_settings(qat: &QatSettings) -> TrainSettings {
+    TrainSettings {
+        epochs: qat.epochs,
+        learning_rate: qat.learning_rate,
+        head_learning_rate: qat.head_learning_rate,
+        batch_size: qat.batch_size,
+        weight_decay: qat.weight_decay,
+        warmup_ratio: qat.warmup_ratio,
+        freeze: qat.freeze.clone(),
+        grad_clip_norm: qat.grad_clip.as_ref().map(|c| c.max_norm),
+        early_stopping_patience: qat.early_stopping.as_ref().map(|e| e.patience),
+        log_every_steps: DEFAULT_LOG_EVERY_STEPS,
+        teacher_cache_bytes: None,
+    }
+}
+
+/// Quantized weights, packed, with each one's relative error against the values it replaced.
+#[derive(Default)]
+struct Stored {
+    weights: BTreeMap<String, Arc<QuantizedWeight>>,
+    errors: BTreeMap<String, f64>,
+}
+
+impl Stored {
+    fn extend(&mut self, other: Stored) {
+        self.weights.extend(other.weights);
+        self.errors.extend(other.errors);
+    }
+}
+
 /// Quantizes each planned weight with the candidate of least squared error (the first on a tie)
 /// and replaces its values by the quantized-then-dequantized ones, so whatever reads the store
 /// (embedding lookups, export) sees exactly the stored quantized weights. Returns each quantized
-/// weight, packed.
+/// weight, packed, with its relative error.
 fn store_quantized(
     model: &WorkingModel,
     candidates: &BTreeMap<String, Vec<QuantScheme>>,
-) -> Result<BTreeMap<String, Arc<QuantizedWeight>>> {
-    let mut chosen = BTreeMap::new();
+) -> Result<Stored> {
+    let mut stored = Stored::default();
     for (name, schemes) in candidates {
         let param = model
             .store
             .get(name)
             .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?;
         if let Some(best) = quantize_least_error(param.tensor(), schemes)? {
-            chosen.insert(name.clone(), Arc::new(best.weight));
+            let original = param.tensor().to_dtype(candle_core::DType::F32)?;
+            let values = best.values.to_dtype(candle_core::DType::F32)?;
+            let error = super::lora::relative_error(&values, &original)?;
+            stored.errors.insert(name.clone(), error);
+            stored.weights.insert(name.clone(), Arc::new(best.weight));
             model.store.insert(name.clone(), Param::Frozen(best.values));
         }
     }
-    Ok(chosen)
+    Ok(stored)
 }
 
 impl Stage for QuantizeStage {
@@ -254,12 +380,24 @@ impl Stage for QuantizeStage {
     fn run(
         &self,
         model: &mut WorkingModel,
-        _trainer: &dyn Trainer,
+        trainer: &dyn Trainer,
         ctx: &StageContext,
     ) -> Result<serde_json::Value> {
         self.validate(model)?;
-        let (candidates, mut kept) = self.plan(model, Some(ctx))?;
-        let chosen = store_quantized(model, &candidates)?;
+        let (mut candidates, mut kept) = self.plan(model, Some(ctx))?;
+        let mut stored = Stored::default();
+        let mut training = None;
+        if self.method == QuantizeMethod::Qat {
+            let (summary, tables) =
+                self.train_quantization_aware(model, trainer, ctx, &mut candidates)?;
+            training = Some(summary);
+            stored = tables;
+        }
+        stored.extend(store_quantized(model, &candidates)?);
+        let Stored {
+            weights: chosen,
+            errors,
+        } = stored;
         for (name, weight) in &chosen {
             let scheme = weight.scheme();
             let tried = candidates.get(name).map_or(&[][..], Vec::as_slice);
@@ -282,16 +420,20 @@ impl Stage for QuantizeStage {
             .sum();
         let quantized: Vec<String> = chosen.keys().cloned().collect();
         model.set_quantized(self.scheme, chosen)?;
-        if self.dynamic {
+        if self.dynamic() {
             model.mark_dynamic();
         }
+        let qat = (self.method == QuantizeMethod::Qat).then(|| self.qat.clone());
         let report = QuantizeReport {
-            method: if self.dynamic { "dynamic" } else { "ptq" }.to_string(),
-            activations: activations_note(self.scheme, self.dynamic).to_string(),
+            method: self.method.name().to_string(),
+            activations: activations_note(self.scheme, self.dynamic()).to_string(),
             scheme: self.scheme.to_string(),
             quantized,
             kept_full_precision: kept,
             quantized_parameters,
+            quantization_error: errors,
+            qat,
+            training,
         };
         serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
     }
@@ -347,7 +489,8 @@ mod tests {
             let stage = QuantizeStage {
                 scheme: q(dtype),
                 exclude: None,
-                dynamic: false,
+                method: QuantizeMethod::Ptq,
+                qat: QatSettings::default(),
             };
             stage.plan(&model, None)
         };
@@ -405,8 +548,11 @@ mod tests {
             .map(|n| (n.to_string(), fallbacks(q(GgmlDType::Q4K))))
             .collect();
         let chosen = store_quantized(&model, &candidates)?;
-        assert_eq!(chosen["grid.weight"].scheme(), q(GgmlDType::Q4_1));
-        assert_eq!(chosen["plain.weight"].scheme(), q(GgmlDType::Q5_0));
+        assert_eq!(chosen.weights["grid.weight"].scheme(), q(GgmlDType::Q4_1));
+        assert_eq!(chosen.weights["plain.weight"].scheme(), q(GgmlDType::Q5_0));
+        // Found again up to the f16 rounding of the grid's step.
+        assert!(chosen.errors["grid.weight"] < 1e-3, "{:?}", chosen.errors);
+        assert!(chosen.errors["plain.weight"] > 0.01, "{:?}", chosen.errors);
         Ok(())
     }
 }

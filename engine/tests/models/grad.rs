@@ -4,11 +4,12 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use compressd_engine::layers::LinearFactory;
+use compressd_engine::layers::{LinearFactory, LinearKind, LinearPlan};
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
 use compressd_engine::models::common::DropoutRng;
 use compressd_engine::models::llama::{LlamaConfig, LlamaForCausalLm};
 use compressd_engine::params::{Param, ParamStore};
+use compressd_engine::quant::QuantScheme;
 
 fn tiny_bert_config() -> BertConfig {
     serde_json::from_value(serde_json::json!({
@@ -62,13 +63,14 @@ struct BertCase {
 }
 
 fn bert_case(dtype: DType) -> Result<BertCase> {
+    bert_case_with(dtype, &LinearFactory::default())
+}
+
+fn bert_case_with(dtype: DType, factory: &LinearFactory) -> Result<BertCase> {
     let store = random_store(1);
     let cfg = tiny_bert_config();
-    let model = BertForSequenceClassification::load(
-        store.var_builder(dtype, &Device::Cpu),
-        &cfg,
-        &LinearFactory::default(),
-    )?;
+    let model =
+        BertForSequenceClassification::load(store.var_builder(dtype, &Device::Cpu), &cfg, factory)?;
     perturb(&store)?;
     let input_ids = ids(&[&[1, 5, 9, 3, 2, 0], &[1, 7, 2, 0, 0, 0]])?;
     let mask = ids(&[&[1, 1, 1, 1, 1, 0], &[1, 1, 1, 0, 0, 0]])?;
@@ -151,6 +153,20 @@ fn assert_all_gradients_nonzero(store: &ParamStore, loss: &Tensor) -> Result<()>
 #[test]
 fn every_bert_parameter_gets_a_gradient_with_dropout_on() -> Result<()> {
     let case = bert_case(DType::F32)?;
+    let rng = DropoutRng::new(3);
+    assert_all_gradients_nonzero(&case.store, &bert_loss(&case, Some(&rng))?)
+}
+
+/// Quantization-aware training: weights and inputs rounded to int8 in the forward pass must not
+/// cut any gradient (the straight-through estimator passes them on).
+#[test]
+fn every_bert_parameter_gets_a_gradient_through_fake_quantized_layers() -> Result<()> {
+    let kind = LinearKind::FakeQuant {
+        scheme: QuantScheme::Int8,
+        activations: true,
+    };
+    let factory = LinearFactory::new(LinearPlan::uniform(kind));
+    let case = bert_case_with(DType::F32, &factory)?;
     let rng = DropoutRng::new(3);
     assert_all_gradients_nonzero(&case.store, &bert_loss(&case, Some(&rng))?)
 }

@@ -190,3 +190,140 @@ fn dynamic_int8_quantizes_linear_layers_and_reloads_as_dynamic() -> Result<()> {
     assert_eq!(again.accuracy, stages[1].metrics.accuracy);
     Ok(())
 }
+
+/// Runs `pipeline` on the tiny task, returning the result and the job's folder.
+fn run_tiny(
+    name: &str,
+    pipeline: serde_json::Value,
+) -> Result<(
+    compressd_engine::pipeline::PipelineResult,
+    JobSpec,
+    PipelineInputs,
+    tempfile::TempDir,
+)> {
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_model(&model_dir)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": name, "model": model_dir,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": pipeline
+    }))?;
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let out = dir.path().join("out");
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &|_| {},
+        &AtomicBool::new(false),
+    )?;
+    Ok((result, spec, inputs, dir))
+}
+
+/// `method: "qat"`: trains with the linear weights fake-quantized (int4, groups of 32) against the
+/// float model's outputs, then stores every planned weight as int4 with its error reported; the
+/// saved stage reloads and scores the same.
+#[test]
+fn qat_trains_through_fake_quantized_int4_layers_and_stores_int4() -> Result<()> {
+    let (result, spec, inputs, dir) = run_tiny(
+        "tiny-qat",
+        serde_json::json!([
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "method": "qat", "scheme": "int4", "group_size": 32,
+             "qat": {"epochs": 2, "learning_rate": 0.001, "distill_from_float": true}}
+        ]),
+    )?;
+    let stages = &result.report.stages;
+    let (f32_accuracy, qat_accuracy) = (
+        stages[0].metrics.accuracy.unwrap(),
+        stages[1].metrics.accuracy.unwrap(),
+    );
+    assert!(f32_accuracy > 0.9, "learnable: {f32_accuracy}");
+    assert!(
+        qat_accuracy >= f32_accuracy - 0.1,
+        "qat {qat_accuracy} vs f32 {f32_accuracy}"
+    );
+    let details = &stages[1].details;
+    assert_eq!(details["method"], "qat");
+    assert!(
+        details["training"]["steps"].as_u64().unwrap() > 0,
+        "{details}"
+    );
+    let curves = details["training"]["loss_curves"].as_object().unwrap();
+    assert!(
+        curves.contains_key("task") && curves.contains_key("response"),
+        "self-distillation trains on both: {curves:?}"
+    );
+    let quantized = details["quantized"].as_array().unwrap();
+    assert_eq!(quantized.len(), 16, "12 linears, the pooler, 3 tables");
+    let errors = details["quantization_error"].as_object().unwrap();
+    assert_eq!(errors.len(), 16);
+    for (name, error) in errors {
+        let error = error.as_f64().unwrap();
+        assert!(error > 0.0 && error < 0.5, "{name}: {error}");
+    }
+
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = dir.path().join("out/stages/1-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    let state = reloaded.quantized().expect("stored quantized");
+    assert_eq!(state.weights.len(), 16);
+    assert!(state
+        .weights
+        .values()
+        .all(|w| w.scheme().to_string() == "int4-g32"));
+    assert!(!state.dynamic);
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, stages[1].metrics.accuracy);
+    Ok(())
+}
+
+/// `qat.activations: "int8_per_token"` also rounds the linear layers' inputs in training and
+/// leaves the model dynamically quantized (int8 × int8 at run time), like `method: "dynamic"`.
+#[test]
+fn qat_with_int8_activations_stores_a_dynamic_model() -> Result<()> {
+    let (result, spec, inputs, dir) = run_tiny(
+        "tiny-qat-dynamic",
+        serde_json::json!([
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "method": "qat", "scheme": "int8",
+             "qat": {"epochs": 1, "learning_rate": 0.001, "activations": "int8_per_token"}}
+        ]),
+    )?;
+    let stages = &result.report.stages;
+    let details = &stages[1].details;
+    assert_eq!(details["method"], "qat");
+    assert!(
+        details["activations"].as_str().unwrap().contains("dynamic"),
+        "{details}"
+    );
+    assert!(
+        details["training"]["loss_curves"]
+            .as_object()
+            .is_none_or(|c| c.is_empty()),
+        "the task loss alone: {details}"
+    );
+    let file = SafetensorsFile::open(&result.final_dir.join("model.safetensors"))?;
+    assert_eq!(
+        file.metadata()
+            .get(DYNAMIC_METADATA_KEY)
+            .map(String::as_str),
+        Some(DYNAMIC_METADATA_VALUE)
+    );
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = dir.path().join("out/stages/1-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    assert!(reloaded.quantized().expect("quantized").dynamic);
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, stages[1].metrics.accuracy);
+    Ok(())
+}

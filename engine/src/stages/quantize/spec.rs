@@ -5,7 +5,10 @@ use serde::{Deserialize, Serialize};
 
 use super::QuantizeStage;
 use crate::error::Result;
-use crate::spec::{Checker, Estimate, ModelState, Precondition, Recover, StageKind, Workload};
+use crate::spec::{
+    Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
+};
+use crate::stages::finetune::{EarlyStopping, GradClip};
 use crate::stages::Stage;
 
 /// Group sizes `int4` takes.
@@ -15,8 +18,11 @@ const INT4_GROUP_SIZES: &[u32] = &[32, 64, 128];
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSpec {
-    /// How activations are treated: `ptq` quantizes the weights only; `dynamic` quantizes the linear
-    /// layers' weights to int8 and their inputs to int8 per token at run time (`scheme`: `int8`).
+    /// How the model is quantized: `ptq` quantizes the weights only, after training; `dynamic`
+    /// quantizes the linear layers' weights to int8 and their inputs to int8 per token at run time
+    /// (`scheme`: `int8`); `qat` first trains with the linear weights fake-quantized with `scheme`
+    /// in the forward pass and a straight-through estimator in the backward pass (settings in
+    /// `qat`), then stores them quantized like `ptq`.
     #[serde(default)]
     pub method: QuantizeMethod,
     /// Number format of the quantized weights.
@@ -30,9 +36,146 @@ pub struct QuantizeSpec {
     /// (embedding tables are quantized: they are most of a small model's size).
     #[serde(default)]
     pub exclude: Option<Vec<String>>,
-    /// Quantization-aware training after quantizing; `null` means post-training quantization only.
+    /// `method: "qat"` only: how to train; `null` takes every default.
     #[serde(default)]
-    pub qat: Option<Recover>,
+    pub qat: Option<QatSettings>,
+}
+
+/// Quantization-aware training: the fine-tune settings, plus what is fake-quantized and whether
+/// the float model teaches the fake-quantized one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QatSettings {
+    /// Passes over the training split.
+    #[serde(default = "default_qat_epochs")]
+    #[schemars(range(min = 1, max = MAX_EPOCHS))]
+    pub epochs: u32,
+    /// Peak learning rate of the model body (AdamW); smaller than a fine-tune's, as the model
+    /// is already trained.
+    #[serde(default = "default_qat_learning_rate")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub learning_rate: f64,
+    /// Learning rate of the task head; `null` means the body's rate.
+    #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 1))]
+    pub head_learning_rate: Option<f64>,
+    /// Examples per optimizer step.
+    #[serde(default = "default_qat_batch_size")]
+    #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
+    pub batch_size: u32,
+    /// AdamW decoupled weight decay (not applied to biases and norms).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
+    pub weight_decay: f64,
+    /// Share of the steps spent warming the learning rate up linearly from zero.
+    #[serde(default = "default_qat_warmup_ratio")]
+    #[schemars(extend("minimum" = 0, "exclusiveMaximum" = 1))]
+    pub warmup_ratio: f64,
+    /// Globs over parameter names (`embeddings.*`) that stay frozen.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Gradient clipping by global norm; `null` disables it.
+    #[serde(default = "default_qat_grad_clip")]
+    pub grad_clip: Option<GradClip>,
+    /// Stop when the validation metric (of the fake-quantized model) has not improved for
+    /// `patience` evaluations; `null` disables it.
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+    /// `int8_per_token` also rounds each linear layer's input rows to int8 in training, as the
+    /// dynamic int8 kernel does at run time, and leaves the model dynamically quantized (`scheme`
+    /// `int8`); `none` fake-quantizes the weights only.
+    #[serde(default)]
+    pub activations: QatActivations,
+    /// Train against the float model's softened outputs too (response distillation from the
+    /// model as it entered the stage, weight 1 beside the task loss weight 1).
+    #[serde(default)]
+    pub distill_from_float: bool,
+    /// The softmax temperature of `distill_from_float`.
+    #[serde(default = "default_qat_temperature")]
+    #[schemars(extend("exclusiveMinimum" = 0, "maximum" = 100))]
+    pub temperature: f64,
+}
+
+impl Default for QatSettings {
+    fn default() -> Self {
+        // Every field has a serde default; an empty object gives them all.
+        serde_json::from_value(serde_json::json!({})).unwrap_or_else(|_| unreachable!())
+    }
+}
+
+/// What quantization-aware training fake-quantizes beside the weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QatActivations {
+    /// Weights only.
+    #[default]
+    None,
+    /// Each linear layer's input rows rounded to int8 with their own scale (dynamic int8).
+    Int8PerToken,
+}
+
+fn default_qat_epochs() -> u32 {
+    1
+}
+fn default_qat_learning_rate() -> f64 {
+    2e-5
+}
+fn default_qat_batch_size() -> u32 {
+    16
+}
+fn default_qat_warmup_ratio() -> f64 {
+    0.1
+}
+fn default_qat_grad_clip() -> Option<GradClip> {
+    Some(GradClip { max_norm: 1.0 })
+}
+fn default_qat_temperature() -> f64 {
+    2.0
+}
+
+impl QatSettings {
+    fn check(&self, c: &mut Checker, at: &str, scheme: QuantScheme) {
+        c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
+        c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
+        if let Some(rate) = self.head_learning_rate {
+            c.learning_rate(rate, &format!("{at}/head_learning_rate"));
+        }
+        c.range_u32(
+            self.batch_size,
+            1,
+            MAX_BATCH_SIZE,
+            &format!("{at}/batch_size"),
+        );
+        c.unit_interval(self.weight_decay, &format!("{at}/weight_decay"), false);
+        c.unit_interval(self.warmup_ratio, &format!("{at}/warmup_ratio"), true);
+        c.globs(&self.freeze, &format!("{at}/freeze"));
+        if let Some(clip) = &self.grad_clip {
+            c.check(
+                clip.max_norm > 0.0 && clip.max_norm.is_finite(),
+                &format!("{at}/grad_clip/max_norm"),
+                || format!("must be positive, got {}", clip.max_norm),
+            );
+        }
+        if let Some(stop) = &self.early_stopping {
+            let pointer = format!("{at}/early_stopping/patience");
+            c.range_u32(stop.patience, 1, MAX_EPOCHS, &pointer);
+        }
+        c.check(
+            self.temperature > 0.0 && self.temperature <= 100.0,
+            &format!("{at}/temperature"),
+            || format!("must be in (0, 100], got {}", self.temperature),
+        );
+        c.check(
+            self.activations == QatActivations::None || scheme == QuantScheme::Int8,
+            &format!("{at}/activations"),
+            || {
+                format!(
+                    "int8_per_token runs on the int8 × int8 kernel: scheme must be \"int8\", got \"{}\" (whose layers quantize their inputs per block at run time)",
+                    scheme.name()
+                )
+            },
+        );
+    }
 }
 
 /// How a quantize stage treats activations.
@@ -42,6 +185,9 @@ pub enum QuantizeMethod {
     #[default]
     #[serde(rename = "ptq")]
     Ptq,
+    /// Quantization-aware training, then the weights stored quantized as `ptq` stores them.
+    #[serde(rename = "qat")]
+    Qat,
     /// int8 linear weights per channel, inputs quantized to int8 per token at run time.
     #[serde(rename = "dynamic")]
     Dynamic,
@@ -91,6 +237,17 @@ pub enum QuantScheme {
     Q2K,
 }
 
+impl QuantizeMethod {
+    /// The method's name as the spec spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ptq => "ptq",
+            Self::Dynamic => "dynamic",
+            Self::Qat => "qat",
+        }
+    }
+}
+
 impl QuantScheme {
     /// The scheme's name as the spec spells it (`int8`, `q4_k`…).
     pub fn name(self) -> String {
@@ -113,9 +270,6 @@ impl StageKind for QuantizeSpec {
                     self.scheme.name()
                 )
             });
-            c.check(self.qat.is_none(), &format!("{at}/qat"), || {
-                "method \"dynamic\" is post-training: it takes no `qat`".to_string()
-            });
         }
         if let Some(group) = self.group_size {
             let pointer = format!("{at}/group_size");
@@ -131,23 +285,55 @@ impl StageKind for QuantizeSpec {
             c.globs(exclude, &format!("{at}/exclude"));
         }
         if let Some(qat) = &self.qat {
-            qat.check(c, &format!("{at}/qat"));
+            c.check(
+                self.method == QuantizeMethod::Qat,
+                &format!("{at}/qat"),
+                || {
+                    format!(
+                        "applies to `method: \"qat\"` only; remove it for \"{}\"",
+                        self.method.name()
+                    )
+                },
+            );
+            qat.check(c, &format!("{at}/qat"), self.scheme);
         }
     }
 
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
-        model.require_full_precision(Self::TYPE)
+        model.require_full_precision(Self::TYPE)?;
+        if self.method == QuantizeMethod::Qat && model.train_rows == Some(0) {
+            return Err(Precondition {
+                name: "training data",
+                field: Some("method"),
+                message: "quantization-aware training trains on the task's training split, and \
+                          the dataset has no training rows; use \"ptq\", or a dataset with a \
+                          train split"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     fn transform(&self, model: &mut ModelState, index: usize) {
         model.quantized_at.get_or_insert(index);
     }
 
-    /// About one evaluation's work (reading every weight), in inference memory.
+    /// About one evaluation's work (reading every weight), in inference memory; QAT trains too
+    /// (a teacher forward on top with `distill_from_float`).
     fn estimate(&self, work: &Workload) -> Estimate {
-        Estimate {
+        let quantize = Estimate {
             seconds: work.evaluation_seconds(),
             peak_bytes: work.inference_peak_bytes(),
+        };
+        if self.method != QuantizeMethod::Qat {
+            return quantize;
+        }
+        let qat = self.qat.clone().unwrap_or_default();
+        let training = work.training(f64::from(qat.epochs));
+        let teacher = if qat.distill_from_float { 1.33 } else { 1.0 };
+        Estimate {
+            seconds: quantize.seconds + training.seconds * teacher,
+            peak_bytes: training.peak_bytes.max(quantize.peak_bytes),
         }
     }
 
