@@ -186,6 +186,11 @@ pub enum OutputFormat {
     /// layout (`adapter/adapter_config.json`, `adapter/adapter_model.safetensors`) beside the
     /// merged model; it applies to the job's input model.
     Adapter,
+    /// The quantized model also in the compressed-tensors layout (`compressed-tensors/`: config
+    /// with `quantization_config`, `model.safetensors`, tokenizer), which Hugging Face transformers
+    /// (with the `compressed-tensors` package) and vLLM load: int8 per channel (with int8 inputs
+    /// per token when dynamic) and int4 per group. Needs a `quantize` stage with `int8` or `int4`.
+    CompressedTensors,
 }
 
 /// One problem found in a spec.

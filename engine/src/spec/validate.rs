@@ -5,9 +5,9 @@
 //! left.
 
 use super::{
-    Acceptance, Checker, FinetuneMethod, FinetuneSpec, JobSpec, Metric, ModelState, OutputFormat,
-    StageKind, StageSpec, TaskSpec, TaskType, Violation, IMPLEMENTED_STAGES, MAX_STAGES,
-    MAX_WEBHOOKS,
+    Acceptance, Checker, DistillSpec, FinetuneMethod, FinetuneSpec, JobSpec, Metric, ModelState,
+    OutputFormat, QuantScheme, QuantizeSpec, StageKind, StageSpec, TaskSpec, TaskType, Violation,
+    IMPLEMENTED_STAGES, MAX_STAGES, MAX_WEBHOOKS,
 };
 
 const MAX_NAME_CHARS: usize = 128;
@@ -167,6 +167,23 @@ fn check_acceptance(c: &mut Checker, a: &Acceptance, task: TaskType) {
     }
 }
 
+/// Whether the model a pipeline ends with is quantized with a scheme compressed-tensors stores.
+fn compressed_tensors_fit(spec: &JobSpec) -> bool {
+    let last_quantize = spec
+        .pipeline
+        .iter()
+        .rposition(|s| s.get::<QuantizeSpec>().is_some());
+    let Some(at) = last_quantize else {
+        return false;
+    };
+    let fits = spec.pipeline[at]
+        .get::<QuantizeSpec>()
+        .is_some_and(|q| matches!(q.scheme, QuantScheme::Int8 | QuantScheme::Int4));
+    fits && spec.pipeline[at + 1..]
+        .iter()
+        .all(|s| s.get::<DistillSpec>().is_none())
+}
+
 fn check_outputs(c: &mut Checker, spec: &JobSpec) {
     if let Some(i) = spec
         .outputs
@@ -190,6 +207,18 @@ fn check_outputs(c: &mut Checker, spec: &JobSpec) {
                     .to_owned()
             },
         );
+    }
+    if let Some(i) = spec
+        .outputs
+        .iter()
+        .position(|f| *f == OutputFormat::CompressedTensors)
+    {
+        c.check(compressed_tensors_fit(spec), &format!("/outputs/{i}"), || {
+            "the compressed-tensors layout stores int8 per channel and int4 per group: it needs a \
+             `quantize` stage with scheme \"int8\" or \"int4\" whose model the pipeline ends with \
+             (no `distill` after it, whose student starts in full precision)"
+                .to_owned()
+        });
     }
     if spec.outputs.is_empty() && !spec.dry_run {
         c.fail("/outputs", "must name at least one format");

@@ -14,8 +14,9 @@ use candle_core::{DType, Device};
 use super::model::WorkingModel;
 use crate::error::{EngineError, Result};
 use crate::export::{
-    export_hf_folder, export_llama_gguf, export_peft_adapter, export_transformers_folder,
-    tokenizer_metadata, GgufExportOptions, HfArchitecture, LoraExport,
+    export_compressed_tensors, export_hf_folder, export_llama_gguf, export_peft_adapter,
+    export_transformers_folder, tokenizer_metadata, CompressedTensorsExport, GgufExportOptions,
+    HfArchitecture, LoraExport,
 };
 use crate::family::{cut_padding, family_for_task, pad_to_config, parse_config};
 use crate::loading::{read_hf_folder, Checkpoint};
@@ -84,6 +85,60 @@ pub(super) fn save(
         );
     }
     layout::save(&dir.join("model.safetensors"), &stored, &metadata)
+}
+
+/// Writes a quantized model into `dir` in the compressed-tensors layout
+/// ([`export_compressed_tensors`]): its quantized linear layers as stored, everything else (the
+/// embedding tables included) dense with the values the model computes with.
+///
+/// # Errors
+/// A model that is not quantized, a scheme the layout cannot store, layers pruned to uneven widths
+/// (transformers' classes take one width per kind of layer), or I/O errors.
+pub(super) fn save_compressed_tensors(
+    model: &WorkingModel,
+    dir: &Path,
+    tokenizer_dir: Option<&Path>,
+    task: TaskType,
+) -> Result<()> {
+    let state = model.quantized().ok_or_else(|| {
+        EngineError::InvalidSetting("compressed-tensors: the model is not quantized".into())
+    })?;
+    let arch = architecture(&model.config, task)?;
+    let map = model.modules()?;
+    let linear: BTreeMap<String, Arc<QuantizedWeight>> = state
+        .weights
+        .iter()
+        .filter(|(name, _)| map.is_linear_weight(name))
+        .map(|(name, weight)| (name.clone(), weight.clone()))
+        .collect();
+    let padded = pad_to_config(&map, &model.config, model.store.tensors())?;
+    let uneven = padded.iter().find(|(name, t)| {
+        linear
+            .get(name)
+            .is_some_and(|w| w.dims() != t.dims().to_vec())
+    });
+    if let Some((name, _)) = uneven {
+        return Err(EngineError::Unsupported(format!(
+            "compressed-tensors: {name} was pruned to another width than its config's; \
+             transformers takes one width per kind of layer"
+        )));
+    }
+    let dense_linear = model
+        .weight_shapes()
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| map.is_linear_weight(name) && !linear.contains_key(name))
+        .map(|name| name.strip_suffix(".weight").unwrap_or(&name).to_string())
+        .collect();
+    let export = CompressedTensorsExport {
+        arch,
+        config: &model.config,
+        tensors: padded,
+        linear: &linear,
+        dense_linear,
+        dynamic: state.dynamic,
+    };
+    export_compressed_tensors(dir, export, tokenizer_dir)
 }
 
 /// Writes the adapter merged into `model` into `dir` in PEFT's layout, for the transformers class

@@ -40,6 +40,8 @@ const DEFAULT_CLASSIFICATION_LENGTH: usize = 128;
 const DEFAULT_LM_LENGTH: usize = 256;
 /// The folder inside a model folder that holds the LoRA adapter (PEFT's layout).
 pub const ADAPTER_DIR: &str = "adapter";
+/// The subfolder of a saved model holding it in the compressed-tensors layout.
+pub const COMPRESSED_TENSORS_DIR: &str = "compressed-tensors";
 /// The file recording which weights are pruned or quantized.
 const STATE_FILE: &str = "compressd.json";
 
@@ -422,6 +424,23 @@ impl Workbench for Session {
                 &self.model_path,
                 self.tokenizer_dir.as_deref(),
             )?;
+        }
+        if self.spec.outputs.contains(&OutputFormat::CompressedTensors)
+            && model.quantized().is_some()
+        {
+            let ct_dir = dir.join(COMPRESSED_TENSORS_DIR);
+            super::saving::save_compressed_tensors(
+                model,
+                &ct_dir,
+                self.tokenizer_dir.as_deref(),
+                self.spec.task.task_type,
+            )?;
+            if let Some(trimmed) = model.vocabulary() {
+                for (name, bytes) in &trimmed.files {
+                    let path = ct_dir.join(name);
+                    std::fs::write(&path, bytes).map_err(|e| EngineError::io(&path, e))?;
+                }
+            }
         }
         // Only the stage that trained the adapter has one (the pipeline drops it at the next).
         if self.spec.outputs.contains(&OutputFormat::Adapter) && model.adapter().is_some() {

@@ -10,9 +10,11 @@ REQUEST.json (written by engine/tests/pipeline/export_interop.rs):
    "tokenize": {"texts": [...], "max_length": N},   # optional: tokenize the rows' texts with
                                                      # the folder's own tokenizer (AutoTokenizer)
                                                      # instead of using the engine's ids
-   "peft_adapter_dir": "...", "num_labels": N}      # optional: load model_dir as the base (with
+   "peft_adapter_dir": "...", "num_labels": N,      # optional: load model_dir as the base (with
                                                      # N labels) and this LoRA adapter onto it
                                                      # with peft.PeftModel.from_pretrained
+   "compressed_tensors_dequantize": true}            # optional: a compressed-tensors folder loaded
+                                                     # with CompressedTensorsConfig(dequantize=True)
 RESULT.json: what was loaded (class, config architectures, missing/unexpected/mismatched keys)
 and how it compares (argmax agreement, largest logit difference). The Rust test asserts on it;
 this script fails only when the model cannot be loaded at all.
@@ -115,7 +117,11 @@ def main(request_path, result_path):
         request = json.load(f)
     model_dir, task = request["model_dir"], request["task"]
     adapter_dir = request.get("peft_adapter_dir")
-    extra = {"num_labels": request["num_labels"]} if "num_labels" in request else None
+    extra = {"num_labels": request["num_labels"]} if "num_labels" in request else {}
+    if request.get("compressed_tensors_dequantize"):
+        from transformers import CompressedTensorsConfig
+
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     model, keys = load(model_dir, task, extra)
     if adapter_dir:
         model, keys["adapter_unexpected_keys"] = load_adapter(model, adapter_dir)

@@ -344,6 +344,221 @@ fn tiny_structurally_pruned_jobs_load_in_transformers() -> Result<()> {
     Ok(())
 }
 
+/// The tiny keyword classifier fine-tuned, then quantized by `quantize`, saved also in the
+/// compressed-tensors layout.
+fn tiny_compressed_tensors_job(quantize: Value) -> Result<Job> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-compressed-tensors", "model": model,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
+            quantize
+        ],
+        "outputs": ["safetensors", "compressed_tensors"]
+    });
+    Job::run(spec, model, dataset, dir)
+}
+
+/// The three quantizations the compressed-tensors layout stores, with the format each is written
+/// in and whether the engine's model quantizes its inputs at run time.
+fn compressed_tensors_cases() -> [(Value, &'static str, bool); 3] {
+    [
+        (
+            json!({"type": "quantize", "scheme": "int4", "group_size": 32}),
+            "pack-quantized",
+            false,
+        ),
+        (
+            json!({"type": "quantize", "scheme": "int8"}),
+            "pack-quantized",
+            false,
+        ),
+        (
+            json!({"type": "quantize", "method": "dynamic", "scheme": "int8"}),
+            "int-quantized",
+            true,
+        ),
+    ]
+}
+
+#[test]
+fn quantized_jobs_write_the_compressed_tensors_layout() -> Result<()> {
+    use compressd_engine::quant::st_file::SafetensorsFile;
+    for (quantize, format, dynamic) in compressed_tensors_cases() {
+        let job = tiny_compressed_tensors_job(quantize)?;
+        let dir = job.result.final_dir.join("compressed-tensors");
+        let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+        let q = &config["quantization_config"];
+        assert_eq!(q["quant_method"], "compressed-tensors", "{q}");
+        assert_eq!(q["format"], format, "{q}");
+        assert_eq!(q["quantization_status"], "compressed");
+        assert_eq!(
+            q["ignore"],
+            json!(["classifier"]),
+            "the head stays f32: {q}"
+        );
+        let group = &q["config_groups"]["group_0"];
+        assert_eq!(group["targets"], json!(["Linear"]));
+        assert_eq!(group["input_activations"].is_null(), !dynamic, "{group}");
+        assert_eq!(
+            config["architectures"],
+            json!(["BertForSequenceClassification"])
+        );
+        assert!(dir.join("tokenizer.json").is_file());
+        let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+        let entry = |name: &str| {
+            file.entries()
+                .get(name)
+                .map(|e| (e.dtype.clone(), e.shape.clone()))
+        };
+        let query = "bert.encoder.layer.0.attention.self.query";
+        let bits = group["weights"]["num_bits"].as_u64().unwrap_or(0);
+        match (bits, dynamic) {
+            (4, _) => {
+                assert_eq!(group["weights"]["group_size"], 32);
+                assert_eq!(group["weights"]["symmetric"], false);
+                let packed = entry(&format!("{query}.weight_packed"));
+                assert_eq!(packed, Some(("I32".into(), vec![32, 4])));
+                let zeros = entry(&format!("{query}.weight_zero_point"));
+                assert_eq!(zeros, Some(("I32".into(), vec![4, 1])));
+                let scales = entry(&format!("{query}.weight_scale"));
+                assert_eq!(scales, Some(("F32".into(), vec![32, 1])));
+            }
+            (8, false) => {
+                let packed = entry(&format!("{query}.weight_packed"));
+                assert_eq!(packed, Some(("I32".into(), vec![32, 8])));
+                assert_eq!(entry(&format!("{query}.weight_zero_point")), None);
+            }
+            (8, true) => {
+                assert_eq!(
+                    entry(&format!("{query}.weight")),
+                    Some(("I8".into(), vec![32, 32]))
+                );
+                assert_eq!(group["input_activations"]["strategy"], "token");
+            }
+            other => panic!("unexpected weights {other:?}: {group}"),
+        }
+        // Tables and the head are dense, as the model computes with them.
+        let table = entry("bert.embeddings.word_embeddings.weight");
+        assert_eq!(table.map(|(d, _)| d), Some("F32".to_string()));
+        assert_eq!(
+            entry("classifier.weight").map(|(d, _)| d),
+            Some("F32".to_string())
+        );
+    }
+    Ok(())
+}
+
+/// Issue 15: the int8 and int4 exports load through compressed-tensors in transformers with every
+/// tensor in place, and compute what ours compute: weight-only ones exactly our dequantized
+/// weights (logits within float rounding of the engine's model on them), the dynamic one with its
+/// inputs quantized per token as our int8 kernel does.
+#[test]
+#[ignore = "needs transformers and compressed-tensors: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_compressed_tensors_jobs_load_in_transformers() -> Result<()> {
+    for (quantize, _, dynamic) in compressed_tensors_cases() {
+        let job = tiny_compressed_tensors_job(quantize.clone())?;
+        let model = job.reload_final()?;
+        let rows = tiny_classifier_rows(&job)?;
+        // Weight-only: the dequantized weights in f32 (what transformers computes with);
+        // dynamic: the engine's int8 × int8 model itself.
+        let logits = if dynamic {
+            quantized_classifier_logits(&model, &rows)?
+        } else {
+            classifier_logits(&model, &rows)?
+        };
+        // Asymmetric int4 loads only with `dequantize=True` (compressed_tensors.rs says why).
+        let int4 = quantize["scheme"] == "int4";
+        let request = json!({
+            "model_dir": job.result.final_dir.join("compressed-tensors"),
+            "task": "sequence_classification",
+            "rows": rows.iter().zip(&logits)
+                .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+            "compressed_tensors_dequantize": int4,
+        });
+        let result = transformers_compare(&request)?;
+        assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
+        // The folder holds no plain `weight` for a quantized layer: without compressed-tensors
+        // transformers would report them missing.
+        let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+        eprintln!("{quantize}: transformers vs engine, max |logit diff| {diff:e}");
+        let tolerance = if dynamic { 1e-2 } else { 1e-4 };
+        assert!(diff < tolerance, "{quantize}: logits differ by {diff}");
+    }
+    Ok(())
+}
+
+/// A tiny Llama (tied and untied output layer) quantized to int4, in the compressed-tensors layout:
+/// transformers computes with exactly our dequantized weights, its `lm_head` left dense.
+#[test]
+#[ignore = "needs transformers and compressed-tensors: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_llama_compressed_tensors_job_loads_in_transformers() -> Result<()> {
+    for tied in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let model = dir.path().join("model");
+        write_llama(&model, tied)?;
+        let dataset = dir.path().join("corpus.txt");
+        write_corpus(&dataset)?;
+        let spec = json!({
+            "name": "tiny-llama-compressed-tensors", "model": model,
+            "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+            "pipeline": [{"type": "quantize", "scheme": "int4", "group_size": 32}],
+            "outputs": ["safetensors", "compressed_tensors"]
+        });
+        let job = Job::run(spec, model, dataset, dir)?;
+        let folder = job.result.final_dir.join("compressed-tensors");
+        let config: Value = serde_json::from_slice(&std::fs::read(folder.join("config.json"))?)?;
+        let ignore = &config["quantization_config"]["ignore"];
+        assert!(
+            ignore
+                .as_array()
+                .is_some_and(|i| i.contains(&json!("lm_head"))),
+            "tied {tied}: {ignore}"
+        );
+        let reloaded = job.reload_final()?;
+        let rows = tiny_corpus_rows(&job)?;
+        let logits = lm_logits(&reloaded, &rows)?;
+        let request = json!({
+            "model_dir": folder, "task": "causal_lm",
+            "rows": rows.iter().zip(&logits)
+                .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+            "compressed_tensors_dequantize": true,
+        });
+        let result = transformers_compare(&request)?;
+        assert_loaded_and_agrees(&result, "LlamaForCausalLM", 0.99);
+        let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+        assert!(diff < 1e-3, "tied {tied}: logits differ by {diff}");
+    }
+    Ok(())
+}
+
+/// The engine's logits for each row with the model's own (quantized) layers.
+fn quantized_classifier_logits(model: &WorkingModel, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
+    let cfg: BertConfig = serde_json::from_value(model.config.clone())?;
+    let vb = model
+        .store
+        .var_builder(candle_core::DType::F32, &Device::Cpu);
+    let classifier = BertForSequenceClassification::load(vb, &cfg, &model.linear_factory())?;
+    rows.iter()
+        .map(|ids| {
+            let input_ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let input = BertInput {
+                input_ids: &input_ids,
+                token_type_ids: None,
+                attention_mask: None,
+            };
+            let logits = classifier.forward(input, None)?.logits;
+            Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        })
+        .collect()
+}
+
 /// `../shared` (or `COMPRESSD_SHARED`) when it holds the real models and data.
 fn shared() -> Option<PathBuf> {
     let dir = std::env::var_os("COMPRESSD_SHARED")
@@ -393,17 +608,43 @@ fn assert_bbc_classifier_agrees_in_transformers(
     dataset: &Path,
     count: usize,
 ) -> Result<()> {
+    let logits = |model: &WorkingModel, rows: &[Vec<u32>]| classifier_logits(model, rows);
+    compare_bbc_in_transformers(
+        job,
+        &job.result.final_dir,
+        dataset,
+        count,
+        logits,
+        json!({}),
+    )
+    .map(|_| ())
+}
+
+/// Loads `folder` (the job's final folder or one beside it) in transformers with `extra` request
+/// fields and compares it with `engine_logits` of the job's final model on the first `count` BBC
+/// test texts, each side tokenizing with the folder's own tokenizer; returns the comparison.
+fn compare_bbc_in_transformers(
+    job: &Job,
+    folder: &Path,
+    dataset: &Path,
+    count: usize,
+    engine_logits: impl Fn(&WorkingModel, &[Vec<u32>]) -> Result<Vec<Vec<f32>>>,
+    extra: Value,
+) -> Result<Value> {
     let texts = bbc_test_texts(dataset, count)?;
-    let encoder = TextEncoder::from_file(&job.result.final_dir.join("tokenizer.json"), 128)?;
+    let encoder = TextEncoder::from_file(&folder.join("tokenizer.json"), 128)?;
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let rows = encoder.encode_all(&refs)?;
-    let logits = classifier_logits(&job.reload_final()?, &rows)?;
-    let request = json!({
-        "model_dir": job.result.final_dir, "task": "sequence_classification",
+    let logits = engine_logits(&job.reload_final()?, &rows)?;
+    let mut request = json!({
+        "model_dir": folder, "task": "sequence_classification",
         "rows": rows.iter().zip(&logits)
             .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
         "tokenize": {"texts": texts, "max_length": 128},
     });
+    if let (Some(request), Some(extra)) = (request.as_object_mut(), extra.as_object()) {
+        request.extend(extra.clone());
+    }
     let result = transformers_compare(&request)?;
     assert_loaded_and_agrees(&result, "BertForSequenceClassification", 0.99);
     assert_eq!(result["predictions"], count);
@@ -412,7 +653,7 @@ fn assert_bbc_classifier_agrees_in_transformers(
         tokens >= 0.99,
         "tokenizations agree on {tokens} of the rows"
     );
-    Ok(())
+    Ok(result)
 }
 
 #[test]
@@ -459,6 +700,71 @@ fn minilm_bbc_distilled_student_loads_in_transformers() -> Result<()> {
     let vocab = config["vocab_size"].as_u64().unwrap_or(u64::MAX);
     assert!(vocab < 30_522, "the vocabulary was not trimmed: {vocab}");
     assert_bbc_classifier_agrees_in_transformers(&job, &dataset, 200)
+}
+
+/// Issue 15: MiniLM fine-tuned on BBC, quantized to int4 (groups of 32) and to dynamic int8, in
+/// the compressed-tensors layout: loaded through compressed-tensors in transformers, the int4 model
+/// computes exactly with our dequantized weights (the same argmax on every row), and the dynamic
+/// one with its inputs quantized per token as our int8 × int8 kernel does (logits within the
+/// rounding of the two implementations, argmax on at least 99 of 100 rows).
+#[test]
+#[ignore = "slow: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::minilm_bbc"]
+fn minilm_bbc_compressed_tensors_load_in_transformers() -> Result<()> {
+    let (model, dataset) = minilm_and_bbc()?;
+    let cases = [
+        (
+            json!({"type": "quantize", "scheme": "int4", "group_size": 32}),
+            false,
+        ),
+        (
+            json!({"type": "quantize", "method": "dynamic", "scheme": "int8"}),
+            true,
+        ),
+    ];
+    for (quantize, dynamic) in cases {
+        let spec = json!({
+            "name": "minilm-bbc-compressed-tensors", "model": model, "seed": 7,
+            "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
+                     "max_train_samples": 160, "max_eval_samples": 120},
+            "pipeline": [
+                {"type": "finetune", "epochs": 1, "learning_rate": 1e-4,
+                 "head_learning_rate": 3e-3, "batch_size": 16},
+                quantize
+            ],
+            "outputs": ["safetensors", "compressed_tensors"]
+        });
+        let job = Job::run(spec, model.clone(), dataset.clone(), tempfile::tempdir()?)?;
+        let folder = job.result.final_dir.join("compressed-tensors");
+        let result = if dynamic {
+            compare_bbc_in_transformers(
+                &job,
+                &folder,
+                &dataset,
+                100,
+                quantized_classifier_logits,
+                json!({}),
+            )?
+        } else {
+            compare_bbc_in_transformers(
+                &job,
+                &folder,
+                &dataset,
+                100,
+                classifier_logits,
+                json!({"compressed_tensors_dequantize": true}),
+            )?
+        };
+        let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+        eprintln!("{quantize}: transformers vs engine on 100 BBC rows, max |logit diff| {diff:e}");
+        // The dynamic one rounds each token's inputs on both sides, in different orders of
+        // summation: a near tie may flip (measured: 1 row in 100, 1.2e-2 apart).
+        if !dynamic {
+            assert_eq!(result["argmax_agreement"], 1.0, "{result}");
+        }
+        let tolerance = if dynamic { 5e-2 } else { 1e-3 };
+        assert!(diff < tolerance, "{quantize}: logits differ by {diff}");
+    }
+    Ok(())
 }
 
 #[test]
