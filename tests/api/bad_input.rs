@@ -667,3 +667,55 @@ async fn qat_bad_settings_and_no_training_rows_are_422() {
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
 }
+
+/// The compressed-tensors layout stores int8 and int4: a pipeline that does not end with such a
+/// quantized model is refused at the output.
+#[tokio::test]
+async fn compressed_tensors_output_without_an_int8_or_int4_model_is_422() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let with = |pipeline: Value| {
+        move |s: &mut Value| {
+            s["pipeline"] = pipeline;
+            s["outputs"] = json!(["safetensors", "compressed_tensors"]);
+        }
+    };
+    for pipeline in [
+        json!([{"type": "finetune", "epochs": 1}]),
+        json!([{"type": "quantize", "scheme": "nf4"}]),
+        json!([{"type": "quantize", "scheme": "q4_k"}]),
+        json!([{"type": "quantize", "scheme": "int8"}, {"type": "distill", "student_layers": 1}]),
+    ] {
+        let reply = rejected_spec(&api, with(pipeline.clone())).await;
+        assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "invalid-spec");
+        assert_eq!(
+            reply.pointer(),
+            "/outputs/1",
+            "{pipeline}: {:?}",
+            reply.body
+        );
+        let detail = reply.body["detail"].as_str().unwrap();
+        assert!(detail.contains("compressed-tensors"), "{detail}");
+    }
+    for pipeline in [
+        json!([{"type": "quantize", "scheme": "int4", "group_size": 32}]),
+        json!([{"type": "quantize", "method": "dynamic", "scheme": "int8"}]),
+    ] {
+        let reply = api
+            .post_json(
+                "/v1/jobs",
+                &{
+                    let mut s = api.spec();
+                    with(pipeline.clone())(&mut s);
+                    s
+                },
+                &[],
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "{pipeline}: {:?}",
+            reply.body
+        );
+    }
+}
