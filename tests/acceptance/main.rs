@@ -12,6 +12,7 @@ mod minilm;
 mod minilm_distill;
 mod minilm_dynamic;
 mod minilm_loraprune;
+mod minilm_qat;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;

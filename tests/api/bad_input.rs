@@ -719,3 +719,70 @@ async fn compressed_tensors_output_without_an_int8_or_int4_model_is_422() {
         );
     }
 }
+
+/// Static int8: its fields only with `method: "static"`, int8 only, in range, one fallback rule.
+#[tokio::test]
+async fn static_quantization_bad_settings_are_422() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let quantize = |stage: Value| move |s: &mut Value| s["pipeline"] = json!([stage]);
+    let cases = [
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int4"}),
+            "/pipeline/0/scheme",
+        ),
+        (
+            json!({"type": "quantize", "method": "dynamic", "scheme": "int8", "calibration_batches": 4}),
+            "/pipeline/0/calibration_batches",
+        ),
+        (
+            json!({"type": "quantize", "scheme": "int8", "fallback": {"share": 0.1}}),
+            "/pipeline/0/fallback",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8", "calibration_batches": 0}),
+            "/pipeline/0/calibration_batches",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8", "percentile": 99.0}),
+            "/pipeline/0/percentile",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8",
+                   "calibration": "percentile", "percentile": 50}),
+            "/pipeline/0/percentile",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8",
+                   "fallback": {"share": 0.1, "max_output_error": 0.2}}),
+            "/pipeline/0/fallback",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8",
+                   "fallback": {"share": 1.5}}),
+            "/pipeline/0/fallback/share",
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8", "calibration": "best"}),
+            "/pipeline/0/calibration",
+        ),
+    ];
+    for (stage, pointer) in cases {
+        assert_invalid_at(&api, pointer, quantize(stage)).await;
+    }
+    let reply = api
+        .post_json(
+            "/v1/jobs",
+            &{
+                let mut s = api.spec();
+                quantize(
+                    json!({"type": "quantize", "method": "static", "scheme": "int8",
+                    "calibration": "percentile", "percentile": 99.9,
+                    "fallback": {"max_output_error": 0.05}}),
+                )(&mut s);
+                s
+            },
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}

@@ -7,8 +7,9 @@
 //!   endian, as the unsigned value `q + 2^(bits-1)`), `m.weight_scale` (f32, `[out, groups]`),
 //!   `m.weight_shape` (int64 `[out, in]`), and for asymmetric int4 `m.weight_zero_point` (int32,
 //!   packed the same way along the output dimension: `[⌈out / 8⌉, groups]`);
-//! - `int-quantized` (int8 weights with int8 inputs per token at run time, W8A8 dynamic):
-//!   `m.weight` (int8) and `m.weight_scale` (f32, `[out, 1]`).
+//! - `int-quantized` (int8 weights with int8 inputs, W8A8: per token at run time, or static with
+//!   one calibrated scale per layer): `m.weight` (int8), `m.weight_scale` (f32, `[out, 1]`) and,
+//!   static, `m.input_scale` (f32, `[1]`).
 //!
 //! Which loader reads what (compressed-tensors 0.20.1, transformers 5.25): the int8 folders load
 //! with a plain `from_pretrained`; asymmetric int4 loads with
@@ -58,6 +59,20 @@ pub struct CompressedTensorsExport<'a> {
     pub dense_linear: Vec<String>,
     /// Whether the linear layers' inputs are quantized to int8 per token at run time.
     pub dynamic: bool,
+    /// Static W8A8: each quantized module's calibrated input scale, by module path (engine
+    /// names); empty otherwise.
+    pub input_scales: &'a BTreeMap<String, f32>,
+}
+
+/// How a model's linear layers quantize their inputs when they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Inputs {
+    /// Not at all (weight-only).
+    Float,
+    /// int8 per token, computed at run time.
+    Dynamic,
+    /// int8 with one calibrated scale per layer (`input_scale`).
+    Static,
 }
 
 /// The one scheme every quantized linear layer of a model must share to be written in this
@@ -99,15 +114,20 @@ pub fn export_compressed_tensors(
     tokenizer_dir: Option<&Path>,
 ) -> Result<()> {
     let scheme = compressed_tensors_scheme(model.linear)?;
-    if model.dynamic && scheme != QuantScheme::Int8 {
+    let inputs = match (model.dynamic, model.input_scales.is_empty()) {
+        (true, _) => Inputs::Dynamic,
+        (false, false) => Inputs::Static,
+        (false, true) => Inputs::Float,
+    };
+    if inputs != Inputs::Float && scheme != QuantScheme::Int8 {
         return Err(EngineError::Unsupported(format!(
-            "compressed-tensors: int8 inputs per token go with int8 weights, not {scheme}"
+            "compressed-tensors: int8 inputs go with int8 weights, not {scheme}"
         )));
     }
     let arch = model.arch;
     let mut config = arch.export_config(model.config)?;
     let ignore = ignored_modules(arch, &model);
-    config["quantization_config"] = quantization_config(scheme, model.dynamic, ignore);
+    config["quantization_config"] = quantization_config(scheme, inputs, ignore);
     export_hf_folder(dir, &config, &[], tokenizer_dir)?;
 
     let mut plan = Vec::new();
@@ -130,16 +150,27 @@ pub fn export_compressed_tensors(
         };
         let module = exported.strip_suffix(".weight").unwrap_or(&exported);
         match &**weight {
-            QuantizedWeight::Int8(w) if model.dynamic => {
+            QuantizedWeight::Int8(w) if inputs != Inputs::Float => {
                 let (rows, cols) = rows_cols(&w.dims)?;
                 let values = w.qweight.iter().map(|&q| q.to_le_bytes()[0]).collect();
                 push(format!("{module}.weight"), "I8", vec![rows, cols], values);
+                let scales = scales(w);
                 push(
                     format!("{module}.weight_scale"),
                     "F32",
                     vec![rows, 1],
-                    scales(w),
+                    scales,
                 );
+                if inputs == Inputs::Static {
+                    let engine_module = name.strip_suffix(".weight").unwrap_or(name);
+                    let scale = model.input_scales.get(engine_module).ok_or_else(|| {
+                        EngineError::InvalidModel(format!(
+                            "compressed-tensors: {engine_module} has no calibrated input scale"
+                        ))
+                    })?;
+                    let bytes = scale.to_le_bytes().to_vec();
+                    push(format!("{module}.input_scale"), "F32", vec![1], bytes);
+                }
             }
             QuantizedWeight::Int8(w) => {
                 let (rows, cols) = rows_cols(&w.dims)?;
@@ -219,7 +250,7 @@ pub fn export_compressed_tensors(
 }
 
 /// The `quantization_config` of a model whose linear layers (all but `ignore`) use `scheme`.
-fn quantization_config(scheme: QuantScheme, dynamic: bool, ignore: Vec<String>) -> Value {
+fn quantization_config(scheme: QuantScheme, inputs: Inputs, ignore: Vec<String>) -> Value {
     let (weights, format) = match scheme {
         QuantScheme::Int4 { group_size } => (
             json!({"num_bits": 4, "type": "int", "symmetric": false, "strategy": "group",
@@ -229,17 +260,20 @@ fn quantization_config(scheme: QuantScheme, dynamic: bool, ignore: Vec<String>) 
         _ => (
             json!({"num_bits": 8, "type": "int", "symmetric": true, "strategy": "channel",
                    "group_size": null, "dynamic": false}),
-            if dynamic {
-                "int-quantized"
-            } else {
+            if inputs == Inputs::Float {
                 "pack-quantized"
+            } else {
+                "int-quantized"
             },
         ),
     };
-    let inputs = dynamic.then(|| {
-        json!({"num_bits": 8, "type": "int", "symmetric": true, "strategy": "token",
-               "group_size": null, "dynamic": true})
-    });
+    let inputs = match inputs {
+        Inputs::Float => None,
+        Inputs::Dynamic => Some(json!({"num_bits": 8, "type": "int", "symmetric": true,
+            "strategy": "token", "group_size": null, "dynamic": true})),
+        Inputs::Static => Some(json!({"num_bits": 8, "type": "int", "symmetric": true,
+            "strategy": "tensor", "group_size": null, "dynamic": false})),
+    };
     json!({
         "quant_method": "compressed-tensors",
         "format": format,

@@ -137,10 +137,10 @@ enum RowValues {
 }
 
 impl QuantizedRows {
-    fn new(x: &[f32], weight: &PackedInt8) -> Self {
+    fn new(x: &[f32], weight: &PackedInt8, fixed: Option<f32>) -> Self {
         let (in_features, k_pad) = (weight.in_features, weight.k_pad);
         if weight.kernel == Int8Kernel::Avx512Vnni {
-            let (values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad);
+            let (values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad, fixed);
             return Self {
                 values: RowValues::U8(values),
                 scales,
@@ -155,7 +155,7 @@ impl QuantizedRows {
             .zip(values.chunks_mut(k_pad.max(1)))
             .zip(scales.iter_mut())
         {
-            let (step, inv) = crate::quant::int8::symmetric_scale(row);
+            let (step, inv) = crate::quant::int8::row_scale(row, fixed);
             *scale = step;
             for (q, &v) in out.iter_mut().zip(row) {
                 *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i16;
@@ -269,6 +269,18 @@ fn scalar_panel_sums(
 /// Each parallel task quantizes its own rows, so that work is split over the threads too.
 /// The caller checks that `x.len()` is a multiple of `in_features` (the layer does).
 pub fn matmul(x: &[f32], weight: &PackedInt8, bias: Option<&[f32]>) -> Vec<f32> {
+    matmul_with_input_scale(x, weight, bias, None)
+}
+
+/// As [`matmul`], with every row of `x` quantized with `input_scale` when given (static
+/// quantization: a scale calibrated beforehand, values beyond `127 · scale` clamped) instead of
+/// its own.
+pub fn matmul_with_input_scale(
+    x: &[f32],
+    weight: &PackedInt8,
+    bias: Option<&[f32]>,
+    input_scale: Option<f32>,
+) -> Vec<f32> {
     let (n, k) = (weight.out_features, weight.in_features.max(1));
     let rows = x.len() / k;
     let mut y = vec![0f32; rows * n];
@@ -283,12 +295,12 @@ pub fn matmul(x: &[f32], weight: &PackedInt8, bias: Option<&[f32]>) -> Vec<f32> 
         y.par_chunks_mut(per_task * n)
             .zip(x.par_chunks(per_task * k))
             .for_each(|(out, x)| {
-                let quantized = QuantizedRows::new(x, weight);
+                let quantized = QuantizedRows::new(x, weight, input_scale);
                 row_block(&quantized, weight, 0..weight.panels(), bias, out);
             });
     } else {
         // Few rows (decoding): split the panels instead and gather each task's columns.
-        let quantized = QuantizedRows::new(x, weight);
+        let quantized = QuantizedRows::new(x, weight, input_scale);
         let panels = weight.panels();
         let panel_width = weight.kernel.panel_shape().0;
         let per_task = panels.div_ceil(threads).max(1);
@@ -453,6 +465,42 @@ mod tests {
                     .sum();
                 let expected = sum as f32 * (1.0 / 127.0 * w.scales[c].to_f32());
                 assert_eq!(got, expected, "{kernel:?} [{r}, {c}]");
+            }
+        }
+    }
+
+    /// Static quantization: every row takes the given scale, values beyond `127 · scale` clamp,
+    /// and every kernel computes the same integers as the reference.
+    #[test]
+    fn a_fixed_input_scale_quantizes_every_row_with_it() {
+        let (rows, n, k) = (9, 20, 37);
+        let w = Int8Weight::quantize(&values(n * k, 3), &[n, k]);
+        // Rows of growing magnitude: the later ones exceed the clip of 2.0 and saturate.
+        let x: Vec<f32> = values(rows * k, 11)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1 + i / k) as f32)
+            .collect();
+        let scale = 2.0 / 127.0;
+        let qx: Vec<f32> = x
+            .iter()
+            .map(|v| crate::quant::int8::round_clamped(v / scale, 127.0))
+            .collect();
+        for kernel in Int8Kernel::available() {
+            let packed = PackedInt8::pack_for(&w, kernel).unwrap();
+            let y = matmul_with_input_scale(&x, &packed, None, Some(scale));
+            for r in 0..rows {
+                for c in 0..n {
+                    let dot: f32 = (0..k)
+                        .map(|j| qx[r * k + j] * f32::from(w.qweight[c * k + j]))
+                        .sum();
+                    let expected = dot * scale * w.scales[c].to_f32();
+                    let got = y[r * n + c];
+                    assert!(
+                        (got - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                        "{kernel:?} [{r}, {c}]: {got} vs {expected}"
+                    );
+                }
             }
         }
     }

@@ -55,12 +55,18 @@ pub(crate) struct Weight<'a> {
 
 /// Rows of `x` as unsigned bytes (`qx + 128`), `k_pad` per row, with one scale per row, quantized
 /// in the kernel's instruction set (so the rounding loop is vectorized with it).
-pub(crate) fn quantize_rows(x: &[f32], k: usize, k_pad: usize) -> (Vec<u8>, Vec<f32>) {
+/// With `fixed`, every row takes that scale (static quantization) instead of its own.
+pub(crate) fn quantize_rows(
+    x: &[f32],
+    k: usize,
+    k_pad: usize,
+    fixed: Option<f32>,
+) -> (Vec<u8>, Vec<f32>) {
     assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512 is present (checked above); the function only uses safe slice code.
     unsafe {
-        x86::quantize_rows(x, k, k_pad)
+        x86::quantize_rows(x, k, k_pad, fixed)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
@@ -110,7 +116,12 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX-512 F and BW.
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn quantize_rows(x: &[f32], k: usize, k_pad: usize) -> (Vec<u8>, Vec<f32>) {
+    pub(super) unsafe fn quantize_rows(
+        x: &[f32],
+        k: usize,
+        k_pad: usize,
+        fixed: Option<f32>,
+    ) -> (Vec<u8>, Vec<f32>) {
         let rows = x.len() / k.max(1);
         let mut values = vec![128u8; rows * k_pad];
         let mut scales = vec![0f32; rows];
@@ -119,7 +130,7 @@ mod x86 {
             .zip(values.chunks_mut(k_pad.max(1)))
             .zip(scales.iter_mut())
         {
-            let (step, inv) = crate::quant::int8::symmetric_scale(row);
+            let (step, inv) = crate::quant::int8::row_scale(row, fixed);
             *scale = step;
             for (q, &v) in out.iter_mut().zip(row) {
                 *q = (crate::quant::int8::round_clamped(v * inv, 127.0) + 128.0) as u8;

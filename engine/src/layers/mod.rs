@@ -31,7 +31,7 @@ pub use dense::DenseLinear;
 pub use fake_quant::{fake_quantize, fake_quantize_tokens, FakeQuantLinear};
 pub use lora::LoraLinear;
 pub use quantized::{KernelPath, QuantizedLinear};
-pub use recording::{InputRecorder, RecordingLinear};
+pub use recording::{ActivationSample, InputRecorder, RecordingLinear, SampleLimits};
 
 use crate::error::EngineError;
 use crate::models::common::DropoutRng;
@@ -168,7 +168,12 @@ pub struct LinearFactory {
     recorder: Option<Arc<InputRecorder>>,
     /// The dropout probability LoRA layers apply to their adapter's input in training.
     lora_dropout: f64,
+    /// Static int8: the calibrated input scale of each quantized module, by module path.
+    input_scales: InputScales,
 }
+
+/// Calibrated input scales of statically quantized linear layers, by module path.
+pub type InputScales = Arc<BTreeMap<String, f32>>;
 
 impl LinearFactory {
     /// A factory following `plan`.
@@ -178,7 +183,15 @@ impl LinearFactory {
             packed: PackedWeights::default(),
             recorder: None,
             lora_dropout: 0.0,
+            input_scales: InputScales::default(),
         }
+    }
+
+    /// The same factory, building the quantized layers `scales` names with their inputs quantized
+    /// with that fixed scale ([`QuantizedLinear::with_input_scale`]).
+    pub fn with_input_scales(mut self, scales: InputScales) -> Self {
+        self.input_scales = scales;
+        self
     }
 
     /// The same factory, building LoRA layers that drop their adapter's input with probability `p`
@@ -276,7 +289,11 @@ impl LinearFactory {
                 } else {
                     None
                 };
-                Ok(Arc::new(QuantizedLinear::new(weight, bias, vb.device())?))
+                let layer = QuantizedLinear::new(weight, bias, vb.device())?;
+                Ok(Arc::new(match self.input_scales.get(&vb.prefix()) {
+                    Some(&scale) => layer.with_input_scale(scale),
+                    None => layer,
+                }))
             }
             (LinearKind::Lora { rank, alpha }, _) => Ok(Arc::new(
                 LoraLinear::load(vb, in_features, out_features, bias, rank, alpha)?

@@ -54,9 +54,20 @@ pub struct QuantizedLinear {
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
+    /// Static quantization: the calibrated scale every input row is quantized with on the int8
+    /// kernel (`None`: each row's own, computed at run time).
+    input_scale: Option<f32>,
 }
 
 impl QuantizedLinear {
+    /// The same layer with its inputs quantized with the fixed `scale` on the int8 kernel (static
+    /// W8A8). Kernels other than our CPU int8 one (CUDA, block types) keep their own input
+    /// handling.
+    pub fn with_input_scale(mut self, scale: f32) -> Self {
+        self.input_scale = Some(scale);
+        self
+    }
+
     /// Builds the layer from a quantized weight on `device`.
     ///
     /// # Errors
@@ -79,6 +90,7 @@ impl QuantizedLinear {
             bias,
             in_features,
             out_features,
+            input_scale: None,
         })
     }
 
@@ -237,7 +249,7 @@ impl LinearLayer for QuantizedLinear {
             Compute::Int8(packed) => {
                 let shape = (packed.in_features(), packed.out_features());
                 return cpu_forward(&x, shape, self.bias.as_ref(), |values, bias| {
-                    int8_matmul::matmul(values, packed, bias)
+                    int8_matmul::matmul_with_input_scale(values, packed, bias, self.input_scale)
                 })?
                 .to_dtype(in_dtype);
             }

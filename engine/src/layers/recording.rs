@@ -10,10 +10,37 @@ use candle_core::{DType, Result, Tensor};
 use super::{LinearKind, LinearLayer};
 use crate::models::common::DropoutRng;
 
-/// Per module path, the running sum over all input rows of each input feature's square.
+/// Per module path, the running sum over all input rows of each input feature's square; with
+/// [`InputRecorder::with_samples`], also what static quantization calibrates on.
 #[derive(Debug, Default)]
 pub struct InputRecorder {
     sums: Mutex<BTreeMap<String, Vec<f64>>>,
+    samples: Option<SampleLimits>,
+    sampled: Mutex<BTreeMap<String, ActivationSample>>,
+}
+
+/// How much of each module's inputs a sampling recorder keeps.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleLimits {
+    /// Values taken (evenly strided) from each input a module sees.
+    pub values_per_input: usize,
+    /// Values kept per module in all.
+    pub max_values: usize,
+    /// Whole input rows kept per module (the first ones seen).
+    pub max_rows: usize,
+}
+
+/// What a sampling recorder kept of one module's inputs.
+#[derive(Clone, Debug, Default)]
+pub struct ActivationSample {
+    /// The largest |x| seen, over every input.
+    pub absmax: f32,
+    /// Values taken evenly from every input seen, up to the limit.
+    pub values: Vec<f32>,
+    /// The first input rows seen, row-major, `width` values each.
+    pub rows: Vec<f32>,
+    /// Values per row.
+    pub width: usize,
 }
 
 impl InputRecorder {
@@ -22,8 +49,25 @@ impl InputRecorder {
         Self::default()
     }
 
+    /// An empty recorder that also keeps, per module, the largest |x|, a strided sample of input
+    /// values and the first input rows (static quantization's calibration).
+    pub fn with_samples(limits: SampleLimits) -> Self {
+        Self {
+            samples: Some(limits),
+            ..Self::default()
+        }
+    }
+
+    /// What was kept of the inputs of the module at `path` (a sampling recorder).
+    pub fn sample(&self, path: &str) -> Option<ActivationSample> {
+        self.sampled.lock().ok()?.get(path).cloned()
+    }
+
     /// Adds `x` (`(…, in_features)`) seen by the module at `path`.
     fn record(&self, path: &str, x: &Tensor) -> Result<()> {
+        if let Some(limits) = self.samples {
+            self.record_sample(path, x, limits)?;
+        }
         let features = x.dim(x.rank() - 1)?;
         let squares = x
             .detach()
@@ -45,6 +89,40 @@ impl InputRecorder {
         for (sum, square) in entry.iter_mut().zip(squares) {
             *sum += f64::from(square);
         }
+        Ok(())
+    }
+
+    fn record_sample(&self, path: &str, x: &Tensor, limits: SampleLimits) -> Result<()> {
+        let width = x.dim(x.rank() - 1)?;
+        let values = x
+            .detach()
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let absmax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut sampled = self
+            .sampled
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("input recorder poisoned".into()))?;
+        let entry = sampled.entry(path.to_owned()).or_default();
+        if entry.width != 0 && entry.width != width {
+            candle_core::bail!("{path}: inputs of width {width} after {}", entry.width);
+        }
+        entry.width = width;
+        entry.absmax = entry.absmax.max(absmax);
+        let room = limits.max_values.saturating_sub(entry.values.len());
+        let take = limits.values_per_input.min(room).min(values.len());
+        if take > 0 {
+            let stride = values.len() / take;
+            entry
+                .values
+                .extend(values.iter().step_by(stride.max(1)).take(take));
+        }
+        let rows_room = limits
+            .max_rows
+            .saturating_sub(entry.rows.len() / width.max(1));
+        let rows = (values.len() / width.max(1)).min(rows_room);
+        entry.rows.extend_from_slice(&values[..rows * width]);
         Ok(())
     }
 

@@ -157,6 +157,26 @@ pub(crate) fn f16_at_least(x: f32) -> f16 {
 /// The scale (`max |x| / 127`) and its inverse for quantizing `xs` to symmetric i8, as the
 /// inference kernels do with activations at run time; the inverse is 0 for an all-zero or
 /// non-finite `xs`, which then quantizes to zeros.
+/// The step and its inverse for a fixed `scale` (static activation quantization): the inverse is
+/// 0 for a zero or non-finite scale, which then quantizes to zeros.
+#[inline]
+pub(crate) fn fixed_scale(scale: f32) -> (f32, f32) {
+    if scale > 0.0 && scale.is_finite() {
+        (scale, 1.0 / scale)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// The row's own scale, or `fixed` when given (see [`symmetric_scale`] and [`fixed_scale`]).
+#[inline]
+pub(crate) fn row_scale(xs: &[f32], fixed: Option<f32>) -> (f32, f32) {
+    match fixed {
+        Some(scale) => fixed_scale(scale),
+        None => symmetric_scale(xs),
+    }
+}
+
 #[inline]
 pub(crate) fn symmetric_scale(xs: &[f32]) -> (f32, f32) {
     // Compare-and-select keeps this loop vectorized (`f32::max` handles NaN and does not).

@@ -7,7 +7,9 @@ use super::lora::LoraAdapter;
 use super::vocabulary::TrimmedVocabulary;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
-use crate::layers::{InputRecorder, LinearFactory, LinearKind, LinearPlan, PackedWeights};
+use crate::layers::{
+    InputRecorder, InputScales, LinearFactory, LinearKind, LinearPlan, PackedWeights,
+};
 use crate::params::ParamStore;
 use crate::prune::MaskSet;
 use crate::quant::{QuantScheme, QuantizedWeight};
@@ -25,6 +27,9 @@ pub struct QuantizedState {
     /// token at run time. On the CPU every int8 linear layer runs that way (the int8 × int8
     /// kernel); the flag records the method, so a saved and reloaded model says it again.
     pub dynamic: bool,
+    /// Quantized by `method: "static"`: each int8 linear module's calibrated input scale, by
+    /// module path (empty otherwise).
+    pub input_scales: InputScales,
 }
 
 impl QuantizedState {
@@ -209,14 +214,15 @@ impl WorkingModel {
             .map(|state| (*state.weights).clone())
             .unwrap_or_default();
         all.extend(weights);
-        let (scheme, dynamic) = match &self.quantized {
-            Some(state) => (state.scheme, state.dynamic),
-            None => (scheme, false),
+        let (scheme, dynamic, input_scales) = match &self.quantized {
+            Some(state) => (state.scheme, state.dynamic, state.input_scales.clone()),
+            None => (scheme, false, InputScales::default()),
         };
         self.quantized = Some(QuantizedState {
             scheme,
             weights: Arc::new(all),
             dynamic,
+            input_scales,
         });
     }
 
@@ -240,6 +246,9 @@ impl WorkingModel {
                 let union = union.map(|(n, w)| (n.clone(), w.clone())).collect();
                 factory = factory.with_packed(Arc::new(union));
             }
+        }
+        if let Some(state) = &self.quantized {
+            factory = factory.with_input_scales(state.input_scales.clone());
         }
         match &self.recorder {
             Some(recorder) => factory.with_input_recorder(recorder.clone()),
@@ -300,8 +309,17 @@ impl WorkingModel {
             scheme,
             weights: Arc::new(weights),
             dynamic: false,
+            input_scales: InputScales::default(),
         });
         Ok(())
+    }
+
+    /// Records calibrated input scales (static int8), by module path; no-op on a model that is
+    /// not quantized.
+    pub fn set_input_scales(&mut self, scales: BTreeMap<String, f32>) {
+        if let Some(state) = &mut self.quantized {
+            state.input_scales = Arc::new(scales);
+        }
     }
 
     /// Records that the quantization is dynamic (int8 activations per token at run time); no-op on

@@ -16,6 +16,7 @@
 //! quantized and frozen, so the loss sees exactly the values the stored model will hold.
 //! The stage's spec, checks, preconditions and dry-run estimate are in [`spec`].
 
+pub mod calibration;
 pub mod spec;
 
 use std::collections::BTreeMap;
@@ -24,18 +25,21 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use serde::Serialize;
 
-pub use spec::{QatActivations, QatSettings, QuantizeMethod, QuantizeSpec};
+pub use spec::{Fallback, QatActivations, QatSettings, QuantizeMethod, QuantizeSpec};
+
+use calibration::{CalibrationMethod, LayerCalibration};
 
 use super::finetune::DEFAULT_LOG_EVERY_STEPS;
 use super::{Stage, TrainRequest, TrainSettings, TrainSummary, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
-use crate::layers::LinearKind;
+use crate::layers::{InputRecorder, LinearKind, SampleLimits};
 use crate::objective::{Objective, ResponseKd, TaskLoss, WeightedSum};
 use crate::params::Param;
 use crate::pipeline::StageContext;
 use crate::prune::{select_targets, Exclusion};
-use crate::quant::{quantize_least_error, QuantScheme, QuantizedWeight};
+use crate::quant::{quantize, quantize_least_error, QuantScheme, Quantized, QuantizedWeight};
+use crate::train::IgnoreGradients;
 
 /// The stage, built from its spec.
 #[derive(Clone, Debug)]
@@ -45,6 +49,38 @@ pub struct QuantizeStage {
     method: QuantizeMethod,
     /// `method: qat`: how to train.
     qat: QatSettings,
+    /// `method: static`: how the input ranges are calibrated and which layers fall back.
+    calibration: StaticSettings,
+}
+
+/// How a static quantization calibrates.
+#[derive(Clone, Debug)]
+struct StaticSettings {
+    method: CalibrationMethod,
+    batches: usize,
+    percentile: f64,
+    fallback: Option<Fallback>,
+}
+
+/// Rows per calibration batch.
+const CALIBRATION_BATCH_SIZE: usize = 16;
+
+/// What a static quantization's calibration found.
+#[derive(Clone, Debug, Serialize)]
+pub struct StaticCalibration {
+    /// How the input ranges were chosen.
+    pub method: CalibrationMethod,
+    /// `calibration: "percentile"`: the percentile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percentile: Option<f64>,
+    /// Calibration batches asked for.
+    pub batches_requested: usize,
+    /// Calibration batches run (fewer when the training split is smaller).
+    pub batches_run: usize,
+    /// Each linear module's calibration, by module path.
+    pub layers: BTreeMap<String, LayerCalibration>,
+    /// The modules kept in full precision by `fallback`, largest output error first.
+    pub kept_full_precision: Vec<String>,
 }
 
 /// What the stage reports.
@@ -73,6 +109,9 @@ pub struct QuantizeReport {
     /// `qat`: what the training run did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainSummary>,
+    /// `static`: each layer's calibrated input range, its errors and the fallbacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<StaticCalibration>,
 }
 
 impl QuantizeStage {
@@ -91,11 +130,130 @@ impl QuantizeStage {
                 "quantize: int8 activations run on the int8 × int8 kernel, not {scheme}"
             )));
         }
+        if spec.method == QuantizeMethod::Static && scheme != QuantScheme::Int8 {
+            return Err(EngineError::InvalidSetting(format!(
+                "quantize: static quantization is int8, not {scheme}"
+            )));
+        }
+        let calibration = StaticSettings {
+            method: spec.calibration.unwrap_or_default(),
+            batches: spec
+                .calibration_batches
+                .unwrap_or(spec::DEFAULT_CALIBRATION_BATCHES) as usize,
+            percentile: spec.percentile.unwrap_or(spec::DEFAULT_PERCENTILE),
+            fallback: spec.fallback.clone(),
+        };
         Ok(Self {
             scheme,
             exclude: spec.exclude.clone(),
             method: spec.method,
             qat,
+            calibration,
+        })
+    }
+
+    /// Static int8: runs the calibration batches through the float model, recording each planned
+    /// layer's inputs, and chooses each one's input range; the `fallback` rule marks the layers
+    /// of largest output error to keep in full precision.
+    fn calibrate(
+        &self,
+        model: &mut WorkingModel,
+        trainer: &dyn Trainer,
+        candidates: &BTreeMap<String, Vec<QuantScheme>>,
+    ) -> Result<StaticCalibration> {
+        let settings = &self.calibration;
+        let recorder = Arc::new(InputRecorder::with_samples(SampleLimits {
+            values_per_input: 16_384,
+            max_values: 262_144,
+            max_rows: 128,
+        }));
+        model.set_input_recorder(Some(recorder.clone()));
+        let ran = trainer.observe_gradients(
+            model,
+            settings.batches,
+            CALIBRATION_BATCH_SIZE,
+            None,
+            &mut IgnoreGradients,
+        );
+        model.set_input_recorder(None);
+        let ran = ran?;
+        if ran == 0 {
+            return Err(EngineError::InvalidSetting(
+                "quantize: static calibration runs training batches, and the task's training \
+                 split is empty; use \"dynamic\""
+                    .into(),
+            ));
+        }
+        let mut layers = BTreeMap::new();
+        for name in candidates.keys() {
+            let module = name.strip_suffix(".weight").unwrap_or(name).to_string();
+            let sample = recorder.sample(&module).ok_or_else(|| {
+                EngineError::InvalidModel(format!(
+                    "quantize: no calibration input reached {module}"
+                ))
+            })?;
+            let clip = calibration::choose_clip(&sample, settings.method, settings.percentile);
+            let scale = clip / 127.0;
+            let weight = model
+                .store
+                .get(name)
+                .ok_or_else(|| EngineError::InvalidModel(format!("{name} is missing")))?
+                .tensor()
+                .clone();
+            let Quantized::Weight(int8) = quantize(&weight, QuantScheme::Int8)? else {
+                continue;
+            };
+            let dequantized = int8.dequantize(weight.device())?;
+            let output_error = calibration::output_error(&sample, scale, &weight, &dequantized)?;
+            layers.insert(
+                module,
+                LayerCalibration {
+                    absmax: sample.absmax,
+                    clip,
+                    scale,
+                    input_error: calibration::input_error(&sample, scale),
+                    output_error,
+                    kept_full_precision: false,
+                },
+            );
+        }
+        let mut by_error: Vec<(&String, f64)> =
+            layers.iter().map(|(m, l)| (m, l.output_error)).collect();
+        by_error.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let kept: Vec<String> = match &settings.fallback {
+            Some(Fallback {
+                share: Some(share), ..
+            }) => {
+                let count = (share * by_error.len() as f64).ceil() as usize;
+                by_error
+                    .iter()
+                    .take(count)
+                    .map(|(m, _)| (*m).clone())
+                    .collect()
+            }
+            Some(Fallback {
+                max_output_error: Some(limit),
+                ..
+            }) => by_error
+                .iter()
+                .filter(|(_, e)| e > limit)
+                .map(|(m, _)| (*m).clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        for module in &kept {
+            if let Some(layer) = layers.get_mut(module) {
+                layer.kept_full_precision = true;
+            }
+        }
+        Ok(StaticCalibration {
+            method: settings.method,
+            percentile: (settings.method == CalibrationMethod::Percentile)
+                .then_some(settings.percentile),
+            batches_requested: settings.batches,
+            batches_run: ran,
+            layers,
+            kept_full_precision: kept,
         })
     }
 
@@ -104,7 +262,7 @@ impl QuantizeStage {
         match self.method {
             QuantizeMethod::Dynamic => true,
             QuantizeMethod::Qat => self.qat.activations == QatActivations::Int8PerToken,
-            QuantizeMethod::Ptq => false,
+            QuantizeMethod::Ptq | QuantizeMethod::Static => false,
         }
     }
 
@@ -199,10 +357,12 @@ impl QuantizeStage {
         let mut notes = BTreeMap::new();
         // Dynamic quantization is of the linear layers (their inputs are what it quantizes per
         // token); embedding tables keep their precision, as under PyTorch's `quantize_dynamic`.
-        let names = targets
-            .names
-            .into_iter()
-            .filter(|name| self.method != QuantizeMethod::Dynamic || map.is_linear_weight(name));
+        let names = targets.names.into_iter().filter(|name| {
+            !matches!(
+                self.method,
+                QuantizeMethod::Dynamic | QuantizeMethod::Static
+            ) || map.is_linear_weight(name)
+        });
         for name in names {
             let dims = shapes
                 .iter()
@@ -393,6 +553,22 @@ impl Stage for QuantizeStage {
             training = Some(summary);
             stored = tables;
         }
+        let mut calibrated = None;
+        if self.method == QuantizeMethod::Static {
+            let calibration = self.calibrate(model, trainer, &candidates)?;
+            for module in &calibration.kept_full_precision {
+                let name = format!("{module}.weight");
+                candidates.remove(&name);
+                let error = calibration.layers[module].output_error;
+                kept.insert(
+                    name,
+                    format!(
+                        "fallback: static int8 output error {error:.4} on the calibration rows"
+                    ),
+                );
+            }
+            calibrated = Some(calibration);
+        }
         stored.extend(store_quantized(model, &candidates)?);
         let Stored {
             weights: chosen,
@@ -423,10 +599,24 @@ impl Stage for QuantizeStage {
         if self.dynamic() {
             model.mark_dynamic();
         }
+        if let Some(calibration) = &calibrated {
+            let scales = calibration
+                .layers
+                .iter()
+                .filter(|(_, layer)| !layer.kept_full_precision)
+                .filter(|(module, _)| quantized.contains(&format!("{module}.weight")))
+                .map(|(module, layer)| (module.clone(), layer.scale))
+                .collect();
+            model.set_input_scales(scales);
+        }
         let qat = (self.method == QuantizeMethod::Qat).then(|| self.qat.clone());
         let report = QuantizeReport {
             method: self.method.name().to_string(),
-            activations: activations_note(self.scheme, self.dynamic()).to_string(),
+            activations: if self.method == QuantizeMethod::Static {
+                "int8 per tensor, one calibrated scale per layer (static)".to_string()
+            } else {
+                activations_note(self.scheme, self.dynamic()).to_string()
+            },
             scheme: self.scheme.to_string(),
             quantized,
             kept_full_precision: kept,
@@ -434,6 +624,7 @@ impl Stage for QuantizeStage {
             quantization_error: errors,
             qat,
             training,
+            calibration: calibrated,
         };
         serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
     }
@@ -491,6 +682,12 @@ mod tests {
                 exclude: None,
                 method: QuantizeMethod::Ptq,
                 qat: QatSettings::default(),
+                calibration: StaticSettings {
+                    method: CalibrationMethod::Mse,
+                    batches: 1,
+                    percentile: 99.99,
+                    fallback: None,
+                },
             };
             stage.plan(&model, None)
         };

@@ -44,6 +44,11 @@ pub(super) fn architecture(config: &serde_json::Value, task: TaskType) -> Result
 pub const DYNAMIC_METADATA_KEY: &str = "quantization_activations";
 /// See [`DYNAMIC_METADATA_KEY`].
 pub const DYNAMIC_METADATA_VALUE: &str = "int8_per_token_dynamic";
+/// The [`DYNAMIC_METADATA_KEY`] value of a statically quantized model (one calibrated scale per
+/// layer, in [`INPUT_SCALES_METADATA_KEY`]).
+pub const STATIC_METADATA_VALUE: &str = "int8_per_tensor_static";
+/// The `model.safetensors` metadata key holding a static model's input scales (JSON, by module).
+pub const INPUT_SCALES_METADATA_KEY: &str = "quantization_input_scales";
 
 /// Writes `config.json`, the tokenizer files and `model.safetensors` into `dir`, with the config and
 /// tensor names of `arch` ([`HfArchitecture`]). A dense model's folder loads in transformers as
@@ -83,6 +88,25 @@ pub(super) fn save(
             DYNAMIC_METADATA_KEY.to_string(),
             DYNAMIC_METADATA_VALUE.to_string(),
         );
+    }
+    if !state.input_scales.is_empty() {
+        // Static W8A8: each layer's inputs are quantized with its calibrated scale.
+        metadata.insert(
+            DYNAMIC_METADATA_KEY.to_string(),
+            STATIC_METADATA_VALUE.to_string(),
+        );
+        let scales: BTreeMap<String, f32> = state
+            .input_scales
+            .iter()
+            .map(|(module, scale)| {
+                let name = arch.export_name(&format!("{module}.weight"));
+                let module = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+                (module, *scale)
+            })
+            .collect();
+        let json =
+            serde_json::to_string(&scales).map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+        metadata.insert(INPUT_SCALES_METADATA_KEY.to_string(), json);
     }
     layout::save(&dir.join("model.safetensors"), &stored, &metadata)
 }
@@ -137,6 +161,7 @@ pub(super) fn save_compressed_tensors(
         linear: &linear,
         dense_linear,
         dynamic: state.dynamic,
+        input_scales: &state.input_scales,
     };
     export_compressed_tensors(dir, export, tokenizer_dir)
 }
@@ -322,6 +347,9 @@ pub(super) fn restore(
         if saved.dynamic {
             model.mark_dynamic();
         }
+        if !saved.input_scales.is_empty() {
+            model.set_input_scales(saved.input_scales.clone());
+        }
     }
     Ok(())
 }
@@ -336,6 +364,9 @@ pub(super) struct SavedQuantization {
     /// `method: "dynamic"`: int8 activations per token at run time (absent in older records).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dynamic: bool,
+    /// `method: "static"`: each int8 module's calibrated input scale, by module path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub input_scales: BTreeMap<String, f32>,
 }
 
 impl SavedQuantization {
@@ -349,6 +380,7 @@ impl SavedQuantization {
                 .map(|(n, s)| (n, s.to_string()))
                 .collect(),
             dynamic: state.dynamic,
+            input_scales: (*state.input_scales).clone(),
         })
     }
 }

@@ -104,6 +104,19 @@ pub trait GradientObserver {
     ) -> Result<()>;
 }
 
+/// Looks at no gradient: for passes run only for what the forward pass records (calibration).
+pub struct IgnoreGradients;
+
+impl GradientObserver for IgnoreGradients {
+    fn observe(
+        &mut self,
+        _: &[(String, candle_core::Var)],
+        _: &candle_core::backprop::GradStore,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Hooks that do nothing (no validation, no reporting).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoHooks;

@@ -14,7 +14,9 @@ pub mod trainer;
 
 pub use clip::{ClipConfig, ClipOutcome, GradTransform};
 pub use grads::{GradAccumulator, Gradients};
-pub use hooks::{EarlyStopping, GradientObserver, NoHooks, Progress, TrainHooks, TrainTask};
+pub use hooks::{
+    EarlyStopping, GradientObserver, IgnoreGradients, NoHooks, Progress, TrainHooks, TrainTask,
+};
 pub use optimizer::{AdamW, AdamWConfig, ParamGroupConfig};
 pub use schedule::{Decay, Schedule, ScheduleConfig};
 pub use trainer::{StopReason, TrainConfig, TrainReport, Trainer};

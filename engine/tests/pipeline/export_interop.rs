@@ -366,7 +366,7 @@ fn tiny_compressed_tensors_job(quantize: Value) -> Result<Job> {
 
 /// The three quantizations the compressed-tensors layout stores, with the format each is written
 /// in and whether the engine's model quantizes its inputs at run time.
-fn compressed_tensors_cases() -> [(Value, &'static str, bool); 3] {
+fn compressed_tensors_cases() -> [(Value, &'static str, bool); 4] {
     [
         (
             json!({"type": "quantize", "scheme": "int4", "group_size": 32}),
@@ -380,6 +380,12 @@ fn compressed_tensors_cases() -> [(Value, &'static str, bool); 3] {
         ),
         (
             json!({"type": "quantize", "method": "dynamic", "scheme": "int8"}),
+            "int-quantized",
+            true,
+        ),
+        (
+            json!({"type": "quantize", "method": "static", "scheme": "int8",
+                   "calibration_batches": 2, "fallback": {"share": 0.2}}),
             "int-quantized",
             true,
         ),
@@ -397,12 +403,14 @@ fn quantized_jobs_write_the_compressed_tensors_layout() -> Result<()> {
         assert_eq!(q["quant_method"], "compressed-tensors", "{q}");
         assert_eq!(q["format"], format, "{q}");
         assert_eq!(q["quantization_status"], "compressed");
-        assert_eq!(
-            q["ignore"],
-            json!(["classifier"]),
+        let group = &q["config_groups"]["group_0"];
+        let ignore = q["ignore"].as_array().cloned().unwrap_or_default();
+        assert!(
+            ignore.contains(&json!("classifier")),
             "the head stays f32: {q}"
         );
-        let group = &q["config_groups"]["group_0"];
+        let fallbacks = usize::from(group["input_activations"]["strategy"] == "tensor") * 3;
+        assert_eq!(ignore.len(), 1 + fallbacks, "static fallbacks too: {q}");
         assert_eq!(group["targets"], json!(["Linear"]));
         assert_eq!(group["input_activations"].is_null(), !dynamic, "{group}");
         assert_eq!(
@@ -439,7 +447,14 @@ fn quantized_jobs_write_the_compressed_tensors_layout() -> Result<()> {
                     entry(&format!("{query}.weight")),
                     Some(("I8".into(), vec![32, 32]))
                 );
-                assert_eq!(group["input_activations"]["strategy"], "token");
+                let strategy = &group["input_activations"]["strategy"];
+                assert!(strategy == "token" || strategy == "tensor", "{group}");
+                let input_scales = file
+                    .entries()
+                    .iter()
+                    .filter(|(n, e)| n.ends_with(".input_scale") && e.shape == [1])
+                    .count();
+                assert_eq!(input_scales, if strategy == "tensor" { 10 } else { 0 });
             }
             other => panic!("unexpected weights {other:?}: {group}"),
         }

@@ -327,3 +327,81 @@ fn qat_with_int8_activations_stores_a_dynamic_model() -> Result<()> {
     assert_eq!(again.accuracy, stages[1].metrics.accuracy);
     Ok(())
 }
+
+/// `method: "static"`: calibrated input ranges per linear layer, the layers of largest output
+/// error kept in full precision (`fallback.share`), and a saved stage that reloads with its
+/// scales and scores the same.
+#[test]
+fn static_int8_calibrates_each_layer_and_keeps_the_worst_in_float() -> Result<()> {
+    let (result, spec, inputs, dir) = run_tiny(
+        "tiny-static",
+        serde_json::json!([
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "method": "static", "scheme": "int8", "calibration_batches": 500,
+             "calibration": "percentile", "percentile": 99.9, "fallback": {"share": 0.2}}
+        ]),
+    )?;
+    let stages = &result.report.stages;
+    let (f32_accuracy, int8_accuracy) = (
+        stages[0].metrics.accuracy.unwrap(),
+        stages[1].metrics.accuracy.unwrap(),
+    );
+    assert!(f32_accuracy > 0.9, "learnable: {f32_accuracy}");
+    assert!(
+        int8_accuracy >= f32_accuracy - 0.1,
+        "static {int8_accuracy} vs f32 {f32_accuracy}"
+    );
+    let details = &stages[1].details;
+    assert_eq!(details["method"], "static");
+    let calibration = &details["calibration"];
+    assert_eq!(calibration["method"], "percentile");
+    assert_eq!(calibration["batches_requested"], 500);
+    let ran = calibration["batches_run"].as_u64().unwrap();
+    assert!(ran > 0 && ran < 500, "capped by the training split: {ran}");
+    let layers = calibration["layers"].as_object().unwrap();
+    assert_eq!(layers.len(), 13, "12 linears and the pooler");
+    let kept = calibration["kept_full_precision"].as_array().unwrap();
+    assert_eq!(kept.len(), 3, "ceil(0.2 · 13)");
+    let worst_kept = kept
+        .iter()
+        .map(|m| {
+            layers[m.as_str().unwrap()]["output_error"]
+                .as_f64()
+                .unwrap()
+        })
+        .fold(f64::INFINITY, f64::min);
+    for (module, layer) in layers {
+        let error = layer["output_error"].as_f64().unwrap();
+        let is_kept = layer["kept_full_precision"].as_bool().unwrap();
+        assert!(layer["scale"].as_f64().unwrap() > 0.0, "{module}");
+        assert!(
+            layer["clip"].as_f64().unwrap() <= layer["absmax"].as_f64().unwrap(),
+            "{module}"
+        );
+        if !is_kept {
+            assert!(
+                error <= worst_kept,
+                "{module}: {error} above a kept layer's"
+            );
+        }
+    }
+    let quantized = details["quantized"].as_array().unwrap();
+    assert_eq!(quantized.len(), 10);
+    let file = SafetensorsFile::open(&result.final_dir.join("model.safetensors"))?;
+    assert_eq!(
+        file.metadata()
+            .get(DYNAMIC_METADATA_KEY)
+            .map(String::as_str),
+        Some("int8_per_tensor_static")
+    );
+
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = dir.path().join("out/stages/1-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    let state = reloaded.quantized().expect("quantized");
+    assert_eq!(state.input_scales.len(), 10);
+    assert!(!state.dynamic);
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, stages[1].metrics.accuracy);
+    Ok(())
+}

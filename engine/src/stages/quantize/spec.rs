@@ -9,6 +9,7 @@ use crate::spec::{
     Checker, Estimate, ModelState, Precondition, StageKind, Workload, MAX_BATCH_SIZE, MAX_EPOCHS,
 };
 use crate::stages::finetune::{EarlyStopping, GradClip};
+pub use crate::stages::quantize::calibration::CalibrationMethod;
 use crate::stages::Stage;
 
 /// Group sizes `int4` takes.
@@ -39,7 +40,46 @@ pub struct QuantizeSpec {
     /// `method: "qat"` only: how to train; `null` takes every default.
     #[serde(default)]
     pub qat: Option<QatSettings>,
+    /// `method: "static"` only: training batches (of 16 rows) whose inputs calibrate each layer's
+    /// input range; fewer run when the training split is smaller (the report says how many).
+    /// `null` means 8.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = MAX_CALIBRATION_BATCHES))]
+    pub calibration_batches: Option<u32>,
+    /// `method: "static"` only: how each layer's input range is chosen: `minmax` (the largest |x|),
+    /// `percentile` (of |x|), or `mse` (the clip of least squared error); `null` means `mse`.
+    #[serde(default)]
+    pub calibration: Option<CalibrationMethod>,
+    /// `calibration: "percentile"` only: the percentile of |x| (90 to 100); `null` means 99.99.
+    #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 90, "maximum" = 100))]
+    pub percentile: Option<f64>,
+    /// `method: "static"` only: layers kept in full precision, those whose int8 output error on
+    /// the calibration rows is largest; `null` keeps none.
+    #[serde(default)]
+    pub fallback: Option<Fallback>,
 }
+
+/// Which statically quantized layers stay in full precision: set one of the two.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    /// This share of the layers (rounded up), those of largest output error.
+    #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0, "exclusiveMaximum" = 1))]
+    pub share: Option<f64>,
+    /// Every layer whose relative output error is above this.
+    #[serde(default)]
+    #[schemars(extend("exclusiveMinimum" = 0))]
+    pub max_output_error: Option<f64>,
+}
+
+/// The most calibration batches a static quantization runs.
+pub const MAX_CALIBRATION_BATCHES: u32 = 1024;
+/// Calibration batches when the spec gives none.
+pub const DEFAULT_CALIBRATION_BATCHES: u32 = 8;
+/// The percentile of `calibration: "percentile"` when the spec gives none.
+pub const DEFAULT_PERCENTILE: f64 = 99.99;
 
 /// Quantization-aware training: the fine-tune settings, plus what is fake-quantized and whether
 /// the float model teaches the fake-quantized one.
@@ -188,6 +228,10 @@ pub enum QuantizeMethod {
     /// Quantization-aware training, then the weights stored quantized as `ptq` stores them.
     #[serde(rename = "qat")]
     Qat,
+    /// int8 linear weights per channel, inputs quantized to int8 with one scale per layer
+    /// calibrated beforehand (W8A8 static).
+    #[serde(rename = "static")]
+    Static,
     /// int8 linear weights per channel, inputs quantized to int8 per token at run time.
     #[serde(rename = "dynamic")]
     Dynamic,
@@ -237,6 +281,59 @@ pub enum QuantScheme {
     Q2K,
 }
 
+impl QuantizeSpec {
+    /// The static-only fields: set only with `method: "static"`, in range.
+    fn check_static(&self, c: &mut Checker, at: &str) {
+        let is_static = self.method == QuantizeMethod::Static;
+        let fields = [
+            ("calibration_batches", self.calibration_batches.is_some()),
+            ("calibration", self.calibration.is_some()),
+            ("percentile", self.percentile.is_some()),
+            ("fallback", self.fallback.is_some()),
+        ];
+        for (field, set) in fields {
+            c.check(!set || is_static, &format!("{at}/{field}"), || {
+                format!(
+                    "applies to `method: \"static\"` only; remove it for \"{}\"",
+                    self.method.name()
+                )
+            });
+        }
+        if let Some(batches) = self.calibration_batches {
+            let pointer = format!("{at}/calibration_batches");
+            c.range_u32(batches, 1, MAX_CALIBRATION_BATCHES, &pointer);
+        }
+        if let Some(percentile) = self.percentile {
+            c.check(
+                percentile > 90.0 && percentile <= 100.0,
+                &format!("{at}/percentile"),
+                || format!("must be in (90, 100], got {percentile}"),
+            );
+            c.check(
+                self.calibration == Some(CalibrationMethod::Percentile),
+                &format!("{at}/percentile"),
+                || "applies to `calibration: \"percentile\"` only".to_string(),
+            );
+        }
+        if let Some(fallback) = &self.fallback {
+            let pointer = format!("{at}/fallback");
+            match (fallback.share, fallback.max_output_error) {
+                (Some(share), None) => c.check(
+                    share > 0.0 && share < 1.0,
+                    &format!("{pointer}/share"),
+                    || format!("must be in (0, 1), got {share}"),
+                ),
+                (None, Some(error)) => c.check(
+                    error > 0.0 && error.is_finite(),
+                    &format!("{pointer}/max_output_error"),
+                    || format!("must be positive, got {error}"),
+                ),
+                _ => c.fail(pointer, "set exactly one of `share` and `max_output_error`"),
+            }
+        }
+    }
+}
+
 impl QuantizeMethod {
     /// The method's name as the spec spells it.
     pub fn name(self) -> &'static str {
@@ -244,6 +341,7 @@ impl QuantizeMethod {
             Self::Ptq => "ptq",
             Self::Dynamic => "dynamic",
             Self::Qat => "qat",
+            Self::Static => "static",
         }
     }
 }
@@ -263,14 +361,19 @@ impl StageKind for QuantizeSpec {
     const TYPE: &'static str = "quantize";
 
     fn check(&self, c: &mut Checker, at: &str) {
-        if self.method == QuantizeMethod::Dynamic {
+        if matches!(
+            self.method,
+            QuantizeMethod::Dynamic | QuantizeMethod::Static
+        ) {
             c.check(self.scheme == QuantScheme::Int8, &format!("{at}/scheme"), || {
                 format!(
-                    "method \"dynamic\" quantizes weights and activations to int8: scheme must be \"int8\", got \"{}\"",
+                    "method \"{}\" quantizes weights and activations to int8: scheme must be \"int8\", got \"{}\"",
+                    self.method.name(),
                     self.scheme.name()
                 )
             });
         }
+        self.check_static(c, at);
         if let Some(group) = self.group_size {
             let pointer = format!("{at}/group_size");
             if self.scheme == QuantScheme::Int4 {
@@ -301,14 +404,19 @@ impl StageKind for QuantizeSpec {
 
     fn preconditions(&self, model: &ModelState) -> std::result::Result<(), Precondition> {
         model.require_full_precision(Self::TYPE)?;
-        if self.method == QuantizeMethod::Qat && model.train_rows == Some(0) {
+        let needs = match self.method {
+            QuantizeMethod::Qat => Some("quantization-aware training trains"),
+            QuantizeMethod::Static => Some("static quantization calibrates"),
+            QuantizeMethod::Ptq | QuantizeMethod::Dynamic => None,
+        };
+        if let (Some(what), Some(0)) = (needs, model.train_rows) {
             return Err(Precondition {
                 name: "training data",
                 field: Some("method"),
-                message: "quantization-aware training trains on the task's training split, and \
-                          the dataset has no training rows; use \"ptq\", or a dataset with a \
-                          train split"
-                    .into(),
+                message: format!(
+                    "{what} on the task's training split, and the dataset has no training rows; \
+                     use \"ptq\" or \"dynamic\", or a dataset with a train split"
+                ),
             });
         }
         Ok(())
@@ -325,6 +433,14 @@ impl StageKind for QuantizeSpec {
             seconds: work.evaluation_seconds(),
             peak_bytes: work.inference_peak_bytes(),
         };
+        if self.method == QuantizeMethod::Static {
+            // A few calibration batches, forward and backward: about two evaluations' work, in
+            // training memory.
+            return Estimate {
+                seconds: 3.0 * quantize.seconds,
+                peak_bytes: work.training_peak_bytes().max(quantize.peak_bytes),
+            };
+        }
         if self.method != QuantizeMethod::Qat {
             return quantize;
         }
