@@ -13,6 +13,7 @@ mod minilm_distill;
 mod minilm_dynamic;
 mod minilm_loraprune;
 mod minilm_qat;
+mod minilm_static;
 mod minilm_structured;
 mod seed_pipeline;
 mod smollm;

@@ -41,6 +41,10 @@ use crate::quant::layout::dense_bytes;
 use crate::quant::st_file::{EntryPlan, SafetensorsWriter};
 use crate::quant::{Int4Weight, Int8Weight, QuantScheme, QuantizedWeight};
 
+/// The subfolder of a saved model that holds it in this layout: a second copy of the same model,
+/// so the stage's size on disk leaves it out.
+pub const COMPRESSED_TENSORS_DIR: &str = "compressed-tensors";
+
 /// The compressed-tensors version whose layout this writes (the one CI loads it with).
 pub const COMPRESSED_TENSORS_VERSION: &str = "0.20.1";
 

@@ -13,7 +13,7 @@ mod transformers;
 
 pub use compressed_tensors::{
     compressed_tensors_scheme, export_compressed_tensors, CompressedTensorsExport,
-    COMPRESSED_TENSORS_VERSION,
+    COMPRESSED_TENSORS_DIR, COMPRESSED_TENSORS_VERSION,
 };
 pub use gguf::{export_llama_gguf, GgufExportOptions};
 pub use gguf_tokenizer::{metadata_from_tokenizer_json, tokenizer_metadata};

@@ -192,8 +192,6 @@ impl QuantizeStage {
                     "quantize: no calibration input reached {module}"
                 ))
             })?;
-            let clip = calibration::choose_clip(&sample, settings.method, settings.percentile);
-            let scale = clip / 127.0;
             let weight = model
                 .store
                 .get(name)
@@ -204,6 +202,13 @@ impl QuantizeStage {
                 continue;
             };
             let dequantized = int8.dequantize(weight.device())?;
+            let clip = match settings.method {
+                CalibrationMethod::Mse => {
+                    calibration::output_mse_clip(&sample, &weight, &dequantized)?
+                }
+                method => calibration::choose_clip(&sample, method, settings.percentile),
+            };
+            let scale = clip / 127.0;
             let output_error = calibration::output_error(&sample, scale, &weight, &dequantized)?;
             layers.insert(
                 module,

@@ -40,8 +40,7 @@ const DEFAULT_CLASSIFICATION_LENGTH: usize = 128;
 const DEFAULT_LM_LENGTH: usize = 256;
 /// The folder inside a model folder that holds the LoRA adapter (PEFT's layout).
 pub const ADAPTER_DIR: &str = "adapter";
-/// The subfolder of a saved model holding it in the compressed-tensors layout.
-pub const COMPRESSED_TENSORS_DIR: &str = "compressed-tensors";
+pub use crate::export::COMPRESSED_TENSORS_DIR;
 /// The file recording which weights are pruned or quantized.
 const STATE_FILE: &str = "compressd.json";
 

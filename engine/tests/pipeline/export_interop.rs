@@ -418,6 +418,11 @@ fn quantized_jobs_write_the_compressed_tensors_layout() -> Result<()> {
             json!(["BertForSequenceClassification"])
         );
         assert!(dir.join("tokenizer.json").is_file());
+        // The copy in the other layout does not count toward the model's size.
+        let size = job.result.report.stages[1].metrics.size_on_disk_bytes;
+        let copy = compressd_engine::report::size_on_disk(&dir);
+        let total = compressd_engine::report::size_on_disk(&job.result.final_dir);
+        assert_eq!(size, total - copy);
         let file = SafetensorsFile::open(&dir.join("model.safetensors"))?;
         let entry = |name: &str| {
             file.entries()

@@ -1,0 +1,120 @@
+//! Issue 15 acceptance through the HTTP API: all-MiniLM-L6-v2 fine-tuned on BBC News, then
+//! quantized to static int8 W8A8 (int8 weights per channel, inputs int8 with one calibrated scale
+//! per layer), the layers whose int8 output error on the calibration rows is above 0.1 kept in
+//! f32 (three FFN output layers, measured). The model must stay within 1 point of the f32 one, with every layer's calibration and the
+//! fallbacks in the report; its compressed-tensors folder (`int-quantized`, `input_scale`s) is part
+//! of the artifacts.
+//!
+//! `#[ignore]`d (needs `../shared` or `COMPRESSD_SHARED`):
+//! `cargo test --release --test acceptance minilm_static:: -- --ignored --test-threads=1 --nocapture`.
+
+use crate::acceptance_support as support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use support::{shared_data, Service};
+
+const MODEL: &str = "models/all-MiniLM-L6-v2";
+const DATASET: &str = "data/bbc_news/bbc_news.jsonl";
+/// A guard against a hung job on a loaded 2-core machine.
+const JOB_TIMEOUT: Duration = Duration::from_secs(90 * 60);
+const STAGES: [&str; 2] = ["finetune", "quantize"];
+/// The fallback threshold on a layer's relative output error.
+const MAX_OUTPUT_ERROR: f64 = 0.1;
+
+fn job_spec(model: &str, dataset: &str) -> Value {
+    json!({
+        "name": "minilm-static-int8", "model": model, "seed": 7,
+        "task": {"type": "text_classification", "dataset": dataset, "max_length": 128,
+                 "max_train_samples": 256, "max_eval_samples": 240},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 1e-4, "head_learning_rate": 3e-3,
+             "batch_size": 16},
+            {"type": "quantize", "method": "static", "scheme": "int8", "calibration": "mse",
+             "calibration_batches": 8, "fallback": {"max_output_error": MAX_OUTPUT_ERROR}}
+        ],
+        "outputs": ["safetensors", "compressed_tensors"]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow, needs ../shared: cargo test --release --test acceptance minilm_static:: -- --ignored --test-threads=1 --nocapture"]
+async fn minilm_static_int8_within_one_point_with_fallbacks_reported() -> Result<()> {
+    let shared = shared_data(&[MODEL, DATASET])?;
+    let _turn = support::ONE_AT_A_TIME.lock().await;
+    let service = Service::start().await?;
+    let (model, dataset) = service
+        .register_model_and_dataset(&shared, MODEL, DATASET)
+        .await?;
+    let (job, _) = service
+        .run_to_success(&job_spec(&model, &dataset), &STAGES, JOB_TIMEOUT)
+        .await?;
+    let job_id = job["id"].as_str().context("job id")?;
+    let out = tempfile::tempdir()?;
+    service.download_all(job_id, out.path()).await?;
+    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json"))?)?;
+    eprintln!("{}", std::fs::read_to_string(out.path().join("report.md"))?);
+    let ct = out.path().join("model/compressed-tensors");
+    let config: Value = serde_json::from_slice(&std::fs::read(ct.join("config.json"))?)?;
+    let inputs = &config["quantization_config"]["config_groups"]["group_0"]["input_activations"];
+    assert_eq!(inputs["strategy"], "tensor", "{config}");
+    assert_eq!(inputs["dynamic"], false, "{config}");
+    assert_static(&report)
+}
+
+/// The issue's bar and the report's calibration on a finished job's report.
+fn assert_static(report: &Value) -> Result<()> {
+    let metric = |i: usize, name: &str| report["stages"][i]["metrics"][name].as_f64();
+    let (tuned, int8) = (
+        metric(0, "accuracy").unwrap_or(0.0),
+        metric(1, "accuracy").unwrap_or(0.0),
+    );
+    let ms = |i: usize, name: &str| metric(i, name).unwrap_or(f64::INFINITY);
+    let details = &report["stages"][1]["details"];
+    let calibration = &details["calibration"];
+    let layers = calibration["layers"].as_object().context("layers")?;
+    let kept: Vec<&str> = calibration["kept_full_precision"]
+        .as_array()
+        .context("kept")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    eprintln!(
+        "accuracy f32 {tuned:.4}, static int8 {int8:.4}; latency f32 {:.1} / {:.0} ms, static \
+         {:.1} / {:.0} ms (batch 1 / 32); kept in f32: {kept:?}",
+        ms(0, "latency_batch1_ms"),
+        ms(0, "latency_batch32_ms"),
+        ms(1, "latency_batch1_ms"),
+        ms(1, "latency_batch32_ms"),
+    );
+    for (module, layer) in layers {
+        eprintln!(
+            "  {module}: absmax {:.2} clip {:.2} input error {:.4} output error {:.4}{}",
+            layer["absmax"].as_f64().unwrap_or(0.0),
+            layer["clip"].as_f64().unwrap_or(0.0),
+            layer["input_error"].as_f64().unwrap_or(0.0),
+            layer["output_error"].as_f64().unwrap_or(0.0),
+            if kept.contains(&module.as_str()) {
+                " (kept in f32)"
+            } else {
+                ""
+            }
+        );
+    }
+    assert_eq!(details["method"], "static");
+    assert_eq!(calibration["batches_run"], 8);
+    assert_eq!(layers.len(), 37, "6 layers × 6 linears and the pooler");
+    for (module, layer) in layers {
+        let error = layer["output_error"].as_f64().unwrap_or(f64::NAN);
+        let is_kept = kept.contains(&module.as_str());
+        assert_eq!(is_kept, error > MAX_OUTPUT_ERROR, "{module}: {error}");
+        assert_eq!(layer["kept_full_precision"], is_kept, "{module}");
+    }
+    let quantized = details["quantized"].as_array().context("quantized")?.len();
+    assert_eq!(quantized, 37 - kept.len());
+    assert!(tuned > 0.85, "fine-tuned accuracy {tuned}");
+    assert!(int8 >= tuned - 0.01, "static {int8} vs fine-tuned {tuned}");
+    Ok(())
+}
