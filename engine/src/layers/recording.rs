@@ -112,8 +112,7 @@ impl InputRecorder {
         entry.absmax = entry.absmax.max(absmax);
         let room = limits.max_values.saturating_sub(entry.values.len());
         let take = limits.values_per_input.min(room).min(values.len());
-        if take > 0 {
-            let stride = values.len() / take;
+        if let Some(stride) = values.len().checked_div(take) {
             entry
                 .values
                 .extend(values.iter().step_by(stride.max(1)).take(take));

@@ -405,3 +405,74 @@ fn static_int8_calibrates_each_layer_and_keeps_the_worst_in_float() -> Result<()
     assert_eq!(again.accuracy, stages[1].metrics.accuracy);
     Ok(())
 }
+
+/// QAT on a tiny Llama with a tied output layer: the embedding table (also the output matrix) is
+/// quantized first and frozen, the projections train fake-quantized, and the job's GGUF-free
+/// folder reloads with every weight quantized and scores what the job reported.
+#[test]
+fn qat_on_a_tied_llama_freezes_the_table_and_trains_the_projections() -> Result<()> {
+    use crate::interop::{write_corpus, write_llama};
+    let dir = tempfile::tempdir()?;
+    let model_dir = dir.path().join("model");
+    write_llama(&model_dir, true)?;
+    let dataset = dir.path().join("corpus.txt");
+    write_corpus(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-llama-qat", "model": model_dir,
+        "task": {"type": "language_modeling", "dataset": dataset, "max_length": 16},
+        "pipeline": [
+            {"type": "quantize", "method": "qat", "scheme": "int4", "group_size": 32,
+             "qat": {"epochs": 2, "learning_rate": 0.003, "batch_size": 8,
+                     "distill_from_float": true}}
+        ]
+    }))?;
+    let inputs = PipelineInputs {
+        model: model_dir,
+        dataset,
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let out = dir.path().join("out");
+    let result = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &|_| {},
+        &AtomicBool::new(false),
+    )?;
+    let stage = &result.report.stages[0];
+    let details = &stage.details;
+    assert_eq!(details["method"], "qat");
+    let training = &details["training"];
+    assert!(training["steps"].as_u64().unwrap() > 0, "{training}");
+    let quantized: Vec<&str> = details["quantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        quantized.contains(&"model.embed_tokens.weight"),
+        "the tied table is quantized: {quantized:?}"
+    );
+    assert!(
+        quantized.iter().any(|n| n.ends_with("q_proj.weight")),
+        "{quantized:?}"
+    );
+    // Everything but the table trained: the table is frozen once quantized.
+    let table = 16 * 32;
+    let trainable = training["trainable_parameters"].as_u64().unwrap() as usize;
+    let total = stage.metrics.parameters as usize;
+    assert_eq!(trainable, total - table, "{training}");
+    assert!(stage.metrics.perplexity.is_some_and(f64::is_finite));
+
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = out.join("stages/0-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    let state = reloaded.quantized().expect("quantized");
+    assert_eq!(state.weights.len(), quantized.len());
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.perplexity, stage.metrics.perplexity);
+    Ok(())
+}
