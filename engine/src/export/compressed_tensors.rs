@@ -11,6 +11,11 @@
 //!   one calibrated scale per layer): `m.weight` (int8), `m.weight_scale` (f32, `[out, 1]`) and,
 //!   static, `m.input_scale` (f32, `[1]`).
 //!
+//! A pruned model's `quantization_config` also carries a `sparsity_config` (`2:4` or
+//! `unstructured`, the share of zeros, the pruned modules as `targets` less `ignore`); its weights
+//! are stored dense, as compressed-tensors 0.15 and later store every sparse model (they dropped
+//! the compressed sparse formats) and as its readers take them.
+//!
 //! Which loader reads what (compressed-tensors 0.20.1, transformers 5.25): the int8 folders load
 //! with a plain `from_pretrained`; asymmetric int4 loads with
 //! `quantization_config=CompressedTensorsConfig(dequantize=True)`, because the default path sizes
@@ -66,6 +71,8 @@ pub struct CompressedTensorsExport<'a> {
     /// Static W8A8: each quantized module's calibrated input scale, by module path (engine
     /// names); empty otherwise.
     pub input_scales: &'a BTreeMap<String, f32>,
+    /// The linear weights pruning masks (engine names): described by `sparsity_config`.
+    pub sparse: std::collections::BTreeSet<String>,
 }
 
 /// How a model's linear layers quantize their inputs when they run.
@@ -132,6 +139,9 @@ pub fn export_compressed_tensors(
     let mut config = arch.export_config(model.config)?;
     let ignore = ignored_modules(arch, &model);
     config["quantization_config"] = quantization_config(scheme, inputs, ignore);
+    if let Some(sparsity) = sparsity_config(arch, &model)? {
+        config["quantization_config"]["sparsity_config"] = sparsity;
+    }
     export_hf_folder(dir, &config, &[], tokenizer_dir)?;
 
     let mut plan = Vec::new();
@@ -300,16 +310,7 @@ fn ignored_modules(arch: HfArchitecture, model: &CompressedTensorsExport<'_>) ->
     let mut ignore: Vec<String> = model
         .dense_linear
         .iter()
-        .map(|module| {
-            let exported = arch.export_name(&format!("{module}.weight"));
-            let exported = exported.strip_suffix(".weight").unwrap_or(&exported);
-            // compressed-tensors matches names of the class that loads the folder: under
-            // `AutoModel` a BERT's modules have no `bert.` prefix, so match both spellings.
-            match exported.strip_prefix("bert.") {
-                Some(inner) => format!("re:^(bert\\.)?{}$", regex_escape(inner)),
-                None => exported.to_string(),
-            }
-        })
+        .map(|module| ignore_entry(arch, module))
         .collect();
     if arch == HfArchitecture::LlamaForCausalLm
         && !model.linear.contains_key("lm_head.weight")
@@ -319,6 +320,71 @@ fn ignored_modules(arch: HfArchitecture, model: &CompressedTensorsExport<'_>) ->
     }
     ignore.sort();
     ignore
+}
+
+/// How `ignore` names the module at the engine path `module`. compressed-tensors matches names of
+/// the class that loads the folder: under `AutoModel` a BERT's modules have no `bert.` prefix, so
+/// such an entry matches both spellings.
+fn ignore_entry(arch: HfArchitecture, module: &str) -> String {
+    let exported = arch.export_name(&format!("{module}.weight"));
+    let exported = exported.strip_suffix(".weight").unwrap_or(&exported);
+    match exported.strip_prefix("bert.") {
+        Some(inner) => format!("re:^(bert\\.)?{}$", regex_escape(inner)),
+        None => exported.to_string(),
+    }
+}
+
+/// The `sparsity_config` of a model whose pruned linear weights are `model.sparse`: `2:4` when every
+/// group of four consecutive inputs of each of them holds at most two non-zeros, else
+/// `unstructured`, with the share of zeros; the weights are stored dense (`format: "dense"`; the
+/// loaders read them as they are). `None` when nothing was pruned.
+fn sparsity_config(
+    arch: HfArchitecture,
+    model: &CompressedTensorsExport<'_>,
+) -> Result<Option<Value>> {
+    if model.sparse.is_empty() {
+        return Ok(None);
+    }
+    let (mut zeros, mut total, mut two_four) = (0usize, 0usize, true);
+    for (_, tensor) in model
+        .tensors
+        .iter()
+        .filter(|(n, _)| model.sparse.contains(n))
+    {
+        let values = tensor
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        zeros += values.iter().filter(|v| **v == 0.0).count();
+        total += values.len();
+        let cols = tensor.dims().last().copied().unwrap_or(0);
+        two_four &= cols % 4 == 0
+            && values
+                .chunks(4)
+                .all(|group| group.iter().filter(|v| **v != 0.0).count() <= 2);
+    }
+    let linear_modules = model
+        .linear
+        .keys()
+        .filter(|name| !model.sparse.contains(*name))
+        .map(|name| name.strip_suffix(".weight").unwrap_or(name).to_string())
+        .chain(model.dense_linear.iter().cloned());
+    let mut ignore: Vec<String> = linear_modules
+        .filter(|module| !model.sparse.contains(&format!("{module}.weight")))
+        .map(|module| ignore_entry(arch, &module))
+        .collect();
+    if arch == HfArchitecture::LlamaForCausalLm && !model.sparse.contains("lm_head.weight") {
+        ignore.push("lm_head".into());
+    }
+    ignore.sort();
+    ignore.dedup();
+    Ok(Some(json!({
+        "format": "dense",
+        "sparsity_structure": if two_four { "2:4" } else { "unstructured" },
+        "global_sparsity": zeros as f64 / total.max(1) as f64,
+        "targets": ["Linear"],
+        "ignore": ignore,
+    })))
 }
 
 /// `name` with the regex metacharacters a module path can hold escaped.

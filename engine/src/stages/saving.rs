@@ -162,6 +162,13 @@ pub(super) fn save_compressed_tensors(
         dense_linear,
         dynamic: state.dynamic,
         input_scales: &state.input_scales,
+        sparse: model
+            .masks()
+            .map(|masks| masks.names())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| map.is_linear_weight(name))
+            .collect(),
     };
     export_compressed_tensors(dir, export, tokenizer_dir)
 }

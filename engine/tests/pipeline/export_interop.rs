@@ -557,6 +557,49 @@ fn tiny_llama_compressed_tensors_job_loads_in_transformers() -> Result<()> {
     Ok(())
 }
 
+/// A 2:4-pruned, int8 classifier in the compressed-tensors layout: its `sparsity_config` says
+/// 2:4 with the share of zeros, and transformers computes exactly with our weights.
+#[test]
+#[ignore = "needs transformers and compressed-tensors: COMPRESSD_INTEROP_PYTHON=/root/.cache/compressd-pyenv/bin/python cargo test -p compressd-engine --test pipeline -- --ignored export_interop::tiny_"]
+fn tiny_two_four_compressed_tensors_job_loads_in_transformers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    crate::tiny_task::write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    crate::tiny_task::write_data(&dataset)?;
+    let spec = json!({
+        "name": "tiny-two-four-compressed-tensors", "model": model,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "prune", "pattern": "2:4", "sparsity": 0.5},
+            {"type": "quantize", "scheme": "int8"}
+        ],
+        "outputs": ["safetensors", "compressed_tensors"]
+    });
+    let job = Job::run(spec, model, dataset, dir)?;
+    let folder = job.result.final_dir.join("compressed-tensors");
+    let config: Value = serde_json::from_slice(&std::fs::read(folder.join("config.json"))?)?;
+    let sparsity = &config["quantization_config"]["sparsity_config"];
+    assert_eq!(sparsity["format"], "dense", "{sparsity}");
+    assert_eq!(sparsity["sparsity_structure"], "2:4", "{sparsity}");
+    let share = sparsity["global_sparsity"].as_f64().unwrap_or(0.0);
+    assert!((share - 0.5).abs() < 0.01, "{sparsity}");
+    let model = job.reload_final()?;
+    let rows = tiny_classifier_rows(&job)?;
+    let logits = classifier_logits(&model, &rows)?;
+    let request = json!({
+        "model_dir": folder, "task": "sequence_classification",
+        "rows": rows.iter().zip(&logits)
+            .map(|(ids, l)| json!({"input_ids": ids, "logits": l})).collect::<Vec<_>>(),
+    });
+    let result = transformers_compare(&request)?;
+    assert_loaded_and_agrees(&result, "BertForSequenceClassification", 1.0);
+    let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
+    assert!(diff < 1e-4, "logits differ by {diff}");
+    Ok(())
+}
+
 /// The engine's logits for each row with the model's own (quantized) layers.
 fn quantized_classifier_logits(model: &WorkingModel, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
     use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
