@@ -448,18 +448,20 @@ fn quantized_jobs_write_the_compressed_tensors_layout() -> Result<()> {
                 assert_eq!(entry(&format!("{query}.weight_zero_point")), None);
             }
             (8, true) => {
-                assert_eq!(
-                    entry(&format!("{query}.weight")),
-                    Some(("I8".into(), vec![32, 32]))
-                );
                 let strategy = &group["input_activations"]["strategy"];
                 assert!(strategy == "token" || strategy == "tensor", "{group}");
-                let input_scales = file
-                    .entries()
-                    .iter()
-                    .filter(|(n, e)| n.ends_with(".input_scale") && e.shape == [1])
-                    .count();
-                assert_eq!(input_scales, if strategy == "tensor" { 10 } else { 0 });
+                // Which 3 layers static keeps in f32 depends on the fine-tune; count instead.
+                let count = |suffix: &str, dtype: &str| {
+                    file.entries()
+                        .iter()
+                        .filter(|(n, e)| n.ends_with(suffix) && e.dtype == dtype)
+                        .count()
+                };
+                let quantized = if strategy == "tensor" { 10 } else { 13 };
+                assert_eq!(count(".weight", "I8"), quantized, "{group}");
+                assert_eq!(count(".weight_scale", "F32"), quantized);
+                let scales = if strategy == "tensor" { 10 } else { 0 };
+                assert_eq!(count(".input_scale", "F32"), scales);
             }
             other => panic!("unexpected weights {other:?}: {group}"),
         }
