@@ -118,7 +118,9 @@ pub const MAX_LORA_ALPHA: u32 = 65_536;
 
 /// A field that is present: `null` becomes `Some(None)`, so an absent field (`None`, filled with
 /// the method's default) differs from an explicit `null` (off).
-fn present<'de, D, T>(deserializer: D) -> std::result::Result<Option<Option<T>>, D::Error>
+pub(crate) fn present<'de, D, T>(
+    deserializer: D,
+) -> std::result::Result<Option<Option<T>>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,

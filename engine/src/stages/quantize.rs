@@ -481,7 +481,7 @@ fn qat_train_settings(qat: &QatSettings) -> TrainSettings {
         weight_decay: qat.weight_decay,
         warmup_ratio: qat.warmup_ratio,
         freeze: qat.freeze.clone(),
-        grad_clip_norm: qat.grad_clip.as_ref().map(|c| c.max_norm),
+        grad_clip_norm: qat.effective_grad_clip().map(|c| c.max_norm),
         early_stopping_patience: qat.early_stopping.as_ref().map(|e| e.patience),
         log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         teacher_cache_bytes: None,

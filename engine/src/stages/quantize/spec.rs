@@ -114,9 +114,16 @@ pub struct QatSettings {
     /// Globs over parameter names (`embeddings.*`) that stay frozen.
     #[serde(default)]
     pub freeze: Vec<String>,
-    /// Gradient clipping by global norm; `null` disables it.
-    #[serde(default = "default_qat_grad_clip")]
-    pub grad_clip: Option<GradClip>,
+    /// Gradient clipping by global norm; `null` disables it. Absent, it is `max_norm` 1.0.
+    // Absent and `null` differ (as in `finetune`), and no object default goes into the schema:
+    // generated clients cannot take one.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::stages::finetune::present"
+    )]
+    #[schemars(with = "Option<GradClip>")]
+    pub grad_clip: Option<Option<GradClip>>,
     /// Stop when the validation metric (of the fake-quantized model) has not improved for
     /// `patience` evaluations; `null` disables it.
     #[serde(default)]
@@ -166,14 +173,19 @@ fn default_qat_batch_size() -> u32 {
 fn default_qat_warmup_ratio() -> f64 {
     0.1
 }
-fn default_qat_grad_clip() -> Option<GradClip> {
-    Some(GradClip { max_norm: 1.0 })
-}
 fn default_qat_temperature() -> f64 {
     2.0
 }
 
 impl QatSettings {
+    /// The clipping QAT runs with: the spec's, else `max_norm` 1.0.
+    pub fn effective_grad_clip(&self) -> Option<GradClip> {
+        match &self.grad_clip {
+            Some(clip) => clip.clone(),
+            None => Some(GradClip { max_norm: 1.0 }),
+        }
+    }
+
     fn check(&self, c: &mut Checker, at: &str, scheme: QuantScheme) {
         c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
         c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
@@ -189,7 +201,7 @@ impl QatSettings {
         c.unit_interval(self.weight_decay, &format!("{at}/weight_decay"), false);
         c.unit_interval(self.warmup_ratio, &format!("{at}/warmup_ratio"), true);
         c.globs(&self.freeze, &format!("{at}/freeze"));
-        if let Some(clip) = &self.grad_clip {
+        if let Some(clip) = &self.effective_grad_clip() {
             c.check(
                 clip.max_norm > 0.0 && clip.max_norm.is_finite(),
                 &format!("{at}/grad_clip/max_norm"),
