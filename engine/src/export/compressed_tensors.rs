@@ -363,13 +363,13 @@ fn sparsity_config(
                 .chunks(4)
                 .all(|group| group.iter().filter(|v| **v != 0.0).count() <= 2);
     }
+    // Every linear module, quantized or not; those pruning left whole are not sparse.
     let linear_modules = model
         .linear
         .keys()
-        .filter(|name| !model.sparse.contains(*name))
-        .map(|name| name.strip_suffix(".weight").unwrap_or(name).to_string())
-        .chain(model.dense_linear.iter().cloned());
+        .map(|name| name.strip_suffix(".weight").unwrap_or(name).to_string());
     let mut ignore: Vec<String> = linear_modules
+        .chain(model.dense_linear.iter().cloned())
         .filter(|module| !model.sparse.contains(&format!("{module}.weight")))
         .map(|module| ignore_entry(arch, &module))
         .collect();

@@ -89,11 +89,28 @@ pub fn write_corpus(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The engine's classification logits for each row of token ids (one row per pass, no padding).
+/// The engine's classification logits for each row of token ids (one row per pass, no padding),
+/// every layer dense on the stored (for a quantized model, dequantized) weights.
 pub fn classifier_logits(model: &WorkingModel, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+    classifier_logits_with(model, rows, &LinearFactory::default())
+}
+
+/// As [`classifier_logits`], with the model's own layers (a quantized model's int8 kernels).
+pub fn quantized_classifier_logits(
+    model: &WorkingModel,
+    rows: &[Vec<u32>],
+) -> Result<Vec<Vec<f32>>> {
+    classifier_logits_with(model, rows, &model.linear_factory())
+}
+
+fn classifier_logits_with(
+    model: &WorkingModel,
+    rows: &[Vec<u32>],
+    factory: &LinearFactory,
+) -> Result<Vec<Vec<f32>>> {
     let cfg: BertConfig = serde_json::from_value(model.config.clone())?;
     let vb = model.store.var_builder(DType::F32, &Device::Cpu);
-    let classifier = BertForSequenceClassification::load(vb, &cfg, &LinearFactory::default())?;
+    let classifier = BertForSequenceClassification::load(vb, &cfg, factory)?;
     rows.iter()
         .map(|ids| {
             let input_ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use crate::interop::{
-    assert_loaded_and_agrees, classifier_logits, lm_logits, transformers_compare, write_corpus,
-    write_llama,
+    assert_loaded_and_agrees, classifier_logits, lm_logits, quantized_classifier_logits,
+    transformers_compare, write_corpus, write_llama,
 };
 use anyhow::Result;
 use candle_core::Device;
@@ -600,28 +600,6 @@ fn tiny_two_four_compressed_tensors_job_loads_in_transformers() -> Result<()> {
     let diff = result["max_abs_logit_diff"].as_f64().unwrap_or(f64::MAX);
     assert!(diff < 1e-4, "logits differ by {diff}");
     Ok(())
-}
-
-/// The engine's logits for each row with the model's own (quantized) layers.
-fn quantized_classifier_logits(model: &WorkingModel, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-    use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
-    let cfg: BertConfig = serde_json::from_value(model.config.clone())?;
-    let vb = model
-        .store
-        .var_builder(candle_core::DType::F32, &Device::Cpu);
-    let classifier = BertForSequenceClassification::load(vb, &cfg, &model.linear_factory())?;
-    rows.iter()
-        .map(|ids| {
-            let input_ids = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let input = BertInput {
-                input_ids: &input_ids,
-                token_type_ids: None,
-                attention_mask: None,
-            };
-            let logits = classifier.forward(input, None)?.logits;
-            Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
-        })
-        .collect()
 }
 
 /// `../shared` (or `COMPRESSD_SHARED`) when it holds the real models and data.
