@@ -4,6 +4,8 @@
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, NumAssign};
 
+use super::simd::{self, Isa};
+
 /// The float types our CPU kernels support (f32 for training, f64 for exact gradient checks).
 pub(crate) trait KernelFloat:
     Float + NumAssign + WithDType + Send + Sync + std::iter::Sum
@@ -12,6 +14,12 @@ pub(crate) trait KernelFloat:
     fn erf(self) -> Self;
     /// Converts an `f64` constant.
     fn c(x: f64) -> Self;
+    /// `out[i] = x[i] · Φ(x[i])` over a block (vectorised for f32).
+    fn gelu_block(x: &[Self], out: &mut [Self]);
+    /// `dx[i] = dy[i] · (Φ(x[i]) + x[i] φ(x[i]))` over a block (vectorised for f32).
+    fn gelu_backward_block(x: &[Self], dy: &[Self], dx: &mut [Self]);
+    /// `row[i] = e^{row[i] − shift}` in place, returning the sum (vectorised for f32).
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self;
 }
 
 impl KernelFloat for f32 {
@@ -21,14 +29,44 @@ impl KernelFloat for f32 {
     fn c(x: f64) -> Self {
         x as f32
     }
+    fn gelu_block(x: &[Self], out: &mut [Self]) {
+        simd::gelu(Isa::detected(), x, out);
+    }
+    fn gelu_backward_block(x: &[Self], dy: &[Self], dx: &mut [Self]) {
+        simd::gelu_backward(Isa::detected(), x, dy, dx);
+    }
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        simd::exp_shifted_sum(Isa::detected(), row, shift)
+    }
 }
 
+/// f64 is for exact gradient checks: plain libm, no approximation.
 impl KernelFloat for f64 {
     fn erf(self) -> Self {
         libm::erf(self)
     }
     fn c(x: f64) -> Self {
         x
+    }
+    fn gelu_block(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+        }
+    }
+    fn gelu_backward_block(x: &[Self], dy: &[Self], dx: &mut [Self]) {
+        for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            *o = g * (cdf + v * pdf);
+        }
+    }
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        let mut sum = 0.0;
+        for x in row {
+            *x = (*x - shift).exp();
+            sum += *x;
+        }
+        sum
     }
 }
 

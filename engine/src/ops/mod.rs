@@ -6,14 +6,20 @@
 //!   hand-written backward;
 //! - a gradient is needed elsewhere (CUDA, f16/bf16): the [`composed`] version from basic ops, which
 //!   candle differentiates itself;
-//! - no gradient is needed (inference, frozen inputs): candle's fused kernel, the fastest there is.
+//! - no gradient is needed (inference, frozen inputs): for GELU and softmax our kernel again (its f32
+//!   path is vectorised for the CPU at hand, [`simd`], where candle's calls scalar `erf`/`exp`), for
+//!   the norms and rope candle's fused kernel.
+//!
+//! Attention has a fused CPU kernel of its own ([`fused_attention`]) for passes without gradients.
 //!
 //! All three agree within float tolerance (tests below and in `engine/tests/models/grad.rs`).
 
+mod attention;
 pub mod composed;
 mod gelu;
 mod kernel;
 mod norm;
+pub mod simd;
 mod softmax;
 
 use candle_core::{DType, Result, Tensor};
@@ -40,7 +46,9 @@ fn use_fused(tensors: &[&Tensor]) -> bool {
 /// # Errors
 /// Fails on a scalar input or an unsupported dtype.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if use_fused(&[x]) {
+    if has_cpu_kernel(x) && !needs_grad(&[x]) {
+        x.contiguous()?.apply_op1_no_bwd(&softmax::Softmax)
+    } else if use_fused(&[x]) {
         candle_nn::ops::softmax_last_dim(x)
     } else if has_cpu_kernel(x) {
         x.contiguous()?.apply_op1(softmax::Softmax)
@@ -91,13 +99,59 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// # Errors
 /// Fails on an unsupported dtype.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if use_fused(&[x]) {
+    if has_cpu_kernel(x) && !needs_grad(&[x]) {
+        x.contiguous()?.apply_op1_no_bwd(&gelu::Gelu)
+    } else if use_fused(&[x]) {
         x.gelu_erf()
     } else if has_cpu_kernel(x) {
         x.contiguous()?.apply_op1(gelu::Gelu)
     } else {
         composed::gelu_erf(x)
     }
+}
+
+/// Multi-head attention `softmax(scale · q kᵀ + bias) v` on the projections as they come out of
+/// their linear layers: `q` `(batch, seq_q, heads · head_dim)`, `k` and `v` `(batch, seq_k, heads ·
+/// head_dim)`; `bias` is the additive padding mask `(batch, 1, 1, seq_k)` of
+/// [`crate::models::common::padding_bias`]. The result has `q`'s shape, heads side by side.
+///
+/// `None` when the fused CPU kernel does not apply (a gradient is needed, the tensors are not f32
+/// on the CPU, or the bias has another shape); the caller then composes the attention itself.
+///
+/// # Errors
+/// Fails when the shapes do not fit together.
+pub fn fused_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: Option<&Tensor>,
+    num_heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if needs_grad(&[q, k, v]) || ![q, k, v].into_iter().all(on_cpu_f32) {
+        return Ok(None);
+    }
+    let bias = match bias {
+        None => None,
+        Some(bias) => {
+            let (b, s_k) = (k.dim(0)?, k.dim(1)?);
+            if bias.dims() != [b, 1, 1, s_k] || bias.dtype() != DType::F32 {
+                return Ok(None);
+            }
+            Some(bias.flatten_all()?.to_vec1::<f32>()?)
+        }
+    };
+    let op = attention::FusedAttention {
+        num_heads,
+        scale: scale as f32,
+        bias,
+    };
+    Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &op,
+    )?))
 }
 
 /// Rotary position embedding ("rotate half", as Hugging Face Llama) for `x` of shape

@@ -26,11 +26,8 @@ fn softmax_rows<T: KernelFloat>(x: &[T], d: usize) -> Vec<T> {
                     .iter()
                     .copied()
                     .fold(T::neg_infinity(), num_traits::Float::max);
-                let mut sum = T::zero();
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = (x - max).exp();
-                    sum += *o;
-                }
+                o.copy_from_slice(x);
+                let sum = T::exp_shifted_sum(o, max);
                 let inv = sum.recip();
                 o.iter_mut().for_each(|o| *o *= inv);
             }

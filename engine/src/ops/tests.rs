@@ -188,3 +188,55 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(layer_norm(&x, &w, &w, 1e-5).is_err());
     assert!(rms_norm(&x, &w, 1e-5).is_err());
 }
+
+/// Attention composed from basic ops on `(batch, seq, heads · head_dim)` projections.
+fn composed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let (b, s, w) = t.dims3()?;
+        t.reshape((b, s, heads, w / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (b, s, w) = q.dims3()?;
+    let scores = ((split(q)? * scale)?.matmul(&split(k)?.t()?)?).broadcast_add(bias)?;
+    composed::softmax_last_dim(&scores)?
+        .matmul(&split(v)?)?
+        .transpose(1, 2)?
+        .reshape((b, s, w))
+}
+
+#[test]
+fn fused_attention_matches_the_composed_one() -> Result<()> {
+    let dev = Device::Cpu;
+    // Odd sizes everywhere: 3 heads of 5, 7 queries against 7 keys, a padded second sequence.
+    let (b, s, heads, head_dim) = (2, 7, 3, 5);
+    let w = heads * head_dim;
+    let q = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+    let k = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+    let v = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]], &dev)?;
+    let bias = crate::models::common::padding_bias(&mask, DType::F32)?;
+    let scale = (head_dim as f64).powf(-0.5);
+    let fused = fused_attention(&q, &k, &v, Some(&bias), heads, scale)?.expect("fused path");
+    let want = composed_attention(&q, &k, &v, &bias, heads, scale)?;
+    let diff = (fused - want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(diff < 1e-5, "max abs diff {diff}");
+
+    // A tensor that needs a gradient takes the composed path (the fused op has no backward).
+    let qv = Var::from_tensor(&q)?;
+    assert!(fused_attention(qv.as_tensor(), &k, &v, Some(&bias), heads, scale)?.is_none());
+    // So does a bias of another shape.
+    assert!(fused_attention(&q, &k, &v, Some(&bias.squeeze(1)?), heads, scale)?.is_none());
+    Ok(())
+}

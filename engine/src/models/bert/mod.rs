@@ -175,11 +175,20 @@ impl BertSelfAttention {
         keep_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = self.query.forward_t(x, rng)?;
+        let k = self.key.forward_t(x, rng)?;
+        let v = self.value.forward_t(x, rng)?;
+        let without_dropout = rng.is_none() || self.dropout == 0.0;
+        if !keep_probs && without_dropout {
+            if let Some(out) = ops::fused_attention(&q, &k, &v, bias, self.num_heads, scale)? {
+                return Ok((out, None));
+            }
+        }
         // Scaling q before the product touches seq·head_dim values instead of seq².
-        let q = (self.split_heads(&self.query.forward_t(x, rng)?)?
-            * (self.head_dim as f64).powf(-0.5))?;
-        let k = self.split_heads(&self.key.forward_t(x, rng)?)?;
-        let v = self.split_heads(&self.value.forward_t(x, rng)?)?;
+        let q = (self.split_heads(&q)? * scale)?;
+        let k = self.split_heads(&k)?;
+        let v = self.split_heads(&v)?;
         let scores = q.matmul(&k.t()?)?;
         let scores = match bias {
             Some(bias) => scores.broadcast_add(bias)?,
