@@ -5,7 +5,8 @@
 //! agree and that the int8 encoder's mean-pooled embeddings stay close to f32's (cosine).
 //!
 //! ```text
-//! cargo run --release -p compressd-engine --example minilm_latency -- [--runs 20] [--warmup 3]
+//! cargo run --release -p compressd-engine --example minilm_latency -- [--runs 20] [--warmup 3] \
+//!   [--case 'batch 1']
 //! # or, reusing the dev build's opt-level-3 dependencies and optimising only the engine:
 //! cargo --config 'profile.dev.package.compressd-engine.opt-level=3' \
 //!   --config 'profile.dev.package.compressd-engine.debug-assertions=false' \
@@ -47,12 +48,15 @@ const MIN_INT8_COSINE: f32 = 0.99;
 struct Args {
     runs: usize,
     warmup: usize,
+    /// Only the cases whose name contains this (`--case "batch 1"`), e.g. to profile one.
+    case: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
         runs: 20,
         warmup: 3,
+        case: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -60,7 +64,8 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--runs" => args.runs = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
-            other => bail!("unknown flag {other} (expected --runs N, --warmup N)"),
+            "--case" => args.case = Some(value),
+            other => bail!("unknown flag {other} (expected --runs N, --warmup N, --case NAME)"),
         }
     }
     ensure!(args.runs > 0, "--runs must be at least 1");
@@ -398,7 +403,8 @@ fn main() -> Result<()> {
          | max abs diff (real tokens / all) | int8 p50 (ms) | int8 / ours f32 | min cos int8 vs f32 |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for (name, batches) in &cases {
+    let wanted = |name: &str| args.case.as_deref().is_none_or(|c| name.contains(c));
+    for (name, batches) in cases.iter().filter(|(name, _)| wanted(name)) {
         report_case(&encoders, name, batches, &args)?;
     }
     println!("load average at the end: {}", load_average());
