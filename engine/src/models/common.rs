@@ -163,6 +163,12 @@ impl DropoutRng {
         self.rng.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A fresh seed for a kernel that draws its own dropout mask (fused attention), taken from this
+    /// generator so a restored state replays it.
+    pub fn next_seed(&self) -> u64 {
+        self.rng.lock().unwrap_or_else(|e| e.into_inner()).gen()
+    }
+
     /// A keep mask scaled by `1 / (1 - p)`: each element is `0` with probability `p`.
     fn keep_mask(&self, shape: &[usize], p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();

@@ -10,7 +10,7 @@
 //!   path is vectorised for the CPU at hand, [`simd`], where candle's calls scalar `erf`/`exp`), for
 //!   the norms and rope candle's fused kernel.
 //!
-//! Attention has a fused CPU kernel of its own ([`fused_attention`]) for passes without gradients.
+//! Attention has a fused CPU kernel of its own, forward and backward ([`fused_attention`]).
 //!
 //! All three agree within float tolerance (tests below and in `engine/tests/models/grad.rs`).
 
@@ -113,10 +113,12 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 /// Multi-head attention `softmax(scale · q kᵀ + bias) v` on the projections as they come out of
 /// their linear layers: `q` `(batch, seq_q, heads · head_dim)`, `k` and `v` `(batch, seq_k, heads ·
 /// head_dim)`; `bias` is the additive padding mask `(batch, 1, 1, seq_k)` of
-/// [`crate::models::common::padding_bias`]. The result has `q`'s shape, heads side by side.
+/// [`crate::models::common::padding_bias`]; `dropout` is `(p, seed)` for dropout on the
+/// probabilities (the seed drawn from the model's dropout generator). The result has `q`'s shape,
+/// heads side by side, and is differentiable with respect to `q`, `k` and `v`.
 ///
-/// `None` when the fused CPU kernel does not apply (a gradient is needed, the tensors are not f32
-/// on the CPU, or the bias has another shape); the caller then composes the attention itself.
+/// `None` when the fused CPU kernel does not apply (the tensors are not f32 on the CPU, or the bias
+/// has another shape); the caller then composes the attention itself.
 ///
 /// # Errors
 /// Fails when the shapes do not fit together.
@@ -127,9 +129,10 @@ pub fn fused_attention(
     bias: Option<&Tensor>,
     num_heads: usize,
     scale: f64,
+    dropout: Option<(f64, u64)>,
 ) -> Result<Option<Tensor>> {
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if needs_grad(&[q, k, v]) || ![q, k, v].into_iter().all(on_cpu_f32) {
+    if ![q, k, v].into_iter().all(on_cpu_f32) {
         return Ok(None);
     }
     let bias = match bias {
@@ -139,19 +142,28 @@ pub fn fused_attention(
             if bias.dims() != [b, 1, 1, s_k] || bias.dtype() != DType::F32 {
                 return Ok(None);
             }
-            Some(bias.flatten_all()?.to_vec1::<f32>()?)
+            Some(std::sync::Arc::new(bias.flatten_all()?.to_vec1::<f32>()?))
         }
+    };
+    let dropout = match dropout {
+        Some((p, _)) if !(0.0..1.0).contains(&p) => {
+            candle_core::bail!("dropout probability {p} is not in [0, 1)")
+        }
+        Some((p, seed)) if p > 0.0 => Some(attention::AttentionDropout { p: p as f32, seed }),
+        _ => None,
     };
     let op = attention::FusedAttention {
         num_heads,
         scale: scale as f32,
         bias,
+        dropout,
     };
-    Ok(Some(q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &op,
-    )?))
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(if needs_grad(&[&q, &k, &v]) {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    }))
 }
 
 /// Rotary position embedding ("rotate half", as Hugging Face Llama) for `x` of shape

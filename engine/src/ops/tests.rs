@@ -189,7 +189,8 @@ fn bad_shapes_are_errors_not_panics() {
     assert!(rms_norm(&x, &w, 1e-5).is_err());
 }
 
-/// Attention composed from basic ops on `(batch, seq, heads · head_dim)` projections.
+/// Attention composed from basic ops on `(batch, seq, heads · head_dim)` projections, with the
+/// dropout factors `(batch, heads, seq_q, seq_k)` applied to the probabilities when given.
 fn composed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -197,6 +198,7 @@ fn composed_attention(
     bias: &Tensor,
     heads: usize,
     scale: f64,
+    dropout: Option<&Tensor>,
 ) -> Result<Tensor> {
     let split = |t: &Tensor| -> Result<Tensor> {
         let (b, s, w) = t.dims3()?;
@@ -206,37 +208,83 @@ fn composed_attention(
     };
     let (b, s, w) = q.dims3()?;
     let scores = ((split(q)? * scale)?.matmul(&split(k)?.t()?)?).broadcast_add(bias)?;
-    composed::softmax_last_dim(&scores)?
+    let mut probs = composed::softmax_last_dim(&scores)?;
+    if let Some(factors) = dropout {
+        probs = (probs * factors)?;
+    }
+    probs
         .matmul(&split(v)?)?
         .transpose(1, 2)?
         .reshape((b, s, w))
 }
 
 #[test]
-fn fused_attention_matches_the_composed_one() -> Result<()> {
+fn fused_attention_matches_the_composed_one_forward_and_backward() -> Result<()> {
     let dev = Device::Cpu;
     // Odd sizes everywhere: 3 heads of 5, 7 queries against 7 keys, a padded second sequence.
     let (b, s, heads, head_dim) = (2, 7, 3, 5);
     let w = heads * head_dim;
-    let q = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
-    let k = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
-    let v = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]], &dev)?;
     let bias = crate::models::common::padding_bias(&mask, DType::F32)?;
     let scale = (head_dim as f64).powf(-0.5);
-    let fused = fused_attention(&q, &k, &v, Some(&bias), heads, scale)?.expect("fused path");
-    let want = composed_attention(&q, &k, &v, &bias, heads, scale)?;
-    let diff = (fused - want)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    assert!(diff < 1e-5, "max abs diff {diff}");
+    let dropout = attention::AttentionDropout { p: 0.3, seed: 42 };
+    let factors: Vec<f32> = (0..b * heads * s * s)
+        .map(|i| dropout.factor(i as u64))
+        .collect();
+    assert!(factors.contains(&0.0) && factors.iter().any(|&f| f > 1.0));
+    let factors = Tensor::from_vec(factors, (b, heads, s, s), &dev)?;
 
-    // A tensor that needs a gradient takes the composed path (the fused op has no backward).
-    let qv = Var::from_tensor(&q)?;
-    assert!(fused_attention(qv.as_tensor(), &k, &v, Some(&bias), heads, scale)?.is_none());
-    // So does a bias of another shape.
-    assert!(fused_attention(&q, &k, &v, Some(&bias.squeeze(1)?), heads, scale)?.is_none());
+    for with_dropout in [false, true] {
+        let vars: Vec<Var> = (0..3)
+            .map(|_| Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, w), &dev)?))
+            .collect::<Result<_>>()?;
+        let [q, k, v] = [0, 1, 2].map(|i| vars[i].as_tensor());
+        // A loss that weighs every output element differently, so no gradient cancels.
+        let weights = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+        let fused = fused_attention(
+            q,
+            k,
+            v,
+            Some(&bias),
+            heads,
+            scale,
+            with_dropout.then_some((0.3, 42)),
+        )?
+        .expect("fused path");
+        let want = composed_attention(
+            q,
+            k,
+            v,
+            &bias,
+            heads,
+            scale,
+            with_dropout.then_some(&factors),
+        )?;
+        let diff = max_abs_diff(&fused, &want);
+        assert!(
+            diff < 1e-5,
+            "dropout {with_dropout}: forward differs by {diff}"
+        );
+        let fused_grads = (fused * &weights)?.sum_all()?.backward()?;
+        let want_grads = (want * &weights)?.sum_all()?.backward()?;
+        for (name, var) in ["q", "k", "v"].iter().zip(&vars) {
+            let got = fused_grads.get(var).expect("gradient");
+            let want = want_grads.get(var).expect("gradient");
+            let diff = max_abs_diff(got, want);
+            assert!(
+                diff < 1e-5,
+                "dropout {with_dropout}: d{name} differs by {diff}"
+            );
+            assert!(got.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        }
+    }
+
+    // Without a gradient the forward-only op runs; a bias of another shape falls back.
+    let q = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+    let out = fused_attention(&q, &q, &q, Some(&bias), heads, scale, None)?.expect("fused");
+    let want = composed_attention(&q, &q, &q, &bias, heads, scale, None)?;
+    assert!(max_abs_diff(&out, &want) < 1e-5);
+    let squeezed = bias.squeeze(1)?;
+    assert!(fused_attention(&q, &q, &q, Some(&squeezed), heads, scale, None)?.is_none());
     Ok(())
 }

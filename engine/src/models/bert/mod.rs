@@ -179,9 +179,12 @@ impl BertSelfAttention {
         let q = self.query.forward_t(x, rng)?;
         let k = self.key.forward_t(x, rng)?;
         let v = self.value.forward_t(x, rng)?;
-        let without_dropout = rng.is_none() || self.dropout == 0.0;
-        if !keep_probs && without_dropout {
-            if let Some(out) = ops::fused_attention(&q, &k, &v, bias, self.num_heads, scale)? {
+        if !keep_probs {
+            let dropout = rng
+                .filter(|_| self.dropout > 0.0)
+                .map(|rng| (self.dropout, rng.next_seed()));
+            let fused = ops::fused_attention(&q, &k, &v, bias, self.num_heads, scale, dropout)?;
+            if let Some(out) = fused {
                 return Ok((out, None));
             }
         }
