@@ -10,6 +10,6 @@ BIN=${BIN:-target/debug/examples/train_step}
 echo "# $(lscpu | grep 'Model name' | sed 's/ \+/ /g'), $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 for _ in $(seq "$ROUNDS"); do
   "$BIN" --steps "$STEPS" --warmup 2
-  python3 bench/pytorch_train_step.py --steps "$STEPS" --warmup 2
+  "${PYTHON:-python3}" bench/pytorch_train_step.py --steps "$STEPS" --warmup 2
 done
 echo "# load after: $(cut -d' ' -f1-3 /proc/loadavg)"

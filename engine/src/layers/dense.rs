@@ -89,6 +89,12 @@ impl LinearLayer for DenseLinear {
         };
         // One 2-D matmul over all rows beats a batched matmul with a broadcast weight; the transposed
         // weight is a strided view that gemm reads directly, so no copy is made.
+        if self.weight.track_op() {
+            // A trained weight: one autograd node with a hand-written backward.
+            if let Some(y) = crate::ops::linear(x, &self.weight, self.bias.as_ref())? {
+                return Ok(y);
+            }
+        }
         let rows: usize = leading.iter().product();
         let x2 = x.reshape((rows, in_features))?;
         let y2 = x2.matmul(&self.weight_t()?)?;

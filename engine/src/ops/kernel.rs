@@ -10,8 +10,6 @@ use super::simd::{self, Isa};
 pub(crate) trait KernelFloat:
     Float + NumAssign + WithDType + Send + Sync + std::iter::Sum
 {
-    /// The error function.
-    fn erf(self) -> Self;
     /// Converts an `f64` constant.
     fn c(x: f64) -> Self;
     /// `out[i] = x[i] · Φ(x[i])` over a block (vectorised for f32).
@@ -23,9 +21,6 @@ pub(crate) trait KernelFloat:
 }
 
 impl KernelFloat for f32 {
-    fn erf(self) -> Self {
-        libm::erff(self)
-    }
     fn c(x: f64) -> Self {
         x as f32
     }
@@ -42,9 +37,6 @@ impl KernelFloat for f32 {
 
 /// f64 is for exact gradient checks: plain libm, no approximation.
 impl KernelFloat for f64 {
-    fn erf(self) -> Self {
-        libm::erf(self)
-    }
     fn c(x: f64) -> Self {
         x
     }

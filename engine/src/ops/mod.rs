@@ -18,6 +18,7 @@ mod attention;
 pub mod composed;
 mod gelu;
 mod kernel;
+mod linear;
 mod norm;
 pub mod simd;
 mod softmax;
@@ -163,6 +164,23 @@ pub fn fused_attention(
         q.apply_op3(&k, &v, op)?
     } else {
         q.apply_op3_no_bwd(&k, &v, &op)?
+    }))
+}
+
+/// `x Wᵀ + b` as one autograd node with a hand-written backward ([`linear`]'s module comment says
+/// why), for `x (…, in)`, `W (out, in)`, `b (out)`; `None` when not every tensor is f32 on the CPU.
+///
+/// # Errors
+/// Fails when the shapes do not fit.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !on_cpu_f32(x) || !on_cpu_f32(w) || !b.is_none_or(on_cpu_f32) {
+        return Ok(None);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    Ok(Some(match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::Linear)?,
+        None => x.apply_op2(&w, linear::Linear)?,
     }))
 }
 

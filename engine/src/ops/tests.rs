@@ -288,3 +288,57 @@ fn fused_attention_matches_the_composed_one_forward_and_backward() -> Result<()>
     assert!(fused_attention(&q, &q, &q, Some(&squeezed), heads, scale, None)?.is_none());
     Ok(())
 }
+
+#[test]
+fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, inp, out) = ((2, 5), 7, 9);
+    for (with_bias, frozen_weight) in [(true, false), (false, false), (true, true)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows.0, rows.1, inp), &dev)?)?;
+        let w_init = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
+        let w = Var::from_tensor(&w_init)?;
+        let w_used = if frozen_weight {
+            w_init.clone()
+        } else {
+            w.as_tensor().clone()
+        };
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, out, &dev)?)?;
+        let bias = with_bias.then(|| b.as_tensor());
+        let got = linear(x.as_tensor(), &w_used, bias)?.expect("fused path");
+        let mut want = x.as_tensor().broadcast_matmul(&w_used.t()?)?;
+        if let Some(bias) = bias {
+            want = want.broadcast_add(bias)?;
+        }
+        assert_eq!(got.dims(), [rows.0, rows.1, out]);
+        assert!(max_abs_diff(&got, &want) < 1e-5);
+        let weights = Tensor::randn(0f32, 1.0, got.shape(), &dev)?;
+        let got_grads = (got * &weights)?.sum_all()?.backward()?;
+        let want_grads = (want * &weights)?.sum_all()?.backward()?;
+        let mut checked = vec![&x];
+        if !frozen_weight {
+            checked.push(&w);
+        } else {
+            assert!(
+                got_grads.get(&w).is_none(),
+                "a frozen weight gets no gradient"
+            );
+        }
+        if with_bias {
+            checked.push(&b);
+        }
+        for var in checked {
+            let diff = max_abs_diff(
+                got_grads.get(var).expect("gradient"),
+                want_grads.get(var).expect("gradient"),
+            );
+            assert!(
+                diff < 1e-4,
+                "bias {with_bias}, frozen {frozen_weight}: gradient differs by {diff}"
+            );
+        }
+    }
+    // Shapes that do not fit are errors, not panics.
+    let x = Tensor::zeros((3, 4), DType::F32, &dev)?;
+    assert!(linear(&x, &Tensor::zeros((2, 5), DType::F32, &dev)?, None).is_err());
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! A linear layer `y = x Wᵀ + b` as one autograd node with a hand-written backward (CPU, f32).
+//!
+//! Composed from candle ops, a linear layer is five graph nodes (reshape, transpose, matmul,
+//! broadcast add, reshape), and candle's backward gives every node a zero-filled gradient buffer
+//! and adds into it: for a `(rows, out)` activation that is several passes over memory on top of
+//! the two GEMMs that matter. Here the forward is one GEMM that accumulates onto the bias rows,
+//! and the backward computes exactly the gradients its inputs need, each with one GEMM in the
+//! layout gemm packs fastest: `dx = dy W`, `dW = dyᵀ x` (no transposed copy), `db = Σ dy`.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::kernel::slice;
+
+/// `x (…, in) · Wᵀ + b` for `W (out, in)` and `b (out)`; the bias is optional (two-argument form).
+pub(crate) struct Linear;
+
+/// `(x, W, dy) → [dx | dW | db]` flattened, each part only when asked for.
+struct LinearBackward {
+    dx: bool,
+    dw: bool,
+    db: bool,
+}
+
+fn parallelism() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// Sizes of one call: `rows` of `x`, `in`puts and `out`puts.
+fn sizes(lx: &Layout, lw: &Layout) -> Result<(usize, usize, usize)> {
+    let (out, inp) = lw.shape().dims2()?;
+    let x_in = lx.dims().last().copied().unwrap_or(0);
+    if x_in != inp || inp == 0 {
+        candle_core::bail!(
+            "linear: input {:?} does not fit a weight {:?}",
+            lx.shape(),
+            lw.shape()
+        );
+    }
+    Ok((lx.shape().elem_count() / inp, inp, out))
+}
+
+/// The output shape: `x`'s with the last dimension replaced by `out`.
+fn out_shape(lx: &Layout, out: usize) -> Shape {
+    let mut dims = lx.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    Shape::from(dims)
+}
+
+/// `y = x Wᵀ (+ b)`.
+fn forward(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    if let Some(b) = b {
+        y.par_chunks_mut(out * 64.max(1)).for_each(|block| {
+            block
+                .chunks_exact_mut(out)
+                .for_each(|r| r.copy_from_slice(b))
+        });
+    }
+    // SAFETY: the views cover exactly `x` (rows × in), `W` (out × in, read as Wᵀ) and `y`.
+    unsafe {
+        gemm::gemm(
+            rows,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            1,
+            out as isize,
+            b.is_some(),
+            x.as_ptr(),
+            1,
+            inp as isize,
+            w.as_ptr(),
+            inp as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    y
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "compressd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = sizes(lx, lw)?;
+        let y = forward(slice(x, lx)?, slice(w, lw)?, None, rows, inp, out);
+        Ok((CpuStorage::F32(y), out_shape(lx, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = backward(x, w, None, dy)?;
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "compressd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = sizes(lx, lw)?;
+        if lb.dims() != [out] {
+            candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
+        }
+        let y = forward(
+            slice(x, lx)?,
+            slice(w, lw)?,
+            Some(slice(b, lb)?),
+            rows,
+            inp,
+            out,
+        );
+        Ok((CpuStorage::F32(y), out_shape(lx, out)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        backward(x, w, Some(b), dy)
+    }
+}
+
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// The gradients of the inputs that track one (a frozen weight gets none computed).
+fn backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<Grads> {
+    let op = LinearBackward {
+        dx: x.track_op(),
+        dw: w.track_op(),
+        db: b.is_some_and(Tensor::track_op),
+    };
+    if !(op.dx || op.dw || op.db) {
+        return Ok((None, None, None));
+    }
+    let packed = x.apply_op3_no_bwd(w, &dy.contiguous()?, &op)?;
+    let mut at = 0;
+    let mut take = |wanted: bool, like: &Tensor| -> Result<Option<Tensor>> {
+        if !wanted {
+            return Ok(None);
+        }
+        let n = like.elem_count();
+        let part = packed.narrow(0, at, n)?.reshape(like.shape())?;
+        at += n;
+        Ok(Some(part))
+    };
+    let dx = take(op.dx, x)?;
+    let dw = take(op.dw, w)?;
+    let db = match b {
+        Some(b) => take(op.db, b)?,
+        None => None,
+    };
+    Ok((dx, dw, db))
+}
+
+impl CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "compressd-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, inp, out) = sizes(lx, lw)?;
+        let (x, w, dy) = (
+            slice::<f32>(x, lx)?,
+            slice::<f32>(w, lw)?,
+            slice::<f32>(dy, ldy)?,
+        );
+        if dy.len() != rows * out {
+            candle_core::bail!(
+                "linear backward: gradient {:?} for {rows} × {out}",
+                ldy.shape()
+            );
+        }
+        let len = usize::from(self.dx) * rows * inp
+            + usize::from(self.dw) * out * inp
+            + usize::from(self.db) * out;
+        let mut grads = vec![0f32; len];
+        let (dx, rest) = grads.split_at_mut(if self.dx { rows * inp } else { 0 });
+        let (dw, db) = rest.split_at_mut(if self.dw { out * inp } else { 0 });
+        // SAFETY: each view covers exactly its buffer: dy (rows × out), W (out × in), x (rows × in),
+        // dx (rows × in), dW (out × in).
+        unsafe {
+            if self.dx {
+                // dx = dy W
+                gemm::gemm(
+                    rows,
+                    inp,
+                    out,
+                    dx.as_mut_ptr(),
+                    1,
+                    inp as isize,
+                    false,
+                    dy.as_ptr(),
+                    1,
+                    out as isize,
+                    w.as_ptr(),
+                    1,
+                    inp as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+            if self.dw {
+                // dW = dyᵀ x, reading dy column-major in place
+                gemm::gemm(
+                    out,
+                    inp,
+                    rows,
+                    dw.as_mut_ptr(),
+                    1,
+                    inp as isize,
+                    false,
+                    dy.as_ptr(),
+                    out as isize,
+                    1,
+                    x.as_ptr(),
+                    1,
+                    inp as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        if self.db {
+            // Column sums, a block of rows per task, then the blocks' sums added.
+            let sums = dy
+                .par_chunks(out * 64)
+                .map(|block| {
+                    let mut acc = vec![0f32; out];
+                    for row in block.chunks_exact(out) {
+                        acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+                    }
+                    acc
+                })
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                });
+            if let Some(sums) = sums {
+                db.copy_from_slice(&sums);
+            }
+        }
+        Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+}
