@@ -144,6 +144,7 @@ fn arm_time_budget(cancel: &Arc<AtomicBool>, seconds: Option<u64>) {
 }
 
 fn main() -> Result<()> {
+    compressd_engine::perf::tune_threads();
     compressd_engine::perf::tune_allocator();
     let started = Instant::now();
     let args = parse_args()?;

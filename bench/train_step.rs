@@ -95,6 +95,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
+    compressd_engine::perf::tune_threads();
     compressd_engine::perf::tune_allocator();
     let args = parse_args()?;
     let dev = Device::Cpu;

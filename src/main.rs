@@ -18,6 +18,12 @@ fn main() -> ExitCode {
         print!("{}", compressd::api::openapi::yaml());
         return ExitCode::SUCCESS;
     }
+    if matches!(cli.command, Command::Exec { .. } | Command::Run { .. }) {
+        // The engine runs in this process: the process-wide settings the benchmarks use (see
+        // `compressd_engine::perf`), before any thread starts.
+        compressd_engine::perf::tune_threads();
+        compressd_engine::perf::tune_allocator();
+    }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
@@ -26,11 +32,6 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings);
-    if matches!(cli.command, Command::Exec { .. } | Command::Run { .. }) {
-        // The engine runs in this process: keep its training buffers in the heap between steps,
-        // as the benchmarks do (see `compressd_engine::perf`).
-        compressd_engine::perf::tune_allocator();
-    }
     if let Command::Exec { job } = cli.command {
         // A job's child process: stdout carries only protocol messages; logs go to stderr.
         tracing::debug!(%job, "running one job for a worker");

@@ -352,6 +352,7 @@ fn report_case(encoders: &Encoders, name: &str, batches: &[Inputs], args: &Args)
 }
 
 fn main() -> Result<()> {
+    compressd_engine::perf::tune_threads();
     compressd_engine::perf::tune_allocator();
     let args = parse_args()?;
     let shared = shared_dir()?;

@@ -1,5 +1,19 @@
 //! Process-wide performance settings for binaries that train or run models.
 
+/// candle's own thread pool (element-wise ops) spins 25,000 `pause`s before its workers sleep.
+///
+/// On a small machine that spin competes with rayon's threads, which run the GEMMs and our
+/// kernels right after each element-wise op: a profile of the BERT training step on 2 cores put 13%
+/// of all cycles in that loop, and lowering the limit took the step from 245–285 ms to 190–225 ms
+/// (BENCHMARKS.md, issue 16). Sets `CANDLE_BARRIER_POOL_SPIN_LIMIT` to 100 unless the user set it.
+/// Call first thing in `main`, before any thread starts (it changes the environment).
+pub fn tune_threads() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        std::env::set_var(VAR, "100");
+    }
+}
+
 /// Keeps glibc's allocator from handing large buffers back to the OS after every use.
 ///
 /// Training allocates and frees the same multi-megabyte activation and gradient buffers every step.

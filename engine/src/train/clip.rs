@@ -6,8 +6,10 @@
 //! gradients so that their global L2 norm is at most `max_norm`.
 
 use candle_core::{DType, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::ops::simd::Isa;
 use crate::train::grads::{dense_order, read_cpu, with_float_slice, Elem, GradView, Gradients};
 use crate::{EngineError, Result};
 
@@ -121,11 +123,11 @@ fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result
         norm_scale: 1.0,
     };
     match view {
-        GradView::Host(buf) => Ok(sum_squares(buf.iter().copied(), &probe)),
+        GradView::Host(buf) => Ok(sum_squares_slice(buf, &probe)),
         // Storage order does not matter for a sum of squares, so transposed views are read as is.
         GradView::Tensor(t) if t.device().is_cpu() && dense_order(t.layout()).is_some() => {
             read_cpu(t, |s, _| {
-                with_float_slice!(s, |s| sum_squares(s.iter().map(|x| x.to_f32()), &probe))
+                with_float_slice!(s, |s| sum_squares_slice(s, &probe))
             })
         }
         GradView::Tensor(t) => {
@@ -140,23 +142,59 @@ fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result
     }
 }
 
-fn sum_squares(values: impl Iterator<Item = f32>, probe: &GradTransform) -> (f64, f64) {
-    // Accumulate in f32 per chunk and in f64 across chunks: fast, and accurate for millions of terms.
-    let (mut raw, mut clamped) = (0f64, 0f64);
-    let (mut raw_chunk, mut clamped_chunk, mut n) = (0f32, 0f32, 0usize);
-    for g in values {
+/// Sums of squares of a gradient buffer, raw and after the transform: chunks in parallel, each
+/// summed in f32 over 16 lanes (so the loop vectorises), chunks added in f64 — fast, and accurate
+/// for millions of terms.
+fn sum_squares_slice<T: Elem>(values: &[T], probe: &GradTransform) -> (f64, f64) {
+    let isa = Isa::detected();
+    values
+        .par_chunks(1 << 14)
+        .map(|chunk| match isa {
+            // SAFETY: `Isa::detected` only returns a path this CPU supports.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { chunk_squares_avx512(chunk, probe) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { chunk_squares_avx2(chunk, probe) },
+            _ => chunk_squares(chunk, probe),
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
+const LANES: usize = 16;
+
+#[inline(always)]
+fn chunk_squares<T: Elem>(chunk: &[T], probe: &GradTransform) -> (f64, f64) {
+    let (mut raw, mut clamped) = ([0f32; LANES], [0f32; LANES]);
+    let mut add = |lane: usize, g: f32| {
         let a = g * probe.average;
         let c = probe.apply(g);
-        raw_chunk += a * a;
-        clamped_chunk += c * c;
-        n += 1;
-        if n == 4096 {
-            raw += raw_chunk as f64;
-            clamped += clamped_chunk as f64;
-            (raw_chunk, clamped_chunk, n) = (0.0, 0.0, 0);
+        raw[lane] += a * a;
+        clamped[lane] += c * c;
+    };
+    let blocks = chunk.chunks_exact(LANES);
+    let tail = blocks.remainder();
+    for block in blocks {
+        for (lane, g) in block.iter().enumerate() {
+            add(lane, g.to_f32());
         }
     }
-    (raw + raw_chunk as f64, clamped + clamped_chunk as f64)
+    for (lane, g) in tail.iter().enumerate() {
+        add(lane, g.to_f32());
+    }
+    let total = |lanes: [f32; LANES]| lanes.iter().map(|&x| f64::from(x)).sum::<f64>();
+    (total(raw), total(clamped))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq,avx2,fma")]
+unsafe fn chunk_squares_avx512<T: Elem>(chunk: &[T], probe: &GradTransform) -> (f64, f64) {
+    chunk_squares(chunk, probe)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_squares_avx2<T: Elem>(chunk: &[T], probe: &GradTransform) -> (f64, f64) {
+    chunk_squares(chunk, probe)
 }
 
 #[cfg(test)]
