@@ -71,6 +71,24 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The output block starting `offset` elements in, with row stride `rs`. (A method, so closures
+    /// capture the whole `Sync` wrapper rather than its raw-pointer field.)
+    fn block(self, offset: usize, rs: usize) -> Out {
+        Out {
+            ptr: self.0.wrapping_add(offset),
+            rs,
+        }
+    }
+}
+
+/// A row-major output block: element `(r, c)` at `ptr[r · rs + c]`.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    rs: usize,
+}
+
 /// A strided matrix view: element `(r, c)` at `ptr[r · rs + c · cs]`.
 #[derive(Clone, Copy)]
 struct View {
@@ -97,28 +115,18 @@ impl View {
     }
 }
 
-/// `dst = beta · lhs rhs` for an `m × k` `lhs` and a `k × n` `rhs`, into `dst` with row stride
-/// `dst_rs`, on the calling thread.
+/// `dst = beta · lhs rhs` for an `m × k` `lhs` and a `k × n` `rhs`, on the calling thread.
 ///
 /// # Safety
 /// Every view must lie inside its buffer for the given sizes, and `dst` must not alias them.
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: View,
-    rhs: View,
-    beta: f32,
-) {
+unsafe fn matmul(m: usize, n: usize, k: usize, dst: Out, lhs: View, rhs: View, beta: f32) {
     gemm::gemm(
         m,
         n,
         k,
-        dst,
+        dst.ptr,
         1,
-        dst_rs as isize,
+        dst.rs as isize,
         false,
         lhs.ptr,
         lhs.cs,
@@ -200,8 +208,10 @@ impl FusedAttention {
                 d.s_q,
                 d.s_k,
                 d.head_dim,
-                probs.as_mut_ptr(),
-                d.s_k,
+                Out {
+                    ptr: probs.as_mut_ptr(),
+                    rs: d.s_k,
+                },
                 View::rows(q.as_ptr().add(q_at), d.width),
                 View::rows(k.as_ptr().add(k_at), d.width).t(),
                 self.scale,
@@ -257,7 +267,6 @@ impl CustomOp3 for FusedAttention {
                 self.probabilities(&d, task, q, k, probs);
                 self.apply_dropout(&d, task, probs);
                 let (q_at, v_at) = d.offsets(task);
-                let out_ptr = out_ptr;
                 // SAFETY: the views stay inside their buffers; the output block is this task's own.
                 unsafe {
                     // out_h = probs v_h   (s_q × s_k times s_k × head_dim)
@@ -265,8 +274,7 @@ impl CustomOp3 for FusedAttention {
                         d.s_q,
                         d.head_dim,
                         d.s_k,
-                        out_ptr.0.add(q_at),
-                        d.width,
+                        out_ptr.block(q_at, d.width),
                         View::rows(probs.as_ptr(), d.s_k),
                         View::rows(v.as_ptr().add(v_at), d.width),
                         1.0,
@@ -346,7 +354,6 @@ impl CustomOp3 for FusedAttentionBackward {
         (0..d.batch * d.heads).into_par_iter().for_each_init(
             BackwardScratch::default,
             |s, task| {
-                let (dq, dk, dv) = (dq, dk, dv);
                 let (q_at, k_at) = d.offsets(task);
                 op.probabilities(&d, task, q, k, &mut s.probs);
                 let dropped = if op.dropout.is_some() {
@@ -369,8 +376,7 @@ impl CustomOp3 for FusedAttentionBackward {
                         d.s_k,
                         d.head_dim,
                         d.s_q,
-                        dv.0.add(k_at),
-                        d.width,
+                        dv.block(k_at, d.width),
                         View::rows(dropped.as_ptr(), d.s_k).t(),
                         d_out_h,
                         1.0,
@@ -380,8 +386,10 @@ impl CustomOp3 for FusedAttentionBackward {
                         d.s_q,
                         d.s_k,
                         d.head_dim,
-                        s.grad.as_mut_ptr(),
-                        d.s_k,
+                        Out {
+                            ptr: s.grad.as_mut_ptr(),
+                            rs: d.s_k,
+                        },
                         d_out_h,
                         v_h.t(),
                         1.0,
@@ -405,8 +413,7 @@ impl CustomOp3 for FusedAttentionBackward {
                         d.s_q,
                         d.head_dim,
                         d.s_k,
-                        dq.0.add(q_at),
-                        d.width,
+                        dq.block(q_at, d.width),
                         d_scores,
                         k_h,
                         op.scale,
@@ -415,8 +422,7 @@ impl CustomOp3 for FusedAttentionBackward {
                         d.s_k,
                         d.head_dim,
                         d.s_q,
-                        dk.0.add(k_at),
-                        d.width,
+                        dk.block(k_at, d.width),
                         d_scores.t(),
                         q_h,
                         op.scale,

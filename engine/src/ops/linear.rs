@@ -61,7 +61,7 @@ fn forward(
 ) -> Vec<f32> {
     let mut y = vec![0f32; rows * out];
     if let Some(b) = b {
-        y.par_chunks_mut(out * 64.max(1)).for_each(|block| {
+        y.par_chunks_mut(out * 64).for_each(|block| {
             block
                 .chunks_exact_mut(out)
                 .for_each(|r| r.copy_from_slice(b))
