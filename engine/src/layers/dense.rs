@@ -89,11 +89,17 @@ impl LinearLayer for DenseLinear {
         };
         // One 2-D matmul over all rows beats a batched matmul with a broadcast weight; the transposed
         // weight is a strided view that gemm reads directly, so no copy is made.
-        if self.weight.track_op() {
-            // A trained weight: one autograd node with a hand-written backward.
-            if let Some(y) = crate::ops::linear(x, &self.weight, self.bias.as_ref())? {
-                return Ok(y);
-            }
+        // One autograd node with a hand-written backward (and the bias added inside the GEMM): a
+        // trained weight as it is, a frozen one through its contiguous transposed copy.
+        let fused = if self.weight.track_op() {
+            crate::ops::linear(x, &self.weight, self.bias.as_ref(), false)?
+        } else if self.weight.device().is_cpu() {
+            crate::ops::linear(x, &self.weight_t()?, self.bias.as_ref(), true)?
+        } else {
+            None
+        };
+        if let Some(y) = fused {
+            return Ok(y);
         }
         let rows: usize = leading.iter().product();
         let x2 = x.reshape((rows, in_features))?;

@@ -14,13 +14,28 @@ use rayon::prelude::*;
 use super::kernel::slice;
 
 /// `x (…, in) · Wᵀ + b` for `W (out, in)` and `b (out)`; the bias is optional (two-argument form).
-pub(crate) struct Linear;
+/// With `transposed`, the weight argument holds `Wᵀ (in, out)` contiguous (a frozen layer's cached
+/// copy, which gemm packs without gathering; see `layers::dense`).
+pub(crate) struct Linear {
+    pub transposed: bool,
+}
 
-/// `(x, W, dy) → [dx | dW | db]` flattened, each part only when asked for.
+/// `(x, W, dy) → [dx | dW | db]` flattened, each part only when asked for (`dW` in the weight
+/// argument's own orientation).
 struct LinearBackward {
+    transposed: bool,
     dx: bool,
     dw: bool,
     db: bool,
+}
+
+/// Strides `(row, column)` of `W (out, in)` read from the weight argument.
+fn weight_strides(transposed: bool, inp: usize, out: usize) -> (isize, isize) {
+    if transposed {
+        (1, out as isize)
+    } else {
+        (inp as isize, 1)
+    }
 }
 
 fn parallelism() -> Parallelism {
@@ -28,8 +43,11 @@ fn parallelism() -> Parallelism {
 }
 
 /// Sizes of one call: `rows` of `x`, `in`puts and `out`puts.
-fn sizes(lx: &Layout, lw: &Layout) -> Result<(usize, usize, usize)> {
-    let (out, inp) = lw.shape().dims2()?;
+fn sizes(lx: &Layout, lw: &Layout, transposed: bool) -> Result<(usize, usize, usize)> {
+    let (out, inp) = match lw.shape().dims2()? {
+        (inp, out) if transposed => (out, inp),
+        dims => dims,
+    };
     let x_in = lx.dims().last().copied().unwrap_or(0);
     if x_in != inp || inp == 0 {
         candle_core::bail!(
@@ -55,10 +73,10 @@ fn forward(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
-    rows: usize,
-    inp: usize,
-    out: usize,
+    (rows, inp, out): (usize, usize, usize),
+    transposed: bool,
 ) -> Vec<f32> {
+    let (w_rs, w_cs) = weight_strides(transposed, inp, out);
     let mut y = vec![0f32; rows * out];
     if let Some(b) = b {
         y.par_chunks_mut(out * 64).for_each(|block| {
@@ -81,8 +99,8 @@ fn forward(
             1,
             inp as isize,
             w.as_ptr(),
-            inp as isize,
-            1,
+            w_rs,
+            w_cs,
             1.0,
             1.0,
             false,
@@ -106,8 +124,9 @@ impl CustomOp2 for Linear {
         w: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, inp, out) = sizes(lx, lw)?;
-        let y = forward(slice(x, lx)?, slice(w, lw)?, None, rows, inp, out);
+        let dims = sizes(lx, lw, self.transposed)?;
+        let y = forward(slice(x, lx)?, slice(w, lw)?, None, dims, self.transposed);
+        let out = dims.2;
         Ok((CpuStorage::F32(y), out_shape(lx, out)))
     }
 
@@ -118,7 +137,7 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = backward(x, w, None, dy)?;
+        let (dx, dw, _) = backward(self.transposed, x, w, None, dy)?;
         Ok((dx, dw))
     }
 }
@@ -137,18 +156,13 @@ impl CustomOp3 for Linear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, inp, out) = sizes(lx, lw)?;
+        let dims = sizes(lx, lw, self.transposed)?;
+        let out = dims.2;
         if lb.dims() != [out] {
             candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
         }
-        let y = forward(
-            slice(x, lx)?,
-            slice(w, lw)?,
-            Some(slice(b, lb)?),
-            rows,
-            inp,
-            out,
-        );
+        let b = Some(slice(b, lb)?);
+        let y = forward(slice(x, lx)?, slice(w, lw)?, b, dims, self.transposed);
         Ok((CpuStorage::F32(y), out_shape(lx, out)))
     }
 
@@ -160,15 +174,22 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        backward(x, w, Some(b), dy)
+        backward(self.transposed, x, w, Some(b), dy)
     }
 }
 
 type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// The gradients of the inputs that track one (a frozen weight gets none computed).
-fn backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<Grads> {
+fn backward(
+    transposed: bool,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    dy: &Tensor,
+) -> Result<Grads> {
     let op = LinearBackward {
+        transposed,
         dx: x.track_op(),
         dw: w.track_op(),
         db: b.is_some_and(Tensor::track_op),
@@ -210,7 +231,8 @@ impl CustomOp3 for LinearBackward {
         dy: &CpuStorage,
         ldy: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (rows, inp, out) = sizes(lx, lw)?;
+        let (rows, inp, out) = sizes(lx, lw, self.transposed)?;
+        let (w_rs, w_cs) = weight_strides(self.transposed, inp, out);
         let (x, w, dy) = (
             slice::<f32>(x, lx)?,
             slice::<f32>(w, lw)?,
@@ -228,8 +250,8 @@ impl CustomOp3 for LinearBackward {
         let mut grads = vec![0f32; len];
         let (dx, rest) = grads.split_at_mut(if self.dx { rows * inp } else { 0 });
         let (dw, db) = rest.split_at_mut(if self.dw { out * inp } else { 0 });
-        // SAFETY: each view covers exactly its buffer: dy (rows × out), W (out × in), x (rows × in),
-        // dx (rows × in), dW (out × in).
+        // SAFETY: each view covers exactly its buffer: dy (rows × out), W (out × in, in either
+        // orientation), x (rows × in), dx (rows × in), dW (out × in, in the weight's orientation).
         unsafe {
             if self.dx {
                 // dx = dy W
@@ -245,8 +267,8 @@ impl CustomOp3 for LinearBackward {
                     1,
                     out as isize,
                     w.as_ptr(),
-                    1,
-                    inp as isize,
+                    w_cs,
+                    w_rs,
                     0.0,
                     1.0,
                     false,
@@ -256,14 +278,14 @@ impl CustomOp3 for LinearBackward {
                 );
             }
             if self.dw {
-                // dW = dyᵀ x, reading dy column-major in place
+                // dW = dyᵀ x, reading dy column-major in place, written in W's orientation
                 gemm::gemm(
                     out,
                     inp,
                     rows,
                     dw.as_mut_ptr(),
-                    1,
-                    inp as isize,
+                    w_cs,
+                    w_rs,
                     false,
                     dy.as_ptr(),
                     out as isize,

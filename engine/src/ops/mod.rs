@@ -169,18 +169,25 @@ pub fn fused_attention(
 
 /// `x Wᵀ + b` as one autograd node with a hand-written backward ([`linear`]'s module comment says
 /// why), for `x (…, in)`, `W (out, in)`, `b (out)`; `None` when not every tensor is f32 on the CPU.
+/// With `transposed`, `w` holds `Wᵀ (in, out)` (a frozen layer's contiguous copy).
 ///
 /// # Errors
 /// Fails when the shapes do not fit.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Option<Tensor>> {
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    transposed: bool,
+) -> Result<Option<Tensor>> {
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !on_cpu_f32(x) || !on_cpu_f32(w) || !b.is_none_or(on_cpu_f32) {
         return Ok(None);
     }
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let op = linear::Linear { transposed };
     Ok(Some(match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::Linear)?,
-        None => x.apply_op2(&w, linear::Linear)?,
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
+        None => x.apply_op2(&w, op)?,
     }))
 }
 

@@ -304,7 +304,21 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
         };
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, out, &dev)?)?;
         let bias = with_bias.then(|| b.as_tensor());
-        let got = linear(x.as_tensor(), &w_used, bias)?.expect("fused path");
+        let got = linear(x.as_tensor(), &w_used, bias, false)?.expect("fused path");
+        if frozen_weight {
+            // A frozen layer's transposed copy gives the same output and the same dx.
+            let w_t = w_used.t()?.contiguous()?;
+            let via_t = linear(x.as_tensor(), &w_t, bias, true)?.expect("fused path");
+            assert!(max_abs_diff(&via_t, &got) < 1e-5);
+            let weights = Tensor::randn(0f32, 1.0, got.shape(), &dev)?;
+            let dx_t = (via_t * &weights)?.sum_all()?.backward()?;
+            let dx = (got.clone() * &weights)?.sum_all()?.backward()?;
+            let diff = max_abs_diff(dx_t.get(&x).expect("dx"), dx.get(&x).expect("dx"));
+            assert!(
+                diff < 1e-4,
+                "dx through the transposed weight differs by {diff}"
+            );
+        }
         let mut want = x.as_tensor().broadcast_matmul(&w_used.t()?)?;
         if let Some(bias) = bias {
             want = want.broadcast_add(bias)?;
@@ -337,8 +351,21 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
             );
         }
     }
+    // A trained weight held transposed gets its gradient in its own orientation.
+    let x = Tensor::randn(0f32, 1.0, (6, inp), &dev)?;
+    let w_t = Var::from_tensor(&Tensor::randn(0f32, 1.0, (inp, out), &dev)?)?;
+    let got = linear(&x, w_t.as_tensor(), None, true)?.expect("fused path");
+    let want = x.matmul(w_t.as_tensor())?;
+    assert!(max_abs_diff(&got, &want) < 1e-5);
+    let weights = Tensor::randn(0f32, 1.0, got.shape(), &dev)?;
+    let got = (got * &weights)?.sum_all()?.backward()?;
+    let want = (want * &weights)?.sum_all()?.backward()?;
+    let diff = max_abs_diff(got.get(&w_t).expect("dWᵀ"), want.get(&w_t).expect("dWᵀ"));
+    assert!(diff < 1e-4, "dWᵀ differs by {diff}");
+
     // Shapes that do not fit are errors, not panics.
     let x = Tensor::zeros((3, 4), DType::F32, &dev)?;
-    assert!(linear(&x, &Tensor::zeros((2, 5), DType::F32, &dev)?, None).is_err());
+    assert!(linear(&x, &Tensor::zeros((2, 5), DType::F32, &dev)?, None, false).is_err());
+    assert!(linear(&x, &Tensor::zeros((5, 2), DType::F32, &dev)?, None, true).is_err());
     Ok(())
 }
