@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import time
 
@@ -112,6 +113,8 @@ def main():
         params=params,
         dropout=args.dropout,
         steps=args.steps,
+        # ru_maxrss is in KiB on Linux: the process's peak, as our VmHWM.
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     )
     print(json.dumps(report))
 

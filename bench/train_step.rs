@@ -94,6 +94,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// Peak resident set size of this process (`VmHWM`) in MiB, when `/proc` has it: the model, its
+/// AdamW moments and the largest step's activations and gradients.
+fn peak_rss_mib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
+}
+
 fn main() -> Result<()> {
     compressd_engine::perf::tune_threads();
     compressd_engine::perf::tune_allocator();
@@ -155,6 +163,7 @@ fn main() -> Result<()> {
         "params": store.parameter_count(),
         "dropout": args.dropout,
         "steps": args.steps,
+        "peak_rss_mib": peak_rss_mib(),
     });
     println!("{report}");
     Ok(())
