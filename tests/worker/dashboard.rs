@@ -81,12 +81,13 @@ fn the_dashboard_submits_a_job_and_draws_it_live_in_chromium() {
     };
     std::fs::create_dir_all(&screenshots).unwrap();
     // Long enough a fine-tune for several `train.loss` points (one every 5 s), then a prune with
-    // two recovering fine-tunes and int8.
+    // two recovering fine-tunes and int8. 1,000 epochs (the most a spec takes) of the tiny task
+    // run about 20 s on 2 cores since issue 16's kernels; 300 took 6 s, too few points.
     let spec = json!({
         "name": "dashboard-tiny",
         "task": {"type": "text_classification"},
         "pipeline": [
-            {"type": "finetune", "epochs": 300, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "finetune", "epochs": 1000, "learning_rate": 0.003, "batch_size": 16},
             {"type": "prune", "sparsity": 0.5, "steps": 2, "recover": {"epochs": 1, "learning_rate": 0.001}},
             {"type": "quantize", "scheme": "int8"}
         ],
