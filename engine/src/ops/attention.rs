@@ -98,9 +98,11 @@ struct View {
 }
 
 impl View {
-    fn rows(ptr: *const f32, rs: usize) -> Self {
+    /// The row-major matrix starting `offset` values into `buf`, rows `rs` apart (the slicing
+    /// checks the offset; gemm reads the rest within the sizes the caller checked).
+    fn rows(buf: &[f32], offset: usize, rs: usize) -> Self {
         Self {
-            ptr,
+            ptr: buf[offset..].as_ptr(),
             rs: rs as isize,
             cs: 1,
         }
@@ -212,8 +214,8 @@ impl FusedAttention {
                     ptr: probs.as_mut_ptr(),
                     rs: d.s_k,
                 },
-                View::rows(q.as_ptr().add(q_at), d.width),
-                View::rows(k.as_ptr().add(k_at), d.width).t(),
+                View::rows(q, q_at, d.width),
+                View::rows(k, k_at, d.width).t(),
                 self.scale,
             );
         }
@@ -275,8 +277,8 @@ impl CustomOp3 for FusedAttention {
                         d.head_dim,
                         d.s_k,
                         out_ptr.block(q_at, d.width),
-                        View::rows(probs.as_ptr(), d.s_k),
-                        View::rows(v.as_ptr().add(v_at), d.width),
+                        View::rows(probs, 0, d.s_k),
+                        View::rows(v, v_at, d.width),
                         1.0,
                     );
                 }
@@ -364,10 +366,10 @@ impl CustomOp3 for FusedAttentionBackward {
                     &s.probs
                 };
                 s.grad.resize(d.s_q * d.s_k, 0.0);
-                let q_h = View::rows(q.as_ptr().add_checked(q_at), d.width);
-                let k_h = View::rows(k.as_ptr().add_checked(k_at), d.width);
-                let v_h = View::rows(v.as_ptr().add_checked(k_at), d.width);
-                let d_out_h = View::rows(d_out.as_ptr().add_checked(q_at), d.width);
+                let q_h = View::rows(q, q_at, d.width);
+                let k_h = View::rows(k, k_at, d.width);
+                let v_h = View::rows(v, k_at, d.width);
+                let d_out_h = View::rows(d_out, q_at, d.width);
                 // SAFETY: the views stay inside their buffers (offsets and strides from the
                 // checked shapes); each output block is this task's own (sequence, head).
                 unsafe {
@@ -377,7 +379,7 @@ impl CustomOp3 for FusedAttentionBackward {
                         d.head_dim,
                         d.s_q,
                         dv.block(k_at, d.width),
-                        View::rows(dropped.as_ptr(), d.s_k).t(),
+                        View::rows(dropped, 0, d.s_k).t(),
                         d_out_h,
                         1.0,
                     );
@@ -405,7 +407,7 @@ impl CustomOp3 for FusedAttentionBackward {
                     let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
                     g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
                 }
-                let d_scores = View::rows(s.grad.as_ptr(), d.s_k);
+                let d_scores = View::rows(&s.grad, 0, d.s_k);
                 // SAFETY: as above.
                 unsafe {
                     // dq_h = scale · d_scores k_h;  dk_h = scale · d_scoresᵀ q_h
@@ -432,17 +434,5 @@ impl CustomOp3 for FusedAttentionBackward {
         );
         let n = grads.len();
         Ok((CpuStorage::F32(grads), Shape::from(n)))
-    }
-}
-
-/// `ptr.add` for offsets already checked against the buffer (a safe wrapper: the pointer is only
-/// dereferenced inside gemm, under the `unsafe` blocks' conditions).
-trait AddChecked {
-    fn add_checked(self, offset: usize) -> Self;
-}
-
-impl AddChecked for *const f32 {
-    fn add_checked(self, offset: usize) -> Self {
-        self.wrapping_add(offset)
     }
 }
