@@ -619,6 +619,38 @@ async fn qat_bad_settings_and_no_training_rows_are_422() {
         qat(json!({"activations": "int8_per_token"})),
     )
     .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/activations",
+        qat(json!({"activations": "int8_per_tensor"})),
+    )
+    .await;
+    // Observers exist for per-tensor inputs only, and freeze after at least one batch.
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/freeze_observers_after",
+        qat(json!({"freeze_observers_after": 10})),
+    )
+    .await;
+    let int8_qat = |settings: Value| {
+        move |s: &mut Value| {
+            s["pipeline"] = json!([
+                {"type": "quantize", "method": "qat", "scheme": "int8", "qat": settings}
+            ])
+        }
+    };
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/freeze_observers_after",
+        int8_qat(json!({"activations": "int8_per_token", "freeze_observers_after": 10})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/qat/freeze_observers_after",
+        int8_qat(json!({"activations": "int8_per_tensor", "freeze_observers_after": 0})),
+    )
+    .await;
     assert_invalid_at(&api, "/pipeline/0/qat/epochs", qat(json!({"epochs": 0}))).await;
     assert_invalid_at(
         &api,

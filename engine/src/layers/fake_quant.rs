@@ -1,36 +1,57 @@
 //! The fake-quantized kind for quantization-aware training. In the forward pass each weight is
 //! quantized with the stage's own scheme and dequantized again (exactly the values the exported
 //! model will hold: int8 per channel, int4 per group, nf4, a GGUF block type), and optionally each
-//! input row is rounded to int8 with its own scale, as the dynamic int8 kernel does at run time.
-//! The backward pass treats both roundings as the identity (the straight-through estimator), so
-//! the float weights keep training while the loss sees the quantized ones.
+//! input row is rounded to int8 with its own scale, as the dynamic int8 kernel does at run time,
+//! or the whole input with the layer's one observed scale ([`super::ActivationObservers`]), as the
+//! static int8 kernel will. The backward pass treats the roundings as the identity (the
+//! straight-through estimator), so the float weights keep training while the loss sees the
+//! quantized ones; inputs clipped by a per-tensor range pass no gradient.
+
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{DenseLinear, LinearKind, LinearLayer};
+use super::{ActivationObservers, DenseLinear, LinearKind, LinearLayer};
 use crate::quant::{quantize, QuantScheme, Quantized};
 
-/// `y = Q(x) Q(W)ᵀ + b`, with `∂Q/∂·` taken as the identity; `Q(x)` only with `activations`.
+/// How a fake-quantized layer rounds its inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FakeQuantInputs {
+    /// Inputs stay in float (weight-only quantization).
+    #[default]
+    Float,
+    /// Each input row to int8 with its own scale (dynamic int8).
+    Int8PerToken,
+    /// The whole input to int8 with the layer's observed scale (static int8).
+    Int8PerTensor,
+}
+
+/// `y = Q(x) Q(W)ᵀ + b`, with `∂Q/∂·` taken as the identity; `Q(x)` as `inputs` says.
 #[derive(Clone, Debug)]
 pub struct FakeQuantLinear {
     dense: DenseLinear,
     scheme: QuantScheme,
-    activations: bool,
+    inputs: FakeQuantInputs,
+    /// `Int8PerTensor`: the shared observers and this layer's module path in them.
+    observer: Option<(Arc<ActivationObservers>, String)>,
 }
 
 impl FakeQuantLinear {
-    /// Reads `weight` (and `bias`) under `vb`.
+    /// Reads `weight` (and `bias`) under `vb`. `Int8PerTensor` inputs need `observers`, where the
+    /// layer's range is kept under its module path.
     ///
     /// # Errors
-    /// A missing tensor, or a weight shape `scheme` cannot store (the stage plans around those).
+    /// A missing tensor, a weight shape `scheme` cannot store (the stage plans around those), or
+    /// per-tensor inputs without observers.
     pub fn load(
         vb: VarBuilder,
         in_features: usize,
         out_features: usize,
         bias: bool,
         scheme: QuantScheme,
-        activations: bool,
+        inputs: FakeQuantInputs,
+        observers: Option<Arc<ActivationObservers>>,
     ) -> Result<Self> {
         let prefix = vb.prefix();
         let dense = DenseLinear::load(vb, in_features, out_features, bias)?;
@@ -38,11 +59,40 @@ impl FakeQuantLinear {
         if let Some(reason) = scheme.unsupported_reason(&dims) {
             candle_core::bail!("{prefix}: cannot fake-quantize with {scheme}: {reason}");
         }
+        let observer = match (inputs, observers) {
+            (FakeQuantInputs::Int8PerTensor, Some(observers)) => Some((observers, prefix)),
+            (FakeQuantInputs::Int8PerTensor, None) => {
+                candle_core::bail!("{prefix}: per-tensor fake quantization needs observers")
+            }
+            _ => None,
+        };
         Ok(Self {
             dense,
             scheme,
-            activations,
+            inputs,
+            observer,
         })
+    }
+
+    /// `x` rounded to int8 with this layer's observed scale. A training batch (one that carries a
+    /// gradient) updates the range first; an evaluation batch only reads it (its own range before
+    /// any training batch).
+    fn fake_quantize_per_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((observers, path)) = &self.observer else {
+            candle_core::bail!("per-tensor fake quantization without observers");
+        };
+        let scale = match (x.track_op(), observers.scale(path)) {
+            (false, Some(scale)) => scale,
+            (training, _) => {
+                let absmax = x.detach().abs()?.max_all()?.to_scalar::<f32>()?;
+                if training {
+                    observers.observe(path, absmax)
+                } else {
+                    (absmax / 127.0).max(f32::MIN_POSITIVE)
+                }
+            }
+        };
+        fake_quantize_with_scale(x, scale)
     }
 }
 
@@ -78,6 +128,23 @@ pub fn fake_quantize_tokens(x: &Tensor) -> Result<Tensor> {
     straight_through(x, &frozen, rounded)
 }
 
+/// `x` rounded to int8 with the fixed `scale` (values beyond `127 · scale` saturate), as the static
+/// int8 kernel quantizes its inputs. The gradient passes straight through where `x` is inside the
+/// range and is zero where it saturated (the clipped STE).
+///
+/// # Errors
+/// A tensor that cannot be read as f32.
+pub fn fake_quantize_with_scale(x: &Tensor, scale: f32) -> Result<Tensor> {
+    let frozen = x.detach();
+    let scale = f64::from(scale);
+    let rounded = ((&frozen / scale)?.round()?.clamp(-127f32, 127f32)? * scale)?;
+    let inside = frozen.abs()?.le(127.0 * scale)?.to_dtype(x.dtype())?;
+    // Values: x·m + (q − x·m) = q. Gradient: m, zero where the input saturated.
+    let passed = x.mul(&inside)?;
+    let rest = (rounded - frozen.mul(&inside)?)?.detach();
+    passed + rest
+}
+
 /// `x + (q - x)` with the difference cut from the graph: the values of `q`, the gradient of `x`.
 fn straight_through(x: &Tensor, frozen: &Tensor, q: Tensor) -> Result<Tensor> {
     x + (q - frozen)?.detach()
@@ -90,10 +157,10 @@ impl LinearLayer for FakeQuantLinear {
             .weight()
             .ok_or_else(|| candle_core::Error::Msg("a dense layer without a weight".into()))?;
         let weight = fake_quantize(weight, self.scheme)?;
-        let x = if self.activations {
-            fake_quantize_tokens(x)?
-        } else {
-            x.clone()
+        let x = match self.inputs {
+            FakeQuantInputs::Float => x.clone(),
+            FakeQuantInputs::Int8PerToken => fake_quantize_tokens(x)?,
+            FakeQuantInputs::Int8PerTensor => self.fake_quantize_per_tensor(x)?,
         };
         DenseLinear::new(weight, self.dense.bias().cloned())?.forward(&x)
     }
@@ -117,7 +184,7 @@ impl LinearLayer for FakeQuantLinear {
     fn kind(&self) -> LinearKind {
         LinearKind::FakeQuant {
             scheme: self.scheme,
-            activations: self.activations,
+            inputs: self.inputs,
         }
     }
 }
@@ -172,7 +239,8 @@ mod tests {
             5,
             false,
             QuantScheme::Int4 { group_size: 32 },
-            false,
+            FakeQuantInputs::Float,
+            None,
         )
         .unwrap_err();
         assert!(err.to_string().contains("cannot fake-quantize"), "{err}");
@@ -210,5 +278,77 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!(g.iter().all(|v| *v == 1.0), "{g:?}");
+    }
+
+    #[test]
+    fn a_fixed_scale_rounds_to_the_static_grid_and_saturated_inputs_pass_no_gradient() {
+        let dev = Device::Cpu;
+        let values = vec![0.5f32, -0.263, 2.0, -3.0, 0.0, 1.2];
+        let x = Var::from_tensor(&Tensor::from_vec(values, (1, 6), &dev).unwrap()).unwrap();
+        let q = fake_quantize_with_scale(x.as_tensor(), 0.01).unwrap();
+        let got: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let want = [0.5f32, -0.26, 1.27, -1.27, 0.0, 1.2];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        let grads = q.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(g, vec![1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn per_tensor_inputs_observe_training_batches_only() {
+        let dev = Device::Cpu;
+        let store = crate::params::ParamStore::new();
+        store.set_init_missing(Some(3));
+        let vb = store.var_builder(DType::F32, &dev);
+        let observers = Arc::new(ActivationObservers::new(Some(2)));
+        let layer = FakeQuantLinear::load(
+            vb.pp("l"),
+            8,
+            4,
+            true,
+            QuantScheme::Int8,
+            FakeQuantInputs::Int8PerTensor,
+            Some(observers.clone()),
+        )
+        .unwrap();
+        assert_eq!(
+            layer.kind(),
+            LinearKind::FakeQuant {
+                scheme: QuantScheme::Int8,
+                inputs: FakeQuantInputs::Int8PerTensor,
+            }
+        );
+        // Before any training batch, evaluation uses the batch's own range and records nothing.
+        let eval = Tensor::full(5f32, (2, 8), &dev).unwrap();
+        layer.forward(&eval).unwrap();
+        assert!(observers.ranges().is_empty());
+        // A training batch (carrying a gradient) sets the range.
+        let train = Var::from_tensor(&Tensor::full(2f32, (2, 8), &dev).unwrap()).unwrap();
+        let y = layer.forward(train.as_tensor()).unwrap();
+        assert_eq!(observers.ranges()["l"].absmax, 2.0);
+        // Evaluation now saturates at the observed range: 5 reads as 2, so it equals the 2s.
+        let y_eval = layer.forward(&eval).unwrap();
+        assert_eq!(max_abs_diff(&y_eval, &y), 0.0);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(train.as_tensor()).is_some());
+        let err = FakeQuantLinear::load(
+            vb.pp("m"),
+            8,
+            4,
+            false,
+            QuantScheme::Int8,
+            FakeQuantInputs::Int8PerTensor,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("needs observers"), "{err}");
     }
 }

@@ -16,6 +16,7 @@ mod int8_vnni;
 #[cfg(test)]
 mod kernel_tests;
 mod lora;
+mod observer;
 mod quantized;
 mod recording;
 
@@ -28,8 +29,11 @@ use candle_nn::VarBuilder;
 use globset::{Glob, GlobMatcher};
 
 pub use dense::DenseLinear;
-pub use fake_quant::{fake_quantize, fake_quantize_tokens, FakeQuantLinear};
+pub use fake_quant::{
+    fake_quantize, fake_quantize_tokens, fake_quantize_with_scale, FakeQuantInputs, FakeQuantLinear,
+};
 pub use lora::LoraLinear;
+pub use observer::{ActivationObservers, ObservedRange, OBSERVER_MOMENTUM};
 pub use quantized::{KernelPath, QuantizedLinear};
 pub use recording::{ActivationSample, InputRecorder, RecordingLinear, SampleLimits};
 
@@ -98,13 +102,13 @@ pub enum LinearKind {
         base: crate::quant::QuantScheme,
     },
     /// Weights quantized with `scheme` and dequantized in the forward pass (and inputs rounded to
-    /// int8 per row with `activations`), trained through a straight-through estimator
+    /// int8 as `inputs` says), trained through a straight-through estimator
     /// ([`FakeQuantLinear`]): quantization-aware training.
     FakeQuant {
         /// The scheme the weights will be stored with.
         scheme: crate::quant::QuantScheme,
-        /// Whether inputs are rounded to int8 per row, as the dynamic int8 kernel does.
-        activations: bool,
+        /// How inputs are rounded: not, per row (dynamic int8) or per tensor (static int8).
+        inputs: FakeQuantInputs,
     },
 }
 
@@ -170,6 +174,8 @@ pub struct LinearFactory {
     lora_dropout: f64,
     /// Static int8: the calibrated input scale of each quantized module, by module path.
     input_scales: InputScales,
+    /// QAT with per-tensor int8 inputs: the observed ranges the fake-quantized layers share.
+    observers: Option<Arc<ActivationObservers>>,
 }
 
 /// Calibrated input scales of statically quantized linear layers, by module path.
@@ -184,7 +190,15 @@ impl LinearFactory {
             recorder: None,
             lora_dropout: 0.0,
             input_scales: InputScales::default(),
+            observers: None,
         }
+    }
+
+    /// The same factory, building fake-quantized layers with per-tensor inputs that keep their
+    /// ranges in `observers` (QAT for static int8).
+    pub fn with_activation_observers(mut self, observers: Arc<ActivationObservers>) -> Self {
+        self.observers = Some(observers);
+        self
     }
 
     /// The same factory, building the quantized layers `scales` names with their inputs quantized
@@ -291,7 +305,7 @@ impl LinearFactory {
                 };
                 let layer = QuantizedLinear::new(weight, bias, vb.device())?;
                 Ok(Arc::new(match self.input_scales.get(&vb.prefix()) {
-                    Some(&scale) => layer.with_input_scale(scale),
+                    Some(&scale) => layer.with_input_scale(scale, vb.device())?,
                     None => layer,
                 }))
             }
@@ -307,19 +321,14 @@ impl LinearFactory {
                 LoraLinear::load_quantized(vb, in_features, out_features, bias, rank, alpha, base)?
                     .with_dropout(self.lora_dropout)?,
             )),
-            (
-                LinearKind::FakeQuant {
-                    scheme,
-                    activations,
-                },
-                _,
-            ) => Ok(Arc::new(FakeQuantLinear::load(
+            (LinearKind::FakeQuant { scheme, inputs }, _) => Ok(Arc::new(FakeQuantLinear::load(
                 vb,
                 in_features,
                 out_features,
                 bias,
                 scheme,
-                activations,
+                inputs,
+                self.observers.clone(),
             )?)),
             (LinearKind::Quantized(scheme), None) => Ok(Arc::new(QuantizedLinear::load(
                 vb,

@@ -60,12 +60,23 @@ pub struct QuantizedLinear {
 }
 
 impl QuantizedLinear {
-    /// The same layer with its inputs quantized with the fixed `scale` on the int8 kernel (static
-    /// W8A8). Kernels other than our CPU int8 one (CUDA, block types) keep their own input
-    /// handling.
-    pub fn with_input_scale(mut self, scale: f32) -> Self {
+    /// The same layer with its inputs quantized with the fixed `scale` (static W8A8). Our CPU
+    /// int8 kernel takes the scale as it is. Elsewhere (CUDA) candle's quantized kernels would
+    /// requantize the inputs per block of 32 with scales of their own, losing the static scheme,
+    /// so the layer rounds its inputs to the static grid itself and multiplies them by the
+    /// dequantized weight on `device`: the same products the int8 kernel sums, correct before
+    /// fast.
+    ///
+    /// # Errors
+    /// The weight cannot be dequantized onto `device`.
+    pub fn with_input_scale(mut self, scale: f32, device: &Device) -> Result<Self> {
+        if !matches!(self.compute, Compute::Int8(_)) {
+            let dense = self.weight.dequantize(device)?;
+            self.compute = Compute::Candle(QMatMul::Tensor(dense));
+            self.kernel = KernelPath::Dequantized;
+        }
         self.input_scale = Some(scale);
-        self
+        Ok(self)
     }
 
     /// Builds the layer from a quantized weight on `device`.
@@ -211,6 +222,13 @@ fn candle_kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatM
     }
 }
 
+/// `x` rounded to the int8 grid of `scale` and back (`clamp(round(x / scale), ±127) · scale`): the
+/// values a static int8 kernel multiplies, on any device.
+fn round_to_static_grid(x: &Tensor, scale: f32) -> Result<Tensor> {
+    let scale = f64::from(scale);
+    (x / scale)?.round()?.clamp(-127f32, 127f32)? * scale
+}
+
 /// Whether candle's kernel for `dtype` takes rows of `cols` values: they must be whole blocks, and
 /// the Q4_1/Q5_0/Q5_1 dot products also need an even number of blocks.
 fn kernel_accepts(dtype: GgmlDType, cols: usize) -> bool {
@@ -261,7 +279,10 @@ impl LinearLayer for QuantizedLinear {
                 .to_dtype(in_dtype);
             }
             Compute::Tiles => tiled_matmul(&x, &self.weight)?,
-            Compute::Candle(matmul) => matmul.forward(&x)?,
+            Compute::Candle(matmul) => match self.input_scale {
+                Some(scale) => matmul.forward(&round_to_static_grid(&x, scale)?)?,
+                None => matmul.forward(&x)?,
+            },
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
@@ -602,5 +623,45 @@ mod tests {
         }
         let wrong = Tensor::ones((1, 21), DType::F32, &dev).unwrap();
         assert!(layer.forward(&wrong).is_err());
+    }
+
+    /// Static scales off our int8 kernel (CUDA) take the dequantized path on rounded inputs: the
+    /// same result as the int8 kernel with the scale, here forced on the CPU.
+    #[test]
+    fn static_scales_off_the_int8_kernel_round_inputs_to_the_same_grid() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.5, (40, 96), &dev).unwrap();
+        let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let weight = QuantizedWeight::Int8(Int8Weight::quantize(&values, &[40, 96]));
+        let bias = Tensor::randn(0f32, 0.1, 40, &dev).unwrap();
+        // Inputs up to ±4, the scale clipping at ±2.54: saturation is exercised too.
+        let x = Tensor::rand(0f32, 1.0, (3, 5, 96), &dev)
+            .unwrap()
+            .affine(8.0, -4.0)
+            .unwrap();
+        let scale = 0.02f32;
+        let on_kernel = QuantizedLinear::new(weight.clone(), Some(bias.clone()), &dev)
+            .unwrap()
+            .with_input_scale(scale, &dev)
+            .unwrap();
+        assert!(matches!(on_kernel.kernel(), KernelPath::Int8(_)));
+        let mut elsewhere = QuantizedLinear::new(weight, Some(bias), &dev).unwrap();
+        // What `new` picks on a GPU: candle's Q8_0 kernel.
+        let (matmul, path) = candle_kernel_for(&elsewhere.weight, &dev).unwrap();
+        (elsewhere.compute, elsewhere.kernel) = (Compute::Candle(matmul), path);
+        let elsewhere = elsewhere.with_input_scale(scale, &dev).unwrap();
+        assert_eq!(elsewhere.kernel(), KernelPath::Dequantized);
+        let a = on_kernel.forward(&x).unwrap();
+        let b = elsewhere.forward(&x).unwrap();
+        let diff = max_abs_diff(&a, &b);
+        assert!(
+            diff < 1e-4,
+            "int8 kernel vs dequantized static path: {diff}"
+        );
+        // And the rounding matters: unrounded inputs give a visibly different answer.
+        let dequantized = elsewhere.weight.dequantize(&dev).unwrap();
+        let unrounded = x.broadcast_matmul(&dequantized.t().unwrap()).unwrap();
+        let unrounded = unrounded.broadcast_add(on_kernel.bias().unwrap()).unwrap();
+        assert!(max_abs_diff(&a, &unrounded) > 1e-2);
     }
 }

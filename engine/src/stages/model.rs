@@ -8,7 +8,8 @@ use super::vocabulary::TrimmedVocabulary;
 use crate::error::Result;
 use crate::family::{family_of, ModelFamily, ModuleMap};
 use crate::layers::{
-    InputRecorder, InputScales, LinearFactory, LinearKind, LinearPlan, PackedWeights,
+    ActivationObservers, InputRecorder, InputScales, LinearFactory, LinearKind, LinearPlan,
+    PackedWeights,
 };
 use crate::params::ParamStore;
 use crate::prune::MaskSet;
@@ -61,6 +62,8 @@ pub struct WorkingModel {
     quantized: Option<QuantizedState>,
     /// Set during a calibration pass: models built from this one record their linear inputs.
     recorder: Option<Arc<InputRecorder>>,
+    /// Set while QAT trains with per-tensor int8 inputs: the layers' observed input ranges.
+    observers: Option<Arc<ActivationObservers>>,
     /// The vocabulary, once trimmed to the task's tokens; `None` is the input's.
     vocabulary: Option<Arc<TrimmedVocabulary>>,
     /// The LoRA adapter the last stage trained and merged into these weights, if it was a LoRA
@@ -85,6 +88,7 @@ impl WorkingModel {
             quantized: None,
             adapter: None,
             recorder: None,
+            observers: None,
             vocabulary: None,
             lora_dropout: 0.0,
             qlora_base: None,
@@ -112,6 +116,7 @@ impl WorkingModel {
             masks: self.masks.clone(),
             quantized: self.quantized.clone(),
             recorder: None,
+            observers: None,
             vocabulary: self.vocabulary.clone(),
             adapter: self.adapter.clone(),
             lora_dropout: self.lora_dropout,
@@ -250,10 +255,19 @@ impl WorkingModel {
         if let Some(state) = &self.quantized {
             factory = factory.with_input_scales(state.input_scales.clone());
         }
+        if let Some(observers) = &self.observers {
+            factory = factory.with_activation_observers(observers.clone());
+        }
         match &self.recorder {
             Some(recorder) => factory.with_input_recorder(recorder.clone()),
             None => factory,
         }
+    }
+
+    /// Models built from now on keep their fake-quantized layers' per-tensor input ranges in
+    /// `observers` (`None` stops it): QAT for static int8.
+    pub fn set_activation_observers(&mut self, observers: Option<Arc<ActivationObservers>>) {
+        self.observers = observers;
     }
 
     /// Models built from now on record their linear layers' inputs into `recorder` (`None` stops

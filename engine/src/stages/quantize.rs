@@ -33,7 +33,9 @@ use super::finetune::DEFAULT_LOG_EVERY_STEPS;
 use super::{Stage, TrainRequest, TrainSettings, TrainSummary, Trainer, WorkingModel};
 use crate::error::{EngineError, Result};
 use crate::family::ModuleRole;
-use crate::layers::{InputRecorder, LinearKind, SampleLimits};
+use crate::layers::{
+    ActivationObservers, FakeQuantInputs, InputRecorder, LinearKind, ObservedRange, SampleLimits,
+};
 use crate::objective::{Objective, ResponseKd, TaskLoss, WeightedSum};
 use crate::params::Param;
 use crate::pipeline::StageContext;
@@ -112,6 +114,10 @@ pub struct QuantizeReport {
     /// `static`: each layer's calibrated input range, its errors and the fallbacks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<StaticCalibration>,
+    /// `qat` with `int8_per_tensor` activations: each layer's input range as its observer left
+    /// it (the static scale is `absmax / 127`), the batches it saw and whether it froze.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_ranges: Option<BTreeMap<String, ObservedRange>>,
 }
 
 impl QuantizeStage {
@@ -123,8 +129,7 @@ impl QuantizeStage {
         let scheme = QuantScheme::parse(&spec.scheme.name(), spec.group_size.map(|g| g as usize))?;
         let qat = spec.qat.clone().unwrap_or_default();
         let int8_activations = spec.method == QuantizeMethod::Dynamic
-            || (spec.method == QuantizeMethod::Qat
-                && qat.activations == QatActivations::Int8PerToken);
+            || (spec.method == QuantizeMethod::Qat && qat.activations != QatActivations::None);
         if int8_activations && scheme != QuantScheme::Int8 {
             return Err(EngineError::InvalidSetting(format!(
                 "quantize: int8 activations run on the int8 × int8 kernel, not {scheme}"
@@ -271,17 +276,27 @@ impl QuantizeStage {
         }
     }
 
+    /// How QAT's fake-quantized layers round their inputs.
+    fn qat_inputs(&self) -> FakeQuantInputs {
+        match self.qat.activations {
+            QatActivations::None => FakeQuantInputs::Float,
+            QatActivations::Int8PerToken => FakeQuantInputs::Int8PerToken,
+            QatActivations::Int8PerTensor => FakeQuantInputs::Int8PerTensor,
+        }
+    }
+
     /// QAT: trains `model` with every planned linear weight fake-quantized with its first
     /// candidate (which `candidates` keeps alone, so the stored scheme is the trained one) and the
-    /// planned tables (embeddings) quantized now and frozen. Returns the training summary and the
-    /// tables, packed; `candidates` is left with the linear weights.
+    /// planned tables (embeddings) quantized now and frozen. Returns the training summary, the
+    /// tables, packed, and with per-tensor inputs the observed ranges; `candidates` is left with
+    /// the linear weights.
     fn train_quantization_aware(
         &self,
         model: &mut WorkingModel,
         trainer: &dyn Trainer,
         ctx: &StageContext,
         candidates: &mut BTreeMap<String, Vec<QuantScheme>>,
-    ) -> Result<(TrainSummary, Stored)> {
+    ) -> Result<QatOutcome> {
         let qat = &self.qat;
         let map = model.modules()?;
         // The float model as it entered the stage, before anything is rounded.
@@ -301,10 +316,16 @@ impl QuantizeStage {
             let module = name.strip_suffix(".weight").unwrap_or(name);
             let kind = LinearKind::FakeQuant {
                 scheme: schemes[0],
-                activations: self.dynamic(),
+                inputs: self.qat_inputs(),
             };
             model.set_linear_kind(module, kind)?;
         }
+        let observers = (self.qat_inputs() == FakeQuantInputs::Int8PerTensor).then(|| {
+            Arc::new(ActivationObservers::new(
+                qat.freeze_observers_after.map(u64::from),
+            ))
+        });
+        model.set_activation_observers(observers.clone());
         let settings = qat_train_settings(qat);
         let trained = match &teacher {
             Some(teacher) => {
@@ -325,6 +346,7 @@ impl QuantizeStage {
             None => trainer.train(model, &settings, ctx),
         };
         model.set_plan(found);
+        model.set_activation_observers(None);
         let summary = trained?;
         for glob in &summary.unmatched_freeze_globs {
             ctx.warn(format!(
@@ -332,7 +354,11 @@ impl QuantizeStage {
             ));
         }
         *candidates = linear;
-        Ok((summary, tables))
+        Ok(QatOutcome {
+            summary,
+            tables,
+            observed: observers.map(|o| o.ranges()),
+        })
     }
 
     /// The weights this stage quantizes, each with its candidate schemes (the stage's, a fallback,
@@ -471,6 +497,15 @@ fn output_scheme(scheme: QuantScheme, dims: &[usize]) -> Option<QuantScheme> {
         .find(|s| s.unsupported_reason(dims).is_none())
 }
 
+/// What QAT's training leaves behind.
+struct QatOutcome {
+    summary: TrainSummary,
+    /// The embedding tables, quantized before training.
+    tables: Stored,
+    /// With per-tensor int8 inputs: each layer's observed input range.
+    observed: Option<BTreeMap<String, ObservedRange>>,
+}
+
 /// The settings QAT trains with.
 fn qat_train_settings(qat: &QatSettings) -> TrainSettings {
     TrainSettings {
@@ -552,11 +587,16 @@ impl Stage for QuantizeStage {
         let (mut candidates, mut kept) = self.plan(model, Some(ctx))?;
         let mut stored = Stored::default();
         let mut training = None;
+        let mut observed = None;
         if self.method == QuantizeMethod::Qat {
-            let (summary, tables) =
-                self.train_quantization_aware(model, trainer, ctx, &mut candidates)?;
+            let QatOutcome {
+                summary,
+                tables,
+                observed: ranges,
+            } = self.train_quantization_aware(model, trainer, ctx, &mut candidates)?;
             training = Some(summary);
             stored = tables;
+            observed = ranges;
         }
         let mut calibrated = None;
         if self.method == QuantizeMethod::Static {
@@ -614,11 +654,21 @@ impl Stage for QuantizeStage {
                 .collect();
             model.set_input_scales(scales);
         }
+        if let Some(ranges) = &observed {
+            let scales = ranges
+                .iter()
+                .filter(|(module, _)| quantized.contains(&format!("{module}.weight")))
+                .map(|(module, range)| (module.clone(), range.scale()))
+                .collect();
+            model.set_input_scales(scales);
+        }
         let qat = (self.method == QuantizeMethod::Qat).then(|| self.qat.clone());
         let report = QuantizeReport {
             method: self.method.name().to_string(),
             activations: if self.method == QuantizeMethod::Static {
                 "int8 per tensor, one calibrated scale per layer (static)".to_string()
+            } else if observed.is_some() {
+                "int8 per tensor, one scale per layer observed in training (static)".to_string()
             } else {
                 activations_note(self.scheme, self.dynamic()).to_string()
             },
@@ -630,6 +680,7 @@ impl Stage for QuantizeStage {
             qat,
             training,
             calibration: calibrated,
+            observed_ranges: observed,
         };
         serde_json::to_value(report).map_err(|e| EngineError::InvalidModel(e.to_string()))
     }

@@ -2,9 +2,13 @@
 //! autograd agrees with finite differences (f64), masks and causality behave, and the fused inference
 //! path agrees with the differentiable one.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use candle_core::{DType, Device, IndexOp, Tensor};
-use compressd_engine::layers::{LinearFactory, LinearKind, LinearPlan};
+use compressd_engine::layers::{
+    ActivationObservers, FakeQuantInputs, LinearFactory, LinearKind, LinearPlan,
+};
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
 use compressd_engine::models::common::DropoutRng;
 use compressd_engine::models::llama::{LlamaConfig, LlamaForCausalLm};
@@ -161,14 +165,28 @@ fn every_bert_parameter_gets_a_gradient_with_dropout_on() -> Result<()> {
 /// cut any gradient (the straight-through estimator passes them on).
 #[test]
 fn every_bert_parameter_gets_a_gradient_through_fake_quantized_layers() -> Result<()> {
-    let kind = LinearKind::FakeQuant {
-        scheme: QuantScheme::Int8,
-        activations: true,
-    };
-    let factory = LinearFactory::new(LinearPlan::uniform(kind));
-    let case = bert_case_with(DType::F32, &factory)?;
-    let rng = DropoutRng::new(3);
-    assert_all_gradients_nonzero(&case.store, &bert_loss(&case, Some(&rng))?)
+    for inputs in [
+        FakeQuantInputs::Int8PerToken,
+        FakeQuantInputs::Int8PerTensor,
+    ] {
+        let kind = LinearKind::FakeQuant {
+            scheme: QuantScheme::Int8,
+            inputs,
+        };
+        // Per-tensor ranges start at the first training batch's largest |x|: nothing saturates.
+        let observers = Arc::new(ActivationObservers::new(None));
+        let factory = LinearFactory::new(LinearPlan::uniform(kind))
+            .with_activation_observers(observers.clone());
+        let case = bert_case_with(DType::F32, &factory)?;
+        let rng = DropoutRng::new(3);
+        assert_all_gradients_nonzero(&case.store, &bert_loss(&case, Some(&rng))?)?;
+        let observed = observers.ranges().len();
+        match inputs {
+            FakeQuantInputs::Int8PerTensor => assert!(observed > 0, "ranges observed"),
+            _ => assert_eq!(observed, 0, "per-token layers keep no range"),
+        }
+    }
+    Ok(())
 }
 
 #[test]

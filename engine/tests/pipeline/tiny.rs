@@ -328,6 +328,80 @@ fn qat_with_int8_activations_stores_a_dynamic_model() -> Result<()> {
     Ok(())
 }
 
+/// QAT with `int8_per_tensor` inputs: each layer's input range is observed in training (a moving
+/// average), frozen after `freeze_observers_after` batches, and becomes the static model's input
+/// scale: the saved stage is statically quantized with exactly the observed scales and reloads to
+/// the same score.
+#[test]
+fn qat_with_per_tensor_int8_activations_stores_the_observed_scales() -> Result<()> {
+    let (result, spec, inputs, dir) = run_tiny(
+        "tiny-qat-static",
+        serde_json::json!([
+            {"type": "finetune", "epochs": 4, "learning_rate": 0.003, "batch_size": 16},
+            {"type": "quantize", "method": "qat", "scheme": "int8",
+             "qat": {"epochs": 2, "learning_rate": 0.001, "activations": "int8_per_tensor",
+                     "freeze_observers_after": 3}}
+        ]),
+    )?;
+    let stages = &result.report.stages;
+    let (f32_accuracy, qat_accuracy) = (
+        stages[0].metrics.accuracy.unwrap(),
+        stages[1].metrics.accuracy.unwrap(),
+    );
+    assert!(
+        qat_accuracy >= f32_accuracy - 0.1,
+        "qat static {qat_accuracy} vs f32 {f32_accuracy}"
+    );
+    let details = &stages[1].details;
+    assert!(
+        details["activations"]
+            .as_str()
+            .unwrap()
+            .contains("observed"),
+        "{details}"
+    );
+    let steps = details["training"]["steps"].as_u64().unwrap();
+    assert!(steps > 3, "more steps than the observers' window: {steps}");
+    let ranges = details["observed_ranges"].as_object().unwrap();
+    assert_eq!(ranges.len(), 13, "12 linears and the pooler: {ranges:?}");
+    for (module, range) in ranges {
+        assert_eq!(range["batches"], 3, "{module} froze after 3 batches");
+        assert_eq!(range["frozen"], true, "{module}");
+        assert!(range["absmax"].as_f64().unwrap() > 0.0, "{module}");
+    }
+    let file = SafetensorsFile::open(&result.final_dir.join("model.safetensors"))?;
+    assert_eq!(
+        file.metadata()
+            .get(DYNAMIC_METADATA_KEY)
+            .map(String::as_str),
+        Some("int8_per_tensor_static")
+    );
+    let mut session = Session::open(&spec, &inputs, Device::Cpu)?;
+    let saved = dir.path().join("out/stages/1-quantize/model");
+    let reloaded = session.load_saved(&saved)?;
+    let state = reloaded.quantized().expect("quantized");
+    assert!(!state.dynamic);
+    let quantized: Vec<&str> = details["quantized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.as_str()?.strip_suffix(".weight"))
+        .filter(|m| ranges.contains_key(*m))
+        .collect();
+    assert!(!quantized.is_empty());
+    assert_eq!(state.input_scales.len(), quantized.len());
+    for module in quantized {
+        let absmax = ranges[module]["absmax"].as_f64().unwrap() as f32;
+        assert_eq!(
+            state.input_scales[module],
+            (absmax / 127.0).max(f32::MIN_POSITIVE)
+        );
+    }
+    let again = session.evaluate(&reloaded, &saved)?;
+    assert_eq!(again.accuracy, stages[1].metrics.accuracy);
+    Ok(())
+}
+
 /// `method: "static"`: calibrated input ranges per linear layer, the layers of largest output
 /// error kept in full precision (`fallback.share`), and a saved stage that reloads with its
 /// scales and scores the same.

@@ -129,10 +129,19 @@ pub struct QatSettings {
     #[serde(default)]
     pub early_stopping: Option<EarlyStopping>,
     /// `int8_per_token` also rounds each linear layer's input rows to int8 in training, as the
-    /// dynamic int8 kernel does at run time, and leaves the model dynamically quantized (`scheme`
-    /// `int8`); `none` fake-quantizes the weights only.
+    /// dynamic int8 kernel does at run time, and leaves the model dynamically quantized;
+    /// `int8_per_tensor` rounds each layer's whole input with one scale, observed in training (a
+    /// moving average of the batches' largest |x|), and leaves the model statically quantized
+    /// with those scales (W8A8 static). Both need `scheme` `int8`. `none` fake-quantizes the
+    /// weights only.
     #[serde(default)]
     pub activations: QatActivations,
+    /// `activations: "int8_per_tensor"` only: the observed input ranges stop updating after this
+    /// many training batches, so the remaining steps train against the scales the stored model
+    /// keeps; `null` updates them to the end.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = MAX_OBSERVER_BATCHES))]
+    pub freeze_observers_after: Option<u32>,
     /// Train against the float model's softened outputs too (response distillation from the
     /// model as it entered the stage, weight 1 beside the task loss weight 1).
     #[serde(default)]
@@ -159,6 +168,22 @@ pub enum QatActivations {
     None,
     /// Each linear layer's input rows rounded to int8 with their own scale (dynamic int8).
     Int8PerToken,
+    /// Each linear layer's input rounded to int8 with one observed scale per layer (static int8).
+    Int8PerTensor,
+}
+
+/// The largest `freeze_observers_after`.
+pub const MAX_OBSERVER_BATCHES: u32 = 1_000_000;
+
+impl QatActivations {
+    /// The name the spec uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Int8PerToken => "int8_per_token",
+            Self::Int8PerTensor => "int8_per_tensor",
+        }
+    }
 }
 
 fn default_qat_epochs() -> u32 {
@@ -222,11 +247,26 @@ impl QatSettings {
             &format!("{at}/activations"),
             || {
                 format!(
-                    "int8_per_token runs on the int8 × int8 kernel: scheme must be \"int8\", got \"{}\" (whose layers quantize their inputs per block at run time)",
+                    "{} runs on the int8 × int8 kernel: scheme must be \"int8\", got \"{}\" (whose layers quantize their inputs per block at run time)",
+                    self.activations.name(),
                     scheme.name()
                 )
             },
         );
+        if let Some(batches) = self.freeze_observers_after {
+            let pointer = format!("{at}/freeze_observers_after");
+            c.check(
+                self.activations == QatActivations::Int8PerTensor,
+                &pointer,
+                || {
+                    format!(
+                        "observers exist with `activations: \"int8_per_tensor\"` only, got \"{}\"",
+                        self.activations.name()
+                    )
+                },
+            );
+            c.range_u32(batches, 1, MAX_OBSERVER_BATCHES, &pointer);
+        }
     }
 }
 
