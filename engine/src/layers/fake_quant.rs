@@ -136,9 +136,11 @@ pub fn fake_quantize_tokens(x: &Tensor) -> Result<Tensor> {
 /// A tensor that cannot be read as f32.
 pub fn fake_quantize_with_scale(x: &Tensor, scale: f32) -> Result<Tensor> {
     let frozen = x.detach();
-    let scale = f64::from(scale);
-    let rounded = ((&frozen / scale)?.round()?.clamp(-127f32, 127f32)? * scale)?;
-    let inside = frozen.abs()?.le(127.0 * scale)?.to_dtype(x.dtype())?;
+    let rounded = super::quantized::round_to_static_grid(&frozen, scale)?;
+    let inside = frozen
+        .abs()?
+        .le(127.0 * f64::from(scale))?
+        .to_dtype(x.dtype())?;
     // Values: x·m + (q − x·m) = q. Gradient: m, zero where the input saturated.
     let passed = x.mul(&inside)?;
     let rest = (rounded - frozen.mul(&inside)?)?.detach();

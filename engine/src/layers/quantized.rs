@@ -224,7 +224,7 @@ fn candle_kernel_for(weight: &QuantizedWeight, device: &Device) -> Result<(QMatM
 
 /// `x` rounded to the int8 grid of `scale` and back (`clamp(round(x / scale), ±127) · scale`): the
 /// values a static int8 kernel multiplies, on any device.
-fn round_to_static_grid(x: &Tensor, scale: f32) -> Result<Tensor> {
+pub(super) fn round_to_static_grid(x: &Tensor, scale: f32) -> Result<Tensor> {
     let scale = f64::from(scale);
     (x / scale)?.round()?.clamp(-127f32, 127f32)? * scale
 }
