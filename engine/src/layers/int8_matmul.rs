@@ -12,12 +12,12 @@
 //! length and the output dimension to a whole panel with zeros, which add nothing.
 //!
 //! The AVX2 kernel lives in [`super::int8_avx2`] (the only `unsafe` code here); a portable scalar
-//! kernel computes the very same integers on other CPUs. Work is split over rayon's threads by rows
+//! kernel computes the very same integers and floats on other CPUs. Work is split over rayon's threads by rows
 //! of `x` (prompts, batches) or, for a handful of rows (decoding), by panels.
 
 use rayon::prelude::*;
 
-use super::int8_vnni;
+use super::{int8_avx2, int8_vnni};
 use crate::quant::Int8Weight;
 
 /// Output channels per packed panel of the AVX2 and scalar kernels (two AVX2 registers of 8 i32
@@ -26,6 +26,10 @@ pub(crate) const PANEL: usize = 16;
 /// Rows of `x` one AVX2 kernel call handles: 6 rows × 2 registers = 12 accumulators, which with two
 /// weight registers and one broadcast fits AVX2's 16 registers.
 pub(crate) const ROWS: usize = 6;
+/// Bytes of quantized activation rows the kernels run every panel over before moving on: they are
+/// read once per panel, so they should stay in L2 (512 KiB on the machines we measured) beside the
+/// panel and the output.
+pub(crate) const CHUNK_BYTES: usize = 128 * 1024;
 
 /// An int8 weight packed for [`matmul`] with one kernel's layout.
 #[derive(Clone, Debug)]
@@ -111,6 +115,16 @@ impl PackedInt8 {
         &self.packed[p * self.k_pad * PANEL..(p + 1) * self.k_pad * PANEL]
     }
 
+    fn avx2<'a>(&'a self, bias: Option<&'a [f32]>) -> int8_avx2::Weight<'a> {
+        int8_avx2::Weight {
+            packed: &self.packed,
+            scales: &self.scales,
+            bias,
+            n: self.out_features,
+            k_pad: self.k_pad,
+        }
+    }
+
     fn vnni<'a>(&'a self, bias: Option<&'a [f32]>) -> int8_vnni::Weight<'a> {
         int8_vnni::Weight {
             packed: &self.packed,
@@ -147,20 +161,11 @@ impl QuantizedRows {
                 k_pad,
             };
         }
-        let rows = x.len() / in_features.max(1);
-        let mut values = vec![0i16; rows * k_pad];
-        let mut scales = vec![0f32; rows];
-        for ((row, out), scale) in x
-            .chunks(in_features.max(1))
-            .zip(values.chunks_mut(k_pad.max(1)))
-            .zip(scales.iter_mut())
-        {
-            let (step, inv) = crate::quant::int8::row_scale(row, fixed);
-            *scale = step;
-            for (q, &v) in out.iter_mut().zip(row) {
-                *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i16;
-            }
-        }
+        let (values, scales) = if weight.kernel == Int8Kernel::Avx2 {
+            int8_avx2::quantize_rows(x, in_features, k_pad, fixed)
+        } else {
+            quantize_rows_i16(x, in_features, k_pad, fixed)
+        };
         Self {
             values: RowValues::I16(values),
             scales,
@@ -171,6 +176,33 @@ impl QuantizedRows {
     fn rows(&self) -> usize {
         self.scales.len()
     }
+}
+
+/// Rows of `x` (`k` values each) quantized to i8 values held as i16, `k_pad` per row (zero padded),
+/// and their scales (each row's own, or `fixed` for every row). Inlined so that the AVX2 kernel's
+/// copy ([`int8_avx2::quantize_rows`]) is compiled, and vectorized, with AVX2.
+#[inline(always)]
+pub(crate) fn quantize_rows_i16(
+    x: &[f32],
+    k: usize,
+    k_pad: usize,
+    fixed: Option<f32>,
+) -> (Vec<i16>, Vec<f32>) {
+    let rows = x.len() / k.max(1);
+    let mut values = vec![0i16; rows * k_pad];
+    let mut scales = vec![0f32; rows];
+    for ((row, out), scale) in x
+        .chunks(k.max(1))
+        .zip(values.chunks_mut(k_pad.max(1)))
+        .zip(scales.iter_mut())
+    {
+        let (step, inv) = crate::quant::int8::row_scale(row, fixed);
+        *scale = step;
+        for (q, &v) in out.iter_mut().zip(row) {
+            *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i16;
+        }
+    }
+    (values, scales)
 }
 
 /// Which integer kernel the CPU runs.
@@ -230,16 +262,6 @@ impl Int8Kernel {
         match self {
             Self::Avx512Vnni => int8_vnni::ROWS,
             Self::Avx2 | Self::Scalar => ROWS,
-        }
-    }
-
-    /// The integer sums of `rows` (up to [`ROWS`] rows of `k_pad` values) against one panel, written
-    /// to `acc` as `[row][channel]` (AVX2 and scalar layouts).
-    fn panel_sums(self, rows: &[i16], k_pad: usize, panel: &[i8], acc: &mut [[i32; PANEL]; ROWS]) {
-        let count = rows.len() / k_pad;
-        match self {
-            Self::Avx2 => super::int8_avx2::panel_sums(rows, count, k_pad, panel, acc),
-            Self::Scalar | Self::Avx512Vnni => scalar_panel_sums(rows, count, k_pad, panel, acc),
         }
     }
 }
@@ -337,27 +359,36 @@ fn row_block(
     let k_pad = x.k_pad;
     match &x.values {
         RowValues::U8(values) => {
+            // As the AVX2 kernel does: every panel over a chunk of rows that stays in L2, so the
+            // weight is read from memory once per chunk, not once per kernel call.
             let w = weight.vnni(bias);
-            for block in (0..x.rows()).step_by(int8_vnni::ROWS) {
-                let count = int8_vnni::ROWS.min(x.rows() - block);
-                int8_vnni::block_product(
-                    &values[block * k_pad..(block + count) * k_pad],
-                    &x.scales[block..block + count],
-                    &w,
-                    panels.clone(),
-                    &mut out[block * n..(block + count) * n],
-                );
+            let chunk = (CHUNK_BYTES / k_pad.max(1) / int8_vnni::ROWS).max(1) * int8_vnni::ROWS;
+            for first in (0..x.rows()).step_by(chunk) {
+                let last = (first + chunk).min(x.rows());
+                for p in panels.clone() {
+                    for block in (first..last).step_by(int8_vnni::ROWS) {
+                        let count = int8_vnni::ROWS.min(last - block);
+                        int8_vnni::block_product(
+                            &values[block * k_pad..(block + count) * k_pad],
+                            &x.scales[block..block + count],
+                            &w,
+                            p..p + 1,
+                            &mut out[block * n..(block + count) * n],
+                        );
+                    }
+                }
             }
+        }
+        RowValues::I16(values) if weight.kernel == Int8Kernel::Avx2 => {
+            super::int8_avx2::block_product(values, &x.scales, &weight.avx2(bias), panels, out);
         }
         RowValues::I16(values) => {
             let mut acc = [[0i32; PANEL]; ROWS];
-            for block in (0..x.rows()).step_by(ROWS) {
-                let count = ROWS.min(x.rows() - block);
-                let rows = &values[block * k_pad..(block + count) * k_pad];
-                for p in panels.clone() {
-                    weight
-                        .kernel
-                        .panel_sums(rows, k_pad, weight.panel(p), &mut acc);
+            for p in panels {
+                for block in (0..x.rows()).step_by(ROWS) {
+                    let count = ROWS.min(x.rows() - block);
+                    let rows = &values[block * k_pad..(block + count) * k_pad];
+                    scalar_panel_sums(rows, count, k_pad, weight.panel(p), &mut acc);
                     let cols = p * PANEL..((p + 1) * PANEL).min(n);
                     for (r, sums) in acc.iter().enumerate().take(count) {
                         let sx = x.scales[block + r];
@@ -433,6 +464,50 @@ mod tests {
                     "{rows}x{n}x{k} [{i}]: {a} vs {b}"
                 );
             }
+        }
+    }
+
+    /// A task's rows beyond one L2 chunk, with a partial last chunk, a partial last row block and a
+    /// partial last panel: the chunked walk writes every output once, with the scalar kernel's
+    /// values. (Through [`matmul`] a task rarely holds more than a chunk, so this calls the
+    /// per-task function directly.)
+    #[test]
+    fn rows_beyond_one_chunk_are_all_computed() {
+        let (rows, n, k) = (100, 33, 1536);
+        assert!(
+            CHUNK_BYTES / (2 * k) < rows / 2,
+            "the rows must span several chunks"
+        );
+        let x = values(rows * k, 5);
+        let w = Int8Weight::quantize(&values(n * k, 9), &[n, k]);
+        let bias = values(n, 2);
+        let results: Vec<(Int8Kernel, Vec<f32>)> = Int8Kernel::available()
+            .into_iter()
+            .map(|kernel| {
+                let packed = PackedInt8::pack_for(&w, kernel).unwrap();
+                let quantized = QuantizedRows::new(&x, &packed, None);
+                let mut out = vec![f32::NAN; rows * n];
+                row_block(
+                    &quantized,
+                    &packed,
+                    0..packed.panels(),
+                    Some(&bias),
+                    &mut out,
+                );
+                (kernel, out)
+            })
+            .collect();
+        let (_, scalar) = results.last().unwrap();
+        let expected = reference(&x, &w, &bias);
+        let tolerance = 0.5 / 127.0 * (k as f32).sqrt() * 3.0;
+        for (i, (a, b)) in scalar.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() <= tolerance, "[{i}]: {a} vs {b}");
+        }
+        for (kernel, out) in &results {
+            assert_eq!(
+                out, scalar,
+                "{kernel:?} must compute the scalar kernel's floats"
+            );
         }
     }
 
