@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, NumAssign};
+use rayon::iter::IndexedParallelIterator;
 
 use super::simd::{self, Isa};
 
@@ -68,6 +69,21 @@ pub(crate) const MIN_ELEMS_PER_TASK: usize = 16 * 1024;
 /// The number of rows to give one parallel task for rows of `row_len` elements.
 pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (MIN_ELEMS_PER_TASK / row_len.max(1)).max(1)
+}
+
+/// Adds per-chunk partial results (a gradient's column sums, a norm's squares) in chunk order.
+///
+/// Rayon's `reduce` combines partials in a tree whose shape depends on which thread stole which
+/// half of the work, and float addition is not associative, so the same training step gave
+/// gradients that differed in their last bits from run to run, and a seeded QAT job (whose
+/// rounding amplifies such bits) ended at different accuracies. Partials computed in parallel,
+/// collected in order and added left to right give the same bits on every run and every thread
+/// count, since the chunks have fixed sizes.
+pub(crate) fn sum_in_order<P: Send>(
+    partials: impl IndexedParallelIterator<Item = P>,
+    add: impl Fn(P, P) -> P,
+) -> Option<P> {
+    partials.collect::<Vec<P>>().into_iter().reduce(add)
 }
 
 /// The contiguous element slice a layout describes.

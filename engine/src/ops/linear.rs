@@ -303,20 +303,18 @@ impl CustomOp3 for LinearBackward {
             }
         }
         if self.db {
-            // Column sums, a block of rows per task, then the blocks' sums added.
-            let sums = dy
-                .par_chunks(out * 64)
-                .map(|block| {
-                    let mut acc = vec![0f32; out];
-                    for row in block.chunks_exact(out) {
-                        acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
-                    }
-                    acc
-                })
-                .reduce_with(|mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                    a
-                });
+            // Column sums, a block of rows per task, then the blocks' sums added in order.
+            let blocks = dy.par_chunks(out * 64).map(|block| {
+                let mut acc = vec![0f32; out];
+                for row in block.chunks_exact(out) {
+                    acc.iter_mut().zip(row).for_each(|(a, g)| *a += g);
+                }
+                acc
+            });
+            let sums = super::kernel::sum_in_order(blocks, |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                a
+            });
             if let Some(sums) = sums {
                 db.copy_from_slice(&sums);
             }

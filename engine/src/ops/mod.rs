@@ -18,6 +18,7 @@ mod attention;
 pub mod composed;
 mod gelu;
 mod kernel;
+pub(crate) use kernel::sum_in_order;
 mod linear;
 mod norm;
 pub mod simd;

@@ -96,16 +96,16 @@ fn norm_backward<T: KernelFloat>(x: &[T], w: &[T], dy: &[T], norm: RowNorm) -> V
     let d = w.len();
     let mut dx = vec![T::zero(); x.len()];
     let chunk = rows_per_task(d) * d;
-    let zeros = || (vec![T::zero(); d], vec![T::zero(); d]);
-    let (dw, db) = dx
+    let blocks = dx
         .par_chunks_mut(chunk)
         .zip(x.par_chunks(chunk).zip(dy.par_chunks(chunk)))
-        .map(|(dx, (x, dy))| norm_backward_block(dx, x, dy, w, norm))
-        .reduce(zeros, |(mut aw, mut ab), (bw, bb)| {
-            aw.iter_mut().zip(bw).for_each(|(a, b)| *a += b);
-            ab.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
-            (aw, ab)
-        });
+        .map(|(dx, (x, dy))| norm_backward_block(dx, x, dy, w, norm));
+    let (dw, db) = super::kernel::sum_in_order(blocks, |(mut aw, mut ab), (bw, bb)| {
+        aw.iter_mut().zip(bw).for_each(|(a, b)| *a += b);
+        ab.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
+        (aw, ab)
+    })
+    .unwrap_or_else(|| (vec![T::zero(); d], vec![T::zero(); d]));
     dx.extend(dw);
     if norm.centered {
         dx.extend(db);

@@ -369,3 +369,61 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
     assert!(linear(&x, &Tensor::zeros((5, 2), DType::F32, &dev)?, None, true).is_err());
     Ok(())
 }
+
+/// Partials summed by [`kernel::sum_in_order`] give the left-to-right sum exactly, whatever rayon's
+/// split: values chosen so that any other order rounds differently.
+#[test]
+fn partials_are_added_in_chunk_order() {
+    use rayon::prelude::*;
+    let values: Vec<f32> = (0..4096)
+        .map(|i| match i % 4 {
+            0 => 1e8,
+            1 => 3.0,
+            2 => -1e8,
+            _ => 0.7,
+        })
+        .collect();
+    let sequential = values
+        .chunks(7)
+        .map(|c| c.iter().sum::<f32>())
+        .fold(None, |acc: Option<f32>, p| Some(acc.map_or(p, |a| a + p)));
+    for _ in 0..20 {
+        let parallel = kernel::sum_in_order(
+            values.par_chunks(7).map(|c| c.iter().sum::<f32>()),
+            |a, b| a + b,
+        );
+        assert_eq!(parallel.map(f32::to_bits), sequential.map(f32::to_bits));
+    }
+}
+
+/// The bias gradient of a dense layer and the weight and bias gradients of a layer norm, over
+/// inputs of many parallel chunks, are the same bits on every run (they were not: rayon's
+/// reduction tree changed with thread timing).
+#[test]
+fn parameter_gradients_repeat_exactly_over_many_chunks() -> Result<()> {
+    let dev = Device::Cpu;
+    let (rows, inp, out) = (64 * 40 + 5, 16, 24);
+    let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (out, inp), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, out, &dev)?)?;
+    let gamma = Var::from_tensor(&Tensor::randn(1f32, 0.1, out, &dev)?)?;
+    let beta = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev)?)?;
+    let weights = Tensor::randn(0f32, 1.0, (rows, out), &dev)?;
+    let grads = || -> Result<Vec<Vec<u32>>> {
+        let y = linear(&x, w.as_tensor(), Some(b.as_tensor()), false)?.expect("fused path");
+        let y = layer_norm(&y, gamma.as_tensor(), beta.as_tensor(), 1e-5)?;
+        let store = (y * &weights)?.sum_all()?.backward()?;
+        [&b, &gamma, &beta]
+            .iter()
+            .map(|v| {
+                let g = store.get(v.as_tensor()).expect("gradient");
+                Ok(g.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+            })
+            .collect()
+    };
+    let first = grads()?;
+    for _ in 0..10 {
+        assert_eq!(grads()?, first);
+    }
+    Ok(())
+}

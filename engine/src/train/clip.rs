@@ -147,17 +147,16 @@ fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result
 /// for millions of terms.
 fn sum_squares_slice<T: Elem>(values: &[T], probe: &GradTransform) -> (f64, f64) {
     let isa = Isa::detected();
-    values
-        .par_chunks(1 << 14)
-        .map(|chunk| match isa {
-            // SAFETY: `Isa::detected` only returns a path this CPU supports.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { chunk_squares_avx512(chunk, probe) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { chunk_squares_avx2(chunk, probe) },
-            _ => chunk_squares(chunk, probe),
-        })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    let chunks = values.par_chunks(1 << 14).map(|chunk| match isa {
+        // SAFETY: `Isa::detected` only returns a path this CPU supports.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { chunk_squares_avx512(chunk, probe) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { chunk_squares_avx2(chunk, probe) },
+        _ => chunk_squares(chunk, probe),
+    });
+    // In chunk order, so the norm (and the clip factor) is the same on every run.
+    crate::ops::sum_in_order(chunks, |a, b| (a.0 + b.0, a.1 + b.1)).unwrap_or((0.0, 0.0))
 }
 
 const LANES: usize = 16;
