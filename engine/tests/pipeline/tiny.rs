@@ -550,3 +550,58 @@ fn qat_on_a_tied_llama_freezes_the_table_and_trains_the_projections() -> Result<
     assert_eq!(again.perplexity, stage.metrics.perplexity);
     Ok(())
 }
+
+/// A seeded job repeats bit for bit: the same spec run three times on the same model and data
+/// writes the same fine-tuned and QAT weights. A guard against unseeded randomness or
+/// order-dependent code anywhere in the loop; the tiny model is too small to split the kernels'
+/// reductions across threads, so their order is tested on its own
+/// (`ops::tests::parameter_gradients_repeat_exactly_over_many_chunks`).
+#[test]
+fn a_seeded_job_writes_the_same_weights_every_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-repeat", "model": model, "seed": 11,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 2, "learning_rate": 0.003, "batch_size": 64},
+            {"type": "quantize", "method": "qat", "scheme": "int8",
+             "qat": {"epochs": 1, "learning_rate": 0.001, "batch_size": 64,
+                     "activations": "int8_per_tensor"}}
+        ]
+    }))?;
+    let inputs = PipelineInputs {
+        model,
+        dataset,
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let weights = |run: usize| -> Result<Vec<Vec<u8>>> {
+        let out = dir.path().join(format!("out-{run}"));
+        run_job(
+            &spec,
+            &inputs,
+            Device::Cpu,
+            &out,
+            &|_| {},
+            &AtomicBool::new(false),
+        )?;
+        ["stages/0-finetune/model", "stages/1-quantize/model"]
+            .iter()
+            .map(|stage| Ok(std::fs::read(out.join(stage).join("model.safetensors"))?))
+            .collect()
+    };
+    let first = weights(0)?;
+    for run in 1..3 {
+        let again = weights(run)?;
+        assert!(
+            again[0] == first[0],
+            "run {run}: the fine-tuned weights differ"
+        );
+        assert!(again[1] == first[1], "run {run}: the QAT weights differ");
+    }
+    Ok(())
+}
