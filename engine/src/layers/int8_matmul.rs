@@ -178,18 +178,21 @@ impl QuantizedRows {
     }
 }
 
-/// Rows of `x` (`k` values each) quantized to i8 values held as i16, `k_pad` per row (zero padded),
-/// and their scales (each row's own, or `fixed` for every row). Inlined so that the AVX2 kernel's
-/// copy ([`int8_avx2::quantize_rows`]) is compiled, and vectorized, with AVX2.
+/// Rows of `x` (`k` values each) quantized to int8 per row, `k_pad` per row, with their scales
+/// (each row's own, or `fixed` for every row): each rounded value `q ∈ [-127, 127]` is stored as
+/// `store(q)` (an i16 for AVX2 and scalar, `q + 128` for VNNI), padding as `pad`. Inlined so each
+/// kernel's caller compiles, and vectorizes, it with its own instruction set.
 #[inline(always)]
-pub(crate) fn quantize_rows_i16(
+pub(crate) fn quantize_rows_as<T: Copy>(
     x: &[f32],
     k: usize,
     k_pad: usize,
     fixed: Option<f32>,
-) -> (Vec<i16>, Vec<f32>) {
+    pad: T,
+    store: impl Fn(f32) -> T,
+) -> (Vec<T>, Vec<f32>) {
     let rows = x.len() / k.max(1);
-    let mut values = vec![0i16; rows * k_pad];
+    let mut values = vec![pad; rows * k_pad];
     let mut scales = vec![0f32; rows];
     for ((row, out), scale) in x
         .chunks(k.max(1))
@@ -199,10 +202,21 @@ pub(crate) fn quantize_rows_i16(
         let (step, inv) = crate::quant::int8::row_scale(row, fixed);
         *scale = step;
         for (q, &v) in out.iter_mut().zip(row) {
-            *q = crate::quant::int8::round_clamped(v * inv, 127.0) as i16;
+            *q = store(crate::quant::int8::round_clamped(v * inv, 127.0));
         }
     }
     (values, scales)
+}
+
+/// [`quantize_rows_as`] into i16 values (the AVX2 and scalar kernels' width).
+#[inline(always)]
+pub(crate) fn quantize_rows_i16(
+    x: &[f32],
+    k: usize,
+    k_pad: usize,
+    fixed: Option<f32>,
+) -> (Vec<i16>, Vec<f32>) {
+    quantize_rows_as(x, k, k_pad, fixed, 0, |q| q as i16)
 }
 
 /// Which integer kernel the CPU runs.

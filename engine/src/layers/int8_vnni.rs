@@ -122,21 +122,9 @@ mod x86 {
         k_pad: usize,
         fixed: Option<f32>,
     ) -> (Vec<u8>, Vec<f32>) {
-        let rows = x.len() / k.max(1);
-        let mut values = vec![128u8; rows * k_pad];
-        let mut scales = vec![0f32; rows];
-        for ((row, out), scale) in x
-            .chunks(k.max(1))
-            .zip(values.chunks_mut(k_pad.max(1)))
-            .zip(scales.iter_mut())
-        {
-            let (step, inv) = crate::quant::int8::row_scale(row, fixed);
-            *scale = step;
-            for (q, &v) in out.iter_mut().zip(row) {
-                *q = (crate::quant::int8::round_clamped(v * inv, 127.0) + 128.0) as u8;
-            }
-        }
-        (values, scales)
+        super::super::int8_matmul::quantize_rows_as(x, k, k_pad, fixed, 128u8, |q| {
+            (q + 128.0) as u8
+        })
     }
 
     /// See [`super::block_product`].
