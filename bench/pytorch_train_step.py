@@ -10,7 +10,11 @@ norm clipping at 1.0, CPU.
 Prints one JSON line: median milliseconds of forward (incl. loss), backward, optimizer (clip + step)
 and the whole step over the timed steps.
 
-    python3 bench/pytorch_train_step.py [--steps 10] [--warmup 3] [--dropout 0.0] [--threads N]
+    python3 bench/pytorch_train_step.py [--steps 10] [--warmup 3] [--dropout 0.0] [--threads N] \
+        [--seq 128] [--checkpointing]
+
+With --checkpointing every encoder layer runs under torch.utils.checkpoint (non-reentrant, RNG state
+preserved), as transformers' gradient_checkpointing_enable() does.
 """
 
 import argparse
@@ -23,6 +27,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Layer(nn.Module):
@@ -58,6 +63,7 @@ class Bert(nn.Module):
         self.layers = nn.ModuleList([Layer(hidden, heads, inter, p) for _ in range(layers)])
         self.pooler = nn.Linear(hidden, hidden)
         self.classifier = nn.Linear(hidden, labels)
+        self.checkpointing = False
 
     def forward(self, ids, mask, types):
         s = ids.shape[1]
@@ -65,7 +71,10 @@ class Bert(nn.Module):
         x = self.drop(self.ln(self.word(ids) + self.pos(pos) + self.tok(types)))
         mask_bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
         for layer in self.layers:
-            x = layer(x, mask_bias)
+            if self.checkpointing:
+                x = checkpoint(layer, x, mask_bias, use_reentrant=False)
+            else:
+                x = layer(x, mask_bias)
         return self.classifier(self.drop(torch.tanh(self.pooler(x[:, 0]))))
 
 
@@ -75,11 +84,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--checkpointing", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch, seq = 8, 128
+    batch, seq = 8, args.seq
     model = Bert(30522, 256, 4, 4, 1024, 512, 2, args.dropout)
+    model.checkpointing = args.checkpointing
     model.train()
     ids = torch.randint(0, 30522, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -112,6 +124,8 @@ def main():
         threads=torch.get_num_threads(),
         params=params,
         dropout=args.dropout,
+        seq=seq,
+        checkpointing=args.checkpointing,
         steps=args.steps,
         # ru_maxrss is in KiB on Linux: the process's peak, as our VmHWM.
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,

@@ -3,14 +3,17 @@
 //! (same config, batch and optimizer settings); results go to BENCHMARKS.md.
 //!
 //! ```text
-//! cargo run --release -p compressd-engine --example train_step -- [--steps 10] [--warmup 3] [--dropout 0.0]
+//! cargo run --release -p compressd-engine --example train_step -- [--steps 10] [--warmup 3] [--dropout 0.0] \
+//!   [--seq 128] [--checkpointing true]
 //! # or, reusing the dev build's opt-level-3 dependencies and optimising only the engine:
 //! cargo --config 'profile.dev.package.compressd-engine.opt-level=3' \
 //!   --config 'profile.dev.package.compressd-engine.debug-assertions=false' \
 //!   run -p compressd-engine --example train_step
 //! ```
 //!
-//! Prints one JSON line with median milliseconds per phase.
+//! Prints one JSON line with median milliseconds per phase and the process's peak RSS. With
+//! `--checkpointing true` the step recomputes each block in backward (`gradient_checkpointing`):
+//! the forward phase keeps only the blocks' inputs and the backward phase runs them again.
 
 use std::time::Instant;
 
@@ -20,17 +23,20 @@ use compressd_engine::data::Batch;
 use compressd_engine::layers::LinearFactory;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
 use compressd_engine::models::common::DropoutRng;
+use compressd_engine::models::{Outputs, TaskModel};
 use compressd_engine::params::ParamStore;
 use compressd_engine::task::SequenceClassificationTask;
+use compressd_engine::train::recompute::RecomputingForward;
 use compressd_engine::train::{clip, AdamW, AdamWConfig, ClipConfig, Gradients, TrainTask};
 
 const BATCH: usize = 8;
-const SEQ: usize = 128;
 
 struct Args {
     steps: usize,
     warmup: usize,
     dropout: f64,
+    seq: usize,
+    checkpointing: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -38,6 +44,8 @@ fn parse_args() -> Result<Args> {
         steps: 10,
         warmup: 3,
         dropout: 0.0,
+        seq: 128,
+        checkpointing: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -48,11 +56,16 @@ fn parse_args() -> Result<Args> {
             "--steps" => args.steps = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
             "--dropout" => args.dropout = value.parse()?,
+            "--seq" => args.seq = value.parse()?,
+            "--checkpointing" => args.checkpointing = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
     }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    if !(1..=512).contains(&args.seq) {
+        bail!("--seq must be 1 to 512 (the position table)");
     }
     Ok(args)
 }
@@ -67,11 +80,11 @@ fn bench_config(dropout: f64) -> Result<BertConfig> {
 }
 
 /// A fixed random batch of full-length rows (no padding, like the PyTorch script).
-fn bench_batch(dev: &Device) -> Result<Batch> {
-    let ids: Vec<u32> = (0..BATCH * SEQ)
+fn bench_batch(seq: usize, dev: &Device) -> Result<Batch> {
+    let ids: Vec<u32> = (0..BATCH * seq)
         .map(|i| ((i as u64 * 2_654_435_761) % 30522) as u32)
         .collect();
-    let input_ids = Tensor::from_vec(ids, (BATCH, SEQ), dev)?;
+    let input_ids = Tensor::from_vec(ids, (BATCH, seq), dev)?;
     Ok(Batch {
         attention_mask: input_ids.ones_like()?,
         token_type_ids: input_ids.zeros_like()?,
@@ -127,17 +140,26 @@ fn main() -> Result<()> {
         max_norm: Some(1.0),
         max_value: None,
     };
-    let batch = bench_batch(&dev)?;
+    let batch = bench_batch(args.seq, &dev)?;
     let (mut fwd, mut bwd, mut optim, mut clip_only, mut step) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..args.warmup + args.steps {
         let dropout = (args.dropout > 0.0).then(|| DropoutRng::new(i as u64));
         let t0 = Instant::now();
-        let loss = task.loss(&batch, dropout.as_ref())?;
+        let (loss, recomputing) = if args.checkpointing {
+            let forward =
+                RecomputingForward::run(&model, &batch, Outputs::LOGITS, dropout.as_ref())?;
+            (model.task_loss(forward.output(), &batch)?, Some(forward))
+        } else {
+            (task.loss(&batch, dropout.as_ref())?, None)
+        };
         // Force the forward computation to finish (candle is eager on CPU, this is a cheap read).
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = match recomputing {
+            Some(forward) => forward.backward(&batch, &loss, &vars)?,
+            None => loss.backward()?,
+        };
         let t2 = Instant::now();
         let outcome = clip::measure(&vars, Gradients::Store(&grads), &clip_cfg)?;
         let t_clip = Instant::now();
@@ -162,6 +184,8 @@ fn main() -> Result<()> {
         "step_ms": round(median(step)),
         "params": store.parameter_count(),
         "dropout": args.dropout,
+        "seq": args.seq,
+        "checkpointing": args.checkpointing,
         "steps": args.steps,
         "peak_rss_mib": peak_rss_mib(),
     });

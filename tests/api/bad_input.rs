@@ -322,6 +322,27 @@ async fn bad_distillation_specs_are_422_at_the_field() {
         distill(json!({"type": "distill", "weights": {"task": 1.0, "feature": -0.5}})),
     )
     .await;
+    // Recomputation keeps no attention maps, which attention matching reads.
+    let reply = rejected_spec(
+        &api,
+        distill(json!({"type": "distill", "student_layers": 1, "gradient_checkpointing": true,
+                       "weights": {"feature": 1.0}, "feature": {"attention": true}})),
+    )
+    .await;
+    assert_eq!(
+        reply.pointer(),
+        "/pipeline/0/gradient_checkpointing",
+        "{:?}",
+        reply.body
+    );
+    assert!(
+        reply.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("attention probabilities"),
+        "{:?}",
+        reply.body
+    );
     // `alpha` gave way to `weights`.
     assert_invalid_at(
         &api,
@@ -346,6 +367,7 @@ async fn bad_distillation_specs_are_422_at_the_field() {
     // A good one is queued.
     let mut spec = api.spec();
     spec["pipeline"] = json!([{"type": "distill", "student_layers": 1,
+        "gradient_checkpointing": true,
         "weights": {"task": 0.5, "response": 0.5, "feature": 0.1, "relation": 0.1}}]);
     let reply = api.post_json("/v1/jobs", &spec, &[]).await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);

@@ -75,13 +75,15 @@ impl FakeQuantLinear {
     }
 
     /// `x` rounded to int8 with this layer's observed scale. A training batch (one that carries a
-    /// gradient) updates the range first; an evaluation batch only reads it (its own range before
-    /// any training batch).
+    /// gradient) updates the range first; an evaluation batch, or a training batch's recomputation
+    /// ([`super::replay`]), only reads it (an evaluation batch its own range before any training
+    /// batch).
     fn fake_quantize_per_tensor(&self, x: &Tensor) -> Result<Tensor> {
         let Some((observers, path)) = &self.observer else {
             candle_core::bail!("per-tensor fake quantization without observers");
         };
-        let scale = match (x.track_op(), observers.scale(path)) {
+        let training = x.track_op() && !super::replay::is_replaying();
+        let scale = match (training, observers.scale(path)) {
             (false, Some(scale)) => scale,
             (training, _) => {
                 let absmax = x.detach().abs()?.max_all()?.to_scalar::<f32>()?;

@@ -19,6 +19,7 @@ mod lora;
 mod observer;
 mod quantized;
 mod recording;
+pub mod replay;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

@@ -65,6 +65,10 @@ impl InputRecorder {
 
     /// Adds `x` (`(…, in_features)`) seen by the module at `path`.
     fn record(&self, path: &str, x: &Tensor) -> Result<()> {
+        // A recomputed forward pass ([`super::replay`]) sees inputs already counted.
+        if super::replay::is_replaying() {
+            return Ok(());
+        }
         if let Some(limits) = self.samples {
             self.record_sample(path, x, limits)?;
         }

@@ -17,7 +17,8 @@ use super::common::{
     dropout, expect_in_features, expect_out_features, mask_value, padding_bias, Activation,
     DropoutRng, Embedding, RmsNorm,
 };
-use super::Outputs;
+use super::{LayeredModel, Outputs};
+use crate::data::Batch;
 use crate::layers::{LinearFactory, LinearLayer};
 use crate::ops;
 
@@ -428,13 +429,7 @@ impl LlamaForCausalLm {
         rng: Option<&DropoutRng>,
     ) -> Result<CausalLmOutput> {
         let (_, seq) = input_ids.dims2()?;
-        if seq > self.config.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {seq} tokens exceeds max_position_embeddings {}",
-                self.config.max_position_embeddings
-            );
-        }
-        let mut x = self.embed_tokens.forward(input_ids)?;
+        let mut x = self.embed_ids(input_ids)?;
         let bias = attention_bias(seq, attention_mask, x.dtype(), x.device())?;
         let mut hidden_states = Vec::with_capacity(self.blocks.len() + 1);
         let mut attentions = Vec::new();
@@ -451,6 +446,59 @@ impl LlamaForCausalLm {
             hidden_states,
             attentions,
         })
+    }
+}
+
+impl LlamaForCausalLm {
+    /// The token embeddings of `input_ids` `(batch, seq)`.
+    fn embed_ids(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = input_ids.dims2()?;
+        if seq > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {seq} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        self.embed_tokens.forward(input_ids)
+    }
+}
+
+impl LayeredModel for LlamaForCausalLm {
+    fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn embed(&self, batch: &Batch, _dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        self.embed_ids(&batch.input_ids)
+    }
+
+    fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
+        let (_, seq) = batch.input_ids.dims2()?;
+        attention_bias(
+            seq,
+            Some(&batch.attention_mask),
+            dtype,
+            batch.input_ids.device(),
+        )
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let Some(block) = self.blocks.get(index) else {
+            candle_core::bail!("no block {index} in a {}-block decoder", self.blocks.len());
+        };
+        Ok(block.forward(x, &self.rotary, bias, dropout, false)?.0)
+    }
+
+    fn head(&self, last_hidden: &Tensor, _dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.norm.forward(last_hidden)?)?
+            .to_dtype(DType::F32)
     }
 }
 

@@ -8,4 +8,4 @@ pub mod common;
 pub mod llama;
 mod task_model;
 
-pub use task_model::{Outputs, TaskModel, TaskOutput};
+pub use task_model::{LayeredModel, Outputs, TaskModel, TaskOutput};

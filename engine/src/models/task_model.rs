@@ -75,6 +75,52 @@ pub trait TaskModel: Send + Sync + Debug {
     fn task_loss(&self, out: &TaskOutput, batch: &Batch) -> Result<Tensor> {
         crate::task::task_loss(self.task(), out, batch)
     }
+
+    /// The model as embeddings, blocks and head run one at a time, for activation recomputation;
+    /// `None` when it cannot be split so.
+    fn layered(&self) -> Option<&dyn LayeredModel> {
+        None
+    }
+}
+
+/// A model run piece by piece: embeddings, each block, then the head. Running [`Self::embed`],
+/// every [`Self::block`] in order and [`Self::head`] computes what [`TaskModel::forward`] does and
+/// draws dropout in the same order, so a block can be run again from its saved input with the
+/// dropout state it first saw (gradient checkpointing, [`crate::train::recompute`]).
+pub trait LayeredModel {
+    /// The number of blocks.
+    fn num_blocks(&self) -> usize;
+
+    /// The embeddings' output `(batch, seq, hidden)`, the first block's input.
+    ///
+    /// # Errors
+    /// Ids out of range, or sequences longer than the position table.
+    fn embed(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> Result<Tensor>;
+
+    /// The additive attention bias every block of this batch reads (padding, and the causal mask
+    /// of a decoder), in `dtype`.
+    ///
+    /// # Errors
+    /// A mask of the wrong shape.
+    fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor>;
+
+    /// Block `index` applied to `x`.
+    ///
+    /// # Errors
+    /// An index out of range or a shape mismatch.
+    fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor>;
+
+    /// The f32 logits from the last block's output.
+    ///
+    /// # Errors
+    /// A shape mismatch.
+    fn head(&self, last_hidden: &Tensor, dropout: Option<&DropoutRng>) -> Result<Tensor>;
 }
 
 /// Keeps the optional outputs that were asked for.
@@ -121,6 +167,10 @@ impl TaskModel for BertForSequenceClassification {
             attentions,
         })
     }
+
+    fn layered(&self) -> Option<&dyn LayeredModel> {
+        Some(self)
+    }
 }
 
 impl TaskModel for LlamaForCausalLm {
@@ -146,5 +196,9 @@ impl TaskModel for LlamaForCausalLm {
             hidden_states,
             attentions,
         })
+    }
+
+    fn layered(&self) -> Option<&dyn LayeredModel> {
+        Some(self)
     }
 }

@@ -14,6 +14,7 @@ mod teacher_cache;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
 pub use feature::{pool, AttentionKd, FeatureKd, FeatureLoss, Tokens};
@@ -24,6 +25,7 @@ pub use teacher_cache::TeacherCacheReport;
 use crate::data::Batch;
 use crate::models::common::DropoutRng;
 use crate::models::{Outputs, TaskModel, TaskOutput};
+use crate::train::recompute::RecomputingForward;
 use crate::train::TrainTask;
 
 /// What an objective sees for one batch.
@@ -198,6 +200,8 @@ pub struct ObjectiveTask<'a> {
     seen: Mutex<BTreeMap<String, (f64, usize)>>,
     /// The frozen models' outputs kept per example (`cache_teacher`), if asked for.
     cache: Option<Mutex<teacher_cache::TeacherCache>>,
+    /// Whether training steps recompute the blocks in backward ([`crate::train::recompute`]).
+    recompute: bool,
 }
 
 impl<'a> ObjectiveTask<'a> {
@@ -214,7 +218,30 @@ impl<'a> ObjectiveTask<'a> {
             objective,
             seen: Mutex::new(BTreeMap::new()),
             cache: None,
+            recompute: false,
         }
+    }
+
+    /// Trains with activation recomputation (gradient checkpointing): each block's activations
+    /// are dropped after the forward pass and computed again in backward.
+    ///
+    /// # Errors
+    /// A model that cannot be run block by block, or an objective that reads attention maps.
+    pub fn with_recomputation(mut self) -> crate::Result<Self> {
+        if self.model.layered().is_none() {
+            return Err(crate::EngineError::InvalidSetting(
+                "gradient_checkpointing: this model cannot be run block by block".into(),
+            ));
+        }
+        if self.objective.model_outputs().attentions {
+            return Err(crate::EngineError::InvalidSetting(format!(
+                "gradient_checkpointing: objective {} reads the trained model's attention maps, \
+                 which recomputation does not keep",
+                self.objective.name()
+            )));
+        }
+        self.recompute = true;
+        Ok(self)
     }
 
     /// Keeps the frozen models' outputs per example, up to `budget_bytes`, so that an example
@@ -232,11 +259,10 @@ impl<'a> ObjectiveTask<'a> {
     }
 }
 
-impl TrainTask for ObjectiveTask<'_> {
-    fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> Result<Tensor> {
-        let output = self
-            .model
-            .forward(batch, self.objective.model_outputs(), dropout)?;
+impl ObjectiveTask<'_> {
+    /// The objective's loss of the trained model's `output` on `batch`, the frozen models run
+    /// (or read from the cache) beside it.
+    fn loss_of(&self, batch: &Batch, output: &TaskOutput) -> Result<Tensor> {
         let want = self.objective.frozen_outputs();
         let compute = |batch: &Batch| {
             self.frozen
@@ -254,7 +280,7 @@ impl TrainTask for ObjectiveTask<'_> {
         let terms = self.objective.terms(&ObjectiveInput {
             batch,
             model: self.model,
-            output: &output,
+            output,
             frozen: &frozen,
         })?;
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -265,6 +291,36 @@ impl TrainTask for ObjectiveTask<'_> {
             entry.1 += 1;
         }
         weighted_total(&terms)
+    }
+}
+
+impl TrainTask for ObjectiveTask<'_> {
+    fn loss(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        let output = self
+            .model
+            .forward(batch, self.objective.model_outputs(), dropout)?;
+        self.loss_of(batch, &output)
+    }
+
+    fn loss_and_gradients(
+        &self,
+        batch: &Batch,
+        dropout: Option<&DropoutRng>,
+        vars: &[(String, Var)],
+    ) -> Result<(Tensor, GradStore)> {
+        let layered = match self.model.layered() {
+            Some(layered) if self.recompute => layered,
+            _ => {
+                let loss = self.loss(batch, dropout)?;
+                let grads = loss.backward()?;
+                return Ok((loss, grads));
+            }
+        };
+        let forward =
+            RecomputingForward::run(layered, batch, self.objective.model_outputs(), dropout)?;
+        let loss = self.loss_of(batch, forward.output())?;
+        let grads = forward.backward(batch, &loss, vars)?;
+        Ok((loss.detach(), grads))
     }
 
     fn take_loss_terms(&self) -> Vec<(String, f64)> {

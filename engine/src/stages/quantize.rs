@@ -520,6 +520,7 @@ fn qat_train_settings(qat: &QatSettings) -> TrainSettings {
         early_stopping_patience: qat.early_stopping.as_ref().map(|e| e.patience),
         log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         teacher_cache_bytes: None,
+        gradient_checkpointing: false,
     }
 }
 

@@ -226,6 +226,11 @@ impl Session {
             Some(budget) => task.with_teacher_cache(budget),
             None => task,
         };
+        let task = if settings.gradient_checkpointing {
+            task.with_recomputation()?
+        } else {
+            task
+        };
         let report = trainer.run(&task, &mut optimizer, train, &mut hooks)?;
         Ok(RunOutcome {
             steps: report.steps,

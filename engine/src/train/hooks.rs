@@ -20,6 +20,22 @@ pub trait TrainTask {
         dropout: Option<&DropoutRng>,
     ) -> candle_core::Result<candle_core::Tensor>;
 
+    /// The loss of `batch` and the gradients of (at least) `vars`: [`Self::loss`] and its
+    /// backward, unless the task computes them another way (activation recomputation).
+    ///
+    /// # Errors
+    /// A forward or backward failure.
+    fn loss_and_gradients(
+        &self,
+        batch: &Batch,
+        dropout: Option<&DropoutRng>,
+        _vars: &[(String, candle_core::Var)],
+    ) -> candle_core::Result<(candle_core::Tensor, candle_core::backprop::GradStore)> {
+        let loss = self.loss(batch, dropout)?;
+        let grads = loss.backward()?;
+        Ok((loss, grads))
+    }
+
     /// The mean unweighted value of each named part of the loss over the batches since the last
     /// call (`task`, `response`…), when the loss has parts; the trainer reports them with each
     /// step's progress.

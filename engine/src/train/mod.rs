@@ -9,6 +9,7 @@ pub mod clip;
 pub mod grads;
 pub mod hooks;
 pub mod optimizer;
+pub mod recompute;
 pub mod schedule;
 pub mod trainer;
 

@@ -363,9 +363,8 @@ impl Trainer<'_> {
                 .collect();
             let batch = Batch::collate(&examples, self.pad_id, &self.device)?;
             let dropout = DropoutRng::new(state.rng.next_u64());
-            let loss = task.loss(&batch, Some(&dropout))?;
+            let (loss, grads) = task.loss_and_gradients(&batch, Some(&dropout), ctx.vars)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grads = loss.backward()?;
             hooks.after_backward(ctx.vars, &grads)?;
             if accumulate {
                 ctx.accumulator.add(ctx.vars, &grads)?;

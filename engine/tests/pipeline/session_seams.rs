@@ -203,6 +203,7 @@ fn gradient_passes_and_training_show_every_weight_its_gradient() -> Result<()> {
         early_stopping_patience: None,
         log_every_steps: 10,
         teacher_cache_bytes: None,
+        gradient_checkpointing: false,
     };
     let mut during = Taylor::default();
     let teacher = before.deep_clone()?;

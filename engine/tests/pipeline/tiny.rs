@@ -605,3 +605,55 @@ fn a_seeded_job_writes_the_same_weights_every_run() -> Result<()> {
     }
     Ok(())
 }
+
+/// `gradient_checkpointing` recomputes each block in backward: the same seeded fine-tune ends with
+/// the same loss and accuracy as the plain one, up to float summing order (dropout's replay is
+/// tested in `train::recompute`).
+#[test]
+fn gradient_checkpointing_trains_like_the_plain_step() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let inputs = PipelineInputs {
+        model: model.clone(),
+        dataset: dataset.clone(),
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let finetune = |checkpointing: bool| -> Result<serde_json::Value> {
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "tiny-recompute", "model": model, "seed": 5,
+            "task": {"type": "text_classification", "dataset": dataset},
+            "pipeline": [{"type": "finetune", "epochs": 2, "learning_rate": 0.003,
+                          "batch_size": 16, "gradient_checkpointing": checkpointing}]
+        }))?;
+        let out = dir.path().join(format!("out-{checkpointing}"));
+        let result = run_job(
+            &spec,
+            &inputs,
+            Device::Cpu,
+            &out,
+            &|_| {},
+            &AtomicBool::new(false),
+        )?;
+        let stage = &result.report.stages[0];
+        Ok(serde_json::json!({
+            "accuracy": stage.metrics.accuracy,
+            "loss": stage.details["training"]["final_loss"],
+            "steps": stage.details["training"]["steps"],
+        }))
+    };
+    let plain = finetune(false)?;
+    let recomputed = finetune(true)?;
+    assert_eq!(plain["steps"], recomputed["steps"]);
+    assert!(plain["steps"].as_u64().unwrap() > 4);
+    assert_eq!(plain["accuracy"], recomputed["accuracy"]);
+    let (a, b) = (
+        plain["loss"].as_f64().unwrap(),
+        recomputed["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-3 * a.abs(), "final loss {a} vs {b}");
+    Ok(())
+}

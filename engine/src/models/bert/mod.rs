@@ -17,7 +17,8 @@ use super::common::{
     dropout, expect_in_features, expect_out_features, padding_bias, Activation, DropoutRng,
     Embedding, LayerNorm,
 };
-use super::Outputs;
+use super::{LayeredModel, Outputs};
+use crate::data::Batch;
 use crate::layers::{LinearFactory, LinearLayer};
 use crate::ops;
 
@@ -477,18 +478,51 @@ impl BertForSequenceClassification {
         rng: Option<&DropoutRng>,
     ) -> Result<ClassifierOutput> {
         let out = self.bert.forward_with(input, want, rng)?;
-        let pooled = self
-            .pooler
-            .forward(&cls_pool(&out.last_hidden_state)?)?
-            .tanh()?;
-        let logits = self
-            .classifier
-            .forward(&dropout(&pooled, self.dropout, rng)?)?;
         Ok(ClassifierOutput {
-            logits,
+            logits: self.classify(&out.last_hidden_state, rng)?,
             hidden_states: out.hidden_states,
             attentions: out.attentions,
         })
+    }
+
+    /// The head: pooler on `[CLS]`, dropout, classifier.
+    fn classify(&self, last_hidden: &Tensor, rng: Option<&DropoutRng>) -> Result<Tensor> {
+        let pooled = self.pooler.forward(&cls_pool(last_hidden)?)?.tanh()?;
+        self.classifier
+            .forward(&dropout(&pooled, self.dropout, rng)?)
+    }
+}
+
+impl LayeredModel for BertForSequenceClassification {
+    fn num_blocks(&self) -> usize {
+        self.bert.layers.len()
+    }
+
+    fn embed(&self, batch: &Batch, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        self.bert
+            .embeddings
+            .forward(&batch.input_ids, Some(&batch.token_type_ids), dropout)
+    }
+
+    fn attention_bias(&self, batch: &Batch, dtype: DType) -> Result<Tensor> {
+        padding_bias(&batch.attention_mask, dtype)
+    }
+
+    fn block(
+        &self,
+        index: usize,
+        x: &Tensor,
+        bias: &Tensor,
+        dropout: Option<&DropoutRng>,
+    ) -> Result<Tensor> {
+        let Some(layer) = self.bert.layers.get(index) else {
+            candle_core::bail!("no layer {index} in a {}-layer encoder", self.num_blocks());
+        };
+        Ok(layer.forward(x, Some(bias), dropout, false)?.0)
+    }
+
+    fn head(&self, last_hidden: &Tensor, dropout: Option<&DropoutRng>) -> Result<Tensor> {
+        self.classify(last_hidden, dropout)?.to_dtype(DType::F32)
     }
 }
 

@@ -122,6 +122,11 @@ pub struct DistillSpec {
     #[serde(default = "default_cache_teacher_max_mib")]
     #[schemars(range(min = 1, max = 1_048_576))]
     pub cache_teacher_max_mib: u32,
+    /// Activation recomputation for the student, as a `finetune` stage's
+    /// `gradient_checkpointing`: only each student block's input is kept through the forward
+    /// pass, and the block runs again in backward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_cache_teacher_max_mib() -> u32 {
@@ -463,6 +468,15 @@ impl StageKind for DistillSpec {
             || {
                 "attention matching (feature.attention) compares head by head: keep the \
                  teacher's heads or turn it off"
+                    .to_owned()
+            },
+        );
+        c.check(
+            !(self.gradient_checkpointing && self.feature.attention && self.weights.feature > 0.0),
+            &format!("{at}/gradient_checkpointing"),
+            || {
+                "attention matching (feature.attention) reads every student layer's attention \
+                 probabilities, which recomputation does not keep: turn one of them off"
                     .to_owned()
             },
         );
