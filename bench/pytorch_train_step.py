@@ -11,7 +11,11 @@ Prints one JSON line: median milliseconds of forward (incl. loss), backward, opt
 and the whole step over the timed steps.
 
     python3 bench/pytorch_train_step.py [--steps 10] [--warmup 3] [--dropout 0.0] [--threads N] \
-        [--seq 128] [--checkpointing]
+        [--seq 128] [--checkpointing] [--size small|base] [--batch 8] [--device cpu|cuda] \
+        [--autocast bf16]
+
+`--size base --batch 32 --device cuda` is the GPU reference for engine/examples/cuda_check.rs
+(BERT-base, f32, batch 32 x 128); `--autocast bf16` adds torch.autocast's bf16 mixed precision.
 
 With --checkpointing every encoder layer runs under torch.utils.checkpoint (non-reentrant, RNG state
 preserved), as transformers' gradient_checkpointing_enable() does.
@@ -67,7 +71,7 @@ class Bert(nn.Module):
 
     def forward(self, ids, mask, types):
         s = ids.shape[1]
-        pos = torch.arange(s).unsqueeze(0)
+        pos = torch.arange(s, device=ids.device).unsqueeze(0)
         x = self.drop(self.ln(self.word(ids) + self.pos(pos) + self.tok(types)))
         mask_bias = (1.0 - mask[:, None, None, :].float()) * -10000.0
         for layer in self.layers:
@@ -86,17 +90,24 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--size", choices=["small", "base"], default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--autocast", choices=["bf16"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batch, seq = 8, args.seq
-    model = Bert(30522, 256, 4, 4, 1024, 512, 2, args.dropout)
+    batch, seq, dev = args.batch, args.seq, torch.device(args.device)
+    hidden, layers, heads, inter = (256, 4, 4, 1024) if args.size == "small" else (768, 12, 12, 3072)
+    model = Bert(30522, hidden, layers, heads, inter, 512, 2, args.dropout).to(dev)
     model.checkpointing = args.checkpointing
     model.train()
-    ids = torch.randint(0, 30522, (batch, seq))
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    types = torch.zeros(batch, seq, dtype=torch.long)
-    labels = torch.randint(0, 2, (batch,))
+    ids = torch.randint(0, 30522, (batch, seq), device=dev)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=dev)
+    types = torch.zeros(batch, seq, dtype=torch.long, device=dev)
+    labels = torch.randint(0, 2, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     decay = [p for n, p in model.named_parameters() if not ("ln" in n or n.endswith("bias"))]
     no_decay = [p for n, p in model.named_parameters() if "ln" in n or n.endswith("bias")]
     opt = torch.optim.AdamW(
@@ -105,13 +116,17 @@ def main():
     times = {"forward": [], "backward": [], "optimizer": [], "step": []}
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(ids, mask, types), labels)
+        with autocast():
+            loss = nn.functional.cross_entropy(model(ids, mask, types), labels)
+        sync()
         t1 = time.perf_counter()
         loss.backward()
+        sync()
         t2 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         t3 = time.perf_counter()
         if i >= args.warmup:
             for key, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("step", t3 - t0)):
@@ -125,6 +140,10 @@ def main():
         params=params,
         dropout=args.dropout,
         seq=seq,
+        batch=batch,
+        size=args.size,
+        device=args.device,
+        autocast=args.autocast,
         checkpointing=args.checkpointing,
         steps=args.steps,
         # ru_maxrss is in KiB on Linux: the process's peak, as our VmHWM.

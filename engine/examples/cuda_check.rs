@@ -1,6 +1,7 @@
 //! GPU check for a machine with CUDA: (1) a small random BERT classifier gives the same logits, loss,
 //! gradients and AdamW trajectory on CUDA as on the CPU, within float tolerance; (2) the time of one
-//! BERT-base-sized training step (forward with loss, backward, clipping + AdamW) on CUDA.
+//! BERT-base-sized training step (forward with loss, backward, clipping + AdamW) on CUDA, in f32 and
+//! with bf16 mixed precision (`mixed_precision: "bf16"`), whose first loss must match f32's.
 //!
 //! ```text
 //! bench/cuda_check.sh            # builds with `--features cuda` and runs this; see BENCHMARKS.md
@@ -39,6 +40,9 @@ const GRAD_ABS_FLOOR: f32 = 1e-6;
 /// gradient element is near zero (AdamW's first step is ±lr whatever the gradient's size), so the
 /// trajectory is compared through the loss, which such elements barely move.
 const MAX_LOSS_REL_DIFF: f64 = 1e-3;
+/// bf16 keeps 8 significant bits: the dry run on the CPU (`--device cpu --batch 2 --seq 32`) put
+/// BERT-base's first bf16 loss 1.1e-3 (relative) from the f32 one.
+const MAX_BF16_LOSS_REL_DIFF: f64 = 2e-2;
 const CHECK_STEPS: u64 = 5;
 const CHECK_LR: f64 = 1e-3;
 
@@ -116,10 +120,19 @@ fn load(
     cfg: &BertConfig,
     dev: &Device,
 ) -> Result<BertForSequenceClassification> {
+    load_with(store, cfg, dev, &LinearFactory::default())
+}
+
+fn load_with(
+    store: &ParamStore,
+    cfg: &BertConfig,
+    dev: &Device,
+    linears: &LinearFactory,
+) -> Result<BertForSequenceClassification> {
     Ok(BertForSequenceClassification::load(
         store.var_builder(DType::F32, dev),
         cfg,
-        &LinearFactory::default(),
+        linears,
     )?)
 }
 
@@ -345,10 +358,16 @@ fn timing_batch(args: &Args, dev: &Device) -> Result<Batch> {
 
 /// Median milliseconds of the forward (with loss), backward and optimizer phases of a BERT-base
 /// training step; the device is synchronised after each phase since CUDA launches are asynchronous.
-fn time_training_step(args: &Args, dev: &Device) -> Result<Value> {
+/// `compute` is the mixed-precision dtype of the dense layers' products (`None`: f32). The same
+/// seed draws the same weights, so the first step's loss compares across precisions.
+fn time_training_step(args: &Args, dev: &Device, compute: Option<DType>) -> Result<Value> {
     let store = ParamStore::new();
     store.set_init_missing(Some(0));
-    let model = load(&store, &base_config(args.dropout)?, dev)?;
+    let linears = match compute {
+        Some(dtype) => LinearFactory::default().with_compute_dtype(dtype),
+        None => LinearFactory::default(),
+    };
+    let model = load_with(&store, &base_config(args.dropout)?, dev, &linears)?;
     let task = SequenceClassificationTask { model: &model };
     let mut opt = AdamW::new(store.trainable_vars(), AdamWConfig::default())?;
     let vars = opt.vars();
@@ -358,11 +377,15 @@ fn time_training_step(args: &Args, dev: &Device) -> Result<Value> {
     };
     let batch = timing_batch(args, dev)?;
     let (mut fwd, mut bwd, mut optim, mut step) = (vec![], vec![], vec![], vec![]);
+    let mut first_loss = None;
     for i in 0..args.warmup + args.steps {
         let dropout = (args.dropout > 0.0).then(|| DropoutRng::new(i as u64));
         let t0 = Instant::now();
         let loss = task.loss(&batch, dropout.as_ref())?;
         dev.synchronize()?;
+        if i == 0 {
+            first_loss = Some(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
         let t1 = Instant::now();
         let grads = loss.backward()?;
         dev.synchronize()?;
@@ -381,6 +404,8 @@ fn time_training_step(args: &Args, dev: &Device) -> Result<Value> {
     }
     let step_ms = median(step);
     Ok(json!({
+        "precision": compute.map_or("f32".to_string(), |d| format!("{d:?}").to_lowercase()),
+        "first_loss": first_loss,
         "params": store.parameter_count(),
         "batch": args.batch, "seq": args.seq, "dropout": args.dropout, "steps": args.steps,
         "forward_ms": median(fwd), "backward_ms": median(bwd), "optimizer_ms": median(optim),
@@ -399,14 +424,25 @@ fn main() -> Result<()> {
     let logits = check_logits(&cpu_store, &cfg, &cuda)?;
     let training = check_training(&cpu_store, &cfg, &cuda)?;
     eprintln!("CUDA matches the CPU: {logits} {training}");
-    let timing = time_training_step(&args, &cuda)?;
+    let timing = time_training_step(&args, &cuda, None)?;
+    // Mixed precision (bf16 products, f32 master weights): its first loss must be the f32 one
+    // to within bf16's rounding, or the casts compute something else.
+    let bf16 = time_training_step(&args, &cuda, Some(DType::BF16))?;
+    let loss_of = |v: &Value| v["first_loss"].as_f64().unwrap_or(f64::NAN);
+    let bf16_loss_rel_diff = (loss_of(&bf16) - loss_of(&timing)).abs() / loss_of(&timing).abs();
     println!(
         "{}",
         json!({
             "device": device_name(&cuda),
-            "check": {"logits": logits, "training": training},
+            "check": {"logits": logits, "training": training,
+                      "bf16_first_loss_rel_diff": bf16_loss_rel_diff},
             "bert_base_train_step": timing,
+            "bert_base_train_step_bf16": bf16,
         })
+    );
+    ensure!(
+        bf16_loss_rel_diff < MAX_BF16_LOSS_REL_DIFF,
+        "bf16 mixed precision's first loss is {bf16_loss_rel_diff} away from f32's"
     );
     Ok(())
 }

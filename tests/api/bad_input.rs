@@ -325,8 +325,10 @@ async fn bad_distillation_specs_are_422_at_the_field() {
     // Recomputation keeps no attention maps, which attention matching reads.
     let reply = rejected_spec(
         &api,
-        distill(json!({"type": "distill", "student_layers": 1, "gradient_checkpointing": true,
-                       "weights": {"feature": 1.0}, "feature": {"attention": true}})),
+        distill(
+            json!({"type": "distill", "student_layers": 1, "gradient_checkpointing": true,
+                       "weights": {"feature": 1.0}, "feature": {"attention": true}}),
+        ),
     )
     .await;
     assert_eq!(
@@ -839,4 +841,41 @@ async fn static_quantization_bad_settings_are_422() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+}
+
+/// The training-memory and precision options: accepted with their values, and a mode the engine
+/// does not know or a wrong type is a 422 at the field. (Whether the worker's device offers bf16
+/// is known only where the job runs: a CPU worker fails the job at its start, tested in the
+/// engine's pipeline tests.)
+#[tokio::test]
+async fn training_precision_and_recomputation_options_are_checked_at_the_field() {
+    let (api, _dir) = TestApi::sqlite().await;
+    let finetune = |extra: Value| {
+        move |s: &mut Value| {
+            let mut stage = json!({"type": "finetune", "epochs": 1});
+            for (k, v) in extra.as_object().unwrap() {
+                stage[k] = v.clone();
+            }
+            s["pipeline"] = json!([stage]);
+        }
+    };
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/mixed_precision",
+        finetune(json!({"mixed_precision": "fp8"})),
+    )
+    .await;
+    assert_invalid_at(
+        &api,
+        "/pipeline/0/gradient_checkpointing",
+        finetune(json!({"gradient_checkpointing": "yes"})),
+    )
+    .await;
+    let mut spec = api.spec();
+    finetune(json!({"mixed_precision": "bf16", "gradient_checkpointing": true}))(&mut spec);
+    let reply = api.post_json("/v1/jobs", &spec, &[]).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    let stage = &reply.body["spec"]["pipeline"][0];
+    assert_eq!(stage["mixed_precision"], "bf16", "{:?}", reply.body);
+    assert_eq!(stage["gradient_checkpointing"], true);
 }

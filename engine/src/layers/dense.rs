@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::{LinearKind, LinearLayer};
@@ -20,6 +20,10 @@ pub struct DenseLinear {
     /// the cost is a second copy of the weight while the layer lives. Trainable weights change
     /// every step and keep the strided path.
     transposed: Arc<OnceLock<Tensor>>,
+    /// Mixed precision: the product computed in this dtype (bf16) from the stored (f32, master)
+    /// weight and the input cast to it, the output cast back to the input's dtype. The casts are
+    /// autograd nodes, so the master weight gets its gradient in f32.
+    compute_dtype: Option<DType>,
 }
 
 impl DenseLinear {
@@ -38,7 +42,15 @@ impl DenseLinear {
             weight,
             bias,
             transposed: Arc::default(),
+            compute_dtype: None,
         })
+    }
+
+    /// The same layer computing its product in `dtype` (mixed precision), as PyTorch's autocast
+    /// runs `nn.Linear` in bf16 from f32 weights.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = Some(dtype);
+        self
     }
 
     /// Reads `weight` (and `bias`) under `vb`.
@@ -81,12 +93,35 @@ impl DenseLinear {
     }
 }
 
+impl DenseLinear {
+    /// The product computed in `dtype`: input, weight and bias cast to it, the output cast back.
+    fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let dims = x.dims();
+        let Some((&in_features, leading)) = dims.split_last() else {
+            candle_core::bail!("linear layer applied to a scalar");
+        };
+        let rows: usize = leading.iter().product();
+        let x2 = x.reshape((rows, in_features))?.to_dtype(dtype)?;
+        let y2 = x2.matmul(&self.weight.to_dtype(dtype)?.t()?)?;
+        let y2 = match &self.bias {
+            Some(b) => y2.broadcast_add(&b.to_dtype(dtype)?)?,
+            None => y2,
+        };
+        let mut out_dims = leading.to_vec();
+        out_dims.push(self.out_features());
+        y2.to_dtype(x.dtype())?.reshape(out_dims)
+    }
+}
+
 impl LinearLayer for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let Some((&in_features, leading)) = dims.split_last() else {
             candle_core::bail!("linear layer applied to a scalar");
         };
+        if let Some(dtype) = self.compute_dtype.filter(|&d| d != x.dtype()) {
+            return self.forward_in(x, dtype);
+        }
         // One 2-D matmul over all rows beats a batched matmul with a broadcast weight; the transposed
         // weight is a strided view that gemm reads directly, so no copy is made.
         // One autograd node with a hand-written backward (and the bias added inside the GEMM): a
@@ -182,5 +217,58 @@ mod tests {
             Some(Tensor::zeros(3, DType::F32, &dev).unwrap())
         )
         .is_err());
+    }
+
+    /// Largest |a − b| over the largest |a|.
+    fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        diff.to_scalar::<f32>().unwrap() / scale
+    }
+
+    #[test]
+    fn mixed_precision_computes_in_bf16_and_trains_the_f32_weight() {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (8, 16), &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., 8, &dev).unwrap()).unwrap();
+        let full = DenseLinear::new(w.as_tensor().clone(), Some(b.as_tensor().clone())).unwrap();
+        let mixed = full.clone().with_compute_dtype(DType::BF16);
+        let x = Tensor::randn(0f32, 1., (3, 5, 16), &dev).unwrap();
+        let (y_full, y_mixed) = (full.forward(&x).unwrap(), mixed.forward(&x).unwrap());
+        assert_eq!(
+            y_mixed.dtype(),
+            DType::F32,
+            "the output keeps the input's dtype"
+        );
+        assert_eq!(y_mixed.dims(), y_full.dims());
+        // bf16 keeps 8 significant bits: a relative error near 2⁻⁸ per operand, not zero.
+        let err = relative_diff(&y_full, &y_mixed);
+        assert!(err > 0.0 && err < 2e-2, "{err}");
+        let g_full = y_full.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_mixed = y_mixed
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for var in [&w, &b] {
+            let (a, m) = (g_full.get(var).unwrap(), g_mixed.get(var).unwrap());
+            assert_eq!(m.dtype(), DType::F32, "the master weight's gradient is f32");
+            let err = relative_diff(a, m);
+            assert!(err < 3e-2, "{err}");
+        }
+        // An input already in the compute dtype passes through unchanged in kind.
+        let x16 = x.to_dtype(DType::BF16).unwrap();
+        let w16 = DenseLinear::new(w.as_tensor().to_dtype(DType::BF16).unwrap(), None)
+            .unwrap()
+            .with_compute_dtype(DType::BF16);
+        assert_eq!(w16.forward(&x16).unwrap().dtype(), DType::BF16);
     }
 }

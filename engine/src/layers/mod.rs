@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use globset::{Glob, GlobMatcher};
 
@@ -177,6 +177,8 @@ pub struct LinearFactory {
     input_scales: InputScales,
     /// QAT with per-tensor int8 inputs: the observed ranges the fake-quantized layers share.
     observers: Option<Arc<ActivationObservers>>,
+    /// Mixed precision: the dtype dense layers compute their product in.
+    compute_dtype: Option<DType>,
 }
 
 /// Calibrated input scales of statically quantized linear layers, by module path.
@@ -192,7 +194,16 @@ impl LinearFactory {
             lora_dropout: 0.0,
             input_scales: InputScales::default(),
             observers: None,
+            compute_dtype: None,
         }
+    }
+
+    /// The same factory, building dense layers that compute their product in `dtype` from their
+    /// f32 weights (mixed precision, [`DenseLinear::with_compute_dtype`]). Other kinds (LoRA,
+    /// quantized, fake-quantized) compute as they do.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = Some(dtype);
+        self
     }
 
     /// The same factory, building fake-quantized layers with per-tensor inputs that keep their
@@ -291,12 +302,13 @@ impl LinearFactory {
                 (out_features, in_features)
             };
         match (self.plan.kind_for(&vb.prefix()), packed) {
-            (LinearKind::Dense, _) => Ok(Arc::new(DenseLinear::load(
-                vb,
-                in_features,
-                out_features,
-                bias,
-            )?)),
+            (LinearKind::Dense, _) => {
+                let layer = DenseLinear::load(vb, in_features, out_features, bias)?;
+                Ok(Arc::new(match self.compute_dtype {
+                    Some(dtype) => layer.with_compute_dtype(dtype),
+                    None => layer,
+                }))
+            }
             (LinearKind::Quantized(_), Some(weight)) => {
                 let weight = (**weight).clone();
                 let bias = if bias {

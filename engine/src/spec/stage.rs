@@ -50,6 +50,15 @@ pub trait StageKind:
     /// The dry run's time and memory estimate.
     fn estimate(&self, work: &Workload) -> Estimate;
 
+    /// Checks that the stage can run on `device`, for settings offered on some devices only; the
+    /// job checks every stage before the first one runs.
+    ///
+    /// # Errors
+    /// [`crate::EngineError::InvalidSetting`] naming the setting (relative to the stage).
+    fn check_device(&self, _device: &candle_core::Device) -> Result<()> {
+        Ok(())
+    }
+
     /// The engine stage that runs this spec.
     ///
     /// # Errors
@@ -67,6 +76,7 @@ trait AnyStage: Debug + Send + Sync {
     fn transform(&self, model: &mut ModelState, index: usize);
     fn fits_task(&self) -> bool;
     fn estimate(&self, work: &Workload) -> Estimate;
+    fn check_device(&self, device: &candle_core::Device) -> Result<()>;
     fn build(&self) -> Result<Box<dyn Stage>>;
     fn clone_box(&self) -> Box<dyn AnyStage>;
     fn as_any(&self) -> &dyn Any;
@@ -97,6 +107,9 @@ impl<T: StageKind> AnyStage for T {
     }
     fn estimate(&self, work: &Workload) -> Estimate {
         StageKind::estimate(self, work)
+    }
+    fn check_device(&self, device: &candle_core::Device) -> Result<()> {
+        StageKind::check_device(self, device)
     }
     fn build(&self) -> Result<Box<dyn Stage>> {
         StageKind::build(self)
@@ -130,6 +143,14 @@ impl StageSpec {
     /// Whether the engine runs this kind of stage.
     pub fn implemented(&self) -> bool {
         self.0.implemented()
+    }
+
+    /// Checks that the stage can run on `device` ([`StageKind::check_device`]).
+    ///
+    /// # Errors
+    /// A setting the device does not offer.
+    pub fn check_device(&self, device: &candle_core::Device) -> Result<()> {
+        self.0.check_device(device)
     }
 
     /// The typed spec, when the stage is of kind `T`.

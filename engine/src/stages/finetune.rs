@@ -105,6 +105,46 @@ pub struct FinetuneSpec {
     /// gradients, same dropout masks.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Mixed-precision training: `bf16` computes the dense linear layers' products in bfloat16
+    /// from the f32 weights, which stay the master copy the optimizer updates (as PyTorch's
+    /// autocast); norms, softmax and the loss stay f32. On CUDA devices only: this engine has no
+    /// bf16 CPU kernels, so a CPU worker fails the job at its start. LoRA and QLoRA layers compute
+    /// as without it. `null` (the default) trains in f32.
+    #[serde(default)]
+    pub mixed_precision: Option<MixedPrecision>,
+}
+
+/// A mixed-precision training mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MixedPrecision {
+    /// bfloat16: f32's exponent range, so no loss scaling is needed.
+    Bf16,
+}
+
+impl MixedPrecision {
+    /// The dtype the products are computed in.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// Refuses mixed precision on a device that would run it slower than f32.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidSetting`] at `mixed_precision` on anything but a CUDA device.
+    pub fn check_device(mode: Option<Self>, device: &candle_core::Device) -> Result<()> {
+        match mode {
+            Some(_) if !device.is_cuda() => Err(EngineError::InvalidSetting(
+                "mixed_precision: bf16 training is offered on CUDA devices only; this worker runs \
+                 on the CPU, where the engine has no bf16 kernels and bf16 would be slower than \
+                 f32 (set mixed_precision to null, or run the job on a GPU worker)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// How a `finetune` stage trains.
@@ -298,6 +338,10 @@ impl FinetuneSpec {
 impl StageKind for FinetuneSpec {
     const TYPE: &'static str = "finetune";
 
+    fn check_device(&self, device: &candle_core::Device) -> Result<()> {
+        MixedPrecision::check_device(self.mixed_precision, device)
+    }
+
     fn check(&self, c: &mut Checker, at: &str) {
         c.range_u32(self.epochs, 1, MAX_EPOCHS, &format!("{at}/epochs"));
         c.learning_rate(self.learning_rate, &format!("{at}/learning_rate"));
@@ -400,6 +444,8 @@ pub struct TrainSettings {
     /// Recompute each block's activations in backward instead of keeping them
     /// ([`crate::train::recompute`]).
     pub gradient_checkpointing: bool,
+    /// Compute the dense layers' products in this mode's dtype from f32 master weights.
+    pub mixed_precision: Option<MixedPrecision>,
 }
 
 impl TrainSettings {
@@ -418,6 +464,7 @@ impl TrainSettings {
             log_every_steps: DEFAULT_LOG_EVERY_STEPS,
             teacher_cache_bytes: None,
             gradient_checkpointing: spec.gradient_checkpointing,
+            mixed_precision: spec.mixed_precision,
         }
     }
 
@@ -437,6 +484,7 @@ impl TrainSettings {
             log_every_steps: DEFAULT_LOG_EVERY_STEPS,
             teacher_cache_bytes: None,
             gradient_checkpointing: false,
+            mixed_precision: None,
         }
     }
 
@@ -452,6 +500,7 @@ impl TrainSettings {
                 .cache_teacher
                 .then(|| spec.cache_teacher_max_mib as usize * 1024 * 1024),
             gradient_checkpointing: spec.gradient_checkpointing,
+            mixed_precision: spec.mixed_precision,
             ..Self::from_recover(&Recover {
                 epochs: spec.epochs,
                 learning_rate: spec.learning_rate,

@@ -20,7 +20,7 @@ mod session;
 mod training;
 mod vocabulary;
 
-pub use finetune::{FinetuneStage, TrainSettings};
+pub use finetune::{FinetuneStage, MixedPrecision, TrainSettings};
 pub use model::WorkingModel;
 pub use prune::PruneStage;
 pub use quantize::QuantizeStage;

@@ -521,6 +521,7 @@ fn qat_train_settings(qat: &QatSettings) -> TrainSettings {
         log_every_steps: DEFAULT_LOG_EVERY_STEPS,
         teacher_cache_bytes: None,
         gradient_checkpointing: false,
+        mixed_precision: None,
     }
 }
 

@@ -84,6 +84,16 @@ impl Session {
     /// # Errors
     /// Missing or malformed files, or a task the model family cannot do.
     pub fn open(spec: &JobSpec, inputs: &PipelineInputs, device: Device) -> Result<Self> {
+        // Before any work: a setting this device does not offer fails the job at once, not after
+        // the stages before it ran.
+        for (index, stage) in spec.pipeline.iter().enumerate() {
+            stage.check_device(&device).map_err(|e| match e {
+                EngineError::InvalidSetting(why) => {
+                    EngineError::InvalidSetting(format!("/pipeline/{index}/{why}"))
+                }
+                other => other,
+            })?;
+        }
         let tokenizer = tokenizer_path(&inputs.model)?;
         let (data, encoder) = match spec.task.task_type {
             TaskType::TextClassification => {
@@ -152,6 +162,16 @@ impl Session {
         model: &WorkingModel,
         trainable: bool,
     ) -> Result<Box<dyn TaskModel>> {
+        self.build_model_with(model, trainable, &model.linear_factory())
+    }
+
+    /// As [`Self::build_model`], its linear layers made by `factory`.
+    pub(super) fn build_model_with(
+        &self,
+        model: &WorkingModel,
+        trainable: bool,
+        factory: &crate::layers::LinearFactory,
+    ) -> Result<Box<dyn TaskModel>> {
         let store = if trainable {
             model.store.clone()
         } else {
@@ -162,13 +182,12 @@ impl Session {
                 .map(|(n, t)| (n, t.detach()));
             ParamStore::from_tensors(frozen, |_| false)?
         };
-        let factory = model.linear_factory();
         let task = self.spec.task.task_type;
         family_for_task(&model.config, task)?.build(
             &store,
             &model.config,
             task,
-            &factory,
+            factory,
             &self.device,
         )
     }

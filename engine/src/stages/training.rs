@@ -148,7 +148,11 @@ impl Session {
                 request.frozen.len()
             )));
         }
-        let built = self.build_model(model, true)?;
+        let factory = match settings.mixed_precision {
+            Some(mode) => model.linear_factory().with_compute_dtype(mode.dtype()),
+            None => model.linear_factory(),
+        };
+        let built = self.build_model_with(model, true, &factory)?;
         let frozen = request
             .frozen
             .iter()

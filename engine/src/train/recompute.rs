@@ -110,7 +110,12 @@ impl<'m> RecomputingForward<'m> {
     ///
     /// # Errors
     /// A forward or backward failure while recomputing.
-    pub fn backward(self, batch: &Batch, loss: &Tensor, vars: &[(String, Var)]) -> Result<GradStore> {
+    pub fn backward(
+        self,
+        batch: &Batch,
+        loss: &Tensor,
+        vars: &[(String, Var)],
+    ) -> Result<GradStore> {
         let Self {
             model,
             hidden,

@@ -204,6 +204,7 @@ fn gradient_passes_and_training_show_every_weight_its_gradient() -> Result<()> {
         log_every_steps: 10,
         teacher_cache_bytes: None,
         gradient_checkpointing: false,
+        mixed_precision: None,
     };
     let mut during = Taylor::default();
     let teacher = before.deep_clone()?;

@@ -657,3 +657,49 @@ fn gradient_checkpointing_trains_like_the_plain_step() -> Result<()> {
     assert!((a - b).abs() <= 1e-3 * a.abs(), "final loss {a} vs {b}");
     Ok(())
 }
+
+/// `mixed_precision` is offered on CUDA only: on the CPU the job fails before its first stage
+/// runs, naming the stage's field, and writes no stage output.
+#[test]
+fn mixed_precision_on_the_cpu_fails_the_job_before_any_stage() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = dir.path().join("model");
+    write_model(&model)?;
+    let dataset = dir.path().join("data.jsonl");
+    write_data(&dataset)?;
+    let spec: JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "tiny-bf16", "model": model,
+        "task": {"type": "text_classification", "dataset": dataset},
+        "pipeline": [
+            {"type": "finetune", "epochs": 1},
+            {"type": "distill", "student_layers": 1, "mixed_precision": "bf16"}
+        ]
+    }))?;
+    let inputs = PipelineInputs {
+        model,
+        dataset,
+        device: "cpu".into(),
+        models: Default::default(),
+    };
+    let out = dir.path().join("out");
+    let Err(err) = run_job(
+        &spec,
+        &inputs,
+        Device::Cpu,
+        &out,
+        &|_| {},
+        &AtomicBool::new(false),
+    ) else {
+        panic!("bf16 is not offered on the CPU");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("/pipeline/1/mixed_precision") && message.contains("CUDA"),
+        "{message}"
+    );
+    assert!(
+        !out.join("stages").exists(),
+        "the finetune stage must not run"
+    );
+    Ok(())
+}

@@ -127,6 +127,10 @@ pub struct DistillSpec {
     /// pass, and the block runs again in backward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Mixed-precision training of the student, as a `finetune` stage's `mixed_precision` (CUDA
+    /// only; the teacher runs in f32).
+    #[serde(default)]
+    pub mixed_precision: Option<crate::stages::finetune::MixedPrecision>,
 }
 
 fn default_cache_teacher_max_mib() -> u32 {
@@ -414,6 +418,10 @@ impl DistillSpec {
 impl StageKind for DistillSpec {
     const TYPE: &'static str = "distill";
     const IMPLEMENTED: bool = true;
+
+    fn check_device(&self, device: &candle_core::Device) -> Result<()> {
+        crate::stages::finetune::MixedPrecision::check_device(self.mixed_precision, device)
+    }
 
     fn check(&self, c: &mut Checker, at: &str) {
         for (field, reference) in [("teacher", &self.teacher), ("student", &self.student)] {

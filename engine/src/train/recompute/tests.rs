@@ -106,11 +106,19 @@ fn recomputed(
 /// Every variable's gradient agrees to float rounding, and none is missing or all zero.
 fn assert_same_gradients(vars: &[(String, Var)], a: &GradStore, b: &GradStore) {
     for (name, var) in vars {
-        let ga = a.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no plain gradient"));
+        let ga = a
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no plain gradient"));
         let gb = b
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no recomputed gradient"));
-        let scale = ga.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = ga
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(scale > 0.0, "{name}: zero gradient");
         let diff = (ga - gb)
             .unwrap()
@@ -209,7 +217,10 @@ fn observers_update_once_per_batch_and_the_replay_uses_the_same_scale() {
         let mut paired = GradStore::default();
         for ((name_a, var_a), (name_b, var_b)) in vars_a.iter().zip(&vars_b) {
             assert_eq!(name_a, name_b);
-            paired.insert(var_a.as_tensor(), grads_b.get(var_b.as_tensor()).unwrap().clone());
+            paired.insert(
+                var_a.as_tensor(),
+                grads_b.get(var_b.as_tensor()).unwrap().clone(),
+            );
         }
         assert_same_gradients(&vars_a, &grads_a, &paired);
     }
@@ -230,8 +241,8 @@ fn attention_maps_are_refused() {
         hidden_states: false,
         attentions: true,
     };
-    let err = RecomputingForward::run(model.layered().unwrap(), &batch(), want, None)
-        .err()
-        .expect("attention maps need the activations");
+    let Err(err) = RecomputingForward::run(model.layered().unwrap(), &batch(), want, None) else {
+        panic!("attention maps need the activations");
+    };
     assert!(err.to_string().contains("attention maps"), "{err}");
 }
