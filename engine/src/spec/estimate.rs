@@ -78,6 +78,15 @@ impl Workload {
         self.parameters * INFERENCE_BYTES_PER_PARAM
     }
 
+    /// Training with activation recomputation (`gradient_checkpointing`): each block's forward
+    /// pass runs twice, so 8 flops per parameter per token instead of 6.
+    pub fn recomputed_training_seconds(&self, epochs: f64) -> f64 {
+        let flops = epochs
+            * (8.0 * self.parameters * self.train_tokens
+                + 2.0 * self.parameters * self.eval_tokens);
+        flops / ASSUMED_FLOPS_PER_SECOND
+    }
+
     /// A stage that trains for `epochs`.
     pub fn training(&self, epochs: f64) -> Estimate {
         Estimate {

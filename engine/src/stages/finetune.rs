@@ -404,7 +404,15 @@ impl StageKind for FinetuneSpec {
     }
 
     fn estimate(&self, work: &Workload) -> Estimate {
-        work.training(f64::from(self.epochs))
+        let epochs = f64::from(self.epochs);
+        Estimate {
+            seconds: if self.gradient_checkpointing {
+                work.recomputed_training_seconds(epochs)
+            } else {
+                work.training_seconds(epochs)
+            },
+            ..work.training(epochs)
+        }
     }
 
     fn build(&self) -> Result<Box<dyn Stage>> {
@@ -597,5 +605,21 @@ mod tests {
             serde_json::from_value(serde_json::json!({"epochs": 2, "batch_size": 4})).unwrap();
         let settings = TrainSettings::from_recover(&small);
         assert_eq!((settings.epochs, settings.batch_size), (2, 4));
+    }
+
+    #[test]
+    fn recomputation_prices_a_third_more_training_and_the_same_memory() {
+        let work = Workload {
+            parameters: 1e7,
+            train_tokens: 1e6,
+            eval_tokens: 0.0,
+        };
+        let spec = |checkpointing: bool| -> FinetuneSpec {
+            serde_json::from_value(serde_json::json!({"gradient_checkpointing": checkpointing}))
+                .unwrap()
+        };
+        let (plain, recomputing) = (spec(false).estimate(&work), spec(true).estimate(&work));
+        assert!((recomputing.seconds / plain.seconds - 8.0 / 6.0).abs() < 1e-9);
+        assert_eq!(recomputing.peak_bytes, plain.peak_bytes);
     }
 }

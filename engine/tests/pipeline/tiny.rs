@@ -606,9 +606,11 @@ fn a_seeded_job_writes_the_same_weights_every_run() -> Result<()> {
     Ok(())
 }
 
-/// `gradient_checkpointing` recomputes each block in backward: the same seeded fine-tune ends with
-/// the same loss and accuracy as the plain one, up to float summing order (dropout's replay is
-/// tested in `train::recompute`).
+/// `gradient_checkpointing` recomputes each block in backward: the same seeded full fine-tune,
+/// LoRA fine-tune (adapters, and their dropout) and feature distillation (its loss reads the
+/// student's last hidden state beside the logits) end with the same loss and accuracy as the plain
+/// ones, up to float summing order. Gradients reaching an inner hidden state both directly and
+/// through the blocks after it, and dropout's replay, are tested in `train::recompute`.
 #[test]
 fn gradient_checkpointing_trains_like_the_plain_step() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -622,39 +624,70 @@ fn gradient_checkpointing_trains_like_the_plain_step() -> Result<()> {
         device: "cpu".into(),
         models: Default::default(),
     };
-    let finetune = |checkpointing: bool| -> Result<serde_json::Value> {
-        let spec: JobSpec = serde_json::from_value(serde_json::json!({
-            "name": "tiny-recompute", "model": model, "seed": 5,
-            "task": {"type": "text_classification", "dataset": dataset},
-            "pipeline": [{"type": "finetune", "epochs": 2, "learning_rate": 0.003,
-                          "batch_size": 16, "gradient_checkpointing": checkpointing}]
-        }))?;
-        let out = dir.path().join(format!("out-{checkpointing}"));
-        let result = run_job(
-            &spec,
-            &inputs,
-            Device::Cpu,
-            &out,
-            &|_| {},
-            &AtomicBool::new(false),
-        )?;
-        let stage = &result.report.stages[0];
-        Ok(serde_json::json!({
-            "accuracy": stage.metrics.accuracy,
-            "loss": stage.details["training"]["final_loss"],
-            "steps": stage.details["training"]["steps"],
-        }))
-    };
-    let plain = finetune(false)?;
-    let recomputed = finetune(true)?;
-    assert_eq!(plain["steps"], recomputed["steps"]);
-    assert!(plain["steps"].as_u64().unwrap() > 4);
-    assert_eq!(plain["accuracy"], recomputed["accuracy"]);
-    let (a, b) = (
-        plain["loss"].as_f64().unwrap(),
-        recomputed["loss"].as_f64().unwrap(),
-    );
-    assert!((a - b).abs() <= 1e-3 * a.abs(), "final loss {a} vs {b}");
+    let stages = [
+        (
+            "full",
+            serde_json::json!({"type": "finetune", "epochs": 2, "learning_rate": 0.003,
+                                      "batch_size": 16}),
+        ),
+        (
+            "lora",
+            serde_json::json!({"type": "finetune", "method": "lora", "rank": 4, "dropout": 0.1,
+                                      "epochs": 2, "learning_rate": 0.01, "batch_size": 16}),
+        ),
+        (
+            "distill",
+            serde_json::json!({"type": "distill", "student_layers": 1, "epochs": 2,
+                                         "batch_size": 16,
+                                         "weights": {"task": 0.5, "response": 0.5, "feature": 1.0}}),
+        ),
+    ];
+    for (name, stage) in stages {
+        let run = |checkpointing: bool| -> Result<serde_json::Value> {
+            let mut last = stage.clone();
+            last["gradient_checkpointing"] = checkpointing.into();
+            // Distillation starts from a fine-tuned teacher.
+            let pipeline = if name == "distill" {
+                serde_json::json!([{"type": "finetune", "epochs": 2, "learning_rate": 0.003,
+                                    "batch_size": 16}, last])
+            } else {
+                serde_json::json!([last])
+            };
+            let spec: JobSpec = serde_json::from_value(serde_json::json!({
+                "name": "tiny-recompute", "model": model, "seed": 5,
+                "task": {"type": "text_classification", "dataset": dataset},
+                "pipeline": pipeline
+            }))?;
+            let out = dir.path().join(format!("out-{name}-{checkpointing}"));
+            let result = run_job(
+                &spec,
+                &inputs,
+                Device::Cpu,
+                &out,
+                &|_| {},
+                &AtomicBool::new(false),
+            )?;
+            let stage = result.report.stages.last().unwrap();
+            Ok(serde_json::json!({
+                "accuracy": stage.metrics.accuracy,
+                "loss": stage.details["training"]["final_loss"],
+                "steps": stage.details["training"]["steps"],
+            }))
+        };
+        let plain = run(false)?;
+        let recomputed = run(true)?;
+        assert_eq!(plain["steps"], recomputed["steps"], "{name}");
+        assert!(plain["steps"].as_u64().unwrap() > 4, "{name}: {plain}");
+        assert_eq!(plain["accuracy"], recomputed["accuracy"], "{name}");
+        let (a, b) = (
+            plain["loss"].as_f64().unwrap(),
+            recomputed["loss"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() <= 1e-3 * a.abs(),
+            "{name}: final loss {a} vs {b}"
+        );
+    }
     Ok(())
 }
 

@@ -623,7 +623,13 @@ impl StageKind for DistillSpec {
     /// instead of 6, and half as much memory again.
     fn estimate(&self, work: &Workload) -> Estimate {
         Estimate {
-            seconds: work.training_seconds(f64::from(self.epochs)) * 8.0 / 6.0,
+            // The teacher's forward pass adds 2 flops per parameter per token to the student's 6
+            // (or 8, recomputing).
+            seconds: if self.gradient_checkpointing {
+                work.recomputed_training_seconds(f64::from(self.epochs)) * 10.0 / 8.0
+            } else {
+                work.training_seconds(f64::from(self.epochs)) * 8.0 / 6.0
+            },
             // The teacher cache may fill its budget on top of training.
             peak_bytes: work.training_peak_bytes() * 1.5
                 + if self.cache_teacher {
