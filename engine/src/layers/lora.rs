@@ -132,6 +132,24 @@ impl LoraLinear {
         Ok(self)
     }
 
+    /// The same layer with a dense base computing its product in `dtype` (mixed precision: the
+    /// frozen base is the layer's large GEMM; the rank-`r` adapter stays f32). A quantized base
+    /// (QLoRA) runs on its kernels as before.
+    ///
+    /// # Errors
+    /// A dense base without a weight (never made by this module).
+    pub fn with_base_compute_dtype(mut self, dtype: candle_core::DType) -> Result<Self> {
+        if self.base_scheme.is_some() {
+            return Ok(self);
+        }
+        let Some(weight) = self.base.weight() else {
+            candle_core::bail!("a dense LoRA base without a weight");
+        };
+        let base = DenseLinear::new(weight.clone(), self.base.bias().cloned())?;
+        self.base = Arc::new(base.with_compute_dtype(dtype));
+        Ok(self)
+    }
+
     /// The adapter input's dropout probability in training.
     pub fn dropout(&self) -> f64 {
         self.dropout
@@ -211,6 +229,54 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    #[test]
+    fn mixed_precision_runs_the_dense_base_in_bf16_and_the_adapter_in_f32() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (6, 16), &dev).unwrap();
+        let store = ParamStore::from_tensors([("l.weight".to_string(), weight.clone())], |_| false)
+            .unwrap();
+        store.set_init_missing(Some(1));
+        let vb = store.var_builder(DType::F32, &dev);
+        let full = LoraLinear::load(vb.pp("l"), 16, 6, false, 2, 8).unwrap();
+        let mixed = LoraLinear::load(vb.pp("l"), 16, 6, false, 2, 8)
+            .unwrap()
+            .with_base_compute_dtype(DType::BF16)
+            .unwrap();
+        let vars = store.trainable_vars();
+        vars[1]
+            .1
+            .set(&Tensor::randn(0f32, 1.0, (6, 2), &dev).unwrap())
+            .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, 16), &dev).unwrap();
+        let (y_full, y_mixed) = (full.forward(&x).unwrap(), mixed.forward(&x).unwrap());
+        assert_eq!(y_mixed.dtype(), DType::F32);
+        let scale = y_full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = max_diff(&y_full, &y_mixed) / scale;
+        // The base's bf16 rounding shows; nothing else differs.
+        assert!(err > 0.0 && err < 2e-2, "{err}");
+        // The adapter alone (base output subtracted) is the f32 one exactly.
+        let base_mixed = DenseLinear::new(weight.clone(), None)
+            .unwrap()
+            .with_compute_dtype(DType::BF16)
+            .forward(&x)
+            .unwrap();
+        let base_full = DenseLinear::new(weight, None).unwrap().forward(&x).unwrap();
+        let adapter_full = (&y_full - &base_full).unwrap();
+        let adapter_mixed = (&y_mixed - &base_mixed).unwrap();
+        assert!(max_diff(&adapter_full, &adapter_mixed) < 1e-5);
+        let grads = y_mixed.sum_all().unwrap().backward().unwrap();
+        for (name, var) in &vars {
+            let g = grads.get(var.as_tensor()).unwrap();
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+        }
     }
 
     #[test]

@@ -198,9 +198,10 @@ impl LinearFactory {
         }
     }
 
-    /// The same factory, building dense layers that compute their product in `dtype` from their
-    /// f32 weights (mixed precision, [`DenseLinear::with_compute_dtype`]). Other kinds (LoRA,
-    /// quantized, fake-quantized) compute as they do.
+    /// The same factory, building dense layers (and LoRA layers' dense bases) that compute their
+    /// product in `dtype` from their f32 weights (mixed precision,
+    /// [`DenseLinear::with_compute_dtype`]). Other kinds (QLoRA, quantized, fake-quantized)
+    /// compute as they do.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
         self.compute_dtype = Some(dtype);
         self
@@ -322,10 +323,14 @@ impl LinearFactory {
                     None => layer,
                 }))
             }
-            (LinearKind::Lora { rank, alpha }, _) => Ok(Arc::new(
-                LoraLinear::load(vb, in_features, out_features, bias, rank, alpha)?
-                    .with_dropout(self.lora_dropout)?,
-            )),
+            (LinearKind::Lora { rank, alpha }, _) => {
+                let layer = LoraLinear::load(vb, in_features, out_features, bias, rank, alpha)?
+                    .with_dropout(self.lora_dropout)?;
+                Ok(Arc::new(match self.compute_dtype {
+                    Some(dtype) => layer.with_base_compute_dtype(dtype)?,
+                    None => layer,
+                }))
+            }
             (LinearKind::QLora { rank, alpha, base }, Some(weight)) => Ok(Arc::new(
                 LoraLinear::on_packed(vb, (**weight).clone(), bias, rank, alpha, base)?
                     .with_dropout(self.lora_dropout)?,

@@ -108,8 +108,9 @@ pub struct FinetuneSpec {
     /// Mixed-precision training: `bf16` computes the dense linear layers' products in bfloat16
     /// from the f32 weights, which stay the master copy the optimizer updates (as PyTorch's
     /// autocast); norms, softmax and the loss stay f32. On CUDA devices only: this engine has no
-    /// bf16 CPU kernels, so a CPU worker fails the job at its start. LoRA and QLoRA layers compute
-    /// as without it. `null` (the default) trains in f32.
+    /// bf16 CPU kernels, so a CPU worker fails the job at its start. With LoRA the frozen base's
+    /// product runs in bf16 and the adapters in f32; a QLoRA base runs on its quantized kernels as
+    /// without it. `null` (the default) trains in f32.
     #[serde(default)]
     pub mixed_precision: Option<MixedPrecision>,
 }
