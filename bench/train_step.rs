@@ -157,7 +157,7 @@ fn main() -> Result<()> {
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let grads = match recomputing {
-            Some(forward) => forward.backward(&batch, &loss, &vars)?,
+            Some(forward) => forward.backward(&batch, loss, &vars)?,
             None => loss.backward()?,
         };
         let t2 = Instant::now();

@@ -23,8 +23,10 @@ use compressd_engine::device::{device_name, parse_device};
 use compressd_engine::layers::LinearFactory;
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
 use compressd_engine::models::common::DropoutRng;
+use compressd_engine::models::{Outputs, TaskModel};
 use compressd_engine::params::ParamStore;
 use compressd_engine::task::SequenceClassificationTask;
+use compressd_engine::train::recompute::RecomputingForward;
 use compressd_engine::train::{clip, AdamW, AdamWConfig, ClipConfig, Gradients, TrainTask};
 use serde_json::{json, Value};
 
@@ -248,6 +250,45 @@ impl Replica {
     }
 }
 
+/// Activation recomputation (`gradient_checkpointing`) on `dev`: the same step's gradients with
+/// and without it, with dropout on. On CUDA the model runs candle's composed ops, whose gradients
+/// can carry graphs of their own, a path the CPU tests do not take. Returns the worst relative
+/// difference, failing past [`MAX_GRAD_REL_DIFF`].
+fn check_recomputation(cpu_store: &ParamStore, cfg: &BertConfig, dev: &Device) -> Result<Value> {
+    let examples = tiny_examples();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let batch = Batch::collate(&refs, 0, dev)?;
+    let store = copy_store(cpu_store, dev, true)?;
+    let model = load(&store, cfg, dev)?;
+    let vars = store.trainable_vars();
+    let plain_loss = SequenceClassificationTask { model: &model }
+        .loss(&batch, Some(&DropoutRng::new(9)))?;
+    let plain = plain_loss.backward()?;
+    let dropout = DropoutRng::new(9);
+    let forward = RecomputingForward::run(&model, &batch, Outputs::LOGITS, Some(&dropout))?;
+    let loss = model.task_loss(forward.output(), &batch)?;
+    let loss_diff = (f64::from(loss.to_scalar::<f32>()?)
+        - f64::from(plain_loss.to_scalar::<f32>()?))
+    .abs();
+    let recomputed = forward.backward(&batch, loss, &vars)?;
+    let mut worst = 0f32;
+    for (name, var) in &vars {
+        let a = plain.get(var).with_context(|| format!("no plain gradient for {name}"))?;
+        let b = recomputed
+            .get(var)
+            .with_context(|| format!("no recomputed gradient for {name}"))?;
+        let scale = max_abs(a)?.max(GRAD_ABS_FLOOR / MAX_GRAD_REL_DIFF);
+        let rel = max_abs_diff(a, b)? / scale;
+        ensure!(
+            rel <= MAX_GRAD_REL_DIFF,
+            "gradient of {name}: recomputation differs from the plain step by {rel:e}"
+        );
+        worst = worst.max(rel);
+    }
+    ensure!(loss_diff < 1e-6, "recomputation changed the loss by {loss_diff:e}");
+    Ok(json!({"recompute_grad_max_rel_diff": worst, "recompute_loss_abs_diff": loss_diff}))
+}
+
 /// The worst relative gradient difference over all parameters, failing past the tolerance.
 fn compare_grads(
     cpu: &Replica,
@@ -423,7 +464,8 @@ fn main() -> Result<()> {
     let cpu_store = random_cpu_store(&cfg)?;
     let logits = check_logits(&cpu_store, &cfg, &cuda)?;
     let training = check_training(&cpu_store, &cfg, &cuda)?;
-    eprintln!("CUDA matches the CPU: {logits} {training}");
+    let recomputation = check_recomputation(&cpu_store, &cfg, &cuda)?;
+    eprintln!("CUDA matches the CPU: {logits} {training} {recomputation}");
     let timing = time_training_step(&args, &cuda, None)?;
     // Mixed precision (bf16 products, f32 master weights): its first loss must be the f32 one
     // to within bf16's rounding, or the casts compute something else.
@@ -434,7 +476,7 @@ fn main() -> Result<()> {
         "{}",
         json!({
             "device": device_name(&cuda),
-            "check": {"logits": logits, "training": training,
+            "check": {"logits": logits, "training": training, "recomputation": recomputation,
                       "bf16_first_loss_rel_diff": bf16_loss_rel_diff},
             "bert_base_train_step": timing,
             "bert_base_train_step_bf16": bf16,

@@ -319,8 +319,9 @@ impl TrainTask for ObjectiveTask<'_> {
         let forward =
             RecomputingForward::run(layered, batch, self.objective.model_outputs(), dropout)?;
         let loss = self.loss_of(batch, forward.output())?;
-        let grads = forward.backward(batch, &loss, vars)?;
-        Ok((loss.detach(), grads))
+        let value = loss.detach();
+        let grads = forward.backward(batch, loss, vars)?;
+        Ok((value, grads))
     }
 
     fn take_loss_terms(&self) -> Vec<(String, f64)> {

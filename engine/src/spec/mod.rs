@@ -216,6 +216,24 @@ impl JobSpec {
         }
     }
 
+    /// Checks that every stage can run on `device` (settings some devices do not offer, such as
+    /// bf16 mixed precision on a CPU): what a worker checks before the first stage, and before a
+    /// dry run, since only the worker knows its device.
+    ///
+    /// # Errors
+    /// [`crate::EngineError::InvalidSetting`] naming the first such setting by its JSON pointer.
+    pub fn check_device(&self, device: &candle_core::Device) -> crate::Result<()> {
+        for (index, stage) in self.pipeline.iter().enumerate() {
+            stage.check_device(device).map_err(|e| match e {
+                crate::EngineError::InvalidSetting(why) => {
+                    crate::EngineError::InvalidSetting(format!("/pipeline/{index}/{why}"))
+                }
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Checks ranges and cross-field rules, that every stage is implemented, and each stage's
     /// preconditions on the model it receives, starting from the input model of the task.
     ///

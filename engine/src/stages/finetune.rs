@@ -102,12 +102,13 @@ pub struct FinetuneSpec {
     /// pass and run the block again in backward. A step's activation memory then grows with the
     /// number of layers times one hidden state instead of every block's intermediates (attention
     /// scores grow with the square of the sequence), for about a third more step time. Same
-    /// gradients, same dropout masks.
+    /// gradients, same dropout masks. The dry-run estimate prices the time, not the memory saved.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Mixed-precision training: `bf16` computes the dense linear layers' products in bfloat16
     /// from the f32 weights, which stay the master copy the optimizer updates (as PyTorch's
-    /// autocast); norms, softmax and the loss stay f32. On CUDA devices only: this engine has no
+    /// autocast does for linear layers; attention's matmuls stay f32 here); norms, softmax and
+    /// the loss stay f32. On CUDA devices only: this engine has no
     /// bf16 CPU kernels, so a CPU worker fails the job at its start. With LoRA the frozen base's
     /// product runs in bf16 and the adapters in f32; a QLoRA base runs on its quantized kernels as
     /// without it. `null` (the default) trains in f32.

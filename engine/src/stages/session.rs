@@ -86,14 +86,7 @@ impl Session {
     pub fn open(spec: &JobSpec, inputs: &PipelineInputs, device: Device) -> Result<Self> {
         // Before any work: a setting this device does not offer fails the job at once, not after
         // the stages before it ran.
-        for (index, stage) in spec.pipeline.iter().enumerate() {
-            stage.check_device(&device).map_err(|e| match e {
-                EngineError::InvalidSetting(why) => {
-                    EngineError::InvalidSetting(format!("/pipeline/{index}/{why}"))
-                }
-                other => other,
-            })?;
-        }
+        spec.check_device(&device)?;
         let tokenizer = tokenizer_path(&inputs.model)?;
         let (data, encoder) = match spec.task.task_type {
             TaskType::TextClassification => {

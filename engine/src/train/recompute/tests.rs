@@ -100,7 +100,7 @@ fn recomputed(
     let forward = RecomputingForward::run(layered, batch, want, Some(&rng)).unwrap();
     let loss = loss(model, forward.output(), batch);
     let value = loss.to_scalar().unwrap();
-    (value, forward.backward(batch, &loss, vars).unwrap())
+    (value, forward.backward(batch, loss, vars).unwrap())
 }
 
 /// Every variable's gradient agrees to float rounding, and none is missing or all zero.
@@ -171,6 +171,49 @@ fn a_decoder_with_tied_embeddings_gets_the_plain_loss_and_gradients() {
     assert_eq!(loss_a.to_bits(), loss_b.to_bits());
     // The tied embedding's gradient is the sum of its use as a table and as the output layer.
     assert_same_gradients(&vars, &grads_a, &grads_b);
+}
+
+#[test]
+fn frozen_lower_layers_or_a_frozen_body_give_the_plain_gradients() {
+    type Frozen = fn(&str) -> bool;
+    let frozen: [(&str, Frozen); 2] = [
+        ("embeddings and layer 0", |n: &str| {
+            n.starts_with("embeddings.") || n.contains(".layer.0.")
+        }),
+        ("the whole body", |n: &str| {
+            !(n.starts_with("classifier") || n.starts_with("pooler"))
+        }),
+    ];
+    for (what, is_frozen) in frozen {
+        let (store, _) = model(
+            &bert_config(),
+            TaskType::TextClassification,
+            &LinearFactory::default(),
+        );
+        store.set_trainable(is_frozen, false).unwrap();
+        // Rebuilt, the model holds the frozen weights as constants, as a training stage does.
+        let model = family_of(&bert_config())
+            .unwrap()
+            .build(
+                &store,
+                &bert_config(),
+                TaskType::TextClassification,
+                &LinearFactory::default(),
+                &Device::Cpu,
+            )
+            .unwrap();
+        let vars = store.trainable_vars();
+        assert!(
+            !vars.is_empty() && vars.iter().all(|(n, _)| !is_frozen(n)),
+            "{what}"
+        );
+        let batch = batch();
+        let (loss_a, grads_a) = plain(&*model, &batch, 4);
+        let (loss_b, grads_b) = recomputed(&*model, &batch, 4, &vars);
+        assert_eq!(loss_a.to_bits(), loss_b.to_bits(), "{what}");
+        assert_same_gradients(&vars, &grads_a, &grads_b);
+        assert_eq!(grads_b.get_ids().count(), vars.len(), "{what}");
+    }
 }
 
 #[test]
