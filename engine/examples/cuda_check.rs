@@ -261,19 +261,20 @@ fn check_recomputation(cpu_store: &ParamStore, cfg: &BertConfig, dev: &Device) -
     let store = copy_store(cpu_store, dev, true)?;
     let model = load(&store, cfg, dev)?;
     let vars = store.trainable_vars();
-    let plain_loss = SequenceClassificationTask { model: &model }
-        .loss(&batch, Some(&DropoutRng::new(9)))?;
+    let plain_loss =
+        SequenceClassificationTask { model: &model }.loss(&batch, Some(&DropoutRng::new(9)))?;
     let plain = plain_loss.backward()?;
     let dropout = DropoutRng::new(9);
     let forward = RecomputingForward::run(&model, &batch, Outputs::LOGITS, Some(&dropout))?;
     let loss = model.task_loss(forward.output(), &batch)?;
-    let loss_diff = (f64::from(loss.to_scalar::<f32>()?)
-        - f64::from(plain_loss.to_scalar::<f32>()?))
-    .abs();
+    let loss_diff =
+        (f64::from(loss.to_scalar::<f32>()?) - f64::from(plain_loss.to_scalar::<f32>()?)).abs();
     let recomputed = forward.backward(&batch, loss, &vars)?;
     let mut worst = 0f32;
     for (name, var) in &vars {
-        let a = plain.get(var).with_context(|| format!("no plain gradient for {name}"))?;
+        let a = plain
+            .get(var)
+            .with_context(|| format!("no plain gradient for {name}"))?;
         let b = recomputed
             .get(var)
             .with_context(|| format!("no recomputed gradient for {name}"))?;
@@ -285,7 +286,10 @@ fn check_recomputation(cpu_store: &ParamStore, cfg: &BertConfig, dev: &Device) -
         );
         worst = worst.max(rel);
     }
-    ensure!(loss_diff < 1e-6, "recomputation changed the loss by {loss_diff:e}");
+    ensure!(
+        loss_diff < 1e-6,
+        "recomputation changed the loss by {loss_diff:e}"
+    );
     Ok(json!({"recompute_grad_max_rel_diff": worst, "recompute_loss_abs_diff": loss_diff}))
 }
 
