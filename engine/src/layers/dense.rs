@@ -94,33 +94,34 @@ impl DenseLinear {
 }
 
 impl DenseLinear {
-    /// The product computed in `dtype`: input, weight and bias cast to it, the output cast back.
-    fn forward_in(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    /// `x Wᵀ + b` through candle's ops (`weight_t` is `Wᵀ`): the path of devices and dtypes our
+    /// fused kernel does not take.
+    fn composed(&self, x: &Tensor, weight_t: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let dims = x.dims();
         let Some((&in_features, leading)) = dims.split_last() else {
             candle_core::bail!("linear layer applied to a scalar");
         };
         let rows: usize = leading.iter().product();
-        let x2 = x.reshape((rows, in_features))?.to_dtype(dtype)?;
-        let y2 = x2.matmul(&self.weight.to_dtype(dtype)?.t()?)?;
-        let y2 = match &self.bias {
-            Some(b) => y2.broadcast_add(&b.to_dtype(dtype)?)?,
+        let y2 = x.reshape((rows, in_features))?.matmul(weight_t)?;
+        let y2 = match bias {
+            Some(b) => y2.broadcast_add(b)?,
             None => y2,
         };
         let mut out_dims = leading.to_vec();
         out_dims.push(self.out_features());
-        y2.to_dtype(x.dtype())?.reshape(out_dims)
+        y2.reshape(out_dims)
     }
 }
 
 impl LinearLayer for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        let Some((&in_features, leading)) = dims.split_last() else {
-            candle_core::bail!("linear layer applied to a scalar");
-        };
         if let Some(dtype) = self.compute_dtype.filter(|&d| d != x.dtype()) {
-            return self.forward_in(x, dtype);
+            // Mixed precision: input, weight and bias cast to `dtype`, the output cast back.
+            let bias = self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
+            let weight_t = self.weight.to_dtype(dtype)?.t()?;
+            return self
+                .composed(&x.to_dtype(dtype)?, &weight_t, bias.as_ref())?
+                .to_dtype(x.dtype());
         }
         // One 2-D matmul over all rows beats a batched matmul with a broadcast weight; the transposed
         // weight is a strided view that gemm reads directly, so no copy is made.
@@ -133,19 +134,10 @@ impl LinearLayer for DenseLinear {
         } else {
             None
         };
-        if let Some(y) = fused {
-            return Ok(y);
+        match fused {
+            Some(y) => Ok(y),
+            None => self.composed(x, &self.weight_t()?, self.bias.as_ref()),
         }
-        let rows: usize = leading.iter().product();
-        let x2 = x.reshape((rows, in_features))?;
-        let y2 = x2.matmul(&self.weight_t()?)?;
-        let y2 = match &self.bias {
-            Some(b) => y2.broadcast_add(b)?,
-            None => y2,
-        };
-        let mut out_dims = leading.to_vec();
-        out_dims.push(self.out_features());
-        y2.reshape(out_dims)
     }
 
     fn weight(&self) -> Option<&Tensor> {

@@ -103,6 +103,15 @@ fn recomputed(
     (value, forward.backward(batch, loss, vars).unwrap())
 }
 
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Every variable's gradient agrees to float rounding, and none is missing or all zero.
 fn assert_same_gradients(vars: &[(String, Var)], a: &GradStore, b: &GradStore) {
     for (name, var) in vars {
@@ -112,22 +121,9 @@ fn assert_same_gradients(vars: &[(String, Var)], a: &GradStore, b: &GradStore) {
         let gb = b
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no recomputed gradient"));
-        let scale = ga
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(ga);
         assert!(scale > 0.0, "{name}: zero gradient");
-        let diff = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(ga - gb).unwrap());
         // Measured: at most 6e-7 of the scale (summing order). The floor is for gradients that
         // are zero in exact arithmetic (a key bias shifts every score of a row alike) and hold
         // only rounding noise.
