@@ -148,11 +148,14 @@ fn reason(error: &candle_core::Error) -> String {
 fn summarize(content: &Content, file_len: u64) -> Result<GgufSummary, String> {
     let mut tensors = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
+        // Names come from the file: escaped, so a control character cannot break the one-line
+        // problem text.
+        let shown = name.escape_debug();
         let elements = info.shape.elem_count();
         let block = info.ggml_dtype.block_size();
         if elements % block != 0 {
             return Err(format!(
-                "tensor '{name}' has {elements} elements, not a multiple of its block size {block}"
+                "tensor '{shown}' has {elements} elements, not a multiple of its block size {block}"
             ));
         }
         let bytes = (elements / block) as u64 * info.ggml_dtype.type_size() as u64;
@@ -160,12 +163,12 @@ fn summarize(content: &Content, file_len: u64) -> Result<GgufSummary, String> {
         let end = start.and_then(|s| s.checked_add(bytes));
         let (Some(start), Some(end)) = (start, end) else {
             return Err(format!(
-                "tensor '{name}' has an offset too large to address"
+                "tensor '{shown}' has an offset too large to address"
             ));
         };
         if end > file_len {
             return Err(format!(
-                "truncated: tensor '{name}' needs bytes {start}..{end} but the file has {file_len} bytes"
+                "truncated: tensor '{shown}' needs bytes {start}..{end} but the file has {file_len} bytes"
             ));
         }
         tensors.push(GgufTensor {
