@@ -2,7 +2,7 @@
 # CUDA check (issue 5): builds engine/examples/cuda_check.rs with `--features cuda` and/or runs it.
 # The program compares a small random BERT's logits, gradients and AdamW steps on CUDA against the
 # CPU (fails outside tolerance) and times one BERT-base training step on the GPU in f32 and in bf16
-# mixed precision, then PyTorch eager's (f32 and bf16 autocast) where torch is installed; see BENCHMARKS.md.
+# and f16 mixed precision, then PyTorch eager's (f32, bf16 and f16 autocast) where torch is installed; see BENCHMARKS.md.
 #
 #   bench/cuda_check.sh build   # on a machine with a CUDA toolkit (nvcc) or PyPI access; no GPU needed
 #   bench/cuda_check.sh run     # on the GPU machine; only needs the built binary and CUDA 13 libraries
@@ -61,12 +61,13 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv || true
     # shellcheck disable=SC2086 # CUDA_CHECK_ARGS is a list of flags
     "$BIN" ${CUDA_CHECK_ARGS:-}
-    # The PyTorch eager reference in the same run (f32, then bf16 autocast), BERT-base batch 32 x 128,
+    # The PyTorch eager reference in the same run (f32, then bf16 and f16 autocast), BERT-base batch 32 x 128,
     # where the GPU machine has torch with CUDA; it cannot be carried there (too large).
     local py=${PYTHON:-python3}
     if "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
         "$py" bench/pytorch_train_step.py --size base --batch 32 --seq 128 --device cuda --steps 10 --warmup 3
         "$py" bench/pytorch_train_step.py --size base --batch 32 --seq 128 --device cuda --steps 10 --warmup 3 --autocast bf16
+        "$py" bench/pytorch_train_step.py --size base --batch 32 --seq 128 --device cuda --steps 10 --warmup 3 --autocast f16
     else
         echo "cuda_check: no python with CUDA torch here; the PyTorch reference is not measured" >&2
     fi

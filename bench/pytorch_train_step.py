@@ -12,10 +12,11 @@ and the whole step over the timed steps.
 
     python3 bench/pytorch_train_step.py [--steps 10] [--warmup 3] [--dropout 0.0] [--threads N] \
         [--seq 128] [--checkpointing] [--size small|base] [--batch 8] [--device cpu|cuda] \
-        [--autocast bf16]
+        [--autocast bf16|f16]
 
 `--size base --batch 32 --device cuda` is the GPU reference for engine/examples/cuda_check.rs
-(BERT-base, f32, batch 32 x 128); `--autocast bf16` adds torch.autocast's bf16 mixed precision.
+(BERT-base, f32, batch 32 x 128); `--autocast bf16` adds torch.autocast's bf16 mixed precision; `--autocast f16` autocast to float16
+with `torch.amp.GradScaler` (scale, unscale before clipping, skip on overflow), as ours does.
 
 With --checkpointing every encoder layer runs under torch.utils.checkpoint (non-reentrant, RNG state
 preserved), as transformers' gradient_checkpointing_enable() does.
@@ -93,7 +94,7 @@ def main():
     ap.add_argument("--size", choices=["small", "base"], default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--autocast", choices=["bf16"], default=None)
+    ap.add_argument("--autocast", choices=["bf16", "f16"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -107,7 +108,10 @@ def main():
     types = torch.zeros(batch, seq, dtype=torch.long, device=dev)
     labels = torch.randint(0, 2, (batch,), device=dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    autocast = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+    low = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.autocast, torch.float32)
+    autocast = lambda: torch.autocast(dev.type, dtype=low, enabled=args.autocast is not None)
+    # f16 needs loss scaling; a disabled scaler passes everything through.
+    scaler = torch.amp.GradScaler(dev.type, enabled=args.autocast == "f16")
     decay = [p for n, p in model.named_parameters() if not ("ln" in n or n.endswith("bias"))]
     no_decay = [p for n, p in model.named_parameters() if "ln" in n or n.endswith("bias")]
     opt = torch.optim.AdamW(
@@ -120,11 +124,13 @@ def main():
             loss = nn.functional.cross_entropy(model(ids, mask, types), labels)
         sync()
         t1 = time.perf_counter()
-        loss.backward()
+        scaler.scale(loss).backward()
         sync()
         t2 = time.perf_counter()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         sync()
         t3 = time.perf_counter()

@@ -1,7 +1,8 @@
 //! GPU check for a machine with CUDA: (1) a small random BERT classifier gives the same logits, loss,
 //! gradients and AdamW trajectory on CUDA as on the CPU, within float tolerance; (2) the time of one
 //! BERT-base-sized training step (forward with loss, backward, clipping + AdamW) on CUDA, in f32 and
-//! with bf16 mixed precision (`mixed_precision: "bf16"`), whose first loss must match f32's.
+//! with bf16 and f16 mixed precision (`mixed_precision: "bf16"`, `"f16"`: f16 with the trainer's
+//! dynamic loss scaling), whose first losses must match f32's.
 //!
 //! ```text
 //! bench/cuda_check.sh            # builds with `--features cuda` and runs this; see BENCHMARKS.md
@@ -27,7 +28,9 @@ use compressd_engine::models::{Outputs, TaskModel};
 use compressd_engine::params::ParamStore;
 use compressd_engine::task::SequenceClassificationTask;
 use compressd_engine::train::recompute::RecomputingForward;
-use compressd_engine::train::{clip, AdamW, AdamWConfig, ClipConfig, Gradients, TrainTask};
+use compressd_engine::train::{
+    clip, loss_scale, AdamW, AdamWConfig, ClipConfig, Gradients, LossScaler, LossScaling, TrainTask,
+};
 use serde_json::{json, Value};
 
 /// Logits of a 2-layer, hidden-64 model: both devices do the same f32 math with differently ordered
@@ -45,6 +48,8 @@ const MAX_LOSS_REL_DIFF: f64 = 1e-3;
 /// bf16 keeps 8 significant bits: the dry run on the CPU (`--device cpu --batch 2 --seq 32`) put
 /// BERT-base's first bf16 loss 1.1e-3 (relative) from the f32 one.
 const MAX_BF16_LOSS_REL_DIFF: f64 = 2e-2;
+/// f16 keeps 11 significant bits, 8x bf16's precision: held to the same bound.
+const MAX_F16_LOSS_REL_DIFF: f64 = 2e-2;
 const CHECK_STEPS: u64 = 5;
 const CHECK_LR: f64 = 1e-3;
 
@@ -423,6 +428,10 @@ fn time_training_step(args: &Args, dev: &Device, compute: Option<DType>) -> Resu
     let batch = timing_batch(args, dev)?;
     let (mut fwd, mut bwd, mut optim, mut step) = (vec![], vec![], vec![], vec![]);
     let mut first_loss = None;
+    // f16 trains as a job's trainer does: loss scaled before backward, gradients unscaled and
+    // checked for overflow (timed with backward), the step skipped on overflow.
+    let scaling = (compute == Some(DType::F16)).then(LossScaling::default);
+    let mut scaler = scaling.as_ref().map(LossScaler::new);
     for i in 0..args.warmup + args.steps {
         let dropout = (args.dropout > 0.0).then(|| DropoutRng::new(i as u64));
         let t0 = Instant::now();
@@ -432,11 +441,25 @@ fn time_training_step(args: &Args, dev: &Device, compute: Option<DType>) -> Resu
             first_loss = Some(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
         }
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let (grads, finite) = match (scaler.as_mut(), &scaling) {
+            (Some(scaler), Some(scaling)) => {
+                let mut grads = (&loss * scaler.scale)?.backward()?;
+                let finite = loss_scale::unscale(&mut grads, &vars, scaler.scale)?;
+                if finite {
+                    scaler.record_good_step(scaling);
+                } else {
+                    scaler.record_overflow(scaling)?;
+                }
+                (grads, finite)
+            }
+            _ => (loss.backward()?, true),
+        };
         dev.synchronize()?;
         let t2 = Instant::now();
-        let outcome = clip::measure(&vars, Gradients::Store(&grads), &clip_cfg)?;
-        opt.step(Gradients::Store(&grads), 1.0, outcome.transform)?;
+        if finite {
+            let outcome = clip::measure(&vars, Gradients::Store(&grads), &clip_cfg)?;
+            opt.step(Gradients::Store(&grads), 1.0, outcome.transform)?;
+        }
         dev.synchronize()?;
         let t3 = Instant::now();
         if i >= args.warmup {
@@ -456,6 +479,7 @@ fn time_training_step(args: &Args, dev: &Device, compute: Option<DType>) -> Resu
         "forward_ms": median(fwd), "backward_ms": median(bwd), "optimizer_ms": median(optim),
         "step_ms": step_ms,
         "tokens_per_s": (args.batch * args.seq) as f64 / (step_ms / 1e3),
+        "skipped_steps": scaler.map(|s| s.skipped_steps),
     }))
 }
 
@@ -474,21 +498,29 @@ fn main() -> Result<()> {
     // Mixed precision (bf16 products, f32 master weights): its first loss must be the f32 one
     // to within bf16's rounding, or the casts compute something else.
     let bf16 = time_training_step(&args, &cuda, Some(DType::BF16))?;
+    let f16 = time_training_step(&args, &cuda, Some(DType::F16))?;
     let loss_of = |v: &Value| v["first_loss"].as_f64().unwrap_or(f64::NAN);
     let bf16_loss_rel_diff = (loss_of(&bf16) - loss_of(&timing)).abs() / loss_of(&timing).abs();
+    let f16_loss_rel_diff = (loss_of(&f16) - loss_of(&timing)).abs() / loss_of(&timing).abs();
     println!(
         "{}",
         json!({
             "device": device_name(&cuda),
             "check": {"logits": logits, "training": training, "recomputation": recomputation,
-                      "bf16_first_loss_rel_diff": bf16_loss_rel_diff},
+                      "bf16_first_loss_rel_diff": bf16_loss_rel_diff,
+                      "f16_first_loss_rel_diff": f16_loss_rel_diff},
             "bert_base_train_step": timing,
             "bert_base_train_step_bf16": bf16,
+            "bert_base_train_step_f16": f16,
         })
     );
     ensure!(
         bf16_loss_rel_diff < MAX_BF16_LOSS_REL_DIFF,
         "bf16 mixed precision's first loss is {bf16_loss_rel_diff} away from f32's"
+    );
+    ensure!(
+        f16_loss_rel_diff < MAX_F16_LOSS_REL_DIFF,
+        "f16 mixed precision's first loss is {f16_loss_rel_diff} away from f32's"
     );
     Ok(())
 }

@@ -252,33 +252,37 @@ mod tests {
     /// A dry run on a worker whose device lacks a setting fails as the real run would, naming
     /// the stage's field (this test's worker is a CPU).
     #[test]
-    fn a_dry_run_asking_for_bf16_on_a_cpu_worker_fails_at_the_field() {
-        // A build with the `cuda` feature on a GPU machine offers bf16: nothing to refuse there.
+    fn a_dry_run_asking_for_mixed_precision_on_a_cpu_worker_fails_at_the_field() {
+        // A build with the `cuda` feature on a GPU machine offers it: nothing to refuse there.
         if !compressd_engine::device::parse_device("auto").is_ok_and(|d| d.is_cpu()) {
             return;
         }
-        let spec = serde_json::json!({
-            "name": "bf16", "model": "m", "dry_run": true,
-            "task": {"type": "text_classification", "dataset": "d"},
-            "pipeline": [{"type": "finetune"}, {"type": "finetune", "mixed_precision": "bf16"}]
-        });
-        let request = serde_json::json!({
-            "job_id": uuid::Uuid::now_v7(), "attempt": 1, "spec": spec, "work_dir": "/nonexistent"
-        });
-        let ChildMessage::Failed {
-            code,
-            message,
-            retryable,
-            ..
-        } = verdict_of(&request.to_string())
-        else {
-            panic!("a CPU worker cannot run bf16");
-        };
-        assert_eq!((code.as_str(), retryable), ("invalid_input", false));
-        assert!(
-            message.contains("/pipeline/1/mixed_precision") && message.contains("CUDA"),
-            "{message}"
-        );
+        for mode in ["bf16", "f16"] {
+            let spec = serde_json::json!({
+                "name": mode, "model": "m", "dry_run": true,
+                "task": {"type": "text_classification", "dataset": "d"},
+                "pipeline": [{"type": "finetune"}, {"type": "finetune", "mixed_precision": mode}]
+            });
+            let request = serde_json::json!({
+                "job_id": uuid::Uuid::now_v7(), "attempt": 1, "spec": spec, "work_dir": "/nonexistent"
+            });
+            let ChildMessage::Failed {
+                code,
+                message,
+                retryable,
+                ..
+            } = verdict_of(&request.to_string())
+            else {
+                panic!("a CPU worker cannot run {mode}");
+            };
+            assert_eq!((code.as_str(), retryable), ("invalid_input", false));
+            assert!(
+                message.contains("/pipeline/1/mixed_precision")
+                    && message.contains("CUDA")
+                    && message.contains(mode),
+                "{message}"
+            );
+        }
     }
 
     #[test]

@@ -845,6 +845,7 @@ async fn static_quantization_bad_settings_are_422() {
 
 /// The training-memory and precision options: accepted with their values, and a mode the engine
 /// does not know or a wrong type is a 422 at the field. (Whether the worker's device offers bf16
+/// or f16
 /// is known only where the job runs: a CPU worker fails the job at its start, tested in the
 /// engine's pipeline tests.)
 #[tokio::test]
@@ -878,4 +879,9 @@ async fn training_precision_and_recomputation_options_are_checked_at_the_field()
     let stage = &reply.body["spec"]["pipeline"][0];
     assert_eq!(stage["mixed_precision"], "bf16", "{:?}", reply.body);
     assert_eq!(stage["gradient_checkpointing"], true);
+    let mut spec = api.spec();
+    finetune(json!({"mixed_precision": "f16"}))(&mut spec);
+    let reply = api.post_json("/v1/jobs", &spec, &[]).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    assert_eq!(reply.body["spec"]["pipeline"][0]["mixed_precision"], "f16");
 }

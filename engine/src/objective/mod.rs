@@ -307,12 +307,13 @@ impl TrainTask for ObjectiveTask<'_> {
         batch: &Batch,
         dropout: Option<&DropoutRng>,
         vars: &[(String, Var)],
+        loss_scale: f64,
     ) -> Result<(Tensor, GradStore)> {
         let layered = match self.model.layered() {
             Some(layered) if self.recompute => layered,
             _ => {
                 let loss = self.loss(batch, dropout)?;
-                let grads = loss.backward()?;
+                let grads = crate::train::hooks::scaled(&loss, loss_scale)?.backward()?;
                 return Ok((loss, grads));
             }
         };
@@ -320,7 +321,9 @@ impl TrainTask for ObjectiveTask<'_> {
             RecomputingForward::run(layered, batch, self.objective.model_outputs(), dropout)?;
         let loss = self.loss_of(batch, forward.output())?;
         let value = loss.detach();
-        let grads = forward.backward(batch, loss, vars)?;
+        let scaled = crate::train::hooks::scaled(&loss, loss_scale)?;
+        drop(loss);
+        let grads = forward.backward(batch, scaled, vars)?;
         Ok((value, grads))
     }
 

@@ -105,13 +105,17 @@ pub struct FinetuneSpec {
     /// gradients, same dropout masks. The dry-run estimate prices the time, not the memory saved.
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    /// Mixed-precision training: `bf16` computes the dense linear layers' products in bfloat16
-    /// from the f32 weights, which stay the master copy the optimizer updates (as PyTorch's
-    /// autocast does for linear layers; attention's matmuls stay f32 here); norms, softmax and
-    /// the loss stay f32. On CUDA devices only: this engine has no
-    /// bf16 CPU kernels, so a CPU worker fails the job at its start. With LoRA the frozen base's
-    /// product runs in bf16 and the adapters in f32; a QLoRA base runs on its quantized kernels as
-    /// without it. `null` (the default) trains in f32.
+    /// Mixed-precision training: `bf16` or `f16` computes the dense linear layers' products in
+    /// that type from the f32 weights, which stay the master copy the optimizer updates (as
+    /// PyTorch's autocast does for linear layers; attention's matmuls stay f32 here); norms,
+    /// softmax and the loss stay f32. `f16` adds dynamic loss scaling: the loss is multiplied by
+    /// a scale (65536 at first) so small gradients do not vanish in f16, a step whose gradients
+    /// overflow is skipped and the scale halved, and the scale doubles after 2000 steps without
+    /// overflow; the report counts the skipped steps. Prefer `bf16` where the GPU has it (Ampere
+    /// and later): same speed, no scaling. On CUDA devices only: this engine has no bf16 or f16
+    /// CPU kernels, so a CPU worker fails the job at its start. With LoRA the frozen base's
+    /// product runs in the low precision and the adapters in f32; a QLoRA base runs on its
+    /// quantized kernels as without it. `null` (the default) trains in f32.
     #[serde(default)]
     pub mixed_precision: Option<MixedPrecision>,
 }
@@ -122,6 +126,9 @@ pub struct FinetuneSpec {
 pub enum MixedPrecision {
     /// bfloat16: f32's exponent range, so no loss scaling is needed.
     Bf16,
+    /// IEEE half precision: 3 more bits of mantissa than bf16 but a range of 6e-8 to 65504, so
+    /// the loss is scaled dynamically.
+    F16,
 }
 
 impl MixedPrecision {
@@ -129,6 +136,23 @@ impl MixedPrecision {
     pub fn dtype(self) -> candle_core::DType {
         match self {
             Self::Bf16 => candle_core::DType::BF16,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+
+    /// The loss scaling this mode trains with.
+    pub fn loss_scaling(self) -> Option<crate::train::LossScaling> {
+        match self {
+            Self::Bf16 => None,
+            Self::F16 => Some(crate::train::LossScaling::default()),
+        }
+    }
+
+    /// The name a spec uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
         }
     }
 
@@ -138,12 +162,12 @@ impl MixedPrecision {
     /// [`EngineError::InvalidSetting`] at `mixed_precision` on anything but a CUDA device.
     pub fn check_device(mode: Option<Self>, device: &candle_core::Device) -> Result<()> {
         match mode {
-            Some(_) if !device.is_cuda() => Err(EngineError::InvalidSetting(
-                "mixed_precision: bf16 training is offered on CUDA devices only; this worker runs \
-                 on the CPU, where the engine has no bf16 kernels and bf16 would be slower than \
-                 f32 (set mixed_precision to null, or run the job on a GPU worker)"
-                    .into(),
-            )),
+            Some(mode) if !device.is_cuda() => Err(EngineError::InvalidSetting(format!(
+                "mixed_precision: {name} training is offered on CUDA devices only; this worker \
+                 runs on the CPU, where the engine has no {name} kernels and {name} would be \
+                 slower than f32 (set mixed_precision to null, or run the job on a GPU worker)",
+                name = mode.name()
+            ))),
             _ => Ok(()),
         }
     }

@@ -183,6 +183,10 @@ pub struct TrainSummary {
     /// What keeping the teachers' outputs per example did (`cache_teacher`), when it was on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_cache: Option<crate::objective::TeacherCacheReport>,
+    /// With f16 mixed precision: the steps skipped because their gradients overflowed (no
+    /// update was made; they count in `steps`), and the loss scale the run ended with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::train::LossScaleReport>,
 }
 
 /// One loss term's values over a training run, each the mean over the steps since the previous

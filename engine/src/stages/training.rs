@@ -10,7 +10,8 @@ use candle_core::Var;
 use super::model::WorkingModel;
 use super::session::{Session, TaskData};
 use super::{
-    LossCurve, ModelRole, TrainRequest, TrainSettings, TrainSummary, Trainer, VocabularyReport,
+    LossCurve, MixedPrecision, ModelRole, TrainRequest, TrainSettings, TrainSummary, Trainer,
+    VocabularyReport,
 };
 use crate::data::{Batch, Example};
 use crate::error::{EngineError, Result};
@@ -24,8 +25,8 @@ use crate::task::{evaluate_model, TaskScores};
 use crate::train::hooks::{EarlyStopping, Progress, TrainHooks};
 use crate::train::trainer::{StopReason, TrainConfig, Trainer as LoopTrainer};
 use crate::train::{
-    AdamW, AdamWConfig, ClipConfig, Decay, GradientObserver, ParamGroupConfig, ScheduleConfig,
-    TrainTask,
+    AdamW, AdamWConfig, ClipConfig, Decay, GradientObserver, LossScaleReport, ParamGroupConfig,
+    ScheduleConfig, TrainTask,
 };
 
 /// How often a stage's training writes a checkpoint to resume from: a crashed or reclaimed job
@@ -86,6 +87,7 @@ impl Trainer for Session {
             unmatched_freeze_globs,
             loss_curves: run.loss_curves,
             teacher_cache: run.teacher_cache,
+            loss_scale: run.loss_scale,
         })
     }
 
@@ -126,6 +128,7 @@ struct RunOutcome {
     stop: StopReason,
     loss_curves: BTreeMap<String, LossCurve>,
     teacher_cache: Option<crate::objective::TeacherCacheReport>,
+    loss_scale: Option<LossScaleReport>,
 }
 
 impl Session {
@@ -194,6 +197,9 @@ impl Session {
                 .as_ref()
                 .map(|dir| dir.join(format!("train-{run}"))),
             checkpoint_every_secs: Some(CHECKPOINT_EVERY_SECS),
+            loss_scaling: settings
+                .mixed_precision
+                .and_then(MixedPrecision::loss_scaling),
             ..TrainConfig::default()
         };
         let mut vars = model.store.trainable_vars();
@@ -242,6 +248,7 @@ impl Session {
             stop: report.stop_reason,
             loss_curves: hooks.terms.map(|t| t.curves).unwrap_or_default(),
             teacher_cache: task.teacher_cache_report(),
+            loss_scale: report.loss_scale,
         })
     }
 

@@ -42,6 +42,9 @@ pub struct TrainState {
     /// early stopping restored them).
     #[serde(default)]
     pub ended: Option<crate::train::trainer::StopReason>,
+    /// The loss scale reached, with loss scaling (f16 training).
+    #[serde(default)]
+    pub loss_scaler: Option<crate::train::LossScaler>,
 }
 
 /// Writes a checkpoint of the optimizer's variables and state into `dir` (replacing it).

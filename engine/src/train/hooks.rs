@@ -20,8 +20,10 @@ pub trait TrainTask {
         dropout: Option<&DropoutRng>,
     ) -> candle_core::Result<candle_core::Tensor>;
 
-    /// The loss of `batch` and the gradients of (at least) `vars`: [`Self::loss`] and its
-    /// backward, unless the task computes them another way (activation recomputation).
+    /// The loss of `batch` and the gradients of (at least) `vars` of the loss times `loss_scale`
+    /// (1 but in f16 training, [`crate::train::loss_scale`]): [`Self::loss`] and its backward,
+    /// unless the task computes them another way (activation recomputation). The loss returned
+    /// is not scaled.
     ///
     /// # Errors
     /// A forward or backward failure.
@@ -30,9 +32,10 @@ pub trait TrainTask {
         batch: &Batch,
         dropout: Option<&DropoutRng>,
         _vars: &[(String, candle_core::Var)],
+        loss_scale: f64,
     ) -> candle_core::Result<(candle_core::Tensor, candle_core::backprop::GradStore)> {
         let loss = self.loss(batch, dropout)?;
-        let grads = loss.backward()?;
+        let grads = scaled(&loss, loss_scale)?.backward()?;
         Ok((loss, grads))
     }
 
@@ -41,6 +44,18 @@ pub trait TrainTask {
     /// step's progress.
     fn take_loss_terms(&self) -> Vec<(String, f64)> {
         Vec::new()
+    }
+}
+
+/// `loss * scale`, or `loss` itself at scale 1 (no extra node in the graph).
+///
+/// # Errors
+/// A device error.
+pub fn scaled(loss: &candle_core::Tensor, scale: f64) -> candle_core::Result<candle_core::Tensor> {
+    if scale == 1.0 {
+        Ok(loss.clone())
+    } else {
+        loss.affine(scale, 0.0)
     }
 }
 

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod grads;
 pub mod hooks;
+pub mod loss_scale;
 pub mod optimizer;
 pub mod recompute;
 pub mod schedule;
@@ -18,6 +19,7 @@ pub use grads::{GradAccumulator, Gradients};
 pub use hooks::{
     EarlyStopping, GradientObserver, IgnoreGradients, NoHooks, Progress, TrainHooks, TrainTask,
 };
+pub use loss_scale::{LossScaler, LossScaling};
 pub use optimizer::{AdamW, AdamWConfig, ParamGroupConfig};
 pub use schedule::{Decay, Schedule, ScheduleConfig};
-pub use trainer::{StopReason, TrainConfig, TrainReport, Trainer};
+pub use trainer::{LossScaleReport, StopReason, TrainConfig, TrainReport, Trainer};

@@ -21,6 +21,7 @@ use crate::models::common::DropoutRng;
 use crate::train::best::BestWeights;
 use crate::train::checkpoint::{self, TrainState};
 use crate::train::hooks::{EarlyStopping, Progress, TrainHooks, TrainTask};
+use crate::train::loss_scale::{self, LossScaler, LossScaling};
 use crate::train::{
     clip, AdamW, AdamWConfig, ClipConfig, GradAccumulator, Gradients, Schedule, ScheduleConfig,
 };
@@ -60,6 +61,9 @@ pub struct TrainConfig {
     /// Checkpoint after the first step that ends at least this many seconds after the last
     /// checkpoint (or the start): bounds the work a crash loses whatever the step time.
     pub checkpoint_every_secs: Option<f64>,
+    /// Dynamic loss scaling, for models whose products run in f16 ([`crate::train::loss_scale`]):
+    /// steps whose gradients overflow are skipped.
+    pub loss_scaling: Option<LossScaling>,
 }
 
 impl Default for TrainConfig {
@@ -82,6 +86,7 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             checkpoint_every_steps: None,
             checkpoint_every_secs: None,
+            loss_scaling: None,
         }
     }
 }
@@ -114,6 +119,9 @@ impl TrainConfig {
             return Err(EngineError::InvalidSetting(
                 "step intervals must be at least 1".into(),
             ));
+        }
+        if let Some(scaling) = &self.loss_scaling {
+            scaling.validate()?;
         }
         self.optimizer.validate()?;
         self.schedule.validate()?;
@@ -165,8 +173,21 @@ pub struct TrainReport {
     pub restored_best_step: Option<u64>,
     /// Whether the run continued from a checkpoint.
     pub resumed: bool,
+    /// With loss scaling: the steps skipped because their gradients overflowed f16 (counted in
+    /// `steps`, which is the data consumed), and the scale the run ended with.
+    #[serde(default)]
+    pub loss_scale: Option<LossScaleReport>,
     /// Wall time of this invocation, seconds.
     pub seconds: f64,
+}
+
+/// What loss scaling did over a run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaleReport {
+    /// Steps skipped for overflow (no update made).
+    pub skipped_steps: u64,
+    /// The scale at the end of the run.
+    pub final_scale: f64,
 }
 
 /// Runs training.
@@ -298,6 +319,10 @@ impl<'a> Trainer<'a> {
             best_step: state.best_step,
             restored_best_step,
             resumed,
+            loss_scale: state.loss_scaler.map(|s| LossScaleReport {
+                skipped_steps: s.skipped_steps,
+                final_scale: s.scale,
+            }),
             seconds: started.elapsed().as_secs_f64(),
         })
     }
@@ -322,7 +347,10 @@ impl Trainer<'_> {
     fn initial_state(&self, optimizer: &mut AdamW) -> Result<(TrainState, bool)> {
         if let Some(dir) = &self.cfg.checkpoint_dir {
             if checkpoint::exists(dir) {
-                let state = checkpoint::load(dir, optimizer)?;
+                let mut state = checkpoint::load(dir, optimizer)?;
+                if state.loss_scaler.is_none() {
+                    state.loss_scaler = self.cfg.loss_scaling.as_ref().map(LossScaler::new);
+                }
                 tracing::info!(target: "engine.train", step = state.step, dir = %dir.display(), "resuming from checkpoint");
                 return Ok((state, true));
             }
@@ -336,6 +364,7 @@ impl Trainer<'_> {
             best_step: None,
             evals_without_improvement: 0,
             ended: None,
+            loss_scaler: self.cfg.loss_scaling.as_ref().map(LossScaler::new),
         };
         Ok((state, false))
     }
@@ -354,6 +383,8 @@ impl Trainer<'_> {
         let accumulate = self.cfg.grad_accum_steps > 1;
         ctx.accumulator.clear();
         let (mut single, mut loss_sum, mut rows, mut micro) = (None, 0f64, 0usize, 0usize);
+        let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+        let mut overflowed = false;
         while micro < self.cfg.grad_accum_steps && state.batch_in_epoch * bs < ctx.train.len() {
             let start = state.batch_in_epoch * bs;
             let end = (start + bs).min(ctx.train.len());
@@ -363,17 +394,43 @@ impl Trainer<'_> {
                 .collect();
             let batch = Batch::collate(&examples, self.pad_id, &self.device)?;
             let dropout = DropoutRng::new(state.rng.next_u64());
-            let (loss, grads) = task.loss_and_gradients(&batch, Some(&dropout), ctx.vars)?;
+            let (loss, mut grads) =
+                task.loss_and_gradients(&batch, Some(&dropout), ctx.vars, loss_scale)?;
             loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            hooks.after_backward(ctx.vars, &grads)?;
-            if accumulate {
-                ctx.accumulator.add(ctx.vars, &grads)?;
-            } else {
-                single = Some(grads);
+            if state.loss_scaler.is_some() {
+                // Divided back before any hook or the optimizer sees them; an overflowed
+                // micro-batch spoils the whole step, whose remaining micro-batches still run so
+                // the data order stays that of a run without overflow.
+                overflowed |= !loss_scale::unscale(&mut grads, ctx.vars, loss_scale)?;
+            }
+            if !overflowed {
+                hooks.after_backward(ctx.vars, &grads)?;
+                if accumulate {
+                    ctx.accumulator.add(ctx.vars, &grads)?;
+                } else {
+                    single = Some(grads);
+                }
             }
             state.batch_in_epoch += 1;
             rows += examples.len();
             micro += 1;
+        }
+        let loss = loss_sum / micro.max(1) as f64;
+        if let (Some(scaler), Some(scaling)) = (state.loss_scaler.as_mut(), &self.cfg.loss_scaling)
+        {
+            if overflowed {
+                // Skipped: no update, so neither the weights nor AdamW's moments and step count
+                // change; the schedule moves on with the data, as PyTorch's does.
+                scaler.record_overflow(scaling)?;
+                tracing::debug!(target: "engine.train", step = state.step, scale = scaler.scale, "f16 overflow: step skipped");
+                state.step += 1;
+                return Ok(StepStats {
+                    loss,
+                    rows,
+                    grad_norm: f64::INFINITY,
+                });
+            }
+            scaler.record_good_step(scaling);
         }
         let grads = match &single {
             Some(store) => Gradients::Store(store),
@@ -384,7 +441,7 @@ impl Trainer<'_> {
         state.step += 1;
         hooks.after_optimizer_step(state.step)?;
         Ok(StepStats {
-            loss: loss_sum / micro.max(1) as f64,
+            loss,
             rows,
             grad_norm: outcome.pre_clip_norm,
         })

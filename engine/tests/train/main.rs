@@ -4,6 +4,7 @@
 #[path = "../train_support/mod.rs"]
 mod train_support;
 
+mod mixed_precision;
 mod optimizer;
 mod resume;
 mod tiny_bert;

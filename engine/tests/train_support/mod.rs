@@ -18,6 +18,15 @@ pub fn tiny_classifier(
     seed: u64,
     dropout: f64,
 ) -> Result<(ParamStore, BertForSequenceClassification)> {
+    tiny_classifier_with(seed, dropout, &LinearFactory::default())
+}
+
+/// [`tiny_classifier`] with its linear layers made by `linears` (mixed precision, say).
+pub fn tiny_classifier_with(
+    seed: u64,
+    dropout: f64,
+    linears: &LinearFactory,
+) -> Result<(ParamStore, BertForSequenceClassification)> {
     let cfg: BertConfig = serde_json::from_value(serde_json::json!({
         "vocab_size": 20, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 32, "max_position_embeddings": 16, "type_vocab_size": 2,
@@ -29,7 +38,7 @@ pub fn tiny_classifier(
     let model = BertForSequenceClassification::load(
         store.var_builder(DType::F32, &Device::Cpu),
         &cfg,
-        &LinearFactory::default(),
+        linears,
     )?;
     Ok((store, model))
 }
