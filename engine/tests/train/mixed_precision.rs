@@ -167,3 +167,80 @@ fn a_skipped_step_changes_nothing() -> Result<()> {
     assert!(report.final_loss.is_some_and(f64::is_finite));
     Ok(())
 }
+
+/// Sets the cancellation flag after a given step, as a client cancelling the job would.
+struct CancelAfter<'a> {
+    step: u64,
+    flag: &'a AtomicBool,
+}
+
+impl TrainHooks for CancelAfter<'_> {
+    fn on_progress(&mut self, progress: &compressd_engine::train::Progress) {
+        if progress.step == self.step {
+            self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn a_resumed_run_goes_on_with_the_scale_it_had_reached() -> Result<()> {
+    let train = synthetic_rows(64, 1);
+    let linears = LinearFactory::default().with_compute_dtype(DType::F16);
+    let scaling = LossScaling {
+        init_scale: 2f64.powi(60),
+        backoff_factor: 2f64.powi(-10),
+        growth_interval: 2,
+        ..LossScaling::default()
+    };
+    let run_config = |dir: Option<std::path::PathBuf>| TrainConfig {
+        grad_accum_steps: 2,
+        batch_size: 8,
+        checkpoint_dir: dir,
+        ..config(8, Some(scaling))
+    };
+    let never = AtomicBool::new(false);
+    let (store, model) = tiny_classifier_with(3, 0.0, &linears)?;
+    let task = SequenceClassificationTask { model: &model };
+    let mut opt = AdamW::new(store.trainable_vars(), run_config(None).optimizer)?;
+    let whole = Trainer::new(run_config(None), Device::Cpu, 0, &never)?.run(
+        &task,
+        &mut opt,
+        &train,
+        &mut NoHooks,
+    )?;
+    let whole_weights = snapshot(&store)?;
+
+    let dir = tempfile::tempdir()?;
+    let (store, model) = tiny_classifier_with(3, 0.0, &linears)?;
+    let task = SequenceClassificationTask { model: &model };
+    let cancel = AtomicBool::new(false);
+    let mut opt = AdamW::new(store.trainable_vars(), run_config(None).optimizer)?;
+    let first = Trainer::new(run_config(Some(dir.path().into())), Device::Cpu, 0, &cancel)?.run(
+        &task,
+        &mut opt,
+        &train,
+        &mut CancelAfter {
+            step: 3,
+            flag: &cancel,
+        },
+    )?;
+    assert_eq!(first.steps, 3);
+    let (store, model) = tiny_classifier_with(3, 0.0, &linears)?;
+    let task = SequenceClassificationTask { model: &model };
+    let mut opt = AdamW::new(store.trainable_vars(), run_config(None).optimizer)?;
+    let resumed = Trainer::new(run_config(Some(dir.path().into())), Device::Cpu, 0, &never)?.run(
+        &task,
+        &mut opt,
+        &train,
+        &mut NoHooks,
+    )?;
+    assert!(resumed.resumed);
+    assert_eq!(resumed.loss_scale, whole.loss_scale);
+    let skipped = whole
+        .loss_scale
+        .expect("loss scaling reported")
+        .skipped_steps;
+    assert!(skipped >= 2, "{:?}", whole.loss_scale);
+    assert_eq!(max_diff(&whole_weights, &snapshot(&store)?), 0.0);
+    Ok(())
+}
