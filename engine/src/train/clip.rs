@@ -91,14 +91,21 @@ pub fn measure(
     let clamp = cfg.max_value.map(|v| v as f32);
     let mut raw_sq = 0f64;
     let mut clamped_sq = 0f64;
+    let mut on_device = DeviceSums::default();
     for (i, (_, var)) in vars.iter().enumerate() {
         let Some(view) = grads.get(i, var) else {
             continue;
         };
-        let (raw, clamped) = squared_norms(view, average, clamp)?;
-        raw_sq += raw;
-        clamped_sq += clamped;
+        if let Some((raw, clamped)) = host_squared_norms(view, average, clamp)? {
+            raw_sq += raw;
+            clamped_sq += clamped;
+        } else if let GradView::Tensor(t) = view {
+            on_device.add(t, average, clamp)?;
+        }
     }
+    let (raw, clamped) = on_device.read()?;
+    raw_sq += raw;
+    clamped_sq += clamped;
     let pre_clip_norm = raw_sq.sqrt();
     let post_value_norm = clamped_sq.sqrt();
     let norm_scale = match cfg.max_norm {
@@ -115,30 +122,68 @@ pub fn measure(
     })
 }
 
-/// Sum of squares of the averaged gradient, before and after the element clamp.
-fn squared_norms(view: GradView<'_>, average: f32, clamp: Option<f32>) -> Result<(f64, f64)> {
+/// Sum of squares of the averaged gradient, before and after the element clamp, for a gradient
+/// in host memory; `None` for one on a device (or strided), which [`DeviceSums`] takes.
+fn host_squared_norms(
+    view: GradView<'_>,
+    average: f32,
+    clamp: Option<f32>,
+) -> Result<Option<(f64, f64)>> {
     let probe = GradTransform {
         average,
         clamp,
         norm_scale: 1.0,
     };
     match view {
-        GradView::Host(buf) => Ok(sum_squares_slice(buf, &probe)),
+        GradView::Host(buf) => Ok(Some(sum_squares_slice(buf, &probe))),
         // Storage order does not matter for a sum of squares, so transposed views are read as is.
         GradView::Tensor(t) if t.device().is_cpu() && dense_order(t.layout()).is_some() => {
             read_cpu(t, |s, _| {
                 with_float_slice!(s, |s| sum_squares_slice(s, &probe))
             })
+            .map(Some)
         }
-        GradView::Tensor(t) => {
-            let g = (t.to_dtype(DType::F32)? * average as f64)?;
-            let raw = g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            let clamped = match clamp {
-                Some(c) => g.clamp(-c, c)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
-                None => raw,
-            };
-            Ok((raw, clamped))
+        GradView::Tensor(_) => Ok(None),
+    }
+}
+
+/// Sums of squares of device gradients, kept on the device and read back once for all of them:
+/// a read per tensor would wait for the device ~200 times per step for BERT-base.
+#[derive(Default)]
+struct DeviceSums {
+    /// Per gradient, `[raw, clamped]` as a 2-element f32 tensor on its device.
+    pending: Vec<candle_core::Tensor>,
+}
+
+impl DeviceSums {
+    fn add(&mut self, grad: &candle_core::Tensor, average: f32, clamp: Option<f32>) -> Result<()> {
+        let g = (grad.to_dtype(DType::F32)? * f64::from(average))?;
+        let raw = g.sqr()?.sum_all()?;
+        let clamped = match clamp {
+            Some(c) => g.clamp(-c, c)?.sqr()?.sum_all()?,
+            None => raw.clone(),
+        };
+        let pair = candle_core::Tensor::stack(&[raw, clamped], 0)?;
+        // Gradients of one run share a device; a stray one elsewhere is moved to the first's.
+        let pair = match self.pending.first() {
+            Some(first) if !first.device().same_device(pair.device()) => {
+                pair.to_device(first.device())?
+            }
+            _ => pair,
+        };
+        self.pending.push(pair);
+        Ok(())
+    }
+
+    /// The raw and clamped sums over every added gradient.
+    fn read(self) -> Result<(f64, f64)> {
+        if self.pending.is_empty() {
+            return Ok((0.0, 0.0));
         }
+        let sums = candle_core::Tensor::stack(&self.pending, 0)?
+            .sum(0)?
+            .to_vec1::<f32>()?;
+        Ok((f64::from(sums[0]), f64::from(sums[1])))
     }
 }
 
@@ -235,6 +280,43 @@ mod tests {
         let expected = 2.0 / 8f32.sqrt();
         assert!((out.transform.norm_scale - expected).abs() < 1e-5);
         assert!((out.transform.apply(4.0) - 2.0 * expected).abs() < 1e-5);
+    }
+
+    #[test]
+    fn strided_gradients_are_measured_like_dense_ones_in_one_read() {
+        // A transposed-then-narrowed gradient is not in dense order: it takes the device path
+        // (what every CUDA gradient takes), summed on the device and read back once.
+        let w = Var::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
+        let v = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        let values: Vec<f32> = (0..12).map(|i| i as f32 - 5.5).collect();
+        let dense = Tensor::from_vec(values.clone(), (3, 4), &Device::Cpu).unwrap();
+        // The same values in the first 4 columns of a (3, 5) tensor: row stride 5, not dense.
+        let padded: Vec<f32> = values
+            .chunks(4)
+            .flat_map(|row| row.iter().copied().chain([100.0]))
+            .collect();
+        let strided = Tensor::from_vec(padded, (3, 5), &Device::Cpu)
+            .and_then(|t| t.narrow(1, 0, 4))
+            .unwrap();
+        assert!(dense_order(strided.layout()).is_none());
+        let mut store = candle_core::backprop::GradStore::default();
+        let vars = vec![("w".into(), w.clone()), ("v".into(), v.clone())];
+        store.insert(
+            v.as_tensor(),
+            Tensor::new(&[3f32, 4.0], &Device::Cpu).unwrap(),
+        );
+        let cfg = ClipConfig {
+            max_norm: Some(1.0),
+            max_value: Some(5.0),
+        };
+        store.insert(w.as_tensor(), dense);
+        let reference = measure(&vars, Gradients::Store(&store), &cfg).unwrap();
+        store.insert(w.as_tensor(), strided);
+        let measured = measure(&vars, Gradients::Store(&store), &cfg).unwrap();
+        assert!((reference.pre_clip_norm - measured.pre_clip_norm).abs() < 1e-4);
+        assert!((reference.transform.norm_scale - measured.transform.norm_scale).abs() < 1e-6);
+        let expected: f64 = (0..12).map(|i| (i as f64 - 5.5).powi(2)).sum::<f64>() + 25.0;
+        assert!((measured.pre_clip_norm - expected.sqrt()).abs() < 1e-4);
     }
 
     #[test]

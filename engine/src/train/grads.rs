@@ -14,6 +14,7 @@ use half::{bf16, f16};
 use crate::Result;
 
 /// A read-only view of one parameter's gradient.
+#[derive(Clone, Copy)]
 pub enum GradView<'a> {
     /// A gradient tensor produced by backward (any float dtype, any device).
     Tensor(&'a Tensor),
