@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUDA check (issue 5): builds engine/examples/cuda_check.rs with `--features cuda` and/or runs it.
-# The program compares a small random BERT's logits, gradients and AdamW steps on CUDA against the
-# CPU (fails outside tolerance) and times one BERT-base training step on the GPU in f32 and in bf16
+# The program compares a small random BERT's logits, gradients and AdamW steps, and the quantized
+# layers of every scheme, on CUDA against the CPU (fails outside tolerance) and times one BERT-base training step on the GPU in f32 and in bf16
 # and f16 mixed precision, then PyTorch eager's (f32, bf16 and f16 autocast) where torch is installed; see BENCHMARKS.md.
 #
 #   bench/cuda_check.sh build   # on a machine with a CUDA toolkit (nvcc) or PyPI access; no GPU needed

@@ -1,5 +1,6 @@
 //! GPU check for a machine with CUDA: (1) a small random BERT classifier gives the same logits, loss,
-//! gradients and AdamW trajectory on CUDA as on the CPU, within float tolerance; (2) the time of one
+//! gradients and AdamW trajectory on CUDA as on the CPU, within float tolerance, and each
+//! quantization scheme's layer is as close to the f32 product on CUDA as on the CPU; (2) the time of one
 //! BERT-base-sized training step (forward with loss, backward, clipping + AdamW) on CUDA, in f32 and
 //! with bf16 and f16 mixed precision (`mixed_precision: "bf16"`, `"f16"`: f16 with the trainer's
 //! dynamic loss scaling), whose first losses must match f32's.
@@ -21,11 +22,12 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use compressd_engine::data::{Batch, Example};
 use compressd_engine::device::{device_name, parse_device};
-use compressd_engine::layers::LinearFactory;
+use compressd_engine::layers::{LinearFactory, LinearLayer, QuantizedLinear};
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification};
 use compressd_engine::models::common::DropoutRng;
 use compressd_engine::models::{Outputs, TaskModel};
 use compressd_engine::params::ParamStore;
+use compressd_engine::quant::{quantize, QuantScheme, Quantized};
 use compressd_engine::task::SequenceClassificationTask;
 use compressd_engine::train::recompute::RecomputingForward;
 use compressd_engine::train::{
@@ -50,6 +52,11 @@ const MAX_LOSS_REL_DIFF: f64 = 1e-3;
 const MAX_BF16_LOSS_REL_DIFF: f64 = 2e-2;
 /// f16 keeps 11 significant bits, 8x bf16's precision: held to the same bound.
 const MAX_F16_LOSS_REL_DIFF: f64 = 2e-2;
+/// A quantized layer on the GPU (candle's block kernels or a dequantized matmul) may round
+/// differently from our CPU kernels, but it must be as close to the exact f32 product: its
+/// relative RMS error at most this many times the CPU layer's, plus [`QUANT_ABS_SLACK`].
+const MAX_QUANT_ERROR_RATIO: f64 = 1.5;
+const QUANT_ABS_SLACK: f64 = 2e-3;
 const CHECK_STEPS: u64 = 5;
 const CHECK_LR: f64 = 1e-3;
 
@@ -329,6 +336,72 @@ fn compare_grads(
 
 /// Trains CPU and CUDA replicas side by side from the same weights; step 0's gradients are
 /// compared tensor by tensor, every step's loss within [`MAX_LOSS_REL_DIFF`].
+/// Root mean square of `a - b` relative to that of `b`.
+fn relative_rms(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let a = a.to_device(&Device::Cpu)?;
+    let b = b.to_device(&Device::Cpu)?;
+    let err = (&a - &b)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+    let scale = b.sqr()?.mean_all()?.to_scalar::<f32>()?;
+    Ok(f64::from(err.sqrt() / scale.sqrt().max(1e-12)))
+}
+
+/// Each quantization scheme a `quantize` stage writes, run as a layer on the device and on the
+/// CPU (issue 15: "on CUDA, the same schemes run through candle's kernels or a dequantize path,
+/// correct before fast"): a 768 → 384 layer with a bias, 64 rows, against the exact f32 product.
+fn check_quantized(dev: &Device) -> Result<Value> {
+    let (rows, in_features, out_features) = (64, 768, 384);
+    let weight = (Tensor::randn(0f32, 1.0, (out_features, in_features), &Device::Cpu)? * 0.05)?;
+    let bias = (Tensor::randn(0f32, 1.0, out_features, &Device::Cpu)? * 0.1)?;
+    let x = Tensor::randn(0f32, 1.0, (rows, in_features), &Device::Cpu)?;
+    let exact = x.matmul(&weight.t()?)?.broadcast_add(&bias)?;
+    let schemes = [
+        ("int8", QuantScheme::Int8, None),
+        ("int8_static", QuantScheme::Int8, Some(4.0f32 / 127.0)),
+        ("int4_g32", QuantScheme::Int4 { group_size: 32 }, None),
+        ("nf4", QuantScheme::Nf4, None),
+        (
+            "q8_0",
+            QuantScheme::Gguf(candle_core::quantized::GgmlDType::Q8_0),
+            None,
+        ),
+        (
+            "q4_k",
+            QuantScheme::Gguf(candle_core::quantized::GgmlDType::Q4K),
+            None,
+        ),
+    ];
+    let mut report = serde_json::Map::new();
+    for (name, scheme, input_scale) in schemes {
+        let Quantized::Weight(q) = quantize(&weight, scheme)? else {
+            bail!("{name} did not take a {out_features} x {in_features} weight");
+        };
+        let layer_on = |device: &Device| -> Result<Tensor> {
+            let layer = QuantizedLinear::new(q.clone(), Some(bias.to_device(device)?), device)?;
+            let layer = match input_scale {
+                Some(scale) => layer.with_input_scale(scale, device)?,
+                None => layer,
+            };
+            let y = layer.forward(&x.to_device(device)?)?;
+            Ok(y.to_device(&Device::Cpu)?)
+        };
+        let on_cpu = layer_on(&Device::Cpu)?;
+        let on_dev = layer_on(dev)?;
+        let cpu_error = relative_rms(&on_cpu, &exact)?;
+        let dev_error = relative_rms(&on_dev, &exact)?;
+        ensure!(
+            dev_error <= MAX_QUANT_ERROR_RATIO * cpu_error + QUANT_ABS_SLACK,
+            "{name} on the device is {dev_error} (relative RMS) from the f32 product, the CPU \
+             layer {cpu_error}"
+        );
+        report.insert(
+            name.into(),
+            json!({"cpu_rel_rms": cpu_error, "device_rel_rms": dev_error,
+                   "device_vs_cpu_rel_rms": relative_rms(&on_dev, &on_cpu)?}),
+        );
+    }
+    Ok(Value::Object(report))
+}
+
 fn check_training(cpu_store: &ParamStore, cfg: &BertConfig, cuda: &Device) -> Result<Value> {
     let examples = tiny_examples();
     let refs: Vec<&Example> = examples.iter().collect();
@@ -493,7 +566,8 @@ fn main() -> Result<()> {
     let logits = check_logits(&cpu_store, &cfg, &cuda)?;
     let training = check_training(&cpu_store, &cfg, &cuda)?;
     let recomputation = check_recomputation(&cpu_store, &cfg, &cuda)?;
-    eprintln!("CUDA matches the CPU: {logits} {training} {recomputation}");
+    let quantized = check_quantized(&cuda)?;
+    eprintln!("CUDA matches the CPU: {logits} {training} {recomputation} {quantized}");
     let timing = time_training_step(&args, &cuda, None)?;
     // Mixed precision (bf16 products, f32 master weights): its first loss must be the f32 one
     // to within bf16's rounding, or the casts compute something else.
@@ -507,6 +581,7 @@ fn main() -> Result<()> {
         json!({
             "device": device_name(&cuda),
             "check": {"logits": logits, "training": training, "recomputation": recomputation,
+                      "quantized": quantized,
                       "bf16_first_loss_rel_diff": bf16_loss_rel_diff,
                       "f16_first_loss_rel_diff": f16_loss_rel_diff},
             "bert_base_train_step": timing,
