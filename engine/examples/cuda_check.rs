@@ -334,8 +334,6 @@ fn compare_grads(
     Ok(worst)
 }
 
-/// Trains CPU and CUDA replicas side by side from the same weights; step 0's gradients are
-/// compared tensor by tensor, every step's loss within [`MAX_LOSS_REL_DIFF`].
 /// Root mean square of `a - b` relative to that of `b`.
 fn relative_rms(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?;
@@ -402,6 +400,8 @@ fn check_quantized(dev: &Device) -> Result<Value> {
     Ok(Value::Object(report))
 }
 
+/// Trains CPU and CUDA replicas side by side from the same weights; step 0's gradients are
+/// compared tensor by tensor, every step's loss within [`MAX_LOSS_REL_DIFF`].
 fn check_training(cpu_store: &ParamStore, cfg: &BertConfig, cuda: &Device) -> Result<Value> {
     let examples = tiny_examples();
     let refs: Vec<&Example> = examples.iter().collect();

@@ -43,7 +43,7 @@ pub struct TrainState {
     #[serde(default)]
     pub ended: Option<crate::train::trainer::StopReason>,
     /// The loss scale reached, with loss scaling (f16 training).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<crate::train::LossScaler>,
 }
 

@@ -89,23 +89,31 @@ pub fn measure(
 ) -> Result<ClipOutcome> {
     let average = 1.0 / grads.micro_batches() as f32;
     let clamp = cfg.max_value.map(|v| v as f32);
-    let mut raw_sq = 0f64;
-    let mut clamped_sq = 0f64;
+    // Each gradient's sums in parameter order: host ones now, device ones once all are queued.
+    let mut parts = Vec::with_capacity(vars.len());
     let mut on_device = DeviceSums::default();
     for (i, (_, var)) in vars.iter().enumerate() {
         let Some(view) = grads.get(i, var) else {
             continue;
         };
-        if let Some((raw, clamped)) = host_squared_norms(view, average, clamp)? {
-            raw_sq += raw;
-            clamped_sq += clamped;
-        } else if let GradView::Tensor(t) = view {
-            on_device.add(t, average, clamp)?;
-        }
+        parts.push(match (host_squared_norms(view, average, clamp)?, view) {
+            (Some(sums), _) => Part::Host(sums),
+            (None, GradView::Tensor(t)) => Part::Device(on_device.add(t, average, clamp)?),
+            (None, GradView::Host(_)) => unreachable!("host buffers are always summed on the host"),
+        });
     }
-    let (raw, clamped) = on_device.read()?;
-    raw_sq += raw;
-    clamped_sq += clamped;
+    let device_sums = on_device.read()?;
+    let (mut raw_sq, mut clamped_sq) = (0f64, 0f64);
+    // Added in f64 in parameter order, whatever device each gradient is on, so the norm (and
+    // the clip factor) is the same on every run.
+    for part in parts {
+        let (raw, clamped) = match part {
+            Part::Host(sums) => sums,
+            Part::Device(index) => device_sums[index],
+        };
+        raw_sq += raw;
+        clamped_sq += clamped;
+    }
     let pre_clip_norm = raw_sq.sqrt();
     let post_value_norm = clamped_sq.sqrt();
     let norm_scale = match cfg.max_norm {
@@ -147,6 +155,14 @@ fn host_squared_norms(
     }
 }
 
+/// Where one gradient's sums of squares are.
+enum Part {
+    /// Summed on the host: raw and clamped.
+    Host((f64, f64)),
+    /// Queued in [`DeviceSums`] at this index.
+    Device(usize),
+}
+
 /// Sums of squares of device gradients, kept on the device and read back once for all of them:
 /// a read per tensor would wait for the device ~200 times per step for BERT-base.
 #[derive(Default)]
@@ -156,7 +172,13 @@ struct DeviceSums {
 }
 
 impl DeviceSums {
-    fn add(&mut self, grad: &candle_core::Tensor, average: f32, clamp: Option<f32>) -> Result<()> {
+    /// Queues a gradient's sums; returns their index in [`Self::read`]'s result.
+    fn add(
+        &mut self,
+        grad: &candle_core::Tensor,
+        average: f32,
+        clamp: Option<f32>,
+    ) -> Result<usize> {
         let g = (grad.to_dtype(DType::F32)? * f64::from(average))?;
         let raw = g.sqr()?.sum_all()?;
         let clamped = match clamp {
@@ -172,18 +194,19 @@ impl DeviceSums {
             _ => pair,
         };
         self.pending.push(pair);
-        Ok(())
+        Ok(self.pending.len() - 1)
     }
 
-    /// The raw and clamped sums over every added gradient.
-    fn read(self) -> Result<(f64, f64)> {
+    /// Each queued gradient's raw and clamped sums, in the order they were added.
+    fn read(self) -> Result<Vec<(f64, f64)>> {
         if self.pending.is_empty() {
-            return Ok((0.0, 0.0));
+            return Ok(Vec::new());
         }
-        let sums = candle_core::Tensor::stack(&self.pending, 0)?
-            .sum(0)?
-            .to_vec1::<f32>()?;
-        Ok((f64::from(sums[0]), f64::from(sums[1])))
+        Ok(candle_core::Tensor::stack(&self.pending, 0)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|pair| (f64::from(pair[0]), f64::from(pair[1])))
+            .collect())
     }
 }
 

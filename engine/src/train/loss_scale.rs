@@ -81,6 +81,9 @@ pub struct LossScaler {
     pub scale: f64,
     /// Steps in a row without overflow at this scale.
     pub good_steps: u32,
+    /// Steps that updated the weights since the run began.
+    #[serde(default)]
+    pub updated_steps: u64,
     /// Steps skipped for overflow since the run began.
     pub skipped_steps: u64,
     /// Skipped steps in a row (to tell a model that does not fit f16 from a scale too high).
@@ -93,6 +96,7 @@ impl LossScaler {
         Self {
             scale: cfg.init_scale,
             good_steps: 0,
+            updated_steps: 0,
             skipped_steps: 0,
             skipped_in_a_row: 0,
         }
@@ -102,6 +106,7 @@ impl LossScaler {
     pub fn record_good_step(&mut self, cfg: &LossScaling) {
         self.skipped_in_a_row = 0;
         self.good_steps += 1;
+        self.updated_steps += 1;
         if self.good_steps >= cfg.growth_interval {
             let grown = self.scale * cfg.growth_factor;
             // f32 gradients times the scale must stay finite for the unscale to mean anything.
@@ -115,9 +120,8 @@ impl LossScaler {
     /// Records a skipped step and shrinks the scale.
     ///
     /// # Errors
-    /// [`EngineError::InvalidSetting`] when the scale has fallen below [`MIN_LOSS_SCALE`]: the
-    /// model's activations or gradients overflow f16 at any scale, so the run would skip every
-    /// step and train nothing.
+    /// [`EngineError::InvalidSetting`] when the scale has fallen below [`MIN_LOSS_SCALE`]: even
+    /// unscaled, this model's activations or gradients overflow f16 too often to train.
     pub fn record_overflow(&mut self, cfg: &LossScaling) -> Result<()> {
         self.skipped_steps += 1;
         self.skipped_in_a_row += 1;
@@ -125,10 +129,11 @@ impl LossScaler {
         self.scale *= cfg.backoff_factor;
         if self.scale < MIN_LOSS_SCALE {
             return Err(EngineError::InvalidSetting(format!(
-                "mixed_precision: f16 overflowed at every one of the last {} steps, down to a loss \
-                 scale below {MIN_LOSS_SCALE}: this model's activations or gradients do not fit \
-                 f16's range (largest 65504); train it with bf16 or in f32",
-                self.skipped_in_a_row
+                "mixed_precision: f16 overflowed often enough to bring the loss scale below \
+                 {MIN_LOSS_SCALE} ({} steps skipped, {} in a row at the end, {} steps trained): \
+                 this model's activations or gradients do not fit f16's range (largest 65504); \
+                 train it with bf16 or in f32",
+                self.skipped_steps, self.skipped_in_a_row, self.updated_steps
             )));
         }
         Ok(())
@@ -150,9 +155,10 @@ pub fn unscale(grads: &mut GradStore, vars: &[(String, Var)], scale: f64) -> Res
             continue;
         };
         let unscaled = grad.affine(inverse, 0.0)?;
-        // A sum is NaN or infinite when any term is (inf − inf is NaN), and finite f16-born
-        // gradients cannot add up to f32's overflow.
-        sums.push(unscaled.sum_all()?.to_dtype(DType::F32)?);
+        // A sum is NaN or infinite when any term is (inf − inf is NaN). Summed in f32, where
+        // finite unscaled gradients cannot add up to an overflow (an f16 parameter's could
+        // in f16).
+        sums.push(unscaled.to_dtype(DType::F32)?.sum_all()?);
         grads.insert(var.as_tensor(), unscaled);
     }
     if sums.is_empty() {
@@ -202,7 +208,12 @@ mod tests {
         scaler.record_overflow(&cfg).unwrap();
         scaler.record_overflow(&cfg).unwrap();
         let err = scaler.record_overflow(&cfg).unwrap_err().to_string();
-        assert!(err.contains("bf16") && err.contains("3 steps"), "{err}");
+        assert!(
+            err.contains("mixed_precision")
+                && err.contains("bf16")
+                && err.contains("3 steps skipped"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -348,9 +348,12 @@ impl Trainer<'_> {
         if let Some(dir) = &self.cfg.checkpoint_dir {
             if checkpoint::exists(dir) {
                 let mut state = checkpoint::load(dir, optimizer)?;
-                if state.loss_scaler.is_none() {
-                    state.loss_scaler = self.cfg.loss_scaling.as_ref().map(LossScaler::new);
-                }
+                // The scale a checkpoint reached when this run scales its loss, a fresh one when
+                // the checkpoint had none, and none when this run does not scale.
+                state.loss_scaler = self
+                    .cfg
+                    .loss_scaling
+                    .map(|c| state.loss_scaler.unwrap_or_else(|| LossScaler::new(&c)));
                 tracing::info!(target: "engine.train", step = state.step, dir = %dir.display(), "resuming from checkpoint");
                 return Ok((state, true));
             }
@@ -400,7 +403,9 @@ impl Trainer<'_> {
             if state.loss_scaler.is_some() {
                 // Divided back before any hook or the optimizer sees them; an overflowed
                 // micro-batch spoils the whole step, whose remaining micro-batches still run so
-                // the data order stays that of a run without overflow.
+                // the data order stays that of a run without overflow. (With accumulation, the
+                // micro-batches before the overflowed one have already been shown to
+                // `after_backward`: their gradients are finite and right, only unused.)
                 overflowed |= !loss_scale::unscale(&mut grads, ctx.vars, loss_scale)?;
             }
             if !overflowed {

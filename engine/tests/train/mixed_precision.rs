@@ -244,3 +244,44 @@ fn a_resumed_run_goes_on_with_the_scale_it_had_reached() -> Result<()> {
     assert_eq!(max_diff(&whole_weights, &snapshot(&store)?), 0.0);
     Ok(())
 }
+
+#[test]
+fn a_checkpoint_resumed_without_loss_scaling_trains_unscaled() -> Result<()> {
+    let train = synthetic_rows(32, 1);
+    let dir = tempfile::tempdir()?;
+    let linears = LinearFactory::default().with_compute_dtype(DType::F16);
+    let cancel = AtomicBool::new(false);
+    let (store, model) = tiny_classifier_with(3, 0.0, &linears)?;
+    let task = SequenceClassificationTask { model: &model };
+    let scaled = TrainConfig {
+        checkpoint_dir: Some(dir.path().into()),
+        ..config(4, Some(LossScaling::default()))
+    };
+    let mut opt = AdamW::new(store.trainable_vars(), scaled.optimizer.clone())?;
+    let first = Trainer::new(scaled, Device::Cpu, 0, &cancel)?.run(
+        &task,
+        &mut opt,
+        &train,
+        &mut CancelAfter {
+            step: 1,
+            flag: &cancel,
+        },
+    )?;
+    assert!(first.loss_scale.is_some());
+    // The same job retried with mixed precision turned off: no scale is carried over.
+    let (store, model) = tiny_classifier_with(3, 0.0, &LinearFactory::default())?;
+    let task = SequenceClassificationTask { model: &model };
+    let plain = TrainConfig {
+        checkpoint_dir: Some(dir.path().into()),
+        ..config(4, None)
+    };
+    let never = AtomicBool::new(false);
+    let mut opt = AdamW::new(store.trainable_vars(), plain.optimizer.clone())?;
+    let resumed =
+        Trainer::new(plain, Device::Cpu, 0, &never)?.run(&task, &mut opt, &train, &mut NoHooks)?;
+    assert!(resumed.resumed);
+    assert_eq!(resumed.steps, 4);
+    assert!(resumed.loss_scale.is_none());
+    assert_eq!(opt.steps(), 4);
+    Ok(())
+}
