@@ -77,15 +77,30 @@ fn forward(
     transposed: bool,
 ) -> Vec<f32> {
     let (w_rs, w_cs) = weight_strides(transposed, inp, out);
-    let mut y = vec![0f32; rows * out];
-    if let Some(b) = b {
-        y.par_chunks_mut(out * 64).for_each(|block| {
-            block
-                .chunks_exact_mut(out)
-                .for_each(|r| r.copy_from_slice(b))
-        });
+    let len = rows * out;
+    if inp == 0 || len == 0 {
+        // Nothing to multiply (the GEMM might not write an empty product): the bias alone.
+        return match b {
+            Some(b) => b.iter().copied().cycle().take(len).collect(),
+            None => vec![0f32; len],
+        };
     }
-    // SAFETY: the views cover exactly `x` (rows × in), `W` (out × in, read as Wᵀ) and `y`.
+    // Not zero-filled: the GEMM writes every element (over the bias when there is one).
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    if let Some(b) = b {
+        y.spare_capacity_mut()[..len]
+            .par_chunks_mut(out * 64)
+            .for_each(|block| {
+                for row in block.chunks_exact_mut(out) {
+                    for (d, &s) in row.iter_mut().zip(b) {
+                        d.write(s);
+                    }
+                }
+            });
+    }
+    // SAFETY: the views cover exactly `x` (rows × in), `W` (out × in, read as Wᵀ) and `y`'s
+    // `rows × out` reserved elements, which the GEMM reads only when the bias was written there
+    // and writes all of (k = in ≥ 1), so `y` is initialised when its length is set.
     unsafe {
         gemm::gemm(
             rows,
@@ -108,6 +123,7 @@ fn forward(
             false,
             parallelism(),
         );
+        y.set_len(len);
     }
     y
 }
@@ -247,11 +263,19 @@ impl CustomOp3 for LinearBackward {
         let len = usize::from(self.dx) * rows * inp
             + usize::from(self.dw) * out * inp
             + usize::from(self.db) * out;
-        let mut grads = vec![0f32; len];
-        let (dx, rest) = grads.split_at_mut(if self.dx { rows * inp } else { 0 });
+        if rows == 0 || out == 0 {
+            // Empty products, which the GEMM might not write: the gradients are zero.
+            return Ok((CpuStorage::F32(vec![0f32; len]), Shape::from(len)));
+        }
+        // Not zero-filled: with rows and out at least 1, the two GEMMs (k = out, k = rows) write
+        // every element of dx and dW, and the column sums every element of db.
+        let mut grads: Vec<f32> = Vec::with_capacity(len);
+        let (dx, rest) =
+            grads.spare_capacity_mut()[..len].split_at_mut(if self.dx { rows * inp } else { 0 });
         let (dw, db) = rest.split_at_mut(if self.dw { out * inp } else { 0 });
         // SAFETY: each view covers exactly its buffer: dy (rows × out), W (out × in, in either
-        // orientation), x (rows × in), dx (rows × in), dW (out × in, in the weight's orientation).
+        // orientation), x (rows × in), dx (rows × in), dW (out × in, in the weight's orientation);
+        // the GEMMs do not read their destinations (`read_dst` false).
         unsafe {
             if self.dx {
                 // dx = dy W
@@ -259,7 +283,7 @@ impl CustomOp3 for LinearBackward {
                     rows,
                     inp,
                     out,
-                    dx.as_mut_ptr(),
+                    dx.as_mut_ptr().cast::<f32>(),
                     1,
                     inp as isize,
                     false,
@@ -283,7 +307,7 @@ impl CustomOp3 for LinearBackward {
                     out,
                     inp,
                     rows,
-                    dw.as_mut_ptr(),
+                    dw.as_mut_ptr().cast::<f32>(),
                     w_cs,
                     w_rs,
                     false,
@@ -315,10 +339,13 @@ impl CustomOp3 for LinearBackward {
                 a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                 a
             });
-            if let Some(sums) = sums {
-                db.copy_from_slice(&sums);
+            let sums = sums.unwrap_or_else(|| vec![0f32; out]);
+            for (d, &s) in db.iter_mut().zip(&sums) {
+                d.write(s);
             }
         }
+        // SAFETY: every element was written above (dx and dW by the GEMMs, db by the loop).
+        unsafe { grads.set_len(len) };
         Ok((CpuStorage::F32(grads), Shape::from(len)))
     }
 }

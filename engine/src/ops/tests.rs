@@ -427,3 +427,24 @@ fn parameter_gradients_repeat_exactly_over_many_chunks() -> Result<()> {
     }
     Ok(())
 }
+
+/// An empty batch (no rows): an empty output, and zero gradients, not whatever memory the
+/// unfilled buffers held. (A layer without input features is refused at its shape.)
+#[test]
+fn fused_linear_handles_empty_products() -> Result<()> {
+    let dev = Device::Cpu;
+    let b = Var::from_tensor(&Tensor::new(&[1f32, -2.0, 3.0], &dev)?)?;
+    // No rows: an empty output, and zero gradients for the weight and the bias.
+    let x = Var::from_tensor(&Tensor::zeros((0, 2), DType::F32, &dev)?)?;
+    let w = Var::from_tensor(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
+    let y = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), false)?.expect("fused path");
+    assert_eq!(y.dims(), [0, 3]);
+    let grads = y.sum_all()?.backward()?;
+    if let Some(dw) = grads.get(&w) {
+        assert_eq!(dw.to_vec2::<f32>()?, vec![vec![0.0; 2]; 3]);
+    }
+    if let Some(db) = grads.get(&b) {
+        assert_eq!(db.to_vec1::<f32>()?, vec![0.0; 3]);
+    }
+    Ok(())
+}
