@@ -26,15 +26,38 @@ pub(crate) struct RmsNormOp(pub RowNorm);
 /// `(x, weight, dy) → [dx | dw | db]` (db only when centred).
 struct NormBackward(RowNorm);
 
+/// Independent partial sums per row: a single float accumulator is a serial chain of dependent
+/// adds, which the compiler may not reorder, so the rows' reductions ran one element per add
+/// latency; eight lanes vectorise. The lanes are then added in a fixed order, so results repeat.
+const LANES: usize = 8;
+
+/// `Σⱼ f(a[j], b[j])` over eight lanes.
+#[inline(always)]
+fn lane_sum<T: KernelFloat>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> T {
+    let mut lanes = [T::zero(); LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: T = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .fold(T::zero(), |acc, (&x, &y)| acc + f(x, y));
+    for (xs, ys) in a_blocks.zip(b_blocks) {
+        for l in 0..LANES {
+            lanes[l] += f(xs[l], ys[l]);
+        }
+    }
+    lanes.iter().fold(T::zero(), |acc, &v| acc + v) + tail
+}
+
 /// Mean (zero when not centred) and reciprocal standard deviation of one row.
 fn row_stats<T: KernelFloat>(x: &[T], norm: RowNorm) -> (T, T) {
     let n = T::c(x.len() as f64);
     let mean = if norm.centered {
-        x.iter().copied().sum::<T>() / n
+        lane_sum(x, x, |v, _| v) / n
     } else {
         T::zero()
     };
-    let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / n;
+    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / n;
     (mean, (var + T::c(norm.eps)).sqrt().recip())
 }
 
@@ -73,19 +96,31 @@ fn norm_backward_block<T: KernelFloat>(
         .zip(dy.chunks_exact(d))
     {
         let (mean, rstd) = row_stats(x, norm);
-        let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+        // g = dy ⊙ w, x̂ = (x − mean) · rstd; the row's means of g and g ⊙ x̂ (lane sums), then
+        // the element-wise updates, which vectorise as they are.
+        let mean_g = if norm.centered {
+            lane_sum(dy, w, |dy, w| dy * w) / n
+        } else {
+            T::zero()
+        };
+        let mut lanes = [T::zero(); LANES];
+        let blocks = dy.chunks_exact(LANES).zip(w.chunks_exact(LANES));
+        let mut tail = T::zero();
+        let full = d - d % LANES;
+        for (b, (dys, ws)) in blocks.enumerate() {
+            let xs = &x[b * LANES..(b + 1) * LANES];
+            for l in 0..LANES {
+                lanes[l] += dys[l] * ws[l] * (xs[l] - mean);
+            }
+        }
+        for j in full..d {
+            tail += dy[j] * w[j] * (x[j] - mean);
+        }
+        let mean_gx = (lanes.iter().fold(T::zero(), |acc, &v| acc + v) + tail) * rstd / n;
         for j in 0..d {
             let xhat = (x[j] - mean) * rstd;
-            let g = dy[j] * w[j];
-            mean_g += g;
-            mean_gx += g * xhat;
             dw[j] += dy[j] * xhat;
             db[j] += dy[j];
-        }
-        let mean_g = if norm.centered { mean_g / n } else { T::zero() };
-        let mean_gx = mean_gx / n;
-        for j in 0..d {
-            let xhat = (x[j] - mean) * rstd;
             dx[j] = rstd * (dy[j] * w[j] - mean_g - xhat * mean_gx);
         }
     }
