@@ -57,9 +57,11 @@ pub struct PruneSpec {
     pub recover: Option<Recover>,
     /// How heads and neurons are scored (structured patterns only; `null` means `l1`): `l1`/`l2`
     /// norms of their weights, `taylor` (|w·∂L/∂w| over calibration batches of training data),
-    /// `activation` (Wanda-style |w|·‖x‖ with input norms from the calibration batches) or `lora`
-    /// (LoRAPrune: |(W + BA) ⊙ (∂L/∂B·A + B·∂L/∂A)| from adapters on the frozen base, which also
-    /// run the recovery).
+    /// `activation` (Wanda-style |w|·‖x‖ with input norms from the calibration batches), `mask`
+    /// (Michel et al. 2019: the loss change when the head or neuron is masked, to first order,
+    /// |∂L/∂gate| = |Σ w·∂L/∂w| over its output-projection columns, per calibration batch) or
+    /// `lora` (LoRAPrune: |(W + BA) ⊙ (∂L/∂B·A + B·∂L/∂A)| from adapters on the frozen base, which
+    /// also run the recovery).
     #[serde(default)]
     pub importance: Option<Importance>,
     /// `importance: "lora"` only: the adapters the stage attaches to the frozen base for scoring
@@ -71,7 +73,7 @@ pub struct PruneSpec {
     #[serde(default)]
     #[schemars(range(min = 1))]
     pub min_keep: Option<u32>,
-    /// Training batches that taylor and activation importance are computed on, per scoring.
+    /// Training batches that taylor, activation and mask importance are computed on, per scoring.
     #[serde(default = "default_calibration_batches")]
     #[schemars(range(min = 1, max = MAX_CALIBRATION_BATCHES))]
     pub calibration_batches: u32,

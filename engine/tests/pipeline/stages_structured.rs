@@ -76,6 +76,28 @@ fn rows(model: &WorkingModel, name: &str) -> usize {
 const FINETUNE: &str =
     r#"{"type": "finetune", "epochs": 3, "learning_rate": 0.003, "batch_size": 16}"#;
 
+/// `importance: "mask"` (Michel et al.'s first-order masking loss change) scores both heads and
+/// neurons from calibration batches and cuts the requested share of each.
+#[test]
+fn mask_importance_prunes_heads_and_neurons_to_the_target() -> Result<()> {
+    let (_spec, _inputs, result, _dir) = bert_job(json!([
+        serde_json::from_str::<Value>(FINETUNE)?,
+        {"type": "prune", "pattern": "structured", "importance": "mask", "scope": "per_layer",
+         "sparsity": 0.5, "calibration_batches": 2}
+    ]))?;
+    let details = &result.report.stages[1].details;
+    assert_eq!(details["importance"], "mask");
+    for (target, before) in details["targets"].as_array().unwrap().iter().zip([8, 128]) {
+        assert_eq!(target["after"], before / 2, "{target}");
+    }
+    // Every layer's kept structures carry real (positive) scores: the gradients reached them.
+    for layer in details["layers"].as_array().unwrap() {
+        let range = layer["kept_score_range"].as_array().unwrap();
+        assert!(range[1].as_f64().unwrap() > 0.0, "{layer}");
+    }
+    Ok(())
+}
+
 #[test]
 fn taylor_layer_adaptive_prune_shrinks_bert_and_reloads_from_its_padded_folder() -> Result<()> {
     let (spec, inputs, result, _dir) = bert_job(json!([
@@ -267,7 +289,7 @@ fn run_stage(model: &mut WorkingModel, stage: Value) -> compressd_engine::Result
 fn taylor_and_activation_need_training_data() -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_model(dir.path())?;
-    for importance in ["taylor", "activation", "lora"] {
+    for importance in ["taylor", "activation", "mask", "lora"] {
         let mut model = working_model(dir.path())?;
         let stage = json!({"type": "prune", "pattern": "heads", "importance": importance, "sparsity": 0.25});
         let Err(err) = run_stage(&mut model, stage) else {

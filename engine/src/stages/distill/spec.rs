@@ -57,7 +57,7 @@ pub struct DistillSpec {
     #[schemars(range(min = 1, max = 1_000_000))]
     pub hidden_size: Option<u32>,
     /// How the heads and neurons a narrower student keeps are ranked (structured pruning's
-    /// importance): `l1` / `l2` weight magnitude, or `taylor` / `activation` on 8 calibration
+    /// importance): `l1` / `l2` weight magnitude, or `taylor` / `activation` / `mask` on 8 calibration
     /// batches of the training data, scored on the student built from the teacher's layers
     /// (`lora` is structured pruning's only). The hidden channels are always ranked by magnitude.
     #[serde(default)]
@@ -494,7 +494,10 @@ impl StageKind for DistillSpec {
         c.check(
             self.narrow_importance != crate::stages::prune_structured::Importance::Lora,
             &format!("{at}/narrow_importance"),
-            || "lora importance needs LoRA adapters: use l1, l2, taylor or activation".to_owned(),
+            || {
+                "lora importance needs LoRA adapters: use l1, l2, taylor, activation or mask"
+                    .to_owned()
+            },
         );
         c.range_u32(
             self.cache_teacher_max_mib,
