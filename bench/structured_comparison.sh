@@ -2,7 +2,7 @@
 # Structured pruning comparison (issue 13) on MiniLM / BBC News: one fine-tuned model, then the same
 # 40% cut of heads and FFN neurons (min_keep 2, 8 calibration batches, a 1-epoch recovery after each
 # step) with one setting changed at a time:
-#   importance  l1 | taylor | activation        (layer_adaptive, 4 steps)
+#   importance  l1 | taylor | activation | mask (layer_adaptive, 4 steps)
 #   schedule    one-shot (1 step) | iterative (4 steps)   (taylor, layer_adaptive)
 #   scope       global | per_layer | layer_adaptive       (taylor, 4 steps)
 # The fine-tune runs once (`compressd run`, 2 epochs, seed 7) and every variant starts from its saved
@@ -13,13 +13,13 @@
 #   cargo build --release --bin compressd && bench/structured_comparison.sh
 #
 # Environment: SHARED (default ../shared), OUT (default target/structured-comparison), BIN (default
-# $CARGO_TARGET_DIR or target, /release/compressd), VARIANTS (default: all six below).
+# $CARGO_TARGET_DIR or target, /release/compressd), VARIANTS (default: all seven below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-target/structured-comparison}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/compressd}
-VARIANTS=${VARIANTS:-l1 taylor activation one-shot global per-layer}
+VARIANTS=${VARIANTS:-l1 taylor activation mask one-shot global per-layer}
 MODEL=$(realpath "$SHARED/models/all-MiniLM-L6-v2")
 DATA=$(realpath "$SHARED/data/bbc_news/bbc_news.jsonl")
 TASK="{\"type\": \"text_classification\", \"dataset\": \"$DATA\", \"max_length\": 128,
@@ -32,6 +32,7 @@ settings() {
         l1)         echo "l1 layer_adaptive 4" ;;
         taylor)     echo "taylor layer_adaptive 4" ;;
         activation) echo "activation layer_adaptive 4" ;;
+        mask)       echo "mask layer_adaptive 4" ;;
         one-shot)   echo "taylor layer_adaptive 1" ;;
         global)     echo "taylor global 4" ;;
         per-layer)  echo "taylor per_layer 4" ;;
