@@ -13,7 +13,7 @@ use compressd_engine::task::SequenceClassificationTask;
 use compressd_engine::train::{
     AdamW, AdamWConfig, LossScaling, NoHooks, TrainConfig, TrainHooks, Trainer,
 };
-use train_support::{snapshot, synthetic_rows, tiny_classifier_with};
+use train_support::{snapshot, synthetic_rows, tiny_classifier_with, CancelAfter};
 
 fn config(steps: u64, loss_scaling: Option<LossScaling>) -> TrainConfig {
     TrainConfig {
@@ -166,20 +166,6 @@ fn a_skipped_step_changes_nothing() -> Result<()> {
     assert_eq!(opt.steps(), 0);
     assert!(report.final_loss.is_some_and(f64::is_finite));
     Ok(())
-}
-
-/// Sets the cancellation flag after a given step, as a client cancelling the job would.
-struct CancelAfter<'a> {
-    step: u64,
-    flag: &'a AtomicBool,
-}
-
-impl TrainHooks for CancelAfter<'_> {
-    fn on_progress(&mut self, progress: &compressd_engine::train::Progress) {
-        if progress.step == self.step {
-            self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
 }
 
 #[test]

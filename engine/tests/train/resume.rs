@@ -4,16 +4,16 @@
 
 use crate::train_support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Result;
 use candle_core::Device;
 use compressd_engine::task::SequenceClassificationTask;
 use compressd_engine::train::{
-    AdamW, AdamWConfig, ClipConfig, Decay, NoHooks, Progress, ScheduleConfig, StopReason,
-    TrainConfig, TrainHooks, Trainer,
+    AdamW, AdamWConfig, ClipConfig, Decay, NoHooks, ScheduleConfig, StopReason, TrainConfig,
+    Trainer,
 };
-use train_support::{snapshot, synthetic_rows, tiny_classifier};
+use train_support::{snapshot, synthetic_rows, tiny_classifier, CancelAfter};
 
 fn config(checkpoint_dir: Option<std::path::PathBuf>) -> TrainConfig {
     TrainConfig {
@@ -36,20 +36,6 @@ fn config(checkpoint_dir: Option<std::path::PathBuf>) -> TrainConfig {
         seed: 11,
         checkpoint_dir,
         ..Default::default()
-    }
-}
-
-/// Sets the cancellation flag after a given step, as a client cancelling the job would.
-struct CancelAfter<'a> {
-    step: u64,
-    flag: &'a AtomicBool,
-}
-
-impl TrainHooks for CancelAfter<'_> {
-    fn on_progress(&mut self, progress: &Progress) {
-        if progress.step == self.step {
-            self.flag.store(true, Ordering::Relaxed);
-        }
     }
 }
 

@@ -74,3 +74,17 @@ pub fn snapshot(store: &ParamStore) -> Result<Vec<(String, Vec<f32>)>> {
         .map(|(n, v)| Ok((n, v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
         .collect()
 }
+
+/// Sets the cancellation flag after a given step, as a client cancelling the job would.
+pub struct CancelAfter<'a> {
+    pub step: u64,
+    pub flag: &'a std::sync::atomic::AtomicBool,
+}
+
+impl compressd_engine::train::TrainHooks for CancelAfter<'_> {
+    fn on_progress(&mut self, progress: &compressd_engine::train::Progress) {
+        if progress.step == self.step {
+            self.flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
