@@ -96,11 +96,7 @@ pub fn measure(
         let Some(view) = grads.get(i, var) else {
             continue;
         };
-        parts.push(match (host_squared_norms(view, average, clamp)?, view) {
-            (Some(sums), _) => Part::Host(sums),
-            (None, GradView::Tensor(t)) => Part::Device(on_device.add(t, average, clamp)?),
-            (None, GradView::Host(_)) => unreachable!("host buffers are always summed on the host"),
-        });
+        parts.push(squared_norms(view, average, clamp, &mut on_device)?);
     }
     let device_sums = on_device.read()?;
     let (mut raw_sq, mut clamped_sq) = (0f64, 0f64);
@@ -130,28 +126,29 @@ pub fn measure(
     })
 }
 
-/// Sum of squares of the averaged gradient, before and after the element clamp, for a gradient
-/// in host memory; `None` for one on a device (or strided), which [`DeviceSums`] takes.
-fn host_squared_norms(
+/// Sum of squares of the averaged gradient, before and after the element clamp: summed now for a
+/// gradient in host memory, queued in `on_device` for one on a device (or strided).
+fn squared_norms(
     view: GradView<'_>,
     average: f32,
     clamp: Option<f32>,
-) -> Result<Option<(f64, f64)>> {
+    on_device: &mut DeviceSums,
+) -> Result<Part> {
     let probe = GradTransform {
         average,
         clamp,
         norm_scale: 1.0,
     };
     match view {
-        GradView::Host(buf) => Ok(Some(sum_squares_slice(buf, &probe))),
+        GradView::Host(buf) => Ok(Part::Host(sum_squares_slice(buf, &probe))),
         // Storage order does not matter for a sum of squares, so transposed views are read as is.
         GradView::Tensor(t) if t.device().is_cpu() && dense_order(t.layout()).is_some() => {
             read_cpu(t, |s, _| {
                 with_float_slice!(s, |s| sum_squares_slice(s, &probe))
             })
-            .map(Some)
+            .map(Part::Host)
         }
-        GradView::Tensor(_) => Ok(None),
+        GradView::Tensor(t) => Ok(Part::Device(on_device.add(t, average, clamp)?)),
     }
 }
 
