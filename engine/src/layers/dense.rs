@@ -144,6 +144,12 @@ impl LinearLayer for DenseLinear {
         Some(&self.weight)
     }
 
+    fn trained_dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        // A mixed-precision layer casts, and a frozen one runs on its transposed copy.
+        (self.compute_dtype.is_none() && self.weight.track_op())
+            .then_some((&self.weight, self.bias.as_ref()))
+    }
+
     fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

@@ -61,6 +61,14 @@ pub trait LinearLayer: Send + Sync + Debug {
     /// The dense weight `(out_features, in_features)` when the variant keeps one (export, pruning).
     fn weight(&self) -> Option<&Tensor>;
 
+    /// The weight `(out_features, in_features)` and bias when this layer computes exactly
+    /// `x Wᵀ + b` in the input's dtype with a weight being trained, so that a model may stack it
+    /// with its neighbours into one product (BERT's query, key and value). `None` for every other
+    /// layer, which a caller then runs on its own.
+    fn trained_dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+        None
+    }
+
     /// The bias `(out_features)`, if the layer has one.
     fn bias(&self) -> Option<&Tensor>;
 

@@ -169,17 +169,12 @@ impl DropoutRng {
         self.rng.lock().unwrap_or_else(|e| e.into_inner()).gen()
     }
 
-    /// A keep mask scaled by `1 / (1 - p)`: each element is `0` with probability `p`.
+    /// A keep mask scaled by `1 / (1 - p)`: each element is `0` with probability `p`. One seed
+    /// is drawn from this generator per mask and the mask is filled from it in parallel
+    /// ([`ops::dropout_factors`]), so the mask is the same on every device and a restored state
+    /// replays it.
     fn keep_mask(&self, shape: &[usize], p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let scale = (1.0 / (1.0 - p)) as f32;
-        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let mask: Vec<f32> = (0..n)
-            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { scale })
-            .collect();
-        Tensor::from_vec(mask, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        ops::dropout_factors(self.next_seed(), p, shape, dtype, device)
     }
 }
 

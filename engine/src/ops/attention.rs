@@ -9,13 +9,18 @@
 //! pair: single-threaded GEMMs on strided views of `q`, `k`, `v` (gemm reads any strides), the
 //! softmax on score buffers the task reuses, results written straight into the head's columns.
 //!
+//! The projections come either as three tensors or as one packed `[q | k | v]` tensor, the output
+//! of a single linear layer with the three weights stacked ([`PackedAttention`]): the kernel reads
+//! each head's columns where they lie in either layout, and the packed backward writes one packed
+//! gradient.
+//!
 //! Nothing of size `seq²` outlives a call: the backward recomputes the probabilities from `q` and
 //! `k` (one small GEMM per head, cheaper than keeping them), and dropout draws its keep mask from a
 //! hash of (seed, position) so the backward regenerates exactly the mask the forward used.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -32,19 +37,10 @@ pub(crate) struct AttentionDropout {
 }
 
 impl AttentionDropout {
-    /// The multiplier of the probability at `index`: 0 (dropped) or `1 / (1 − p)`.
+    /// The multiplier of the probability at `index`: 0 (dropped) or `1 / (1 − p)`
+    /// ([`super::dropout_factor`], so the composed path draws the same mask).
     pub(crate) fn factor(self, index: u64) -> f32 {
-        // splitmix64's finaliser: a counter-based generator, so any position is drawn on its own.
-        let mut z = self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
-        if uniform < self.p {
-            0.0
-        } else {
-            1.0 / (1.0 - self.p)
-        }
+        super::dropout_factor(self.seed, self.p, index)
     }
 }
 
@@ -145,7 +141,16 @@ unsafe fn matmul(m: usize, n: usize, k: usize, dst: Out, lhs: View, rhs: View, b
     );
 }
 
-/// The sizes of one call.
+/// Where one of `q`, `k`, `v` (or its gradient) lies in its buffer: row `r` of head `h` in
+/// sequence `n` starts at `n · seq · rs + col + h · head_dim`. Separate tensors have `col` 0 and
+/// `rs` = width; a packed `[q | k | v]` projection has `rs` = 3 · width and `col` 0, width, 2 · width.
+#[derive(Clone, Copy)]
+struct Operand {
+    col: usize,
+    rs: usize,
+}
+
+/// The sizes of one call and where its operands lie.
 #[derive(Clone, Copy)]
 struct Dims {
     batch: usize,
@@ -154,15 +159,27 @@ struct Dims {
     width: usize,
     heads: usize,
     head_dim: usize,
+    q: Operand,
+    k: Operand,
+    v: Operand,
 }
 
 impl Dims {
-    /// Offsets of (sequence, head)'s first element in `q`-shaped and `k`-shaped buffers.
-    fn offsets(&self, task: usize) -> (usize, usize) {
-        let (seq, head) = (task / self.heads, task % self.heads);
-        (
-            seq * self.s_q * self.width + head * self.head_dim,
-            seq * self.s_k * self.width + head * self.head_dim,
+    /// Offset of (sequence, head)'s first element of `operand`, whose sequences are `seq` rows.
+    fn at(&self, operand: Operand, seq: usize, task: usize) -> usize {
+        let (n, head) = (task / self.heads, task % self.heads);
+        n * seq * operand.rs + operand.col + head * self.head_dim
+    }
+
+    /// Offset of (sequence, head)'s first element in the `(batch, s_q, width)` output.
+    fn out_at(&self, task: usize) -> usize {
+        self.at(
+            Operand {
+                col: 0,
+                rs: self.width,
+            },
+            self.s_q,
+            task,
         )
     }
 }
@@ -185,11 +202,7 @@ impl FusedAttention {
                 self.num_heads
             );
         }
-        if let Some(bias) = &self.bias {
-            if bias.len() != b * s_k {
-                candle_core::bail!("attention: bias has {} values, not {b} × {s_k}", bias.len());
-            }
-        }
+        self.check_bias(b, s_k)?;
         Ok(Dims {
             batch: b,
             s_q,
@@ -197,12 +210,49 @@ impl FusedAttention {
             width,
             heads: self.num_heads,
             head_dim: width / self.num_heads,
+            q: Operand { col: 0, rs: width },
+            k: Operand { col: 0, rs: width },
+            v: Operand { col: 0, rs: width },
         })
+    }
+
+    /// The sizes of a packed `[q | k | v]` projection `(batch, seq, 3 · width)` (self-attention).
+    fn packed_dims(&self, lqkv: &Layout) -> Result<Dims> {
+        let (b, s, packed) = lqkv.shape().dims3()?;
+        let width = packed / 3;
+        if packed % 3 != 0 || self.num_heads == 0 || width % self.num_heads != 0 {
+            candle_core::bail!(
+                "attention: packed projections of width {packed} are not 3 × {} whole heads",
+                self.num_heads
+            );
+        }
+        self.check_bias(b, s)?;
+        let at = |col| Operand { col, rs: packed };
+        Ok(Dims {
+            batch: b,
+            s_q: s,
+            s_k: s,
+            width,
+            heads: self.num_heads,
+            head_dim: width / self.num_heads,
+            q: at(0),
+            k: at(width),
+            v: at(2 * width),
+        })
+    }
+
+    fn check_bias(&self, b: usize, s_k: usize) -> Result<()> {
+        match &self.bias {
+            Some(bias) if bias.len() != b * s_k => {
+                candle_core::bail!("attention: bias has {} values, not {b} × {s_k}", bias.len())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The softmax probabilities of one (sequence, head) into `probs` (`s_q × s_k`).
     fn probabilities(&self, d: &Dims, task: usize, q: &[f32], k: &[f32], probs: &mut Vec<f32>) {
-        let (q_at, k_at) = d.offsets(task);
+        let (q_at, k_at) = (d.at(d.q, d.s_q, task), d.at(d.k, d.s_k, task));
         probs.resize(d.s_q * d.s_k, 0.0);
         // SAFETY: the views stay inside `q` and `k` (offsets and strides from the checked shapes).
         unsafe {
@@ -214,8 +264,8 @@ impl FusedAttention {
                     ptr: probs.as_mut_ptr(),
                     rs: d.s_k,
                 },
-                View::rows(q, q_at, d.width),
-                View::rows(k, k_at, d.width).t(),
+                View::rows(q, q_at, d.q.rs),
+                View::rows(k, k_at, d.k.rs).t(),
                 self.scale,
             );
         }
@@ -241,6 +291,137 @@ impl FusedAttention {
     }
 }
 
+impl FusedAttention {
+    /// The attended values `(batch, s_q, width)` of the operands `d` describes.
+    fn forward_core(&self, d: &Dims, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; d.batch * d.s_q * d.width];
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        (0..d.batch * d.heads)
+            .into_par_iter()
+            .for_each_init(Vec::new, |probs, task| {
+                self.probabilities(d, task, q, k, probs);
+                self.apply_dropout(d, task, probs);
+                // SAFETY: the views stay inside their buffers; the output block is this task's own.
+                unsafe {
+                    // out_h = probs v_h   (s_q × s_k times s_k × head_dim)
+                    matmul(
+                        d.s_q,
+                        d.head_dim,
+                        d.s_k,
+                        out_ptr.block(d.out_at(task), d.width),
+                        View::rows(probs, 0, d.s_k),
+                        View::rows(v, d.at(d.v, d.s_k, task), d.v.rs),
+                        1.0,
+                    );
+                }
+            });
+        out
+    }
+
+    /// The gradients of `q`, `k` and `v` given the output's, written through `grads` (`dq`,
+    /// `dk`, `dv`), each laid out as `grad_dims` says; every element of their (sequence, head)
+    /// blocks is written.
+    fn backward_core(
+        &self,
+        d: &Dims,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        d_out: &[f32],
+        grads: [SharedMut; 3],
+        grad_dims: &Dims,
+    ) {
+        let [dq, dk, dv] = grads;
+        (0..d.batch * d.heads).into_par_iter().for_each_init(
+            BackwardScratch::default,
+            |s, task| {
+                let (q_at, k_at, v_at) = (
+                    d.at(d.q, d.s_q, task),
+                    d.at(d.k, d.s_k, task),
+                    d.at(d.v, d.s_k, task),
+                );
+                let g = grad_dims;
+                let (dq_at, dk_at, dv_at) = (
+                    g.at(g.q, g.s_q, task),
+                    g.at(g.k, g.s_k, task),
+                    g.at(g.v, g.s_k, task),
+                );
+                self.probabilities(d, task, q, k, &mut s.probs);
+                let dropped = if self.dropout.is_some() {
+                    s.dropped.clone_from(&s.probs);
+                    self.apply_dropout(d, task, &mut s.dropped);
+                    &s.dropped
+                } else {
+                    &s.probs
+                };
+                s.grad.resize(d.s_q * d.s_k, 0.0);
+                let q_h = View::rows(q, q_at, d.q.rs);
+                let k_h = View::rows(k, k_at, d.k.rs);
+                let v_h = View::rows(v, v_at, d.v.rs);
+                let d_out_h = View::rows(d_out, d.out_at(task), d.width);
+                // SAFETY: the views stay inside their buffers (offsets and strides from the
+                // checked shapes); each output block is this task's own (sequence, head).
+                unsafe {
+                    // dv_h = dropped_probsᵀ d_out_h   (s_k × s_q times s_q × head_dim)
+                    matmul(
+                        d.s_k,
+                        d.head_dim,
+                        d.s_q,
+                        dv.block(dv_at, g.v.rs),
+                        View::rows(dropped, 0, d.s_k).t(),
+                        d_out_h,
+                        1.0,
+                    );
+                    // grad = d_out_h v_hᵀ   (the gradient of the dropped-out probabilities)
+                    matmul(
+                        d.s_q,
+                        d.s_k,
+                        d.head_dim,
+                        Out {
+                            ptr: s.grad.as_mut_ptr(),
+                            rs: d.s_k,
+                        },
+                        d_out_h,
+                        v_h.t(),
+                        1.0,
+                    );
+                }
+                self.apply_dropout(d, task, &mut s.grad);
+                // Softmax backward, row by row: d_scores = p ⊙ (grad − Σⱼ grad ⊙ p).
+                for (g, p) in s
+                    .grad
+                    .chunks_exact_mut(d.s_k)
+                    .zip(s.probs.chunks_exact(d.s_k))
+                {
+                    let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
+                    g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
+                }
+                let d_scores = View::rows(&s.grad, 0, d.s_k);
+                // SAFETY: as above.
+                unsafe {
+                    // dq_h = scale · d_scores k_h;  dk_h = scale · d_scoresᵀ q_h
+                    matmul(
+                        d.s_q,
+                        d.head_dim,
+                        d.s_k,
+                        dq.block(dq_at, g.q.rs),
+                        d_scores,
+                        k_h,
+                        self.scale,
+                    );
+                    matmul(
+                        d.s_k,
+                        d.head_dim,
+                        d.s_q,
+                        dk.block(dk_at, g.k.rs),
+                        d_scores.t(),
+                        q_h,
+                        self.scale,
+                    );
+                }
+            },
+        );
+    }
+}
+
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "compressd-fused-attention"
@@ -261,28 +442,7 @@ impl CustomOp3 for FusedAttention {
             slice::<f32>(k, lk)?,
             slice::<f32>(v, lv)?,
         );
-        let mut out = vec![0f32; d.batch * d.s_q * d.width];
-        let out_ptr = SharedMut(out.as_mut_ptr());
-        (0..d.batch * d.heads)
-            .into_par_iter()
-            .for_each_init(Vec::new, |probs, task| {
-                self.probabilities(&d, task, q, k, probs);
-                self.apply_dropout(&d, task, probs);
-                let (q_at, v_at) = d.offsets(task);
-                // SAFETY: the views stay inside their buffers; the output block is this task's own.
-                unsafe {
-                    // out_h = probs v_h   (s_q × s_k times s_k × head_dim)
-                    matmul(
-                        d.s_q,
-                        d.head_dim,
-                        d.s_k,
-                        out_ptr.block(q_at, d.width),
-                        View::rows(probs, 0, d.s_k),
-                        View::rows(v, v_at, d.width),
-                        1.0,
-                    );
-                }
-            });
+        let out = self.forward_core(&d, q, k, v);
         Ok((CpuStorage::F32(out), lq.shape().clone()))
     }
 
@@ -348,91 +508,70 @@ impl CustomOp3 for FusedAttentionBackward {
         let mut grads = vec![0f32; n_q + 2 * n_k];
         let (dq, rest) = grads.split_at_mut(n_q);
         let (dk, dv) = rest.split_at_mut(n_k);
-        let (dq, dk, dv) = (
+        let grad_ptrs = [
             SharedMut(dq.as_mut_ptr()),
             SharedMut(dk.as_mut_ptr()),
             SharedMut(dv.as_mut_ptr()),
-        );
-        (0..d.batch * d.heads).into_par_iter().for_each_init(
-            BackwardScratch::default,
-            |s, task| {
-                let (q_at, k_at) = d.offsets(task);
-                op.probabilities(&d, task, q, k, &mut s.probs);
-                let dropped = if op.dropout.is_some() {
-                    s.dropped.clone_from(&s.probs);
-                    op.apply_dropout(&d, task, &mut s.dropped);
-                    &s.dropped
-                } else {
-                    &s.probs
-                };
-                s.grad.resize(d.s_q * d.s_k, 0.0);
-                let q_h = View::rows(q, q_at, d.width);
-                let k_h = View::rows(k, k_at, d.width);
-                let v_h = View::rows(v, k_at, d.width);
-                let d_out_h = View::rows(d_out, q_at, d.width);
-                // SAFETY: the views stay inside their buffers (offsets and strides from the
-                // checked shapes); each output block is this task's own (sequence, head).
-                unsafe {
-                    // dv_h = dropped_probsᵀ d_out_h   (s_k × s_q times s_q × head_dim)
-                    matmul(
-                        d.s_k,
-                        d.head_dim,
-                        d.s_q,
-                        dv.block(k_at, d.width),
-                        View::rows(dropped, 0, d.s_k).t(),
-                        d_out_h,
-                        1.0,
-                    );
-                    // grad = d_out_h v_hᵀ   (the gradient of the dropped-out probabilities)
-                    matmul(
-                        d.s_q,
-                        d.s_k,
-                        d.head_dim,
-                        Out {
-                            ptr: s.grad.as_mut_ptr(),
-                            rs: d.s_k,
-                        },
-                        d_out_h,
-                        v_h.t(),
-                        1.0,
-                    );
-                }
-                op.apply_dropout(&d, task, &mut s.grad);
-                // Softmax backward, row by row: d_scores = p ⊙ (grad − Σⱼ grad ⊙ p).
-                for (g, p) in s
-                    .grad
-                    .chunks_exact_mut(d.s_k)
-                    .zip(s.probs.chunks_exact(d.s_k))
-                {
-                    let dot: f32 = g.iter().zip(p).map(|(g, p)| g * p).sum();
-                    g.iter_mut().zip(p).for_each(|(g, p)| *g = p * (*g - dot));
-                }
-                let d_scores = View::rows(&s.grad, 0, d.s_k);
-                // SAFETY: as above.
-                unsafe {
-                    // dq_h = scale · d_scores k_h;  dk_h = scale · d_scoresᵀ q_h
-                    matmul(
-                        d.s_q,
-                        d.head_dim,
-                        d.s_k,
-                        dq.block(q_at, d.width),
-                        d_scores,
-                        k_h,
-                        op.scale,
-                    );
-                    matmul(
-                        d.s_k,
-                        d.head_dim,
-                        d.s_q,
-                        dk.block(k_at, d.width),
-                        d_scores.t(),
-                        q_h,
-                        op.scale,
-                    );
-                }
-            },
-        );
+        ];
+        op.backward_core(&d, (q, k, v), d_out, grad_ptrs, &d);
         let n = grads.len();
         Ok((CpuStorage::F32(grads), Shape::from(n)))
+    }
+}
+
+/// [`FusedAttention`] on one packed projection `[q | k | v]` `(batch, seq, 3 · width)`, as a
+/// single linear layer gives it: the kernel reads the three where they lie, and the backward
+/// returns one packed gradient, so autograd adds one tensor instead of three.
+pub(crate) struct PackedAttention(pub FusedAttention);
+
+/// `(qkv, d_out) → d_qkv`, the gradient of [`PackedAttention`] in the projection's layout.
+struct PackedAttentionBackward(FusedAttention);
+
+impl CustomOp1 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "compressd-packed-attention"
+    }
+
+    fn cpu_fwd(&self, qkv: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = self.0.packed_dims(l)?;
+        let qkv = slice::<f32>(qkv, l)?;
+        let out = self.0.forward_core(&d, qkv, qkv, qkv);
+        Ok((CpuStorage::F32(out), Shape::from((d.batch, d.s_q, d.width))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _out: &Tensor, d_out: &Tensor) -> Result<Option<Tensor>> {
+        let backward = PackedAttentionBackward(self.0.clone());
+        Ok(Some(qkv.apply_op2_no_bwd(&d_out.contiguous()?, &backward)?))
+    }
+}
+
+impl CustomOp2 for PackedAttentionBackward {
+    fn name(&self) -> &'static str {
+        "compressd-packed-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        l: &Layout,
+        d_out: &CpuStorage,
+        l_out: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.0.packed_dims(l)?;
+        if l_out.dims() != [d.batch, d.s_q, d.width] {
+            candle_core::bail!(
+                "attention backward: output gradient {:?} for projections {:?}",
+                l_out.shape(),
+                l.shape()
+            );
+        }
+        let (qkv, d_out) = (slice::<f32>(qkv, l)?, slice::<f32>(d_out, l_out)?);
+        // The gradient has the projection's layout: each (sequence, head) writes its q, k and v
+        // columns, which together cover every element.
+        let mut grads = vec![0f32; qkv.len()];
+        let ptr = SharedMut(grads.as_mut_ptr());
+        self.0
+            .backward_core(&d, (qkv, qkv, qkv), d_out, [ptr, ptr, ptr], &d);
+        Ok((CpuStorage::F32(grads), l.shape().clone()))
     }
 }

@@ -14,9 +14,10 @@ use super::kernel::{dispatch_float, slice, KernelFloat, MIN_ELEMS_PER_TASK};
 pub(crate) struct Gelu;
 
 /// `(x, dy) → dx`.
-struct GeluBackward;
+pub(crate) struct GeluBackward;
 
-fn gelu<T: KernelFloat>(x: &[T]) -> Vec<T> {
+/// `x·Φ(x)` element-wise, on rayon's threads in blocks.
+pub(crate) fn gelu<T: KernelFloat>(x: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(MIN_ELEMS_PER_TASK)
         .zip(x.par_chunks(MIN_ELEMS_PER_TASK))

@@ -7,6 +7,8 @@
 //! and the backward computes exactly the gradients its inputs need, each with one GEMM in the
 //! layout gemm packs fastest: `dx = dy W`, `dW = dyᵀ x` (no transposed copy), `db = Σ dy`.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -18,6 +20,22 @@ use super::kernel::slice;
 /// copy, which gemm packs without gathering; see `layers::dense`).
 pub(crate) struct Linear {
     pub transposed: bool,
+}
+
+/// `gelu(x Wᵀ + b)` (exact GELU) with a trained `W (out, in)` and `b (out)`: the activation applied
+/// to the GEMM's output in place of a separate node, so autograd neither keeps nor adds a gradient
+/// for the `(rows, out)` pre-activation (BERT's FFN, where `out` is 4 × hidden). The forward keeps
+/// the pre-activation for the backward, as the separate GELU node would.
+pub(crate) struct LinearGelu {
+    pre_activation: OnceLock<Tensor>,
+}
+
+impl LinearGelu {
+    pub(crate) fn new() -> Self {
+        Self {
+            pre_activation: OnceLock::new(),
+        }
+    }
 }
 
 /// `(x, W, dy) → [dx | dW | db]` flattened, each part only when asked for (`dW` in the weight
@@ -191,6 +209,59 @@ impl CustomOp3 for Linear {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         backward(self.transposed, x, w, Some(b), dy)
+    }
+}
+
+impl CustomOp3 for LinearGelu {
+    fn name(&self) -> &'static str {
+        "compressd-linear-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = sizes(lx, lw, false)?;
+        let out = dims.2;
+        if lb.dims() != [out] {
+            candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
+        }
+        let pre = forward(
+            slice(x, lx)?,
+            slice(w, lw)?,
+            Some(slice(b, lb)?),
+            dims,
+            false,
+        );
+        let y = super::gelu::gelu::<f32>(&pre);
+        let shape = out_shape(lx, out);
+        // Kept for the backward; a second forward of the same op (candle makes none) keeps the first.
+        let _ = self.pre_activation.set(Tensor::from_vec(
+            pre,
+            shape.clone(),
+            &candle_core::Device::Cpu,
+        )?);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(pre) = self.pre_activation.get() else {
+            candle_core::bail!("linear-gelu backward before its forward");
+        };
+        let d_pre = pre.apply_op2_no_bwd(&dy.contiguous()?, &super::gelu::GeluBackward)?;
+        backward(false, x, w, Some(b), &d_pre)
     }
 }
 

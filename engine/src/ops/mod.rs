@@ -137,10 +137,58 @@ pub fn fused_attention(
     if ![q, k, v].into_iter().all(on_cpu_f32) {
         return Ok(None);
     }
+    let Some(op) = attention_op(bias, (k.dim(0)?, k.dim(1)?), num_heads, scale, dropout)? else {
+        return Ok(None);
+    };
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(if needs_grad(&[&q, &k, &v]) {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    }))
+}
+
+/// Self-attention as [`fused_attention`], on one packed projection `qkv` `(batch, seq, 3 · heads
+/// · head_dim)` holding `[q | k | v]` side by side (the output of one linear layer with the three
+/// weights stacked). Differentiable with respect to `qkv`; `None` where the fused CPU kernel does
+/// not apply.
+///
+/// # Errors
+/// Fails when the last dimension is not three whole sets of heads.
+pub fn fused_self_attention(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    num_heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Option<Tensor>> {
+    if !(qkv.device().is_cpu() && qkv.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let Some(op) = attention_op(bias, (qkv.dim(0)?, qkv.dim(1)?), num_heads, scale, dropout)?
+    else {
+        return Ok(None);
+    };
+    let qkv = qkv.contiguous()?;
+    Ok(Some(if needs_grad(&[&qkv]) {
+        qkv.apply_op1(attention::PackedAttention(op))?
+    } else {
+        qkv.apply_op1_no_bwd(&attention::PackedAttention(op))?
+    }))
+}
+
+/// The fused attention op for keys of `(batch, seq_k)`; `None` when the bias is not the
+/// `(batch, 1, 1, seq_k)` f32 padding mask the kernel reads.
+fn attention_op(
+    bias: Option<&Tensor>,
+    (b, s_k): (usize, usize),
+    num_heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Option<attention::FusedAttention>> {
     let bias = match bias {
         None => None,
         Some(bias) => {
-            let (b, s_k) = (k.dim(0)?, k.dim(1)?);
             if bias.dims() != [b, 1, 1, s_k] || bias.dtype() != DType::F32 {
                 return Ok(None);
             }
@@ -154,18 +202,65 @@ pub fn fused_attention(
         Some((p, seed)) if p > 0.0 => Some(attention::AttentionDropout { p: p as f32, seed }),
         _ => None,
     };
-    let op = attention::FusedAttention {
+    Ok(Some(attention::FusedAttention {
         num_heads,
         scale: scale as f32,
         bias,
         dropout,
-    };
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    Ok(Some(if needs_grad(&[&q, &k, &v]) {
-        q.apply_op3(&k, &v, op)?
-    } else {
-        q.apply_op3_no_bwd(&k, &v, &op)?
     }))
+}
+
+/// The inverted-dropout multiplier of element `index` of the mask drawn with `seed`: 0 with
+/// probability `p`, else `1 / (1 − p)`.
+///
+/// A counter-based generator (splitmix64's finaliser of `seed` and the index): any element is
+/// drawn on its own, so masks are filled in parallel, the fused attention's backward regenerates
+/// its forward's mask, and every device and code path that draws with the same seed drops the same
+/// elements.
+pub fn dropout_factor(seed: u64, p: f32, index: u64) -> f32 {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let uniform = (z >> 40) as f32 * (1.0 / (1u64 << 24) as f32);
+    if uniform < p {
+        0.0
+    } else {
+        1.0 / (1.0 - p)
+    }
+}
+
+/// The dropout mask of `dims` drawn with `seed` ([`dropout_factor`] of each row-major index), in
+/// `dtype` on `device`: filled on the CPU's threads and copied over once.
+///
+/// # Errors
+/// Fails when `p` is not in `[0, 1)` or the copy fails.
+pub fn dropout_factors(
+    seed: u64,
+    p: f64,
+    dims: &[usize],
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is not in [0, 1)");
+    }
+    let n: usize = dims.iter().product();
+    let mut factors = vec![0f32; n];
+    const CHUNK: usize = 1 << 14;
+    factors
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let first = (chunk * CHUNK) as u64;
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = dropout_factor(seed, p as f32, first + i as u64);
+            }
+        });
+    Tensor::from_vec(factors, dims, &candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
 }
 
 /// `x Wᵀ + b` as one autograd node with a hand-written backward ([`linear`]'s module comment says
@@ -190,6 +285,25 @@ pub fn linear(
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
         None => x.apply_op2(&w, op)?,
     }))
+}
+
+/// `gelu(x Wᵀ + b)` with exact GELU as one autograd node ([`linear`]'s `LinearGelu`), for a `W
+/// (out, in)` being trained and `b (out)`; `None` when not every tensor is f32 on the CPU or the
+/// weight is not trained (a frozen layer runs [`linear`] on its transposed copy, then
+/// [`gelu_erf`]).
+///
+/// # Errors
+/// Fails when the shapes do not fit.
+pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if ![x, w, b].into_iter().all(on_cpu_f32) || !w.track_op() {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        linear::LinearGelu::new(),
+    )?))
 }
 
 /// Rotary position embedding ("rotate half", as Hugging Face Llama) for `x` of shape

@@ -289,6 +289,112 @@ fn fused_attention_matches_the_composed_one_forward_and_backward() -> Result<()>
     Ok(())
 }
 
+/// The packed `[q | k | v]` kernel computes what the separate one does on the same projections,
+/// forward and backward (its gradient is the three side by side), with padding and dropout.
+#[test]
+fn packed_self_attention_matches_separate_projections() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, s, heads, head_dim) = (2, 6, 3, 4);
+    let w = heads * head_dim;
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], &dev)?;
+    let bias = crate::models::common::padding_bias(&mask, DType::F32)?;
+    let scale = (head_dim as f64).powf(-0.5);
+    for dropout in [None, Some((0.25, 7))] {
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, 3 * w), &dev)?)?;
+        let weights = Tensor::randn(0f32, 1.0, (b, s, w), &dev)?;
+        let packed = fused_self_attention(qkv.as_tensor(), Some(&bias), heads, scale, dropout)?
+            .expect("packed path");
+        let [q, k, v] = [0, 1, 2].map(|i| qkv.as_tensor().narrow(2, i * w, w).unwrap());
+        let separate = fused_attention(&q, &k, &v, Some(&bias), heads, scale, dropout)?
+            .expect("separate path");
+        let diff = max_abs_diff(&packed, &separate);
+        assert!(
+            diff < 1e-6,
+            "dropout {dropout:?}: forward differs by {diff}"
+        );
+        let got = (packed * &weights)?.sum_all()?.backward()?;
+        let want = (separate * &weights)?.sum_all()?.backward()?;
+        let (got, want) = (
+            got.get(&qkv).expect("packed gradient"),
+            want.get(&qkv).expect("gradient"),
+        );
+        let diff = max_abs_diff(got, want);
+        assert!(
+            diff < 1e-6,
+            "dropout {dropout:?}: gradient differs by {diff}"
+        );
+        for i in 0..3 {
+            let part = got
+                .narrow(2, i * w, w)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            assert!(part > 0.0, "no gradient for projection {i}");
+        }
+    }
+    // Without a gradient the forward-only op runs; a width that is not 3 × whole heads fails.
+    let frozen = Tensor::randn(0f32, 1.0, (b, s, 3 * w), &dev)?;
+    assert!(fused_self_attention(&frozen, None, heads, scale, None)?.is_some());
+    assert!(
+        fused_self_attention(&frozen.narrow(2, 0, 3 * w - 3)?, None, heads, scale, None).is_err()
+    );
+    Ok(())
+}
+
+/// The linear layer with GELU inside gives what the linear layer then GELU give, forward and
+/// backward, and refuses a frozen weight (which runs on its transposed copy instead).
+#[test]
+fn linear_gelu_matches_linear_then_gelu() -> Result<()> {
+    let dev = Device::Cpu;
+    let (inp, out) = (7, 9);
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, inp), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (out, inp), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, out, &dev)?)?;
+    let weights = Tensor::randn(0f32, 1.0, (2, 5, out), &dev)?;
+    let fused = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor())?.expect("fused path");
+    let separate = gelu_erf(
+        &linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), false)?.expect("linear"),
+    )?;
+    assert!(max_abs_diff(&fused, &separate) < 1e-6);
+    let got = (fused * &weights)?.sum_all()?.backward()?;
+    let want = (separate * &weights)?.sum_all()?.backward()?;
+    for (name, var) in [("x", &x), ("w", &w), ("b", &b)] {
+        let diff = max_abs_diff(
+            got.get(var).expect("gradient"),
+            want.get(var).expect("gradient"),
+        );
+        assert!(diff < 1e-5, "d{name} differs by {diff}");
+    }
+    let frozen = w.as_tensor().detach();
+    assert!(linear_gelu(x.as_tensor(), &frozen, b.as_tensor())?.is_none());
+    Ok(())
+}
+
+/// Dropout masks from a seed: only `0` and `1 / (1 − p)`, about `p` of them dropped, the same
+/// mask for the same seed (across the parallel chunks and in another dtype) and another for
+/// another seed.
+#[test]
+fn dropout_masks_are_drawn_from_their_seed() -> Result<()> {
+    let dev = Device::Cpu;
+    let dims = [3, 50_000];
+    let p = 0.1;
+    let mask = dropout_factors(7, p, &dims, DType::F32, &dev)?;
+    let values = mask.flatten_all()?.to_vec1::<f32>()?;
+    let kept = 1.0 / (1.0 - p as f32);
+    assert!(values.iter().all(|&v| v == 0.0 || v == kept));
+    let dropped = values.iter().filter(|&&v| v == 0.0).count() as f64 / values.len() as f64;
+    assert!((dropped - p).abs() < 0.005, "dropped share {dropped}");
+    for (i, &v) in values.iter().enumerate().step_by(997) {
+        assert_eq!(v, dropout_factor(7, p as f32, i as u64), "element {i}");
+    }
+    let again = dropout_factors(7, p, &dims, DType::F64, &dev)?.to_dtype(DType::F32)?;
+    assert_eq!(max_abs_diff(&mask, &again), 0.0);
+    let other = dropout_factors(8, p, &dims, DType::F32, &dev)?;
+    assert!(max_abs_diff(&mask, &other) > 0.0);
+    assert!(dropout_factors(7, 1.0, &dims, DType::F32, &dev).is_err());
+    Ok(())
+}
+
 #[test]
 fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
     let dev = Device::Cpu;

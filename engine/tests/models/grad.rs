@@ -12,6 +12,7 @@ use compressd_engine::layers::{
 use compressd_engine::models::bert::{BertConfig, BertForSequenceClassification, BertInput};
 use compressd_engine::models::common::DropoutRng;
 use compressd_engine::models::llama::{LlamaConfig, LlamaForCausalLm};
+use compressd_engine::models::Outputs;
 use compressd_engine::params::{Param, ParamStore};
 use compressd_engine::quant::QuantScheme;
 
@@ -384,5 +385,37 @@ fn half_precision_with_padding_stays_finite() -> Result<()> {
             .to_scalar::<f32>()?;
         assert!(loss.is_finite(), "{dtype:?} loss {loss}");
     }
+    Ok(())
+}
+
+/// With dropout on, the fused attention (stacked projections) and the composed one (taken when
+/// the attention maps are kept, and on CUDA) draw one seed per call and the same mask from it, so
+/// they give the same logits and leave the generator in the same state.
+#[test]
+fn fused_and_composed_attention_drop_the_same_probabilities() -> Result<()> {
+    let case = bert_case(DType::F32)?;
+    let input = BertInput {
+        input_ids: &case.input_ids,
+        token_type_ids: None,
+        attention_mask: Some(&case.mask),
+    };
+    let run = |seed: u64, attentions: bool| -> Result<(Tensor, u64)> {
+        let rng = DropoutRng::new(seed);
+        let outputs = Outputs {
+            hidden_states: false,
+            attentions,
+        };
+        let logits = case.model.forward_with(input, outputs, Some(&rng))?.logits;
+        Ok((logits, rng.next_seed()))
+    };
+    let (fused, fused_next) = run(5, false)?;
+    let (composed, composed_next) = run(5, true)?;
+    let diff = max_diff(&fused, &composed)?;
+    assert!(diff < 1e-5, "logits differ by {diff}");
+    assert_eq!(fused_next, composed_next, "the generators drew differently");
+    // Dropout is on: another seed, or none, moves the logits.
+    let (other, _) = run(6, false)?;
+    let plain = case.model.forward(input, None)?.logits;
+    assert!(max_diff(&fused, &other)? > 1e-4 && max_diff(&fused, &plain)? > 1e-4);
     Ok(())
 }

@@ -167,6 +167,26 @@ impl BertSelfAttention {
             .contiguous()
     }
 
+    /// `[q | k | v]` `(batch, seq, 3 · width)` from one product with the three weights stacked,
+    /// when all three are dense layers being trained on the CPU; `None` otherwise. One GEMM
+    /// instead of three packs `x` once, and its backward gives `x` one gradient instead of three
+    /// that autograd would add up.
+    fn stacked_projection(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let parts = [&self.query, &self.key, &self.value].map(|l| l.trained_dense_parts());
+        let [Some((wq, bq)), Some((wk, bk)), Some((wv, bv))] = parts else {
+            return Ok(None);
+        };
+        let bias = match (bq, bk, bv) {
+            (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+            (None, None, None) => None,
+            _ => return Ok(None),
+        };
+        ops::linear(x, &Tensor::cat(&[wq, wk, wv], 0)?, bias.as_ref(), false)
+    }
+
     /// The attended values `(batch, seq, width)`, and the attention probabilities when `keep_probs`.
     fn forward(
         &self,
@@ -177,18 +197,52 @@ impl BertSelfAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = self.query.forward_t(x, rng)?;
-        let k = self.key.forward_t(x, rng)?;
-        let v = self.value.forward_t(x, rng)?;
+        let stacked = if keep_probs {
+            None
+        } else {
+            self.stacked_projection(x)?
+        };
+        let separate = match &stacked {
+            Some(_) => None,
+            None => Some((
+                self.query.forward_t(x, rng)?,
+                self.key.forward_t(x, rng)?,
+                self.value.forward_t(x, rng)?,
+            )),
+        };
+        // One seed per call for the probabilities' dropout mask, drawn after the projections (a
+        // LoRA adapter's dropout draws first) on every path, so the generator's stream and the
+        // dropped positions do not depend on which path runs (the fused kernel, or the composed
+        // ops on CUDA and when the probabilities are kept).
+        let drop = rng
+            .filter(|_| self.dropout > 0.0)
+            .map(|rng| (self.dropout, rng.next_seed()));
         if !keep_probs {
-            let dropout = rng
-                .filter(|_| self.dropout > 0.0)
-                .map(|rng| (self.dropout, rng.next_seed()));
-            let fused = ops::fused_attention(&q, &k, &v, bias, self.num_heads, scale, dropout)?;
+            let fused = match (&stacked, &separate) {
+                (Some(qkv), _) => {
+                    ops::fused_self_attention(qkv, bias, self.num_heads, scale, drop)?
+                }
+                (None, Some((q, k, v))) => {
+                    ops::fused_attention(q, k, v, bias, self.num_heads, scale, drop)?
+                }
+                (None, None) => None,
+            };
             if let Some(out) = fused {
                 return Ok((out, None));
             }
         }
+        let (q, k, v) = match (stacked, separate) {
+            (Some(qkv), _) => {
+                let w = self.width();
+                (
+                    qkv.narrow(2, 0, w)?,
+                    qkv.narrow(2, w, w)?,
+                    qkv.narrow(2, 2 * w, w)?,
+                )
+            }
+            (None, Some(qkv)) => qkv,
+            (None, None) => candle_core::bail!("attention without projections"),
+        };
         // Scaling q before the product touches seq·head_dim values instead of seq².
         let q = (self.split_heads(&q)? * scale)?;
         let k = self.split_heads(&k)?;
@@ -200,7 +254,14 @@ impl BertSelfAttention {
         };
         let probs = ops::softmax_last_dim(&scores)?;
         let kept = keep_probs.then(|| probs.clone());
-        let probs = dropout(&probs, self.dropout, rng)?;
+        let probs = match drop {
+            Some((p, seed)) => {
+                let factors =
+                    ops::dropout_factors(seed, p, probs.dims(), probs.dtype(), probs.device())?;
+                (probs * factors)?
+            }
+            None => probs,
+        };
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -285,10 +346,25 @@ impl BertLayer {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (attended, probs) = self.attention.forward(x, bias, rng, keep_probs)?;
         let x = self.attention_output.forward(&attended, x, rng)?;
-        let inner = self
-            .activation
-            .forward(&self.intermediate.forward_t(&x, rng)?)?;
+        let inner = match self.fused_intermediate(&x)? {
+            Some(inner) => inner,
+            None => self
+                .activation
+                .forward(&self.intermediate.forward_t(&x, rng)?)?,
+        };
         Ok((self.output.forward(&inner, &x, rng)?, probs))
+    }
+
+    /// The FFN's first product and exact GELU as one node, when its dense layer is being trained
+    /// on the CPU ([`ops::linear_gelu`]); `None` otherwise.
+    fn fused_intermediate(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if self.activation != Activation::Gelu {
+            return Ok(None);
+        }
+        match self.intermediate.trained_dense_parts() {
+            Some((w, Some(b))) => ops::linear_gelu(x, w, b),
+            _ => Ok(None),
+        }
     }
 }
 
