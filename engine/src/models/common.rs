@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -138,7 +138,7 @@ impl RmsNorm {
     }
 }
 
-/// The seeded random source for dropout. Passing one to a forward pass turns dropout on (training);
+/// The seeded source of dropout masks. Passing one to a forward pass turns dropout on (training);
 /// passing none turns it off (evaluation). Its state can be saved and restored for exact resume.
 #[derive(Debug)]
 pub struct DropoutRng {
@@ -168,14 +168,6 @@ impl DropoutRng {
     pub fn next_seed(&self) -> u64 {
         self.rng.lock().unwrap_or_else(|e| e.into_inner()).gen()
     }
-
-    /// A keep mask scaled by `1 / (1 - p)`: each element is `0` with probability `p`. One seed
-    /// is drawn from this generator per mask and the mask is filled from it in parallel
-    /// ([`ops::dropout_factors`]), so the mask is the same on every device and a restored state
-    /// replays it.
-    fn keep_mask(&self, shape: &[usize], p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
-        ops::dropout_factors(self.next_seed(), p, shape, dtype, device)
-    }
 }
 
 /// Inverted dropout: zeroes elements with probability `p` and rescales the rest, only when `rng` is
@@ -191,7 +183,9 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&DropoutRng>) -> Result<Tensor> {
     if p == 0.0 {
         return Ok(x.clone());
     }
-    x.mul(&rng.keep_mask(x.dims(), p, x.dtype(), x.device())?)
+    // One seed per mask from the generator; the mask is a function of it (`ops::dropout_factors`),
+    // the same on every device, and a restored generator state replays it.
+    ops::dropout(x, p, rng.next_seed())
 }
 
 /// The additive value for masked attention positions: large and negative but finite in every dtype

@@ -16,6 +16,7 @@
 
 mod attention;
 pub mod composed;
+mod dropout;
 mod gelu;
 mod kernel;
 pub(crate) use kernel::sum_in_order;
@@ -261,6 +262,28 @@ pub fn dropout_factors(
     Tensor::from_vec(factors, dims, &candle_core::Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)
+}
+
+/// Inverted dropout of `x` with the mask drawn from `seed` ([`dropout_factors`]): on the CPU in
+/// f32 one node that never stores the mask and gives only `x` a gradient, elsewhere the product
+/// with the mask.
+///
+/// # Errors
+/// Fails when `p` is not in `[0, 1)`.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is not in [0, 1)");
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = dropout::Dropout { seed, p: p as f32 };
+        let x = x.contiguous()?;
+        return if needs_grad(&[&x]) {
+            x.apply_op1(op)
+        } else {
+            x.apply_op1_no_bwd(&op)
+        };
+    }
+    x.mul(&dropout_factors(seed, p, x.dims(), x.dtype(), x.device())?)
 }
 
 /// `x Wᵀ + b` as one autograd node with a hand-written backward ([`linear`]'s module comment says

@@ -395,6 +395,26 @@ fn dropout_masks_are_drawn_from_their_seed() -> Result<()> {
     Ok(())
 }
 
+/// The dropout node multiplies by the seed's mask, forward and backward, and gives the same
+/// values as the product with the mask (the path of other devices and dtypes).
+#[test]
+fn dropout_multiplies_by_its_mask_forward_and_backward() -> Result<()> {
+    let dev = Device::Cpu;
+    let dims = [4, 9000];
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, &dims[..], &dev)?)?;
+    let mask = dropout_factors(3, 0.3, &dims, DType::F32, &dev)?;
+    let y = dropout(x.as_tensor(), 0.3, 3)?;
+    assert_eq!(max_abs_diff(&y, &(x.as_tensor() * &mask)?), 0.0);
+    let weights = Tensor::randn(0f32, 1.0, &dims[..], &dev)?;
+    let grads = (y * &weights)?.sum_all()?.backward()?;
+    let dx = grads.get(&x).expect("gradient");
+    assert_eq!(max_abs_diff(dx, &(weights * &mask)?), 0.0);
+    let in_f64 = dropout(&x.as_tensor().to_dtype(DType::F64)?, 0.3, 3)?;
+    assert!(max_abs_diff(&in_f64, &(x.as_tensor() * &mask)?) < 1e-6);
+    assert!(dropout(x.as_tensor(), 1.0, 3).is_err());
+    Ok(())
+}
+
 #[test]
 fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
     let dev = Device::Cpu;

@@ -255,11 +255,7 @@ impl BertSelfAttention {
         let probs = ops::softmax_last_dim(&scores)?;
         let kept = keep_probs.then(|| probs.clone());
         let probs = match drop {
-            Some((p, seed)) => {
-                let factors =
-                    ops::dropout_factors(seed, p, probs.dims(), probs.dtype(), probs.device())?;
-                (probs * factors)?
-            }
+            Some((p, seed)) => ops::dropout(&probs, p, seed)?,
             None => probs,
         };
         let out = probs
