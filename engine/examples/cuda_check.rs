@@ -244,8 +244,9 @@ impl Replica {
         })
     }
 
-    /// Loss and gradients of step `step` (dropout seeded by the step, masks drawn on the host so
-    /// both devices drop the same elements), then a clipped AdamW update.
+    /// Loss and gradients of step `step` (dropout seeded by the step; every mask is a function of
+    /// a seed from that generator, so both devices drop the same elements), then a clipped AdamW
+    /// update.
     fn step(&mut self, step: u64) -> Result<(f64, candle_core::backprop::GradStore)> {
         let dropout = DropoutRng::new(step);
         let task = SequenceClassificationTask { model: &self.model };
