@@ -146,6 +146,28 @@ fn forward(
     y
 }
 
+/// `x Wᵀ + b` with the bias checked against the weight, and the output's shape.
+fn biased_forward(
+    (x, lx): (&CpuStorage, &Layout),
+    (w, lw): (&CpuStorage, &Layout),
+    (b, lb): (&CpuStorage, &Layout),
+    transposed: bool,
+) -> Result<(Vec<f32>, Shape)> {
+    let dims = sizes(lx, lw, transposed)?;
+    let out = dims.2;
+    if lb.dims() != [out] {
+        candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
+    }
+    let y = forward(
+        slice(x, lx)?,
+        slice(w, lw)?,
+        Some(slice(b, lb)?),
+        dims,
+        transposed,
+    );
+    Ok((y, out_shape(lx, out)))
+}
+
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "compressd-linear"
@@ -190,14 +212,8 @@ impl CustomOp3 for Linear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = sizes(lx, lw, self.transposed)?;
-        let out = dims.2;
-        if lb.dims() != [out] {
-            candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
-        }
-        let b = Some(slice(b, lb)?);
-        let y = forward(slice(x, lx)?, slice(w, lw)?, b, dims, self.transposed);
-        Ok((CpuStorage::F32(y), out_shape(lx, out)))
+        let (y, shape) = biased_forward((x, lx), (w, lw), (b, lb), self.transposed)?;
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(
@@ -226,20 +242,8 @@ impl CustomOp3 for LinearGelu {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims = sizes(lx, lw, false)?;
-        let out = dims.2;
-        if lb.dims() != [out] {
-            candle_core::bail!("linear: bias {:?} for {out} outputs", lb.shape());
-        }
-        let pre = forward(
-            slice(x, lx)?,
-            slice(w, lw)?,
-            Some(slice(b, lb)?),
-            dims,
-            false,
-        );
+        let (pre, shape) = biased_forward((x, lx), (w, lw), (b, lb), false)?;
         let y = super::gelu::gelu::<f32>(&pre);
-        let shape = out_shape(lx, out);
         // Kept for the backward; a second forward of the same op (candle makes none) keeps the first.
         let _ = self.pre_activation.set(Tensor::from_vec(
             pre,

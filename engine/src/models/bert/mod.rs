@@ -105,6 +105,13 @@ impl BertEmbeddings {
     }
 }
 
+/// The query, key and value projections of one call: one packed tensor from the stacked weights
+/// ([`BertSelfAttention::stacked_projection`]) or three from the layers one by one.
+enum Projections {
+    Stacked(Tensor),
+    Separate(Tensor, Tensor, Tensor),
+}
+
 #[derive(Clone, Debug)]
 struct BertSelfAttention {
     query: Arc<dyn LinearLayer>,
@@ -197,18 +204,17 @@ impl BertSelfAttention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s, _) = x.dims3()?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let stacked = if keep_probs {
-            None
-        } else {
-            self.stacked_projection(x)?
+        let projections = match (!keep_probs).then(|| self.stacked_projection(x)) {
+            Some(stacked) => stacked?,
+            None => None,
         };
-        let separate = match &stacked {
-            Some(_) => None,
-            None => Some((
+        let projections = match projections {
+            Some(qkv) => Projections::Stacked(qkv),
+            None => Projections::Separate(
                 self.query.forward_t(x, rng)?,
                 self.key.forward_t(x, rng)?,
                 self.value.forward_t(x, rng)?,
-            )),
+            ),
         };
         // One seed per call for the probabilities' dropout mask, drawn after the projections (a
         // LoRA adapter's dropout draws first) on every path, so the generator's stream and the
@@ -218,21 +224,21 @@ impl BertSelfAttention {
             .filter(|_| self.dropout > 0.0)
             .map(|rng| (self.dropout, rng.next_seed()));
         if !keep_probs {
-            let fused = match (&stacked, &separate) {
-                (Some(qkv), _) => {
-                    ops::fused_self_attention(qkv, bias, self.num_heads, scale, drop)?
+            let heads = self.num_heads;
+            let fused = match &projections {
+                Projections::Stacked(qkv) => {
+                    ops::fused_self_attention(qkv, bias, heads, scale, drop)?
                 }
-                (None, Some((q, k, v))) => {
-                    ops::fused_attention(q, k, v, bias, self.num_heads, scale, drop)?
+                Projections::Separate(q, k, v) => {
+                    ops::fused_attention(q, k, v, bias, heads, scale, drop)?
                 }
-                (None, None) => None,
             };
             if let Some(out) = fused {
                 return Ok((out, None));
             }
         }
-        let (q, k, v) = match (stacked, separate) {
-            (Some(qkv), _) => {
+        let (q, k, v) = match projections {
+            Projections::Stacked(qkv) => {
                 let w = self.width();
                 (
                     qkv.narrow(2, 0, w)?,
@@ -240,8 +246,7 @@ impl BertSelfAttention {
                     qkv.narrow(2, 2 * w, w)?,
                 )
             }
-            (None, Some(qkv)) => qkv,
-            (None, None) => candle_core::bail!("attention without projections"),
+            Projections::Separate(q, k, v) => (q, k, v),
         };
         // Scaling q before the product touches seq·head_dim values instead of seq².
         let q = (self.split_heads(&q)? * scale)?;
