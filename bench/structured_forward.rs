@@ -145,6 +145,9 @@ fn median_ms(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    // As a job process does (`compressd` sets both first thing), so the ratio is the pipeline's.
+    compressd_engine::perf::tune_threads();
+    compressd_engine::perf::tune_allocator();
     let runs = std::env::args()
         .skip_while(|a| a != "--runs")
         .nth(1)

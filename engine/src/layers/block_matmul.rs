@@ -209,8 +209,8 @@ fn scaled_dot(
     activation_scales: &[f32],
 ) -> f32 {
     match kernel {
-        // Any CPU with VNNI has AVX2; the block product has no VNNI version.
-        Int8Kernel::Avx2 | Int8Kernel::Avx512Vnni => {
+        // Any CPU with VNNI or AMX has AVX2; the block product has no VNNI or AMX version.
+        Int8Kernel::Avx2 | Int8Kernel::Avx512Vnni | Int8Kernel::Amx => {
             super::block_avx2::scaled_dot(weights, scales, values, activation_scales)
         }
         Int8Kernel::Scalar => scalar_scaled_dot(weights, scales, values, activation_scales),

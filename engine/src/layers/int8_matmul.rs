@@ -15,9 +15,11 @@
 //! kernel computes the very same integers and floats on other CPUs. Work is split over rayon's threads by rows
 //! of `x` (prompts, batches) or, for a handful of rows (decoding), by panels.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
-use super::{int8_avx2, int8_vnni};
+use super::{int8_amx, int8_avx2, int8_vnni};
 use crate::quant::Int8Weight;
 
 /// Output channels per packed panel of the AVX2 and scalar kernels (two AVX2 registers of 8 i32
@@ -36,16 +38,18 @@ pub(crate) const CHUNK_BYTES: usize = 128 * 1024;
 pub struct PackedInt8 {
     /// The kernel the layout is for.
     kernel: Int8Kernel,
-    /// AVX2/scalar: `panels × (k_pad / 2) × PANEL × 2` values; VNNI: `panels × (k_pad / 4) ×
-    /// 32 × 4` (see [`int8_vnni`]).
+    /// AVX2/scalar: `panels × (k_pad / 2) × PANEL × 2` values; VNNI and AMX: `panels × (k_pad / 4)
+    /// × 32 × 4` (see [`int8_vnni`]).
     packed: Vec<i8>,
     /// One scale per output channel, padded with zeros to whole panels.
     scales: Vec<f32>,
-    /// VNNI only: `128 · Σₖ w[n, k]` per output channel (the unsigned activations' offset), padded.
+    /// VNNI and AMX only: `128 · Σₖ w[n, k]` per output channel (the unsigned activations'
+    /// offset), padded.
     offsets: Vec<i32>,
     out_features: usize,
     in_features: usize,
-    /// `in_features` rounded up to the kernel's group of input columns (2, or 4 for VNNI).
+    /// `in_features` rounded up to the kernel's multiple of input columns (2, 4 for VNNI, 64 for
+    /// AMX's tile rows).
     k_pad: usize,
 }
 
@@ -65,7 +69,7 @@ impl PackedInt8 {
             return None;
         };
         let (panel_width, group) = kernel.panel_shape();
-        let k_pad = in_features.next_multiple_of(group);
+        let k_pad = in_features.next_multiple_of(kernel.k_multiple());
         let panels = out_features.div_ceil(panel_width);
         let mut packed = vec![0i8; panels * k_pad * panel_width];
         let mut offsets = vec![0i32; panels * panel_width];
@@ -75,7 +79,7 @@ impl PackedInt8 {
             for (k, &q) in row.iter().enumerate() {
                 panel[(k / group) * panel_width * group + lane * group + k % group] = q;
             }
-            if kernel == Int8Kernel::Avx512Vnni {
+            if kernel.unsigned_activations() {
                 offsets[n] = 128 * row.iter().map(|&q| i32::from(q)).sum::<i32>();
             }
         }
@@ -138,7 +142,7 @@ impl PackedInt8 {
 }
 
 /// Rows of `x` quantized to i8 values per row, one scale each: held as i16 (the AVX2 kernel's
-/// multiplier width) or as `q + 128` unsigned bytes (VNNI's).
+/// multiplier width) or as `q + 128` unsigned bytes (VNNI's and AMX's).
 struct QuantizedRows {
     values: RowValues,
     scales: Vec<f32>,
@@ -153,8 +157,14 @@ enum RowValues {
 impl QuantizedRows {
     fn new(x: &[f32], weight: &PackedInt8, fixed: Option<f32>) -> Self {
         let (in_features, k_pad) = (weight.in_features, weight.k_pad);
-        if weight.kernel == Int8Kernel::Avx512Vnni {
-            let (values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad, fixed);
+        if weight.kernel.unsigned_activations() {
+            let (mut values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad, fixed);
+            if weight.kernel == Int8Kernel::Amx {
+                // Whole tiles of rows, so the last block's tile loads stay in the buffer (the
+                // padding rows' sums are computed and dropped).
+                let rows = scales.len().next_multiple_of(int8_amx::TILE_ROWS);
+                values.resize(rows * k_pad, 128);
+            }
             return Self {
                 values: RowValues::U8(values),
                 scales,
@@ -222,6 +232,8 @@ pub(crate) fn quantize_rows_i16(
 /// Which integer kernel the CPU runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// AMX-INT8 `tdpbusd` on 16 × 64 tiles, on the VNNI kernel's operands, detected at run time.
+    Amx,
     /// AVX-512 VNNI `vpdpbusd` on unsigned-offset activations, detected at run time.
     Avx512Vnni,
     /// AVX2 `vpmaddwd` on i16-widened values, detected at run time.
@@ -233,7 +245,9 @@ pub enum Int8Kernel {
 impl Int8Kernel {
     /// The fastest int8 × int8 kernel this CPU supports.
     pub fn detect() -> Self {
-        if int8_vnni::available() {
+        if int8_amx::available() {
+            Self::Amx
+        } else if int8_vnni::available() {
             Self::Avx512Vnni
         } else {
             Self::detect_blocks()
@@ -253,6 +267,9 @@ impl Int8Kernel {
     /// Every kernel this CPU can run, fastest first (the tests compare them all).
     pub fn available() -> Vec<Self> {
         let mut kernels = Vec::new();
+        if int8_amx::available() {
+            kernels.push(Self::Amx);
+        }
         if int8_vnni::available() {
             kernels.push(Self::Avx512Vnni);
         }
@@ -266,14 +283,29 @@ impl Int8Kernel {
     /// Output channels per packed panel and input columns per packed group.
     fn panel_shape(self) -> (usize, usize) {
         match self {
-            Self::Avx512Vnni => (int8_vnni::PANEL, int8_vnni::GROUP),
+            Self::Amx | Self::Avx512Vnni => (int8_vnni::PANEL, int8_vnni::GROUP),
             Self::Avx2 | Self::Scalar => (PANEL, 2),
         }
+    }
+
+    /// The multiple the input dimension is padded to: the packed group, or for AMX a whole tile
+    /// row.
+    fn k_multiple(self) -> usize {
+        match self {
+            Self::Amx => int8_amx::K_STEP,
+            _ => self.panel_shape().1,
+        }
+    }
+
+    /// Whether activations are stored as `q + 128` unsigned bytes, with the weight's offsets.
+    fn unsigned_activations(self) -> bool {
+        matches!(self, Self::Amx | Self::Avx512Vnni)
     }
 
     /// Rows of `x` one kernel call handles.
     fn rows_per_call(self) -> usize {
         match self {
+            Self::Amx => int8_amx::ROWS,
             Self::Avx512Vnni => int8_vnni::ROWS,
             Self::Avx2 | Self::Scalar => ROWS,
         }
@@ -319,12 +351,30 @@ pub fn matmul_with_input_scale(
 ) -> Vec<f32> {
     let (n, k) = (weight.out_features, weight.in_features.max(1));
     let rows = x.len() / k;
-    let mut y = vec![0f32; rows * n];
     if rows == 0 || n == 0 {
-        return y;
+        return vec![0f32; rows * n];
     }
     let threads = rayon::current_num_threads();
     let block = weight.kernel.rows_per_call();
+    if weight.kernel == Int8Kernel::Amx && rows >= block * threads {
+        // As below, into an output that is not zero-filled first: the AMX kernel writes every
+        // output of its rows for every panel. (Filling it took a tenth of MiniLM's int8 forward at
+        // batch 32, more than some of the products.)
+        let per_task = rows.div_ceil(threads * 4).next_multiple_of(block);
+        let mut y: Vec<f32> = Vec::with_capacity(rows * n);
+        y.spare_capacity_mut()[..rows * n]
+            .par_chunks_mut(per_task * n)
+            .zip(x.par_chunks(per_task * k))
+            .for_each(|(out, x)| {
+                let quantized = QuantizedRows::new(x, weight, input_scale);
+                amx_rows(&quantized, weight, 0..weight.panels(), bias, out);
+            });
+        // SAFETY: the tasks' chunks cover all `rows × n` outputs, and `amx_rows` writes every
+        // column of every row of its chunk (all the panels).
+        unsafe { y.set_len(rows * n) };
+        return y;
+    }
+    let mut y = vec![0f32; rows * n];
     if rows >= block * threads {
         // Enough rows: each task owns whole output rows, so it writes its slice directly.
         let per_task = rows.div_ceil(threads * 4).next_multiple_of(block);
@@ -361,6 +411,33 @@ pub fn matmul_with_input_scale(
     y
 }
 
+/// [`row_block`] on the AMX kernel, into outputs that may be uninitialised before.
+fn amx_rows(
+    x: &QuantizedRows,
+    weight: &PackedInt8,
+    panels: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (n, k_pad) = (weight.out_features, x.k_pad);
+    let RowValues::U8(values) = &x.values else {
+        unreachable!("the AMX kernel's rows are unsigned bytes");
+    };
+    // Tile products are cheap enough that the weight's reads from L2 do not matter: each block of
+    // rows runs over every panel.
+    let w = weight.vnni(bias);
+    for block in (0..x.rows()).step_by(int8_amx::ROWS) {
+        let count = int8_amx::ROWS.min(x.rows() - block);
+        int8_amx::block_product(
+            &values[block * k_pad..],
+            &x.scales[block..block + count],
+            &w,
+            panels.clone(),
+            &mut out[block * n..(block + count) * n],
+        );
+    }
+}
+
 /// Computes every row of `x` for panels `panels` into `out` (`rows × n`).
 fn row_block(
     x: &QuantizedRows,
@@ -372,6 +449,12 @@ fn row_block(
     let n = weight.out_features;
     let k_pad = x.k_pad;
     match &x.values {
+        RowValues::U8(_) if weight.kernel == Int8Kernel::Amx => {
+            // SAFETY: the same memory, viewed as possibly uninitialised; only initialised floats
+            // are written through it.
+            let out = unsafe { &mut *(std::ptr::from_mut(out) as *mut [MaybeUninit<f32>]) };
+            amx_rows(x, weight, panels, bias, out);
+        }
         RowValues::U8(values) => {
             // As the AVX2 kernel does: every panel over a chunk of rows that stays in L2, so the
             // weight is read from memory once per chunk, not once per kernel call.
@@ -555,6 +638,25 @@ mod tests {
                 let expected = sum as f32 * (1.0 / 127.0 * w.scales[c].to_f32());
                 assert_eq!(got, expected, "{kernel:?} [{r}, {c}]");
             }
+        }
+    }
+
+    /// A NaN among a row's values is left out of its scale and quantizes to 0 on every kernel,
+    /// so the row's other products stay finite and the kernels agree bit for bit.
+    #[test]
+    fn nan_inputs_quantize_to_zero_on_every_kernel() {
+        let (rows, n, k) = (37, 40, 70);
+        let mut x = values(rows * k, 4);
+        for r in 0..rows {
+            x[r * k + (r * 13) % k] = f32::NAN;
+        }
+        let w = Int8Weight::quantize(&values(n * k, 6), &[n, k]);
+        let results = every_kernel(&x, &w, Some(&values(n, 8)));
+        let (_, scalar) = results.last().unwrap();
+        assert!(scalar.iter().all(|v| v.is_finite()));
+        for (kernel, fast) in &results {
+            let bits = |v: &Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(fast), bits(scalar), "{kernel:?}");
         }
     }
 

@@ -104,14 +104,23 @@ pub(crate) fn block_product(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m512i, _mm512_dpbusd_epi32, _mm512_loadu_si512, _mm512_set1_epi32, _mm512_setzero_si512,
-        _mm512_storeu_si512,
+        __m128i, __m512, __m512i, __mmask16, _mm512_add_epi32, _mm512_andnot_ps,
+        _mm512_cmp_ps_mask, _mm512_cvt_roundps_epi32, _mm512_cvtepi32_epi8, _mm512_dpbusd_epi32,
+        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_maskz_loadu_ps, _mm512_maskz_mov_ps,
+        _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_max_ps, _mm512_set1_epi32,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_si512,
+        _mm_mask_storeu_epi8, _mm_storeu_si128, _CMP_ORD_Q, _MM_FROUND_NO_EXC,
+        _MM_FROUND_TO_NEAREST_INT,
     };
     use std::ops::Range;
 
     use super::{Weight, GROUP, PANEL, ROWS};
 
-    /// See [`super::quantize_rows`].
+    /// See [`super::quantize_rows`]: per row, the largest magnitude in 16-lane maxima (NaNs left
+    /// out, as the scalar fold does), then `clamp(x / step, ±127)` rounded to nearest even, plus
+    /// 128, narrowed to bytes 16 at a time. A NaN value quantizes to 0 (the byte 128), as the
+    /// scalar kernel's `as i16` makes it. The bytes are those of `quantize_rows_as` for every
+    /// other value (the tests compare the kernels' outputs exactly).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW.
@@ -122,9 +131,75 @@ mod x86 {
         k_pad: usize,
         fixed: Option<f32>,
     ) -> (Vec<u8>, Vec<f32>) {
-        super::super::int8_matmul::quantize_rows_as(x, k, k_pad, fixed, 128u8, |q| {
-            (q + 128.0) as u8
-        })
+        const LANES: usize = 16;
+        let rows = x.len() / k.max(1);
+        let mut values = vec![128u8; rows * k_pad];
+        let mut scales = vec![0f32; rows];
+        if k == 0 {
+            return (values, scales);
+        }
+        let tail = k % LANES;
+        let tail_mask: __mmask16 = (1u32 << tail).wrapping_sub(1) as __mmask16;
+        let sign = _mm512_set1_ps(-0.0);
+        for ((row, out), scale) in x
+            .chunks_exact(k)
+            .zip(values.chunks_exact_mut(k_pad))
+            .zip(scales.iter_mut())
+        {
+            let (chunks, rest) = row.split_at(k - tail);
+            let (step, inverse) = match fixed {
+                Some(s) => crate::quant::int8::fixed_scale(s),
+                None => {
+                    let mut amax = _mm512_setzero_ps();
+                    for c in chunks.chunks_exact(LANES) {
+                        // SAFETY: `c` holds 16 floats.
+                        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+                        // max(|v|, amax) returns amax where |v| is NaN.
+                        amax = _mm512_max_ps(_mm512_andnot_ps(sign, v), amax);
+                    }
+                    if tail > 0 {
+                        // SAFETY: the mask reads only the `tail` floats of `rest`.
+                        let v = unsafe { _mm512_maskz_loadu_ps(tail_mask, rest.as_ptr()) };
+                        amax = _mm512_max_ps(_mm512_andnot_ps(sign, v), amax);
+                    }
+                    crate::quant::int8::scale_of_max(_mm512_reduce_max_ps(amax))
+                }
+            };
+            *scale = step;
+            let inverse = _mm512_set1_ps(inverse);
+            let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+            let offset = _mm512_set1_epi32(128);
+            let to_bytes = |v: __m512| {
+                let q = _mm512_mul_ps(v, inverse);
+                // NaN to 0: the ordered compare is false only for NaN.
+                let q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(q, q), q);
+                let q = _mm512_min_ps(_mm512_max_ps(q, low), high);
+                let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    q,
+                );
+                _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset))
+            };
+            for (c, o) in chunks.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+                // SAFETY: `c` holds 16 floats and `o` 16 bytes.
+                unsafe {
+                    let bytes = to_bytes(_mm512_loadu_ps(c.as_ptr()));
+                    _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes);
+                }
+            }
+            if tail > 0 {
+                // SAFETY: the masks read the `tail` floats of `rest` and write `tail` bytes from
+                // `k - tail`, inside the row's `k_pad ≥ k` bytes.
+                unsafe {
+                    let bytes = to_bytes(_mm512_maskz_loadu_ps(tail_mask, rest.as_ptr()));
+                    _mm_mask_storeu_epi8(
+                        out[k - tail..].as_mut_ptr().cast::<i8>(),
+                        tail_mask,
+                        bytes,
+                    );
+                }
+            }
+        }
+        (values, scales)
     }
 
     /// See [`super::block_product`].

@@ -10,6 +10,7 @@ mod block_avx2;
 pub mod block_matmul;
 mod dense;
 mod fake_quant;
+mod int8_amx;
 mod int8_avx2;
 pub mod int8_matmul;
 mod int8_vnni;

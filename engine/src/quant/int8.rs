@@ -183,6 +183,13 @@ pub(crate) fn symmetric_scale(xs: &[f32]) -> (f32, f32) {
     let amax = xs
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
+    scale_of_max(amax)
+}
+
+/// `(step, 1 / step)` for the largest magnitude `amax` of a row (NaNs left out of it): `(0, 0)`
+/// for a row of zeros or an infinite value, so it quantizes to zeros.
+#[inline]
+pub(crate) fn scale_of_max(amax: f32) -> (f32, f32) {
     let inverse = if amax > 0.0 && amax.is_finite() {
         127.0 / amax
     } else {
