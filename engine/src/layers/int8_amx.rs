@@ -203,30 +203,38 @@ mod x86 {
         let x_stride = k_pad;
         let w_stride = 4 * PANEL;
         let sums_stride = 4 * PANEL;
-        let x0 = x.as_ptr();
+        let steps = k_pad / K_STEP;
         // SAFETY (all asm below): `ldtilecfg` reads the 64-byte config; the tile loads read only
-        // what `super::block_product` bounds; the stores write the 32 × 32 i32 of `sums`.
+        // what `super::block_product` bounds; the stores write the 32 × 32 i32 of `sums`. Every
+        // block declares the tile registers it changes. Tile data never has to survive from one
+        // block to the next (each panel's products run in one block); only the configuration
+        // does, which compiled code never touches.
         unsafe {
-            asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+            asm!(
+                "ldtilecfg [{}]",
+                in(reg) &CONFIG,
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack, readonly, preserves_flags)
+            );
         }
         for p in panels {
-            let panel = w.packed[p * k_pad * PANEL..].as_ptr();
-            unsafe {
-                asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem, preserves_flags)
-                );
-            }
-            for kk in (0..k_pad).step_by(K_STEP) {
-                // SAFETY: see `super::block_product`; group `kk / 4` of the panel starts at
-                // byte `128 · kk / 4`.
-                let (xa, wb) = unsafe { (x0.add(kk), panel.add(kk / 4 * w_stride)) };
-                if row_tiles == 2 {
-                    unsafe {
+            if steps == 0 {
+                // No input columns: every sum is zero (the tiles are not used).
+                sums.0 = [[0; PANEL]; ROWS];
+            } else {
+                // SAFETY: see `super::block_product`; each step moves 64 bytes along the rows of
+                // `x` and 16 groups (2,048 bytes) along the panel.
+                let at = sums.0.as_mut_ptr().cast::<u8>();
+                unsafe {
+                    let panel = w.packed.as_ptr().add(p * k_pad * PANEL);
+                    if row_tiles == 2 {
                         asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "tilezero tmm2",
+                            "tilezero tmm3",
+                            "2:",
                             "tileloadd tmm4, [{xa} + {xs}*1]",
                             "tileloadd tmm5, [{xb} + {xs}*1]",
                             "tileloadd tmm6, [{wb} + {ws}*1]",
@@ -235,54 +243,74 @@ mod x86 {
                             "tdpbusd tmm1, tmm4, tmm7",
                             "tdpbusd tmm2, tmm5, tmm6",
                             "tdpbusd tmm3, tmm5, tmm7",
-                            xa = in(reg) xa,
-                            xb = in(reg) xa.add(TILE_ROWS * x_stride),
+                            "add {xa}, 64",
+                            "add {xb}, 64",
+                            "add {wb}, 2048",
+                            "dec {n}",
+                            "jnz 2b",
+                            "tilestored [{a} + {ss}*1], tmm0",
+                            "tilestored [{a} + {ss}*1 + 64], tmm1",
+                            "tilestored [{b} + {ss}*1], tmm2",
+                            "tilestored [{b} + {ss}*1 + 64], tmm3",
+                            xa = inout(reg) x.as_ptr() => _,
+                            xb = inout(reg) x.as_ptr().add(TILE_ROWS * x_stride) => _,
+                            wb = inout(reg) panel => _,
+                            n = inout(reg) steps => _,
                             xs = in(reg) x_stride,
-                            wb = in(reg) wb,
                             ws = in(reg) w_stride,
-                            options(nostack, readonly, preserves_flags)
+                            a = in(reg) at,
+                            b = in(reg) at.add(TILE_ROWS * sums_stride),
+                            ss = in(reg) sums_stride,
+                            out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                            out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                            options(nostack)
                         );
-                    }
-                } else {
-                    unsafe {
+                    } else {
                         asm!(
+                            "tilezero tmm0",
+                            "tilezero tmm1",
+                            "2:",
                             "tileloadd tmm4, [{xa} + {xs}*1]",
                             "tileloadd tmm6, [{wb} + {ws}*1]",
                             "tileloadd tmm7, [{wb} + {ws}*1 + 64]",
                             "tdpbusd tmm0, tmm4, tmm6",
                             "tdpbusd tmm1, tmm4, tmm7",
-                            xa = in(reg) xa,
+                            "add {xa}, 64",
+                            "add {wb}, 2048",
+                            "dec {n}",
+                            "jnz 2b",
+                            "tilestored [{a} + {ss}*1], tmm0",
+                            "tilestored [{a} + {ss}*1 + 64], tmm1",
+                            xa = inout(reg) x.as_ptr() => _,
+                            wb = inout(reg) panel => _,
+                            n = inout(reg) steps => _,
                             xs = in(reg) x_stride,
-                            wb = in(reg) wb,
                             ws = in(reg) w_stride,
-                            options(nostack, readonly, preserves_flags)
+                            a = in(reg) at,
+                            ss = in(reg) sums_stride,
+                            out("tmm0") _, out("tmm1") _, out("tmm4") _, out("tmm6") _,
+                            out("tmm7") _,
+                            options(nostack)
                         );
                     }
                 }
             }
-            let at = sums.0.as_mut_ptr().cast::<u8>();
-            unsafe {
-                asm!(
-                    "tilestored [{a} + {s}*1], tmm0",
-                    "tilestored [{a} + {s}*1 + 64], tmm1",
-                    "tilestored [{b} + {s}*1], tmm2",
-                    "tilestored [{b} + {s}*1 + 64], tmm3",
-                    a = in(reg) at,
-                    b = in(reg) at.add(TILE_ROWS * sums_stride),
-                    s = in(reg) sums_stride,
-                    options(nostack, preserves_flags)
-                );
-            }
             let first = p * PANEL;
             let cols = PANEL.min(w.n - first);
             // SAFETY: the panel's offsets, scales (padded to whole panels) and bias (`n` long,
-            // read only below `first + cols ≤ n` through the masks) and row r's `cols` outputs.
+            // read only below `first + cols ≤ n`) and row r's `cols` outputs; AVX-512 F is
+            // present with AMX.
             unsafe {
                 dequantize(&sums, row_scales, w, first, cols, &mut out[first..]);
             }
         }
         unsafe {
-            asm!("tilerelease", options(nostack, nomem, preserves_flags));
+            asm!(
+                "tilerelease",
+                out("tmm0") _, out("tmm1") _, out("tmm2") _, out("tmm3") _,
+                out("tmm4") _, out("tmm5") _, out("tmm6") _, out("tmm7") _,
+                options(nostack, nomem, preserves_flags)
+            );
         }
     }
 
@@ -294,7 +322,7 @@ mod x86 {
     /// # Safety
     /// AVX-512 F; `w.offsets` and `w.scales` hold `first + 32` values, `w.bias` (when given)
     /// `first + cols`, and `out` `(rows − 1) · w.n + cols` values.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    #[target_feature(enable = "avx512f")]
     unsafe fn dequantize(
         sums: &Sums,
         row_scales: &[f32],
@@ -320,13 +348,15 @@ mod x86 {
                     },
                 )
             };
-            let halves = [half(0), half(1)];
+            // The second half only when the panel has columns there: its bias pointer would
+            // point past the bias otherwise.
+            let halves = [Some(half(0)), (masks[1] != 0).then(|| half(1))];
             for (r, (row, &row_scale)) in sums.0.iter().zip(row_scales).enumerate() {
                 let row_scale = _mm512_set1_ps(row_scale);
-                for (h, &(offsets, scales, bias)) in halves.iter().enumerate() {
-                    if masks[h] == 0 {
+                for (h, half) in halves.iter().enumerate() {
+                    let Some((offsets, scales, bias)) = *half else {
                         continue;
-                    }
+                    };
                     let sum = _mm512_loadu_si512(row.as_ptr().add(16 * h).cast::<__m512i>());
                     let sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, offsets));
                     let y =

@@ -26,7 +26,9 @@ use super::int8_matmul::{CHUNK_BYTES, PANEL, ROWS};
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        // `COMPRESSD_CPU_ISA=scalar` caps it (README, "CPU kernels").
         std::arch::is_x86_feature_detected!("avx2")
+            && crate::ops::simd::Isa::detected() >= crate::ops::simd::Isa::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

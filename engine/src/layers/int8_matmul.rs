@@ -11,8 +11,10 @@
 //! partial sums at once with no horizontal reduction. The input dimension is padded to an even
 //! length and the output dimension to a whole panel with zeros, which add nothing.
 //!
-//! The AVX2 kernel lives in [`super::int8_avx2`] (the only `unsafe` code here); a portable scalar
-//! kernel computes the very same integers and floats on other CPUs. Work is split over rayon's threads by rows
+//! The AVX2 kernel lives in [`super::int8_avx2`], AVX-512 VNNI's in [`super::int8_vnni`] and AMX's
+//! in [`super::int8_amx`] (their `unsafe` code stays there, but for the uninitialised output the
+//! AMX path writes here); a portable scalar kernel computes the very same integers and floats on
+//! other CPUs. Work is split over rayon's threads by rows
 //! of `x` (prompts, batches) or, for a handful of rows (decoding), by panels.
 
 use std::mem::MaybeUninit;
@@ -190,7 +192,7 @@ impl QuantizedRows {
 
 /// Rows of `x` (`k` values each) quantized to int8 per row, `k_pad` per row, with their scales
 /// (each row's own, or `fixed` for every row): each rounded value `q ∈ [-127, 127]` is stored as
-/// `store(q)` (an i16 for AVX2 and scalar, `q + 128` for VNNI), padding as `pad`. Inlined so each
+/// `store(q)` (an i16 for AVX2 and scalar), padding as `pad`. Inlined so each
 /// kernel's caller compiles, and vectorizes, it with its own instruction set.
 #[inline(always)]
 pub(crate) fn quantize_rows_as<T: Copy>(

@@ -28,9 +28,11 @@ pub(crate) const GROUP: usize = 4;
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        // `COMPRESSD_CPU_ISA=avx2` or `scalar` caps it (README, "CPU kernels").
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+            && crate::ops::simd::Isa::detected() == crate::ops::simd::Isa::Avx512
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -64,7 +66,7 @@ pub(crate) fn quantize_rows(
 ) -> (Vec<u8>, Vec<f32>) {
     assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 is present (checked above); the function only uses safe slice code.
+    // SAFETY: AVX-512 F is present (checked above); the loads and stores stay in the slices.
     unsafe {
         x86::quantize_rows(x, k, k_pad, fixed)
     }
@@ -104,12 +106,12 @@ pub(crate) fn block_product(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::{
-        __m128i, __m512, __m512i, __mmask16, _mm512_add_epi32, _mm512_andnot_ps,
-        _mm512_cmp_ps_mask, _mm512_cvt_roundps_epi32, _mm512_cvtepi32_epi8, _mm512_dpbusd_epi32,
-        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_maskz_loadu_ps, _mm512_maskz_mov_ps,
-        _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_max_ps, _mm512_set1_epi32,
-        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_storeu_si512,
-        _mm_mask_storeu_epi8, _mm_storeu_si128, _CMP_ORD_Q, _MM_FROUND_NO_EXC,
+        __m128i, __m512, __m512i, __mmask16, _mm512_abs_ps, _mm512_add_epi32, _mm512_cmp_ps_mask,
+        _mm512_cvt_roundps_epi32, _mm512_cvtepi32_epi8, _mm512_dpbusd_epi32, _mm512_loadu_ps,
+        _mm512_loadu_si512, _mm512_mask_cvtepi32_storeu_epi8, _mm512_maskz_loadu_ps,
+        _mm512_maskz_mov_ps, _mm512_max_ps, _mm512_min_ps, _mm512_mul_ps, _mm512_reduce_max_ps,
+        _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512,
+        _mm512_storeu_si512, _mm_storeu_si128, _CMP_ORD_Q, _MM_FROUND_NO_EXC,
         _MM_FROUND_TO_NEAREST_INT,
     };
     use std::ops::Range;
@@ -123,8 +125,8 @@ mod x86 {
     /// other value (the tests compare the kernels' outputs exactly).
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F and BW.
-    #[target_feature(enable = "avx512f,avx512bw")]
+    /// The CPU must have AVX-512 F (every intrinsic here is AVX-512 F's).
+    #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn quantize_rows(
         x: &[f32],
         k: usize,
@@ -140,7 +142,6 @@ mod x86 {
         }
         let tail = k % LANES;
         let tail_mask: __mmask16 = (1u32 << tail).wrapping_sub(1) as __mmask16;
-        let sign = _mm512_set1_ps(-0.0);
         for ((row, out), scale) in x
             .chunks_exact(k)
             .zip(values.chunks_exact_mut(k_pad))
@@ -155,12 +156,12 @@ mod x86 {
                         // SAFETY: `c` holds 16 floats.
                         let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
                         // max(|v|, amax) returns amax where |v| is NaN.
-                        amax = _mm512_max_ps(_mm512_andnot_ps(sign, v), amax);
+                        amax = _mm512_max_ps(_mm512_abs_ps(v), amax);
                     }
                     if tail > 0 {
                         // SAFETY: the mask reads only the `tail` floats of `rest`.
                         let v = unsafe { _mm512_maskz_loadu_ps(tail_mask, rest.as_ptr()) };
-                        amax = _mm512_max_ps(_mm512_andnot_ps(sign, v), amax);
+                        amax = _mm512_max_ps(_mm512_abs_ps(v), amax);
                     }
                     crate::quant::int8::scale_of_max(_mm512_reduce_max_ps(amax))
                 }
@@ -169,7 +170,8 @@ mod x86 {
             let inverse = _mm512_set1_ps(inverse);
             let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
             let offset = _mm512_set1_epi32(128);
-            let to_bytes = |v: __m512| {
+            // `q + 128` in each i32 lane.
+            let to_ints = |v: __m512| {
                 let q = _mm512_mul_ps(v, inverse);
                 // NaN to 0: the ordered compare is false only for NaN.
                 let q = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(q, q), q);
@@ -177,12 +179,12 @@ mod x86 {
                 let q = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
                     q,
                 );
-                _mm512_cvtepi32_epi8(_mm512_add_epi32(q, offset))
+                _mm512_add_epi32(q, offset)
             };
             for (c, o) in chunks.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
                 // SAFETY: `c` holds 16 floats and `o` 16 bytes.
                 unsafe {
-                    let bytes = to_bytes(_mm512_loadu_ps(c.as_ptr()));
+                    let bytes = _mm512_cvtepi32_epi8(to_ints(_mm512_loadu_ps(c.as_ptr())));
                     _mm_storeu_si128(o.as_mut_ptr().cast::<__m128i>(), bytes);
                 }
             }
@@ -190,11 +192,11 @@ mod x86 {
                 // SAFETY: the masks read the `tail` floats of `rest` and write `tail` bytes from
                 // `k - tail`, inside the row's `k_pad ≥ k` bytes.
                 unsafe {
-                    let bytes = to_bytes(_mm512_maskz_loadu_ps(tail_mask, rest.as_ptr()));
-                    _mm_mask_storeu_epi8(
+                    let ints = to_ints(_mm512_maskz_loadu_ps(tail_mask, rest.as_ptr()));
+                    _mm512_mask_cvtepi32_storeu_epi8(
                         out[k - tail..].as_mut_ptr().cast::<i8>(),
                         tail_mask,
-                        bytes,
+                        ints,
                     );
                 }
             }
