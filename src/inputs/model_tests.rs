@@ -116,7 +116,17 @@ fn rejects_bad_files_and_names() {
     let mut files = tiny_bert_files();
     files[3].1 = Vec::new();
     assert!(inspect(&files).unwrap_err().message.contains("empty"));
-    for name in ["../x", "/etc/passwd", "a//b", "a\\b", ""] {
+    for name in [
+        "../x",
+        "/etc/passwd",
+        "a//b",
+        "a\\b",
+        "",
+        "A:",
+        "AA:",
+        "sub/c:",
+        "a:b",
+    ] {
         assert_eq!(
             ModelInspector::new().start_file(name).unwrap_err().slug,
             "invalid-file-name"
