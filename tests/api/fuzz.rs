@@ -405,7 +405,19 @@ fn upload_part() -> impl Strategy<Value = Part> {
         .prop_map(|parts| parts.join("/")),
         ".{0,24}",
     ]);
-    let valid_rows: Vec<u8> = (0..20)
+    let bytes = prop_oneof![
+        Just(valid_rows()),
+        safetensors_file(),
+        dataset_bytes(),
+        any_json().prop_map(|v| v.to_string().into_bytes()),
+        prop::collection::vec(any::<u8>(), 0..128),
+    ];
+    (field, file_name, bytes)
+}
+
+/// Twenty JSONL rows a dataset accepts (and a model refuses): `{"text": "row i", "label": …}`.
+fn valid_rows() -> Vec<u8> {
+    (0..20)
         .map(|i| {
             format!(
                 "{{\"text\": \"row {i}\", \"label\": \"{}\"}}\n",
@@ -413,15 +425,7 @@ fn upload_part() -> impl Strategy<Value = Part> {
             )
         })
         .collect::<String>()
-        .into_bytes();
-    let bytes = prop_oneof![
-        Just(valid_rows),
-        safetensors_file(),
-        dataset_bytes(),
-        any_json().prop_map(|v| v.to_string().into_bytes()),
-        prop::collection::vec(any::<u8>(), 0..128),
-    ];
-    (field, file_name, bytes)
+        .into_bytes()
 }
 
 /// A multipart body of `parts` under `boundary`, cut short at `cut` (a fraction) when given.
@@ -578,15 +582,7 @@ fn a_model_upload_with_a_nameless_second_file_is_a_clean_4xx() {
         .build()
         .unwrap();
     let (api, _store_dir) = runtime.block_on(TestApi::sqlite());
-    let rows: Vec<u8> = (0..20)
-        .map(|i| {
-            format!(
-                "{{\"text\": \"row {i}\", \"label\": \"{}\"}}\n",
-                ["a", "b"][i % 2]
-            )
-        })
-        .collect::<String>()
-        .into_bytes();
+    let rows = valid_rows();
     let parts: Vec<Part> = vec![
         ("file".to_owned(), Some("A:".to_owned()), rows.clone()),
         ("file".to_owned(), None, rows),

@@ -160,13 +160,14 @@ impl QuantizedRows {
     fn new(x: &[f32], weight: &PackedInt8, fixed: Option<f32>) -> Self {
         let (in_features, k_pad) = (weight.in_features, weight.k_pad);
         if weight.kernel.unsigned_activations() {
-            let (mut values, scales) = int8_vnni::quantize_rows(x, in_features, k_pad, fixed);
-            if weight.kernel == Int8Kernel::Amx {
-                // Whole tiles of rows, so the last block's tile loads stay in the buffer (the
-                // padding rows' sums are computed and dropped).
-                let rows = scales.len().next_multiple_of(int8_amx::TILE_ROWS);
-                values.resize(rows * k_pad, 128);
-            }
+            // AMX: whole tiles of rows, so the last block's tile loads stay in the buffer (the
+            // padding rows' sums are computed and dropped).
+            let row_multiple = match weight.kernel {
+                Int8Kernel::Amx => int8_amx::TILE_ROWS,
+                _ => 1,
+            };
+            let (values, scales) =
+                int8_vnni::quantize_rows(x, in_features, k_pad, fixed, row_multiple);
             return Self {
                 values: RowValues::U8(values),
                 scales,

@@ -57,18 +57,21 @@ pub(crate) struct Weight<'a> {
 
 /// Rows of `x` as unsigned bytes (`qx + 128`), `k_pad` per row, with one scale per row, quantized
 /// in the kernel's instruction set (so the rounding loop is vectorized with it).
-/// With `fixed`, every row takes that scale (static quantization) instead of its own.
+/// With `fixed`, every row takes that scale (static quantization) instead of its own. The byte
+/// buffer holds a multiple of `row_multiple` rows, the extra ones all padding (AMX reads whole
+/// tiles of rows).
 pub(crate) fn quantize_rows(
     x: &[f32],
     k: usize,
     k_pad: usize,
     fixed: Option<f32>,
+    row_multiple: usize,
 ) -> (Vec<u8>, Vec<f32>) {
     assert!(available(), "the VNNI kernel needs AVX-512 VNNI");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512 F is present (checked above); the loads and stores stay in the slices.
     unsafe {
-        x86::quantize_rows(x, k, k_pad, fixed)
+        x86::quantize_rows(x, k, k_pad, fixed, row_multiple)
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!()
@@ -132,10 +135,11 @@ mod x86 {
         k: usize,
         k_pad: usize,
         fixed: Option<f32>,
+        row_multiple: usize,
     ) -> (Vec<u8>, Vec<f32>) {
         const LANES: usize = 16;
         let rows = x.len() / k.max(1);
-        let mut values = vec![128u8; rows * k_pad];
+        let mut values = vec![128u8; rows.next_multiple_of(row_multiple.max(1)) * k_pad];
         let mut scales = vec![0f32; rows];
         if k == 0 {
             return (values, scales);
