@@ -571,29 +571,26 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// The fuzzer's minimal 500 (CI, seventeenth session): a model upload whose first file is named
 /// `A:` (the store's local backend failed on names ending in a colon) and whose second `file`
 /// part has no filename. The name is refused before anything is written.
-#[test]
-fn a_model_upload_with_a_nameless_second_file_is_a_clean_4xx() {
+#[tokio::test]
+async fn a_model_upload_with_a_nameless_second_file_is_a_clean_4xx() {
     use crate::common::api::TestApi;
     use axum::http::Method;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (api, _store_dir) = runtime.block_on(TestApi::sqlite());
+    let (api, _store_dir) = TestApi::sqlite().await;
     let rows = valid_rows();
     let parts: Vec<Part> = vec![
         ("file".to_owned(), Some("A:".to_owned()), rows.clone()),
         ("file".to_owned(), None, rows),
     ];
     let body = multipart_body("bNd", &parts, None);
-    let reply = runtime.block_on(api.send(
-        Method::POST,
-        "/v1/models",
-        &[("content-type", "multipart/form-data; boundary=\"bNd\"")],
-        body,
-    ));
+    let reply = api
+        .send(
+            Method::POST,
+            "/v1/models",
+            &[("content-type", "multipart/form-data; boundary=\"bNd\"")],
+            body,
+        )
+        .await;
     assert_eq!(reply.status.as_u16(), 422, "{}", reply.body);
     assert!(
         reply.body["type"]

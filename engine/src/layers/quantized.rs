@@ -30,7 +30,7 @@ use crate::quant::{gguf, quantize, QuantScheme, Quantized, QuantizedWeight};
 /// How a [`QuantizedLinear`] computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelPath {
-    /// Our int8 × int8 → i32 kernel on the CPU (AVX-512 VNNI, AVX2 or the portable fallback).
+    /// Our int8 × int8 → i32 kernel on the CPU (AMX, AVX-512 VNNI, AVX2 or the portable fallback).
     Int8(Int8Kernel),
     /// Our kernel for 32-value GGML blocks × 8-bit activation blocks on the CPU (AVX2 or its
     /// portable fallback), with the blocks' type.
