@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release -p compressd-engine --example finetune_bbc -- \
 //!   [--epochs 3] [--max-length 128] [--batch-size 16] [--max-train-samples N] [--time-budget-s S] \
-//!   [--gradient-checkpointing true]
+//!   [--gradient-checkpointing true] [--bf16 true]
 //! # the defaults are the settings that met the 0.97 target (BENCHMARKS.md)
 //! # or, reusing the dev build's opt-level-3 dependencies and optimising only the engine:
 //! cargo --config 'profile.dev.package.compressd-engine.opt-level=3' \
@@ -44,6 +44,9 @@ struct Args {
     max_train_samples: Option<usize>,
     time_budget_s: Option<u64>,
     gradient_checkpointing: bool,
+    /// CPU mixed precision (AVX-512 BF16): the linear layers' products in bf16, in training and in
+    /// the evaluation of the trained model that follows.
+    bf16: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -54,6 +57,7 @@ fn parse_args() -> Result<Args> {
         max_train_samples: None,
         time_budget_s: None,
         gradient_checkpointing: false,
+        bf16: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +69,7 @@ fn parse_args() -> Result<Args> {
             "--max-train-samples" => args.max_train_samples = Some(value.parse()?),
             "--time-budget-s" => args.time_budget_s = Some(value.parse()?),
             "--gradient-checkpointing" => args.gradient_checkpointing = value.parse()?,
+            "--bf16" => args.bf16 = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -171,11 +176,17 @@ fn main() -> Result<()> {
     cfg.set_labels(&data.labels.id2label);
     let store = checkpoint.into_store(|_| true)?;
     store.set_init_missing(Some(0));
-    let model = BertForSequenceClassification::load(
-        store.var_builder(DType::F32, &dev),
-        &cfg,
-        &LinearFactory::default(),
-    )?;
+    anyhow::ensure!(
+        !args.bf16 || compressd_engine::ops::bf16_products_available(),
+        "--bf16 needs a CPU with AVX-512 BF16"
+    );
+    let linears = if args.bf16 {
+        LinearFactory::default().with_compute_dtype(DType::BF16)
+    } else {
+        LinearFactory::default()
+    };
+    let model =
+        BertForSequenceClassification::load(store.var_builder(DType::F32, &dev), &cfg, &linears)?;
     let task = SequenceClassificationTask { model: &model };
     let train_cfg = train_config(&args);
     let mut optimizer = AdamW::new(store.trainable_vars(), train_cfg.optimizer.clone())?;
@@ -209,6 +220,7 @@ fn main() -> Result<()> {
             "batch_size": args.batch_size,
             "epochs": args.epochs,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "mixed_precision": if args.bf16 { Some("bf16") } else { None },
             "stop_reason": report.stop_reason,
             "steps": report.steps,
             "total_steps": report.total_steps,

@@ -3,7 +3,9 @@
 //! (our int8 kernel, i16 × i16 pairs into i32), and `vpmaddubsw` (u8 × i8 pairs into saturating
 //! i16), followed by the `vpmaddwd` against ones that widens its pairs to i32, the form a kernel
 //! taking full-range int8 needs. `vpmaddubsw` with i16 accumulation alone is listed as the upper
-//! bound it cannot reach without saturating.
+//! bound it cannot reach without saturating. Where the CPU has AVX-512 BF16, two 512-bit rows
+//! follow: f32 FMA on zmm registers and `vdpbf16ps` (bf16 pairs into f32, CPU mixed precision's
+//! kernel, `engine/src/ops/bf16_gemm.rs`).
 //!
 //! Each loop is register-only inline assembly (independent accumulators, no loads), run on one
 //! thread; the median of `--rounds` (default 5) is printed in GMAC/s.
@@ -43,6 +45,46 @@ mod loops {
             }
         };
     }
+
+    macro_rules! timed_loop_512 {
+        ($name:ident, $body:expr) => {
+            /// Runs the loop body `n` times (the CPU must have AVX-512 F and BF16).
+            #[target_feature(enable = "avx512f,avx512bf16")]
+            pub unsafe fn $name(n: u64) {
+                // SAFETY: register-only arithmetic on zmm registers declared clobbered; the caller
+                // has checked AVX-512 F and BF16.
+                unsafe {
+                    asm!("2:", $body, "dec {n}", "jnz 2b", n = inout(reg) n => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm14") _, out("zmm15") _,
+                        options(nostack));
+                }
+            }
+        };
+    }
+
+    // 12 independent FMAs of 16 lanes: 192 multiply-adds per iteration.
+    timed_loop_512!(
+        fma_f32_zmm,
+        "vfmadd231ps zmm0, zmm14, zmm15\nvfmadd231ps zmm1, zmm14, zmm15
+         vfmadd231ps zmm2, zmm14, zmm15\nvfmadd231ps zmm3, zmm14, zmm15
+         vfmadd231ps zmm4, zmm14, zmm15\nvfmadd231ps zmm5, zmm14, zmm15
+         vfmadd231ps zmm6, zmm14, zmm15\nvfmadd231ps zmm7, zmm14, zmm15
+         vfmadd231ps zmm8, zmm14, zmm15\nvfmadd231ps zmm9, zmm14, zmm15
+         vfmadd231ps zmm10, zmm14, zmm15\nvfmadd231ps zmm11, zmm14, zmm15"
+    );
+    // 12 independent vdpbf16ps of 32 bf16 pairs: 384 multiply-adds per iteration.
+    timed_loop_512!(
+        dpbf16_zmm,
+        "vdpbf16ps zmm0, zmm14, zmm15\nvdpbf16ps zmm1, zmm14, zmm15
+         vdpbf16ps zmm2, zmm14, zmm15\nvdpbf16ps zmm3, zmm14, zmm15
+         vdpbf16ps zmm4, zmm14, zmm15\nvdpbf16ps zmm5, zmm14, zmm15
+         vdpbf16ps zmm6, zmm14, zmm15\nvdpbf16ps zmm7, zmm14, zmm15
+         vdpbf16ps zmm8, zmm14, zmm15\nvdpbf16ps zmm9, zmm14, zmm15
+         vdpbf16ps zmm10, zmm14, zmm15\nvdpbf16ps zmm11, zmm14, zmm15"
+    );
 
     // 8 independent FMAs of 8 lanes: 64 multiply-adds per iteration.
     timed_loop!(
@@ -107,7 +149,7 @@ fn run(rounds: usize) -> Result<()> {
         bail!("this benchmark needs AVX2 and FMA");
     }
     type Loop = unsafe fn(u64);
-    let cases: [(&str, Loop, u64); 4] = [
+    let mut cases: Vec<(&str, Loop, u64)> = vec![
         ("f32 FMA (vfmadd231ps)", loops::fma_f32, 64),
         ("i16 vpmaddwd + vpaddd", loops::madd_i16, 96),
         (
@@ -121,6 +163,16 @@ fn run(rounds: usize) -> Result<()> {
             192,
         ),
     ];
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bf16")
+    {
+        cases.push(("f32 FMA on zmm (AVX-512)", loops::fma_f32_zmm, 192));
+        cases.push((
+            "bf16 vdpbf16ps on zmm (AVX-512 BF16)",
+            loops::dpbf16_zmm,
+            384,
+        ));
+    }
     println!("| instructions | GMAC/s per core (median of {rounds}) | vs f32 FMA |");
     println!("|---|---|---|");
     let mut fma = None;
@@ -128,7 +180,8 @@ fn run(rounds: usize) -> Result<()> {
         let mut rates: Vec<f64> = (0..rounds)
             .map(|_| {
                 let start = Instant::now();
-                // SAFETY: AVX2 and FMA were detected above.
+                // SAFETY: AVX2 and FMA were detected above, and AVX-512 F and BF16 for the
+                // loops that need them.
                 unsafe { body(ITERATIONS) };
                 (ITERATIONS * macs) as f64 / start.elapsed().as_secs_f64() / 1e9
             })

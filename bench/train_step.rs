@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p compressd-engine --example train_step -- [--steps 10] [--warmup 3] [--dropout 0.0] \
-//!   [--seq 128] [--checkpointing true]
+//!   [--seq 128] [--checkpointing true] [--bf16 true]
 //! # or, reusing the dev build's opt-level-3 dependencies and optimising only the engine:
 //! cargo --config 'profile.dev.package.compressd-engine.opt-level=3' \
 //!   --config 'profile.dev.package.compressd-engine.debug-assertions=false' \
@@ -13,7 +13,9 @@
 //!
 //! Prints one JSON line with median milliseconds per phase and the process's peak RSS. With
 //! `--checkpointing true` the step recomputes each block in backward (`gradient_checkpointing`):
-//! the forward phase keeps only the blocks' inputs and the backward phase runs them again.
+//! the forward phase keeps only the blocks' inputs and the backward phase runs them again. With
+//! `--bf16 true` the linear layers' products run in bf16 (`mixed_precision: "bf16"`, CPU mixed
+//! precision: needs AVX-512 BF16); compare with `bench/pytorch_train_step.py --autocast bf16`.
 
 use std::time::Instant;
 
@@ -37,6 +39,7 @@ struct Args {
     dropout: f64,
     seq: usize,
     checkpointing: bool,
+    bf16: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -46,6 +49,7 @@ fn parse_args() -> Result<Args> {
         dropout: 0.0,
         seq: 128,
         checkpointing: false,
+        bf16: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -58,6 +62,7 @@ fn parse_args() -> Result<Args> {
             "--dropout" => args.dropout = value.parse()?,
             "--seq" => args.seq = value.parse()?,
             "--checkpointing" => args.checkpointing = value.parse()?,
+            "--bf16" => args.bf16 = value.parse()?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -123,10 +128,18 @@ fn main() -> Result<()> {
     let store = ParamStore::new();
     // Every weight is missing, so the store draws them all (N(0, 0.02²) matrices, as in HF BERT).
     store.set_init_missing(Some(0));
+    if args.bf16 && !compressd_engine::ops::bf16_products_available() {
+        bail!("--bf16 needs a CPU with AVX-512 BF16");
+    }
+    let linears = if args.bf16 {
+        LinearFactory::default().with_compute_dtype(DType::BF16)
+    } else {
+        LinearFactory::default()
+    };
     let model = BertForSequenceClassification::load(
         store.var_builder(DType::F32, &dev),
         &bench_config(args.dropout)?,
-        &LinearFactory::default(),
+        &linears,
     )?;
     let task = SequenceClassificationTask { model: &model };
     let cfg = AdamWConfig {
@@ -184,6 +197,7 @@ fn main() -> Result<()> {
         "step_ms": round(median(step)),
         "params": store.parameter_count(),
         "dropout": args.dropout,
+        "mixed_precision": if args.bf16 { Some("bf16") } else { None },
         "seq": args.seq,
         "checkpointing": args.checkpointing,
         "steps": args.steps,

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{LinearKind, LinearLayer};
+use super::{DenseParts, LinearKind, LinearLayer};
 
 /// `y = x Wᵀ + b` with `W` of shape `(out_features, in_features)`, as in PyTorch's `nn.Linear`.
 #[derive(Clone, Debug)]
@@ -80,6 +80,20 @@ impl DenseLinear {
 }
 
 impl DenseLinear {
+    /// What the fused CPU node multiplies for this layer: f32, or bf16 under mixed precision
+    /// where the CPU has AVX-512 BF16 (`ops::bf16_gemm`). `None` for other compute dtypes and
+    /// CPUs, which take the casting path (a CPU job never gets there: `MixedPrecision::
+    /// check_device` refuses it first).
+    fn cpu_products(&self) -> Option<crate::ops::Products> {
+        match self.compute_dtype {
+            None => Some(crate::ops::Products::F32),
+            Some(DType::BF16) if crate::ops::bf16_gemm::available() => {
+                Some(crate::ops::Products::Bf16)
+            }
+            Some(_) => None,
+        }
+    }
+
     /// `Wᵀ`: the cached contiguous copy for a frozen weight on the CPU, else a strided view.
     fn weight_t(&self) -> Result<Tensor> {
         if self.weight.track_op() || !self.weight.device().is_cpu() {
@@ -115,39 +129,46 @@ impl DenseLinear {
 
 impl LinearLayer for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // One 2-D GEMM over all rows beats a batched matmul with a broadcast weight. One autograd
+        // node with a hand-written backward (and the bias added inside the GEMM): a trained weight
+        // as it is, a frozen one through its contiguous transposed copy. Under CPU mixed precision
+        // the same node multiplies bf16 roundings (`ops::Products::Bf16`).
+        let fused = match self.cpu_products() {
+            Some(products) if self.weight.track_op() => {
+                crate::ops::linear(x, &self.weight, self.bias.as_ref(), false, products)?
+            }
+            Some(products) if self.weight.device().is_cpu() => {
+                crate::ops::linear(x, &self.weight_t()?, self.bias.as_ref(), true, products)?
+            }
+            _ => None,
+        };
+        if let Some(y) = fused {
+            return Ok(y);
+        }
         if let Some(dtype) = self.compute_dtype.filter(|&d| d != x.dtype()) {
-            // Mixed precision: input, weight and bias cast to `dtype`, the output cast back.
+            // Mixed precision elsewhere (CUDA): input, weight and bias cast to `dtype`, the output
+            // cast back.
             let bias = self.bias.as_ref().map(|b| b.to_dtype(dtype)).transpose()?;
             let weight_t = self.weight.to_dtype(dtype)?.t()?;
             return self
                 .composed(&x.to_dtype(dtype)?, &weight_t, bias.as_ref())?
                 .to_dtype(x.dtype());
         }
-        // One 2-D matmul over all rows beats a batched matmul with a broadcast weight; the transposed
-        // weight is a strided view that gemm reads directly, so no copy is made.
-        // One autograd node with a hand-written backward (and the bias added inside the GEMM): a
-        // trained weight as it is, a frozen one through its contiguous transposed copy.
-        let fused = if self.weight.track_op() {
-            crate::ops::linear(x, &self.weight, self.bias.as_ref(), false)?
-        } else if self.weight.device().is_cpu() {
-            crate::ops::linear(x, &self.weight_t()?, self.bias.as_ref(), true)?
-        } else {
-            None
-        };
-        match fused {
-            Some(y) => Ok(y),
-            None => self.composed(x, &self.weight_t()?, self.bias.as_ref()),
-        }
+        self.composed(x, &self.weight_t()?, self.bias.as_ref())
     }
 
     fn weight(&self) -> Option<&Tensor> {
         Some(&self.weight)
     }
 
-    fn trained_dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
-        // A mixed-precision layer casts, and a frozen one runs on its transposed copy.
-        (self.compute_dtype.is_none() && self.weight.track_op())
-            .then_some((&self.weight, self.bias.as_ref()))
+    fn trained_dense_parts(&self) -> Option<DenseParts<'_>> {
+        // A frozen layer runs on its transposed copy, and mixed precision off the CPU casts.
+        let products = self.cpu_products()?;
+        self.weight.track_op().then_some(DenseParts {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            products,
+        })
     }
 
     fn bias(&self) -> Option<&Tensor> {

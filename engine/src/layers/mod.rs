@@ -42,6 +42,18 @@ pub use recording::{ActivationSample, InputRecorder, RecordingLinear, SampleLimi
 use crate::error::EngineError;
 use crate::models::common::DropoutRng;
 
+/// A trained dense layer's parts, for a model that fuses it with its neighbours
+/// ([`LinearLayer::trained_dense_parts`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DenseParts<'a> {
+    /// `(out_features, in_features)`.
+    pub weight: &'a Tensor,
+    /// `(out_features)`, when the layer has one.
+    pub bias: Option<&'a Tensor>,
+    /// What its products multiply (bf16 under CPU mixed precision).
+    pub products: crate::ops::Products,
+}
+
 /// A linear map `y = x Wᵀ + b` over the last dimension of `x`, in whatever form a scheme stores it.
 pub trait LinearLayer: Send + Sync + Debug {
     /// Applies the layer to `x` of shape `(.., in_features)`, giving `(.., out_features)`.
@@ -62,11 +74,11 @@ pub trait LinearLayer: Send + Sync + Debug {
     /// The dense weight `(out_features, in_features)` when the variant keeps one (export, pruning).
     fn weight(&self) -> Option<&Tensor>;
 
-    /// The weight `(out_features, in_features)` and bias when this layer computes exactly
-    /// `x Wᵀ + b` in the input's dtype with a weight being trained, so that a model may stack it
-    /// with its neighbours into one product (BERT's query, key and value). `None` for every other
-    /// layer, which a caller then runs on its own.
-    fn trained_dense_parts(&self) -> Option<(&Tensor, Option<&Tensor>)> {
+    /// The weight `(out_features, in_features)`, bias and products when this layer computes
+    /// exactly `x Wᵀ + b` on the CPU (f32 in and out) with a weight being trained, so that a model
+    /// may stack it with its neighbours into one product (BERT's query, key and value). `None` for
+    /// every other layer, which a caller then runs on its own.
+    fn trained_dense_parts(&self) -> Option<DenseParts<'_>> {
         None
     }
 

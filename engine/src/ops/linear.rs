@@ -13,13 +13,25 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, MatMut, MatRef};
 use super::kernel::slice;
+
+/// What the GEMMs multiply: f32 as stored, or bfloat16 roundings of it with f32 sums (CPU mixed
+/// precision, where the CPU has AVX-512 BF16: [`bf16_gemm`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Products {
+    /// f32 × f32 (the gemm crate).
+    F32,
+    /// bf16 × bf16 into f32 sums; inputs, outputs and gradients stay f32 in memory.
+    Bf16,
+}
 
 /// `x (…, in) · Wᵀ + b` for `W (out, in)` and `b (out)`; the bias is optional (two-argument form).
 /// With `transposed`, the weight argument holds `Wᵀ (in, out)` contiguous (a frozen layer's cached
 /// copy, which gemm packs without gathering; see `layers::dense`).
 pub(crate) struct Linear {
     pub transposed: bool,
+    pub products: Products,
 }
 
 /// `gelu(x Wᵀ + b)` (exact GELU) with a trained `W (out, in)` and `b (out)`: the activation applied
@@ -27,12 +39,14 @@ pub(crate) struct Linear {
 /// for the `(rows, out)` pre-activation (BERT's FFN, where `out` is 4 × hidden). The forward keeps
 /// the pre-activation for the backward, as the separate GELU node would.
 pub(crate) struct LinearGelu {
+    products: Products,
     pre_activation: OnceLock<Tensor>,
 }
 
 impl LinearGelu {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(products: Products) -> Self {
         Self {
+            products,
             pre_activation: OnceLock::new(),
         }
     }
@@ -42,6 +56,7 @@ impl LinearGelu {
 /// argument's own orientation).
 struct LinearBackward {
     transposed: bool,
+    products: Products,
     dx: bool,
     dw: bool,
     db: bool,
@@ -58,6 +73,68 @@ fn weight_strides(transposed: bool, inp: usize, out: usize) -> (isize, isize) {
 
 fn parallelism() -> Parallelism {
     Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// A matrix as gemm's arguments take it: pointer, column stride, row stride.
+type View<P> = (P, isize, isize);
+
+/// `dst = lhs · rhs` for `lhs (m × k)` and `rhs (k × n)`, added onto `dst` with `read_dst`.
+///
+/// # Safety
+/// The views must cover their matrices, `dst` must not overlap the others, and `Bf16` products
+/// must only be asked for where [`bf16_gemm::available`].
+unsafe fn matmul(
+    products: Products,
+    (m, n, k): (usize, usize, usize),
+    dst: View<*mut f32>,
+    read_dst: bool,
+    lhs: View<*const f32>,
+    rhs: View<*const f32>,
+) {
+    match products {
+        Products::F32 => gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.1,
+            dst.2,
+            read_dst,
+            lhs.0,
+            lhs.1,
+            lhs.2,
+            rhs.0,
+            rhs.1,
+            rhs.2,
+            if read_dst { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        ),
+        Products::Bf16 => bf16_gemm::gemm(
+            m,
+            n,
+            k,
+            MatMut {
+                ptr: dst.0,
+                cs: dst.1,
+                rs: dst.2,
+            },
+            read_dst,
+            MatRef {
+                ptr: lhs.0,
+                cs: lhs.1,
+                rs: lhs.2,
+            },
+            MatRef {
+                ptr: rhs.0,
+                cs: rhs.1,
+                rs: rhs.2,
+            },
+        ),
+    }
 }
 
 /// Sizes of one call: `rows` of `x`, `in`puts and `out`puts.
@@ -93,6 +170,7 @@ fn forward(
     b: Option<&[f32]>,
     (rows, inp, out): (usize, usize, usize),
     transposed: bool,
+    products: Products,
 ) -> Vec<f32> {
     let (w_rs, w_cs) = weight_strides(transposed, inp, out);
     let len = rows * out;
@@ -120,26 +198,13 @@ fn forward(
     // `rows × out` reserved elements, which the GEMM reads only when the bias was written there
     // and writes all of (k = in ≥ 1), so `y` is initialised when its length is set.
     unsafe {
-        gemm::gemm(
-            rows,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            1,
-            out as isize,
+        matmul(
+            products,
+            (rows, out, inp),
+            (y.as_mut_ptr(), 1, out as isize),
             b.is_some(),
-            x.as_ptr(),
-            1,
-            inp as isize,
-            w.as_ptr(),
-            w_rs,
-            w_cs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
+            (x.as_ptr(), 1, inp as isize),
+            (w.as_ptr(), w_rs, w_cs),
         );
         y.set_len(len);
     }
@@ -152,6 +217,7 @@ fn biased_forward(
     (w, lw): (&CpuStorage, &Layout),
     (b, lb): (&CpuStorage, &Layout),
     transposed: bool,
+    products: Products,
 ) -> Result<(Vec<f32>, Shape)> {
     let dims = sizes(lx, lw, transposed)?;
     let out = dims.2;
@@ -164,6 +230,7 @@ fn biased_forward(
         Some(slice(b, lb)?),
         dims,
         transposed,
+        products,
     );
     Ok((y, out_shape(lx, out)))
 }
@@ -181,7 +248,14 @@ impl CustomOp2 for Linear {
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = sizes(lx, lw, self.transposed)?;
-        let y = forward(slice(x, lx)?, slice(w, lw)?, None, dims, self.transposed);
+        let y = forward(
+            slice(x, lx)?,
+            slice(w, lw)?,
+            None,
+            dims,
+            self.transposed,
+            self.products,
+        );
         let out = dims.2;
         Ok((CpuStorage::F32(y), out_shape(lx, out)))
     }
@@ -193,7 +267,7 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = backward(self.transposed, x, w, None, dy)?;
+        let (dx, dw, _) = backward(self.transposed, self.products, x, w, None, dy)?;
         Ok((dx, dw))
     }
 }
@@ -212,7 +286,7 @@ impl CustomOp3 for Linear {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, shape) = biased_forward((x, lx), (w, lw), (b, lb), self.transposed)?;
+        let (y, shape) = biased_forward((x, lx), (w, lw), (b, lb), self.transposed, self.products)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -224,7 +298,7 @@ impl CustomOp3 for Linear {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        backward(self.transposed, x, w, Some(b), dy)
+        backward(self.transposed, self.products, x, w, Some(b), dy)
     }
 }
 
@@ -242,7 +316,7 @@ impl CustomOp3 for LinearGelu {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (pre, shape) = biased_forward((x, lx), (w, lw), (b, lb), false)?;
+        let (pre, shape) = biased_forward((x, lx), (w, lw), (b, lb), false, self.products)?;
         let y = super::gelu::gelu::<f32>(&pre);
         // Kept for the backward; a second forward of the same op (candle makes none) keeps the first.
         let _ = self.pre_activation.set(Tensor::from_vec(
@@ -265,7 +339,7 @@ impl CustomOp3 for LinearGelu {
             candle_core::bail!("linear-gelu backward before its forward");
         };
         let d_pre = pre.apply_op2_no_bwd(&dy.contiguous()?, &super::gelu::GeluBackward)?;
-        backward(false, x, w, Some(b), &d_pre)
+        backward(false, self.products, x, w, Some(b), &d_pre)
     }
 }
 
@@ -274,6 +348,7 @@ type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 /// The gradients of the inputs that track one (a frozen weight gets none computed).
 fn backward(
     transposed: bool,
+    products: Products,
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -281,6 +356,7 @@ fn backward(
 ) -> Result<Grads> {
     let op = LinearBackward {
         transposed,
+        products,
         dx: x.track_op(),
         dw: w.track_op(),
         db: b.is_some_and(Tensor::track_op),
@@ -354,50 +430,24 @@ impl CustomOp3 for LinearBackward {
         unsafe {
             if self.dx {
                 // dx = dy W
-                gemm::gemm(
-                    rows,
-                    inp,
-                    out,
-                    dx.as_mut_ptr().cast::<f32>(),
-                    1,
-                    inp as isize,
+                matmul(
+                    self.products,
+                    (rows, inp, out),
+                    (dx.as_mut_ptr().cast::<f32>(), 1, inp as isize),
                     false,
-                    dy.as_ptr(),
-                    1,
-                    out as isize,
-                    w.as_ptr(),
-                    w_cs,
-                    w_rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
+                    (dy.as_ptr(), 1, out as isize),
+                    (w.as_ptr(), w_cs, w_rs),
                 );
             }
             if self.dw {
                 // dW = dyᵀ x, reading dy column-major in place, written in W's orientation
-                gemm::gemm(
-                    out,
-                    inp,
-                    rows,
-                    dw.as_mut_ptr().cast::<f32>(),
-                    w_cs,
-                    w_rs,
+                matmul(
+                    self.products,
+                    (out, inp, rows),
+                    (dw.as_mut_ptr().cast::<f32>(), w_cs, w_rs),
                     false,
-                    dy.as_ptr(),
-                    out as isize,
-                    1,
-                    x.as_ptr(),
-                    1,
-                    inp as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism(),
+                    (dy.as_ptr(), out as isize, 1),
+                    (x.as_ptr(), 1, inp as isize),
                 );
             }
         }

@@ -15,12 +15,14 @@
 //! All three agree within float tolerance (tests below and in `engine/tests/models/grad.rs`).
 
 mod attention;
+pub mod bf16_gemm;
 pub mod composed;
 mod dropout;
 mod gelu;
 mod kernel;
 pub(crate) use kernel::sum_in_order;
 mod linear;
+pub use linear::Products;
 mod norm;
 pub mod simd;
 mod softmax;
@@ -288,22 +290,29 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 
 /// `x Wᵀ + b` as one autograd node with a hand-written backward ([`linear`]'s module comment says
 /// why), for `x (…, in)`, `W (out, in)`, `b (out)`; `None` when not every tensor is f32 on the CPU.
-/// With `transposed`, `w` holds `Wᵀ (in, out)` (a frozen layer's contiguous copy).
+/// With `transposed`, `w` holds `Wᵀ (in, out)` (a frozen layer's contiguous copy). `products`
+/// says what the GEMMs multiply, forward and backward ([`Products::Bf16`] only where
+/// [`bf16_gemm::available`]).
 ///
 /// # Errors
-/// Fails when the shapes do not fit.
+/// Fails when the shapes do not fit, or `Bf16` products are asked for on a CPU without the kernel.
 pub fn linear(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     transposed: bool,
+    products: Products,
 ) -> Result<Option<Tensor>> {
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !on_cpu_f32(x) || !on_cpu_f32(w) || !b.is_none_or(on_cpu_f32) {
         return Ok(None);
     }
+    check_products(products)?;
     let (x, w) = (x.contiguous()?, w.contiguous()?);
-    let op = linear::Linear { transposed };
+    let op = linear::Linear {
+        transposed,
+        products,
+    };
     Ok(Some(match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,
         None => x.apply_op2(&w, op)?,
@@ -317,16 +326,36 @@ pub fn linear(
 ///
 /// # Errors
 /// Fails when the shapes do not fit.
-pub fn linear_gelu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
+pub fn linear_gelu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    products: Products,
+) -> Result<Option<Tensor>> {
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if ![x, w, b].into_iter().all(on_cpu_f32) || !w.track_op() {
         return Ok(None);
     }
+    check_products(products)?;
     Ok(Some(x.contiguous()?.apply_op3(
         &w.contiguous()?,
         &b.contiguous()?,
-        linear::LinearGelu::new(),
+        linear::LinearGelu::new(products),
     )?))
+}
+
+/// Whether this CPU multiplies [`Products::Bf16`] (AVX-512 BF16, not capped by
+/// `COMPRESSD_CPU_ISA`): where CPU mixed precision (`mixed_precision: "bf16"`) is offered.
+pub fn bf16_products_available() -> bool {
+    bf16_gemm::available()
+}
+
+/// Refuses bf16 products on a CPU without AVX-512 BF16 (the layers only ask where it is).
+fn check_products(products: Products) -> Result<()> {
+    if products == Products::Bf16 && !bf16_gemm::available() {
+        candle_core::bail!("bf16 products need AVX-512 BF16, which this CPU lacks");
+    }
+    Ok(())
 }
 
 /// Rotary position embedding ("rotate half", as Hugging Face Llama) for `x` of shape

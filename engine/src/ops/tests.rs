@@ -351,9 +351,17 @@ fn linear_gelu_matches_linear_then_gelu() -> Result<()> {
     let w = Var::from_tensor(&Tensor::randn(0f32, 0.5, (out, inp), &dev)?)?;
     let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, out, &dev)?)?;
     let weights = Tensor::randn(0f32, 1.0, (2, 5, out), &dev)?;
-    let fused = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor())?.expect("fused path");
+    let fused = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor(), Products::F32)?
+        .expect("fused path");
     let separate = gelu_erf(
-        &linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), false)?.expect("linear"),
+        &linear(
+            x.as_tensor(),
+            w.as_tensor(),
+            Some(b.as_tensor()),
+            false,
+            Products::F32,
+        )?
+        .expect("linear"),
     )?;
     assert!(max_abs_diff(&fused, &separate) < 1e-6);
     let got = (fused * &weights)?.sum_all()?.backward()?;
@@ -366,7 +374,7 @@ fn linear_gelu_matches_linear_then_gelu() -> Result<()> {
         assert!(diff < 1e-5, "d{name} differs by {diff}");
     }
     let frozen = w.as_tensor().detach();
-    assert!(linear_gelu(x.as_tensor(), &frozen, b.as_tensor())?.is_none());
+    assert!(linear_gelu(x.as_tensor(), &frozen, b.as_tensor(), Products::F32)?.is_none());
     Ok(())
 }
 
@@ -430,11 +438,12 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
         };
         let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, out, &dev)?)?;
         let bias = with_bias.then(|| b.as_tensor());
-        let got = linear(x.as_tensor(), &w_used, bias, false)?.expect("fused path");
+        let got = linear(x.as_tensor(), &w_used, bias, false, Products::F32)?.expect("fused path");
         if frozen_weight {
             // A frozen layer's transposed copy gives the same output and the same dx.
             let w_t = w_used.t()?.contiguous()?;
-            let via_t = linear(x.as_tensor(), &w_t, bias, true)?.expect("fused path");
+            let via_t =
+                linear(x.as_tensor(), &w_t, bias, true, Products::F32)?.expect("fused path");
             assert!(max_abs_diff(&via_t, &got) < 1e-5);
             let weights = Tensor::randn(0f32, 1.0, got.shape(), &dev)?;
             let dx_t = (via_t * &weights)?.sum_all()?.backward()?;
@@ -480,7 +489,7 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
     // A trained weight held transposed gets its gradient in its own orientation.
     let x = Tensor::randn(0f32, 1.0, (6, inp), &dev)?;
     let w_t = Var::from_tensor(&Tensor::randn(0f32, 1.0, (inp, out), &dev)?)?;
-    let got = linear(&x, w_t.as_tensor(), None, true)?.expect("fused path");
+    let got = linear(&x, w_t.as_tensor(), None, true, Products::F32)?.expect("fused path");
     let want = x.matmul(w_t.as_tensor())?;
     assert!(max_abs_diff(&got, &want) < 1e-5);
     let weights = Tensor::randn(0f32, 1.0, got.shape(), &dev)?;
@@ -491,8 +500,108 @@ fn fused_linear_matches_the_composed_one_forward_and_backward() -> Result<()> {
 
     // Shapes that do not fit are errors, not panics.
     let x = Tensor::zeros((3, 4), DType::F32, &dev)?;
-    assert!(linear(&x, &Tensor::zeros((2, 5), DType::F32, &dev)?, None, false).is_err());
-    assert!(linear(&x, &Tensor::zeros((5, 2), DType::F32, &dev)?, None, true).is_err());
+    assert!(linear(
+        &x,
+        &Tensor::zeros((2, 5), DType::F32, &dev)?,
+        None,
+        false,
+        Products::F32
+    )
+    .is_err());
+    assert!(linear(
+        &x,
+        &Tensor::zeros((5, 2), DType::F32, &dev)?,
+        None,
+        true,
+        Products::F32
+    )
+    .is_err());
+    Ok(())
+}
+
+/// Values bfloat16 holds exactly (multiples of 1/8 up to ±2): their bf16 products are the f32 ones.
+fn bf16_exact(shape: &[usize], seed: usize, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7 + seed * 13) % 33) as f32 / 8.0 - 2.0)
+        .collect();
+    Tensor::from_vec(v, shape, dev)
+}
+
+/// CPU mixed precision: with bf16 products the linear op (and linear + GELU) computes what the
+/// f32 one does when the operands are bf16 values, forward and every gradient, trained or frozen
+/// weight; on other values the difference is bf16's rounding, not more.
+#[test]
+fn bf16_products_match_f32_on_bf16_values_forward_and_backward() -> Result<()> {
+    if !bf16_products_available() {
+        eprintln!("skipped: this CPU has no AVX-512 BF16");
+        return Ok(());
+    }
+    let dev = Device::Cpu;
+    // More rows, inputs and outputs than one register tile or packed block holds.
+    let (rows, inp, out) = (37, 300, 45);
+    for frozen in [false, true] {
+        let x = Var::from_tensor(&bf16_exact(&[rows, inp], 1, &dev)?)?;
+        let w = Var::from_tensor(&bf16_exact(&[out, inp], 2, &dev)?)?;
+        let b = Var::from_tensor(&bf16_exact(&[out], 3, &dev)?)?;
+        let weights = bf16_exact(&[rows, out], 4, &dev)?;
+        let (w_arg, transposed) = if frozen {
+            (w.as_tensor().t()?.contiguous()?.detach(), true)
+        } else {
+            (w.as_tensor().clone(), false)
+        };
+        let mut results = Vec::new();
+        for products in [Products::F32, Products::Bf16] {
+            let y = linear(
+                x.as_tensor(),
+                &w_arg,
+                Some(b.as_tensor()),
+                transposed,
+                products,
+            )?
+            .expect("fused path");
+            let grads = (&y * &weights)?.sum_all()?.backward()?;
+            let dw = grads.get(&w).cloned();
+            results.push((
+                y,
+                grads.get(&x).expect("dx").clone(),
+                dw,
+                grads.get(&b).cloned(),
+            ));
+        }
+        let (f, h) = (&results[0], &results[1]);
+        assert!(max_abs_diff(&f.0, &h.0) < 1e-3, "frozen {frozen}: y");
+        assert!(max_abs_diff(&f.1, &h.1) < 1e-3, "frozen {frozen}: dx");
+        assert_eq!(f.2.is_some(), !frozen);
+        if let (Some(a), Some(c)) = (&f.2, &h.2) {
+            // dW sums over the rows; dy·x is exact in bf16 here as well.
+            assert!(max_abs_diff(a, c) < 1e-3, "dW");
+        }
+        assert!(max_abs_diff(f.3.as_ref().expect("db"), h.3.as_ref().expect("db")) < 1e-4);
+    }
+    // Linear + GELU: the pre-activation agrees, so the output and the gradients do.
+    let x = Var::from_tensor(&bf16_exact(&[rows, inp], 5, &dev)?)?;
+    let w = Var::from_tensor(&(bf16_exact(&[out, inp], 6, &dev)? / 64.0)?)?;
+    let b = Var::from_tensor(&bf16_exact(&[out], 7, &dev)?)?;
+    let run = |products| -> Result<(Tensor, Tensor)> {
+        let y = linear_gelu(x.as_tensor(), w.as_tensor(), b.as_tensor(), products)?
+            .expect("fused path");
+        let grads = y.sum_all()?.backward()?;
+        Ok((y, grads.get(&w).expect("dW").clone()))
+    };
+    let (y32, dw32) = run(Products::F32)?;
+    let (y16, dw16) = run(Products::Bf16)?;
+    assert!(max_abs_diff(&y32, &y16) < 1e-4);
+    // Here the GELU derivative times x is not a bf16 value: dW differs by bf16's rounding of it.
+    let scale = dw32.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(max_abs_diff(&dw32, &dw16) < 1e-2 * f64::from(scale.max(1.0)));
+    // Random values: within bf16's relative precision (8 bits) of the f32 product.
+    let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev)?;
+    let w = Tensor::randn(0f32, 1.0, (out, inp), &dev)?;
+    let y32 = linear(&x, &w, None, false, Products::F32)?.expect("fused path");
+    let y16 = linear(&x, &w, None, false, Products::Bf16)?.expect("fused path");
+    let diff = max_abs_diff(&y32, &y16);
+    assert!(diff > 0.0 && diff < 0.05 * (inp as f64).sqrt(), "{diff}");
     Ok(())
 }
 
@@ -536,7 +645,8 @@ fn parameter_gradients_repeat_exactly_over_many_chunks() -> Result<()> {
     let beta = Var::from_tensor(&Tensor::randn(0f32, 0.1, out, &dev)?)?;
     let weights = Tensor::randn(0f32, 1.0, (rows, out), &dev)?;
     let grads = || -> Result<Vec<Vec<u32>>> {
-        let y = linear(&x, w.as_tensor(), Some(b.as_tensor()), false)?.expect("fused path");
+        let y = linear(&x, w.as_tensor(), Some(b.as_tensor()), false, Products::F32)?
+            .expect("fused path");
         let y = layer_norm(&y, gamma.as_tensor(), beta.as_tensor(), 1e-5)?;
         let store = (y * &weights)?.sum_all()?.backward()?;
         [&b, &gamma, &beta]
@@ -563,7 +673,14 @@ fn fused_linear_handles_empty_products() -> Result<()> {
     // No rows: an empty output, and zero gradients for the weight and the bias.
     let x = Var::from_tensor(&Tensor::zeros((0, 2), DType::F32, &dev)?)?;
     let w = Var::from_tensor(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
-    let y = linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), false)?.expect("fused path");
+    let y = linear(
+        x.as_tensor(),
+        w.as_tensor(),
+        Some(b.as_tensor()),
+        false,
+        Products::F32,
+    )?
+    .expect("fused path");
     assert_eq!(y.dims(), [0, 3]);
     let grads = y.sum_all()?.backward()?;
     if let Some(dw) = grads.get(&w) {

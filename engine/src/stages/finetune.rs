@@ -112,10 +112,12 @@ pub struct FinetuneSpec {
     /// a scale (65536 at first) so small gradients do not vanish in f16, a step whose gradients
     /// overflow is skipped and the scale halved, and the scale doubles after 2000 steps without
     /// overflow; the report counts the skipped steps. Prefer `bf16` where the GPU has it (Ampere
-    /// and later): same speed, no scaling. On CUDA devices only: this engine has no bf16 or f16
-    /// CPU kernels, so a CPU worker fails the job at its start. With LoRA the frozen base's
-    /// product runs in the low precision and the adapters in f32; a QLoRA base runs on its
-    /// quantized kernels as without it. `null` (the default) trains in f32.
+    /// and later): same speed, no scaling. On a CPU worker, `bf16` runs where the CPU has
+    /// AVX-512 BF16 (the products' operands rounded to bf16 as they are packed, activations and
+    /// gradients kept f32) and `f16` never: a CPU worker without the instructions fails the job
+    /// at its start. With LoRA the frozen base's product runs in the low precision and the
+    /// adapters in f32; a QLoRA base runs on its quantized kernels as without it. `null` (the
+    /// default) trains in f32.
     #[serde(default)]
     pub mixed_precision: Option<MixedPrecision>,
 }
@@ -156,18 +158,28 @@ impl MixedPrecision {
         }
     }
 
-    /// Refuses mixed precision on a device that would run it slower than f32.
+    /// Refuses mixed precision on a device that would run it slower than f32: on the CPU, f16
+    /// always and bf16 without AVX-512 BF16 (the engine's bf16 kernel, `ops::bf16_gemm`).
     ///
     /// # Errors
-    /// [`EngineError::InvalidSetting`] at `mixed_precision` on anything but a CUDA device.
+    /// [`EngineError::InvalidSetting`] at `mixed_precision` for those.
     pub fn check_device(mode: Option<Self>, device: &candle_core::Device) -> Result<()> {
         match mode {
-            Some(mode) if !device.is_cuda() => Err(EngineError::InvalidSetting(format!(
-                "mixed_precision: {name} training is offered on CUDA devices only; this worker \
-                 runs on the CPU, where the engine has no {name} kernels and {name} would be \
-                 slower than f32 (set mixed_precision to null, or run the job on a GPU worker)",
-                name = mode.name()
-            ))),
+            Some(Self::Bf16) if !device.is_cuda() && !crate::ops::bf16_gemm::available() => {
+                Err(EngineError::InvalidSetting(
+                    "mixed_precision: bf16 training on the CPU needs AVX-512 BF16 (Zen 4, Sapphire \
+                     Rapids and later), which this worker's CPU lacks; without it bf16 would be \
+                     slower than f32 (set mixed_precision to null, or run the job on a GPU worker \
+                     or a CPU that has it)"
+                        .into(),
+                ))
+            }
+            Some(Self::F16) if !device.is_cuda() => Err(EngineError::InvalidSetting(
+                "mixed_precision: f16 training is offered on CUDA devices only; this worker runs \
+                 on the CPU, where the engine has no f16 kernels and f16 would be slower than f32 \
+                 (set mixed_precision to null or bf16, or run the job on a GPU worker)"
+                    .into(),
+            )),
             _ => Ok(()),
         }
     }

@@ -19,7 +19,7 @@ use super::common::{
 };
 use super::{LayeredModel, Outputs};
 use crate::data::Batch;
-use crate::layers::{LinearFactory, LinearLayer};
+use crate::layers::{DenseParts, LinearFactory, LinearLayer};
 use crate::ops;
 
 /// The inputs of one forward pass.
@@ -183,15 +183,25 @@ impl BertSelfAttention {
             return Ok(None);
         }
         let parts = [&self.query, &self.key, &self.value].map(|l| l.trained_dense_parts());
-        let [Some((wq, bq)), Some((wk, bk)), Some((wv, bv))] = parts else {
+        let [Some(q), Some(k), Some(v)] = parts else {
             return Ok(None);
         };
-        let bias = match (bq, bk, bv) {
+        if q.products != k.products || q.products != v.products {
+            return Ok(None);
+        }
+        let (wq, wk, wv) = (q.weight, k.weight, v.weight);
+        let bias = match (q.bias, k.bias, v.bias) {
             (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
             (None, None, None) => None,
             _ => return Ok(None),
         };
-        ops::linear(x, &Tensor::cat(&[wq, wk, wv], 0)?, bias.as_ref(), false)
+        ops::linear(
+            x,
+            &Tensor::cat(&[wq, wk, wv], 0)?,
+            bias.as_ref(),
+            false,
+            q.products,
+        )
     }
 
     /// The attended values `(batch, seq, width)`, and the attention probabilities when `keep_probs`.
@@ -363,7 +373,11 @@ impl BertLayer {
             return Ok(None);
         }
         match self.intermediate.trained_dense_parts() {
-            Some((w, Some(b))) => ops::linear_gelu(x, w, b),
+            Some(DenseParts {
+                weight,
+                bias: Some(bias),
+                products,
+            }) => ops::linear_gelu(x, weight, bias, products),
             _ => Ok(None),
         }
     }

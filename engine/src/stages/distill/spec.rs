@@ -127,8 +127,8 @@ pub struct DistillSpec {
     /// pass, and the block runs again in backward.
     #[serde(default)]
     pub gradient_checkpointing: bool,
-    /// Mixed-precision training of the student, as a `finetune` stage's `mixed_precision` (CUDA
-    /// only; the teacher runs in f32).
+    /// Mixed-precision training of the student, as a `finetune` stage's `mixed_precision` (CUDA,
+    /// or bf16 on a CPU with AVX-512 BF16; the teacher runs in f32).
     #[serde(default)]
     pub mixed_precision: Option<crate::stages::finetune::MixedPrecision>,
 }
