@@ -164,7 +164,7 @@ impl LinearLayer for DenseLinear {
     fn trained_dense_parts(&self) -> Option<DenseParts<'_>> {
         // A frozen layer runs on its transposed copy, and mixed precision off the CPU casts.
         let products = self.cpu_products()?;
-        self.weight.track_op().then_some(DenseParts {
+        (self.weight.track_op() && self.weight.device().is_cpu()).then_some(DenseParts {
             weight: &self.weight,
             bias: self.bias.as_ref(),
             products,

@@ -43,7 +43,9 @@ pub fn available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 fn cpu_has_avx512_bf16() -> bool {
+    // BW as well: the packing is compiled with it (every CPU with BF16 has it).
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512bf16")
 }
 
