@@ -177,7 +177,7 @@ fn main() -> Result<()> {
     let store = checkpoint.into_store(|_| true)?;
     store.set_init_missing(Some(0));
     anyhow::ensure!(
-        !args.bf16 || compressd_engine::ops::bf16_products_available(),
+        !args.bf16 || compressd_engine::ops::bf16_gemm::available(),
         "--bf16 needs a CPU with AVX-512 BF16"
     );
     let linears = if args.bf16 {

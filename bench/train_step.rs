@@ -128,7 +128,7 @@ fn main() -> Result<()> {
     let store = ParamStore::new();
     // Every weight is missing, so the store draws them all (N(0, 0.02²) matrices, as in HF BERT).
     store.set_init_missing(Some(0));
-    if args.bf16 && !compressd_engine::ops::bf16_products_available() {
+    if args.bf16 && !compressd_engine::ops::bf16_gemm::available() {
         bail!("--bf16 needs a CPU with AVX-512 BF16");
     }
     let linears = if args.bf16 {

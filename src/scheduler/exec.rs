@@ -258,7 +258,7 @@ mod tests {
             return;
         }
         // bf16 runs on a CPU with AVX-512 BF16; f16 never does.
-        let refused: &[&str] = if compressd_engine::ops::bf16_products_available() {
+        let refused: &[&str] = if compressd_engine::ops::bf16_gemm::available() {
             &["f16"]
         } else {
             &["bf16", "f16"]

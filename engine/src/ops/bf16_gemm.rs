@@ -27,9 +27,10 @@ const KC: usize = 256;
 /// Rows of one packed left block (a multiple of `MR`): 48 KiB at `KC`, in L2, one per task.
 const MC: usize = 96;
 
-/// Whether this process can run the kernel: the CPU has AVX-512 F and BF16 and
-/// `COMPRESSD_CPU_ISA` does not cap the choice below it (`scalar` or `avx2`; `avx512` keeps it,
-/// as BF16 is part of the AVX-512 family). Decided once per process.
+/// Whether this process can run the kernel, and so where CPU mixed precision (`mixed_precision:
+/// "bf16"`) is offered: the CPU has AVX-512 F, BW and BF16 and `COMPRESSD_CPU_ISA` does not cap the
+/// choice below it (`scalar` or `avx2`; `avx512` keeps it, as BF16 is part of the AVX-512 family).
+/// Decided once per process.
 pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {

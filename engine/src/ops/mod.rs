@@ -344,12 +344,6 @@ pub fn linear_gelu(
     )?))
 }
 
-/// Whether this CPU multiplies [`Products::Bf16`] (AVX-512 BF16, not capped by
-/// `COMPRESSD_CPU_ISA`): where CPU mixed precision (`mixed_precision: "bf16"`) is offered.
-pub fn bf16_products_available() -> bool {
-    bf16_gemm::available()
-}
-
 /// Refuses bf16 products on a CPU without AVX-512 BF16 (the layers only ask where it is).
 fn check_products(products: Products) -> Result<()> {
     if products == Products::Bf16 && !bf16_gemm::available() {

@@ -533,7 +533,7 @@ fn bf16_exact(shape: &[usize], seed: usize, dev: &Device) -> Result<Tensor> {
 /// weight; on other values the difference is bf16's rounding, not more.
 #[test]
 fn bf16_products_match_f32_on_bf16_values_forward_and_backward() -> Result<()> {
-    if !bf16_products_available() {
+    if !bf16_gemm::available() {
         eprintln!("skipped: this CPU has no AVX-512 BF16");
         return Ok(());
     }

@@ -695,7 +695,7 @@ fn gradient_checkpointing_trains_like_the_plain_step() -> Result<()> {
 /// job before its first stage runs, naming the stage's field, and writes no stage output.
 #[test]
 fn mixed_precision_on_the_cpu_fails_the_job_before_any_stage() -> Result<()> {
-    let mode = if compressd_engine::ops::bf16_products_available() {
+    let mode = if compressd_engine::ops::bf16_gemm::available() {
         "f16"
     } else {
         "bf16"
